@@ -1,0 +1,85 @@
+"""The whole error tree of ipab, split by what the caller should do next.
+
+`PermanentError`: retrying cannot help (bad input, bad weights); fail the job at once.
+`TransientError`: a service is unreachable; retry with backoff, bounded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class IpabError(Exception):
+    """Raised for every error that ipab itself reports; the base of the tree."""
+
+
+class PermanentError(IpabError):
+    """Raised when retrying cannot help: the job fails at once with this reason."""
+
+
+class TransientError(IpabError):
+    """Raised when a service (Redis, S3, SQL) is unreachable; the caller retries with backoff."""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class InvalidInput(PermanentError):
+    """Raised when one input value is not allowed: names the field, shows the value, says what is."""
+
+    def __init__(self, field: str, value: Any, allowed: str) -> None:
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"`{field}` is {_show(value)}: {allowed}")
+
+
+class ManifestInvalid(PermanentError):
+    """Raised when manifest rows are invalid; carries every (line, field, reason) found."""
+
+    def __init__(self, problems: list[tuple[int, str, str]]) -> None:
+        self.problems = problems
+        lines = [f"line {line}: {field}: {reason}" for line, field, reason in problems]
+        super().__init__(f"{len(problems)} invalid row(s):\n" + "\n".join(lines))
+
+
+class ModelSetError(PermanentError):
+    """Raised when a model set cannot be read or loaded (missing file, wrong layout)."""
+
+
+class IncompatibleEncoder(ModelSetError):
+    """Raised when an IP-Adapter is paired with an image encoder of the wrong width."""
+
+
+class UnsafeWeights(ModelSetError):
+    """Raised when a `.bin` weights file holds anything but tensors; it is never executed."""
+
+
+class SettingsError(IpabError):
+    """Raised at start-up when an `IPAB_*` setting is invalid; names the variable."""
+
+
+class JobCanceled(IpabError):
+    """Raised inside a running job when its cancellation is noticed (at a denoising step)."""
+
+
+class GpuOutOfMemory(PermanentError):
+    """Raised when the device runs out of memory for one job; the job fails, the worker serves on."""
+
+
+class StorageUnavailable(TransientError):
+    """Raised when the S3-compatible object store cannot be reached."""
+
+
+class QueueUnavailable(TransientError):
+    """Raised when Redis cannot be reached."""
+
+
+class DatabaseUnavailable(TransientError):
+    """Raised when the SQL database cannot be reached."""
+
+
+class MessageInvalid(PermanentError):
+    """Raised when a queue message cannot be decoded into a job (poison message)."""

@@ -1,0 +1,49 @@
+"""Names of things in Redis and object storage, in one place.
+
+Object keys are deterministic (content hashes and job ids), so a re-run writes the same
+object again instead of a second one.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+REF_KEY: Final = "refs/{sha256}.{ext}"
+OUTPUT_KEY: Final = "outputs/{batch_id}/{job_id}.png"
+EMBEDDING_KEY: Final = "embeddings/{encoder}/{sha256}.safetensors"
+
+# Redis keys, each under the settings' `redis_prefix`.
+QUEUED_SET: Final = "queued"  # job ids whose message is in Redis (the outbox's mirror)
+CANCEL_KEY: Final = "cancel:{batch_id}"  # set while a batch is being canceled
+EMBED_KEY: Final = "emb:{cache_key}"  # cached embeddings, safetensors bytes
+EMBED_LOCK_KEY: Final = "emb-lock:{cache_key}"  # single-flight lock for one encode
+RECONCILER_LOCK_KEY: Final = "reconciler-lock"  # only one reconciler runs at a time
+STATS_KEY: Final = "stats:{name}"  # fleet-wide counters (hash)
+
+RENDER_QUEUE: Final = "ipab.render.{model_set}"
+EMBED_QUEUE: Final = "ipab.embed.{model_set}"
+
+
+def ref_key(sha256: str, ext: str) -> str:
+    """Where a reference image lives: `refs/<sha256>.<ext>`."""
+    return REF_KEY.format(sha256=sha256, ext=ext)
+
+
+def output_key(batch_id: str, job_id: str) -> str:
+    """Where a job's PNG lives: `outputs/<batch>/<job>.png`."""
+    return OUTPUT_KEY.format(batch_id=batch_id, job_id=job_id)
+
+
+def embedding_key(encoder: str, sha256: str) -> str:
+    """Where the durable copy of an embedding lives."""
+    return EMBEDDING_KEY.format(encoder=encoder, sha256=sha256)
+
+
+def render_queue(model_set: str) -> str:
+    """The Celery queue that the workers of one model set consume."""
+    return RENDER_QUEUE.format(model_set=model_set)
+
+
+def embed_queue(model_set: str) -> str:
+    """The Celery queue for ahead-of-time embedding tasks of one model set."""
+    return EMBED_QUEUE.format(model_set=model_set)

@@ -1,0 +1,88 @@
+"""One typed settings object, the only reader of `IPAB_*` environment variables and `.env`.
+
+Bad values stop start-up with a message that names the variable. Standard AWS variables
+(`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`) are read by boto3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import SettingsError
+
+ENV_PREFIX = "IPAB_"
+
+
+class Settings(BaseSettings):
+    """All of ipab's configuration. Build it once per process with `load_settings()`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
+
+    database_url: str = "sqlite:///ipab.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "ipab:"
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "ipab"
+    s3_region: str = "us-east-1"
+
+    model_set: Path | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    compile: bool = False
+    batch_size: int = 1  # jobs rendered in one forward pass when their parameters allow
+
+    # Reference images may only be read from under these folders (empty: the working dir).
+    reference_roots: list[Path] = []
+
+    # Embedding cache.
+    cache_lru_bytes: int = 256 * 1024 * 1024
+    cache_redis_ttl_s: int = 7 * 24 * 3600
+    cache_lock_ttl_s: float = 60.0
+    cache_wait_s: float = 120.0
+    encoder_placement: Literal["device", "cpu", "lazy"] = "device"
+
+    # Reliability.
+    lease_s: float = 60.0
+    heartbeat_s: float = 10.0
+    max_attempts: int = 3
+    soft_time_limit_s: float = 1800.0
+    hard_time_limit_s: float = 1900.0
+    visibility_timeout_s: float = 3600.0
+    reconcile_interval_s: float = 30.0
+    requeue_grace_s: float = 10.0
+    retry_base_s: float = 0.5
+    retry_max_s: float = 30.0
+    transient_retries: int = 8
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        # Redis must never redeliver a running job on its own: the lease does that.
+        if not 0 < self.soft_time_limit_s < self.hard_time_limit_s < self.visibility_timeout_s:
+            raise ValueError(
+                "need 0 < IPAB_SOFT_TIME_LIMIT_S < IPAB_HARD_TIME_LIMIT_S < IPAB_VISIBILITY_TIMEOUT_S, got "
+                f"{self.soft_time_limit_s}, {self.hard_time_limit_s}, {self.visibility_timeout_s}"
+            )
+        if not 0 < self.heartbeat_s < self.lease_s:
+            raise ValueError(f"need 0 < IPAB_HEARTBEAT_S < IPAB_LEASE_S, got {self.heartbeat_s} and {self.lease_s}")
+        if self.max_attempts < 1:
+            raise ValueError(f"IPAB_MAX_ATTEMPTS must be at least 1, got {self.max_attempts}")
+        if self.batch_size < 1:
+            raise ValueError(f"IPAB_BATCH_SIZE must be at least 1, got {self.batch_size}")
+        return self
+
+
+def load_settings() -> Settings:
+    """Read the settings, turning pydantic's report into one message naming each variable."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = "_".join(str(p) for p in err["loc"]).upper()
+            name = f"{ENV_PREFIX}{loc}" if loc else "settings"
+            problems.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from e

@@ -1,0 +1,1 @@
+"""Everything that runs jobs: the model layer, the embedding cache, the job runner."""
