@@ -1,0 +1,43 @@
+"""The Celery app, configured for GPU jobs. Built from Settings; no import-time global.
+
+- JSON only: a pickle broker is remote code execution.
+- `acks_late` + prefetch 1: a message is acknowledged only once its task returned, and a
+  worker holds at most one job it has not started.
+- soft time limit < hard time limit < Redis visibility timeout: Redis never redelivers a
+  running job by itself; an expired lease (the reconciler) is what re-runs a lost job.
+- Results go to SQL, not to a Celery result backend.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.settings import Settings
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for ipab's queues on the settings' Redis."""
+    app = Celery("ipab", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=False,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_max_tasks_per_child=None,
+        task_soft_time_limit=settings.soft_time_limit_s,
+        task_time_limit=settings.hard_time_limit_s,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_enable_remote_control=False,
+        enable_utc=True,
+    )
+    return app

@@ -1,0 +1,44 @@
+"""Retrying transient faults (Redis, S3, SQL unreachable) with exponential backoff and jitter.
+
+Permanent errors are never retried: a bad image stays bad.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from shared.errors import TransientError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def backoff_s(attempt: int, *, base_s: float, max_s: float) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(max_s, base_s * 2**attempt)]."""
+    return random.uniform(0.0, min(max_s, base_s * 2.0**attempt))
+
+
+def retry_transient(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    retries: int,
+    base_s: float,
+    max_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call `fn`; on `TransientError` wait and try again, at most `retries` more times."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except TransientError as e:
+            if attempt == retries:
+                raise
+            delay_s = backoff_s(attempt, base_s=base_s, max_s=max_s)
+            log.warning("%s failed (%s); retry %d/%d in %.2f s", what, e, attempt + 1, retries, delay_s)
+            sleep(delay_s)
+    raise AssertionError("unreachable")
