@@ -1,0 +1,232 @@
+"""The SQL schema (SQLAlchemy 2.x typed ORM), engines and migrations; SQLite and PostgreSQL.
+
+SQL is the source of truth: a job exists once its row is committed. Every datetime is naive
+UTC (`utcnow()`), because SQLite has no time zones and both databases must read alike.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+MIGRATIONS_DIR: Final = Path(__file__).with_name("migrations")
+SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
+# Any constant works; it only has to be the same in every process that migrates.
+PG_MIGRATION_LOCK_ID: Final = 0x1BAB_0001
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life; stored as its value in `jobs.status`."""
+
+    queued = "queued"  # committed; its message is (or will be, by the reconciler) in Redis
+    running = "running"  # claimed by a worker holding a lease
+    succeeded = "succeeded"  # output uploaded and recorded; final
+    failed = "failed"  # permanent error or out of attempts; final (the dead-letter list)
+    canceled = "canceled"  # canceled before or while running; final
+
+
+TERMINAL: Final = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
+
+
+def utcnow() -> datetime:
+    """The current time as naive UTC, the only kind of datetime stored."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def new_id() -> str:
+    """A fresh random id (uuid4 text) for batches and jobs."""
+    return str(uuid.uuid4())
+
+
+class Base(DeclarativeBase):
+    """Declarative base; constraint names are fixed so migrations can refer to them."""
+
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class Batch(Base):
+    """A named group of jobs submitted together (one manifest, possibly submitted again)."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    model_set: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    job_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ReferenceImage(Base):
+    """A reference image stored once in object storage under `refs/<sha256>.<ext>`."""
+
+    __tablename__ = "reference_images"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(512))
+    ext: Mapped[str] = mapped_column(String(8))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Job(Base):
+    """One (references, prompt, seed) job: its spec, state, lease, timings, output and error."""
+
+    __tablename__ = "jobs"
+    # No separate index on batch_id: both (batch_id, status) and the unique
+    # (batch_id, dedupe_key) lead with it, and a third index only slows bulk inserts.
+    __table_args__ = (
+        UniqueConstraint("batch_id", "dedupe_key"),
+        Index("ix_jobs_batch_id_status", "batch_id", "status"),
+        Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    batch_id: Mapped[str] = mapped_column(String(36), ForeignKey("batches.id"))
+    line: Mapped[int] = mapped_column(Integer)  # line of the manifest the job came from
+    client_id: Mapped[str | None] = mapped_column(String(200))
+    dedupe_key: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[str] = mapped_column(Text)  # JSON of JobSpec.to_json()
+    seed: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value)
+    # Each claim increments it; a worker may record a result only while its attempt is
+    # still the current one (the fencing token), so a zombie cannot overwrite a newer run.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    worker_host: Mapped[str | None] = mapped_column(String(255))
+    queued_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # The outbox: when the job's message was last pushed to Redis (NULL: not yet).
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    encode_s: Mapped[float | None] = mapped_column(Float)
+    denoise_s: Mapped[float | None] = mapped_column(Float)
+    upload_s: Mapped[float | None] = mapped_column(Float)
+    cache_stats: Mapped[str | None] = mapped_column(Text)  # JSON
+    output_key: Mapped[str | None] = mapped_column(String(512))
+    output_sha256: Mapped[str | None] = mapped_column(String(64))
+    output_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    error_type: Mapped[str | None] = mapped_column(String(100))
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers (status, results) run while a worker writes.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`: SQLite in WAL mode with a busy timeout and foreign keys; PostgreSQL pre-pinged."""
+    if make_url(url).get_backend_name() == "sqlite":
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        event.listen(engine, "connect", _sqlite_on_connect)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """A session factory bound to `engine`; objects stay readable after commit."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config(url: str) -> Any:
+    """Alembic's Config built in code (no alembic.ini): our migrations folder and `url`."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    # Two processes starting at once (a worker and `ipab submit`) must not both create
+    # the tables: a file lock beside a SQLite file, an advisory lock on PostgreSQL.
+    url = engine.url
+    if url.get_backend_name() == "sqlite":
+        if not url.database or url.database == ":memory:":
+            yield
+            return
+        with open(f"{url.database}.migrate-lock", "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+        return
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PG_MIGRATION_LOCK_ID})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_MIGRATION_LOCK_ID})
+            conn.commit()
+
+
+def upgrade_database(url: str) -> None:
+    """Apply every Alembic migration up to head on the database at `url`."""
+    from alembic import command
+
+    engine = make_engine(url)
+    try:
+        with _migration_lock(engine), engine.begin() as conn:
+            cfg = alembic_config(url)
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    finally:
+        engine.dispose()
+
+
+_ensured: set[str] = set()
+_ensured_lock = threading.Lock()
+
+
+def ensure_database(url: str) -> None:
+    """Upgrade the database at `url` once per process, on first use (the CLI calls this itself)."""
+    with _ensured_lock:
+        if url in _ensured:
+            return
+        # Alembic logs each step at INFO; on every command's first use that is noise.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        upgrade_database(url)
+        _ensured.add(url)
