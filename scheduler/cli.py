@@ -17,6 +17,9 @@ from shared.errors import IpabError
 COMMAND_MODULES = (
     "scheduler.commands",
     "worker.commands",
+    "worker.serve",
+    "scheduler.ops_commands",
+    "scheduler.demo",
 )
 
 

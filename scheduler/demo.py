@@ -1,0 +1,181 @@
+"""`ipab demo`: the whole system on one machine, with nothing configured.
+
+It starts on loopback only what is not configured (Redis, SeaweedFS for S3, a SQLite
+file, the tiny model set), starts one worker, submits a manifest over three real photos,
+shows progress, prints where the images and their metadata are, and stops only what it
+started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from shared.settings import Settings, load_settings
+
+DEMO_PROMPTS = (
+    "a watercolor painting",
+    "a bronze statue in a museum",
+    "an astronaut on the moon, film photo",
+    "a cozy cabin in the snow at night",
+)
+DEMO_SIZE_PX = 64
+DEMO_STEPS = 4
+
+
+def register(subparsers: Any) -> None:
+    """Add `ipab demo`."""
+    p: argparse.ArgumentParser = subparsers.add_parser("demo", help="run the whole system locally on a small batch")
+    p.add_argument("--dir", type=Path, default=Path(".ipab/demo"), help="where the demo keeps its files")
+    p.add_argument("--jobs-per-reference", type=int, default=4, help="jobs for each of the 3 reference photos")
+    p.set_defaults(func=_demo)
+
+
+def write_reference_photos(folder: Path) -> list[Path]:
+    """Three real photos that scikit-image ships, as PNG and JPEG files."""
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = {"astronaut.png": data.astronaut(), "coffee.jpg": data.coffee(), "chelsea.png": data.chelsea()}
+    paths = []
+    for name, pixels in photos.items():
+        path = folder / name
+        Image.fromarray(pixels).convert("RGB").resize((224, 224)).save(path)
+        paths.append(path)
+    return paths
+
+
+def write_manifest(path: Path, references: list[Path], *, per_reference: int) -> int:
+    """A JSONL manifest: `per_reference` prompts and seeds for each reference photo."""
+    rows = []
+    for i, ref in enumerate(references):
+        for j in range(per_reference):
+            prompt = DEMO_PROMPTS[j % len(DEMO_PROMPTS)]
+            rows.append({"id": f"{ref.stem}-{j}", "reference": str(ref), "prompt": prompt, "seed": 1000 * i + j})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
+@contextlib.contextmanager
+def local_services(settings: Settings, workdir: Path) -> Iterator[dict[str, str]]:
+    """IPAB_* variables for whatever is not configured, backed by services started here."""
+    from scheduler import services
+
+    env: dict[str, str] = {}
+    started: list[services.Service] = []
+    configured = settings.model_fields_set
+    try:
+        if "redis_url" not in configured:
+            started.append(services.start_redis(workdir=_fresh(workdir / "redis")))
+            env["IPAB_REDIS_URL"] = started[-1].url
+            print(f"started redis-server on {started[-1].url}", file=sys.stderr)
+        if "s3_endpoint_url" not in configured:
+            started.append(services.start_seaweedfs(workdir=workdir / "s3"))
+            env["IPAB_S3_ENDPOINT_URL"] = started[-1].url
+            env.setdefault("AWS_ACCESS_KEY_ID", os.environ.get("AWS_ACCESS_KEY_ID", "ipab-demo"))
+            env.setdefault("AWS_SECRET_ACCESS_KEY", os.environ.get("AWS_SECRET_ACCESS_KEY", "ipab-demo"))
+            print(f"started SeaweedFS (S3) on {started[-1].url}", file=sys.stderr)
+        if "database_url" not in configured:
+            env["IPAB_DATABASE_URL"] = f"sqlite:///{(workdir / 'ipab.db').resolve()}"
+        if "model_set" not in configured:
+            env["IPAB_MODEL_SET"] = str(_tiny_model_set(workdir / "models"))
+        yield env
+    finally:
+        for service in reversed(started):
+            service.stop()
+
+
+def _fresh(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _tiny_model_set(folder: Path) -> Path:
+    from worker.synth import write_tiny_model_set
+
+    toml = folder / "model-set.toml"
+    if not toml.exists():
+        print("writing the tiny random-weight model set (its images are noise) ...", file=sys.stderr)
+        write_tiny_model_set(folder)
+    return toml
+
+
+@contextlib.contextmanager
+def worker_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """An `ipab worker` in its own process, stopped (warm shutdown, then kill) on exit."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scheduler.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from scheduler.commands import print_status, watch_batch
+    from scheduler.submit import submit_manifest
+
+    t0 = time.monotonic()
+    workdir: Path = args.dir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = load_settings()
+    with local_services(settings, workdir) as service_env:
+        env = {**os.environ, **service_env}
+        os.environ.update(service_env)
+        settings = load_settings()
+        # 1. Three reference photos and a manifest over them.
+        refs = write_reference_photos(workdir / "references")
+        manifest = workdir / "manifest.jsonl"
+        count = write_manifest(manifest, refs, per_reference=args.jobs_per_reference)
+        # 2. One worker, in its own process, as in production.
+        with worker_process(env, workdir / "worker.log"):
+            # 3. Submit (inserted in SQL, references uploaded once, enqueued in Redis).
+            result = submit_manifest(
+                settings=settings,
+                path=manifest,
+                batch_name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
+                defaults={"width": DEMO_SIZE_PX, "height": DEMO_SIZE_PX, "steps": DEMO_STEPS},
+                skip_invalid=False,
+                model_set_name=None,
+            )
+            print(f"submitted {count} jobs as batch {result.batch_id}", file=sys.stderr)
+            # 4. Progress until every job has ended.
+            watch_batch(settings=settings, batch=result.batch_id, timeout_s=600)
+        # 5. Where everything is.
+        _print_where(settings, result.batch_id, workdir)
+        print_status(settings=settings, batch=result.batch_id)
+    print(f"demo finished in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _print_where(settings: Settings, batch_id: str, workdir: Path) -> None:
+    from scheduler.commands import results_rows
+    from shared.storage import ObjectStore
+
+    store = ObjectStore.from_settings(settings)
+    out = workdir / "outputs"
+    out.mkdir(exist_ok=True)
+    rows = list(results_rows(settings=settings, batch=batch_id))
+    print(f"\nmetadata: {settings.database_url} (tables batches, jobs, reference_images)")
+    print(f"images:   {store.uri(f'outputs/{batch_id}/')}  (copies in {out})")
+    for row in rows:
+        if row["output_uri"]:
+            key = row["output_uri"].split("/", 3)[3]
+            (out / f"{row['job_id']}.png").write_bytes(store.get(key))
+        print(json.dumps({k: row[k] for k in ("job_id", "status", "seed", "prompt", "output_uri", "output_sha256")}))

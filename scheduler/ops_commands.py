@@ -1,0 +1,70 @@
+"""Operator commands on live batches: `ipab cancel`, `ipab retry`, `ipab reconcile`."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from typing import Any
+
+import redis
+
+from scheduler.reconcile import reconcile_once, run_reconciler
+from shared.db import ensure_database, make_engine, make_session_factory
+from shared.jobs import cancel_jobs, retry_failed
+from shared.settings import load_settings
+
+
+def register(subparsers: Any) -> None:
+    """Add the operator commands."""
+    p = subparsers.add_parser("cancel", help="cancel a batch's queued and running jobs (or only some jobs)")
+    p.add_argument("batch", help="batch name or id")
+    p.add_argument("--job", action="append", default=None, help="cancel only this job id (repeatable)")
+    p.set_defaults(func=_cancel)
+    p = subparsers.add_parser("retry", help="re-queue a batch's failed jobs")
+    p.add_argument("batch", help="batch name or id")
+    p.add_argument("--failed", action="store_true", required=True, help="re-queue the failed jobs")
+    p.set_defaults(func=_retry)
+    p = subparsers.add_parser("reconcile", help="re-enqueue lost jobs and expire dead leases (once, or --loop)")
+    p.add_argument("--loop", action="store_true", help="keep reconciling every IPAB_RECONCILE_INTERVAL_S")
+    p.set_defaults(func=_reconcile)
+
+
+def _open() -> tuple[Any, Any, Any]:
+    settings = load_settings()
+    ensure_database(settings.database_url)
+    sessions = make_session_factory(make_engine(settings.database_url))
+    return settings, sessions, redis.Redis.from_url(settings.redis_url)
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from scheduler.commands import resolve_batch
+
+    settings, sessions, _ = _open()
+    batch = resolve_batch(settings=settings, batch=args.batch)
+    count = cancel_jobs(sessions=sessions, batch_id=batch.id, job_ids=args.job)
+    print(f"canceled {count} job(s) of batch {batch.name}; running ones stop at their next step")
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from scheduler.commands import resolve_batch
+
+    settings, sessions, client = _open()
+    batch = resolve_batch(settings=settings, batch=args.batch)
+    ids = retry_failed(sessions=sessions, batch_id=batch.id)
+    report = reconcile_once(sessions=sessions, redis_client=client, settings=settings)
+    print(f"re-queued {len(ids)} failed job(s) of batch {batch.name}; {len(report.reenqueued)} enqueued")
+    return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    settings, sessions, client = _open()
+    if args.loop:
+        run_reconciler(sessions=sessions, redis_client=client, settings=settings, stop=threading.Event())
+        return 0
+    report = reconcile_once(sessions=sessions, redis_client=client, settings=settings)
+    print(
+        f"{len(report.requeued_expired)} lease(s) expired and re-queued, {len(report.failed_lost)} failed "
+        f"after {settings.max_attempts} attempts, {len(report.reenqueued)} re-enqueued"
+    )
+    return 0

@@ -1,0 +1,202 @@
+"""Job state transitions in SQL: every one a conditional update, so replays change nothing.
+
+The attempt number is the fencing token: each claim increments `attempts`, and a worker
+may renew its lease or record a result only while `attempts` still equals the attempt it
+claimed. A zombie attempt (its lease expired, the job re-claimed) cannot overwrite a
+newer one, and a duplicate delivery of a finished or canceled job does nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError as SqlInterfaceError
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import Job, JobStatus, utcnow
+from shared.errors import DatabaseUnavailable
+
+LIVE = (JobStatus.queued.value, JobStatus.running.value)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a succeeded job records: where its PNG is, what it is, how long each step took."""
+
+    output_key: str
+    output_sha256: str
+    output_bytes: int
+    encode_s: float
+    denoise_s: float
+    upload_s: float
+    cache_stats: str | None = None
+
+
+@contextmanager
+def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """One committed transaction; an unreachable database becomes `DatabaseUnavailable`."""
+    try:
+        with sessions.begin() as session:
+            yield session
+    except (OperationalError, SqlInterfaceError) as e:
+        raise DatabaseUnavailable(f"SQL database unreachable: {e.orig or e}") from e
+
+
+def claim_job(*, sessions: sessionmaker[Session], job_id: str, worker_host: str, lease_s: float) -> int | None:
+    """Take a queued job (or one whose lease expired); return its attempt number, or None."""
+    now = utcnow()
+    claimable = or_(
+        Job.status == JobStatus.queued.value,
+        and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now),
+    )
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, claimable)
+        .values(
+            status=JobStatus.running.value,
+            attempts=Job.attempts + 1,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            worker_host=worker_host,
+            started_at=now,
+        )
+        .returning(Job.attempts)
+    )
+    with transaction(sessions) as session:
+        return session.execute(stmt).scalar_one_or_none()
+
+
+def _fenced(job_id: str, attempt: int) -> Any:
+    return and_(Job.id == job_id, Job.attempts == attempt, Job.status == JobStatus.running.value)
+
+
+def renew_lease(*, sessions: sessionmaker[Session], job_id: str, attempt: int, lease_s: float) -> bool:
+    """Extend a running job's lease; False when the job was canceled or taken over."""
+    stmt = update(Job).where(_fenced(job_id, attempt)).values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+    with transaction(sessions) as session:
+        return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def finish_job(*, sessions: sessionmaker[Session], job_id: str, attempt: int, result: JobResult) -> bool:
+    """Mark the job succeeded, only if this attempt still holds it."""
+    stmt = (
+        update(Job)
+        .where(_fenced(job_id, attempt))
+        .values(
+            status=JobStatus.succeeded.value,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+            output_key=result.output_key,
+            output_sha256=result.output_sha256,
+            output_bytes=result.output_bytes,
+            encode_s=result.encode_s,
+            denoise_s=result.denoise_s,
+            upload_s=result.upload_s,
+            cache_stats=result.cache_stats,
+            error_type=None,
+            error_message=None,
+        )
+    )
+    with transaction(sessions) as session:
+        return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def fail_job(*, sessions: sessionmaker[Session], job_id: str, attempt: int | None, error_type: str, message: str) -> bool:
+    """Mark a job failed with its reason; fenced by attempt when one is given."""
+    where = _fenced(job_id, attempt) if attempt is not None else and_(Job.id == job_id, Job.status.in_(LIVE))
+    stmt = (
+        update(Job)
+        .where(where)
+        .values(
+            status=JobStatus.failed.value,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+            error_type=error_type,
+            error_message=message[:2000],
+        )
+    )
+    with transaction(sessions) as session:
+        return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def cancel_jobs(*, sessions: sessionmaker[Session], batch_id: str, job_ids: Sequence[str] | None = None) -> int:
+    """Cancel the live jobs of a batch (or only `job_ids`); running ones stop at their next step."""
+    where = and_(Job.batch_id == batch_id, Job.status.in_(LIVE))
+    if job_ids is not None:
+        where = and_(where, Job.id.in_(list(job_ids)))
+    stmt = update(Job).where(where).values(status=JobStatus.canceled.value, finished_at=utcnow(), lease_expires_at=None)
+    with transaction(sessions) as session:
+        return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+def retry_failed(*, sessions: sessionmaker[Session], batch_id: str) -> list[str]:
+    """Put a batch's failed jobs back in the queue with a fresh budget of attempts."""
+    with transaction(sessions) as session:
+        ids = list(
+            session.scalars(
+                select(Job.id).where(Job.batch_id == batch_id, Job.status == JobStatus.failed.value)
+            ).all()
+        )
+        if ids:
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(ids), Job.status == JobStatus.failed.value)
+                .values(
+                    status=JobStatus.queued.value,
+                    attempt_floor=Job.attempts,
+                    enqueued_at=None,
+                    queued_at=utcnow(),
+                    finished_at=None,
+                    error_type=None,
+                    error_message=None,
+                )
+            )
+        return ids
+
+
+def expire_leases(*, sessions: sessionmaker[Session], max_attempts: int) -> tuple[list[str], list[str]]:
+    """Jobs whose worker stopped renewing: back to queued, or failed after `max_attempts`.
+
+    Returns (requeued ids, failed ids).
+    """
+    now = utcnow()
+    expired = and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now)
+    spent = (Job.attempts - Job.attempt_floor) >= max_attempts
+    with transaction(sessions) as session:
+        failed = list(session.scalars(select(Job.id).where(expired, spent)).all())
+        requeued = list(session.scalars(select(Job.id).where(expired, ~spent)).all())
+        if failed:
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(failed), expired)
+                .values(
+                    status=JobStatus.failed.value,
+                    finished_at=now,
+                    lease_expires_at=None,
+                    error_type="WorkerLost",
+                    error_message=f"worker lost {max_attempts} times",
+                )
+            )
+        if requeued:
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(requeued), expired)
+                .values(status=JobStatus.queued.value, lease_expires_at=None, enqueued_at=None)
+            )
+    return requeued, failed
+
+
+def mark_enqueued(*, sessions: sessionmaker[Session], job_ids: Sequence[str]) -> None:
+    """Record that these jobs' messages were pushed to Redis just now."""
+    if not job_ids:
+        return
+    now = utcnow()
+    with transaction(sessions) as session:
+        for start in range(0, len(job_ids), 1000):
+            chunk = list(job_ids[start : start + 1000])
+            session.execute(update(Job).where(Job.id.in_(chunk)).values(enqueued_at=now))

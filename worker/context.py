@@ -1,0 +1,76 @@
+"""What a worker process builds once and every job uses: clients, the model, the cache."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+
+import redis
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import ensure_database, make_engine, make_session_factory
+from shared.model_set import read_model_set
+from shared.settings import Settings
+from shared.storage import ObjectStore
+from worker.embed_cache import EmbeddingCache
+from worker.pipeline import Renderer
+from worker.publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """Per-process state of a worker: built once, passed to every job."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    redis: redis.Redis
+    store: ObjectStore
+    renderer: Renderer
+    cache: EmbeddingCache
+    publisher: Publisher
+    host: str
+
+    def close(self) -> None:
+        """Publish what is pending and let go of the clients."""
+        self.publisher.close()
+        self.redis.close()
+
+
+def build_context(settings: Settings) -> WorkerContext:
+    """Load the model set and connect to SQL, Redis and S3 (once per worker process)."""
+    if settings.model_set is None:
+        raise ValueError("IPAB_MODEL_SET is not set: point it at a model-set.toml")
+    ensure_database(settings.database_url)
+    sessions = make_session_factory(make_engine(settings.database_url))
+    redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30)
+    store = ObjectStore.from_settings(settings)
+    renderer = Renderer.load(
+        read_model_set(settings.model_set),
+        device=settings.device,
+        dtype=settings.dtype,
+        compile=settings.compile,
+    )
+    cache = EmbeddingCache(
+        redis=redis_client,
+        store=store,
+        encoder=renderer,
+        prefix=settings.redis_prefix,
+        lru_bytes=settings.cache_lru_bytes,
+        redis_ttl_s=settings.cache_redis_ttl_s,
+        lock_ttl_s=settings.cache_lock_ttl_s,
+        wait_s=settings.cache_wait_s,
+    )
+    log.info("worker ready: model set %s on %s", renderer.name, settings.device)
+    return WorkerContext(
+        settings=settings,
+        sessions=sessions,
+        redis=redis_client,
+        store=store,
+        renderer=renderer,
+        cache=cache,
+        publisher=Publisher(settings=settings, sessions=sessions, store=store),
+        host=socket.gethostname(),
+    )

@@ -1,0 +1,47 @@
+"""`ipab worker`: a Celery worker for GPU jobs, one process per GPU, one model set."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from typing import Any
+
+from shared import keys
+from shared.model_set import read_model_set
+from shared.settings import load_settings
+
+
+def register(subparsers: Any) -> None:
+    """Add `ipab worker`."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "worker", help="run a GPU worker for the configured model set (IPAB_MODEL_SET)"
+    )
+    p.add_argument("--name", default=None, help="worker node name (default ipab-<model set>-<pid>@<host>)")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=_worker)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.tasks import make_worker_app
+
+    settings = load_settings()
+    if settings.model_set is None:
+        raise SystemExit("ipab worker: IPAB_MODEL_SET is not set: point it at a model-set.toml")
+    name = read_model_set(settings.model_set).name
+    app = make_worker_app(settings)
+    node = args.name or f"ipab-{name}-%p@{socket.gethostname()}"
+    queues = f"{keys.render_queue(name)},{keys.embed_queue(name)}"
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={queues}",
+            "--concurrency=1",
+            "--pool=prefork",
+            f"--hostname={node}",
+            f"--loglevel={args.loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )
+    return 0
