@@ -18,8 +18,13 @@ T = TypeVar("T")
 
 
 def backoff_s(attempt: int, *, base_s: float, max_s: float) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(max_s, base_s * 2**attempt)]."""
-    return random.uniform(0.0, min(max_s, base_s * 2.0**attempt))
+    """Exponential backoff with "equal jitter": half the cap fixed, half random.
+
+    The fixed half gives the retries a known minimum total span (a 20 s S3 outage must
+    not exhaust them); the random half keeps a fleet of workers from retrying in step.
+    """
+    cap_s = min(max_s, base_s * 2.0**attempt)
+    return cap_s / 2 + random.uniform(0.0, cap_s / 2)
 
 
 def retry_transient(
