@@ -10,7 +10,7 @@ import fcntl
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -33,8 +33,10 @@ from sqlalchemy import (
     event,
     text,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql.dml import Insert
 
 MIGRATIONS_DIR: Final = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
@@ -166,6 +168,18 @@ def make_engine(url: str) -> Engine:
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """A session factory bound to `engine`; objects stay readable after commit."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def insert_ignoring_duplicates(model: type[Base], *, dialect: str, unique: Sequence[str]) -> Insert:
+    """An INSERT that skips rows clashing on the `unique` columns (ON CONFLICT DO NOTHING).
+
+    Concurrent submissions of the same rows then add each once instead of failing.
+    """
+    if dialect == "postgresql":
+        return postgresql.insert(model).on_conflict_do_nothing(index_elements=list(unique))
+    if dialect == "sqlite":
+        return sqlite.insert(model).on_conflict_do_nothing(index_elements=list(unique))
+    raise ValueError(f"database dialect {dialect!r} is not supported; use SQLite or PostgreSQL")
 
 
 def alembic_config(url: str) -> Any:

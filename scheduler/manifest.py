@@ -1,0 +1,325 @@
+"""Manifests (JSONL or CSV) into validated rows, every problem collected as (line, field, reason).
+
+Parameters are validated by `shared.spec.parse_params`, the same code the worker runs;
+this module only reads the file, converts CSV text into values and checks what is
+specific to manifests: columns, references as written, client ids, seeds, dedupe keys.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import secrets
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, NamedTuple
+
+from shared.errors import InvalidInput
+from shared.spec import MAX_REFERENCES, PARAM_FIELDS, SEED_LIMIT, GenerationParams, check_text, parse_params
+
+REFERENCE_FIELD: Final = "reference"
+ID_FIELD: Final = "id"
+COLUMNS: Final = (REFERENCE_FIELD, *PARAM_FIELDS, ID_FIELD)
+REQUIRED_COLUMNS: Final = (REFERENCE_FIELD, "prompt")
+INT_FIELDS: Final = frozenset({"seed", "width", "height", "steps"})
+FLOAT_FIELDS: Final = frozenset({"guidance_scale"})
+MAX_CLIENT_ID_CHARS: Final = 200
+JSONL_SUFFIXES: Final = frozenset({".jsonl", ".ndjson", ".json"})
+_INT_TEXT: Final = re.compile(r"[+-]?[0-9]+")
+# A row that is valid except for the field under test, to find every bad field of a row.
+_PROBE_BASE: Final = {"prompt": "", "seed": 0}
+
+
+class Problem(NamedTuple):
+    """One reason a manifest row is refused: its line (1-based), the field, what is wrong."""
+
+    line: int
+    field: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One valid row: its parameters (seed drawn if absent), references as written, keys."""
+
+    line: int
+    params: GenerationParams
+    references: tuple[str, ...]
+    client_id: str | None
+    dedupe_key: str
+
+
+@dataclass(frozen=True)
+class ParsedManifest:
+    """The valid rows of a manifest and the problems of the others (sorted by line)."""
+
+    rows: list[ManifestRow]
+    problems: list[Problem]
+
+
+def problem_from(line: int, e: InvalidInput, *, prefix: str = "") -> Problem:
+    """A Problem from an `InvalidInput`, without repeating the field in the reason."""
+    return Problem(line, e.field, prefix + str(e).removeprefix(f"`{e.field}` "))
+
+
+def convert_text_value(name: str, text: str) -> Any:
+    """A CSV cell or `--set` value as a typed value; text that is not a clean number stays text.
+
+    Text stays text so that `parse_params` refuses it with its own message ("4.2" is not
+    a seed). An empty cell means absent and gives None.
+    """
+    value = text.strip()
+    if not value:
+        return None
+    if name in INT_FIELDS and _INT_TEXT.fullmatch(value):
+        return int(value)
+    if name in FLOAT_FIELDS:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if name == "ip_adapter_scale" and value.startswith("{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return text if name in ("prompt", "negative_prompt") else value
+
+
+def parse_defaults(pairs: Sequence[str]) -> dict[str, Any]:
+    """`--set key=value` pairs as typed defaults for every row; refuses unknown keys."""
+    defaults: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep:
+            raise InvalidInput("--set", pair, "must be key=value, e.g. --set steps=20")
+        if key not in COLUMNS or key == ID_FIELD:
+            raise InvalidInput("--set", pair, f"unknown key {key!r}; allowed: {', '.join(COLUMNS[:-1])}")
+        value = convert_text_value(key, text)
+        if value is not None:
+            defaults[key] = value
+    return defaults
+
+
+# 1. Reading: raw rows as (line, mapping) or a problem per unreadable line.
+
+
+def _decode(data: bytes) -> tuple[str, list[Problem]]:
+    try:
+        return data.decode("utf-8-sig"), []
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        return "", [Problem(line, "manifest", f"is not UTF-8 text (byte {data[e.start]:#04x}); save it as UTF-8")]
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"field {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+def _read_jsonl(text: str) -> Iterator[tuple[int, Mapping[str, Any] | Problem]]:
+    # Not splitlines(): it also splits at U+2028 and friends, which JSON strings may hold.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+        except ValueError as e:
+            yield number, Problem(number, "json", f"is not valid JSON ({e}); each line must be one JSON object")
+            continue
+        if not isinstance(obj, dict):
+            yield number, Problem(number, "json", f"is a {type(obj).__name__}: each line must be one JSON object")
+            continue
+        yield number, obj
+
+
+def _check_header(header: Sequence[str]) -> list[Problem]:
+    problems = []
+    for name in header:
+        if name not in COLUMNS:
+            problems.append(Problem(1, name, f"unknown column; allowed columns: {', '.join(COLUMNS)}"))
+    for name, count in Counter(header).items():
+        if count > 1:
+            problems.append(Problem(1, name, f"column appears {count} times in the header"))
+    for name in REQUIRED_COLUMNS:
+        if name not in header:
+            problems.append(Problem(1, name, f"required column missing from the header {list(header)}"))
+    return problems
+
+
+def _read_csv(text: str) -> Iterator[tuple[int, Mapping[str, Any] | Problem]]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in next(reader, [])]
+    header_problems = _check_header(header)
+    for p in header_problems:
+        yield 1, p
+    if header_problems:
+        return
+    end = reader.line_num
+    for cells in reader:
+        start, end = end + 1, reader.line_num
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) > len(header):
+            yield start, Problem(start, "csv", f"has {len(cells)} cells but the header has {len(header)} columns")
+            continue
+        row = {name: convert_text_value(name, cell) for name, cell in zip(header, cells, strict=False)}
+        yield start, {k: v for k, v in row.items() if v is not None}
+
+
+def read_raw_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | Problem]]:
+    """The rows of a JSONL or CSV manifest (by suffix; else by first character) with their lines."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvalidInput("manifest", str(path), f"cannot be read ({e.strerror}); check the path") from None
+    text, problems = _decode(data)
+    for p in problems:
+        yield p.line, p
+    is_jsonl = path.suffix.lower() in JSONL_SUFFIXES or (
+        path.suffix.lower() != ".csv" and text.lstrip().startswith("{")
+    )
+    yield from (_read_jsonl(text) if is_jsonl else _read_csv(text))
+
+
+# 2. One row: references as written, client id, parameters, seed, dedupe key.
+
+
+def _split_references(value: Any) -> tuple[str, ...]:
+    parts: Any = value.split("|") if isinstance(value, str) else value
+    if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
+        raise InvalidInput(REFERENCE_FIELD, value, "must be a path or s3:// URI, several joined by |")
+    refs = tuple(p.strip() for p in parts)
+    if not refs or any(not r for r in refs):
+        raise InvalidInput(REFERENCE_FIELD, value, "has an empty entry; separate references with a single |")
+    if len(refs) > MAX_REFERENCES:
+        raise InvalidInput(REFERENCE_FIELD, value, f"has {len(refs)} images; at most {MAX_REFERENCES} per job")
+    return refs
+
+
+def _client_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidInput(ID_FIELD, value, "must be a string (a client key unique in the batch)")
+    text = check_text(ID_FIELD, str(value)).strip()
+    if not text or len(text) > MAX_CLIENT_ID_CHARS or "\n" in text:
+        raise InvalidInput(ID_FIELD, value, f"must be 1 to {MAX_CLIENT_ID_CHARS} characters on one line")
+    return text
+
+
+def _param_problems(line: int, raw: Mapping[str, Any], first: InvalidInput) -> list[Problem]:
+    found = []
+    for name, value in raw.items():
+        try:
+            parse_params({**_PROBE_BASE, name: value})
+        except InvalidInput as e:
+            found.append(problem_from(line, e))
+    return found or [problem_from(line, first)]
+
+
+def canonical_row(raw: Mapping[str, Any]) -> str:
+    """The row as canonical JSON: equal rows (from JSONL or CSV) give equal text."""
+    return json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _RowBuilder:
+    """Builds rows one by one, remembering client ids and identical rows seen so far."""
+
+    def __init__(self, defaults: Mapping[str, Any]) -> None:
+        self.defaults = dict(defaults)
+        self.client_lines: dict[str, int] = {}
+        self.occurrences: Counter[str] = Counter()
+
+    def build(self, line: int, raw_row: Mapping[str, Any]) -> ManifestRow | list[Problem]:
+        """A valid row, or every problem found in it."""
+        raw = {**self.defaults, **{k: v for k, v in raw_row.items() if v is not None}}
+        problems = [Problem(line, k, f"unknown column; allowed: {', '.join(COLUMNS)}") for k in raw if k not in COLUMNS]
+        refs = self._references(line, raw, problems)
+        client_id = self._client_id(line, raw, problems)
+        params = self._params(line, {k: v for k, v in raw.items() if k in PARAM_FIELDS}, problems)
+        if problems or params is None:
+            return problems
+        return ManifestRow(line, params, refs, client_id, self._dedupe_key(raw, client_id))
+
+    def _references(self, line: int, raw: Mapping[str, Any], problems: list[Problem]) -> tuple[str, ...]:
+        if REFERENCE_FIELD not in raw:
+            problems.append(Problem(line, REFERENCE_FIELD, "is required: a path or s3:// URI of the reference image"))
+            return ()
+        try:
+            return _split_references(raw[REFERENCE_FIELD])
+        except InvalidInput as e:
+            problems.append(problem_from(line, e))
+            return ()
+
+    def _client_id(self, line: int, raw: Mapping[str, Any], problems: list[Problem]) -> str | None:
+        try:
+            client_id = _client_id(raw.get(ID_FIELD))
+        except InvalidInput as e:
+            problems.append(problem_from(line, e))
+            return None
+        if client_id is None:
+            return None
+        first = self.client_lines.setdefault(client_id, line)
+        if first != line:
+            problems.append(
+                Problem(line, ID_FIELD, f"{client_id!r} is a duplicate of line {first}; ids must be unique")
+            )
+        return client_id
+
+    def _params(self, line: int, raw: dict[str, Any], problems: list[Problem]) -> GenerationParams | None:
+        if "seed" not in raw:
+            # Drawn once and stored, so every output can be reproduced.
+            raw = {**raw, "seed": secrets.randbelow(SEED_LIMIT)}
+        try:
+            return parse_params(raw)
+        except InvalidInput as e:
+            problems.extend(_param_problems(line, raw, e))
+            return None
+
+    def _dedupe_key(self, raw: Mapping[str, Any], client_id: str | None) -> str:
+        if client_id is not None:
+            return _sha256("id\0" + client_id)
+        # The n-th copy of an identical unseeded row is its own job, but the same n-th
+        # copy submitted again is not a new one.
+        canonical = canonical_row(raw)
+        self.occurrences[canonical] += 1
+        return _sha256(f"{canonical}\0{self.occurrences[canonical]}")
+
+
+def parse_manifest(path: Path, *, defaults: Mapping[str, Any] | None = None) -> ParsedManifest:
+    """Read and validate every row of the manifest at `path`, applying `defaults` (row values win).
+
+    Problems are collected for every row, never raised one at a time. An empty manifest is
+    one problem (line 1). References are checked as written here; whether the files exist
+    and decode is `scheduler.references`' job.
+    """
+    builder = _RowBuilder(defaults or {})
+    rows: list[ManifestRow] = []
+    problems: list[Problem] = []
+    for line, raw in read_raw_rows(path):
+        if isinstance(raw, Problem):
+            problems.append(raw)
+            continue
+        built = builder.build(line, raw)
+        if isinstance(built, ManifestRow):
+            rows.append(built)
+        else:
+            problems.extend(built)
+    if not rows and not problems:
+        problems.append(Problem(1, "manifest", f"{str(path)!r} has no rows; give one JSON object or CSV row per job"))
+    return ParsedManifest(rows=rows, problems=sorted(problems, key=lambda p: p.line))
