@@ -191,6 +191,12 @@ def expire_leases(*, sessions: sessionmaker[Session], max_attempts: int) -> tupl
     return requeued, failed
 
 
+def job_status(*, sessions: sessionmaker[Session], job_id: str) -> str | None:
+    """The job's status now, or None if there is no such job."""
+    with transaction(sessions) as session:
+        return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
 def mark_enqueued(*, sessions: sessionmaker[Session], job_ids: Sequence[str]) -> None:
     """Record that these jobs' messages were pushed to Redis just now."""
     if not job_ids:

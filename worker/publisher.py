@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from shared import keys
 from shared.errors import IpabError
-from shared.jobs import JobResult, fail_job, finish_job
+from shared.db import JobStatus
+from shared.jobs import JobResult, fail_job, finish_job, job_status
 from shared.retry import retry_transient
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -123,5 +124,8 @@ class Publisher:
             lambda: finish_job(sessions=self._sessions, job_id=p.job_id, attempt=p.lease.attempt, result=result),
             f"mark {p.job_id} succeeded",
         )
-        if not recorded:
-            log.info("job %s was canceled or taken over before its result was recorded", p.job_id)
+        if not recorded and job_status(sessions=self._sessions, job_id=p.job_id) == JobStatus.canceled.value:
+            # A canceled job leaves no output. (Had another attempt taken the job over,
+            # it writes this same key with the same bytes, so that object stays.)
+            self._retry(lambda: self._store.delete(key), f"delete {key}")
+            log.info("job %s was canceled while publishing; its output was removed", p.job_id)

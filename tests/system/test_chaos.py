@@ -1,0 +1,179 @@
+"""Nothing lost, nothing doubled: faults injected into real processes mid-batch.
+
+Each test runs a batch of 30 jobs through real `ipab worker` processes, breaks something
+while it runs, and then holds every job to exactly one ending: succeeded with exactly one
+output object whose sha256 matches its row (or canceled, where the test cancels).
+Lease and timeout values are short settings from the `settings` fixture, not code changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from scheduler.services import Service, free_port, start_private_postgres
+from shared import keys
+from shared.db import Job, JobStatus, make_engine, make_session_factory
+from shared.model_set import read_model_set
+from shared.settings import Settings
+from shared.storage import ObjectStore
+from tests.system.conftest import Workers, wait_for_batch
+from tests.system.test_end_to_end import submit, write_manifest
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+JOBS = 30
+
+
+def count_status(settings: Settings, batch_id: str, status: JobStatus) -> int:
+    sessions = make_session_factory(make_engine(settings.database_url))
+    with sessions() as session:
+        return int(
+            session.scalar(select(func.count()).where(Job.batch_id == batch_id, Job.status == status.value)) or 0
+        )
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout_s: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def assert_each_job_ended_once(settings: Settings, batch_id: str, *, allow_canceled: bool = False) -> list[Job]:
+    """Every job succeeded (or was canceled) and succeeded jobs have exactly one matching object."""
+    sessions = make_session_factory(make_engine(settings.database_url))
+    with sessions() as session:
+        jobs = list(session.scalars(select(Job).where(Job.batch_id == batch_id)).all())
+    allowed = {JobStatus.succeeded.value} | ({JobStatus.canceled.value} if allow_canceled else set())
+    assert len(jobs) == JOBS
+    assert {j.status for j in jobs} <= allowed, [(j.status, j.error_type, j.error_message) for j in jobs]
+    store = ObjectStore.from_settings(settings)
+    succeeded = {keys.output_key(batch_id, j.id): j for j in jobs if j.status == JobStatus.succeeded.value}
+    assert sorted(store.list_keys(f"outputs/{batch_id}/")) == sorted(succeeded)
+    for key, job in succeeded.items():
+        assert job.output_key == key
+        assert hashlib.sha256(store.get(key)).hexdigest() == job.output_sha256
+    return jobs
+
+
+def start_batch(settings: Settings, workers: Workers, tmp_path: Path, name: str) -> str:
+    manifest = write_manifest(tmp_path, rows=JOBS)
+    return submit(workers, manifest, name)
+
+
+def test_worker_killed_mid_job_loses_nothing(system_settings: Settings, workers: Workers, tmp_path: Path) -> None:
+    first = workers.start()
+    batch_id = start_batch(system_settings, workers, tmp_path, "kill")
+    wait_until(lambda: count_status(system_settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
+    wait_until(lambda: count_status(system_settings, batch_id, JobStatus.running) >= 1, what="a running job")
+    workers.kill(first)
+    workers.start()
+    wait_for_batch(system_settings, batch_id, workers=workers)
+    jobs = assert_each_job_ended_once(system_settings, batch_id)
+    assert max(j.attempts for j in jobs) >= 2  # the killed job ran again
+
+
+def test_flushall_mid_batch_loses_nothing(system_settings: Settings, workers: Workers, tmp_path: Path) -> None:
+    workers.start()
+    batch_id = start_batch(system_settings, workers, tmp_path, "flush")
+    wait_until(lambda: count_status(system_settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
+    redis.Redis.from_url(system_settings.redis_url).flushall()
+    wait_for_batch(system_settings, batch_id, workers=workers)
+    assert_each_job_ended_once(system_settings, batch_id)
+
+
+def test_redis_restart_mid_batch_loses_nothing(
+    system_settings: Settings, workers: Workers, tmp_path: Path, redis_server: Service
+) -> None:
+    workers.start()
+    batch_id = start_batch(system_settings, workers, tmp_path, "redis-restart")
+    wait_until(lambda: count_status(system_settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
+    redis_server.stop()
+    time.sleep(3)
+    redis_server.start()
+    wait_for_batch(system_settings, batch_id, workers=workers)
+    assert_each_job_ended_once(system_settings, batch_id)
+
+
+def test_s3_outage_of_20_s_mid_batch_loses_nothing(
+    system_settings: Settings, workers: Workers, tmp_path: Path, s3_server: Service
+) -> None:
+    workers.start()
+    batch_id = start_batch(system_settings, workers, tmp_path, "s3-outage")
+    wait_until(lambda: count_status(system_settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
+    s3_server.stop()
+    time.sleep(20)
+    s3_server.start()
+    wait_for_batch(system_settings, batch_id, workers=workers)
+    assert_each_job_ended_once(system_settings, batch_id)
+
+
+def test_postgres_restart_mid_batch_loses_nothing(
+    system_settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
+) -> None:
+    import os
+
+    pg = start_private_postgres(workdir=tmp_path / "pg", port=free_port())
+    try:
+        settings = system_settings.model_copy(update={"database_url": pg.url})
+        env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        pool = Workers(env, tmp_path)
+        try:
+            pool.start()
+            batch_id = start_batch(settings, pool, tmp_path, "pg-restart")
+            wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
+            pg.stop()
+            time.sleep(3)
+            pg.start()
+            wait_for_batch(settings, batch_id, workers=pool)
+            assert_each_job_ended_once(settings, batch_id)
+        finally:
+            pool.stop_all()
+    finally:
+        pg.stop()
+
+
+def test_poison_messages_do_not_stop_the_worker(system_settings: Settings, workers: Workers, tmp_path: Path) -> None:
+    from shared.queue import RENDER_TASK, celery_envelope
+
+    queue = keys.render_queue(read_model_set(system_settings.model_set or Path()).name)
+    client = redis.Redis.from_url(system_settings.redis_url)
+    poison = [
+        b"not json at all",
+        celery_envelope(task=RENDER_TASK, task_id="p1", queue=queue, args=["a string, not a job"]),
+        celery_envelope(task=RENDER_TASK, task_id="p2", queue=queue, args=[{"v": 1, "job_id": "nope"}]),
+        celery_envelope(task="ipab.no_such_task", task_id="p3", queue=queue, args=[]),
+    ]
+    client.lpush(queue, *poison)
+    workers.start()
+    batch_id = start_batch(system_settings, workers, tmp_path, "poison")
+    wait_for_batch(system_settings, batch_id, workers=workers)
+    assert_each_job_ended_once(system_settings, batch_id)
+    assert workers.procs[0].poll() is None  # still serving
+
+
+def test_cancel_mid_batch_stops_queued_and_running_jobs(
+    system_settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    workers.start()
+    batch_id = start_batch(system_settings, workers, tmp_path, "cancel")
+    wait_until(lambda: count_status(system_settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
+    from tests.system.test_end_to_end import ipab
+
+    done = ipab(workers.env, "cancel", batch_id, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    wait_for_batch(system_settings, batch_id, workers=workers)
+    time.sleep(2)  # a publish in flight finishes (or removes its object) by now
+    jobs = assert_each_job_ended_once(system_settings, batch_id, allow_canceled=True)
+    assert sum(j.status == JobStatus.canceled.value for j in jobs) >= 10
+    assert sum(j.status == JobStatus.succeeded.value for j in jobs) >= 3
+    results = ipab(workers.env, "results", batch_id, "--status", "canceled", cwd=tmp_path)
+    assert all(json.loads(line)["status"] == "canceled" for line in results.stdout.splitlines())
