@@ -129,6 +129,9 @@ class Job(Base):
     # Each claim increments it; a worker may record a result only while its attempt is
     # still the current one (the fencing token), so a zombie cannot overwrite a newer run.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # `attempts` when the job was last re-queued by hand (`ipab retry`): the budget of
+    # IPAB_MAX_ATTEMPTS counts from here, while `attempts` itself never goes back (the fence).
+    attempt_floor: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     worker_host: Mapped[str | None] = mapped_column(String(255))
     queued_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
