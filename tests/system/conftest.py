@@ -83,7 +83,9 @@ def workers(
     pool.stop_all()
 
 
-def wait_for_batch(settings: Settings, batch_id: str, *, timeout_s: float = 300, workers: Workers | None = None) -> None:
+def wait_for_batch(
+    settings: Settings, batch_id: str, *, timeout_s: float = 300, workers: Workers | None = None
+) -> None:
     """Block until every job of the batch is terminal; fail with the worker logs otherwise."""
     sessions = make_session_factory(make_engine(settings.database_url))
     deadline = time.monotonic() + timeout_s

@@ -8,17 +8,19 @@ Lease and timeout values are short settings from the `settings` fixture, not cod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from sqlalchemy import func, select
 
-from scheduler.services import Service, free_port, start_private_postgres
+from scheduler.services import Service
 from shared import keys
 from shared.db import Job, JobStatus, make_engine, make_session_factory
 from shared.model_set import read_model_set
@@ -64,6 +66,19 @@ def assert_each_job_ended_once(settings: Settings, batch_id: str, *, allow_cance
     return jobs
 
 
+@contextlib.contextmanager
+def own_workers(
+    settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
+) -> Iterator[Workers]:
+    """Workers for settings that differ from the `workers` fixture's (a private server)."""
+    env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    pool = Workers(env, tmp_path)
+    try:
+        yield pool
+    finally:
+        pool.stop_all()
+
+
 def start_batch(settings: Settings, workers: Workers, tmp_path: Path, name: str) -> str:
     manifest = write_manifest(tmp_path, rows=JOBS)
     return submit(workers, manifest, name)
@@ -91,54 +106,55 @@ def test_flushall_mid_batch_loses_nothing(system_settings: Settings, workers: Wo
 
 
 def test_redis_restart_mid_batch_loses_nothing(
-    system_settings: Settings, workers: Workers, tmp_path: Path, redis_server: Service
+    system_settings: Settings,
+    settings_env: Callable[[Settings], dict[str, str]],
+    tmp_path: Path,
+    private_redis: Service,
 ) -> None:
-    workers.start()
-    batch_id = start_batch(system_settings, workers, tmp_path, "redis-restart")
-    wait_until(lambda: count_status(system_settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
-    redis_server.stop()
-    time.sleep(3)
-    redis_server.start()
-    wait_for_batch(system_settings, batch_id, workers=workers)
-    assert_each_job_ended_once(system_settings, batch_id)
+    settings = system_settings.model_copy(update={"redis_url": private_redis.url})
+    with own_workers(settings, settings_env, tmp_path) as pool:
+        pool.start()
+        batch_id = start_batch(settings, pool, tmp_path, "redis-restart")
+        wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
+        private_redis.stop()
+        time.sleep(3)
+        private_redis.start()
+        wait_for_batch(settings, batch_id, workers=pool)
+    assert_each_job_ended_once(settings, batch_id)
 
 
 def test_s3_outage_of_20_s_mid_batch_loses_nothing(
-    system_settings: Settings, workers: Workers, tmp_path: Path, s3_server: Service
+    system_settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path, private_s3: Service
 ) -> None:
-    workers.start()
-    batch_id = start_batch(system_settings, workers, tmp_path, "s3-outage")
-    wait_until(lambda: count_status(system_settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
-    s3_server.stop()
-    time.sleep(20)
-    s3_server.start()
-    wait_for_batch(system_settings, batch_id, workers=workers)
-    assert_each_job_ended_once(system_settings, batch_id)
+    settings = system_settings.model_copy(update={"s3_endpoint_url": private_s3.url})
+    ObjectStore.from_settings(settings).ensure_bucket()
+    with own_workers(settings, settings_env, tmp_path) as pool:
+        pool.start()
+        batch_id = start_batch(settings, pool, tmp_path, "s3-outage")
+        wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
+        private_s3.stop()
+        time.sleep(20)
+        private_s3.start()
+        wait_for_batch(settings, batch_id, workers=pool)
+    assert_each_job_ended_once(settings, batch_id)
 
 
 def test_postgres_restart_mid_batch_loses_nothing(
-    system_settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
+    system_settings: Settings,
+    settings_env: Callable[[Settings], dict[str, str]],
+    tmp_path: Path,
+    private_postgres: Service,
 ) -> None:
-    import os
-
-    pg = start_private_postgres(workdir=tmp_path / "pg", port=free_port())
-    try:
-        settings = system_settings.model_copy(update={"database_url": pg.url})
-        env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        pool = Workers(env, tmp_path)
-        try:
-            pool.start()
-            batch_id = start_batch(settings, pool, tmp_path, "pg-restart")
-            wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
-            pg.stop()
-            time.sleep(3)
-            pg.start()
-            wait_for_batch(settings, batch_id, workers=pool)
-            assert_each_job_ended_once(settings, batch_id)
-        finally:
-            pool.stop_all()
-    finally:
-        pg.stop()
+    settings = system_settings.model_copy(update={"database_url": private_postgres.url})
+    with own_workers(settings, settings_env, tmp_path) as pool:
+        pool.start()
+        batch_id = start_batch(settings, pool, tmp_path, "pg-restart")
+        wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
+        private_postgres.stop()
+        time.sleep(3)
+        private_postgres.start()
+        wait_for_batch(settings, batch_id, workers=pool)
+    assert_each_job_ended_once(settings, batch_id)
 
 
 def test_poison_messages_do_not_stop_the_worker(system_settings: Settings, workers: Workers, tmp_path: Path) -> None:

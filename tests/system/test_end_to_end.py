@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,11 @@ def run_batch_end_to_end(settings: Settings, workers: Workers, tmp_path: Path) -
     for job in jobs:
         png = store.get(job.output_key or "")
         assert hashlib.sha256(png).hexdigest() == job.output_sha256
-        assert store.head(job.output_key or "") == {"job-id": job.id, "seed": str(job.seed), "sha256": job.output_sha256}
+        assert store.head(job.output_key or "") == {
+            "job-id": job.id,
+            "seed": str(job.seed),
+            "sha256": job.output_sha256,
+        }
     assert_equal_to_direct_model_calls(settings, store, jobs[:3])
 
     # Re-submitting the same manifest to the same batch adds nothing and enqueues nothing.
@@ -80,10 +85,10 @@ def run_batch_end_to_end(settings: Settings, workers: Workers, tmp_path: Path) -
 def assert_equal_to_direct_model_calls(settings: Settings, store: ObjectStore, jobs: list[Job]) -> None:
     """The worker's PNG is what the model layer gives for the same job, byte for byte."""
     import torch
-
-    from shared.images import decode_reference
     from worker.pipeline import Renderer
     from worker.png import encode_png
+
+    from shared.images import decode_reference
 
     torch.set_num_threads(1)  # as the worker (OMP_NUM_THREADS=1): same float reductions
     renderer = Renderer.load(read_model_set(settings.model_set or Path()), device="cpu", dtype="auto")
@@ -100,10 +105,10 @@ def test_manifest_runs_end_to_end_on_sqlite(system_settings: Settings, workers: 
 
 @pytest.mark.postgres
 def test_manifest_runs_end_to_end_on_postgres(
-    system_settings: Settings, postgres_url: str, settings_env: object, tmp_path: Path
+    system_settings: Settings, postgres_url: str, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
 ) -> None:
     settings = system_settings.model_copy(update={"database_url": postgres_url})
-    env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1"}  # type: ignore[operator]
+    env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     pool = Workers(env, tmp_path)
     try:
         run_batch_end_to_end(settings, pool, tmp_path)
