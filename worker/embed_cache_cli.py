@@ -1,0 +1,38 @@
+"""`ipab cache stats`: the embedding cache's fleet-wide counters (hits and misses per level, encodes).
+
+No torch here: the command reads a Redis hash only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import redis
+
+from shared.settings import load_settings
+from worker.embed_stats import format_stats_table, read_fleet_stats
+
+
+def register(subparsers: Any) -> None:
+    """Add `ipab cache stats`."""
+    cache: argparse.ArgumentParser = subparsers.add_parser("cache", help="the embedding cache")
+    commands = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
+    stats = commands.add_parser("stats", help="fleet-wide hits and misses per level, encodes and encode seconds")
+    stats.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    stats.set_defaults(func=_stats)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        counters = read_fleet_stats(client, settings.redis_prefix)
+    except redis.RedisError as e:
+        print(f"ipab cache stats: Redis at IPAB_REDIS_URL={settings.redis_url!r} unreachable: {e}")
+        return 1
+    finally:
+        client.close()
+    print(json.dumps(counters, sort_keys=True) if args.json else format_stats_table(counters))
+    return 0
