@@ -83,3 +83,7 @@ class DatabaseUnavailable(TransientError):
 
 class MessageInvalid(PermanentError):
     """Raised when a queue message cannot be decoded into a job (poison message)."""
+
+
+class ObjectMissing(PermanentError):
+    """Raised when an object that should exist is not in the object store (names the URI)."""

@@ -1,0 +1,201 @@
+"""Object storage on any S3-compatible server (AWS S3, SeaweedFS, MinIO) through boto3.
+
+Faults are sorted for the caller: a missing object is `ObjectMissing` (permanent), anything
+that looks like the server being away or overloaded is `StorageUnavailable` (transient; the
+caller retries with backoff, so boto3's own retries are kept few and its timeouts short).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from shared.errors import ObjectMissing, StorageUnavailable
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+
+    from shared.settings import Settings
+
+CONNECT_TIMEOUT_S = 3.0
+READ_TIMEOUT_S = 10.0
+BOTO_MAX_ATTEMPTS = 2
+# Used only against a custom endpoint when no AWS credentials are configured: a local
+# SeaweedFS (or MinIO in its default set-up) accepts any key, but boto3 refuses to sign without one.
+DUMMY_ACCESS_KEY = "ipab"
+DUMMY_SECRET_KEY = "ipab-local-secret"
+
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+_NETWORK_ERRORS: tuple[type[Exception], ...] = (
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.NoCredentialsError,
+)
+
+
+def _credentials_configured() -> bool:
+    if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE"):
+        return True
+    shared_file = os.environ.get("AWS_SHARED_CREDENTIALS_FILE", str(Path.home() / ".aws" / "credentials"))
+    return Path(shared_file).is_file()
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    """Split `s3://bucket/key` into (bucket, key); `ValueError` naming the URI otherwise."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"{uri!r} is not an s3:// URI; write s3://bucket/key")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket or not key:
+        raise ValueError(f"{uri!r} needs both a bucket and a key: s3://bucket/key")
+    return bucket, key
+
+
+def _error_code(error: botocore.exceptions.ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+class ObjectStore:
+    """One bucket on an S3-compatible server; safe to share between threads (one client, built once)."""
+
+    def __init__(self, *, endpoint_url: str | None, bucket: str, region: str) -> None:
+        self.endpoint_url = endpoint_url
+        self.bucket = bucket
+        self.region = region
+        self._client = self._build_client()
+
+    def with_bucket(self, bucket: str) -> ObjectStore:
+        """The same server and client, another bucket (for `s3://other-bucket/...` references)."""
+        other = object.__new__(ObjectStore)
+        other.endpoint_url, other.bucket, other.region = self.endpoint_url, bucket, self.region
+        other._client = self._client
+        return other
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ObjectStore:
+        """The store that `IPAB_S3_ENDPOINT_URL`, `IPAB_S3_BUCKET` and `IPAB_S3_REGION` describe."""
+        return cls(endpoint_url=settings.s3_endpoint_url, bucket=settings.s3_bucket, region=settings.s3_region)
+
+    def _build_client(self) -> S3Client:
+        config = Config(
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
+            retries={"max_attempts": BOTO_MAX_ATTEMPTS, "mode": "standard"},
+            s3={"addressing_style": "path"} if self.endpoint_url else {},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        keys: dict[str, Any] = {}
+        if self.endpoint_url and not _credentials_configured():
+            keys = {"aws_access_key_id": DUMMY_ACCESS_KEY, "aws_secret_access_key": DUMMY_SECRET_KEY}
+        # A private session: boto3's default session is not thread-safe to create clients from.
+        session = boto3.session.Session(region_name=self.region)
+        return session.client("s3", endpoint_url=self.endpoint_url, config=config, **keys)
+
+    def __repr__(self) -> str:
+        return f"ObjectStore(endpoint_url={self.endpoint_url!r}, bucket={self.bucket!r})"
+
+    @property
+    def where(self) -> str:
+        """The endpoint, for messages: the URL, or `AWS S3` when none is set."""
+        return self.endpoint_url or f"AWS S3 ({self.region})"
+
+    def uri(self, key: str) -> str:
+        """`s3://bucket/key`."""
+        return f"s3://{self.bucket}/{key}"
+
+    @contextmanager
+    def _translated(self, action: str, key: str = "") -> Iterator[None]:
+        target = self.uri(key) if key else f"bucket {self.bucket!r}"
+        try:
+            yield
+        except _NETWORK_ERRORS as e:
+            raise StorageUnavailable(
+                f"object store at {self.where} unreachable while trying to {action} {target}: {e}; "
+                "check that it runs and IPAB_S3_ENDPOINT_URL points at it"
+            ) from e
+        except botocore.exceptions.ClientError as e:
+            if key and _error_code(e) in _MISSING_CODES:
+                raise ObjectMissing(f"{self.uri(key)} does not exist at {self.where}") from e
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            raise StorageUnavailable(
+                f"object store at {self.where} refused to {action} {target}: "
+                f"{_error_code(e) or status} ({e}); check IPAB_S3_BUCKET and the AWS credentials"
+            ) from e
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket unless it exists already (idempotent)."""
+        with self._translated("check"):
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+                return
+            except botocore.exceptions.ClientError as e:
+                if _error_code(e) not in {"404", "NoSuchBucket", "NotFound"}:
+                    raise
+        with self._translated("create"):
+            try:
+                self._client.create_bucket(Bucket=self.bucket, **self._location())
+            except botocore.exceptions.ClientError as e:
+                if _error_code(e) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                    raise
+
+    def _location(self) -> dict[str, Any]:
+        # AWS rejects an explicit us-east-1 constraint and requires one everywhere else.
+        if self.endpoint_url or self.region == "us-east-1":
+            return {}
+        return {"CreateBucketConfiguration": {"LocationConstraint": self.region}}
+
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        metadata: dict[str, str] | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> None:
+        """Write `data` at `key` (overwriting: keys are deterministic, so a rewrite is the same object)."""
+        with self._translated("write", key):
+            self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, Metadata=metadata or {}, ContentType=content_type
+            )
+
+    def get(self, key: str) -> bytes:
+        """The bytes at `key`; `ObjectMissing` if there are none."""
+        with self._translated("read", key):
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            body: bytes = response["Body"].read()
+            return body
+
+    def head(self, key: str) -> dict[str, str] | None:
+        """The user metadata stored with `key`, or None if there is no such object."""
+        try:
+            with self._translated("inspect", key):
+                response = self._client.head_object(Bucket=self.bucket, Key=key)
+        except ObjectMissing:
+            return None
+        return dict(response.get("Metadata", {}))
+
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored at `key`."""
+        return self.head(key) is not None
+
+    def delete(self, key: str) -> None:
+        """Remove `key`; removing a missing key is not an error."""
+        with self._translated("delete", key):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        """Every key under `prefix`, sorted."""
+        keys: list[str] = []
+        with self._translated(f"list {prefix!r} in"):
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                keys.extend(item["Key"] for item in page.get("Contents", []) if "Key" in item)
+        return sorted(keys)
