@@ -13,7 +13,7 @@ import logging
 import multiprocessing
 import os
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,31 +176,9 @@ def make_cache(
 # --- fixtures --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private redis-server on a unix socket (until tests/conftest.py provides one)."""
-    import subprocess
-    import time
-
-    folder = tmp_path_factory.mktemp("redis")
-    sock = folder / "redis.sock"
-    proc = subprocess.Popen(
-        ["redis-server", "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"unix://{sock}"
-    for _ in range(200):
-        if sock.exists():
-            break
-        time.sleep(0.02)
-    yield url
-    proc.terminate()
-    proc.wait()
-
-
 @pytest.fixture
 def prefix() -> str:
-    """A key prefix of this test's own."""
+    """A key prefix of this test's own (as a worker's `IPAB_REDIS_PREFIX`)."""
     return f"t{uuid.uuid4().hex[:10]}:"
 
 
@@ -217,7 +195,7 @@ def store(tmp_path: Path) -> DirStore:
 
 
 def flush_prefix(client: Redis, prefix: str) -> None:
-    """Forget every Redis key of this test (the Redis server is shared by the session)."""
+    """Forget every Redis key under `prefix`, as a Redis flush would."""
     keys = list(client.scan_iter(match=f"{prefix}*"))
     if keys:
         client.delete(*keys)
