@@ -15,7 +15,7 @@ import re
 import secrets
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -56,10 +56,15 @@ class ManifestRow:
 
 @dataclass(frozen=True)
 class ParsedManifest:
-    """The valid rows of a manifest and the problems of the others (sorted by line)."""
+    """The valid rows of a manifest and the problems of the others (sorted by line).
+
+    `unchecked_references` holds the references of invalid rows (by line), so that their
+    files can be checked too and every problem of a row reported at once.
+    """
 
     rows: list[ManifestRow]
     problems: list[Problem]
+    unchecked_references: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
 
 def problem_from(line: int, e: InvalidInput, *, prefix: str = "") -> Problem:
@@ -244,6 +249,7 @@ class _RowBuilder:
         self.defaults = dict(defaults)
         self.client_lines: dict[str, int] = {}
         self.occurrences: Counter[str] = Counter()
+        self.unchecked_references: dict[int, tuple[str, ...]] = {}
 
     def build(self, line: int, raw_row: Mapping[str, Any]) -> ManifestRow | list[Problem]:
         """A valid row, or every problem found in it."""
@@ -253,6 +259,8 @@ class _RowBuilder:
         client_id = self._client_id(line, raw, problems)
         params = self._params(line, {k: v for k, v in raw.items() if k in PARAM_FIELDS}, problems)
         if problems or params is None:
+            if refs:
+                self.unchecked_references[line] = refs
             return problems
         return ManifestRow(line, params, refs, client_id, self._dedupe_key(raw, client_id))
 
@@ -322,4 +330,4 @@ def parse_manifest(path: Path, *, defaults: Mapping[str, Any] | None = None) -> 
             problems.extend(built)
     if not rows and not problems:
         problems.append(Problem(1, "manifest", f"{str(path)!r} has no rows; give one JSON object or CSV row per job"))
-    return ParsedManifest(rows=rows, problems=sorted(problems, key=lambda p: p.line))
+    return ParsedManifest(rows, sorted(problems, key=lambda p: p.line), builder.unchecked_references)

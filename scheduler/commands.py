@@ -1,0 +1,293 @@
+"""Scheduler commands: `ipab db upgrade`, `submit`, `status`, `results`, `batches`.
+
+Each command applies pending migrations itself first (`ensure_database`), so a fresh
+database needs no separate `ipab db upgrade`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from scheduler.manifest import parse_defaults
+from scheduler.submit import SubmitResult, submit_manifest
+from shared.db import (
+    TERMINAL,
+    Batch,
+    Job,
+    JobStatus,
+    ensure_database,
+    make_engine,
+    make_session_factory,
+    upgrade_database,
+)
+from shared.errors import InvalidInput, ManifestInvalid
+from shared.jobs import transaction
+from shared.settings import Settings, load_settings
+from shared.storage import ObjectStore
+
+WATCH_INTERVAL_S: Final = 1.0
+BAR_WIDTH: Final = 30
+RESULTS_CHUNK: Final = 1000
+STATUSES: Final = tuple(s.value for s in JobStatus)
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the configured database, migrated to the latest schema; the engine is closed after."""
+    ensure_database(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+def find_batch(*, session: Session, ref: str) -> Batch:
+    """The batch whose id or name is `ref`; `InvalidInput` naming BATCH otherwise."""
+    batch = session.get(Batch, ref) or session.scalars(select(Batch).where(Batch.name == ref)).one_or_none()
+    if batch is None:
+        raise InvalidInput("BATCH", ref, "no batch has this name or id; `ipab batches` lists them")
+    return batch
+
+
+# ipab db upgrade
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    """Apply every pending migration."""
+    settings = load_settings()
+    upgrade_database(settings.database_url)
+    shown = make_url(settings.database_url).render_as_string(hide_password=True)
+    print(f"database {shown} is at the latest schema")
+    return 0
+
+
+# ipab submit
+
+
+def _print_submit(result: SubmitResult) -> None:
+    for line, field_name, reason in result.invalid:
+        print(f"line {line}: {field_name}: {reason}", file=sys.stderr)
+    skipped = f", {result.invalid_rows} invalid row(s) skipped" if result.invalid else ""
+    print(
+        f"batch {result.batch_name}: {result.added} job(s) added, "
+        f"{result.skipped_existing} already in the batch{skipped}"
+    )
+    uploaded, stored = result.references_uploaded, result.references_stored
+    print(f"references: {uploaded + stored} image(s), {uploaded} uploaded, {stored} stored already")
+    if not result.added:
+        print("nothing to enqueue")
+    elif result.enqueued:
+        print(f"enqueued {result.added} job(s) on {result.queue}")
+    else:
+        print(
+            f"Redis unreachable: {result.added} job(s) are saved in SQL but not enqueued yet; "
+            "the reconciler (`ipab reconcile`, or the one the workers run) will enqueue them"
+        )
+    print(result.batch_id)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Validate a manifest and submit its jobs; the batch id alone on the last line."""
+    settings = load_settings()
+    ensure_database(settings.database_url)
+    try:
+        result = submit_manifest(
+            settings=settings,
+            path=Path(args.manifest),
+            batch_name=args.batch,
+            defaults=parse_defaults(args.set),
+            skip_invalid=args.skip_invalid,
+            model_set_name=args.model_set,
+        )
+    except ManifestInvalid as e:
+        for line, field_name, reason in e.problems:
+            print(f"line {line}: {field_name}: {reason}", file=sys.stderr)
+        rows = len({p[0] for p in e.problems})
+        print(f"{rows} invalid row(s); nothing submitted. Fix them, or pass --skip-invalid", file=sys.stderr)
+        return 2
+    _print_submit(result)
+    return 0
+
+
+# ipab status
+
+
+def status_counts(*, session: Session, batch_id: str) -> tuple[dict[str, int], dict[str, float]]:
+    """Jobs per status (every status present, zeros included) and summed encode/denoise/upload seconds."""
+    stmt = (
+        select(Job.status, func.count(), func.sum(Job.encode_s), func.sum(Job.denoise_s), func.sum(Job.upload_s))
+        .where(Job.batch_id == batch_id)
+        .group_by(Job.status)
+    )
+    counts = dict.fromkeys(STATUSES, 0)
+    seconds = {"encode_s": 0.0, "denoise_s": 0.0, "upload_s": 0.0}
+    for status, count, encode_s, denoise_s, upload_s in session.execute(stmt):
+        counts[status] = count
+        for name, value in zip(seconds, (encode_s, denoise_s, upload_s), strict=True):
+            seconds[name] += value or 0.0
+    return counts, seconds
+
+
+def _print_status(batch: Batch, counts: dict[str, int], seconds: dict[str, float]) -> None:
+    print(f"batch {batch.name} ({batch.id}), model set {batch.model_set}")
+    for status in STATUSES:
+        print(f"  {status:<10} {counts[status]:>8}")
+    print(f"  {'total':<10} {sum(counts.values()):>8}")
+    print(
+        f"time: encode {seconds['encode_s']:.2f} s, denoise {seconds['denoise_s']:.2f} s, "
+        f"upload {seconds['upload_s']:.2f} s (summed over jobs)"
+    )
+
+
+def progress_line(counts: dict[str, int]) -> str:
+    """`[#####-----] 10/20 done (succeeded 9, failed 1, running 2, queued 8)`."""
+    total = sum(counts.values())
+    done = sum(counts[s.value] for s in TERMINAL)
+    filled = BAR_WIDTH * done // total if total else BAR_WIDTH
+    parts = ", ".join(f"{s} {counts[s]}" for s in STATUSES if counts[s])
+    return f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done}/{total} done ({parts})"
+
+
+def _watch(sessions: sessionmaker[Session], batch_id: str, interval_s: float) -> dict[str, int]:
+    tty = sys.stderr.isatty()
+    last = ""
+    while True:
+        with transaction(sessions) as session:
+            counts, _ = status_counts(session=session, batch_id=batch_id)
+        line = progress_line(counts)
+        if line != last:
+            print(f"\r{line}" if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+            last = line
+        if sum(counts[s.value] for s in TERMINAL) == sum(counts.values()):
+            if tty:
+                print(file=sys.stderr)
+            return counts
+        time.sleep(interval_s)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Counts per status and time spent; with --watch, a progress bar until every job is final."""
+    with database(load_settings()) as sessions:
+        with transaction(sessions) as session:
+            batch = find_batch(session=session, ref=args.batch)
+        if args.watch:
+            _watch(sessions, batch.id, args.interval)
+        with transaction(sessions) as session:
+            counts, seconds = status_counts(session=session, batch_id=batch.id)
+    _print_status(batch, counts, seconds)
+    return 1 if args.watch and counts[JobStatus.failed.value] else 0
+
+
+# ipab results
+
+
+def _when(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat() + "Z"  # stored as naive UTC
+
+
+def result_record(job: Job, *, store: ObjectStore) -> dict[str, Any]:
+    """One job as the JSON object `ipab results` prints."""
+    spec = json.loads(job.spec)
+    error = None if job.error_type is None else {"type": job.error_type, "message": job.error_message}
+    return {
+        "job_id": job.id,
+        "batch_id": job.batch_id,
+        "line": job.line,
+        "id": job.client_id,
+        "status": job.status,
+        "output_uri": store.uri(job.output_key) if job.output_key else None,
+        "output_sha256": job.output_sha256,
+        "output_bytes": job.output_bytes,
+        **spec["params"],
+        "seed": job.seed,
+        "references": [{"sha256": r["sha256"], "uri": store.uri(r["key"])} for r in spec["references"]],
+        "attempts": job.attempts,
+        "worker_host": job.worker_host,
+        "timings": {
+            "queued_at": _when(job.queued_at),
+            "started_at": _when(job.started_at),
+            "finished_at": _when(job.finished_at),
+            "encode_s": job.encode_s,
+            "denoise_s": job.denoise_s,
+            "upload_s": job.upload_s,
+        },
+        "cache_stats": json.loads(job.cache_stats) if job.cache_stats else None,
+        "error": error,
+    }
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    """One JSON line per job of the batch (in manifest order), optionally only those with --status."""
+    settings = load_settings()
+    store = ObjectStore.from_settings(settings)
+    with database(settings) as sessions, transaction(sessions) as session:
+        batch = find_batch(session=session, ref=args.batch)
+        stmt = select(Job).where(Job.batch_id == batch.id).order_by(Job.line, Job.id)
+        if args.status:
+            stmt = stmt.where(Job.status == args.status)
+        for job in session.scalars(stmt.execution_options(yield_per=RESULTS_CHUNK)):
+            print(json.dumps(result_record(job, store=store), ensure_ascii=False))
+    return 0
+
+
+# ipab batches
+
+
+def cmd_batches(args: argparse.Namespace) -> int:
+    """Every batch, oldest first, with its jobs counted per status."""
+    with database(load_settings()) as sessions, transaction(sessions) as session:
+        batches = session.scalars(select(Batch).order_by(Batch.created_at, Batch.name)).all()
+        rows = session.execute(select(Job.batch_id, Job.status, func.count()).group_by(Job.batch_id, Job.status))
+        counts: dict[str, dict[str, int]] = {}
+        for batch_id, status, count in rows:
+            counts.setdefault(batch_id, dict.fromkeys(STATUSES, 0))[status] = count
+    header = ["name", "id", "model_set", "created_at", "jobs", *STATUSES]
+    print("\t".join(header))
+    for batch in batches:
+        per_status = counts.get(batch.id, dict.fromkeys(STATUSES, 0))
+        cells = [batch.name, batch.id, batch.model_set, _when(batch.created_at) or "", str(sum(per_status.values()))]
+        print("\t".join(cells + [str(per_status[s]) for s in STATUSES]))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the scheduler's commands to the `ipab` parser."""
+    db = subparsers.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_sub.add_parser("upgrade", help="apply pending migrations (other commands do this themselves)").set_defaults(
+        func=cmd_db_upgrade
+    )
+
+    submit = subparsers.add_parser("submit", help="validate a JSONL/CSV manifest and enqueue its jobs")
+    submit.add_argument("manifest", help="JSONL or CSV; relative reference paths are read from its folder")
+    submit.add_argument("--batch", help="batch name (default: manifest name + hash of its content)")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="default for every row")
+    submit.add_argument("--skip-invalid", action="store_true", help="submit the valid rows, report the others")
+    submit.add_argument("--model-set", help="a model-set.toml or a model set name (default: IPAB_MODEL_SET)")
+    submit.set_defaults(func=cmd_submit)
+
+    status = subparsers.add_parser("status", help="jobs per status in a batch")
+    status.add_argument("batch", help="batch name or id")
+    status.add_argument("--watch", action="store_true", help="progress bar until every job is final")
+    status.add_argument("--interval", type=float, default=WATCH_INTERVAL_S, help="seconds between polls")
+    status.set_defaults(func=cmd_status)
+
+    results = subparsers.add_parser("results", help="one JSON line per job")
+    results.add_argument("batch", help="batch name or id")
+    results.add_argument("--status", choices=STATUSES, help="only jobs with this status")
+    results.set_defaults(func=cmd_results)
+
+    subparsers.add_parser("batches", help="every batch with its counts").set_defaults(func=cmd_batches)

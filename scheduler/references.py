@@ -1,0 +1,244 @@
+"""Reference images at the edge: find, read once, decode, then store once by content hash.
+
+A local reference must be a regular file inside the allowed roots (symlinks and `..` are
+resolved before the check, so neither can escape them); an `s3://` reference must exist.
+Every image is decoded with `shared.images.decode_reference`, the same check the worker
+runs. Each distinct image (by the sha256 of its bytes) is uploaded once to
+`refs/<sha256>.<ext>` and recorded in `reference_images`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from sqlalchemy.orm import Session
+
+from scheduler.manifest import REFERENCE_FIELD, Problem, problem_from
+from shared.db import ReferenceImage, insert_ignoring_duplicates, utcnow
+from shared.errors import InvalidInput, ObjectMissing
+from shared.images import MAX_REFERENCE_BYTES, decode_reference, sniff_format
+from shared.keys import ref_key
+from shared.spec import Reference
+from shared.storage import ObjectStore, parse_uri
+
+S3_SCHEME: Final = "s3://"
+# Bytes of distinct images kept in memory between validation and upload; past this they
+# are read again at upload time (and must hash the same), so a manifest of 100k distinct
+# photos does not hold them all at once.
+KEEP_BYTES_BUDGET: Final = 256 * 1024 * 1024
+UPLOAD_THREADS: Final = 8
+CONTENT_TYPES: Final = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "webp": "image/webp",
+    "bmp": "image/bmp",
+    "tiff": "image/tiff",
+    "gif": "image/gif",
+}
+
+
+@dataclass(frozen=True)
+class ReferenceFile:
+    """One distinct, decodable reference image; `source` is a resolved path or an s3:// URI."""
+
+    sha256: str
+    ext: str
+    width: int
+    height: int
+    size_bytes: int
+    source: str
+
+    @property
+    def key(self) -> str:
+        """Its content-addressed object key, `refs/<sha256>.<ext>`."""
+        return ref_key(self.sha256, self.ext)
+
+    def reference(self) -> Reference:
+        """The spec's reference to it."""
+        return Reference(sha256=self.sha256, key=self.key)
+
+
+def allowed_roots(roots: Sequence[Path]) -> list[Path]:
+    """The folders references may come from, resolved; none configured means the working dir."""
+    return [root.resolve() for root in roots] if roots else [Path.cwd().resolve()]
+
+
+def check_local_path(raw: str, *, roots: Sequence[Path], base_dir: Path) -> Path:
+    """The resolved path of a local reference, or `InvalidInput` if it escapes the roots or is no file.
+
+    Containment is checked before existence, so refusals never tell whether a file exists
+    outside the roots.
+    """
+    path = Path(raw) if Path(raw).is_absolute() else base_dir / raw
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte
+        raise InvalidInput(REFERENCE_FIELD, raw, f"cannot be resolved ({e}); fix the link") from None
+    if not any(real.is_relative_to(root) for root in roots):
+        shown = ", ".join(str(r) for r in roots)
+        raise InvalidInput(
+            REFERENCE_FIELD, raw, f"is outside the allowed folders ({shown}); move it there or set IPAB_REFERENCE_ROOTS"
+        )
+    try:
+        mode = real.stat().st_mode
+    except FileNotFoundError:
+        raise InvalidInput(REFERENCE_FIELD, raw, f"does not exist (looked for {path}); check the path") from None
+    except (OSError, ValueError) as e:
+        raise InvalidInput(REFERENCE_FIELD, raw, f"cannot be read ({e}); check its permissions") from None
+    if not stat.S_ISREG(mode):
+        # Reading a FIFO or a device would block or never end.
+        raise InvalidInput(REFERENCE_FIELD, raw, "is not a regular file (a folder, pipe or device?); give an image")
+    return real
+
+
+def _read_local(raw: str, real: Path) -> bytes:
+    try:
+        with real.open("rb") as f:
+            data = f.read(MAX_REFERENCE_BYTES + 1)
+    except OSError as e:
+        raise InvalidInput(REFERENCE_FIELD, raw, f"cannot be read ({e.strerror}); check its permissions") from None
+    if len(data) > MAX_REFERENCE_BYTES:
+        raise InvalidInput(REFERENCE_FIELD, raw, f"is larger than {MAX_REFERENCE_BYTES} bytes; use a smaller image")
+    return data
+
+
+def _read_s3(raw: str, store: ObjectStore) -> bytes:
+    try:
+        bucket, key = parse_uri(raw)
+    except ValueError as e:
+        raise InvalidInput(REFERENCE_FIELD, raw, str(e)) from None
+    try:
+        return store.with_bucket(bucket).get(key)
+    except ObjectMissing:
+        where = store.where
+        raise InvalidInput(REFERENCE_FIELD, raw, f"does not exist at {where}; upload it or fix the URI") from None
+
+
+class ReferenceResolver:
+    """Resolves references as written in a manifest, reading and decoding each image once."""
+
+    def __init__(self, *, store: ObjectStore, roots: Sequence[Path], base_dir: Path) -> None:
+        self.store = store
+        self.roots = allowed_roots(roots)
+        self.base_dir = base_dir
+        self._by_source: dict[str, ReferenceFile | str] = {}  # a file, or why it is refused
+        self._data: dict[str, bytes] = {}  # sha256 -> bytes, within KEEP_BYTES_BUDGET
+        self._kept_bytes = 0
+        self.files: dict[str, ReferenceFile] = {}  # sha256 -> file, every distinct image
+
+    def resolve(self, raw: str) -> ReferenceFile:
+        """The checked image behind `raw` (a path or s3:// URI); `InvalidInput` naming `reference`."""
+        source = (
+            raw if raw.startswith(S3_SCHEME) else str(check_local_path(raw, roots=self.roots, base_dir=self.base_dir))
+        )
+        if source not in self._by_source:
+            try:
+                self._by_source[source] = self._load(raw, source)
+            except InvalidInput as e:
+                self._by_source[source] = _reason_of(e, raw)
+        found = self._by_source[source]
+        if isinstance(found, str):
+            raise InvalidInput(REFERENCE_FIELD, raw, found)
+        return found
+
+    def _read(self, raw: str, source: str) -> bytes:
+        return _read_s3(raw, self.store) if source.startswith(S3_SCHEME) else _read_local(raw, Path(source))
+
+    def _load(self, raw: str, source: str) -> ReferenceFile:
+        data = self._read(raw, source)
+        image = decode_reference(data, field=REFERENCE_FIELD)
+        sha = hashlib.sha256(data).hexdigest()
+        found = ReferenceFile(sha, sniff_format(data), image.width, image.height, len(data), source)
+        self.files.setdefault(sha, found)
+        if sha not in self._data and self._kept_bytes + len(data) <= KEEP_BYTES_BUDGET:
+            self._data[sha] = data
+            self._kept_bytes += len(data)
+        return found
+
+    def data_of(self, file: ReferenceFile) -> bytes:
+        """The bytes of `file`: kept from validation, or read again and checked to be unchanged."""
+        kept = self._data.get(file.sha256)
+        if kept is not None:
+            return kept
+        data = self._read(file.source, file.source)
+        if hashlib.sha256(data).hexdigest() != file.sha256:
+            raise InvalidInput(REFERENCE_FIELD, file.source, "changed while being submitted; submit again")
+        return data
+
+
+def _reason_of(e: InvalidInput, raw: str) -> str:
+    # The message will show `raw`; keep what the decoder saw (a size, the first bytes) too.
+    return e.allowed if e.value == raw else f"{e.allowed} (found {e.value})"
+
+
+def resolve_rows(
+    rows: Iterable[tuple[int, Sequence[str]]], *, resolver: ReferenceResolver
+) -> tuple[dict[int, tuple[ReferenceFile, ...]], list[Problem]]:
+    """The reference files of each (line, references) row, and a problem for each bad reference."""
+    resolved: dict[int, tuple[ReferenceFile, ...]] = {}
+    problems: list[Problem] = []
+    for line, references in rows:
+        files = []
+        for raw in references:
+            try:
+                files.append(resolver.resolve(raw))
+            except InvalidInput as e:
+                problems.append(problem_from(line, e))
+        if len(files) == len(references):
+            resolved[line] = tuple(files)
+    return resolved, problems
+
+
+@dataclass(frozen=True)
+class UploadReport:
+    """How many distinct reference images were uploaded now, and how many were stored already."""
+
+    uploaded: int
+    already_stored: int
+
+
+def upload_references(files: Iterable[ReferenceFile], *, resolver: ReferenceResolver, session: Session) -> UploadReport:
+    """Upload each image unless its object exists, then record all in `reference_images` (idempotent)."""
+    distinct = list({f.sha256: f for f in files}.values())
+
+    def upload(file: ReferenceFile) -> bool:
+        if resolver.store.exists(file.key):
+            return False
+        content_type = CONTENT_TYPES.get(file.ext, "application/octet-stream")
+        resolver.store.put(
+            file.key, resolver.data_of(file), metadata={"sha256": file.sha256}, content_type=content_type
+        )
+        return True
+
+    # boto3 clients are thread-safe; many distinct images upload in parallel.
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+        uploaded = sum(pool.map(upload, distinct))
+    record_references(distinct, session=session)
+    return UploadReport(uploaded=uploaded, already_stored=len(distinct) - uploaded)
+
+
+def record_references(files: Sequence[ReferenceFile], *, session: Session) -> None:
+    """Insert rows for `files` into `reference_images`, leaving rows that exist alone."""
+    if not files:
+        return
+    now = utcnow()
+    values = [
+        {
+            "sha256": f.sha256,
+            "key": f.key,
+            "ext": f.ext,
+            "width": f.width,
+            "height": f.height,
+            "size_bytes": f.size_bytes,
+            "created_at": now,
+        }
+        for f in files
+    ]
+    stmt = insert_ignoring_duplicates(ReferenceImage, dialect=session.get_bind().dialect.name, unique=["sha256"])
+    session.execute(stmt, values)

@@ -1,0 +1,253 @@
+"""`ipab submit`: a manifest into SQL rows (the truth) and Redis messages (the transport), in bulk.
+
+Every row is validated before anything is written. New jobs are inserted in one
+transaction with `enqueued_at` NULL, then pushed to Redis in one pipeline and marked
+enqueued. If Redis is down after the commit, the jobs are safe in SQL and the reconciler
+enqueues them later (the outbox pattern).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import redis
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from scheduler.manifest import ManifestRow, Problem, parse_manifest
+from scheduler.references import ReferenceFile, ReferenceResolver, resolve_rows, upload_references
+from shared.db import (
+    Batch,
+    Job,
+    JobStatus,
+    ensure_database,
+    insert_ignoring_duplicates,
+    make_engine,
+    make_session_factory,
+    new_id,
+    utcnow,
+)
+from shared.errors import InvalidInput, ManifestInvalid, QueueUnavailable
+from shared.jobs import mark_enqueued, transaction
+from shared.keys import render_queue
+from shared.messages import JobMessage
+from shared.model_set import read_model_set
+from shared.queue import enqueue_jobs
+from shared.settings import Settings
+from shared.spec import JobSpec
+from shared.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+INSERT_CHUNK: Final = 1000
+REDIS_CONNECT_TIMEOUT_S: Final = 5.0
+REDIS_SOCKET_TIMEOUT_S: Final = 60.0
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What one submission did; `enqueued` is False when Redis was down (the reconciler catches up)."""
+
+    batch_id: str
+    batch_name: str
+    added: int
+    skipped_existing: int
+    invalid: list[Problem] = field(default_factory=list)
+    enqueued: bool = True
+    queue: str = ""
+    references_uploaded: int = 0
+    references_stored: int = 0
+
+    @property
+    def invalid_rows(self) -> int:
+        """How many distinct manifest lines were refused."""
+        return len({p.line for p in self.invalid})
+
+
+def resolve_model_set_name(value: str | None, settings: Settings) -> str:
+    """The model set's name from `--model-set` (a model-set.toml or a bare name), else IPAB_MODEL_SET."""
+    if value is None:
+        if settings.model_set is None:
+            raise InvalidInput(
+                "--model-set", None, "is needed: pass --model-set NAME|model-set.toml or set IPAB_MODEL_SET"
+            )
+        return read_model_set(settings.model_set).name
+    if value.endswith(".toml") or Path(value).is_file():
+        return read_model_set(value).name
+    return value
+
+
+def default_batch_name(path: Path) -> str:
+    """`<manifest stem>-<8 hex of its content hash>`: the same file submitted again joins its batch."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    return f"{path.stem}-{digest}"
+
+
+# 2. Which rows are new to the batch.
+
+
+def _find_batch(session: Session, name: str) -> Batch | None:
+    return session.scalars(select(Batch).where(Batch.name == name)).one_or_none()
+
+
+def _existing_keys(session: Session, batch: Batch | None) -> set[str]:
+    if batch is None:
+        return set()
+    return set(session.scalars(select(Job.dedupe_key).where(Job.batch_id == batch.id)))
+
+
+def _check_model_set(batch: Batch | None, model_set: str) -> None:
+    if batch is not None and batch.model_set != model_set:
+        allowed = f"batch {batch.name!r} runs on model set {batch.model_set!r}; use that or a new --batch"
+        raise InvalidInput("--model-set", model_set, allowed)
+
+
+# 5. One transaction: the batch, the reference rows, the new jobs.
+
+
+def _get_or_create_batch(session: Session, *, name: str, model_set: str) -> Batch:
+    dialect = session.get_bind().dialect.name
+    stmt = insert_ignoring_duplicates(Batch, dialect=dialect, unique=["name"])
+    values = {"id": new_id(), "name": name, "model_set": model_set, "created_at": utcnow(), "job_count": 0}
+    session.execute(stmt.values(**values))
+    batch = _find_batch(session, name)
+    assert batch is not None  # inserted just now or by a concurrent submission
+    _check_model_set(batch, model_set)
+    return batch
+
+
+def _job_values(batch_id: str, row: ManifestRow, spec: JobSpec, now: Any) -> dict[str, Any]:
+    return {
+        "id": new_id(),
+        "batch_id": batch_id,
+        "line": row.line,
+        "client_id": row.client_id,
+        "dedupe_key": row.dedupe_key,
+        "spec": json.dumps(spec.to_json(), separators=(",", ":")),
+        "seed": row.params.seed,
+        "status": JobStatus.queued.value,
+        "attempts": 0,
+        "queued_at": now,
+        "enqueued_at": None,
+    }
+
+
+def _insert_jobs(session: Session, batch: Batch, rows: Sequence[tuple[ManifestRow, JobSpec]]) -> dict[str, JobSpec]:
+    """Insert in chunks; rows a concurrent submission inserted first are skipped. Returns id -> spec."""
+    stmt = insert_ignoring_duplicates(Job, dialect=session.get_bind().dialect.name, unique=["batch_id", "dedupe_key"])
+    now = utcnow()
+    inserted: dict[str, JobSpec] = {}
+    for start in range(0, len(rows), INSERT_CHUNK):
+        values = [_job_values(batch.id, row, spec, now) for row, spec in rows[start : start + INSERT_CHUNK]]
+        spec_of = {v["id"]: spec for v, (_, spec) in zip(values, rows[start : start + INSERT_CHUNK], strict=True)}
+        for job_id in session.scalars(stmt.returning(Job.id), values):
+            inserted[job_id] = spec_of[job_id]
+    session.execute(update(Batch).where(Batch.id == batch.id).values(job_count=Batch.job_count + len(inserted)))
+    return inserted
+
+
+# 6. Enqueue.
+
+
+def _enqueue(*, settings: Settings, queue: str, batch_id: str, jobs: Mapping[str, JobSpec]) -> bool:
+    messages = [JobMessage(job_id=job_id, batch_id=batch_id, spec=spec) for job_id, spec in jobs.items()]
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S
+    )
+    try:
+        enqueue_jobs(redis_client=client, queue=queue, messages=messages, prefix=settings.redis_prefix)
+    except QueueUnavailable as e:
+        log.warning("%s", e)
+        return False
+    finally:
+        client.close()
+    return True
+
+
+@dataclass
+class _Plan:
+    """Valid new rows with their reference files, and every problem found."""
+
+    rows: list[tuple[ManifestRow, tuple[ReferenceFile, ...]]]
+    problems: list[Problem]
+    skipped_existing: int
+
+
+def _plan(
+    *, settings: Settings, path: Path, sessions: sessionmaker[Session], batch_name: str, model_set: str, defaults: Any
+) -> tuple[_Plan, ReferenceResolver]:
+    # 1. Read and validate every row (columns, ids, parameters).
+    parsed = parse_manifest(path, defaults=defaults)
+    # 2. Which rows are new to the batch: one SELECT of its existing keys.
+    with transaction(sessions) as session:
+        batch = _find_batch(session, batch_name)
+        _check_model_set(batch, model_set)
+        existing = _existing_keys(session, batch)
+    new_rows = [row for row in parsed.rows if row.dedupe_key not in existing]
+    # 3. Check the references of the new rows, reading and decoding each image once.
+    resolver = ReferenceResolver(
+        store=ObjectStore.from_settings(settings), roots=settings.reference_roots, base_dir=path.parent
+    )
+    to_check = [(row.line, row.references) for row in new_rows] + list(parsed.unchecked_references.items())
+    files_by_line, ref_problems = resolve_rows(to_check, resolver=resolver)
+    rows = [(row, files_by_line[row.line]) for row in new_rows if row.line in files_by_line]
+    problems = sorted(parsed.problems + ref_problems, key=lambda p: p.line)
+    return _Plan(rows, problems, len(parsed.rows) - len(new_rows)), resolver
+
+
+def submit_manifest(
+    *,
+    settings: Settings,
+    path: Path,
+    batch_name: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    skip_invalid: bool = False,
+    model_set_name: str | None = None,
+) -> SubmitResult:
+    """Validate a manifest, store its references, insert its new jobs and enqueue them.
+
+    Raises `ManifestInvalid` with every problem (and writes nothing) when a row is invalid,
+    unless `skip_invalid`: then the valid rows are submitted and the problems returned.
+    """
+    model_set = resolve_model_set_name(model_set_name, settings)
+    name = batch_name or default_batch_name(path)
+    queue = render_queue(model_set)
+    ensure_database(settings.database_url)
+    engine = make_engine(settings.database_url)
+    sessions = make_session_factory(engine)
+    try:
+        plan, resolver = _plan(
+            settings=settings, path=path, sessions=sessions, batch_name=name, model_set=model_set, defaults=defaults
+        )
+        # 4. All or nothing, unless told to skip the invalid rows.
+        if plan.problems and (not skip_invalid or not (plan.rows or plan.skipped_existing)):
+            raise ManifestInvalid(list(plan.problems))
+        # 5. References, batch and jobs, in one transaction.
+        with transaction(sessions) as session:
+            report = upload_references((f for _, files in plan.rows for f in files), resolver=resolver, session=session)
+            batch = _get_or_create_batch(session, name=name, model_set=model_set)
+            specs = [(row, JobSpec(row.params, tuple(f.reference() for f in files))) for row, files in plan.rows]
+            inserted = _insert_jobs(session, batch, specs)
+            batch_id = batch.id
+        # 6. Enqueue the new jobs in one pipeline; mark them enqueued.
+        enqueued = not inserted or _enqueue(settings=settings, queue=queue, batch_id=batch_id, jobs=inserted)
+        if enqueued:
+            mark_enqueued(sessions=sessions, job_ids=list(inserted))
+    finally:
+        engine.dispose()
+    return SubmitResult(
+        batch_id=batch_id,
+        batch_name=name,
+        added=len(inserted),
+        skipped_existing=plan.skipped_existing + len(plan.rows) - len(inserted),
+        invalid=list(plan.problems),
+        enqueued=enqueued,
+        queue=queue,
+        references_uploaded=report.uploaded,
+        references_stored=report.already_stored,
+    )
