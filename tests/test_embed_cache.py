@@ -603,18 +603,37 @@ def test_ipab_cache_stats_prints_the_fleet_counters(
 # --- several processes -------------------------------------------------------------------------
 
 
+StoreSpec = str | tuple[str, str]  # a DirStore folder, or (S3 endpoint, bucket): picklable for spawn
+
+
+def build_store(spec: StoreSpec) -> Any:
+    """The store a spec names, built inside the process that uses it."""
+    if isinstance(spec, str):
+        return DirStore(Path(spec))
+    from shared.storage import ObjectStore
+
+    return ObjectStore(endpoint_url=spec[0], bucket=spec[1], region="us-east-1")
+
+
 def _worker_get(
-    redis_url: str, root: str, prefix: str, data: bytes, barrier: Any, die: bool, wait_for_lock: bool, results: Any
+    redis_url: str,
+    spec: StoreSpec,
+    prefix: str,
+    data: bytes,
+    barrier: Any,
+    die: bool,
+    wait_for_lock: bool,
+    results: Any,
 ) -> None:
     """One worker process: build a cache, wait for the others (and for a lock if told), get the embedding."""
     import time
 
     counter = prefix + "encoded"
     encoder = FakeEncoder(redis_url=redis_url, counter_key=counter, encode_delay_s=0.3, die_in_encode=die)
-    cache = make_cache(redis_url, DirStore(Path(root)), encoder, prefix, lock_ttl_s=LOCK_TTL_S)
+    cache = make_cache(redis_url, build_store(spec), encoder, prefix, lock_ttl_s=LOCK_TTL_S)
     sha = ref(data)[0]
     barrier.wait()
-    while wait_for_lock and not cache._redis.exists(cache.lock_key(sha)):
+    while wait_for_lock and not Redis.from_url(redis_url).exists(cache.lock_key(sha)):
         time.sleep(0.01)  # start only once the doomed worker holds the lock
     (got,), stats = cache.get([ref(data)])
     results.put((torch.equal(got, encoder.expected_for(data)), stats.encodes, stats.wait_s))
@@ -623,15 +642,15 @@ def _worker_get(
 LOCK_TTL_S = 3.0
 
 
-def _run_workers(
-    redis_url: str, root: Path, prefix: str, data: bytes, *, count: int, doomed: bool
+def run_workers(
+    redis_url: str, spec: StoreSpec, prefix: str, data: bytes, *, count: int, doomed: bool
 ) -> tuple[list[tuple[bool, int, float]], list[int | None]]:
     """Start `count` workers (plus one that dies holding the lock if `doomed`); their results and exit codes."""
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(count + doomed), ctx.Queue()
     roles = [(False, doomed)] * count + ([(True, False)] if doomed else [])
     procs = [
-        ctx.Process(target=_worker_get, args=(redis_url, str(root), prefix, data, barrier, die, wait, results))
+        ctx.Process(target=_worker_get, args=(redis_url, spec, prefix, data, barrier, die, wait, results))
         for die, wait in roles
     ]
     for p in procs:
@@ -648,7 +667,7 @@ def test_workers_missing_on_the_same_image_together_encode_it_exactly_once(
 ) -> None:
     data = png_bytes(130)
 
-    results, exit_codes = _run_workers(redis_url, tmp_path / "store", prefix, data, count=3, doomed=False)
+    results, exit_codes = run_workers(redis_url, str(tmp_path / "store"), prefix, data, count=3, doomed=False)
 
     assert exit_codes == [0, 0, 0]
     assert client.get(prefix + "encoded") == b"1"
@@ -662,7 +681,7 @@ def test_a_worker_that_dies_holding_the_lock_blocks_the_others_only_until_the_lo
 ) -> None:
     data = png_bytes(131)
 
-    results, exit_codes = _run_workers(redis_url, tmp_path / "store", prefix, data, count=2, doomed=True)
+    results, exit_codes = run_workers(redis_url, str(tmp_path / "store"), prefix, data, count=2, doomed=True)
 
     assert exit_codes == [0, 0, 17]  # the third died inside its encode, holding the lock
     assert client.get(prefix + "encoded") == b"2"  # the dead one's try, then exactly one more
