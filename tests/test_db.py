@@ -1,0 +1,123 @@
+"""The SQL schema and its migrations, on a SQLite file and on PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, select
+from sqlalchemy.exc import IntegrityError
+
+from shared.db import (
+    TERMINAL,
+    Base,
+    Batch,
+    Job,
+    JobStatus,
+    alembic_config,
+    ensure_database,
+    make_engine,
+    make_session_factory,
+    upgrade_database,
+    utcnow,
+)
+from shared.spec import SEED_LIMIT
+
+HEAD = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def _job(batch_id: str, dedupe_key: str, seed: int = 1) -> Job:
+    return Job(batch_id=batch_id, line=1, dedupe_key=dedupe_key, spec="{}", seed=seed)
+
+
+def test_migrations_build_exactly_the_orm_schema(database_url: str) -> None:
+    upgrade_database(database_url)
+    upgrade_database(database_url)  # a second run changes nothing
+
+    engine = make_engine(database_url)
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn)
+        assert context.get_current_revision() == HEAD
+        assert compare_metadata(context, Base.metadata) == []
+        tables = set(inspect(conn).get_table_names())
+        indexes = {ix["name"] for ix in inspect(conn).get_indexes("jobs")}
+    engine.dispose()
+    assert {"batches", "jobs", "reference_images", "alembic_version"} <= tables
+    assert {"ix_jobs_batch_id_status", "ix_jobs_status_lease_expires_at"} <= indexes
+
+
+def test_a_job_row_keeps_the_largest_seed_and_gets_its_defaults(database_url: str) -> None:
+    ensure_database(database_url)
+    engine = make_engine(database_url)
+    sessions = make_session_factory(engine)
+
+    with sessions.begin() as session:
+        batch = Batch(name="b", model_set="m")
+        session.add(batch)
+        session.flush()
+        session.add(_job(batch.id, "k" * 64, seed=SEED_LIMIT - 1))
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+    engine.dispose()
+
+    assert job.seed == SEED_LIMIT - 1
+    assert (job.status, job.attempts, job.enqueued_at) == (JobStatus.queued, 0, None)
+    assert job.queued_at <= utcnow() and job.queued_at.tzinfo is None
+
+
+def test_a_dedupe_key_is_unique_within_its_batch_only(database_url: str) -> None:
+    ensure_database(database_url)
+    engine = make_engine(database_url)
+    sessions = make_session_factory(engine)
+    with sessions.begin() as session:
+        one, two = Batch(name="one", model_set="m"), Batch(name="two", model_set="m")
+        session.add_all([one, two])
+        session.flush()
+        session.add_all([_job(one.id, "same"), _job(two.id, "same")])
+
+    with pytest.raises(IntegrityError), sessions.begin() as session:
+        session.add(_job(one.id, "same"))
+    engine.dispose()
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(sqlite_url: str) -> None:
+    ensure_database(sqlite_url)
+    engine = make_engine(sqlite_url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    with pytest.raises(IntegrityError), make_session_factory(engine).begin() as session:
+        session.add(_job("no-such-batch", "k"))
+    engine.dispose()
+
+
+def test_processes_starting_at_once_migrate_a_fresh_database_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    errors: list[BaseException] = []
+
+    def upgrade() -> None:
+        try:
+            upgrade_database(url)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=upgrade) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        assert MigrationContext.configure(conn).get_current_revision() == HEAD
+    engine.dispose()
+
+
+def test_terminal_statuses_are_the_final_ones() -> None:
+    assert {JobStatus.succeeded, JobStatus.failed, JobStatus.canceled} == TERMINAL
+    assert JobStatus.queued == "queued" and f"{JobStatus.running}" == "running"
