@@ -1,0 +1,68 @@
+"""`NullRenderer`: a BENCHMARK FIXTURE ONLY. It has the Renderer's interface and does no model work.
+
+It lets `bench.control_plane` measure what ipab itself costs per job (Celery, Redis, SQL,
+S3, PNG encoding, the embedding cache) with the model taken out. Never used by ipab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import torch
+from PIL import Image
+
+from shared.model_set import ModelSetConfig
+from shared.spec import GenerationParams
+
+NULL_EMBED_DIM: Final = 1280  # the plain SDXL adapter's width (ViT-bigG projection)
+NULL_IMAGE_PX: Final = 64
+
+
+class NullRenderer:
+    """Same interface as `worker.pipeline.Renderer`; returns one fixed small image at once."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.encoder_id = "null-renderer"
+        self.embed_kind = "image_embeds"
+        self.dtype = torch.float16
+        self.embed_shape = (NULL_EMBED_DIM,)
+        self._image = Image.new("RGB", (NULL_IMAGE_PX, NULL_IMAGE_PX), (128, 64, 32))
+
+    @classmethod
+    def load(cls, config: ModelSetConfig, **_options: Any) -> NullRenderer:
+        """Stands in for `Renderer.load`: reads nothing but the model set's name."""
+        return cls(config.name)
+
+    def encode(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """One zero embedding per image."""
+        return [torch.zeros(NULL_EMBED_DIM, dtype=self.dtype) for _ in images]
+
+    def generate(
+        self, params: GenerationParams, embeds: Sequence[torch.Tensor], *, on_step: Callable[[int], None] | None = None
+    ) -> Image.Image:
+        """The fixed image (one step callback, so lease checks still run)."""
+        if on_step is not None:
+            on_step(0)
+        return self._image.copy()
+
+    def generate_batch(
+        self,
+        items: Sequence[tuple[GenerationParams, Sequence[torch.Tensor]]],
+        *,
+        on_step: Callable[[int], None] | None = None,
+        output: str = "pil",
+    ) -> list[Any]:
+        """The fixed image once per item."""
+        return [self.generate(params, embeds, on_step=on_step) for params, embeds in items]
+
+
+def install() -> None:
+    """Make this process's worker context load a `NullRenderer` instead of the model set's weights.
+
+    Call before the Celery worker starts: the prefork pool's children inherit the patch.
+    """
+    import worker.context
+
+    worker.context.Renderer = NullRenderer  # type: ignore[attr-defined,assignment]
