@@ -87,6 +87,7 @@ class Service:
     ready: ReadyCheck | None = None
     before_start: Callable[[], None] | None = None
     stop_signal: int = signal.SIGTERM
+    stop_timeout_s: float = STOP_TIMEOUT_S
     user: str | None = None
 
     @property
@@ -98,15 +99,15 @@ class Service:
         """Whether the process is still alive."""
         return self.process.poll() is None
 
-    def stop(self, *, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    def stop(self, *, timeout_s: float | None = None) -> None:
         """Stop the process: its stop signal first, SIGKILL if it has not exited after `timeout_s`."""
         if not self.running():
             return
         self.process.send_signal(self.stop_signal)
         try:
-            self.process.wait(timeout=timeout_s)
+            self.process.wait(timeout=self.stop_timeout_s if timeout_s is None else timeout_s)
         except subprocess.TimeoutExpired:
-            # weed keeps serving for a while after SIGTERM; nobody waits for that.
+            # weed does not exit on SIGTERM or SIGINT at all; what it acknowledged is on disk already.
             self.process.kill()
             self.process.wait()
 
@@ -199,6 +200,7 @@ def _launch(
     timeout_s: float,
     before_start: Callable[[], None] | None = None,
     stop_signal: int = signal.SIGTERM,
+    stop_timeout_s: float = STOP_TIMEOUT_S,
     user: str | None = None,
 ) -> Service:
     _check_port_free(name, port)
@@ -214,6 +216,7 @@ def _launch(
         ready=ready,
         before_start=before_start,
         stop_signal=stop_signal,
+        stop_timeout_s=stop_timeout_s,
         user=user,
     )
     service.wait_ready(timeout_s=timeout_s)
@@ -383,6 +386,7 @@ def start_seaweedfs(*, workdir: Path, s3_port: int | None = None, timeout_s: flo
         ready=_s3_ready,
         timeout_s=timeout_s,
         before_start=lambda: _reset_master_dir(workdir),
+        stop_timeout_s=1.0,
     )
 
 

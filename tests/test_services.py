@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,10 +61,8 @@ def test_the_settings_fixture_points_at_private_services(settings: Settings) -> 
 
 
 def test_settings_env_reproduces_the_settings_in_a_subprocess(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, settings_env: Callable[[Settings], dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from conftest import settings_env
-
     for name, value in settings_env(settings).items():
         monkeypatch.setenv(name, value)
 
