@@ -1,0 +1,309 @@
+"""The Renderer: one model set loaded once per process, with the two seams the worker uses.
+
+    renderer = Renderer.load(read_model_set("model-set.toml"))
+    embeds = renderer.encode([reference_image])          # image encoder only (cacheable)
+    image = renderer.generate(params, embeds)            # SDXL + IP-Adapter from embeddings
+
+`generate_batch` renders several jobs that share a `batch_key()` in one pipeline call, each
+item equal to its single run: it hands the UNet the `(2B, n, ...)` image embeddings itself
+(diffusers mixes references up when a batch holds different images, upstream #9813), encodes
+each prompt on its own, and draws each item's noise from its own CPU generator.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shared.errors import InvalidInput, ModelSetError
+from shared.model_set import ModelSetConfig
+from shared.spec import GenerationParams, parse_params
+from worker import loading
+from worker.weights import AdapterInfo, cast_adapter, describe_adapter, load_adapter_weights
+
+log = logging.getLogger(__name__)
+
+OnStep = Callable[[int], None]
+Item = tuple[GenerationParams, Sequence[torch.Tensor]]
+EmbedKind = Literal["image_embeds", "hidden_states"]
+
+# scheduler name -> (diffusers class, config overrides on top of the base model's scheduler config)
+SCHEDULER_CLASSES: Final[dict[str, tuple[str, dict[str, Any]]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+}
+
+
+@dataclass
+class _Prompts:
+    """Per-item text embeddings, concatenated in batch order (negatives empty without CFG)."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    negative: torch.Tensor | None
+    negative_pooled: torch.Tensor | None
+
+
+class Renderer:
+    """A loaded model set; build it once per process with `Renderer.load` and reuse it for every job."""
+
+    def __init__(
+        self,
+        *,
+        pipe: Any,
+        encoder: Any,
+        processor: Any,
+        info: AdapterInfo,
+        config: ModelSetConfig,
+        encoder_id: str,
+    ) -> None:
+        self.pipe = pipe
+        self.encoder = encoder
+        self.processor = processor
+        self.info = info
+        self.config = config
+        self.name: str = config.name
+        self.encoder_id: str = encoder_id
+        self.embed_kind: EmbedKind = "image_embeds" if info.kind == "plain" else "hidden_states"
+        self.dtype: torch.dtype = pipe.unet.dtype
+        self.device: torch.device = pipe.unet.device
+        self._base_scheduler_config = dict(pipe.scheduler.config)
+        self._schedulers: dict[str, Any] = {}
+        self._negative = self._negative_embedding()
+
+    @classmethod
+    def load(
+        cls,
+        config: ModelSetConfig,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        compile: bool = False,
+        encoder_device: str | None = None,
+    ) -> Renderer:
+        """Load base, adapter and image encoder; check that they fit together before touching the UNet."""
+        # 1. Files and placement.
+        config.check_files()
+        main_device = loading.resolve_device(device)
+        main_dtype = loading.resolve_dtype(dtype, main_device)
+        enc_device = loading.resolve_device(encoder_device) if encoder_device else main_device
+        enc_dtype = main_dtype if enc_device.type == "cuda" else torch.float32
+        # 2. Adapter weights (safely) and the image encoder; their widths must agree.
+        state = load_adapter_weights(config.ip_adapter)
+        info = describe_adapter(state, path=config.ip_adapter)
+        encoder, processor = loading.load_image_encoder(config, dtype=enc_dtype)
+        loading.check_pairing(info, encoder, config=config)
+        # 3. Base pipeline; the adapter must be made for its UNet.
+        pipe = loading.load_base(config, dtype=main_dtype)
+        loading.check_base(info, pipe.unet, config=config)
+        # 4. Adapter into the UNet, through diffusers, from the state dict read in step 2.
+        pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
+        pipe.load_ip_adapter(cast_adapter(state, main_dtype), subfolder="", weight_name="", image_encoder_folder=None)
+        # 5. Placement, then the per-process extras.
+        pipe.to(main_device)
+        encoder.to(enc_device)
+        if main_device.type == "cpu":
+            for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, encoder):
+                loading.materialize(module)
+        pipe.set_progress_bar_config(disable=True)
+        if compile:
+            pipe.unet.compile(fullgraph=False)
+        size = int(encoder.config.image_size)
+        encoder_id = loading.encoder_identity(config, dtype=enc_dtype, processor=processor, image_size=size)
+        log.info("model set %s loaded on %s (%s), adapter %s", config.name, main_device, main_dtype, info)
+        return cls(pipe=pipe, encoder=encoder, processor=processor, info=info, config=config, encoder_id=encoder_id)
+
+    # --- seam 1: the image encoder -------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """One CPU tensor per image: plain adapters (D,) projected embeds; plus (tokens, hidden) states.
+
+        Each image is encoded on its own, so an embedding never depends on which images were
+        encoded with it (it is cached by the image's hash).
+        """
+        return [self._encode_pixels(self._pixels(image))[0].cpu() for image in images]
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        pixels: torch.Tensor = self.processor(image, return_tensors="pt").pixel_values
+        return pixels
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(device=self.encoder.device, dtype=self.encoder.dtype)
+        if self.embed_kind == "image_embeds":
+            out: torch.Tensor = self.encoder(pixels).image_embeds
+        else:
+            out = self.encoder(pixels, output_hidden_states=True).hidden_states[-2]
+        return out
+
+    @torch.no_grad()
+    def _negative_embedding(self) -> torch.Tensor:
+        """Zeros for plain adapters; for plus, the encoder's answer to an all-zero input, as diffusers does."""
+        size = int(self.encoder.config.image_size)
+        zeros = torch.zeros(1, 3, size, size)
+        negative: torch.Tensor = torch.zeros(self.info.embed_dim, dtype=self.encoder.dtype)
+        if self.embed_kind == "hidden_states":
+            negative = self._encode_pixels(zeros)[0].cpu()
+        return negative
+
+    # --- seam 2: generation ----------------------------------------------------------------------
+
+    def generate(
+        self, params: GenerationParams, embeds: Sequence[torch.Tensor], *, on_step: OnStep | None = None
+    ) -> Image.Image:
+        """One image from parameters and one embedding per reference image (their tokens concatenate)."""
+        image: Image.Image = self.generate_batch([(params, embeds)], on_step=on_step)[0]
+        return image
+
+    def generate_batch(self, items: Sequence[Item], *, on_step: OnStep | None = None, output: str = "pil") -> list[Any]:
+        """Render jobs sharing `batch_key()` and reference count in one call; PIL images or float arrays.
+
+        `output="np"` gives HxWx3 float arrays in [0, 1] (for comparisons).
+        """
+        # 1. Check inputs before any model work.
+        params = self._checked_items(items, output=output)
+        first = params[0]
+        cfg = first.guidance_scale > 1.0
+        # 2. Pipeline state shared by the batch: scheduler and adapter scale.
+        self.pipe.scheduler = self._scheduler(first.scheduler)
+        self.pipe.set_ip_adapter_scale(first.block_scales())
+        # 3. Per-item conditioning, assembled in batch order.
+        prompts = self._encode_prompts(params, cfg=cfg)
+        image_embeds = self._image_embeds([embeds for _, embeds in items], cfg=cfg)
+        generators = [torch.Generator("cpu").manual_seed(p.seed) for p in params]
+        # 4. Denoise and decode.
+        with torch.no_grad(), _image_embeds_as_given(self.pipe, image_embeds):
+            result = self.pipe(
+                prompt_embeds=prompts.embeds,
+                pooled_prompt_embeds=prompts.pooled,
+                negative_prompt_embeds=prompts.negative,
+                negative_pooled_prompt_embeds=prompts.negative_pooled,
+                ip_adapter_image_embeds=[image_embeds],
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale,
+                generator=generators,
+                output_type="np",
+                callback_on_step_end=_step_callback(on_step),
+            )
+        # 5. Refuse broken numerics instead of returning a black image.
+        arrays = self._checked_output(result.images)
+        return arrays if output == "np" else [_to_pil(a) for a in arrays]
+
+    def _checked_items(self, items: Sequence[Item], *, output: str) -> list[GenerationParams]:
+        if output not in ("pil", "np"):
+            raise ValueError(f"output must be 'pil' or 'np', not {output!r}")
+        if not items:
+            raise ValueError("generate_batch needs at least one item")
+        # parse_params is the one validator; params may have been built without it.
+        params = [parse_params(p.to_json()) for p, _ in items]
+        counts = {len(embeds) for _, embeds in items}
+        keys = {p.batch_key() for p in params}
+        if len(keys) > 1 or len(counts) > 1:
+            raise ValueError("a batch needs equal batch_key() and reference counts; render the jobs separately")
+        for _, embeds in items:
+            self._check_embeds(embeds)
+        return params
+
+    def _check_embeds(self, embeds: Sequence[torch.Tensor]) -> None:
+        if not embeds:
+            raise InvalidInput("references", [], "must hold at least one reference image")
+        expected = tuple(self._negative.shape)
+        for tensor in embeds:
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != expected:
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise InvalidInput(
+                    "reference embeddings",
+                    shape,
+                    f"must be {expected} ({self.embed_kind} of encoder {self.encoder_id}); re-encode the reference",
+                )
+
+    def _scheduler(self, name: str) -> Any:
+        if name not in self._schedulers:
+            import diffusers
+
+            class_name, overrides = SCHEDULER_CLASSES[name]
+            scheduler_class = getattr(diffusers, class_name)
+            self._schedulers[name] = scheduler_class.from_config(self._base_scheduler_config, **overrides)
+        return self._schedulers[name]
+
+    def _encode_prompts(self, params: Sequence[GenerationParams], *, cfg: bool) -> _Prompts:
+        """Each prompt encoded alone, exactly as a single diffusers call would (empty negative -> zeros)."""
+        parts = [
+            self.pipe.encode_prompt(
+                prompt=p.prompt,
+                negative_prompt=p.negative_prompt or None,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=cfg,
+            )
+            for p in params
+        ]
+        embeds, negative, pooled, negative_pooled = (list(column) for column in zip(*parts, strict=True))
+        return _Prompts(
+            embeds=torch.cat(embeds),
+            pooled=torch.cat(pooled),
+            negative=torch.cat(negative) if cfg else None,
+            negative_pooled=torch.cat(negative_pooled) if cfg else None,
+        )
+
+    def _image_embeds(self, per_item: Sequence[Sequence[torch.Tensor]], *, cfg: bool) -> torch.Tensor:
+        """`(2B, n, ...)`: every item's negatives, then every item's references, as the UNet pairs them."""
+        positive = torch.stack([torch.stack(list(embeds)) for embeds in per_item])
+        batch = [positive]
+        if cfg:
+            batch.insert(0, self._negative.expand_as(positive))
+        return torch.cat(batch).to(device=self.device, dtype=self.dtype)
+
+    def _checked_output(self, images: np.ndarray) -> list[np.ndarray]:
+        if np.isnan(images).any():
+            raise ModelSetError(
+                f"model set {self.name} produced NaN pixels in {self.dtype} (VAE or UNet overflow); "
+                "set IPAB_DTYPE=bfloat16 or float32, or use the fp16-fix SDXL VAE"
+            )
+        return [np.asarray(image) for image in images]
+
+
+@contextmanager
+def _image_embeds_as_given(pipe: Any, image_embeds: torch.Tensor) -> Iterator[None]:
+    """Make the pipeline use `image_embeds` exactly as assembled.
+
+    diffusers' `prepare_ip_adapter_image_embeds` repeats the embeddings once per batch item
+    (it is called with `batch_size * num_images_per_prompt` as the repeat count), which for a
+    batch of B different references yields B*B rows that the attention then folds together:
+    references leak between items (upstream #9813). For one item it is the identity, so the
+    override changes nothing there. Instance attribute: the class stays untouched.
+    """
+    pipe.prepare_ip_adapter_image_embeds = lambda *args, **kwargs: [image_embeds]
+    try:
+        yield
+    finally:
+        del pipe.prepare_ip_adapter_image_embeds
+
+
+def _step_callback(on_step: OnStep | None) -> Callable[..., dict[str, Any]] | None:
+    if on_step is None:
+        return None
+    callback = on_step
+
+    def call(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        callback(step)
+        return tensors
+
+    return call
+
+
+def _to_pil(array: np.ndarray) -> Image.Image:
+    """diffusers' own float -> 8-bit conversion (round half to even after x255)."""
+    return Image.fromarray((array * 255).round().astype("uint8"))
