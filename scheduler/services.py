@@ -11,6 +11,7 @@ import contextlib
 import glob
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -40,16 +41,35 @@ class ServiceExited(ServiceError):
     """Raised when a service's process exits while we wait for it to answer."""
 
 
+# Below Linux's ephemeral range (32768-60999): a service restarted on its old port must not find it
+# taken by some client's outgoing connection, which the kernel numbers from that range.
+PORT_RANGE = (12000, 32000)
+_PORTS_RNG = random.SystemRandom()  # not the global generator, which tests may seed
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
+    """A TCP port on loopback that nothing uses right now, outside the ephemeral range when possible."""
+    for _ in range(200):
+        port = _PORTS_RNG.randrange(*PORT_RANGE)
+        if _bindable(port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        found: int = sock.getsockname()[1]
+        return found
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports (the kernel may hand out one port twice in a row)."""
+    """`count` distinct free ports."""
     ports: list[int] = []
     while len(ports) < count:
         port = free_port()
