@@ -132,7 +132,13 @@ class Renderer:
         Each image is encoded on its own, so an embedding never depends on which images were
         encoded with it (it is cached by the image's hash).
         """
-        return [self._encode_pixels(self._pixels(image))[0].cpu() for image in images]
+        # In `self.dtype` even when the encoder runs elsewhere (CPU fp32): the UNet casts to it anyway.
+        return [self._encode_pixels(self._pixels(image))[0].to("cpu", self.dtype) for image in images]
+
+    @property
+    def embed_shape(self) -> tuple[int, ...]:
+        """Shape of one reference's embedding: (D,) for image_embeds, (tokens, hidden) for hidden_states."""
+        return tuple(self._negative.shape)
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         pixels: torch.Tensor = self.processor(image, return_tensors="pt").pixel_values
@@ -151,9 +157,9 @@ class Renderer:
         """Zeros for plain adapters; for plus, the encoder's answer to an all-zero input, as diffusers does."""
         size = int(self.encoder.config.image_size)
         zeros = torch.zeros(1, 3, size, size)
-        negative: torch.Tensor = torch.zeros(self.info.embed_dim, dtype=self.encoder.dtype)
+        negative: torch.Tensor = torch.zeros(self.info.embed_dim, dtype=self.dtype)
         if self.embed_kind == "hidden_states":
-            negative = self._encode_pixels(zeros)[0].cpu()
+            negative = self._encode_pixels(zeros)[0].to("cpu", self.dtype)
         return negative
 
     # --- seam 2: generation ----------------------------------------------------------------------
@@ -219,7 +225,7 @@ class Renderer:
     def _check_embeds(self, embeds: Sequence[torch.Tensor]) -> None:
         if not embeds:
             raise InvalidInput("references", [], "must hold at least one reference image")
-        expected = tuple(self._negative.shape)
+        expected = self.embed_shape
         for tensor in embeds:
             if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != expected:
                 shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__

@@ -1,0 +1,73 @@
+"""PNG output: deterministic bytes that carry their generation parameters.
+
+The `parameters` text chunk follows AUTOMATIC1111's convention, so image browsers and
+"PNG info" tools show the prompt and settings; the `ipab` chunk holds the same as JSON for
+exact reproduction. No timestamps and fixed compression: the same job gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Final
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from shared.spec import GenerationParams
+
+# A1111's names for our schedulers.
+SAMPLER_NAMES: Final = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "ddim": "DDIM",
+}
+COMPRESS_LEVEL: Final = 6
+
+
+def parameters_text(params: GenerationParams, *, model_set: str) -> str:
+    """The A1111 `parameters` text: prompt, optional negative prompt line, then `Key: value` pairs."""
+    lines = [params.prompt]
+    if params.negative_prompt:
+        lines.append(f"Negative prompt: {params.negative_prompt}")
+    settings = {
+        "Steps": str(params.steps),
+        "Sampler": SAMPLER_NAMES.get(params.scheduler, params.scheduler),
+        "CFG scale": _number(params.guidance_scale),
+        "Seed": str(params.seed),
+        "Size": f"{params.width}x{params.height}",
+        "Model": model_set,
+        "IP-Adapter scale": _adapter_scale(params),
+    }
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in settings.items()))
+    return "\n".join(lines)
+
+
+def encode_png(image: Image.Image, *, params: GenerationParams, model_set: str) -> bytes:
+    """PNG bytes of `image` with the `parameters` and `ipab` text chunks; identical for identical input."""
+    info = PngInfo()
+    info.add_text("parameters", parameters_text(params, model_set=model_set))
+    info.add_text("ipab", json.dumps({"model_set": model_set, "params": params.to_json()}, sort_keys=True))
+    out = io.BytesIO()
+    image.convert("RGB").save(out, format="PNG", pnginfo=info, compress_level=COMPRESS_LEVEL, optimize=False)
+    return out.getvalue()
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _adapter_scale(params: GenerationParams) -> str:
+    scale = params.ip_adapter_scale
+    if isinstance(scale, (int, float)):
+        return _number(scale)
+    if isinstance(scale, str):
+        return scale
+    return json.dumps(scale, sort_keys=True, separators=(",", ":"))
+
+
+def _quote(value: str) -> str:
+    # A1111 quotes a value (as a JSON string) when it holds a separator.
+    return json.dumps(value) if any(ch in value for ch in ",:\n") else value
