@@ -128,14 +128,17 @@ class Service:
             self.process.wait(timeout=self.stop_timeout_s if timeout_s is None else timeout_s)
         except subprocess.TimeoutExpired:
             # weed does not exit on SIGTERM or SIGINT at all; what it acknowledged is on disk already.
-            self.process.kill()
-            self.process.wait()
+            self.kill()
 
     def kill(self) -> None:
-        """SIGKILL the process, as the OOM killer would."""
-        if self.running():
-            self.process.kill()
-            self.process.wait()
+        """SIGKILL the process and its children (its whole session), as the OOM killer would."""
+        if not self.running():
+            return
+        # The group, not just the process: postgres backends orphaned by a killed postmaster
+        # would hold its shared memory and keep the restarted server from starting.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def start(self, *, timeout_s: float = START_TIMEOUT_S) -> None:
         """(Re)start the process with the same command, ports and folder; returns once it answers."""
@@ -510,6 +513,7 @@ def start_private_postgres(
         ready=_postgres_ready,
         timeout_s=timeout_s,
         stop_signal=signal.SIGINT,
+        stop_timeout_s=30.0,
         user=user,
     )
 

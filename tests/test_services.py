@@ -98,3 +98,20 @@ def test_private_postgres_survives_a_restart_with_its_data(private_postgres: ser
     with engine.connect() as conn:
         assert conn.execute(sqlalchemy.text("SELECT n FROM kept")).scalar_one() == 7
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_private_postgres_comes_back_after_being_killed(private_postgres: services.Service) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(private_postgres.url, pool_pre_ping=True)
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("CREATE TABLE kept (n int)"))
+        conn.execute(sqlalchemy.text("INSERT INTO kept VALUES (8)"))
+
+    private_postgres.kill()
+    private_postgres.start()
+
+    with engine.connect() as conn:
+        assert conn.execute(sqlalchemy.text("SELECT n FROM kept")).scalar_one() == 8
+    engine.dispose()
