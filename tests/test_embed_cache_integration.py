@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from redis import Redis
 from test_embed_cache import FakeEncoder, make_cache, png_bytes, ref, run_workers
 
 from scheduler.services import Service
+from shared.spec import parse_params
 from shared.storage import ObjectStore
 from worker.embed_cache import unpack_entry
 
@@ -121,7 +123,7 @@ def _renderer(paths: dict[str, Path], key: str) -> object:
 
 
 @pytest.mark.slow
-def test_cached_embeddings_equal_the_renderers_encoder_output_bit_for_bit(
+def test_cached_embeddings_and_the_images_made_from_them_equal_the_uncached_ones_bit_for_bit(
     redis_url: str, object_store: ObjectStore, tiny_model_sets: dict[str, Path]
 ) -> None:
     renderer = _renderer(tiny_model_sets, "default")
@@ -138,6 +140,10 @@ def test_cached_embeddings_equal_the_renderers_encoder_output_bit_for_bit(
     assert (first.encodes, second.encodes, second.downloads) == (2, 0, 2)
     for got in (encoded, downloaded):
         assert all(torch.equal(g, d) for g, d in zip(got, direct, strict=True))
+    params = parse_params({"prompt": "a cat", "seed": 7, "width": 64, "height": 64, "steps": 2})
+    with_cache = renderer.generate_batch([(params, downloaded)], output="np")[0]  # type: ignore[attr-defined]
+    without = renderer.generate_batch([(params, direct)], output="np")[0]  # type: ignore[attr-defined]
+    assert np.array_equal(with_cache, without)
 
 
 @pytest.mark.slow
