@@ -8,6 +8,7 @@ and data folder, which the fault-injection tests rely on.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import importlib.util
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 3.0
 PROBE_BUCKET = "ipab-probe"
@@ -191,6 +193,13 @@ def _retry_until(check: Callable[[], None], *, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
+def _die_with_parent() -> None:
+    # A caller killed without cleaning up (a test run hitting its timeout) must not leave servers
+    # behind on a shared machine: ask Linux to SIGKILL the child when its parent dies.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _spawn(argv: list[str], *, workdir: Path, log_path: Path, user: str | None) -> subprocess.Popen[bytes]:
     workdir.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
@@ -203,6 +212,7 @@ def _spawn(argv: list[str], *, workdir: Path, log_path: Path, user: str | None) 
             stderr=subprocess.STDOUT,
             start_new_session=True,
             user=user,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
 
 
