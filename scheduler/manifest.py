@@ -31,6 +31,7 @@ FLOAT_FIELDS: Final = frozenset({"guidance_scale"})
 MAX_CLIENT_ID_CHARS: Final = 200
 JSONL_SUFFIXES: Final = frozenset({".jsonl", ".ndjson", ".json"})
 _INT_TEXT: Final = re.compile(r"[+-]?[0-9]+")
+_UNDECODABLE: Final = re.compile("[\udc80-\udcff]")
 # A row that is valid except for the field under test, to find every bad field of a row.
 _PROBE_BASE: Final = {"prompt": "", "seed": 0}
 
@@ -115,12 +116,18 @@ def parse_defaults(pairs: Sequence[str]) -> dict[str, Any]:
 # 1. Reading: raw rows as (line, mapping) or a problem per unreadable line.
 
 
-def _decode(data: bytes) -> tuple[str, list[Problem]]:
-    try:
-        return data.decode("utf-8-sig"), []
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        return "", [Problem(line, "manifest", f"is not UTF-8 text (byte {data[e.start]:#04x}); save it as UTF-8")]
+def _decode(data: bytes) -> str:
+    # Undecodable bytes become lone surrogates, so only the rows holding them are refused.
+    text = data.decode("utf-8", errors="surrogateescape")
+    return text.removeprefix("\ufeff")
+
+
+def _not_utf8(line: int, text: str) -> Problem | None:
+    bad = _UNDECODABLE.search(text)
+    if bad is None:
+        return None
+    byte = ord(bad.group()) - 0xDC00
+    return Problem(line, "manifest", f"is not UTF-8 text (byte {byte:#04x}); save the manifest as UTF-8")
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -136,6 +143,10 @@ def _read_jsonl(text: str) -> Iterator[tuple[int, Mapping[str, Any] | Problem]]:
     # Not splitlines(): it also splits at U+2028 and friends, which JSON strings may hold.
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
+            continue
+        not_utf8 = _not_utf8(number, line)
+        if not_utf8:
+            yield number, not_utf8
             continue
         try:
             obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
@@ -175,6 +186,10 @@ def _read_csv(text: str) -> Iterator[tuple[int, Mapping[str, Any] | Problem]]:
         start, end = end + 1, reader.line_num
         if not any(c.strip() for c in cells):
             continue
+        not_utf8 = _not_utf8(start, "".join(cells))
+        if not_utf8:
+            yield start, not_utf8
+            continue
         if len(cells) > len(header):
             yield start, Problem(start, "csv", f"has {len(cells)} cells but the header has {len(header)} columns")
             continue
@@ -188,9 +203,7 @@ def read_raw_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | Problem
         data = path.read_bytes()
     except OSError as e:
         raise InvalidInput("manifest", str(path), f"cannot be read ({e.strerror}); check the path") from None
-    text, problems = _decode(data)
-    for p in problems:
-        yield p.line, p
+    text = _decode(data)
     is_jsonl = path.suffix.lower() in JSONL_SUFFIXES or (
         path.suffix.lower() != ".csv" and text.lstrip().startswith("{")
     )

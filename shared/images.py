@@ -26,11 +26,18 @@ def sniff_format(data: bytes, *, field: str = "reference") -> str:
     if not data:
         raise InvalidInput(field, "<0 bytes>", "is an empty file; give a PNG, JPEG or WebP image")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format or ""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decode_reference refuses those
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format or ""
     except UnidentifiedImageError:
         head = data[:16]
         raise InvalidInput(field, head, "is not an image PIL can read; give a PNG, JPEG or WebP image") from None
+    except Image.DecompressionBombError as e:
+        # Pillow refuses headers beyond twice its pixel limit in open() itself.
+        raise InvalidInput(field, str(e)[:60], "looks like a decompression bomb; use a smaller image") from None
+    except Exception as e:  # hostile headers make Pillow raise many kinds of errors
+        raise InvalidInput(field, str(e)[:60], "cannot be decoded (truncated or corrupt?); re-export it") from None
     if fmt not in FORMAT_EXTENSIONS:
         raise InvalidInput(field, fmt, f"image format not supported; use one of {sorted(FORMAT_EXTENSIONS)}")
     return FORMAT_EXTENSIONS[fmt]
@@ -50,9 +57,11 @@ def decode_reference(data: bytes, *, field: str = "reference") -> Image.Image:
                     raise InvalidInput(field, f"{w}x{h}", f"has more than {MAX_REFERENCE_PIXELS} pixels")
                 im.load()  # a truncated file fails here, not later inside the encoder
                 return _to_rgb(im)
+    except InvalidInput:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InvalidInput(field, str(e)[:60], "looks like a decompression bomb; use a smaller image") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except Exception as e:  # OSError, SyntaxError, struct.error, EOFError...: hostile or broken data
         raise InvalidInput(field, str(e)[:60], "cannot be decoded (truncated or corrupt?); re-export it") from None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,7 +85,7 @@ def test_a_client_id_is_the_dedupe_key_and_may_appear_once(tmp_path: Path) -> No
 
 
 def test_every_bad_field_of_every_row_is_reported(tmp_path: Path) -> None:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"reference": "a.png", "prompt": "ok"},
         {"reference": "a.png", "prompt": 5, "width": 1001, "steps": 0, "colour": "red"},
         {"prompt": "no reference"},
