@@ -61,14 +61,16 @@ def _bare_pipeline(model_set: Path) -> Any:
 
     from shared.model_set import read_model_set
 
+    pipeline_class: Any = StableDiffusionXLPipeline  # diffusers is untyped
+    scheduler_class: Any = EulerDiscreteScheduler
     config = read_model_set(model_set)
-    pipe = StableDiffusionXLPipeline.from_pretrained(config.base, dtype=torch.float32)
-    encoder = CLIPVisionModelWithProjection.from_pretrained(config.image_encoder)
+    pipe = pipeline_class.from_pretrained(config.base, dtype=torch.float32)
+    encoder: Any = CLIPVisionModelWithProjection.from_pretrained(config.image_encoder)
     size = int(encoder.config.image_size)
     pipe.register_modules(image_encoder=encoder, feature_extractor=CLIPImageProcessor(size=size, crop_size=size))
     adapter = config.ip_adapter
     pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder=None)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -63,7 +63,9 @@ def _reenqueue(
     rows = _stale_queued(sessions=sessions, settings=settings)
     for start in range(0, len(rows), SCAN_CHUNK):
         chunk = rows[start : start + SCAN_CHUNK]
-        absent = set(missing_from_queue(redis_client=redis_client, prefix=settings.redis_prefix, job_ids=[r[0] for r in chunk]))
+        absent = set(
+            missing_from_queue(redis_client=redis_client, prefix=settings.redis_prefix, job_ids=[r[0] for r in chunk])
+        )
         by_queue: dict[str, list[JobMessage]] = {}
         for job_id, batch_id, spec, model_set, long_stuck in chunk:
             if job_id not in absent and not long_stuck:
@@ -81,7 +83,9 @@ def _reenqueue(
             report.reenqueued.extend(ids)
 
 
-def reconcile_once(*, sessions: sessionmaker[Session], redis_client: redis.Redis, settings: Settings) -> ReconcileReport:
+def reconcile_once(
+    *, sessions: sessionmaker[Session], redis_client: redis.Redis, settings: Settings
+) -> ReconcileReport:
     """One pass: expire leases, then re-enqueue queued jobs missing from Redis."""
     report = ReconcileReport()
     # 1. Jobs whose worker stopped renewing its lease go back to the queue (or fail).
@@ -108,10 +112,8 @@ def run_reconciler(
     ttl_ms = int(settings.reconcile_interval_s * 3000)
     while not stop.wait(settings.reconcile_interval_s):
         try:
-            holder = redis_client.get(lock_key)
-            if holder is None:
-                redis_client.set(lock_key, me, nx=True, px=ttl_ms)
-            elif holder.decode() == me:
+            # Take the lock if free, or extend it if ours; then reconcile only if ours.
+            if not redis_client.set(lock_key, me, nx=True, px=ttl_ms) and redis_client.get(lock_key) == me.encode():
                 redis_client.pexpire(lock_key, ttl_ms)
             if redis_client.get(lock_key) == me.encode():
                 reconcile_once(sessions=sessions, redis_client=redis_client, settings=settings)

@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.manifest import ManifestRow, Problem, parse_manifest
-from scheduler.references import ReferenceFile, ReferenceResolver, resolve_rows, upload_references
+from scheduler.references import ReferenceFile, ReferenceResolver, UploadReport, resolve_rows, upload_references
 from shared.db import (
     Batch,
     Job,
@@ -169,6 +169,17 @@ def _enqueue(*, settings: Settings, queue: str, batch_id: str, jobs: Mapping[str
     return True
 
 
+@dataclass(frozen=True)
+class _Request:
+    """One submission, its names resolved."""
+
+    settings: Settings
+    path: Path
+    batch_name: str
+    model_set: str
+    defaults: Mapping[str, Any]
+
+
 @dataclass
 class _Plan:
     """Valid new rows with their reference files, and every problem found."""
@@ -178,26 +189,60 @@ class _Plan:
     skipped_existing: int
 
 
-def _plan(
-    *, settings: Settings, path: Path, sessions: sessionmaker[Session], batch_name: str, model_set: str, defaults: Any
-) -> tuple[_Plan, ReferenceResolver]:
+def _plan(request: _Request, sessions: sessionmaker[Session]) -> tuple[_Plan, ReferenceResolver]:
     # 1. Read and validate every row (columns, ids, parameters).
-    parsed = parse_manifest(path, defaults=defaults)
+    parsed = parse_manifest(request.path, defaults=request.defaults)
     # 2. Which rows are new to the batch: one SELECT of its existing keys.
     with transaction(sessions) as session:
-        batch = _find_batch(session, batch_name)
-        _check_model_set(batch, model_set)
+        batch = _find_batch(session, request.batch_name)
+        _check_model_set(batch, request.model_set)
         existing = _existing_keys(session, batch)
     new_rows = [row for row in parsed.rows if row.dedupe_key not in existing]
-    # 3. Check the references of the new rows, reading and decoding each image once.
-    resolver = ReferenceResolver(
-        store=ObjectStore.from_settings(settings), roots=settings.reference_roots, base_dir=path.parent
-    )
+    # 3. Check the references of the new rows (and of invalid rows, to report everything),
+    #    reading and decoding each image once.
+    store = ObjectStore.from_settings(request.settings)
+    resolver = ReferenceResolver(store=store, roots=request.settings.reference_roots, base_dir=request.path.parent)
     to_check = [(row.line, row.references) for row in new_rows] + list(parsed.unchecked_references.items())
     files_by_line, ref_problems = resolve_rows(to_check, resolver=resolver)
     rows = [(row, files_by_line[row.line]) for row in new_rows if row.line in files_by_line]
     problems = sorted(parsed.problems + ref_problems, key=lambda p: p.line)
     return _Plan(rows, problems, len(parsed.rows) - len(new_rows)), resolver
+
+
+def _write(
+    request: _Request, sessions: sessionmaker[Session], plan: _Plan, resolver: ReferenceResolver
+) -> tuple[str, dict[str, JobSpec], UploadReport]:
+    """Upload the references, then insert the batch and the new jobs in one transaction."""
+    with transaction(sessions) as session:
+        report = upload_references((f for _, files in plan.rows for f in files), resolver=resolver, session=session)
+        batch = _get_or_create_batch(session, name=request.batch_name, model_set=request.model_set)
+        specs = [(row, JobSpec(row.params, tuple(f.reference() for f in files))) for row, files in plan.rows]
+        return batch.id, _insert_jobs(session, batch, specs), report
+
+
+def _submit(request: _Request, sessions: sessionmaker[Session], *, skip_invalid: bool) -> SubmitResult:
+    plan, resolver = _plan(request, sessions)
+    # 4. All or nothing, unless told to skip the invalid rows.
+    if plan.problems and (not skip_invalid or not (plan.rows or plan.skipped_existing)):
+        raise ManifestInvalid(list(plan.problems))
+    # 5. References, batch and jobs, in one transaction.
+    batch_id, inserted, report = _write(request, sessions, plan, resolver)
+    # 6. Enqueue the new jobs in one pipeline; mark them enqueued.
+    queue = render_queue(request.model_set)
+    enqueued = not inserted or _enqueue(settings=request.settings, queue=queue, batch_id=batch_id, jobs=inserted)
+    if enqueued:
+        mark_enqueued(sessions=sessions, job_ids=list(inserted))
+    return SubmitResult(
+        batch_id=batch_id,
+        batch_name=request.batch_name,
+        added=len(inserted),
+        skipped_existing=plan.skipped_existing + len(plan.rows) - len(inserted),
+        invalid=list(plan.problems),
+        enqueued=enqueued,
+        queue=queue,
+        references_uploaded=report.uploaded,
+        references_stored=report.already_stored,
+    )
 
 
 def submit_manifest(
@@ -213,41 +258,13 @@ def submit_manifest(
 
     Raises `ManifestInvalid` with every problem (and writes nothing) when a row is invalid,
     unless `skip_invalid`: then the valid rows are submitted and the problems returned.
+    Without `batch_name` the batch is named after the manifest and a hash of its content.
     """
     model_set = resolve_model_set_name(model_set_name, settings)
-    name = batch_name or default_batch_name(path)
-    queue = render_queue(model_set)
+    request = _Request(settings, path, batch_name or default_batch_name(path), model_set, defaults or {})
     ensure_database(settings.database_url)
     engine = make_engine(settings.database_url)
-    sessions = make_session_factory(engine)
     try:
-        plan, resolver = _plan(
-            settings=settings, path=path, sessions=sessions, batch_name=name, model_set=model_set, defaults=defaults
-        )
-        # 4. All or nothing, unless told to skip the invalid rows.
-        if plan.problems and (not skip_invalid or not (plan.rows or plan.skipped_existing)):
-            raise ManifestInvalid(list(plan.problems))
-        # 5. References, batch and jobs, in one transaction.
-        with transaction(sessions) as session:
-            report = upload_references((f for _, files in plan.rows for f in files), resolver=resolver, session=session)
-            batch = _get_or_create_batch(session, name=name, model_set=model_set)
-            specs = [(row, JobSpec(row.params, tuple(f.reference() for f in files))) for row, files in plan.rows]
-            inserted = _insert_jobs(session, batch, specs)
-            batch_id = batch.id
-        # 6. Enqueue the new jobs in one pipeline; mark them enqueued.
-        enqueued = not inserted or _enqueue(settings=settings, queue=queue, batch_id=batch_id, jobs=inserted)
-        if enqueued:
-            mark_enqueued(sessions=sessions, job_ids=list(inserted))
+        return _submit(request, make_session_factory(engine), skip_invalid=skip_invalid)
     finally:
         engine.dispose()
-    return SubmitResult(
-        batch_id=batch_id,
-        batch_name=name,
-        added=len(inserted),
-        skipped_existing=plan.skipped_existing + len(plan.rows) - len(inserted),
-        invalid=list(plan.problems),
-        enqueued=enqueued,
-        queue=queue,
-        references_uploaded=report.uploaded,
-        references_stored=report.already_stored,
-    )

@@ -15,8 +15,8 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import InterfaceError as SqlInterfaceError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import Job, JobStatus, utcnow
@@ -71,6 +71,11 @@ def claim_job(*, sessions: sessionmaker[Session], job_id: str, worker_host: str,
         return session.execute(stmt).scalar_one_or_none()
 
 
+def _changed(result: Any) -> int:
+    """Rows an UPDATE changed (typed loosely by SQLAlchemy)."""
+    return int(result.rowcount)
+
+
 def _fenced(job_id: str, attempt: int) -> Any:
     return and_(Job.id == job_id, Job.attempts == attempt, Job.status == JobStatus.running.value)
 
@@ -79,7 +84,7 @@ def renew_lease(*, sessions: sessionmaker[Session], job_id: str, attempt: int, l
     """Extend a running job's lease; False when the job was canceled or taken over."""
     stmt = update(Job).where(_fenced(job_id, attempt)).values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
     with transaction(sessions) as session:
-        return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+        return _changed(session.execute(stmt)) == 1
 
 
 def finish_job(*, sessions: sessionmaker[Session], job_id: str, attempt: int, result: JobResult) -> bool:
@@ -103,10 +108,12 @@ def finish_job(*, sessions: sessionmaker[Session], job_id: str, attempt: int, re
         )
     )
     with transaction(sessions) as session:
-        return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+        return _changed(session.execute(stmt)) == 1
 
 
-def fail_job(*, sessions: sessionmaker[Session], job_id: str, attempt: int | None, error_type: str, message: str) -> bool:
+def fail_job(
+    *, sessions: sessionmaker[Session], job_id: str, attempt: int | None, error_type: str, message: str
+) -> bool:
     """Mark a job failed with its reason; fenced by attempt when one is given."""
     where = _fenced(job_id, attempt) if attempt is not None else and_(Job.id == job_id, Job.status.in_(LIVE))
     stmt = (
@@ -121,7 +128,7 @@ def fail_job(*, sessions: sessionmaker[Session], job_id: str, attempt: int | Non
         )
     )
     with transaction(sessions) as session:
-        return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+        return _changed(session.execute(stmt)) == 1
 
 
 def cancel_jobs(*, sessions: sessionmaker[Session], batch_id: str, job_ids: Sequence[str] | None = None) -> int:
@@ -131,16 +138,14 @@ def cancel_jobs(*, sessions: sessionmaker[Session], batch_id: str, job_ids: Sequ
         where = and_(where, Job.id.in_(list(job_ids)))
     stmt = update(Job).where(where).values(status=JobStatus.canceled.value, finished_at=utcnow(), lease_expires_at=None)
     with transaction(sessions) as session:
-        return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return _changed(session.execute(stmt))
 
 
 def retry_failed(*, sessions: sessionmaker[Session], batch_id: str) -> list[str]:
     """Put a batch's failed jobs back in the queue with a fresh budget of attempts."""
     with transaction(sessions) as session:
         ids = list(
-            session.scalars(
-                select(Job.id).where(Job.batch_id == batch_id, Job.status == JobStatus.failed.value)
-            ).all()
+            session.scalars(select(Job.id).where(Job.batch_id == batch_id, Job.status == JobStatus.failed.value)).all()
         )
         if ids:
             session.execute(

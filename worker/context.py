@@ -47,22 +47,14 @@ def build_context(settings: Settings) -> WorkerContext:
     sessions = make_session_factory(make_engine(settings.database_url))
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30)
     store = ObjectStore.from_settings(settings)
+    store.ensure_bucket()
     renderer = Renderer.load(
         read_model_set(settings.model_set),
         device=settings.device,
         dtype=settings.dtype,
         compile=settings.compile,
     )
-    cache = EmbeddingCache(
-        redis=redis_client,
-        store=store,
-        encoder=renderer,
-        prefix=settings.redis_prefix,
-        lru_bytes=settings.cache_lru_bytes,
-        redis_ttl_s=settings.cache_redis_ttl_s,
-        lock_ttl_s=settings.cache_lock_ttl_s,
-        wait_s=settings.cache_wait_s,
-    )
+    cache = EmbeddingCache.from_settings(settings, redis=redis_client, store=store, encoder=renderer)
     log.info("worker ready: model set %s on %s", renderer.name, settings.device)
     return WorkerContext(
         settings=settings,

@@ -12,13 +12,13 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from shared import keys
-from shared.errors import IpabError
 from shared.db import JobStatus
+from shared.errors import IpabError
 from shared.jobs import JobResult, fail_job, finish_job, job_status
 from shared.retry import retry_transient
 from shared.settings import Settings
@@ -87,6 +87,18 @@ class Publisher:
         s = self._settings
         return retry_transient(fn, what=what, retries=s.transient_retries, base_s=s.retry_base_s, max_s=s.retry_max_s)
 
+    def _fail(self, p: Publication, error: IpabError) -> None:
+        def record() -> bool:
+            return fail_job(
+                sessions=self._sessions,
+                job_id=p.job_id,
+                attempt=p.lease.attempt,
+                error_type=type(error).__name__,
+                message=str(error),
+            )
+
+        self._retry(record, f"record failure of {p.job_id}")
+
     def publish(self, p: Publication) -> None:
         """Steps 7 and 8 of a job: upload to its deterministic key, then mark it succeeded."""
         png = p.rendered.png
@@ -98,16 +110,7 @@ class Publisher:
         try:
             self._retry(lambda: self._store.put(key, png, metadata=metadata, content_type="image/png"), f"upload {key}")
         except IpabError as e:
-            self._retry(
-                lambda: fail_job(
-                    sessions=self._sessions,
-                    job_id=p.job_id,
-                    attempt=p.lease.attempt,
-                    error_type=type(e).__name__,
-                    message=str(e),
-                ),
-                f"record failure of {p.job_id}",
-            )
+            self._fail(p, e)
             return
         upload_s = time.perf_counter() - t0
         # 8. Mark succeeded, only if this attempt still holds the job.

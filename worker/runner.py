@@ -9,6 +9,7 @@ loses its lease: the reconciler gives the job to another worker.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -67,9 +68,7 @@ def run_job(ctx: WorkerContext, raw: Any) -> str:
         lease.stop()
         return _record_failure(ctx, job_id, attempt, e)
     # 7-8. Upload and mark succeeded, overlapped with the next job.
-    ctx.publisher.submit(
-        Publication(job_id=job_id, batch_id=batch_id, lease=lease, rendered=rendered)
-    )
+    ctx.publisher.submit(Publication(job_id=job_id, batch_id=batch_id, lease=lease, rendered=rendered))
     return "rendered"
 
 
@@ -103,7 +102,9 @@ def _render(ctx: WorkerContext, message: JobMessage, lease: Lease) -> Rendered:
     image = ctx.renderer.generate(params, embeds, on_step=lease.check)
     t2 = time.perf_counter()
     png = encode_png(image, params=params, model_set=ctx.renderer.name)
-    return Rendered(png=png, seed=params.seed, encode_s=t1 - t0, denoise_s=t2 - t1, cache_stats=stats.to_json())
+    return Rendered(
+        png=png, seed=params.seed, encode_s=t1 - t0, denoise_s=t2 - t1, cache_stats=json.dumps(stats.to_json())
+    )
 
 
 def _loader(ctx: WorkerContext, key: str) -> Callable[[], bytes]:

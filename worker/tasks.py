@@ -60,7 +60,7 @@ def make_worker_app(settings: Settings) -> Celery:
     app.conf.worker_proc_alive_timeout = 900.0  # loading SDXL in a new child takes a while
     app.conf.task_default_queue = keys.render_queue(name)
 
-    @app.task(name=RENDER_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=RENDER_TASK, ignore_result=True)
     def render(raw: Any) -> str:
         from worker.runner import run_job
 
@@ -69,7 +69,7 @@ def make_worker_app(settings: Settings) -> Celery:
         except SoftTimeLimitExceeded:
             raise JobCanceled("the job ran past IPAB_SOFT_TIME_LIMIT_S") from None
 
-    @app.task(name=EMBED_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=EMBED_TASK, ignore_result=True)
     def embed(refs: list[dict[str, str]]) -> None:
         ctx = _Process.context
         ctx.cache.warm([(r["sha256"], _loader(ctx, r["key"])) for r in refs])

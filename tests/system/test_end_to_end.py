@@ -85,10 +85,10 @@ def run_batch_end_to_end(settings: Settings, workers: Workers, tmp_path: Path) -
 def assert_equal_to_direct_model_calls(settings: Settings, store: ObjectStore, jobs: list[Job]) -> None:
     """The worker's PNG is what the model layer gives for the same job, byte for byte."""
     import torch
-    from worker.pipeline import Renderer
-    from worker.png import encode_png
 
     from shared.images import decode_reference
+    from worker.pipeline import Renderer
+    from worker.png import encode_png
 
     torch.set_num_threads(1)  # as the worker (OMP_NUM_THREADS=1): same float reductions
     renderer = Renderer.load(read_model_set(settings.model_set or Path()), device="cpu", dtype="auto")
