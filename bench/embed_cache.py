@@ -93,15 +93,16 @@ def _cache(svc: Services, store: ObjectStore, encoder: Encoder, prefix: str) -> 
     )
 
 
-def _empty_above(cache: EmbeddingCache, client: Redis, store: ObjectStore, sha: str, level: str) -> None:
-    """Empty every level above `level` for this image (not timed), so that `get` is served by `level`."""
+def _prepare(cache: EmbeddingCache, client: Redis, store: ObjectStore, ref: Ref, level: str) -> None:
+    """Fill `level` and empty the levels above it for this image (not timed), so that `get` is served by `level`."""
+    cache.get([ref])
     if level == "lru":
         return
     cache.lru.clear()
     if level in ("storage", "encode"):
-        client.delete(cache.entry_key(sha))
+        client.delete(cache.entry_key(ref[0]))
     if level == "encode":
-        store.delete(cache.object_key(sha))
+        store.delete(cache.object_key(ref[0]))
 
 
 HIT_CHECKS: Final[dict[str, Callable[[CacheStats], bool]]] = {
@@ -112,34 +113,35 @@ HIT_CHECKS: Final[dict[str, Callable[[CacheStats], bool]]] = {
 }
 
 
-def _time_level(
-    cache: EmbeddingCache, client: Redis, store: ObjectStore, refs: list[Ref], level: str, samples: int
-) -> dict[str, float]:
-    """p50 and p95 of one level's `get`, in ms, each sample checked to have been served by that level."""
-    cache.get(refs)  # every level filled
-    times_ms = []
-    for i in range(samples):
-        sha, load = refs[i % len(refs)]
-        _empty_above(cache, client, store, sha, level)
-        started = time.perf_counter()
-        _, stats = cache.get([(sha, load)])
-        times_ms.append((time.perf_counter() - started) * 1000)
-        if not HIT_CHECKS[level](stats):
-            raise RuntimeError(f"a {level} sample was not served by {level}: {stats.to_json()}")
-    p50, p95 = np.percentile(times_ms, [50, 95])
-    return {"p50_ms": round(float(p50), 4), "p95_ms": round(float(p95), 4)}
+def _time_get(cache: EmbeddingCache, client: Redis, store: ObjectStore, ref: Ref, level: str) -> float:
+    """One `get` served by `level`, in ms (checked: a sample served elsewhere is an error)."""
+    _prepare(cache, client, store, ref, level)
+    started = time.perf_counter()
+    _, stats = cache.get([ref])
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if not HIT_CHECKS[level](stats):
+        raise RuntimeError(f"a {level} sample was not served by {level}: {stats.to_json()}")
+    return elapsed_ms
 
 
 def _levels(svc: Services, store: ObjectStore, encoder: Encoder, samples: int, *, prefix: str) -> dict[str, Any]:
-    """Latency of each level for one encoder, and the size of its entries."""
+    """Latency of each level for one encoder, and the size of its entries.
+
+    The levels take turns sample by sample, so that a busy machine slows them all alike and
+    the ratios hold; full misses (slow with a real encoder) every tenth round only.
+    """
     client = Redis.from_url(svc.redis.url)
     cache = _cache(svc, store, encoder, prefix)
     refs = _refs(10, first_seed=int(hashlib.sha256(prefix.encode()).hexdigest()[:4], 16))
+    cache.get(refs)  # every level filled
+    times_ms: dict[str, list[float]] = {level: [] for level in LEVELS}
+    for i in range(samples):
+        for level in LEVELS if i % 10 == 0 else LEVELS[:-1]:
+            times_ms[level].append(_time_get(cache, client, store, refs[i % len(refs)], level))
     figures: dict[str, Any] = {}
-    for level in LEVELS:
-        # Full misses are slow with a real encoder: fewer samples there.
-        count = samples if level != "encode" else max(5, samples // 10)
-        figures[level] = _time_level(cache, client, store, refs, level, count)
+    for level, times in times_ms.items():
+        p50, p95 = np.percentile(times, [50, 95])
+        figures[level] = {"p50_ms": round(float(p50), 4), "p95_ms": round(float(p95), 4), "samples": len(times)}
     entry = client.get(cache.entry_key(refs[0][0]))
     figures["entry_bytes"] = len(entry) if isinstance(entry, bytes) else None
     figures["redis_p50_x_lru"] = round(figures["redis"]["p50_ms"] / figures["lru"]["p50_ms"], 1)
