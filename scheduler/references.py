@@ -127,25 +127,32 @@ class ReferenceResolver:
         self.store = store
         self.roots = allowed_roots(roots)
         self.base_dir = base_dir
-        self._by_source: dict[str, ReferenceFile | str] = {}  # a file, or why it is refused
+        # A file, or why it is refused: by the text as written, and by resolved path or URI.
+        self._by_raw: dict[str, ReferenceFile | str] = {}
+        self._by_source: dict[str, ReferenceFile] = {}
         self._data: dict[str, bytes] = {}  # sha256 -> bytes, within KEEP_BYTES_BUDGET
         self._kept_bytes = 0
         self.files: dict[str, ReferenceFile] = {}  # sha256 -> file, every distinct image
 
     def resolve(self, raw: str) -> ReferenceFile:
         """The checked image behind `raw` (a path or s3:// URI); `InvalidInput` naming `reference`."""
-        source = (
-            raw if raw.startswith(S3_SCHEME) else str(check_local_path(raw, roots=self.roots, base_dir=self.base_dir))
-        )
-        if source not in self._by_source:
-            try:
-                self._by_source[source] = self._load(raw, source)
-            except InvalidInput as e:
-                self._by_source[source] = _reason_of(e, raw)
-        found = self._by_source[source]
+        # Checked once per distinct text: 100k rows naming one file resolve and read it once.
+        if raw not in self._by_raw:
+            self._by_raw[raw] = self._resolve_new(raw)
+        found = self._by_raw[raw]
         if isinstance(found, str):
             raise InvalidInput(REFERENCE_FIELD, raw, found)
         return found
+
+    def _resolve_new(self, raw: str) -> ReferenceFile | str:
+        try:
+            local = not raw.startswith(S3_SCHEME)
+            source = str(check_local_path(raw, roots=self.roots, base_dir=self.base_dir)) if local else raw
+            if source not in self._by_source:  # another spelling of a file already read
+                self._by_source[source] = self._load(raw, source)
+            return self._by_source[source]
+        except InvalidInput as e:
+            return _reason_of(e, raw)
 
     def _read(self, raw: str, source: str) -> bytes:
         return _read_s3(raw, self.store) if source.startswith(S3_SCHEME) else _read_local(raw, Path(source))
