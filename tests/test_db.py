@@ -26,6 +26,7 @@ from shared.db import (
     utcnow,
 )
 from shared.spec import SEED_LIMIT
+from tests.submit_helpers import run_ipab
 
 HEAD = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
@@ -121,3 +122,13 @@ def test_processes_starting_at_once_migrate_a_fresh_database_once(tmp_path: Path
 def test_terminal_statuses_are_the_final_ones() -> None:
     assert {JobStatus.succeeded, JobStatus.failed, JobStatus.canceled} == TERMINAL
     assert JobStatus.queued == "queued" and f"{JobStatus.running}" == "running"
+
+
+def test_ipab_db_upgrade_creates_the_schema(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = run_ipab(["db", "upgrade"], env={"IPAB_DATABASE_URL": sqlite_url}, monkeypatch=monkeypatch)
+
+    assert run.code == 0 and "latest schema" in run.out
+    engine = make_engine(sqlite_url)
+    with engine.connect() as conn:
+        assert MigrationContext.configure(conn).get_current_revision() == HEAD
+    engine.dispose()
