@@ -152,11 +152,21 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+def log_tail(path: Path, chars: int = 3000) -> str:
+    """The end of a log file, for error messages."""
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
 def start_worker(env: dict[str, str], log_path: Path, *, module: str = "scheduler.cli") -> subprocess.Popen[bytes]:
     """`python -m <module> worker` in its own process group (so a stop takes its pool child too)."""
+    # An explicit node name: each worker's must differ, and Celery refuses `%p` in one.
+    node = f"bench-{log_path.stem}-{uuid.uuid4().hex[:6]}@{platform.node()}"
     with log_path.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", module, "worker", "--loglevel", "WARNING"],
+            [sys.executable, "-m", module, "worker", "--loglevel", "WARNING", "--name", node],
             env=env,
             cwd=REPO,
             stdout=out,

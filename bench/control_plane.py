@@ -33,6 +33,7 @@ from bench.common import (
     bench_settings,
     job_rows,
     log,
+    log_tail,
     private_database,
     private_services,
     sessions_for,
@@ -105,7 +106,7 @@ def _cpu_per_job_ms(
     return {family: 1000 * s / jobs for family, s in spent.items()}
 
 
-def _wait_for_consumers(settings: Settings, count: int, *, timeout_s: float = 120) -> None:
+def _wait_for_consumers(settings: Settings, count: int, *, timeout_s: float = 60) -> None:
     """Block until `count` Celery consumers wait on Redis (BRPOP): every worker is up."""
     client = redis.Redis.from_url(settings.redis_url)
     deadline = time.monotonic() + timeout_s
@@ -167,6 +168,10 @@ def _one_database(svc: Services, kind: Database, *, jobs: int, workers: int) -> 
             wait_for_batch(sessions_for(settings), _submit(settings, warm, "warm-up"), timeout_s=120, procs=procs)
             log(f"control plane: {workers} null workers up on {kind}; {jobs} jobs ...")
             figures = _run_batch(settings, svc, procs, manifest, jobs)
+        except Exception as e:
+            raise RuntimeError(
+                f"control plane on {kind} failed: {e}\n{log_tail(svc.workdir / f'null-worker-{kind}-0.log')}"
+            ) from e
         finally:
             stop_workers(procs)
         log(f"control plane: {kind}: {figures['steady_state_jobs_per_s']:.0f} jobs/s steady state")
