@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 from typing import Any
 
@@ -29,7 +30,7 @@ def _worker(args: argparse.Namespace) -> int:
         raise SystemExit("ipab worker: IPAB_MODEL_SET is not set: point it at a model-set.toml")
     name = read_model_set(settings.model_set).name
     app = make_worker_app(settings)
-    node = args.name or f"ipab-{name}-%p@{socket.gethostname()}"
+    node = args.name or f"ipab-{name}-{os.getpid()}@{socket.gethostname()}"
     queues = f"{keys.render_queue(name)},{keys.embed_queue(name)}"
     app.worker_main(
         [

@@ -26,7 +26,7 @@ from shared.db import Job, JobStatus, make_engine, make_session_factory
 from shared.model_set import read_model_set
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.system.conftest import Workers, wait_for_batch
+from tests.system.helpers import Workers, wait_for_batch
 from tests.system.test_end_to_end import submit, write_manifest
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]

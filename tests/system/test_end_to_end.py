@@ -21,7 +21,7 @@ from shared.model_set import read_model_set
 from shared.settings import Settings
 from shared.spec import parse_spec
 from shared.storage import ObjectStore
-from tests.system.conftest import Workers, wait_for_batch
+from tests.system.helpers import Workers, wait_for_batch
 
 SIZE = {"width": 64, "height": 64, "steps": 4}
 
