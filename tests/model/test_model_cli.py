@@ -1,0 +1,132 @@
+"""`ipab models synth`, `ipab generate` and `ipab models download` (against a local fake of the hub)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from model_helpers import job, reference_image
+from PIL import Image
+
+from scheduler.cli import main
+from shared.model_set import read_model_set
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_models_synth_writes_the_same_bytes_for_the_same_seed(tmp_path: Path, tiny_dir: Path) -> None:
+    assert main(["models", "synth", str(tmp_path / "again"), "--size", "tiny", "--seed", "0"]) == 0
+    again, first = _files(tmp_path / "again"), _files(tiny_dir)
+    assert again.keys() == first.keys()
+    assert [name for name in first if first[name] != again[name]] == []
+    assert "random" in (tmp_path / "again" / "README.md").read_text().lower()
+
+
+def test_the_synth_layout_is_the_public_one(tiny_dir: Path, tiny_sets: dict[str, Path]) -> None:
+    expected = [
+        "base/model_index.json",
+        "base/unet/diffusion_pytorch_model.safetensors",
+        "base/text_encoder_2/model.safetensors",
+        "base/tokenizer/vocab.json",
+        "base/tokenizer/merges.txt",
+        "base_config/unet/config.json",
+        "base.safetensors",
+        "IP-Adapter/sdxl_models/image_encoder/model.safetensors",
+        "IP-Adapter/models/image_encoder/config.json",
+        "IP-Adapter/sdxl_models/ip-adapter-plus-face_sdxl_vit-h.bin",
+    ]
+    assert all((tiny_dir / name).is_file() for name in expected)
+    assert not list((tiny_dir / "base_config").rglob("*.safetensors"))
+    assert len([k for k in tiny_sets if k != "default"]) == 16  # 4 variants x 2 formats x 2 base layouts
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_dir / "base.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "model.diffusion_model.output_blocks.2.2.conv.weight" in keys  # up_blocks.0 upsampler
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert "first_stage_model.decoder.up.0.block.0.norm1.weight" in keys
+
+
+def test_ipab_generate_writes_the_png_the_worker_path_makes(
+    tmp_path: Path, tiny_sets: dict[str, Path], renderer_for: Callable[[str], Any]
+) -> None:
+    from worker.png import encode_png
+
+    reference = tmp_path / "ref.jpg"
+    reference_image(60).save(reference, format="JPEG", quality=95)
+    out = tmp_path / "out" / "fox.png"
+    argv = ["generate", "--model-set", str(tiny_sets["default"]), "--reference", str(reference), "--prompt", "a fox"]
+    argv += ["--seed", "9", "--width", "64", "--height", "64", "--steps", "4", "--ip-adapter-scale", "style"]
+    assert main([*argv, "--out", str(out)]) == 0
+    written = out.read_bytes()
+    assert "Seed: 9" in Image.open(io.BytesIO(written)).text["parameters"]  # type: ignore[attr-defined]
+    # The worker's path, by hand: decode_reference -> encode -> generate -> encode_png.
+    from shared.images import decode_reference
+
+    renderer, params = renderer_for("default"), job(prompt="a fox", seed=9, ip_adapter_scale="style")
+    image = renderer.generate(params, renderer.encode([decode_reference(reference.read_bytes())]))
+    assert written == encode_png(image, params=params, model_set=renderer.name)
+
+
+def _fake_hub(tiny_dir: Path, root: Path) -> Path:
+    """The tiny set laid out as the two hub repositories (fp16-variant names for the base)."""
+    base = root / "stabilityai/stable-diffusion-xl-base-1.0"
+    shutil.copytree(tiny_dir / "base", base)
+    for weights in list(base.rglob("*.safetensors")):
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+    shutil.copytree(tiny_dir / "IP-Adapter", root / "h94/IP-Adapter")
+    return root
+
+
+def test_models_download_fetches_the_public_layout_and_writes_loadable_model_sets(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    hub = _fake_hub(tiny_dir, tmp_path / "hub")
+    fetched: list[str] = []
+
+    def fake_download(*, repo_id: str, filename: str, local_dir: Path) -> str:
+        fetched.append(f"{repo_id}/{filename}")
+        target = Path(local_dir) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(hub / repo_id / filename, target)
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    dest = tmp_path / "models"
+    assert main(["models", "download", str(dest), "--variant", "ip-adapter-plus_sdxl_vit-h"]) == 0
+    assert not [name for name in fetched if name.endswith(".bin")]  # safetensors only, never pickles
+    assert "h94/IP-Adapter/models/image_encoder/model.safetensors" in fetched
+    assert "h94/IP-Adapter/sdxl_models/image_encoder/model.safetensors" not in fetched  # not needed by this variant
+    config = read_model_set(dest / "model-set-ip-adapter-plus_sdxl_vit-h.toml", check_files=True)
+    assert config.name == "ip-adapter-plus_sdxl_vit-h"
+
+    from worker.pipeline import Renderer
+
+    renderer = Renderer.load(config, device="cpu")
+    image = renderer.generate(job(), renderer.encode([reference_image(61)]))
+    assert image.size == (64, 64)
+    before = len(fetched)
+    assert main(["models", "download", str(dest), "--variant", "ip-adapter-plus_sdxl_vit-h"]) == 0
+    assert len(fetched) == before  # files already there are not fetched again
+
+
+def test_models_download_without_a_network_says_what_to_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import huggingface_hub
+
+    def offline(**kwargs: Any) -> str:
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline mode is enabled")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    assert main(["models", "download", str(tmp_path), "--skip-base"]) == 2
+    assert "cannot download h94/IP-Adapter/" in capsys.readouterr().err
+    assert main(["models", "download", str(tmp_path), "--variant", "ip-adapter_sd15"]) == 2
