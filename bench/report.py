@@ -1,0 +1,254 @@
+"""Turning one run's figures into the goals table, a console summary and BENCHMARKS.md."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Final, NamedTuple
+
+OVERHEAD_GOAL: Final = 1.05
+FLOOR_GOAL: Final = 3.0
+NAIVE_GOAL: Final = 10.0
+CONTROL_GOAL_JOBS_PER_S: Final = 500.0
+DATABASES: Final = ("sqlite", "postgres")
+
+
+class Goal(NamedTuple):
+    """One goal of the benchmarks issue and what this run measured for it."""
+
+    name: str
+    target: str
+    measured: str
+    met: bool | None  # None: not measured in this run
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    return f"{value:,.{digits}f}" if isinstance(value, int | float) else "-"
+
+
+def _failed(section: Any) -> str | None:
+    """Why a section has no figures (failed, skipped, not run), or None when it has them."""
+    if not isinstance(section, dict):
+        return "not run"
+    if "error" in section:
+        return f"failed: {section['error'][:200]}"
+    skipped = section.get("skipped")
+    return skipped if isinstance(skipped, str) else None
+
+
+def _part(results: dict[str, Any], key: str, db: str | None = None) -> tuple[dict[str, Any] | None, str]:
+    """(figures, "") of one benchmark (and database), or (None, why there are none)."""
+    section = results.get(key)
+    if db is not None and _failed(section) is None:
+        section = section.get(db) if isinstance(section, dict) else None
+    why = _failed(section)
+    return (section, "") if why is None and isinstance(section, dict) else (None, why or "not run")
+
+
+def _goal(name: str, target: str, measured: str, met: bool) -> Goal:
+    return Goal(name, target, measured, met)
+
+
+def goals(results: dict[str, Any]) -> list[Goal]:
+    """Every goal with its measured value, met or not (None: not measured)."""
+    out: list[Goal] = []
+    o, why = _part(results, "overhead")
+    target = f"<= {OVERHEAD_GOAL}"
+    name = "system overhead (ipab / bare, s per job)"
+    out.append(
+        _goal(name, target, _num(o["ratio"], 3), o["ratio"] <= OVERHEAD_GOAL) if o else Goal(name, target, why, None)
+    )
+    for db in DATABASES:
+        out += _submit_goals(results, db)
+        cp, why = _part(results, "control", db)
+        name, target = f"control plane, 4 null workers ({db})", f">= {CONTROL_GOAL_JOBS_PER_S:.0f} jobs/s"
+        if cp:
+            rate = cp["steady_state_jobs_per_s"]
+            out.append(_goal(name, target, f"{_num(rate, 0)} jobs/s", rate >= CONTROL_GOAL_JOBS_PER_S))
+        else:
+            out.append(Goal(name, target, why, None))
+    e, _ = _part(results, "embed")
+    if e and "redis_p50_ok" in e:
+        target = f"<= {e.get('goal_redis_p50_ms')} ms"
+        out.append(_goal("embedding cache Redis hit p50", target, "see section 4", bool(e["redis_p50_ok"])))
+    return out
+
+
+def _submit_goals(results: dict[str, Any], db: str) -> list[Goal]:
+    sub, why = _part(results, "submit", db)
+    floor_name, naive_name = f"submit vs raw LPUSH floor ({db})", f"submit vs naive apply_async ({db})"
+    floor_target, naive_target = f"<= {FLOOR_GOAL}x slower", f">= {NAIVE_GOAL}x faster"
+    if not sub:
+        return [Goal(floor_name, floor_target, why, None), Goal(naive_name, naive_target, why, None)]
+    return [
+        _goal(floor_name, floor_target, f"{_num(sub['x_floor'])}x", sub["x_floor"] <= FLOOR_GOAL),
+        _goal(naive_name, naive_target, f"{_num(sub['x_naive'])}x", sub["x_naive"] >= NAIVE_GOAL),
+    ]
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "not measured"}[met]
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """A short console summary: one line per goal."""
+    lines = ["", "ipab benchmarks: goals"]
+    for g in goals(results):
+        lines.append(f"  {g.name:<48} {g.measured:>16}  (goal {g.target}): {_verdict(g.met).strip('*')}")
+    lines.append(f"  total {results.get('total_s', 0):.0f} s")
+    return lines
+
+
+def _machine(results: dict[str, Any]) -> Iterator[str]:
+    m = results["machine"]
+    yield f"- Date: {m['date']}"
+    yield f"- Machine: {m['cpu']}, {m['cores']} cores, {m['os']}; Python {m['python']}"
+    yield f"- Load average (1 min) when the run started: {m['load_average_1m_at_start']} (other work shares the cores)"
+    yield f"- PostgreSQL at 127.0.0.1:5432: {'yes' if results.get('postgres') else 'not reachable, skipped'}"
+
+
+def _overhead(o: dict[str, Any]) -> Iterator[str]:
+    yield "## 1. System overhead (tiny model set, one worker)"
+    yield ""
+    if _failed(o):
+        yield f"{_failed(o)}"
+        return
+    row = o["row"]
+    yield (
+        f"{o['jobs']} jobs ({row['width']}x{row['height']} px, {row['steps']} steps, CFG 5.0) through ipab "
+        f"(submit, one `ipab worker`, SeaweedFS S3, SQLite) against a bare diffusers loop "
+        f"(`StableDiffusionXLPipeline` + `load_ip_adapter` on the same files, each reference encoded once, "
+        f"PNGs to local disk). Both with {o['torch_threads']} torch thread (`OMP_NUM_THREADS`, "
+        "`torch.set_num_threads`). Steady state = (last finish - first finish) / (n - 1): model load "
+        "and worker start fall before the first finish."
+    )
+    yield ""
+    yield "| | s per job (steady state) |"
+    yield "| --- | ---: |"
+    yield f"| bare diffusers loop | {_num(o['bare_s_per_job'], 4)} |"
+    yield f"| ipab, whole system | {_num(o['ipab_s_per_job'], 4)} |"
+    yield f"| **ratio ipab / bare** | **{_num(o['ratio'], 3)}** (goal <= {OVERHEAD_GOAL}) |"
+    means = o.get("ipab_row_means", {})
+    yield ""
+    yield (
+        f"ipab's own job rows: encode (cache) {_num(means.get('encode_s'), 4)} s, denoise "
+        f"{_num(means.get('denoise_s'), 4)} s, upload {_num(means.get('upload_s'), 4)} s per job on average "
+        "(the upload runs on the publisher thread, overlapped with the next job's denoising)."
+    )
+
+
+def _submit(s: dict[str, Any]) -> Iterator[str]:
+    yield "## 2. Submit throughput"
+    yield ""
+    if _failed(s):
+        yield f"{_failed(s)}"
+        return
+    yield (
+        f"`ipab submit` (`submit_manifest` in-process: parse and validate, read and upload {s['references']} "
+        f"references, insert, enqueue, mark enqueued) of a {s['rows']:,}-row manifest, against the floor "
+        "(the same Celery messages built with `celery_envelope` and pushed with a pipelined raw `LPUSH`, "
+        f"5,000 per round trip) and a naive loop of `apply_async` (timed on {s['naive_sample']:,} messages, "
+        "rows/s extrapolated)."
+    )
+    yield ""
+    yield "| database | ipab rows/s | floor rows/s (push only) | naive rows/s | ipab time / floor | ipab / naive rate |"
+    yield "| --- | ---: | ---: | ---: | ---: | ---: |"
+    for db in DATABASES:
+        f = s.get(db, {})
+        if _failed(f):
+            yield f"| {db} | {_failed(f)} | | | | |"
+            continue
+        yield (
+            f"| {db} | {_num(f['submit_rows_per_s'], 0)} | {_num(f['floor_rows_per_s'], 0)} "
+            f"({_num(f['floor_push_only_rows_per_s'], 0)}) | {_num(f['naive_rows_per_s'], 0)} | "
+            f"**{_num(f['x_floor'])}x** (goal <= {FLOOR_GOAL}) | **{_num(f['x_naive'])}x** (goal >= {NAIVE_GOAL}) |"
+        )
+
+
+def _control(c: dict[str, Any]) -> Iterator[str]:
+    yield "## 3. Control-plane capacity (NullRenderer, 4 worker processes)"
+    yield ""
+    if _failed(c):
+        yield f"{_failed(c)}"
+        return
+    yield (
+        f"{c['jobs']:,} jobs through `python -m bench.null_worker worker` x {c['workers']} (the normal `ipab worker` "
+        "code path with `bench.null_model.NullRenderer`, a benchmark fixture that returns a fixed 64x64 "
+        "image at once): Redis, SQL claim and finish, embedding cache, PNG, SeaweedFS S3. Steady state = "
+        "(n - 1) / (last - first `finished_at`); end to end includes the submission."
+    )
+    yield ""
+    yield "| database | steady state jobs/s | end to end jobs/s | CPU ms per job: workers / S3 / Redis / PostgreSQL |"
+    yield "| --- | ---: | ---: | ---: |"
+    for db in DATABASES:
+        f = c.get(db)
+        if not isinstance(f, dict):
+            continue
+        cpu = f["cpu_ms_per_job"]
+        cpu_text = " / ".join(_num(cpu.get(k), 1) for k in ("workers", "s3", "redis", "postgres"))
+        rates = f"**{_num(f['steady_state_jobs_per_s'], 0)}** | {_num(f['end_to_end_jobs_per_s'], 0)}"
+        yield f"| {db} | {rates} | {cpu_text} |"
+    yield ""
+    yield "Where a worker's time goes: one job's steps timed one after another in a single process (ms per job):"
+    yield ""
+    for db in DATABASES:
+        f = c.get(db)
+        if isinstance(f, dict) and "steps_ms" in f:
+            steps = ", ".join(f"{k} {_num(v, 2)}" for k, v in f["steps_ms"].items())
+            yield f"- {db}: {steps}"
+
+
+def _embed(e: dict[str, Any]) -> Iterator[str]:
+    yield "## 4. Embedding cache"
+    yield ""
+    yield _failed(e) or e.get("markdown", "(no table)")
+
+
+def _gpu(g: dict[str, Any] | None) -> Iterator[str]:
+    yield "## 5. GPU (full-size SDXL + ip-adapter_sdxl, random weights)"
+    yield ""
+    if not g:
+        yield (
+            "Not run: this machine has no GPU. `bench/gpu.py` is ready: `python -m bench.gpu --out gpu.json` on "
+            "a GPU machine (no network needed; < 8 min on an H100), then `python -m bench.run --gpu-json gpu.json`. "
+            "`python -m bench.gpu --smoke --out smoke.json` runs tiny configs on the CPU to prove the script."
+        )
+        return
+    size = f"{g['size_px']}x{g['size_px']}"
+    flops = _num(g["tflop_per_image"], 1)
+    yield f"{g['device']}, {g['dtype']}, {size}, {g['steps']} steps, CFG; {flops} TFLOP per image (flop_counter)."
+    yield ""
+    yield "| configuration | s/image | images/min | peak GiB | TFLOP/s | utilisation | vs baseline |"
+    yield "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for r in g["configs"]:
+        if "s_per_image" not in r:
+            yield f"| {r['name']} | {r.get('error') or r.get('skipped')} | | | | | |"
+            continue
+        util = f"{100 * r['utilisation']:.0f}%" if r.get("utilisation") else "-"
+        yield (
+            f"| {r['name']} | {_num(r['s_per_image'], 3)} | {_num(r['images_per_min'], 1)} "
+            f"| {_num(r['peak_mem_gib'], 1)} "
+            f"| {_num(r['tflops_achieved'], 0)} | {util} | {_num(r.get('speedup_vs_baseline'))}x |"
+        )
+
+
+def render_markdown(results: dict[str, Any], *, command: str) -> str:
+    """The whole BENCHMARKS.md for one run."""
+    parts = ["# ipab benchmarks", "", f"Written by `{command}` (`make bench`). Ratios measured in this one run.", ""]
+    parts += [
+        *_machine(results),
+        "",
+        "## Goals",
+        "",
+        "| goal | target | measured | verdict |",
+        "| --- | --- | ---: | --- |",
+    ]
+    parts += [f"| {g.name} | {g.target} | {g.measured} | {_verdict(g.met)} |" for g in goals(results)]
+    for section in (
+        _overhead(results.get("overhead") or {"skipped": "not run"}),
+        _submit(results.get("submit") or {"skipped": "not run"}),
+        _control(results.get("control") or {"skipped": "not run"}),
+        _embed(results.get("embed") or {"skipped": "not run"}),
+        _gpu(results.get("gpu")),
+    ):
+        parts += ["", *section]
+    return "\n".join(parts) + "\n"

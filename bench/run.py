@@ -1,0 +1,116 @@
+"""`make bench`: run every CPU benchmark in one go, print a summary, rewrite BENCHMARKS.md.
+
+    python -m bench.run [--rows 100000] [--control-jobs 3000] [--overhead-jobs 50]
+                        [--only overhead,submit,control,embed] [--gpu-json gpu.json] [--json out.json]
+
+All ratios in BENCHMARKS.md come from one run on one machine; absolute figures depend on
+the machine and on what else runs on it (the load average at the start is recorded).
+A benchmark that fails is reported as failed; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from bench.common import REPO, log, machine_info, postgres_available
+from bench.report import render_markdown, summary_lines
+
+BENCHMARKS_MD: Final = REPO / "BENCHMARKS.md"
+ALL: Final = ("overhead", "submit", "control", "embed")
+
+
+def _guarded(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one benchmark; a failure becomes `{"error": ...}` so the others still report."""
+    t0 = time.perf_counter()
+    try:
+        figures = fn()
+    except Exception as e:
+        log(f"{name} FAILED: {e}")
+        figures = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-3000:]}
+    figures["bench_wall_s"] = time.perf_counter() - t0
+    return figures
+
+
+def _embed_cache(samples: int) -> dict[str, Any]:
+    """The embedding-cache benchmark (bench/embed_cache.py, another issue's), when it exists."""
+    try:
+        module = importlib.import_module("bench.embed_cache")
+    except ImportError as e:
+        return {"skipped": f"bench/embed_cache.py is not available ({e})"}
+    figures: dict[str, Any] = module.run(samples=samples)
+    figures["markdown"] = module.to_markdown(figures)
+    return figures
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Every selected benchmark, one after another, in this process (each starts its own services)."""
+    from bench import control_plane, overhead, submit_throughput
+
+    only = set(args.only.split(",")) if args.only else set(ALL)
+    databases = ["sqlite", "postgres"] if postgres_available() else ["sqlite"]
+    results: dict[str, Any] = {"machine": machine_info(), "postgres": "postgres" in databases}
+    t0 = time.perf_counter()
+    if "overhead" in only:
+        results["overhead"] = _guarded("overhead", lambda: overhead.run(jobs=args.overhead_jobs))
+    if "submit" in only:
+        results["submit"] = _guarded(
+            "submit", lambda: submit_throughput.run(rows=args.rows, naive_sample=args.naive_sample)
+        )
+    if "control" in only:
+        results["control"] = _guarded(
+            "control",
+            lambda: control_plane.run(jobs=args.control_jobs, workers=args.workers, databases=databases),  # type: ignore[arg-type]
+        )
+    if "embed" in only:
+        results["embed"] = _guarded("embed", lambda: _embed_cache(args.embed_samples))
+    if args.gpu_json:
+        results["gpu"] = json.loads(Path(args.gpu_json).read_text())
+    results["total_s"] = time.perf_counter() - t0
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=100_000, help="manifest rows for the submit benchmark")
+    parser.add_argument("--naive-sample", type=int, default=5_000, help="apply_async calls timed for the naive loop")
+    parser.add_argument("--overhead-jobs", type=int, default=50)
+    parser.add_argument("--control-jobs", type=int, default=3000)
+    parser.add_argument("--workers", type=int, default=4, help="null-model worker processes")
+    parser.add_argument("--embed-samples", type=int, default=200)
+    parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--gpu-json", default=None, help="figures of `python -m bench.gpu --out` to include")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
+    return parser
+
+
+def main() -> None:
+    """Command line (`make bench`)."""
+    args = _parser().parse_args()
+    results = run_all(args)
+    print("\n".join(summary_lines(results)))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    if not args.no_write:
+        BENCHMARKS_MD.write_text(render_markdown(results, command=_command(args)))
+        log(f"wrote {BENCHMARKS_MD}")
+
+
+def _command(args: argparse.Namespace) -> str:
+    parts = ["python -m bench.run"]
+    defaults = vars(_parser().parse_args([]))
+    for key, value in vars(args).items():
+        if key not in ("json", "no_write") and value != defaults.get(key):
+            parts.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
+if __name__ == "__main__":
+    main()
