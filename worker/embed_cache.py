@@ -201,6 +201,16 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     return {str(k): str(v) for k, v in metadata.items()}
 
 
+def private_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy the caller owns, made by one memcpy on this thread.
+
+    Not `clone()`: torch copies a 658 KB plus entry in parallel, and waking its idle thread
+    pool costs milliseconds on a busy machine (measured: 4-16 ms p50 for an LRU hit).
+    """
+    raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().copy()
+    return torch.from_numpy(raw).view(tensor.dtype).reshape(tensor.shape)
+
+
 def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(n) for n in shape)
 
@@ -325,7 +335,7 @@ class EmbeddingCache:
         found = self._fetch(dict(refs), stats, use_lru=True)
         record_fleet_stats(self._redis, prefix=self._prefix, stats=stats)
         # Callers own what they get: an in-place change must not reach the LRU's copy.
-        return [found[sha].clone() for sha, _ in refs], stats
+        return [private_copy(found[sha]) for sha, _ in refs], stats
 
     def warm(self, refs: Sequence[Ref]) -> CacheStats:
         """Make sure every ref is in Redis and object storage (encoding the missing); for the `embed` task."""
