@@ -267,7 +267,9 @@ class ByteLru:
 
 
 class EmbeddingCache:
-    """Embeddings of reference images, computed at most once across the fleet. One per worker process.
+    """Embeddings of reference images, computed at most once across the fleet.
+
+    Build one per worker process and use it from one thread at a time (only the LRU is locked).
 
     `encoder` may be a zero-argument factory: it is called on the first full miss only, so a
     worker whose embeddings are all cached never loads the image encoder. A factory needs
@@ -338,7 +340,10 @@ class EmbeddingCache:
         return [private_copy(found[sha]) for sha, _ in refs], stats
 
     def warm(self, refs: Sequence[Ref]) -> CacheStats:
-        """Make sure every ref is in Redis and object storage (encoding the missing); for the `embed` task."""
+        """Make sure the fleet finds every ref in Redis (from storage, or encoded when missing); the `embed` task.
+
+        Skips this process's LRU, which says nothing about Redis. Raises as `get` does.
+        """
         stats = CacheStats()
         self._fetch(dict(refs), stats, use_lru=False)
         record_fleet_stats(self._redis, prefix=self._prefix, stats=stats)
