@@ -285,3 +285,20 @@ def test_nan_output_is_refused_not_returned_as_a_black_image(renderer_for: Rende
     finally:
         with torch.no_grad():
             weight.copy_(saved)
+
+
+def test_compile_wraps_the_unet_with_torch_compile(tiny_sets: dict[str, Path]) -> None:
+    from worker.pipeline import Renderer
+
+    # Compilation itself happens at the first call (minutes on a CPU); loading only arms it.
+    renderer = Renderer.load(read_model_set(tiny_sets["default"]), device="cpu", compile=True)
+    assert renderer.pipe.unet._compiled_call_impl is not None
+
+
+def test_without_classifier_free_guidance_batches_still_equal_single_runs(renderer_for: Renderers) -> None:
+    renderer = renderer_for("ip-adapter-plus_sdxl_vit-h.safetensors")
+    embeds = renderer.encode([reference_image(70), reference_image(71)])
+    items = [(job(guidance_scale=1.0, seed=s), [e]) for s, e in zip((1, 2), embeds, strict=True)]
+    singles = [renderer.generate_batch([item], output="np")[0] for item in items]
+    batched = renderer.generate_batch(items, output="np")
+    assert max(float(np.abs(s - b).max()) for s, b in zip(singles, batched, strict=True)) <= 1e-4
