@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     hard_time_limit_s: float = 1900.0
     visibility_timeout_s: float = 3600.0
     reconcile_interval_s: float = 30.0
+    consumer_stall_s: float = 60.0  # messages waiting this long untaken: restart the worker
     requeue_grace_s: float = 10.0
     retry_base_s: float = 0.5
     retry_max_s: float = 30.0

@@ -174,6 +174,7 @@ def settings(redis_url: str, s3_server: services.Service, object_store: ObjectSt
         lease_s=6.0,
         heartbeat_s=1.0,
         reconcile_interval_s=1.0,
+        consumer_stall_s=6.0,
         requeue_grace_s=1.0,
         soft_time_limit_s=60.0,
         hard_time_limit_s=90.0,

@@ -24,14 +24,17 @@ def register(subparsers: Any) -> None:
 
 def _worker(args: argparse.Namespace) -> int:
     from worker.tasks import make_worker_app
+    from worker.watchdog import ConsumerWatchdog
 
     settings = load_settings()
     if settings.model_set is None:
         raise SystemExit("ipab worker: IPAB_MODEL_SET is not set: point it at a model-set.toml")
     name = read_model_set(settings.model_set).name
     app = make_worker_app(settings)
+    queues_list = [keys.render_queue(name), keys.embed_queue(name)]
+    ConsumerWatchdog(redis_url=settings.redis_url, queues=queues_list, stall_s=settings.consumer_stall_s).install()
     node = args.name or f"ipab-{name}-{os.getpid()}@{socket.gethostname()}"
-    queues = f"{keys.render_queue(name)},{keys.embed_queue(name)}"
+    queues = ",".join(queues_list)
     app.worker_main(
         [
             "worker",
