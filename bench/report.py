@@ -174,7 +174,9 @@ def _control(c: dict[str, Any]) -> Iterator[str]:
         f"{c['jobs']:,} jobs through `python -m bench.null_worker worker` x {c['workers']} (the normal `ipab worker` "
         "code path with `bench.null_model.NullRenderer`, a benchmark fixture that returns a fixed 64x64 "
         "image at once): Redis, SQL claim and finish, embedding cache, PNG, SeaweedFS S3. Steady state = "
-        "(n - 1) / (last - first `finished_at`); end to end includes the submission."
+        "(n - 1) / (last - first `finished_at`); end to end includes the submission. CPU per job: CPU seconds "
+        "each process family spent during the batch / jobs (the PostgreSQL column counts every postgres "
+        "process on the machine). On 2 cores, 500 jobs/s leaves 4 CPU ms per job for everything."
     )
     yield ""
     yield "| database | steady state jobs/s | end to end jobs/s | CPU ms per job: workers / S3 / Redis / PostgreSQL |"

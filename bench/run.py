@@ -2,6 +2,7 @@
 
     python -m bench.run [--rows 100000] [--control-jobs 3000] [--overhead-jobs 50]
                         [--only overhead,submit,control,embed] [--gpu-json gpu.json] [--json out.json]
+    python -m bench.run --from-json out.json [--gpu-json gpu.json]   # rewrite BENCHMARKS.md only
 
 All ratios in BENCHMARKS.md come from one run on one machine; absolute figures depend on
 the machine and on what else runs on it (the load average at the start is recorded).
@@ -88,13 +89,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-json", default=None, help="figures of `python -m bench.gpu --out` to include")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
+    parser.add_argument("--from-json", type=Path, default=None, help="rewrite BENCHMARKS.md from a --json file, no run")
     return parser
 
 
 def main() -> None:
     """Command line (`make bench`)."""
     args = _parser().parse_args()
-    results = run_all(args)
+    results = json.loads(args.from_json.read_text()) if args.from_json else run_all(args)
+    if args.from_json and args.gpu_json:
+        results["gpu"] = json.loads(Path(args.gpu_json).read_text())
     print("\n".join(summary_lines(results)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
@@ -107,7 +111,7 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["python -m bench.run"]
     defaults = vars(_parser().parse_args([]))
     for key, value in vars(args).items():
-        if key not in ("json", "no_write") and value != defaults.get(key):
+        if key not in ("json", "no_write", "from_json") and value != defaults.get(key):
             parts.append(f"--{key.replace('_', '-')} {value}")
     return " ".join(parts)
 
