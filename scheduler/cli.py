@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "worker.serve",
     "scheduler.ops_commands",
     "scheduler.demo",
+    "worker.embed_cache_cli",
 )
 
 

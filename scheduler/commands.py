@@ -141,6 +141,27 @@ def status_counts(*, session: Session, batch_id: str) -> tuple[dict[str, int], d
     return counts, seconds
 
 
+def cache_totals(*, session: Session, batch_id: str) -> dict[str, float]:
+    """The embedding cache counters of a batch's jobs, summed (hits and misses per level, encodes)."""
+    totals: dict[str, float] = {}
+    stmt = select(Job.cache_stats).where(Job.batch_id == batch_id, Job.cache_stats.is_not(None))
+    for text in session.scalars(stmt.execution_options(yield_per=RESULTS_CHUNK)):
+        for name, value in json.loads(text or "{}").items():
+            if isinstance(value, int | float):
+                totals[name] = totals.get(name, 0) + value
+    return totals
+
+
+def _print_cache(totals: dict[str, float]) -> None:
+    if not totals:
+        return
+    levels = ", ".join(
+        f"{level} {int(totals.get(f'{level}_hits', 0))} hit/{int(totals.get(f'{level}_misses', 0))} miss"
+        for level in ("lru", "redis", "store")
+    )
+    print(f"embedding cache: {levels}; {int(totals.get('encodes', 0))} encodes in {totals.get('encode_s', 0):.2f} s")
+
+
 def _print_status(batch: Batch, counts: dict[str, int], seconds: dict[str, float]) -> None:
     print(f"batch {batch.name} ({batch.id}), model set {batch.model_set}")
     for status in STATUSES:
@@ -187,7 +208,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             _watch(sessions, batch.id, args.interval)
         with transaction(sessions) as session:
             counts, seconds = status_counts(session=session, batch_id=batch.id)
+            cache = cache_totals(session=session, batch_id=batch.id)
     _print_status(batch, counts, seconds)
+    _print_cache(cache)
     return 1 if args.watch and counts[JobStatus.failed.value] else 0
 
 

@@ -45,7 +45,12 @@ def write_reference_photos(folder: Path) -> list[Path]:
     from skimage import data
 
     folder.mkdir(parents=True, exist_ok=True)
-    photos = {"astronaut.png": data.astronaut(), "coffee.jpg": data.coffee(), "chelsea.png": data.chelsea()}
+    # scikit-image ships these photos (no network); its functions are untyped.
+    photos = {
+        "astronaut.png": data.astronaut(),  # type: ignore[no-untyped-call]
+        "coffee.jpg": data.coffee(),  # type: ignore[no-untyped-call]
+        "chelsea.png": data.chelsea(),  # type: ignore[no-untyped-call]
+    }
     paths = []
     for name, pixels in photos.items():
         path = folder / name
@@ -128,15 +133,13 @@ def worker_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.P
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from scheduler.commands import print_status, watch_batch
+    from scheduler.cli import main as ipab
     from scheduler.submit import submit_manifest
 
     t0 = time.monotonic()
     workdir: Path = args.dir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    settings = load_settings()
-    with local_services(settings, workdir) as service_env:
-        env = {**os.environ, **service_env}
+    with local_services(load_settings(), workdir) as service_env:
         os.environ.update(service_env)
         settings = load_settings()
         # 1. Three reference photos and a manifest over them.
@@ -144,38 +147,40 @@ def _demo(args: argparse.Namespace) -> int:
         manifest = workdir / "manifest.jsonl"
         count = write_manifest(manifest, refs, per_reference=args.jobs_per_reference)
         # 2. One worker, in its own process, as in production.
-        with worker_process(env, workdir / "worker.log"):
-            # 3. Submit (inserted in SQL, references uploaded once, enqueued in Redis).
+        with worker_process(dict(os.environ), workdir / "worker.log"):
+            # 3. Submit: rows in SQL, each reference uploaded once, messages in Redis.
             result = submit_manifest(
                 settings=settings,
                 path=manifest,
                 batch_name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
                 defaults={"width": DEMO_SIZE_PX, "height": DEMO_SIZE_PX, "steps": DEMO_STEPS},
-                skip_invalid=False,
-                model_set_name=None,
             )
             print(f"submitted {count} jobs as batch {result.batch_id}", file=sys.stderr)
             # 4. Progress until every job has ended.
-            watch_batch(settings=settings, batch=result.batch_id, timeout_s=600)
+            ipab(["status", result.batch_id, "--watch"])
         # 5. Where everything is.
         _print_where(settings, result.batch_id, workdir)
-        print_status(settings=settings, batch=result.batch_id)
-    print(f"demo finished in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    print(f"demo finished in {time.monotonic() - t0:.0f} s; worker log: {workdir / 'worker.log'}")
     return 0
 
 
 def _print_where(settings: Settings, batch_id: str, workdir: Path) -> None:
-    from scheduler.commands import results_rows
+    from scheduler.cli import main as ipab
     from shared.storage import ObjectStore
 
     store = ObjectStore.from_settings(settings)
-    out = workdir / "outputs"
-    out.mkdir(exist_ok=True)
-    rows = list(results_rows(settings=settings, batch=batch_id))
-    print(f"\nmetadata: {settings.database_url} (tables batches, jobs, reference_images)")
-    print(f"images:   {store.uri(f'outputs/{batch_id}/')}  (copies in {out})")
+    results = workdir / "results.jsonl"
+    with results.open("w") as out, contextlib.redirect_stdout(out):
+        ipab(["results", batch_id])
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    copies = workdir / "outputs"
+    copies.mkdir(exist_ok=True)
+    print(f"\nSQL rows:  {settings.database_url} (tables batches, jobs, reference_images)")
+    print(f"results:   {results} (one JSON line per job; `ipab results {batch_id}`)")
+    print(f"images:    {store.uri(f'outputs/{batch_id}/')}  (local copies in {copies})")
     for row in rows:
         if row["output_uri"]:
-            key = row["output_uri"].split("/", 3)[3]
-            (out / f"{row['job_id']}.png").write_bytes(store.get(key))
-        print(json.dumps({k: row[k] for k in ("job_id", "status", "seed", "prompt", "output_uri", "output_sha256")}))
+            key = row["output_uri"].removeprefix(f"s3://{store.bucket}/")
+            (copies / f"{row['job_id']}.png").write_bytes(store.get(key))
+        shown = {k: row[k] for k in ("status", "seed", "prompt", "output_uri", "output_sha256")}
+        print("  " + json.dumps(shown))

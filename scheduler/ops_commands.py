@@ -10,7 +10,7 @@ import redis
 
 from scheduler.reconcile import reconcile_once, run_reconciler
 from shared.db import ensure_database, make_engine, make_session_factory
-from shared.jobs import cancel_jobs, retry_failed
+from shared.jobs import cancel_jobs, retry_failed, transaction
 from shared.settings import load_settings
 
 
@@ -36,21 +36,24 @@ def _open() -> tuple[Any, Any, Any]:
     return settings, sessions, redis.Redis.from_url(settings.redis_url)
 
 
-def _cancel(args: argparse.Namespace) -> int:
-    from scheduler.commands import resolve_batch
+def _batch(sessions: Any, ref: str) -> Any:
+    from scheduler.commands import find_batch
 
-    settings, sessions, _ = _open()
-    batch = resolve_batch(settings=settings, batch=args.batch)
+    with transaction(sessions) as session:
+        return find_batch(session=session, ref=ref)
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    _, sessions, _ = _open()
+    batch = _batch(sessions, args.batch)
     count = cancel_jobs(sessions=sessions, batch_id=batch.id, job_ids=args.job)
     print(f"canceled {count} job(s) of batch {batch.name}; running ones stop at their next step")
     return 0
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from scheduler.commands import resolve_batch
-
     settings, sessions, client = _open()
-    batch = resolve_batch(settings=settings, batch=args.batch)
+    batch = _batch(sessions, args.batch)
     ids = retry_failed(sessions=sessions, batch_id=batch.id)
     report = reconcile_once(sessions=sessions, redis_client=client, settings=settings)
     print(f"re-queued {len(ids)} failed job(s) of batch {batch.name}; {len(report.reenqueued)} enqueued")
