@@ -131,6 +131,29 @@ def fail_job(
         return _changed(session.execute(stmt)) == 1
 
 
+def release_job(
+    *, sessions: sessionmaker[Session], job_id: str, attempt: int, max_attempts: int, error_type: str, message: str
+) -> str:
+    """Give a job back after a transient fault outlasted its retries: queued again, or failed
+    once its attempts are spent. Returns the new status ("" if this attempt no longer holds it).
+    """
+    with transaction(sessions) as session:
+        job = session.execute(select(Job.attempts, Job.attempt_floor).where(_fenced(job_id, attempt))).one_or_none()
+        if job is None:
+            return ""
+        if job.attempts - job.attempt_floor >= max_attempts:
+            values: dict[str, Any] = {
+                "status": JobStatus.failed.value,
+                "finished_at": utcnow(),
+                "error_type": error_type,
+                "error_message": f"{message[:1800]} (after {max_attempts} attempts)",
+            }
+        else:
+            values = {"status": JobStatus.queued.value, "enqueued_at": None, "worker_host": None}
+        session.execute(update(Job).where(_fenced(job_id, attempt)).values(lease_expires_at=None, **values))
+        return str(values["status"])
+
+
 def cancel_jobs(*, sessions: sessionmaker[Session], batch_id: str, job_ids: Sequence[str] | None = None) -> int:
     """Cancel the live jobs of a batch (or only `job_ids`); running ones stop at their next step."""
     where = and_(Job.batch_id == batch_id, Job.status.in_(LIVE))

@@ -179,8 +179,9 @@ def settings(redis_url: str, s3_server: services.Service, object_store: ObjectSt
         soft_time_limit_s=60.0,
         hard_time_limit_s=90.0,
         visibility_timeout_s=120.0,
-        retry_base_s=0.2,
-        retry_max_s=2.0,
+        retry_base_s=0.5,
+        retry_max_s=8.0,
+        transient_retries=10,  # at least 27 s of retries: outlasts the 20 s S3 outage test
     )
 
 

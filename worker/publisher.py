@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 from shared import keys
 from shared.db import JobStatus
 from shared.errors import IpabError
-from shared.jobs import JobResult, fail_job, finish_job, job_status
+from shared.jobs import JobResult, finish_job, job_status
 from shared.retry import retry_transient
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -88,16 +88,9 @@ class Publisher:
         return retry_transient(fn, what=what, retries=s.transient_retries, base_s=s.retry_base_s, max_s=s.retry_max_s)
 
     def _fail(self, p: Publication, error: IpabError) -> None:
-        def record() -> bool:
-            return fail_job(
-                sessions=self._sessions,
-                job_id=p.job_id,
-                attempt=p.lease.attempt,
-                error_type=type(error).__name__,
-                message=str(error),
-            )
+        from worker.runner import record_failure
 
-        self._retry(record, f"record failure of {p.job_id}")
+        record_failure(self._settings, self._sessions, job_id=p.job_id, attempt=p.lease.attempt, error=error)
 
     def publish(self, p: Publication) -> None:
         """Steps 7 and 8 of a job: upload to its deterministic key, then mark it succeeded."""

@@ -16,11 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, MessageInvalid
-from shared.jobs import claim_job, fail_job
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import JobStatus
+from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, MessageInvalid, TransientError
+from shared.jobs import claim_job, fail_job, release_job
 from shared.messages import JobMessage, decode_ids, decode_message
 from shared.queue import forget_queued
 from shared.retry import retry_transient
+from shared.settings import Settings
 from worker.context import WorkerContext
 from worker.lease import Lease
 from worker.png import encode_png
@@ -127,17 +131,42 @@ def _record_failure(ctx: WorkerContext, job_id: str, attempt: int, error: BaseEx
     error = _as_permanent(error)
     if not isinstance(error, IpabError):
         raise error  # a programming error or a shutdown signal: let it surface
-    log.warning("job %s failed: %s: %s", job_id, type(error).__name__, error)
-    retry_transient(
-        lambda: fail_job(
-            sessions=ctx.sessions, job_id=job_id, attempt=attempt, error_type=type(error).__name__, message=str(error)
-        ),
-        what=f"record failure of {job_id}",
-        retries=ctx.settings.transient_retries,
-        base_s=ctx.settings.retry_base_s,
-        max_s=ctx.settings.retry_max_s,
+    return record_failure(ctx.settings, ctx.sessions, job_id=job_id, attempt=attempt, error=error)
+
+
+def record_failure(
+    settings: Settings, sessions: sessionmaker[Session], *, job_id: str, attempt: int, error: IpabError
+) -> str:
+    """Permanent errors fail the job now; a transient fault that outlasted its retries gives
+    the job back to the queue (failing it once its attempts are spent). Returns the outcome."""
+    kind, message = type(error).__name__, str(error)
+    if isinstance(error, TransientError):
+
+        def record() -> str:
+            return release_job(
+                sessions=sessions,
+                job_id=job_id,
+                attempt=attempt,
+                max_attempts=settings.max_attempts,
+                error_type=kind,
+                message=message,
+            )
+
+    else:
+
+        def record() -> str:
+            fail_job(sessions=sessions, job_id=job_id, attempt=attempt, error_type=kind, message=message)
+            return JobStatus.failed.value
+
+    outcome = retry_transient(
+        record,
+        what=f"record {kind} of {job_id}",
+        retries=settings.transient_retries,
+        base_s=settings.retry_base_s,
+        max_s=settings.retry_max_s,
     )
-    return "failed"
+    log.warning("job %s: %s: %s -> %s", job_id, kind, message, outcome or "no longer ours")
+    return outcome or "skipped"
 
 
 def _as_permanent(error: BaseException) -> BaseException:
