@@ -1,9 +1,10 @@
 """`ipab submit`: a manifest into SQL rows (the truth) and Redis messages (the transport), in bulk.
 
 Every row is validated before anything is written. New jobs are inserted in one
-transaction with `enqueued_at` NULL, then pushed to Redis in one pipeline and marked
-enqueued. If Redis is down after the commit, the jobs are safe in SQL and the reconciler
-enqueues them later (the outbox pattern).
+transaction, then pushed to Redis in one pipeline. Whether a message really is in Redis
+is what the reconciler checks (the `queued` set that the push fills), so if Redis is down
+after the commit the jobs are safe in SQL and are enqueued later (the outbox pattern);
+no second pass over the rows is needed to mark them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from shared.db import (
     utcnow,
 )
 from shared.errors import InvalidInput, ManifestInvalid, QueueUnavailable
-from shared.jobs import mark_enqueued, transaction
+from shared.jobs import transaction
 from shared.keys import render_queue
 from shared.messages import JobMessage
 from shared.model_set import read_model_set
@@ -133,7 +134,7 @@ def _job_values(batch_id: str, row: ManifestRow, spec: JobSpec, now: Any) -> dic
         "status": JobStatus.queued.value,
         "attempts": 0,
         "queued_at": now,
-        "enqueued_at": None,
+        "enqueued_at": now,
     }
 
 
@@ -227,11 +228,9 @@ def _submit(request: _Request, sessions: sessionmaker[Session], *, skip_invalid:
         raise ManifestInvalid(list(plan.problems))
     # 5. References, batch and jobs, in one transaction.
     batch_id, inserted, report = _write(request, sessions, plan, resolver)
-    # 6. Enqueue the new jobs in one pipeline; mark them enqueued.
+    # 6. Enqueue the new jobs in one pipeline (the reconciler covers a failed push).
     queue = render_queue(request.model_set)
     enqueued = not inserted or _enqueue(settings=request.settings, queue=queue, batch_id=batch_id, jobs=inserted)
-    if enqueued:
-        mark_enqueued(sessions=sessions, job_ids=list(inserted))
     return SubmitResult(
         batch_id=batch_id,
         batch_name=request.batch_name,

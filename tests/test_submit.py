@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import select, update
 
+from scheduler.reconcile import reconcile_once
 from scheduler.submit import submit_manifest
 from shared.db import Job, JobStatus, ReferenceImage, make_engine, make_session_factory
 from shared.errors import InvalidInput, ManifestInvalid
@@ -176,8 +178,17 @@ def test_redis_down_after_the_commit_leaves_jobs_queued_for_the_reconciler(
     result = submit_manifest(settings=offline, path=manifest, batch_name="b1", model_set_name=MODEL_SET)
 
     assert (result.added, result.enqueued) == (4, False)
-    jobs = load_jobs(offline)
-    assert all(j.status == JobStatus.queued and j.enqueued_at is None for j in jobs)
+    assert all(j.status == JobStatus.queued for j in load_jobs(offline))
+    assert queue_length(submit_settings, MODEL_SET) == 0
+    # Once Redis answers again, one reconciler pass enqueues exactly those jobs.
+    back = submit_settings.model_copy(update={"requeue_grace_s": 0.0})
+    report = reconcile_once(
+        sessions=make_session_factory(make_engine(back.database_url)),
+        redis_client=redis.Redis.from_url(back.redis_url),
+        settings=back,
+    )
+    assert sorted(report.reenqueued) == sorted(j.id for j in load_jobs(offline))
+    assert queue_length(submit_settings, MODEL_SET) == 4
 
 
 def test_an_s3_reference_is_copied_to_its_content_addressed_key(
