@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     cache_redis_ttl_s: int = 7 * 24 * 3600
     cache_lock_ttl_s: float = 60.0
     cache_wait_s: float = 120.0
-    encoder_placement: Literal["device", "cpu", "lazy"] = "device"
+    # Where the image encoder lives: on the render device; on the CPU (encodes there, the GPU
+    # never holds it); or "swap": in host memory, moved to the render GPU only for an encode.
+    encoder_placement: Literal["device", "cpu", "swap"] = "device"
 
     # Reliability.
     lease_s: float = 60.0

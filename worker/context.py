@@ -53,7 +53,10 @@ def build_context(settings: Settings) -> WorkerContext:
         device=settings.device,
         dtype=settings.dtype,
         compile=settings.compile,
+        encoder_device="cpu" if settings.encoder_placement in ("cpu", "swap") else None,
     )
+    if settings.encoder_placement == "swap":
+        renderer.encoder_swap_device = renderer.device
     cache = EmbeddingCache.from_settings(settings, redis=redis_client, store=store, encoder=renderer)
     log.info("worker ready: model set %s on %s", renderer.name, settings.device)
     return WorkerContext(

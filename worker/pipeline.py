@@ -79,6 +79,7 @@ class Renderer:
         self.device: torch.device = pipe.unet.device
         self._base_scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[str, Any] = {}
+        self.encoder_swap_device: torch.device | None = None
         self._negative = self._negative_embedding()
 
     @classmethod
@@ -133,7 +134,23 @@ class Renderer:
         encoded with it (it is cached by the image's hash).
         """
         # In `self.dtype` even when the encoder runs elsewhere (CPU fp32): the UNet casts to it anyway.
-        return [self._encode_pixels(self._pixels(image))[0].to("cpu", self.dtype) for image in images]
+        with self._encoder_on_device():
+            return [self._encode_pixels(self._pixels(image))[0].to("cpu", self.dtype) for image in images]
+
+    @contextmanager
+    def _encoder_on_device(self) -> Iterator[None]:
+        """With placement "swap", the encoder visits the render GPU only for an encode (cache misses
+        are rare), then goes back to host memory, leaving the GPU's memory to the UNet."""
+        if self.encoder_swap_device is None:
+            yield
+            return
+        self.encoder.to(self.encoder_swap_device)
+        try:
+            yield
+        finally:
+            self.encoder.to("cpu")
+            if self.encoder_swap_device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @property
     def embed_shape(self) -> tuple[int, ...]:
