@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from model_helpers import job, reference_image
+
 from shared.model_set import read_model_set
 from worker.pipeline import Renderer
 
