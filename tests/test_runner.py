@@ -1,0 +1,239 @@
+"""The job runner's promises, on real SQLite, Redis and S3 with a fake model (a unit test).
+
+Leases and fences, duplicate deliveries, cancellation at a step, permanent vs transient
+errors, out-of-memory, bounded attempts and `ipab retry`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+import redis
+import torch
+from PIL import Image
+from sqlalchemy import select, update
+
+from shared import keys
+from shared.db import Batch, Job, ensure_database, make_engine, make_session_factory
+from shared.errors import JobCanceled
+from shared.jobs import JobResult, claim_job, expire_leases, finish_job, retry_failed
+from shared.messages import JobMessage
+from shared.settings import Settings
+from shared.spec import JobSpec, Reference, parse_params
+from shared.storage import ObjectStore
+from worker.context import WorkerContext
+from worker.embed_cache import EmbeddingCache
+from worker.publisher import Publisher
+from worker.runner import run_job
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+REF_PNG = _png(Image.new("RGB", (32, 32), (200, 30, 30)))
+
+
+class FakeRenderer:
+    """Renderer's interface; `generate` runs `steps` steps, calling on_step, then returns a flat image."""
+
+    name = "fake"
+    encoder_id = "fake-encoder"
+    embed_kind = "image_embeds"
+    dtype = torch.float32
+    embed_shape = (4,)
+
+    def __init__(self) -> None:
+        self.fail_with: BaseException | None = None
+        self.step_delay_s = 0.0
+
+    def encode(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        return [torch.ones(4) for _ in images]
+
+    def generate(
+        self, params: Any, embeds: Sequence[torch.Tensor], *, on_step: Callable[[int], None] | None = None
+    ) -> Image.Image:
+        if self.fail_with is not None:
+            raise self.fail_with
+        for step in range(params.steps):
+            time.sleep(self.step_delay_s)
+            if on_step is not None:
+                on_step(step)
+        return Image.new("RGB", (params.width, params.height), (params.seed % 256, 0, 0))
+
+
+@pytest.fixture
+def ctx(settings: Settings, object_store: ObjectStore) -> Iterator[WorkerContext]:
+    ensure_database(settings.database_url)
+    sessions = make_session_factory(make_engine(settings.database_url))
+    client = redis.Redis.from_url(settings.redis_url)
+    renderer = FakeRenderer()
+    cache = EmbeddingCache.from_settings(settings, redis=client, store=object_store, encoder=renderer)  # type: ignore[arg-type]
+    context = WorkerContext(
+        settings=settings,
+        sessions=sessions,
+        redis=client,
+        store=object_store,
+        renderer=renderer,  # type: ignore[arg-type]
+        cache=cache,
+        publisher=Publisher(settings=settings, sessions=sessions, store=object_store),
+        host="test-host",
+    )
+    yield context
+    context.close()
+
+
+def add_job(ctx: WorkerContext, *, steps: int = 2, seed: int = 7) -> JobMessage:
+    """A committed, queued job row (as `ipab submit` leaves it) and its message."""
+    sha = hashlib.sha256(REF_PNG).hexdigest()
+    ref = Reference(sha256=sha, key=keys.ref_key(sha, "png"))
+    ctx.store.put(ref.key, REF_PNG)
+    params = parse_params({"prompt": "p", "seed": seed, "width": 64, "height": 64, "steps": steps})
+    spec = JobSpec(params=params, references=(ref,))
+    with ctx.sessions.begin() as session:
+        batch = session.scalars(select(Batch).where(Batch.name == "b")).one_or_none()
+        if batch is None:
+            batch = Batch(name="b", model_set="fake")
+            session.add(batch)
+            session.flush()
+        job_id = str(uuid.uuid4())
+        session.add(
+            Job(
+                id=job_id,
+                batch_id=batch.id,
+                line=1,
+                dedupe_key=job_id.replace("-", ""),
+                spec=json.dumps(spec.to_json()),
+                seed=seed,
+            )
+        )
+    return JobMessage(job_id=job_id, batch_id=batch.id, spec=spec)
+
+
+def job_row(ctx: WorkerContext, job_id: str) -> Job:
+    with ctx.sessions() as session:
+        return session.scalars(select(Job).where(Job.id == job_id)).one()
+
+
+def run_and_publish(ctx: WorkerContext, raw: Any) -> str:
+    outcome = run_job(ctx, raw)
+    assert ctx.publisher.drain(timeout_s=30)
+    return outcome
+
+
+def test_a_job_succeeds_with_its_output_stored_and_recorded(ctx: WorkerContext) -> None:
+    message = add_job(ctx)
+    assert run_and_publish(ctx, message.to_json()) == "rendered"
+    job = job_row(ctx, message.job_id)
+    assert (job.status, job.attempts, job.worker_host) == ("succeeded", 1, "test-host")
+    png = ctx.store.get(keys.output_key(message.batch_id, message.job_id))
+    assert hashlib.sha256(png).hexdigest() == job.output_sha256 and job.output_bytes == len(png)
+    assert job.denoise_s is not None and job.upload_s is not None
+    assert json.loads(job.cache_stats or "{}")["encodes"] == 1
+
+
+def test_a_redelivered_finished_job_writes_nothing_again(ctx: WorkerContext) -> None:
+    message = add_job(ctx)
+    run_and_publish(ctx, message.to_json())
+    before = job_row(ctx, message.job_id)
+    assert run_and_publish(ctx, message.to_json()) == "skipped"
+    after = job_row(ctx, message.job_id)
+    assert (after.status, after.attempts, after.finished_at) == ("succeeded", 1, before.finished_at)
+
+
+def test_a_zombie_attempt_cannot_overwrite_the_newer_one(ctx: WorkerContext) -> None:
+    message = add_job(ctx)
+    first = claim_job(sessions=ctx.sessions, job_id=message.job_id, worker_host="zombie", lease_s=60)
+    # The zombie's lease runs out; another worker takes the job over.
+    with ctx.sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == message.job_id).values(lease_expires_at=Job.started_at))
+    second = claim_job(sessions=ctx.sessions, job_id=message.job_id, worker_host="new", lease_s=60)
+    assert (first, second) == (1, 2)
+    late = JobResult(output_key="x", output_sha256="0" * 64, output_bytes=1, encode_s=0, denoise_s=0, upload_s=0)
+    assert not finish_job(sessions=ctx.sessions, job_id=message.job_id, attempt=1, result=late)
+    assert finish_job(sessions=ctx.sessions, job_id=message.job_id, attempt=2, result=late)
+
+
+def test_bad_parameters_in_a_hand_made_message_fail_the_job_at_once(ctx: WorkerContext) -> None:
+    message = add_job(ctx)
+    raw = message.to_json()
+    raw["spec"]["params"]["steps"] = 0
+    assert run_and_publish(ctx, raw) == "failed"
+    job = job_row(ctx, message.job_id)
+    assert (job.status, job.attempts, job.error_type) == ("failed", 1, "InvalidInput")
+    assert "`steps` is 0" in (job.error_message or "")
+
+
+def test_a_message_that_is_not_a_job_is_dropped(ctx: WorkerContext) -> None:
+    assert run_and_publish(ctx, {"v": 1, "job_id": "not-a-uuid"}) == "dropped"
+    assert run_and_publish(ctx, "garbage") == "dropped"
+
+
+def test_out_of_memory_fails_the_job_and_the_worker_serves_on(ctx: WorkerContext) -> None:
+    oom, fine = add_job(ctx), add_job(ctx, seed=8)
+    ctx.renderer.fail_with = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")  # type: ignore[attr-defined]
+    assert run_and_publish(ctx, oom.to_json()) == "failed"
+    ctx.renderer.fail_with = None  # type: ignore[attr-defined]
+    assert run_and_publish(ctx, fine.to_json()) == "rendered"
+    failed = job_row(ctx, oom.job_id)
+    assert failed.error_type == "GpuOutOfMemory" and "out of memory" in (failed.error_message or "")
+    assert job_row(ctx, fine.job_id).status == "succeeded"
+
+
+def test_a_running_job_canceled_stops_at_a_step_and_leaves_no_output(ctx: WorkerContext) -> None:
+    message = add_job(ctx, steps=40)
+    ctx.renderer.step_delay_s = 0.1  # type: ignore[attr-defined]
+    import threading
+
+    from shared.jobs import cancel_jobs
+
+    timer = threading.Timer(1.0, lambda: cancel_jobs(sessions=ctx.sessions, batch_id=message.batch_id))
+    timer.start()
+    t0 = time.monotonic()
+    assert run_and_publish(ctx, message.to_json()) == "canceled"
+    assert time.monotonic() - t0 < 3.0  # stopped within a heartbeat, not after 40 steps
+    assert job_row(ctx, message.job_id).status == "canceled"
+    assert not ctx.store.exists(keys.output_key(message.batch_id, message.job_id))
+
+
+def test_a_job_that_keeps_losing_its_worker_fails_after_max_attempts(ctx: WorkerContext) -> None:
+    message = add_job(ctx)
+    for attempt in range(1, ctx.settings.max_attempts + 1):
+        assert claim_job(sessions=ctx.sessions, job_id=message.job_id, worker_host="w", lease_s=0) == attempt
+        time.sleep(0.01)
+        requeued, failed = expire_leases(sessions=ctx.sessions, max_attempts=ctx.settings.max_attempts)
+    assert failed == [message.job_id] and requeued == []
+    job = job_row(ctx, message.job_id)
+    assert (job.status, job.error_message) == ("failed", f"worker lost {ctx.settings.max_attempts} times")
+    # `ipab retry --failed` gives it a fresh budget; the attempt number (the fence) only grows.
+    assert retry_failed(sessions=ctx.sessions, batch_id=message.batch_id) == [message.job_id]
+    assert run_and_publish(ctx, message.to_json()) == "rendered"
+    job = job_row(ctx, message.job_id)
+    assert (job.status, job.attempts) == ("succeeded", ctx.settings.max_attempts + 1)
+
+
+def test_a_job_canceled_before_it_starts_never_runs(ctx: WorkerContext) -> None:
+    from shared.jobs import cancel_jobs
+
+    message = add_job(ctx)
+    assert cancel_jobs(sessions=ctx.sessions, batch_id=message.batch_id) == 1
+    assert run_and_publish(ctx, message.to_json()) == "skipped"
+    assert job_row(ctx, message.job_id).attempts == 0
+
+
+def test_cancel_raises_at_the_next_step_once_the_lease_is_lost() -> None:
+    from worker.lease import Lease
+
+    lease = Lease(sessions=None, job_id="j", attempt=1, lease_s=1, heartbeat_s=0.5)  # type: ignore[arg-type]
+    lease._lost.set()
+    with pytest.raises(JobCanceled, match="at step 3"):
+        lease.check(3)
