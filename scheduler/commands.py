@@ -103,6 +103,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Validate a manifest and submit its jobs; the batch id alone on the last line."""
     settings = load_settings()
     ensure_database(settings.database_url)
+    ObjectStore.from_settings(settings).ensure_bucket()  # a fresh object store works at once
     try:
         result = submit_manifest(
             settings=settings,

@@ -135,6 +135,7 @@ def worker_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.P
 def _demo(args: argparse.Namespace) -> int:
     from scheduler.cli import main as ipab
     from scheduler.submit import submit_manifest
+    from shared.storage import ObjectStore
 
     t0 = time.monotonic()
     workdir: Path = args.dir.resolve()
@@ -149,6 +150,7 @@ def _demo(args: argparse.Namespace) -> int:
         # 2. One worker, in its own process, as in production.
         with worker_process(dict(os.environ), workdir / "worker.log"):
             # 3. Submit: rows in SQL, each reference uploaded once, messages in Redis.
+            ObjectStore.from_settings(settings).ensure_bucket()
             result = submit_manifest(
                 settings=settings,
                 path=manifest,
