@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from shared.settings import Settings
-from tests.system.helpers import Workers
+from tests.system.helpers import Workers, worker_pool
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +32,5 @@ def workers(
     system_settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
 ) -> Iterator[Workers]:
     """Start real worker processes with `workers.start()`; they are killed at the end."""
-    env = {**os.environ, **settings_env(system_settings), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    pool = Workers(env, tmp_path)
-    yield pool
-    pool.stop_all()
+    with worker_pool(system_settings, settings_env, tmp_path) as pool:
+        yield pool

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,19 @@ class Workers:
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.logs.glob("worker-*.log")))
+
+
+@contextlib.contextmanager
+def worker_pool(
+    settings: Settings, settings_env: Callable[[Settings], dict[str, str]], logs: Path
+) -> Iterator[Workers]:
+    """Real `ipab worker` processes for these settings (start them with `.start()`); killed on exit."""
+    env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    pool = Workers(env, logs)
+    try:
+        yield pool
+    finally:
+        pool.stop_all()
 
 
 def wait_for_batch(

@@ -8,12 +8,10 @@ Lease and timeout values are short settings from the `settings` fixture, not cod
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from shared.db import Job, JobStatus, make_engine, make_session_factory
 from shared.model_set import read_model_set
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.system.helpers import Workers, wait_for_batch
+from tests.system.helpers import Workers, wait_for_batch, worker_pool
 from tests.system.test_end_to_end import submit, write_manifest
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -66,19 +64,6 @@ def assert_each_job_ended_once(settings: Settings, batch_id: str, *, allow_cance
     return jobs
 
 
-@contextlib.contextmanager
-def own_workers(
-    settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
-) -> Iterator[Workers]:
-    """Workers for settings that differ from the `workers` fixture's (a private server)."""
-    env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    pool = Workers(env, tmp_path)
-    try:
-        yield pool
-    finally:
-        pool.stop_all()
-
-
 def start_batch(settings: Settings, workers: Workers, tmp_path: Path, name: str) -> str:
     manifest = write_manifest(tmp_path, rows=JOBS)
     return submit(workers, manifest, name)
@@ -105,6 +90,26 @@ def test_flushall_mid_batch_loses_nothing(system_settings: Settings, workers: Wo
     assert_each_job_ended_once(system_settings, batch_id)
 
 
+def run_through_outage(
+    settings: Settings,
+    settings_env: Callable[[Settings], dict[str, str]],
+    tmp_path: Path,
+    server: Service,
+    *,
+    down_s: float,
+) -> None:
+    """A batch whose `server` goes down for `down_s` once results are coming in."""
+    with worker_pool(settings, settings_env, tmp_path) as pool:
+        pool.start()
+        batch_id = start_batch(settings, pool, tmp_path, f"{server.name}-outage")
+        wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
+        server.stop()
+        time.sleep(down_s)
+        server.start()
+        wait_for_batch(settings, batch_id, workers=pool)
+    assert_each_job_ended_once(settings, batch_id)
+
+
 def test_redis_restart_mid_batch_loses_nothing(
     system_settings: Settings,
     settings_env: Callable[[Settings], dict[str, str]],
@@ -112,15 +117,7 @@ def test_redis_restart_mid_batch_loses_nothing(
     private_redis: Service,
 ) -> None:
     settings = system_settings.model_copy(update={"redis_url": private_redis.url})
-    with own_workers(settings, settings_env, tmp_path) as pool:
-        pool.start()
-        batch_id = start_batch(settings, pool, tmp_path, "redis-restart")
-        wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
-        private_redis.stop()
-        time.sleep(3)
-        private_redis.start()
-        wait_for_batch(settings, batch_id, workers=pool)
-    assert_each_job_ended_once(settings, batch_id)
+    run_through_outage(settings, settings_env, tmp_path, private_redis, down_s=3)
 
 
 def test_s3_outage_of_20_s_mid_batch_loses_nothing(
@@ -128,15 +125,7 @@ def test_s3_outage_of_20_s_mid_batch_loses_nothing(
 ) -> None:
     settings = system_settings.model_copy(update={"s3_endpoint_url": private_s3.url})
     ObjectStore.from_settings(settings).ensure_bucket()
-    with own_workers(settings, settings_env, tmp_path) as pool:
-        pool.start()
-        batch_id = start_batch(settings, pool, tmp_path, "s3-outage")
-        wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
-        private_s3.stop()
-        time.sleep(20)
-        private_s3.start()
-        wait_for_batch(settings, batch_id, workers=pool)
-    assert_each_job_ended_once(settings, batch_id)
+    run_through_outage(settings, settings_env, tmp_path, private_s3, down_s=20)
 
 
 def test_postgres_restart_mid_batch_loses_nothing(
@@ -146,15 +135,7 @@ def test_postgres_restart_mid_batch_loses_nothing(
     private_postgres: Service,
 ) -> None:
     settings = system_settings.model_copy(update={"database_url": private_postgres.url})
-    with own_workers(settings, settings_env, tmp_path) as pool:
-        pool.start()
-        batch_id = start_batch(settings, pool, tmp_path, "pg-restart")
-        wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
-        private_postgres.stop()
-        time.sleep(3)
-        private_postgres.start()
-        wait_for_batch(settings, batch_id, workers=pool)
-    assert_each_job_ended_once(settings, batch_id)
+    run_through_outage(settings, settings_env, tmp_path, private_postgres, down_s=3)
 
 
 def test_poison_messages_do_not_stop_the_worker(system_settings: Settings, workers: Workers, tmp_path: Path) -> None:

@@ -50,25 +50,23 @@ def test_200_jobs_over_5_images_on_2_workers_encode_each_image_once(
 ) -> None:
     from tests.system.test_end_to_end import ipab
 
+    def run_batch(name: str) -> dict[str, int]:
+        manifest = write_five_reference_manifest(tmp_path, f"{name}.jsonl")
+        done = ipab(workers.env, "submit", str(manifest), "--batch", name, *FAST, cwd=tmp_path)
+        batch_id = done.stdout.strip().splitlines()[-1]
+        wait_for_batch(system_settings, batch_id, workers=workers)
+        return cache_totals(system_settings, batch_id)
+
     for _ in range(2):
         workers.start()
-    first = write_five_reference_manifest(tmp_path, "first.jsonl")
-    done = ipab(workers.env, "submit", str(first), "--batch", "first", *FAST, cwd=tmp_path)
-    batch_id = done.stdout.strip().splitlines()[-1]
-    wait_for_batch(system_settings, batch_id, workers=workers)
-    totals = cache_totals(system_settings, batch_id)
-    assert totals["encodes"] == 5
+    assert run_batch("first")["encodes"] == 5
 
     # Redis flushed, workers restarted (empty in-process caches): one download per image, no encode.
     workers.stop_all()
     redis.Redis.from_url(system_settings.redis_url).flushdb()
     for _ in range(2):
         workers.start()
-    second = write_five_reference_manifest(tmp_path, "second.jsonl")
-    done = ipab(workers.env, "submit", str(second), "--batch", "second", *FAST, cwd=tmp_path)
-    batch_id = done.stdout.strip().splitlines()[-1]
-    wait_for_batch(system_settings, batch_id, workers=workers)
-    totals = cache_totals(system_settings, batch_id)
+    totals = run_batch("second")
     assert (totals["encodes"], totals["store_hits"]) == (0, 5)
     stats = ipab(workers.env, "cache", "stats", "--json", cwd=tmp_path)
     assert json.loads(stats.stdout)["encodes"] == 0  # fleet counters since the flush

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from shared.model_set import read_model_set
 from shared.settings import Settings
 from shared.spec import parse_spec
 from shared.storage import ObjectStore
-from tests.system.helpers import Workers, wait_for_batch
+from tests.system.helpers import Workers, wait_for_batch, worker_pool
 
 SIZE = {"width": 64, "height": 64, "steps": 4}
 
@@ -108,9 +107,5 @@ def test_manifest_runs_end_to_end_on_postgres(
     system_settings: Settings, postgres_url: str, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
 ) -> None:
     settings = system_settings.model_copy(update={"database_url": postgres_url})
-    env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    pool = Workers(env, tmp_path)
-    try:
+    with worker_pool(settings, settings_env, tmp_path) as pool:
         run_batch_end_to_end(settings, pool, tmp_path)
-    finally:
-        pool.stop_all()
