@@ -26,9 +26,9 @@ from scheduler.references import ReferenceFile, ReferenceResolver, UploadReport,
 from shared.db import (
     Batch,
     Job,
-    JobStatus,
     ensure_database,
     insert_ignoring_duplicates,
+    insert_new_jobs,
     make_engine,
     make_session_factory,
     new_id,
@@ -37,15 +37,16 @@ from shared.db import (
 from shared.errors import InvalidInput, ManifestInvalid, QueueUnavailable
 from shared.jobs import transaction
 from shared.keys import render_queue
-from shared.messages import JobMessage
 from shared.model_set import read_model_set
-from shared.queue import enqueue_jobs
+from shared.queue import enqueue_serialized, message_json
 from shared.settings import Settings
-from shared.spec import JobSpec
+from shared.spec import GenerationParams, JobSpec
 from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
-INSERT_CHUNK: Final = 1000
+_COMPACT: Final = (",", ":")
+# Only its references are used: `_references_json` serializes them as JobSpec does.
+_NO_PARAMS: Final = GenerationParams(prompt="", seed=0)
 REDIS_CONNECT_TIMEOUT_S: Final = 5.0
 REDIS_SOCKET_TIMEOUT_S: Final = 60.0
 
@@ -122,46 +123,49 @@ def _get_or_create_batch(session: Session, *, name: str, model_set: str) -> Batc
     return batch
 
 
-def _job_values(batch_id: str, row: ManifestRow, spec: JobSpec, now: Any) -> dict[str, Any]:
-    return {
-        "id": new_id(),
-        "batch_id": batch_id,
-        "line": row.line,
-        "client_id": row.client_id,
-        "dedupe_key": row.dedupe_key,
-        "spec": json.dumps(spec.to_json(), separators=(",", ":")),
-        "seed": row.params.seed,
-        "status": JobStatus.queued.value,
-        "attempts": 0,
-        "queued_at": now,
-        "enqueued_at": now,
-    }
+def _references_json(files: tuple[ReferenceFile, ...]) -> str:
+    return json.dumps(
+        JobSpec(_NO_PARAMS, tuple(f.reference() for f in files)).to_json()["references"], separators=_COMPACT
+    )
 
 
-def _insert_jobs(session: Session, batch: Batch, rows: Sequence[tuple[ManifestRow, JobSpec]]) -> dict[str, JobSpec]:
-    """Insert in chunks; rows a concurrent submission inserted first are skipped. Returns id -> spec."""
-    stmt = insert_ignoring_duplicates(Job, dialect=session.get_bind().dialect.name, unique=["batch_id", "dedupe_key"])
-    now = utcnow()
-    inserted: dict[str, JobSpec] = {}
-    for start in range(0, len(rows), INSERT_CHUNK):
-        values = [_job_values(batch.id, row, spec, now) for row, spec in rows[start : start + INSERT_CHUNK]]
-        spec_of = {v["id"]: spec for v, (_, spec) in zip(values, rows[start : start + INSERT_CHUNK], strict=True)}
-        for job_id in session.scalars(stmt.returning(Job.id), values):
-            inserted[job_id] = spec_of[job_id]
+def _spec_json(params: GenerationParams, references_json: str) -> str:
+    # `JobSpec.to_json()` as text, the references part serialized once per distinct set
+    # (100k rows over a few images); the worker parses it with `parse_spec` as any spec.
+    return f'{{"params":{json.dumps(params.to_json(), separators=_COMPACT)},"references":{references_json}}}'
+
+
+def _job_rows(plan_rows: Sequence[tuple[ManifestRow, tuple[ReferenceFile, ...]]]) -> list[tuple[Any, ...]]:
+    """Rows for `insert_new_jobs` (NEW_JOB_COLUMNS): a fresh id, the line, keys, spec JSON, seed."""
+    refs_json: dict[tuple[ReferenceFile, ...], str] = {}
+    rows = []
+    for row, files in plan_rows:
+        if files not in refs_json:
+            refs_json[files] = _references_json(files)
+        spec = _spec_json(row.params, refs_json[files])
+        rows.append((new_id(), row.line, row.client_id, row.dedupe_key, spec, row.params.seed))
+    return rows
+
+
+def _insert_jobs(session: Session, batch: Batch, rows: Sequence[tuple[Any, ...]]) -> dict[str, str]:
+    """Insert the job rows; rows a concurrent submission inserted first are skipped. Returns id -> spec JSON."""
+    inserted = insert_new_jobs(session, batch_id=batch.id, queued_at=utcnow(), rows=rows)
     session.execute(update(Batch).where(Batch.id == batch.id).values(job_count=Batch.job_count + len(inserted)))
-    return inserted
+    return {row[0]: row[4] for row in rows if row[0] in inserted}
 
 
 # 6. Enqueue.
 
 
-def _enqueue(*, settings: Settings, queue: str, batch_id: str, jobs: Mapping[str, JobSpec]) -> bool:
-    messages = [JobMessage(job_id=job_id, batch_id=batch_id, spec=spec) for job_id, spec in jobs.items()]
+def _enqueue(*, settings: Settings, queue: str, batch_id: str, jobs: Mapping[str, str]) -> bool:
+    messages = [
+        (job_id, message_json(job_id=job_id, batch_id=batch_id, spec_json=spec)) for job_id, spec in jobs.items()
+    ]
     client = redis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S
     )
     try:
-        enqueue_jobs(redis_client=client, queue=queue, messages=messages, prefix=settings.redis_prefix)
+        enqueue_serialized(redis_client=client, queue=queue, messages=messages, prefix=settings.redis_prefix)
     except QueueUnavailable as e:
         log.warning("%s", e)
         return False
@@ -212,13 +216,12 @@ def _plan(request: _Request, sessions: sessionmaker[Session]) -> tuple[_Plan, Re
 
 def _write(
     request: _Request, sessions: sessionmaker[Session], plan: _Plan, resolver: ReferenceResolver
-) -> tuple[str, dict[str, JobSpec], UploadReport]:
+) -> tuple[str, dict[str, str], UploadReport]:
     """Upload the references, then insert the batch and the new jobs in one transaction."""
     with transaction(sessions) as session:
         report = upload_references((f for _, files in plan.rows for f in files), resolver=resolver, session=session)
         batch = _get_or_create_batch(session, name=request.batch_name, model_set=request.model_set)
-        specs = [(row, JobSpec(row.params, tuple(f.reference() for f in files))) for row, files in plan.rows]
-        return batch.id, _insert_jobs(session, batch, specs), report
+        return batch.id, _insert_jobs(session, batch, _job_rows(plan.rows)), report
 
 
 def _submit(request: _Request, sessions: sessionmaker[Session], *, skip_invalid: bool) -> SubmitResult:

@@ -1,0 +1,48 @@
+"""Bulk job inserts: rows a concurrent submission inserted first are skipped, and only fresh ids come back."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from shared.db import (
+    Batch,
+    Job,
+    JobStatus,
+    ensure_database,
+    insert_new_jobs,
+    make_engine,
+    make_session_factory,
+    new_id,
+    utcnow,
+)
+
+
+def _rows(keys: list[str]) -> list[tuple[object, ...]]:
+    spec = '{"params":{"prompt":"tab\\there, 100% \\"quoted\\"\\n"},"references":[]}'
+    return [(new_id(), line, None if line % 2 else f"c{line}", key, spec, 2**63 - 1) for line, key in enumerate(keys)]
+
+
+def test_insert_new_jobs_returns_only_the_rows_it_inserted_and_stores_them_queued(database_url: str) -> None:
+    ensure_database(database_url)
+    engine = make_engine(database_url)
+    sessions = make_session_factory(engine)
+    now = utcnow()
+    with sessions.begin() as session:
+        batch = Batch(id=new_id(), name="b", model_set="m", job_count=0)
+        session.add(batch)
+        session.flush()
+        first = _rows(["k1", "k2"])
+        assert insert_new_jobs(session, batch_id=batch.id, queued_at=now, rows=first) == {r[0] for r in first}
+    with sessions.begin() as session:
+        again = _rows(["k2", "k3", "k4"])  # k2 was inserted by "another submission"
+        inserted = insert_new_jobs(session, batch_id=batch.id, queued_at=now, rows=again)
+        assert inserted == {again[1][0], again[2][0]}
+    with sessions() as session:
+        jobs = session.scalars(select(Job).where(Job.batch_id == batch.id)).all()
+        assert sorted(j.dedupe_key for j in jobs) == ["k1", "k2", "k3", "k4"]
+        assert {j.status for j in jobs} == {JobStatus.queued.value}
+        assert {j.queued_at for j in jobs} == {now} and {j.enqueued_at for j in jobs} == {now}
+        assert {j.attempts for j in jobs} == {0} and {j.seed for j in jobs} == {2**63 - 1}
+        assert all(j.spec == first[0][4] for j in jobs)
+        assert {j.client_id for j in jobs if j.line == 0} == {"c0"}
+    engine.dispose()
