@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import unicodedata
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
@@ -25,6 +25,9 @@ MAX_GUIDANCE: Final = 30.0
 MAX_ADAPTER_SCALE: Final = 2.0
 MAX_PROMPT_CHARS: Final = 2000
 MAX_REFERENCES: Final = 8
+# Unicode categories Cc (fixed by Unicode's stability policy) and Cs, less tab and newline:
+# one regex search instead of a per-character category lookup (tested over every code point).
+_CONTROL_CHARS: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 SCHEDULERS: Final = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim")
 
@@ -146,9 +149,9 @@ def check_text(name: str, value: Any) -> str:
         raise InvalidInput(name, value, "must be a string")
     if len(value) > MAX_PROMPT_CHARS:
         raise InvalidInput(name, value, f"must be at most {MAX_PROMPT_CHARS} characters, is {len(value)}")
-    for ch in value:
-        if ch not in "\t\n" and unicodedata.category(ch) in ("Cc", "Cs"):
-            raise InvalidInput(name, value, f"contains control character {ch!r}; remove it")
+    bad = _CONTROL_CHARS.search(value)
+    if bad is not None:
+        raise InvalidInput(name, value, f"contains control character {bad.group()!r}; remove it")
     return value
 
 
