@@ -12,9 +12,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Table, and_, bindparam, or_, select, update
 from sqlalchemy.exc import InterfaceError as SqlInterfaceError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -48,27 +48,61 @@ def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
         raise DatabaseUnavailable(f"SQL database unreachable: {e.orig or e}") from e
 
 
+# The hot statements (every job runs claim and finish; long jobs renew) are Core UPDATEs on
+# the table, built once with bound parameters: building and compiling an ORM-enabled
+# UPDATE per call cost a worker more CPU than the database spent running it.
+_JOBS = cast(Table, Job.__table__)
+_C = _JOBS.c
+_FENCE = and_(_C.id == bindparam("p_id"), _C.attempts == bindparam("p_attempt"), _C.status == JobStatus.running.value)
+_CLAIM = (
+    update(_JOBS)
+    .where(
+        _C.id == bindparam("p_id"),
+        or_(
+            _C.status == JobStatus.queued.value,
+            and_(_C.status == JobStatus.running.value, _C.lease_expires_at < bindparam("p_now")),
+        ),
+    )
+    .values(
+        status=JobStatus.running.value,
+        attempts=_C.attempts + 1,
+        lease_expires_at=bindparam("p_until"),
+        worker_host=bindparam("p_host"),
+        started_at=bindparam("p_now"),
+    )
+    .returning(_C.attempts)
+)
+_RENEW = update(_JOBS).where(_FENCE).values(lease_expires_at=bindparam("p_until"))
+_RESULT_FIELDS = (
+    "output_key",
+    "output_sha256",
+    "output_bytes",
+    "encode_s",
+    "denoise_s",
+    "upload_s",
+    "cache_stats",
+)
+_FINISH = (
+    update(_JOBS)
+    .where(_FENCE)
+    .values(
+        status=JobStatus.succeeded.value,
+        finished_at=bindparam("p_now"),
+        lease_expires_at=None,
+        error_type=None,
+        error_message=None,
+        **{name: bindparam(f"p_{name}") for name in _RESULT_FIELDS},
+    )
+)
+
+
 def claim_job(*, sessions: sessionmaker[Session], job_id: str, worker_host: str, lease_s: float) -> int | None:
     """Take a queued job (or one whose lease expired); return its attempt number, or None."""
     now = utcnow()
-    claimable = or_(
-        Job.status == JobStatus.queued.value,
-        and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now),
-    )
-    stmt = (
-        _update()
-        .where(Job.id == job_id, claimable)
-        .values(
-            status=JobStatus.running.value,
-            attempts=Job.attempts + 1,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-            worker_host=worker_host,
-            started_at=now,
-        )
-        .returning(Job.attempts)
-    )
+    params = {"p_id": job_id, "p_now": now, "p_until": now + timedelta(seconds=lease_s), "p_host": worker_host}
     with transaction(sessions) as session:
-        return session.execute(stmt).scalar_one_or_none()
+        attempt: int | None = session.execute(_CLAIM, params).scalar_one_or_none()
+        return attempt
 
 
 def _update() -> Any:
@@ -88,33 +122,17 @@ def _fenced(job_id: str, attempt: int) -> Any:
 
 def renew_lease(*, sessions: sessionmaker[Session], job_id: str, attempt: int, lease_s: float) -> bool:
     """Extend a running job's lease; False when the job was canceled or taken over."""
-    stmt = _update().where(_fenced(job_id, attempt)).values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+    params = {"p_id": job_id, "p_attempt": attempt, "p_until": utcnow() + timedelta(seconds=lease_s)}
     with transaction(sessions) as session:
-        return _changed(session.execute(stmt)) == 1
+        return _changed(session.execute(_RENEW, params)) == 1
 
 
 def finish_job(*, sessions: sessionmaker[Session], job_id: str, attempt: int, result: JobResult) -> bool:
     """Mark the job succeeded, only if this attempt still holds it."""
-    stmt = (
-        _update()
-        .where(_fenced(job_id, attempt))
-        .values(
-            status=JobStatus.succeeded.value,
-            finished_at=utcnow(),
-            lease_expires_at=None,
-            output_key=result.output_key,
-            output_sha256=result.output_sha256,
-            output_bytes=result.output_bytes,
-            encode_s=result.encode_s,
-            denoise_s=result.denoise_s,
-            upload_s=result.upload_s,
-            cache_stats=result.cache_stats,
-            error_type=None,
-            error_message=None,
-        )
-    )
+    params = {"p_id": job_id, "p_attempt": attempt, "p_now": utcnow()}
+    params.update({f"p_{name}": getattr(result, name) for name in _RESULT_FIELDS})
     with transaction(sessions) as session:
-        return _changed(session.execute(stmt)) == 1
+        return _changed(session.execute(_FINISH, params)) == 1
 
 
 def fail_job(
