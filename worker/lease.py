@@ -1,13 +1,20 @@
-"""A running job's lease, renewed by a heartbeat thread while the job runs.
+"""A running job's lease, renewed by the process's heartbeat thread while the job runs.
 
 When a renewal finds the job no longer ours (canceled, or re-claimed after our lease
 expired), the lease is marked lost and the denoising loop stops at its next step.
+
+One heartbeat thread per process renews every held lease when it falls due (each
+`heartbeat_s` after it was taken or last renewed), instead of a thread per job: starting a
+thread cost more than a short job's own SQL. A worker holds at most two leases at a time
+(the job rendering and the one publishing), so one thread keeps up with both.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,16 +37,18 @@ class Lease:
         self._heartbeat_s = heartbeat_s
         self._stopped = threading.Event()
         self._lost = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id[:8]}", daemon=True)
+        self.due_s = 0.0  # monotonic time of the next renewal; set by start()
 
     def start(self) -> Lease:
         """Begin renewing; returns self."""
-        self._thread.start()
+        self.due_s = time.monotonic() + self._heartbeat_s
+        _heartbeat().add(self)
         return self
 
     def stop(self) -> None:
         """Stop renewing (the job's row no longer needs a lease)."""
         self._stopped.set()
+        _heartbeat().remove(self)
 
     @property
     def lost(self) -> bool:
@@ -51,16 +60,74 @@ class Lease:
         if self._lost.is_set():
             raise JobCanceled(f"job {self.job_id} was canceled or taken over (at step {step})")
 
-    def _beat(self) -> None:
-        while not self._stopped.wait(self._heartbeat_s):
-            try:
-                ours = renew_lease(
-                    sessions=self._sessions, job_id=self.job_id, attempt=self.attempt, lease_s=self._lease_s
-                )
-            except TransientError as e:
-                # The lease outlives a short database outage; the next beat tries again.
-                log.warning("lease renewal for %s failed: %s", self.job_id, e)
-                continue
-            if not ours:
-                self._lost.set()
-                return
+    def renew(self) -> bool:
+        """One renewal, on the heartbeat thread; False once the lease needs no more renewals."""
+        if self._stopped.is_set():
+            return False
+        self.due_s = time.monotonic() + self._heartbeat_s  # before the call: a failure waits a beat too
+        try:
+            ours = renew_lease(sessions=self._sessions, job_id=self.job_id, attempt=self.attempt, lease_s=self._lease_s)
+        except TransientError as e:
+            # The lease outlives a short database outage; the next beat tries again.
+            log.warning("lease renewal for %s failed: %s", self.job_id, e)
+            ours = True
+        if not ours:
+            self._lost.set()
+            return False
+        return not self._stopped.is_set()
+
+
+class Heartbeat:
+    """The thread that renews this process's leases, each when it falls due."""
+
+    def __init__(self) -> None:
+        self._leases: set[Lease] = set()
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def add(self, lease: Lease) -> None:
+        """Renew `lease` from its `due_s` on."""
+        with self._changed:
+            self._leases.add(lease)
+            self._changed.notify()
+
+    def remove(self, lease: Lease) -> None:
+        """Renew `lease` no more."""
+        with self._changed:
+            self._leases.discard(lease)
+
+    def _due(self) -> list[Lease]:
+        """Wait until a lease falls due; return those due."""
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                due = [lease for lease in self._leases if lease.due_s <= now]
+                if due:
+                    return due
+                next_s = min((lease.due_s for lease in self._leases), default=now + 3600.0)
+                self._changed.wait(next_s - now)
+
+    def _loop(self) -> None:
+        while True:
+            for lease in self._due():
+                try:
+                    keep = lease.renew()
+                except Exception:  # never let one bad renewal stop every lease's heartbeat
+                    log.exception("lease renewal for %s failed", lease.job_id)
+                    keep = True
+                if not keep:
+                    self.remove(lease)
+
+
+_lock = threading.Lock()
+_instance: tuple[int, Heartbeat] | None = None
+
+
+def _heartbeat() -> Heartbeat:
+    # Per process: a prefork child inherits the parent's module state but not its threads.
+    global _instance
+    with _lock:
+        if _instance is None or _instance[0] != os.getpid():
+            _instance = (os.getpid(), Heartbeat())
+        return _instance[1]
