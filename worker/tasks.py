@@ -21,6 +21,7 @@ from shared.errors import JobCanceled
 from shared.model_set import read_model_set
 from shared.queue import EMBED_TASK, RENDER_TASK
 from shared.settings import Settings
+from worker.poison import install_poison_guard
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def make_worker_app(settings: Settings) -> Celery:
     if settings.model_set is None:
         raise ValueError("IPAB_MODEL_SET is not set: point it at a model-set.toml")
     name = read_model_set(settings.model_set).name
+    install_poison_guard()
     app = make_celery(settings)
     app.conf.worker_proc_alive_timeout = 900.0  # loading SDXL in a new child takes a while
     app.conf.task_default_queue = keys.render_queue(name)

@@ -155,6 +155,9 @@ def test_poison_messages_do_not_stop_the_worker(system_settings: Settings, worke
     wait_for_batch(system_settings, batch_id, workers=workers)
     assert_each_job_ended_once(system_settings, batch_id)
     assert workers.procs[0].poll() is None  # still serving
+    log = (tmp_path / "worker-0.log").read_text()
+    assert "dropping a queue item that is not JSON" in log
+    assert "Unrecoverable error" not in log and "Restarting celery worker" not in log
 
 
 def test_cancel_mid_batch_stops_queued_and_running_jobs(
