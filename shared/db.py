@@ -214,7 +214,7 @@ def insert_new_jobs(
         fixed = (*fixed[:3], *(stamp(queued_at) if stamp else queued_at,) * 2)
         return _insert_sqlite(driver, [(*row, *fixed) for row in rows], batch_id=batch_id)
     if dialect.name == "postgresql":
-        return _insert_postgres(driver, ((*row, *fixed) for row in rows))
+        return _insert_postgres(driver, rows, fixed=fixed)
     raise ValueError(f"database dialect {dialect.name!r} is not supported; use SQLite or PostgreSQL")
 
 
@@ -242,17 +242,21 @@ def _insert_sqlite(conn: Any, rows: list[tuple[Any, ...]], *, batch_id: str) -> 
         cursor.close()
 
 
-def _insert_postgres(conn: Any, rows: Iterator[tuple[Any, ...]]) -> set[str]:
+def _insert_postgres(conn: Any, rows: Sequence[tuple[Any, ...]], *, fixed: tuple[Any, ...]) -> set[str]:
+    copied = ", ".join(NEW_JOB_COLUMNS)
     cols = ", ".join(_INSERTED_COLUMNS)
     with conn.cursor() as cursor:
-        # COPY cannot skip conflicts: copy into a temporary table, then insert from it.
-        cursor.execute("CREATE TEMP TABLE ipab_new_jobs (LIKE jobs INCLUDING DEFAULTS) ON COMMIT DROP")
-        with cursor.copy(f"COPY ipab_new_jobs ({cols}) FROM STDIN") as copy:
+        # COPY cannot skip conflicts: copy into a temporary table, then insert from it. The
+        # columns equal in every row (batch, status, times) are bound once, not copied per row.
+        cursor.execute(f"CREATE TEMP TABLE ipab_new_jobs AS SELECT {copied} FROM jobs WITH NO DATA")
+        with cursor.copy(f"COPY ipab_new_jobs ({copied}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
+        marks = ", ".join(["%s"] * len(fixed))
         cursor.execute(
-            f"INSERT INTO jobs ({cols}) SELECT {cols} FROM ipab_new_jobs"
-            " ON CONFLICT (batch_id, dedupe_key) DO NOTHING RETURNING id"
+            f"INSERT INTO jobs ({cols}) SELECT {copied}, {marks} FROM ipab_new_jobs"
+            " ON CONFLICT (batch_id, dedupe_key) DO NOTHING RETURNING id",
+            fixed,
         )
         inserted = {job_id for (job_id,) in cursor.fetchall()}
         cursor.execute("DROP TABLE ipab_new_jobs")
