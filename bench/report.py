@@ -144,7 +144,7 @@ def _submit(s: dict[str, Any]) -> Iterator[str]:
         return
     yield (
         f"`ipab submit` (`submit_manifest` in-process: parse and validate, read and upload {s['references']} "
-        f"references, insert, enqueue, mark enqueued) of a {s['rows']:,}-row manifest, against the floor "
+        f"references, insert with executemany or COPY, enqueue) of a {s['rows']:,}-row manifest, against the floor "
         "(the same Celery messages built with `celery_envelope` and pushed with a pipelined raw `LPUSH`, "
         f"5,000 per round trip) and a naive loop of `apply_async` (timed on {s['naive_sample']:,} messages, "
         "rows/s extrapolated)."

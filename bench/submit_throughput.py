@@ -2,7 +2,7 @@
 
 - ipab: `scheduler.submit.submit_manifest` in-process on a manifest of N rows over 10
   reference images: parse and validate every row, read and upload the references, insert
-  the jobs in SQL, enqueue them in Redis, mark them enqueued. Timed end to end.
+  the jobs in SQL, enqueue them in Redis. Timed end to end.
 - floor: the same N Celery messages (`shared.queue.celery_envelope` of the very jobs ipab
   inserted) built and pushed with a pipelined raw `LPUSH` in chunks of 5,000: the least
   any submitter must do to get those messages into Redis. Push-only time is reported too.
