@@ -40,13 +40,11 @@ from shared.keys import render_queue
 from shared.model_set import read_model_set
 from shared.queue import enqueue_serialized, message_json
 from shared.settings import Settings
-from shared.spec import GenerationParams, JobSpec
+from shared.spec import GenerationParams, references_to_json
 from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 _COMPACT: Final = (",", ":")
-# Only its references are used: `_references_json` serializes them as JobSpec does.
-_NO_PARAMS: Final = GenerationParams(prompt="", seed=0)
 REDIS_CONNECT_TIMEOUT_S: Final = 5.0
 REDIS_SOCKET_TIMEOUT_S: Final = 60.0
 
@@ -124,9 +122,7 @@ def _get_or_create_batch(session: Session, *, name: str, model_set: str) -> Batc
 
 
 def _references_json(files: tuple[ReferenceFile, ...]) -> str:
-    return json.dumps(
-        JobSpec(_NO_PARAMS, tuple(f.reference() for f in files)).to_json()["references"], separators=_COMPACT
-    )
+    return json.dumps(references_to_json([f.reference() for f in files]), separators=_COMPACT)
 
 
 def _spec_json(params: GenerationParams, references_json: str) -> str:

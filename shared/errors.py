@@ -65,6 +65,10 @@ class JobCanceled(IpabError):
     """Raised inside a running job when its cancellation is noticed (at a denoising step)."""
 
 
+class JobTimedOut(PermanentError):
+    """Raised when a job runs past IPAB_SOFT_TIME_LIMIT_S; it fails instead of holding its GPU."""
+
+
 class GpuOutOfMemory(PermanentError):
     """Raised when the device runs out of memory for one job; the job fails, the worker serves on."""
 

@@ -21,7 +21,6 @@ RECONCILER_LOCK_KEY: Final = "reconciler-lock"  # only one reconciler runs at a 
 STATS_KEY: Final = "stats:{name}"  # fleet-wide counters (hash)
 
 RENDER_QUEUE: Final = "ipab.render.{model_set}"
-EMBED_QUEUE: Final = "ipab.embed.{model_set}"
 
 
 def ref_key(sha256: str, ext: str) -> str:
@@ -42,8 +41,3 @@ def embedding_key(encoder: str, sha256: str) -> str:
 def render_queue(model_set: str) -> str:
     """The Celery queue that the workers of one model set consume."""
     return RENDER_QUEUE.format(model_set=model_set)
-
-
-def embed_queue(model_set: str) -> str:
-    """The Celery queue for ahead-of-time embedding tasks of one model set."""
-    return EMBED_QUEUE.format(model_set=model_set)

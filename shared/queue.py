@@ -24,7 +24,6 @@ from shared.errors import QueueUnavailable
 from shared.messages import MESSAGE_VERSION, JobMessage
 
 RENDER_TASK: Final = "ipab.render"
-EMBED_TASK: Final = "ipab.embed"
 PIPELINE_CHUNK: Final = 5000
 _EMBED_CALLBACKS: Final = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _ORIGIN: Final = f"ipab-scheduler@{socket.gethostname()}"

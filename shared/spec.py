@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
@@ -122,8 +122,12 @@ class JobSpec:
 
     def to_json(self) -> dict[str, Any]:
         """A plain JSON-able dict; `parse_spec(s.to_json()) == s`."""
-        refs = [{"sha256": r.sha256, "key": r.key} for r in self.references]
-        return {"params": self.params.to_json(), "references": refs}
+        return {"params": self.params.to_json(), "references": references_to_json(self.references)}
+
+
+def references_to_json(references: Sequence[Reference]) -> list[dict[str, str]]:
+    """The `references` part of a spec's JSON."""
+    return [{"sha256": r.sha256, "key": r.key} for r in references]
 
 
 def _check_int(name: str, value: Any, low: int, high: int, hint: str = "") -> int:

@@ -237,3 +237,14 @@ def test_cancel_raises_at_the_next_step_once_the_lease_is_lost() -> None:
     lease._lost.set()
     with pytest.raises(JobCanceled, match="at step 3"):
         lease.check(3)
+
+
+def test_a_job_past_its_soft_time_limit_fails_with_that_reason(ctx: WorkerContext) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    message = add_job(ctx)
+    ctx.renderer.fail_with = SoftTimeLimitExceeded()  # type: ignore[attr-defined]
+    assert run_and_publish(ctx, message.to_json()) == "failed"
+    job = job_row(ctx, message.job_id)
+    assert (job.status, job.error_type) == ("failed", "JobTimedOut")
+    assert "IPAB_SOFT_TIME_LIMIT_S" in (job.error_message or "")

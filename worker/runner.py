@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import JobStatus
-from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, MessageInvalid, TransientError
+from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, JobTimedOut, MessageInvalid, TransientError
 from shared.jobs import claim_job, fail_job, release_job
 from shared.messages import JobMessage, decode_ids, decode_message
 from shared.queue import forget_queued
@@ -170,7 +171,10 @@ def record_failure(
 
 
 def _as_permanent(error: BaseException) -> BaseException:
-    """A device out-of-memory error fails this job only; the worker frees memory and serves on."""
+    """A device out-of-memory error fails this job only; the worker frees memory and serves on.
+    A job past its soft time limit fails too (running it again would only time out again)."""
+    if isinstance(error, SoftTimeLimitExceeded):
+        return JobTimedOut(f"the job ran past IPAB_SOFT_TIME_LIMIT_S ({error})")
     if type(error).__name__ == "OutOfMemoryError":
         import torch
 

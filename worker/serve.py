@@ -31,7 +31,7 @@ def _worker(args: argparse.Namespace) -> int:
         raise SystemExit("ipab worker: IPAB_MODEL_SET is not set: point it at a model-set.toml")
     name = read_model_set(settings.model_set).name
     app = make_worker_app(settings)
-    queues_list = [keys.render_queue(name), keys.embed_queue(name)]
+    queues_list = [keys.render_queue(name)]
     ConsumerWatchdog(redis_url=settings.redis_url, queues=queues_list, stall_s=settings.consumer_stall_s).install()
     node = args.name or f"ipab-{name}-{os.getpid()}@{socket.gethostname()}"
     queues = ",".join(queues_list)

@@ -11,15 +11,13 @@ import threading
 from typing import Any
 
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from scheduler.reconcile import run_reconciler
 from shared import keys
 from shared.celery_app import make_celery
-from shared.errors import JobCanceled
 from shared.model_set import read_model_set
-from shared.queue import EMBED_TASK, RENDER_TASK
+from shared.queue import RENDER_TASK
 from shared.settings import Settings
 from worker.poison import install_poison_guard
 
@@ -66,20 +64,8 @@ def make_worker_app(settings: Settings) -> Celery:
     def render(raw: Any) -> str:
         from worker.runner import run_job
 
-        try:
-            return run_job(_Process.context, raw)
-        except SoftTimeLimitExceeded:
-            raise JobCanceled("the job ran past IPAB_SOFT_TIME_LIMIT_S") from None
-
-    @app.task(name=EMBED_TASK, ignore_result=True)
-    def embed(refs: list[dict[str, str]]) -> None:
-        ctx = _Process.context
-        ctx.cache.warm([(r["sha256"], _loader(ctx, r["key"])) for r in refs])
+        return run_job(_Process.context, raw)
 
     worker_process_init.connect(lambda **_: _start_process(settings), weak=False)
     worker_process_shutdown.connect(lambda **_: _stop_process(), weak=False)
     return app
-
-
-def _loader(ctx: Any, key: str) -> Any:
-    return lambda: ctx.store.get(key)
