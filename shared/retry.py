@@ -9,9 +9,12 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from shared.errors import TransientError
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,3 +50,10 @@ def retry_transient(
             log.warning("%s failed (%s); retry %d/%d in %.2f s", what, e, attempt + 1, retries, delay_s)
             sleep(delay_s)
     raise AssertionError("unreachable")
+
+
+def retry_per_settings(fn: Callable[[], T], *, what: str, settings: Settings) -> T:
+    """`retry_transient` with the budget of the IPAB_TRANSIENT_RETRIES and IPAB_RETRY_* settings."""
+    return retry_transient(
+        fn, what=what, retries=settings.transient_retries, base_s=settings.retry_base_s, max_s=settings.retry_max_s
+    )

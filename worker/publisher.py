@@ -20,7 +20,7 @@ from shared import keys
 from shared.db import JobStatus
 from shared.errors import IpabError
 from shared.jobs import JobResult, finish_job, job_status
-from shared.retry import retry_transient
+from shared.retry import retry_per_settings
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from worker.lease import Lease
@@ -84,8 +84,7 @@ class Publisher:
                 self._idle.set()
 
     def _retry(self, fn: Callable[[], T], what: str) -> T:
-        s = self._settings
-        return retry_transient(fn, what=what, retries=s.transient_retries, base_s=s.retry_base_s, max_s=s.retry_max_s)
+        return retry_per_settings(fn, what=what, settings=self._settings)
 
     def _fail(self, p: Publication, error: IpabError) -> None:
         from worker.runner import record_failure

@@ -24,7 +24,7 @@ from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, JobTimedOut, M
 from shared.jobs import claim_job, fail_job, release_job
 from shared.messages import JobMessage, decode_ids, decode_message
 from shared.queue import forget_queued
-from shared.retry import retry_transient
+from shared.retry import retry_per_settings
 from shared.settings import Settings
 from worker.context import WorkerContext
 from worker.lease import Lease
@@ -79,12 +79,10 @@ def run_job(ctx: WorkerContext, raw: Any) -> str:
 
 def _claim(ctx: WorkerContext, job_id: str) -> int | None:
     try:
-        return retry_transient(
+        return retry_per_settings(
             lambda: claim_job(sessions=ctx.sessions, job_id=job_id, worker_host=ctx.host, lease_s=ctx.settings.lease_s),
             what=f"claim {job_id}",
-            retries=ctx.settings.transient_retries,
-            base_s=ctx.settings.retry_base_s,
-            max_s=ctx.settings.retry_max_s,
+            settings=ctx.settings,
         )
     finally:
         # The message is consumed either way; if the claim failed, the reconciler
@@ -114,13 +112,7 @@ def _render(ctx: WorkerContext, message: JobMessage, lease: Lease) -> Rendered:
 
 def _loader(ctx: WorkerContext, key: str) -> Callable[[], bytes]:
     def load() -> bytes:
-        return retry_transient(
-            lambda: ctx.store.get(key),
-            what=f"download {key}",
-            retries=ctx.settings.transient_retries,
-            base_s=ctx.settings.retry_base_s,
-            max_s=ctx.settings.retry_max_s,
-        )
+        return retry_per_settings(lambda: ctx.store.get(key), what=f"download {key}", settings=ctx.settings)
 
     return load
 
@@ -159,13 +151,7 @@ def record_failure(
             fail_job(sessions=sessions, job_id=job_id, attempt=attempt, error_type=kind, message=message)
             return JobStatus.failed.value
 
-    outcome = retry_transient(
-        record,
-        what=f"record {kind} of {job_id}",
-        retries=settings.transient_retries,
-        base_s=settings.retry_base_s,
-        max_s=settings.retry_max_s,
-    )
+    outcome = retry_per_settings(record, what=f"record {kind} of {job_id}", settings=settings)
     log.warning("job %s: %s: %s -> %s", job_id, kind, message, outcome or "no longer ours")
     return outcome or "skipped"
 
