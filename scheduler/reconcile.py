@@ -103,19 +103,30 @@ def reconcile_once(
     return report
 
 
+def hold_lock(*, redis_client: redis.Redis, key: str, holder: str, ttl_ms: int) -> bool:
+    """Take the fleet-wide reconciler lock if free, or extend it if `holder` has it; True if held."""
+    if redis_client.set(key, holder, nx=True, px=ttl_ms):
+        return True
+    if redis_client.get(key) == holder.encode():
+        redis_client.pexpire(key, ttl_ms)
+        return True
+    return False
+
+
 def run_reconciler(
     *, sessions: sessionmaker[Session], redis_client: redis.Redis, settings: Settings, stop: threading.Event
 ) -> None:
-    """Reconcile every `reconcile_interval_s` while holding the fleet-wide lock, until `stop` is set."""
+    """Reconcile every `reconcile_interval_s` while holding the fleet-wide lock, until `stop` is set.
+
+    Every worker runs this loop; the lock (which lapses after three intervals without renewal,
+    e.g. when its holder was killed) makes exactly one of them do the work.
+    """
     lock_key = settings.redis_prefix + keys.RECONCILER_LOCK_KEY
     me = uuid.uuid4().hex
     ttl_ms = int(settings.reconcile_interval_s * 3000)
     while not stop.wait(settings.reconcile_interval_s):
         try:
-            # Take the lock if free, or extend it if ours; then reconcile only if ours.
-            if not redis_client.set(lock_key, me, nx=True, px=ttl_ms) and redis_client.get(lock_key) == me.encode():
-                redis_client.pexpire(lock_key, ttl_ms)
-            if redis_client.get(lock_key) == me.encode():
+            if hold_lock(redis_client=redis_client, key=lock_key, holder=me, ttl_ms=ttl_ms):
                 reconcile_once(sessions=sessions, redis_client=redis_client, settings=settings)
         except (TransientError, redis.RedisError) as e:
             log.warning("reconciler pass skipped: %s", e)
