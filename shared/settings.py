@@ -49,7 +49,7 @@ class Settings(BaseSettings):
 
     # Reliability.
     lease_s: float = 60.0
-    heartbeat_s: float = 10.0
+    heartbeat_s: float = 2.0  # also how soon a canceled running job notices (one UPDATE per beat)
     max_attempts: int = 3
     soft_time_limit_s: float = 1800.0
     hard_time_limit_s: float = 1900.0

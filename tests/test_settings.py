@@ -33,7 +33,7 @@ def test_settings_are_read_from_a_dot_env_file(monkeypatch: pytest.MonkeyPatch, 
         ("IPAB_DTYPE", "float8"),
         ("IPAB_MAX_ATTEMPTS", "many"),
         ("IPAB_MAX_ATTEMPTS", "0"),
-        ("IPAB_LEASE_S", "5"),  # not longer than the 10 s heartbeat
+        ("IPAB_LEASE_S", "1"),  # not longer than the 2 s heartbeat
         ("IPAB_HARD_TIME_LIMIT_S", "99999"),  # past the visibility timeout
     ],
 )
