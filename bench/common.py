@@ -80,7 +80,12 @@ def postgres_available() -> bool:
 def private_database(kind: Database, workdir: Path) -> Iterator[str]:
     """A SQLAlchemy URL of an empty database of this benchmark alone; dropped (or deleted) afterwards."""
     if kind == "sqlite":
-        yield f"sqlite:///{workdir / 'ipab-bench.db'}"
+        path = workdir / f"ipab-bench-{uuid.uuid4().hex[:8]}.db"
+        try:
+            yield f"sqlite:///{path}"
+        finally:
+            for leftover in workdir.glob(f"{path.name}*"):  # the database, its WAL and lock files
+                leftover.unlink()
         return
     import psycopg
 

@@ -119,13 +119,15 @@ def _overhead(o: dict[str, Any]) -> Iterator[str]:
         f"(`StableDiffusionXLPipeline` + `load_ip_adapter` on the same files, each reference encoded once, "
         f"PNGs to local disk). Both with {o['torch_threads']} torch thread (`OMP_NUM_THREADS`, "
         "`torch.set_num_threads`). Steady state = (last finish - first finish) / (n - 1): model load "
-        "and worker start fall before the first finish."
+        f"and worker start fall before the first finish. The two alternate, {o.get('rounds', 1)} rounds each "
+        "(order flipped every round); medians shown, every round listed."
     )
     yield ""
-    yield "| | s per job (steady state) |"
-    yield "| --- | ---: |"
-    yield f"| bare diffusers loop | {_num(o['bare_s_per_job'], 4)} |"
-    yield f"| ipab, whole system | {_num(o['ipab_s_per_job'], 4)} |"
+    yield "| | s per job (steady state, median) | rounds |"
+    yield "| --- | ---: | --- |"
+    rounds = {k: ", ".join(_num(v, 3) for v in o.get(f"{k}_rounds", [])) for k in ("bare", "ipab")}
+    yield f"| bare diffusers loop | {_num(o['bare_s_per_job'], 4)} | {rounds['bare']} |"
+    yield f"| ipab, whole system | {_num(o['ipab_s_per_job'], 4)} | {rounds['ipab']} |"
     yield f"| **ratio ipab / bare** | **{_num(o['ratio'], 3)}** (goal <= {OVERHEAD_GOAL}) |"
     means = o.get("ipab_row_means", {})
     yield ""
