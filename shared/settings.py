@@ -78,6 +78,15 @@ class Settings(BaseSettings):
         return self
 
 
+def require_model_set(settings: Settings) -> Path:
+    """The worker's model-set.toml; a worker without one cannot start."""
+    if settings.model_set is None:
+        raise SettingsError(
+            "IPAB_MODEL_SET is not set: point it at a model-set.toml (`ipab models synth DIR` writes one)"
+        )
+    return settings.model_set
+
+
 def load_settings() -> Settings:
     """Read the settings, turning pydantic's report into one message naming each variable."""
     try:

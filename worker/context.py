@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import ensure_database, make_engine, make_session_factory
 from shared.model_set import read_model_set
-from shared.settings import Settings
+from shared.settings import Settings, require_model_set
 from shared.storage import ObjectStore
 from worker.embed_cache import EmbeddingCache
 from worker.pipeline import Renderer
@@ -41,15 +41,13 @@ class WorkerContext:
 
 def build_context(settings: Settings) -> WorkerContext:
     """Load the model set and connect to SQL, Redis and S3 (once per worker process)."""
-    if settings.model_set is None:
-        raise ValueError("IPAB_MODEL_SET is not set: point it at a model-set.toml")
     ensure_database(settings.database_url)
     sessions = make_session_factory(make_engine(settings.database_url))
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30)
     store = ObjectStore.from_settings(settings)
     store.ensure_bucket()
     renderer = Renderer.load(
-        read_model_set(settings.model_set),
+        read_model_set(require_model_set(settings)),
         device=settings.device,
         dtype=settings.dtype,
         compile=settings.compile,

@@ -23,6 +23,7 @@ from shared.jobs import JobResult, finish_job, job_status
 from shared.retry import retry_per_settings
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from worker.failures import record_failure
 from worker.lease import Lease
 
 if TYPE_CHECKING:
@@ -87,8 +88,6 @@ class Publisher:
         return retry_per_settings(fn, what=what, settings=self._settings)
 
     def _fail(self, p: Publication, error: IpabError) -> None:
-        from worker.runner import record_failure
-
         record_failure(self._settings, self._sessions, job_id=p.job_id, attempt=p.lease.attempt, error=error)
 
     def publish(self, p: Publication) -> None:

@@ -17,16 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db import JobStatus
-from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, JobTimedOut, MessageInvalid, TransientError
-from shared.jobs import claim_job, fail_job, release_job
+from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, JobTimedOut, MessageInvalid
+from shared.jobs import claim_job
 from shared.messages import JobMessage, decode_ids, decode_message
 from shared.queue import forget_queued
 from shared.retry import retry_per_settings
-from shared.settings import Settings
 from worker.context import WorkerContext
+from worker.failures import record_failure
 from worker.lease import Lease
 from worker.png import encode_png
 from worker.publisher import Publication
@@ -125,35 +123,6 @@ def _record_failure(ctx: WorkerContext, job_id: str, attempt: int, error: BaseEx
     if not isinstance(error, IpabError):
         raise error  # a programming error or a shutdown signal: let it surface
     return record_failure(ctx.settings, ctx.sessions, job_id=job_id, attempt=attempt, error=error)
-
-
-def record_failure(
-    settings: Settings, sessions: sessionmaker[Session], *, job_id: str, attempt: int, error: IpabError
-) -> str:
-    """Permanent errors fail the job now; a transient fault that outlasted its retries gives
-    the job back to the queue (failing it once its attempts are spent). Returns the outcome."""
-    kind, message = type(error).__name__, str(error)
-    if isinstance(error, TransientError):
-
-        def record() -> str:
-            return release_job(
-                sessions=sessions,
-                job_id=job_id,
-                attempt=attempt,
-                max_attempts=settings.max_attempts,
-                error_type=kind,
-                message=message,
-            )
-
-    else:
-
-        def record() -> str:
-            fail_job(sessions=sessions, job_id=job_id, attempt=attempt, error_type=kind, message=message)
-            return JobStatus.failed.value
-
-    outcome = retry_per_settings(record, what=f"record {kind} of {job_id}", settings=settings)
-    log.warning("job %s: %s: %s -> %s", job_id, kind, message, outcome or "no longer ours")
-    return outcome or "skipped"
 
 
 def _as_permanent(error: BaseException) -> BaseException:

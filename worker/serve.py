@@ -9,7 +9,7 @@ from typing import Any
 
 from shared import keys
 from shared.model_set import read_model_set
-from shared.settings import load_settings
+from shared.settings import load_settings, require_model_set
 
 
 def register(subparsers: Any) -> None:
@@ -27,9 +27,7 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.watchdog import ConsumerWatchdog
 
     settings = load_settings()
-    if settings.model_set is None:
-        raise SystemExit("ipab worker: IPAB_MODEL_SET is not set: point it at a model-set.toml")
-    name = read_model_set(settings.model_set).name
+    name = read_model_set(require_model_set(settings)).name
     app = make_worker_app(settings)
     queues_list = [keys.render_queue(name)]
     ConsumerWatchdog(redis_url=settings.redis_url, queues=queues_list, stall_s=settings.consumer_stall_s).install()

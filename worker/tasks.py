@@ -18,7 +18,7 @@ from shared import keys
 from shared.celery_app import make_celery
 from shared.model_set import read_model_set
 from shared.queue import RENDER_TASK
-from shared.settings import Settings
+from shared.settings import Settings, require_model_set
 from worker.poison import install_poison_guard
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,7 @@ def _stop_process() -> None:
 
 def make_worker_app(settings: Settings) -> Celery:
     """The Celery app with ipab's tasks, routed to the queues of the configured model set."""
-    if settings.model_set is None:
-        raise ValueError("IPAB_MODEL_SET is not set: point it at a model-set.toml")
-    name = read_model_set(settings.model_set).name
+    name = read_model_set(require_model_set(settings)).name
     install_poison_guard()
     app = make_celery(settings)
     app.conf.worker_proc_alive_timeout = 900.0  # loading SDXL in a new child takes a while
