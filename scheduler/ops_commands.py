@@ -7,11 +7,13 @@ import threading
 from typing import Any
 
 import redis
+from sqlalchemy.orm import Session, sessionmaker
 
+from scheduler.commands import database, find_batch
 from scheduler.reconcile import reconcile_once, run_reconciler
-from shared.db import ensure_database, make_engine, make_session_factory
+from shared.db import Batch
 from shared.jobs import cancel_jobs, retry_failed, transaction
-from shared.settings import load_settings
+from shared.settings import Settings, load_settings
 
 
 def register(subparsers: Any) -> None:
@@ -29,43 +31,40 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_reconcile)
 
 
-def _open() -> tuple[Any, Any, Any]:
-    settings = load_settings()
-    ensure_database(settings.database_url)
-    sessions = make_session_factory(make_engine(settings.database_url))
-    return settings, sessions, redis.Redis.from_url(settings.redis_url)
+def _redis(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_url)
 
 
-def _batch(sessions: Any, ref: str) -> Any:
-    from scheduler.commands import find_batch
-
+def _batch(sessions: sessionmaker[Session], ref: str) -> Batch:
     with transaction(sessions) as session:
         return find_batch(session=session, ref=ref)
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    _, sessions, _ = _open()
-    batch = _batch(sessions, args.batch)
-    count = cancel_jobs(sessions=sessions, batch_id=batch.id, job_ids=args.job)
-    print(f"canceled {count} job(s) of batch {batch.name}; running ones stop at their next step")
+    with database(load_settings()) as sessions:
+        batch = _batch(sessions, args.batch)
+        count = cancel_jobs(sessions=sessions, batch_id=batch.id, job_ids=args.job)
+    print(f"canceled {count} job(s) of batch {batch.name}; running ones stop within IPAB_HEARTBEAT_S")
     return 0
 
 
 def _retry(args: argparse.Namespace) -> int:
-    settings, sessions, client = _open()
-    batch = _batch(sessions, args.batch)
-    ids = retry_failed(sessions=sessions, batch_id=batch.id)
-    report = reconcile_once(sessions=sessions, redis_client=client, settings=settings)
+    settings = load_settings()
+    with database(settings) as sessions:
+        batch = _batch(sessions, args.batch)
+        ids = retry_failed(sessions=sessions, batch_id=batch.id)
+        report = reconcile_once(sessions=sessions, redis_client=_redis(settings), settings=settings)
     print(f"re-queued {len(ids)} failed job(s) of batch {batch.name}; {len(report.reenqueued)} enqueued")
     return 0
 
 
 def _reconcile(args: argparse.Namespace) -> int:
-    settings, sessions, client = _open()
-    if args.loop:
-        run_reconciler(sessions=sessions, redis_client=client, settings=settings, stop=threading.Event())
-        return 0
-    report = reconcile_once(sessions=sessions, redis_client=client, settings=settings)
+    settings = load_settings()
+    with database(settings) as sessions:
+        if args.loop:
+            run_reconciler(sessions=sessions, redis_client=_redis(settings), settings=settings, stop=threading.Event())
+            return 0
+        report = reconcile_once(sessions=sessions, redis_client=_redis(settings), settings=settings)
     print(
         f"{len(report.requeued_expired)} lease(s) expired and re-queued, {len(report.failed_lost)} failed "
         f"after {settings.max_attempts} attempts, {len(report.reenqueued)} re-enqueued"

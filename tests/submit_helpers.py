@@ -68,12 +68,18 @@ class Run:
         return self.out.strip().splitlines()[-1]
 
 
-def run_ipab(argv: Sequence[str], *, env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> Run:
+def run_ipab(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    modules: Sequence[str] = ("scheduler.commands",),
+) -> Run:
     """Run `ipab ARGV` in this process with exactly `env`'s settings; only the scheduler's commands."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     # The scheduler's commands alone: these tests need no worker code.
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("scheduler.commands",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", tuple(modules))
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         code = cli.main(list(argv))
