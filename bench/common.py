@@ -27,7 +27,7 @@ from typing import Any, Final, Literal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from scheduler import services
+from devkit import services
 from shared.db import TERMINAL, Job, JobStatus, make_engine, make_session_factory
 from shared.settings import ENV_PREFIX, Settings
 from shared.storage import ObjectStore
@@ -165,7 +165,7 @@ def log_tail(path: Path, chars: int = 3000) -> str:
         return "(no log)"
 
 
-def start_worker(env: dict[str, str], log_path: Path, *, module: str = "scheduler.cli") -> subprocess.Popen[bytes]:
+def start_worker(env: dict[str, str], log_path: Path, *, module: str = "ipab.cli") -> subprocess.Popen[bytes]:
     """`python -m <module> worker` in its own process group (so a stop takes its pool child too)."""
     # An explicit node name: each worker's must differ, and Celery refuses `%p` in one.
     node = f"bench-{log_path.stem}-{uuid.uuid4().hex[:6]}@{platform.node()}"

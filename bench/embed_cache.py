@@ -34,9 +34,9 @@ from PIL import Image
 from redis import Redis
 
 from bench.common import Services, log, machine_info, private_services
+from shared.cache_stats import CacheStats
 from shared.storage import ObjectStore
 from worker.embed_cache import EmbeddingCache, Encoder, Ref
-from worker.embed_stats import CacheStats
 
 REDIS_HIT_P50_GOAL_MS: Final = 2.0
 LEVELS: Final = ("lru", "redis", "storage", "encode")
@@ -178,9 +178,9 @@ def _batch(svc: Services, store: ObjectStore, encoder: Encoder) -> dict[str, int
 def _tiny_renderer(folder: Path) -> tuple[Encoder | None, str]:
     """The tiny random-weight Renderer on the CPU, or None and why not."""
     try:
+        from devkit.synth import write_tiny_model_set
         from shared.model_set import read_model_set
         from worker.pipeline import Renderer
-        from worker.synth import write_tiny_model_set
 
         paths = write_tiny_model_set(folder)
         renderer = Renderer.load(read_model_set(paths["default"]), device="cpu", dtype="float32")

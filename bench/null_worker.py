@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from bench.null_model import install
-from scheduler.cli import main
+from ipab.cli import main
 
 if __name__ == "__main__":
     install()

@@ -153,7 +153,7 @@ def run(*, jobs: int = 50, rounds: int = 3) -> dict[str, Any]:
     The two alternate, `rounds` times each (the order flipping every round), and the medians
     are reported: on a shared 2-core machine a single pair of runs varies by 10-20 %.
     """
-    from worker.synth import write_tiny_model_set
+    from devkit.synth import write_tiny_model_set
 
     bare: list[float] = []
     ipab: list[float] = []

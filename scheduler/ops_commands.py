@@ -10,9 +10,9 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.commands import database, find_batch
-from scheduler.reconcile import reconcile_once, run_reconciler
 from shared.db import Batch
 from shared.jobs import cancel_jobs, retry_failed, transaction
+from shared.reconcile import reconcile_once, run_reconciler
 from shared.settings import Settings, load_settings
 
 

@@ -100,7 +100,10 @@ def _load_toml(source: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(source.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelSetError(f"model set file {source} does not exist; write one or run `ipab models synth`") from None
+        raise ModelSetError(
+            f"model set file {source} does not exist; write one, or fetch the public weights with "
+            "`ipab models download DIR`"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ModelSetError(f"model set file {source} cannot be read: {e}") from None
     except tomllib.TOMLDecodeError as e:

@@ -82,7 +82,8 @@ def require_model_set(settings: Settings) -> Path:
     """The worker's model-set.toml; a worker without one cannot start."""
     if settings.model_set is None:
         raise SettingsError(
-            "IPAB_MODEL_SET is not set: point it at a model-set.toml (`ipab models synth DIR` writes one)"
+            "IPAB_MODEL_SET is not set: point it at a model-set.toml (`ipab models download DIR` writes one; "
+            "in the repository, `python -m devkit synth DIR` writes a tiny one)"
         )
     return settings.model_set
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from scheduler import services
+from devkit import services
 from shared.settings import ENV_PREFIX, Settings
 from shared.storage import ObjectStore
 

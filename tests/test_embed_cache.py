@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from redis import Redis
 
+from shared.cache_stats import CacheStats, read_fleet_stats
 from shared.errors import InvalidInput, ObjectMissing, SettingsError, StorageUnavailable
 from worker.embed_cache import (
     ByteLru,
@@ -32,7 +33,6 @@ from worker.embed_cache import (
     pack_entry,
     unpack_entry,
 )
-from worker.embed_stats import CacheStats, read_fleet_stats
 
 PLAIN_SHAPE = (16,)
 PLUS_SHAPE = (5, 8)
@@ -584,7 +584,7 @@ def test_ipab_cache_stats_prints_the_fleet_counters(
     import argparse
     import json
 
-    from worker import embed_cache_cli
+    from scheduler import cache_commands as embed_cache_cli
 
     make_cache(redis_url, store, FakeEncoder(), prefix).get([ref(png_bytes(120))])
     monkeypatch.setenv("IPAB_REDIS_URL", redis_url)

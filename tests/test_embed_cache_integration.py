@@ -15,7 +15,7 @@ import torch
 from redis import Redis
 from test_embed_cache import FakeEncoder, make_cache, png_bytes, ref, run_workers
 
-from scheduler.services import Service
+from devkit.services import Service
 from shared.spec import parse_params
 from shared.storage import ObjectStore
 from worker.embed_cache import unpack_entry
@@ -110,7 +110,7 @@ def test_a_worker_dying_with_the_lock_delays_the_others_only_until_it_expires_wi
 @pytest.fixture(scope="module")
 def tiny_model_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny model sets, written once for this module."""
-    synth = pytest.importorskip("worker.synth")
+    synth = pytest.importorskip("devkit.synth")
     paths: dict[str, Path] = synth.write_tiny_model_set(tmp_path_factory.mktemp("models"))
     return paths
 

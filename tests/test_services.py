@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from scheduler import services
+from devkit import services
 from shared.settings import Settings
 from shared.storage import ObjectStore
 

@@ -48,7 +48,7 @@ def test_a_bad_setting_is_refused_naming_the_variable(
 def test_a_command_started_with_a_bad_setting_exits_with_the_variable_named(tmp_path: Path) -> None:
     env = {**os.environ, "IPAB_DTYPE": "float8"}
     done = subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", "batches"], env=env, cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-m", "ipab.cli", "batches"], env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert done.returncode == 2
     assert "IPAB_DTYPE" in done.stderr and "Traceback" not in done.stderr
@@ -57,7 +57,7 @@ def test_a_command_started_with_a_bad_setting_exits_with_the_variable_named(tmp_
 def test_a_worker_without_a_model_set_refuses_to_start_naming_the_variable(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "IPAB_MODEL_SET"}
     done = subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", "worker"], env=env, cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-m", "ipab.cli", "worker"], env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert done.returncode == 2
     assert "IPAB_MODEL_SET is not set" in done.stderr and "Traceback" not in done.stderr

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from scheduler.services import Service
+from devkit.services import Service
 from shared.errors import ObjectMissing, PermanentError, StorageUnavailable, TransientError
 from shared.storage import ObjectStore, parse_uri
 

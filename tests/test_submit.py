@@ -11,10 +11,10 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
-from scheduler.reconcile import reconcile_once
 from scheduler.submit import submit_manifest
 from shared.db import Job, JobStatus, ReferenceImage, make_engine, make_session_factory
 from shared.errors import InvalidInput, ManifestInvalid
+from shared.reconcile import reconcile_once
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.submit_helpers import Run, count_rows, load_jobs, queue_length, run_ipab, write_jsonl, write_photos

@@ -1,4 +1,4 @@
-"""`ipab models synth|download` and `ipab generate`: model sets, and one job rendered locally.
+"""`ipab models download` and `ipab generate`: model sets, and one job rendered locally.
 
 `ipab generate` takes exactly the worker's path (decode_reference -> Renderer.encode ->
 Renderer.generate -> encode_png), so what it shows is what a bulk run will produce.
@@ -19,14 +19,9 @@ from shared.spec import SCHEDULERS, SEED_LIMIT, GenerationParams, parse_params
 
 
 def register(subparsers: Any) -> None:
-    """Add `ipab models synth`, `ipab models download` and `ipab generate`."""
-    models: argparse.ArgumentParser = subparsers.add_parser("models", help="write or fetch model sets")
+    """Add `ipab models download` and `ipab generate`."""
+    models: argparse.ArgumentParser = subparsers.add_parser("models", help="fetch model sets")
     sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    synth = sub.add_parser("synth", help="write a tiny random-weight model set (its images are noise)")
-    synth.add_argument("dir", type=Path)
-    synth.add_argument("--size", choices=("tiny",), default="tiny")
-    synth.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
-    synth.set_defaults(func=cmd_synth)
     download = sub.add_parser("download", help="fetch SDXL base + h94/IP-Adapter SDXL weights (needs a network)")
     download.add_argument("dir", type=Path)
     download.add_argument("--variant", action="append", help="adapter variant (repeatable; default: all four)")
@@ -52,17 +47,6 @@ def _register_generate(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
     p.set_defaults(func=cmd_generate)
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    """Write the tiny model set and list its model-set files."""
-    from worker.synth import write_tiny_model_set
-
-    paths = write_tiny_model_set(args.dir, seed=args.seed)
-    print(f"wrote a tiny random-weight model set (images are noise) to {args.dir}")
-    for key, path in sorted(paths.items()):
-        print(f"  {key}: {path}")
-    return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:

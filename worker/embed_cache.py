@@ -34,11 +34,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from shared.cache_stats import CacheStats, record_fleet_stats
 from shared.errors import InvalidInput, ModelSetError, ObjectMissing, SettingsError, StorageUnavailable
 from shared.images import decode_reference
 from shared.keys import EMBED_KEY, EMBED_LOCK_KEY, embedding_key
 from shared.settings import Settings
-from worker.embed_stats import CacheStats, record_fleet_stats
 
 log = logging.getLogger(__name__)
 

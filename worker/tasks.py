@@ -13,11 +13,11 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from scheduler.reconcile import run_reconciler
 from shared import keys
 from shared.celery_app import make_celery
 from shared.model_set import read_model_set
 from shared.queue import RENDER_TASK
+from shared.reconcile import run_reconciler
 from shared.settings import Settings, require_model_set
 from worker.poison import install_poison_guard
 

@@ -14,7 +14,7 @@ from shared.model_set import read_model_set
 @pytest.fixture(scope="session")
 def tiny_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Model-set tomls of the tiny set (seed 0), by "<variant>.<format>[.single_file]" and "default"."""
-    from worker.synth import write_tiny_model_set
+    from devkit.synth import write_tiny_model_set
 
     return write_tiny_model_set(tmp_path_factory.mktemp("tiny-models"), seed=0)
 

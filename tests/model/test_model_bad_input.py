@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from model_helpers import job, png_bytes, reference_image
 
-from scheduler.cli import main
+from ipab.cli import main
 from shared.errors import InvalidInput
 from shared.spec import parse_params
 

@@ -1,4 +1,4 @@
-"""`ipab models synth`, `ipab generate` and `ipab models download` (against a local fake of the hub)."""
+"""`python -m devkit synth`, `ipab generate` and `ipab models download` (against a local fake of the hub)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from model_helpers import job, reference_image
 from PIL import Image
 
-from scheduler.cli import main
+from devkit.__main__ import main as devkit_main
+from ipab.cli import main
 from shared.model_set import read_model_set
 
 
@@ -21,7 +22,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_models_synth_writes_the_same_bytes_for_the_same_seed(tmp_path: Path, tiny_dir: Path) -> None:
-    assert main(["models", "synth", str(tmp_path / "again"), "--size", "tiny", "--seed", "0"]) == 0
+    assert devkit_main(["synth", str(tmp_path / "again"), "--seed", "0"]) == 0
     again, first = _files(tmp_path / "again"), _files(tiny_dir)
     assert again.keys() == first.keys()
     assert [name for name in first if first[name] != again[name]] == []

@@ -14,7 +14,7 @@ from tests.system.helpers import Workers, worker_pool
 @pytest.fixture(scope="session")
 def tiny_model_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random-weight model set (plain ViT-bigG-like adapter, safetensors)."""
-    from worker.synth import write_tiny_model_set
+    from devkit.synth import write_tiny_model_set
 
     folder = tmp_path_factory.mktemp("tiny-models")
     write_tiny_model_set(folder)

@@ -32,7 +32,7 @@ class Workers:
         """Start one more worker process (its own process group, so a kill takes its pool too)."""
         log = (self.logs / f"worker-{len(self.procs)}.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler.cli", "worker", "--loglevel", "INFO"],
+            [sys.executable, "-m", "ipab.cli", "worker", "--loglevel", "INFO"],
             env={**self.env, **extra_env},
             cwd=REPO,
             stdout=log,

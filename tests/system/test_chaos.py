@@ -18,7 +18,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from scheduler.services import Service
+from devkit.services import Service
 from shared import keys
 from shared.db import Job, JobStatus, make_engine, make_session_factory
 from shared.model_set import read_model_set

@@ -9,7 +9,7 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from scheduler.demo import write_reference_photos
+from devkit.demo import write_reference_photos
 from shared.db import Job, JobStatus, make_engine, make_session_factory
 from shared.settings import Settings
 from tests.system.helpers import Workers, wait_for_batch

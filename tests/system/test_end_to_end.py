@@ -13,7 +13,7 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from scheduler.demo import write_reference_photos
+from devkit.demo import write_reference_photos
 from shared import keys
 from shared.db import Job, JobStatus, make_engine, make_session_factory
 from shared.model_set import read_model_set
@@ -38,7 +38,7 @@ def write_manifest(folder: Path, rows: int) -> Path:
 
 def ipab(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "ipab.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
     )
 
 

@@ -1,4 +1,4 @@
-"""`ipab demo`: the whole system on one machine, with nothing configured.
+"""`python -m devkit demo`: the whole system on one machine, with nothing configured.
 
 It starts on loopback only what is not configured (Redis, SeaweedFS for S3, a SQLite
 file, the tiny model set), starts one worker, submits a manifest over three real photos,
@@ -32,7 +32,7 @@ DEMO_STEPS = 4
 
 
 def register(subparsers: Any) -> None:
-    """Add `ipab demo`."""
+    """Add `demo`."""
     p: argparse.ArgumentParser = subparsers.add_parser("demo", help="run the whole system locally on a small batch")
     p.add_argument("--dir", type=Path, default=Path(".ipab/demo"), help="where the demo keeps its files")
     p.add_argument("--jobs-per-reference", type=int, default=4, help="jobs for each of the 3 reference photos")
@@ -73,7 +73,7 @@ def write_manifest(path: Path, references: list[Path], *, per_reference: int) ->
 @contextlib.contextmanager
 def local_services(settings: Settings, workdir: Path) -> Iterator[dict[str, str]]:
     """IPAB_* variables for whatever is not configured, backed by services started here."""
-    from scheduler import services
+    from devkit import services
 
     env: dict[str, str] = {}
     started: list[services.Service] = []
@@ -105,7 +105,7 @@ def _fresh(folder: Path) -> Path:
 
 
 def _tiny_model_set(folder: Path) -> Path:
-    from worker.synth import write_tiny_model_set
+    from devkit.synth import write_tiny_model_set
 
     toml = folder / "model-set.toml"
     if not toml.exists():
@@ -119,7 +119,7 @@ def worker_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.P
     """An `ipab worker` in its own process, stopped (warm shutdown, then kill) on exit."""
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "ipab.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
         try:
             yield proc
@@ -133,7 +133,7 @@ def worker_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.P
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from scheduler.cli import main as ipab
+    from ipab.cli import main as ipab
     from scheduler.submit import submit_manifest
     from shared.storage import ObjectStore
 
@@ -167,7 +167,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _print_where(settings: Settings, batch_id: str, workdir: Path) -> None:
-    from scheduler.cli import main as ipab
+    from ipab.cli import main as ipab
     from shared.storage import ObjectStore
 
     store = ObjectStore.from_settings(settings)

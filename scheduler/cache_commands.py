@@ -11,8 +11,8 @@ from typing import Any
 
 import redis
 
+from shared.cache_stats import format_stats_table, read_fleet_stats
 from shared.settings import load_settings
-from worker.embed_stats import format_stats_table, read_fleet_stats
 
 
 def register(subparsers: Any) -> None:

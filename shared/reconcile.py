@@ -9,12 +9,14 @@ twice is harmless (claims are conditional), so one lock in Redis keeps only one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Final
 
 import redis
 from sqlalchemy import or_, select
@@ -103,14 +105,30 @@ def reconcile_once(
     return report
 
 
+# Extend the lock only while it is still ours, in one step: a GET then a PEXPIRE would let a
+# holder that stalled past its lease extend the lock of the process that took it over.
+_EXTEND_IF_HELD: Final = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"
+)
+_RELEASE_IF_HELD: Final = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"
+)
+
+
 def hold_lock(*, redis_client: redis.Redis, key: str, holder: str, ttl_ms: int) -> bool:
-    """Take the fleet-wide reconciler lock if free, or extend it if `holder` has it; True if held."""
+    """Take the fleet-wide reconciler lock if free, or extend it if `holder` has it; True if held.
+
+    Both are atomic in Redis (SET NX PX, then a compare-and-extend script), so at most one
+    holder exists at any moment, however the contenders' calls interleave.
+    """
     if redis_client.set(key, holder, nx=True, px=ttl_ms):
         return True
-    if redis_client.get(key) == holder.encode():
-        redis_client.pexpire(key, ttl_ms)
-        return True
-    return False
+    return bool(redis_client.eval(_EXTEND_IF_HELD, 1, key, holder, ttl_ms))
+
+
+def release_lock(*, redis_client: redis.Redis, key: str, holder: str) -> bool:
+    """Let go of the lock if `holder` still has it (never another holder's); True if released."""
+    return bool(redis_client.eval(_RELEASE_IF_HELD, 1, key, holder))
 
 
 def run_reconciler(
@@ -132,3 +150,5 @@ def run_reconciler(
             log.warning("reconciler pass skipped: %s", e)
         except Exception:
             log.exception("reconciler pass failed; trying again next interval")
+    with contextlib.suppress(redis.RedisError):  # a clean stop hands over at once, not after three intervals
+        release_lock(redis_client=redis_client, key=lock_key, holder=me)

@@ -57,7 +57,7 @@ RESAMPLER_FF_MULT: Final = 4
 ADAPTER_DIR: Final = "IP-Adapter/sdxl_models"
 DEFAULT_KEY: Final = "ip-adapter_sdxl.safetensors"
 
-README: Final = """# Tiny random-weight model set (ipab models synth)
+README: Final = """# Tiny random-weight model set (python -m devkit synth)
 
 These weights are RANDOM. Every image they produce is noise. They exist so that tests and
 demos exercise the real loading and generation code offline: the file layouts, key names

@@ -1,0 +1,92 @@
+"""The `ipab` command line: one parser; each part of the system registers its own commands.
+
+This module is neutral ground: the control plane (`scheduler`) always registers its
+commands; the worker's (`ipab worker`, `generate`, `models`) are registered only when the
+worker extra (torch, diffusers, transformers) is installed. Without it they stop with one
+line saying what to install. Command modules must not import torch at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, Final
+
+from shared.errors import IpabError
+
+# Each module defines `register(subparsers)`, adding parsers whose `func` takes the args.
+CONTROL_PLANE_MODULES: Final = (
+    "scheduler.commands",
+    "scheduler.ops_commands",
+    "scheduler.cache_commands",
+)
+WORKER_MODULES: Final = ("worker.commands", "worker.serve")
+WORKER_COMMANDS: Final = ("worker", "generate", "models")
+WORKER_EXTRA_MODULES: Final = ("torch", "diffusers", "transformers")
+WORKER_EXTRA_HINT: Final = "install the worker extra: pip install 'ipab[worker]' (torch, diffusers, transformers)"
+
+
+def worker_extra_missing() -> str | None:
+    """The first module of the worker extra that cannot be imported, or None when all can."""
+    for name in WORKER_EXTRA_MODULES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):
+            return name
+    return None
+
+
+def _register_missing_worker(subparsers: Any, missing: str) -> None:
+    def refuse(args: argparse.Namespace) -> int:
+        print(f"ipab: error: `ipab {args.command}` needs {missing}, which is not installed; {WORKER_EXTRA_HINT}")
+        return 2
+
+    for name in WORKER_COMMANDS:
+        p = subparsers.add_parser(name, help=f"(needs the worker extra: {missing} is missing)")
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=refuse)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `ipab` parser with every available command registered."""
+    parser = argparse.ArgumentParser(prog="ipab", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in CONTROL_PLANE_MODULES:
+        importlib.import_module(name).register(sub)
+    missing = worker_extra_missing()
+    if missing is None:
+        for name in WORKER_MODULES:
+            importlib.import_module(name).register(sub)
+    else:
+        _register_missing_worker(sub, missing)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ipab` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        code: int = args.func(args)
+    except IpabError as e:
+        print(f"ipab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
