@@ -20,7 +20,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,6 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 3.0
 PROBE_BUCKET = "ipab-probe"
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 ReadyCheck = Callable[["Service"], None]
 
@@ -85,15 +84,6 @@ def port_open(host: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
         return True
     return False
-
-
-def wait_for_port(host: str, port: int, timeout_s: float) -> None:
-    """Block until host:port accepts connections; `ServiceError` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not port_open(host, port):
-        if time.monotonic() > deadline:
-            raise ServiceError(f"nothing answers at {host}:{port} after {timeout_s:.0f} s")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -437,11 +427,6 @@ def postgres_reachable(admin_url: str = POSTGRES_ADMIN_URL, *, timeout_s: float 
         return False
 
 
-def ensure_postgres() -> str | None:
-    """SQLAlchemy URL of the PostgreSQL at 127.0.0.1:5432 (user postgres), or None when none answers."""
-    return POSTGRES_URL if postgres_reachable() else None
-
-
 def postgres_bin_dir() -> Path:
     """The folder with initdb and postgres: the newest /usr/lib/postgresql/*/bin, else PATH."""
     dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]))
@@ -526,12 +511,3 @@ def start_private_postgres(
         stop_timeout_s=30.0,
         user=user,
     )
-
-
-@contextlib.contextmanager
-def running(service: Service) -> Iterator[Service]:
-    """Context manager that stops the service on exit, whatever happens inside."""
-    try:
-        yield service
-    finally:
-        service.stop()

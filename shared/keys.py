@@ -14,7 +14,6 @@ EMBEDDING_KEY: Final = "embeddings/{encoder}/{sha256}.safetensors"
 
 # Redis keys, each under the settings' `redis_prefix`.
 QUEUED_SET: Final = "queued"  # job ids whose message is in Redis (the outbox's mirror)
-CANCEL_KEY: Final = "cancel:{batch_id}"  # set while a batch is being canceled
 EMBED_KEY: Final = "emb:{cache_key}"  # cached embeddings, safetensors bytes
 EMBED_LOCK_KEY: Final = "emb-lock:{cache_key}"  # single-flight lock for one encode
 RECONCILER_LOCK_KEY: Final = "reconciler-lock"  # only one reconciler runs at a time

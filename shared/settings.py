@@ -33,7 +33,6 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     compile: bool = False
-    batch_size: int = 1  # jobs rendered in one forward pass when their parameters allow
 
     # Reference images may only be read from under these folders (empty: the working dir).
     reference_roots: list[Path] = []
@@ -55,6 +54,9 @@ class Settings(BaseSettings):
     hard_time_limit_s: float = 1900.0
     visibility_timeout_s: float = 3600.0
     reconcile_interval_s: float = 30.0
+    # Where the reconciler runs: in every worker (default; a Redis lock lets one of them work),
+    # or, with this false, only in a dedicated `ipab reconcile --loop` process.
+    reconcile_in_workers: bool = True
     consumer_stall_s: float = 60.0  # messages waiting this long untaken: restart the worker
     requeue_grace_s: float = 10.0
     retry_base_s: float = 0.5
@@ -73,8 +75,6 @@ class Settings(BaseSettings):
             raise ValueError(f"need 0 < IPAB_HEARTBEAT_S < IPAB_LEASE_S, got {self.heartbeat_s} and {self.lease_s}")
         if self.max_attempts < 1:
             raise ValueError(f"IPAB_MAX_ATTEMPTS must be at least 1, got {self.max_attempts}")
-        if self.batch_size < 1:
-            raise ValueError(f"IPAB_BATCH_SIZE must be at least 1, got {self.batch_size}")
         return self
 
 

@@ -17,7 +17,7 @@ import redis
 from PIL import Image
 from sqlalchemy import func, select
 
-from scheduler import cli
+from ipab import cli
 from shared.db import Batch, Job, make_engine, make_session_factory
 from shared.keys import render_queue
 from shared.settings import Settings

@@ -36,6 +36,8 @@ def _start_process(settings: Settings) -> None:
 
     _Process.context = build_context(settings)
     ctx = _Process.context
+    if not settings.reconcile_in_workers:
+        return
     threading.Thread(
         target=run_reconciler,
         kwargs={"sessions": ctx.sessions, "redis_client": ctx.redis, "settings": settings, "stop": _Process.stop},
