@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Engine,
     Float,
@@ -42,6 +43,8 @@ MIGRATIONS_DIR: Final = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
 # Any constant works; it only has to be the same in every process that migrates.
 PG_MIGRATION_LOCK_ID: Final = 0x1BAB_0001
+# The tenant of CLI submissions without `--tenant`, and of batches made before tenants existed.
+DEFAULT_TENANT: Final = "default"
 
 
 class JobStatus(StrEnum):
@@ -90,6 +93,7 @@ class Batch(Base):
     model_set: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     job_count: Mapped[int] = mapped_column(Integer, default=0)
+    tenant: Mapped[str] = mapped_column(String(100), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT, index=True)
 
 
 class ReferenceImage(Base):
@@ -148,6 +152,91 @@ class Job(Base):
     output_bytes: Mapped[int | None] = mapped_column(BigInteger)
     error_type: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
+
+
+class Tenant(Base):
+    """A customer of the API: owns keys, references, batches; signs its webhooks with its secret."""
+
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    # Kept in clear: signing needs it (Standard Webhooks `whsec_<base64>`); shown once at creation.
+    webhook_secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key of a tenant; only the sha256 of the key is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(100), ForeignKey("tenants.name"))
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class TenantReference(Base):
+    """A reference image (stored once for everybody) that a tenant uploaded, so may use and see."""
+
+    __tablename__ = "tenant_references"
+
+    tenant: Mapped[str] = mapped_column(String(100), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), ForeignKey("reference_images.sha256"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class IdempotencyRecord(Base):
+    """The first response to a POST with an `Idempotency-Key`; the primary key makes racing duplicates one."""
+
+    __tablename__ = "idempotency_records"
+
+    tenant: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    # NULL while the first request is still being handled.
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class WebhookSubscription(Base):
+    """Where to tell about one job or batch (`kind`), for which events; `notified_at` once its event is out."""
+
+    __tablename__ = "webhook_subscriptions"
+    __table_args__ = (Index("ix_webhook_subscriptions_notified_at_kind", "notified_at", "kind"),)
+
+    subject_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))  # job | batch
+    tenant: Mapped[str] = mapped_column(String(100))
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[str] = mapped_column(Text)  # JSON list of event types
+    notified_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class WebhookMessage(Base):
+    """One webhook delivery (the outbox): its id is the `webhook-id` of every attempt."""
+
+    __tablename__ = "webhook_outbox"
+    __table_args__ = (
+        UniqueConstraint("subject_id", "event_type"),
+        Index("ix_webhook_outbox_delivered_at_next_attempt_at", "delivered_at", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(100))
+    url: Mapped[str] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(String(40))
+    subject_id: Mapped[str] = mapped_column(String(36))
+    payload: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
