@@ -48,8 +48,7 @@ def _register_missing_worker(subparsers: Any, missing: str) -> None:
 
     for name in WORKER_COMMANDS:
         p = subparsers.add_parser(name, help=f"(needs the worker extra: {missing} is missing)")
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=refuse)
+        p.set_defaults(func=refuse, takes_any_arguments=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ipab` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "takes_any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

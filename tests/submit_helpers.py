@@ -79,7 +79,7 @@ def run_ipab(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     # The scheduler's commands alone: these tests need no worker code.
-    monkeypatch.setattr(cli, "COMMAND_MODULES", tuple(modules))
+    monkeypatch.setattr(cli, "CONTROL_PLANE_MODULES", tuple(modules))
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         code = cli.main(list(argv))
