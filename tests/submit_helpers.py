@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import redis
 from PIL import Image
@@ -25,6 +24,7 @@ from shared.settings import Settings
 
 def write_photos(folder: Path) -> dict[str, Path]:
     """scikit-image's astronaut (PNG), coffee (JPEG) and chelsea (PNG), written into `folder`."""
+    import numpy as np
     from skimage import data
 
     folder.mkdir(parents=True, exist_ok=True)
