@@ -27,11 +27,11 @@ from bench.null_model import NullRenderer
 from shared import keys
 from shared.db import Job
 from shared.jobs import JobResult, claim_job, finish_job
-from shared.messages import JobMessage, decode_message
 from shared.queue import forget_queued
 from shared.settings import Settings
 from shared.spec import parse_spec
 from shared.storage import ObjectStore
+from shared.wire import JobMessage, decode_message
 
 STEP_JOBS: Final = 200
 STEPS: Final = ("claim_sql", "forget_queued_redis", "lease_thread", "decode", "cache_hit", "generate_null")
@@ -86,20 +86,23 @@ def _one_job(w: _Worker, m: JobMessage, clock: _Clock) -> None:
 
     raw = m.to_json()
     attempt = clock.time(
-        "claim_sql", lambda: claim_job(sessions=w.sessions, job_id=m.job_id, worker_host=w.host, lease_s=60)
+        "claim_sql",
+        lambda: claim_job(sessions=w.sessions, job_id=m.job_id, worker_host=w.host, lease_s=60, max_attempts=3),
     )
     prefix = w.settings.redis_prefix
     clock.time("forget_queued_redis", lambda: forget_queued(redis_client=w.redis, prefix=prefix, job_id=m.job_id))
     lease = clock.time(
         "lease_thread",
-        lambda: Lease(sessions=w.sessions, job_id=m.job_id, attempt=attempt, lease_s=60, heartbeat_s=10).start(),
+        lambda: Lease(
+            sessions=w.sessions, job_id=m.job_id, attempt=attempt, lease_s=60, heartbeat_s=10, max_lease_s=3600
+        ).start(),
     )
     message = clock.time("decode", lambda: decode_message(raw))
     params = message.spec.params
     embeds, _ = clock.time("cache_hit", lambda: w.cache.get(_loaders(w, message)))
     image = clock.time("generate_null", lambda: w.renderer.generate(params, embeds, on_step=lease.check))
     png = clock.time("png_encode", lambda: encode_png(image, params=params, model_set=w.renderer.name))
-    key = keys.output_key(m.batch_id, m.job_id)
+    key = keys.output_key(m.batch_id, m.job_id, attempt)
     sha = hashlib.sha256(png).hexdigest()
     meta = {"job-id": m.job_id, "seed": str(params.seed), "sha256": sha}
     clock.time("s3_put", lambda: w.store.put(key, png, metadata=meta, content_type="image/png"))
@@ -110,7 +113,7 @@ def _one_job(w: _Worker, m: JobMessage, clock: _Clock) -> None:
 
 def time_steps(settings: Settings, refs: Sequence[Path]) -> dict[str, float]:
     """Mean milliseconds per job of each step, over STEP_JOBS jobs run one after another in this process."""
-    from worker.embed_cache import EmbeddingCache
+    from worker.embedding import EmbeddingCache
 
     client = redis.Redis.from_url(settings.redis_url)
     store = ObjectStore.from_settings(settings)

@@ -4,6 +4,12 @@ The attempt number is the fencing token: each claim increments `attempts`, and a
 may renew its lease or record a result only while `attempts` still equals the attempt it
 claimed. A zombie attempt (its lease expired, the job re-claimed) cannot overwrite a
 newer one, and a duplicate delivery of a finished or canceled job does nothing.
+
+Lease times (claim, renew, expire, finish) are computed by the database server's clock
+(`shared.db_clock.server_now`), never a worker's or the reconciler's: hosts whose clocks
+disagree still agree on which leases are alive. A lease is renewed at most `max_lease_s`
+after its claim (`lease_max_s` in `shared.settings`), so a job whose lease a leaked
+heartbeat keeps renewing still expires.
 """
 
 from __future__ import annotations
@@ -11,15 +17,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, or_, select, update
+from sqlalchemy import Float, Table, and_, bindparam, or_, select, update
 from sqlalchemy.exc import InterfaceError as SqlInterfaceError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import Job, JobStatus, utcnow
+from shared.db_clock import server_now
 from shared.errors import DatabaseUnavailable
 
 LIVE = (JobStatus.queued.value, JobStatus.running.value)
@@ -54,25 +60,33 @@ def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
 _JOBS = cast(Table, Job.__table__)
 _C = _JOBS.c
 _FENCE = and_(_C.id == bindparam("p_id"), _C.attempts == bindparam("p_attempt"), _C.status == JobStatus.running.value)
+_LEASE_S = bindparam("p_lease_s", type_=Float())
 _CLAIM = (
     update(_JOBS)
     .where(
         _C.id == bindparam("p_id"),
         or_(
             _C.status == JobStatus.queued.value,
-            and_(_C.status == JobStatus.running.value, _C.lease_expires_at < bindparam("p_now")),
+            and_(_C.status == JobStatus.running.value, _C.lease_expires_at < server_now()),
         ),
+        # A job whose attempts are spent is not run again; the reconciler fails it.
+        _C.attempts - _C.attempt_floor < bindparam("p_max_attempts"),
     )
     .values(
         status=JobStatus.running.value,
         attempts=_C.attempts + 1,
-        lease_expires_at=bindparam("p_until"),
+        lease_expires_at=server_now(_LEASE_S),
         worker_host=bindparam("p_host"),
-        started_at=bindparam("p_now"),
+        started_at=server_now(),
     )
     .returning(_C.attempts)
 )
-_RENEW = update(_JOBS).where(_FENCE).values(lease_expires_at=bindparam("p_until"))
+_RENEW = (
+    update(_JOBS)
+    # Never past the lease's maximum lifetime, counted from its claim.
+    .where(_FENCE, _C.started_at > server_now(-bindparam("p_max_lease_s", type_=Float())))
+    .values(lease_expires_at=server_now(_LEASE_S))
+)
 _RESULT_FIELDS = (
     "output_key",
     "output_sha256",
@@ -87,7 +101,7 @@ _FINISH = (
     .where(_FENCE)
     .values(
         status=JobStatus.succeeded.value,
-        finished_at=bindparam("p_now"),
+        finished_at=server_now(),
         lease_expires_at=None,
         error_type=None,
         error_message=None,
@@ -96,10 +110,11 @@ _FINISH = (
 )
 
 
-def claim_job(*, sessions: sessionmaker[Session], job_id: str, worker_host: str, lease_s: float) -> int | None:
-    """Take a queued job (or one whose lease expired); return its attempt number, or None."""
-    now = utcnow()
-    params = {"p_id": job_id, "p_now": now, "p_until": now + timedelta(seconds=lease_s), "p_host": worker_host}
+def claim_job(
+    *, sessions: sessionmaker[Session], job_id: str, worker_host: str, lease_s: float, max_attempts: int
+) -> int | None:
+    """Take a queued job (or one whose lease expired) with attempts left; return its attempt number, or None."""
+    params = {"p_id": job_id, "p_lease_s": lease_s, "p_host": worker_host, "p_max_attempts": max_attempts}
     with transaction(sessions) as session:
         attempt: int | None = session.execute(_CLAIM, params).scalar_one_or_none()
         return attempt
@@ -120,16 +135,19 @@ def _fenced(job_id: str, attempt: int) -> Any:
     return and_(Job.id == job_id, Job.attempts == attempt, Job.status == JobStatus.running.value)
 
 
-def renew_lease(*, sessions: sessionmaker[Session], job_id: str, attempt: int, lease_s: float) -> bool:
-    """Extend a running job's lease; False when the job was canceled or taken over."""
-    params = {"p_id": job_id, "p_attempt": attempt, "p_until": utcnow() + timedelta(seconds=lease_s)}
+def renew_lease(
+    *, sessions: sessionmaker[Session], job_id: str, attempt: int, lease_s: float, max_lease_s: float
+) -> bool:
+    """Extend a running job's lease to `lease_s` from now (server time); False when the job was
+    canceled or taken over, or its claim is more than `max_lease_s` old (the lease's maximum lifetime)."""
+    params = {"p_id": job_id, "p_attempt": attempt, "p_lease_s": lease_s, "p_max_lease_s": max_lease_s}
     with transaction(sessions) as session:
         return _changed(session.execute(_RENEW, params)) == 1
 
 
 def finish_job(*, sessions: sessionmaker[Session], job_id: str, attempt: int, result: JobResult) -> bool:
     """Mark the job succeeded, only if this attempt still holds it."""
-    params = {"p_id": job_id, "p_attempt": attempt, "p_now": utcnow()}
+    params: dict[str, Any] = {"p_id": job_id, "p_attempt": attempt}
     params.update({f"p_{name}": getattr(result, name) for name in _RESULT_FIELDS})
     with transaction(sessions) as session:
         return _changed(session.execute(_FINISH, params)) == 1
@@ -145,7 +163,7 @@ def fail_job(
         .where(where)
         .values(
             status=JobStatus.failed.value,
-            finished_at=utcnow(),
+            finished_at=server_now(),
             lease_expires_at=None,
             error_type=error_type,
             error_message=message[:2000],
@@ -168,7 +186,7 @@ def release_job(
         if job.attempts - job.attempt_floor >= max_attempts:
             values: dict[str, Any] = {
                 "status": JobStatus.failed.value,
-                "finished_at": utcnow(),
+                "finished_at": server_now(),
                 "error_type": error_type,
                 "error_message": f"{message[:1800]} (after {max_attempts} attempts)",
             }
@@ -216,7 +234,7 @@ def expire_leases(*, sessions: sessionmaker[Session], max_attempts: int) -> tupl
 
     Returns (requeued ids, failed ids).
     """
-    now = utcnow()
+    now = server_now()
     expired = and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now)
     spent = (Job.attempts - Job.attempt_floor) >= max_attempts
     with transaction(sessions) as session:

@@ -1,7 +1,8 @@
 """Names of things in Redis and object storage, in one place.
 
-Object keys are deterministic (content hashes and job ids), so a re-run writes the same
-object again instead of a second one.
+Object keys are deterministic (content hashes, job ids and attempt numbers), so a re-run
+writes the same object again instead of a second one. Outputs are keyed by attempt too:
+a late upload from an expired attempt can never overwrite the attempt that won.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from typing import Final
 
 REF_KEY: Final = "refs/{sha256}.{ext}"
-OUTPUT_KEY: Final = "outputs/{batch_id}/{job_id}.png"
+OUTPUT_KEY: Final = "outputs/{batch_id}/{job_id}.{attempt}.png"
 EMBEDDING_KEY: Final = "embeddings/{encoder}/{sha256}.safetensors"
 
 # Redis keys, each under the settings' `redis_prefix`.
@@ -27,9 +28,12 @@ def ref_key(sha256: str, ext: str) -> str:
     return REF_KEY.format(sha256=sha256, ext=ext)
 
 
-def output_key(batch_id: str, job_id: str) -> str:
-    """Where a job's PNG lives: `outputs/<batch>/<job>.png`."""
-    return OUTPUT_KEY.format(batch_id=batch_id, job_id=job_id)
+def output_key(batch_id: str, job_id: str, attempt: int) -> str:
+    """Where one attempt of a job writes its PNG: `outputs/<batch>/<job>.<attempt>.png`.
+
+    The job's row records the key of the attempt that finished (`jobs.output_key`).
+    """
+    return OUTPUT_KEY.format(batch_id=batch_id, job_id=job_id, attempt=attempt)
 
 
 def embedding_key(encoder: str, sha256: str) -> str:

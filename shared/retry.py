@@ -57,3 +57,10 @@ def retry_per_settings(fn: Callable[[], T], *, what: str, settings: Settings) ->
     return retry_transient(
         fn, what=what, retries=settings.transient_retries, base_s=settings.retry_base_s, max_s=settings.retry_max_s
     )
+
+
+def retry_span_s(settings: Settings) -> float:
+    """The longest `retry_per_settings` waits between tries, in all (each backoff at its cap)."""
+    return sum(
+        min(settings.retry_max_s, settings.retry_base_s * 2.0**attempt) for attempt in range(settings.transient_retries)
+    )

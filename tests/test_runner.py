@@ -24,12 +24,12 @@ from shared import keys
 from shared.db import Batch, Job, ensure_database, make_engine, make_session_factory
 from shared.errors import JobCanceled
 from shared.jobs import JobResult, claim_job, expire_leases, finish_job, retry_failed
-from shared.messages import JobMessage
 from shared.settings import Settings
 from shared.spec import JobSpec, Reference, parse_params
 from shared.storage import ObjectStore
+from shared.wire import JobMessage
 from worker.context import WorkerContext
-from worker.embed_cache import EmbeddingCache
+from worker.embedding import EmbeddingCache
 from worker.publisher import Publisher
 from worker.runner import run_job
 
@@ -135,7 +135,8 @@ def test_a_job_succeeds_with_its_output_stored_and_recorded(ctx: WorkerContext) 
     assert run_and_publish(ctx, message.to_json()) == "rendered"
     job = job_row(ctx, message.job_id)
     assert (job.status, job.attempts, job.worker_host) == ("succeeded", 1, "test-host")
-    png = ctx.store.get(keys.output_key(message.batch_id, message.job_id))
+    assert job.output_key == keys.output_key(message.batch_id, message.job_id, 1)
+    png = ctx.store.get(job.output_key)
     assert hashlib.sha256(png).hexdigest() == job.output_sha256 and job.output_bytes == len(png)
     assert job.denoise_s is not None and job.upload_s is not None
     assert json.loads(job.cache_stats or "{}")["encodes"] == 1
@@ -152,11 +153,11 @@ def test_a_redelivered_finished_job_writes_nothing_again(ctx: WorkerContext) -> 
 
 def test_a_zombie_attempt_cannot_overwrite_the_newer_one(ctx: WorkerContext) -> None:
     message = add_job(ctx)
-    first = claim_job(sessions=ctx.sessions, job_id=message.job_id, worker_host="zombie", lease_s=60)
+    first = claim_job(sessions=ctx.sessions, job_id=message.job_id, worker_host="zombie", lease_s=60, max_attempts=3)
     # The zombie's lease runs out; another worker takes the job over.
     with ctx.sessions.begin() as session:
         session.execute(update(Job).where(Job.id == message.job_id).values(lease_expires_at=Job.started_at))
-    second = claim_job(sessions=ctx.sessions, job_id=message.job_id, worker_host="new", lease_s=60)
+    second = claim_job(sessions=ctx.sessions, job_id=message.job_id, worker_host="new", lease_s=60, max_attempts=3)
     assert (first, second) == (1, 2)
     late = JobResult(output_key="x", output_sha256="0" * 64, output_bytes=1, encode_s=0, denoise_s=0, upload_s=0)
     assert not finish_job(sessions=ctx.sessions, job_id=message.job_id, attempt=1, result=late)
@@ -202,13 +203,16 @@ def test_a_running_job_canceled_stops_at_a_step_and_leaves_no_output(ctx: Worker
     assert run_and_publish(ctx, message.to_json()) == "canceled"
     assert time.monotonic() - t0 < 3.0  # stopped within a heartbeat, not after 40 steps
     assert job_row(ctx, message.job_id).status == "canceled"
-    assert not ctx.store.exists(keys.output_key(message.batch_id, message.job_id))
+    assert ctx.store.list_keys(f"outputs/{message.batch_id}/") == []
 
 
 def test_a_job_that_keeps_losing_its_worker_fails_after_max_attempts(ctx: WorkerContext) -> None:
     message = add_job(ctx)
     for attempt in range(1, ctx.settings.max_attempts + 1):
-        assert claim_job(sessions=ctx.sessions, job_id=message.job_id, worker_host="w", lease_s=0) == attempt
+        assert (
+            claim_job(sessions=ctx.sessions, job_id=message.job_id, worker_host="w", lease_s=0, max_attempts=9)
+            == attempt
+        )
         time.sleep(0.01)
         requeued, failed = expire_leases(sessions=ctx.sessions, max_attempts=ctx.settings.max_attempts)
     assert failed == [message.job_id] and requeued == []
@@ -233,7 +237,7 @@ def test_a_job_canceled_before_it_starts_never_runs(ctx: WorkerContext) -> None:
 def test_cancel_raises_at_the_next_step_once_the_lease_is_lost() -> None:
     from worker.lease import Lease
 
-    lease = Lease(sessions=None, job_id="j", attempt=1, lease_s=1, heartbeat_s=0.5)  # type: ignore[arg-type]
+    lease = Lease(sessions=None, job_id="j", attempt=1, lease_s=1, heartbeat_s=0.5, max_lease_s=9)  # type: ignore[arg-type]
     lease._lost.set()
     with pytest.raises(JobCanceled, match="at step 3"):
         lease.check(3)
@@ -248,3 +252,56 @@ def test_a_job_past_its_soft_time_limit_fails_with_that_reason(ctx: WorkerContex
     job = job_row(ctx, message.job_id)
     assert (job.status, job.error_type) == ("failed", "JobTimedOut")
     assert "IPAB_SOFT_TIME_LIMIT_S" in (job.error_message or "")
+
+
+def test_a_soft_time_limit_during_the_hand_off_fails_the_job_and_stops_its_lease(
+    ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    message = add_job(ctx)
+
+    def interrupted(publication: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(ctx.publisher, "submit", interrupted)
+    assert run_job(ctx, message.to_json()) == "failed"
+    job = job_row(ctx, message.job_id)
+    assert (job.status, job.error_type, job.lease_expires_at) == ("failed", "JobTimedOut", None)
+    # Nothing renews it any more: the heartbeat holds no lease of this job.
+    from worker.lease import _heartbeat
+
+    assert not [lease for lease in _heartbeat()._leases if lease.job_id == message.job_id]
+
+
+def test_a_late_upload_from_an_expired_attempt_leaves_the_winners_output(ctx: WorkerContext) -> None:
+    from worker.lease import Lease
+    from worker.publisher import Publication
+    from worker.runner import Rendered
+
+    message = add_job(ctx)
+
+    def attempt(host: str, color: int) -> Publication:
+        number = claim_job(sessions=ctx.sessions, job_id=message.job_id, worker_host=host, lease_s=60, max_attempts=3)
+        assert number is not None
+        lease = Lease(
+            sessions=ctx.sessions, job_id=message.job_id, attempt=number, lease_s=60, heartbeat_s=1, max_lease_s=600
+        )
+        png = _png(Image.new("RGB", (8, 8), (color, 0, 0)))  # the two attempts' bytes differ
+        rendered = Rendered(png=png, seed=7, encode_s=0, denoise_s=0, cache_stats="{}")
+        return Publication(job_id=message.job_id, batch_id=message.batch_id, lease=lease, rendered=rendered)
+
+    zombie = attempt("zombie", 1)
+    with ctx.sessions.begin() as session:  # the zombie stalls past its lease; another worker takes over
+        session.execute(update(Job).where(Job.id == message.job_id).values(lease_expires_at=Job.started_at))
+    winner = attempt("winner", 2)
+    ctx.publisher.publish(winner)
+    ctx.publisher.publish(zombie)  # wakes up and uploads late, still believing it holds the job
+    job = job_row(ctx, message.job_id)
+    assert (job.status, job.attempts, job.output_sha256) == ("succeeded", 2, _sha(winner))
+    assert ctx.store.list_keys(f"outputs/{message.batch_id}/") == [job.output_key]
+    assert hashlib.sha256(ctx.store.get(job.output_key or "")).hexdigest() == job.output_sha256
+
+
+def _sha(publication: Any) -> str:
+    return hashlib.sha256(publication.rendered.png).hexdigest()

@@ -3,6 +3,11 @@
 When a renewal finds the job no longer ours (canceled, or re-claimed after our lease
 expired), the lease is marked lost and the denoising loop stops at its next step.
 
+A lease never outlives its maximum lifetime (`max_lease_s`, see `max_lease_s()`): past it,
+the database refuses the renewal and the lease is lost, whatever path out of the job forgot
+to stop it. A renewal that fails (the database unreachable) keeps the lease only until the
+lease's own expiry as last written; after that another worker may hold the job.
+
 One heartbeat thread per process renews every held lease when it falls due (each
 `heartbeat_s` after it was taken or last renewed), instead of a thread per job: starting a
 thread cost more than a short job's own SQL. A worker holds at most two leases at a time
@@ -20,23 +25,50 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import JobCanceled, TransientError
 from shared.jobs import renew_lease
+from shared.retry import retry_span_s
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def max_lease_s(settings: Settings) -> float:
+    """The longest a job's lease is renewed after its claim, from the settings.
+
+    The render cannot outlast IPAB_HARD_TIME_LIMIT_S (Celery kills it); the publish after it
+    makes two retried calls (upload, mark succeeded), each waiting at most the retry budget
+    (IPAB_TRANSIENT_RETRIES, IPAB_RETRY_BASE_S, IPAB_RETRY_MAX_S); one more IPAB_LEASE_S
+    covers the calls themselves.
+    """
+    return settings.hard_time_limit_s + 2 * retry_span_s(settings) + settings.lease_s
 
 
 class Lease:
     """Holds one attempt of one job; `check()` raises `JobCanceled` once the job is not ours."""
 
     def __init__(
-        self, *, sessions: sessionmaker[Session], job_id: str, attempt: int, lease_s: float, heartbeat_s: float
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        job_id: str,
+        attempt: int,
+        lease_s: float,
+        heartbeat_s: float,
+        max_lease_s: float,
+        claimed_at_s: float | None = None,
     ) -> None:
+        """`claimed_at_s`: `time.monotonic()` taken just before the claim (default: now)."""
         self.job_id = job_id
         self.attempt = attempt
         self._sessions = sessions
         self._lease_s = lease_s
         self._heartbeat_s = heartbeat_s
+        self._max_lease_s = max_lease_s
         self._stopped = threading.Event()
         self._lost = threading.Event()
+        claimed_s = time.monotonic() if claimed_at_s is None else claimed_at_s
+        # Until when the lease is surely ours (by this host's monotonic clock): the expiry last
+        # written, counted from before the call that wrote it.
+        self._valid_until_s = claimed_s + lease_s
         self.due_s = 0.0  # monotonic time of the next renewal; set by start()
 
     def start(self) -> Lease:
@@ -52,8 +84,13 @@ class Lease:
 
     @property
     def lost(self) -> bool:
-        """True once a renewal found the job canceled or taken over."""
+        """True once a renewal found the job canceled or taken over, or the lease lapsed."""
         return self._lost.is_set()
+
+    @property
+    def held(self) -> bool:
+        """Whether this attempt surely still holds the job: not lost, and not past its expiry."""
+        return not self._lost.is_set() and time.monotonic() < self._valid_until_s
 
     def check(self, step: int = -1) -> None:
         """Called at every denoising step: stop the job if it is no longer ours."""
@@ -64,13 +101,23 @@ class Lease:
         """One renewal, on the heartbeat thread; False once the lease needs no more renewals."""
         if self._stopped.is_set():
             return False
-        self.due_s = time.monotonic() + self._heartbeat_s  # before the call: a failure waits a beat too
+        started_s = time.monotonic()
+        self.due_s = started_s + self._heartbeat_s  # before the call: a failure waits a beat too
         try:
-            ours = renew_lease(sessions=self._sessions, job_id=self.job_id, attempt=self.attempt, lease_s=self._lease_s)
+            ours = renew_lease(
+                sessions=self._sessions,
+                job_id=self.job_id,
+                attempt=self.attempt,
+                lease_s=self._lease_s,
+                max_lease_s=self._max_lease_s,
+            )
+            if ours:
+                self._valid_until_s = started_s + self._lease_s
         except TransientError as e:
-            # The lease outlives a short database outage; the next beat tries again.
-            log.warning("lease renewal for %s failed: %s", self.job_id, e)
-            ours = True
+            # The lease outlives a short database outage, but not its own expiry: after
+            # that the reconciler may have given the job to another worker.
+            ours = time.monotonic() < self._valid_until_s
+            log.warning("lease renewal for %s failed (%s)%s", self.job_id, e, "" if ours else "; the lease lapsed")
         if not ours:
             self._lost.set()
             return False

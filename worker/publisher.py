@@ -3,23 +3,35 @@
 One publication at a time, and `submit` waits while one is pending: the model runs at
 most one job ahead of storage, so a slow S3 slows the worker down instead of filling
 memory. The job's lease stays held (heartbeat) until its row says `succeeded`.
+
+Fencing the upload: object storage knows nothing of our attempt numbers, so a put from an
+attempt whose lease expired (a stalled worker waking up) could land after the winning
+attempt's and overwrite it. Each attempt therefore writes its own key,
+`outputs/<batch>/<job>.<attempt>.png`, and the SQL row is the arbiter: the fenced
+`finish_job` records the key of the one attempt that finished, so the object at a job's
+recorded `output_key` is only ever written by the attempt whose sha256 the row holds.
+Keeping one deterministic key and checking the fence before or after the put cannot give
+that guarantee (the check and the put are never one atomic step). A losing attempt
+deletes its own object; the winner deletes the objects earlier attempts may have left.
+Only an attempt that dies between its put and its failed finish leaves an unreferenced
+object behind.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from shared import keys
-from shared.db import JobStatus
 from shared.errors import IpabError
-from shared.jobs import JobResult, finish_job, job_status
+from shared.jobs import JobResult, finish_job
 from shared.retry import retry_per_settings
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -43,6 +55,15 @@ class Publication:
     batch_id: str
     lease: Lease
     rendered: Rendered
+    _settled: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    def settle(self) -> bool:
+        """Take charge of this publication's lease and outcome; True for the first caller only.
+
+        The runner (when its hand-off was interrupted) and the publisher thread both ask: one
+        atomic test-and-set decides, so the job is neither published twice nor forgotten.
+        """
+        return self._settled.acquire(blocking=False)
 
 
 class Publisher:
@@ -59,10 +80,19 @@ class Publisher:
         self._thread.start()
 
     def submit(self, publication: Publication) -> None:
-        """Hand over a rendered job; blocks while the previous one is still being published."""
+        """Hand over a rendered job; blocks while the previous one is still being published.
+
+        If interrupted (an exception raised by a signal), the publication may or may not have
+        been handed over: the caller settles it (`Publication.settle`) to find out who owns it.
+        """
         self._idle.wait()
         self._idle.clear()
-        self._pending.put(publication)
+        try:
+            self._pending.put_nowait(publication)
+        except BaseException:
+            if publication not in self._pending.queue:
+                self._idle.set()  # nothing was handed over: the next submit must not wait forever
+            raise
 
     def drain(self, timeout_s: float | None = None) -> bool:
         """Wait until nothing is pending; True if drained within the timeout."""
@@ -76,6 +106,9 @@ class Publisher:
 
     def _loop(self) -> None:
         while (publication := self._pending.get()) is not None:
+            if not publication.settle():  # the runner gave up on it during the hand-off
+                self._idle.set()
+                continue
             try:
                 self.publish(publication)
             except Exception:
@@ -91,35 +124,51 @@ class Publisher:
         record_failure(self._settings, self._sessions, job_id=p.job_id, attempt=p.lease.attempt, error=error)
 
     def publish(self, p: Publication) -> None:
-        """Steps 7 and 8 of a job: upload to its deterministic key, then mark it succeeded."""
+        """Steps 7-9 of a job: upload to this attempt's key, mark succeeded, tidy up."""
         png = p.rendered.png
         sha256 = hashlib.sha256(png).hexdigest()
-        key = keys.output_key(p.batch_id, p.job_id)
-        metadata = {"job-id": p.job_id, "seed": str(p.rendered.seed), "sha256": sha256}
-        # 7. Upload (a re-run overwrites the same key with the same bytes).
+        key = keys.output_key(p.batch_id, p.job_id, p.lease.attempt)
+        # 7. Upload, unless the lease already lapsed (another attempt may hold the job).
+        if not p.lease.held:
+            log.warning("job %s attempt %d: lease lost before upload; not publishing", p.job_id, p.lease.attempt)
+            return
         t0 = time.perf_counter()
         try:
-            self._retry(lambda: self._store.put(key, png, metadata=metadata, content_type="image/png"), f"upload {key}")
+            self._upload(p, key, png, sha256)
         except IpabError as e:
             self._fail(p, e)
             return
-        upload_s = time.perf_counter() - t0
-        # 8. Mark succeeded, only if this attempt still holds the job.
+        # 8. Mark succeeded, only if this attempt still holds the job; the row names its key.
         result = JobResult(
             output_key=key,
             output_sha256=sha256,
             output_bytes=len(png),
             encode_s=p.rendered.encode_s,
             denoise_s=p.rendered.denoise_s,
-            upload_s=upload_s,
+            upload_s=time.perf_counter() - t0,
             cache_stats=p.rendered.cache_stats,
         )
         recorded = self._retry(
             lambda: finish_job(sessions=self._sessions, job_id=p.job_id, attempt=p.lease.attempt, result=result),
             f"mark {p.job_id} succeeded",
         )
-        if not recorded and job_status(sessions=self._sessions, job_id=p.job_id) == JobStatus.canceled.value:
-            # A canceled job leaves no output. (Had another attempt taken the job over,
-            # it writes this same key with the same bytes, so that object stays.)
-            self._retry(lambda: self._store.delete(key), f"delete {key}")
-            log.info("job %s was canceled while publishing; its output was removed", p.job_id)
+        # 9. Keep only the recorded object: the winner's.
+        self._tidy(p, recorded=recorded)
+
+    def _upload(self, p: Publication, key: str, png: bytes, sha256: str) -> None:
+        metadata = {"job-id": p.job_id, "seed": str(p.rendered.seed), "sha256": sha256}
+        self._retry(lambda: self._store.put(key, png, metadata=metadata, content_type="image/png"), f"upload {key}")
+
+    def _tidy(self, p: Publication, *, recorded: bool) -> None:
+        """Delete the objects no row refers to: earlier attempts' (we won), or ours (we lost)."""
+        if recorded:
+            stale = [keys.output_key(p.batch_id, p.job_id, n) for n in range(1, p.lease.attempt)]
+        else:
+            # Canceled meanwhile (a canceled job leaves no output), or another attempt holds it.
+            stale = [keys.output_key(p.batch_id, p.job_id, p.lease.attempt)]
+            log.info("job %s attempt %d no longer held the job; its output was removed", p.job_id, p.lease.attempt)
+        for key in stale:
+            try:
+                self._retry(functools.partial(self._store.delete, key), f"delete {key}")
+            except IpabError as e:
+                log.warning("could not delete the unreferenced object %s: %s", key, e)

@@ -20,12 +20,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, JobTimedOut, MessageInvalid
 from shared.jobs import claim_job
-from shared.messages import JobMessage, decode_ids, decode_message
 from shared.queue import forget_queued
 from shared.retry import retry_per_settings
+from shared.wire import JobMessage, decode_ids, decode_message
 from worker.context import WorkerContext
 from worker.failures import record_failure
-from worker.lease import Lease
+from worker.lease import Lease, max_lease_s
 from worker.png import encode_png
 from worker.publisher import Publication
 
@@ -52,17 +52,13 @@ def run_job(ctx: WorkerContext, raw: Any) -> str:
         log.error("dropping a message that is not a job: %s", e)
         return "dropped"
     # 2. Claim the row: a duplicate delivery of a finished or running job does nothing.
+    claimed_at_s = time.monotonic()
     attempt = _claim(ctx, job_id)
     if attempt is None:
         return "skipped"
-    lease = Lease(
-        sessions=ctx.sessions,
-        job_id=job_id,
-        attempt=attempt,
-        lease_s=ctx.settings.lease_s,
-        heartbeat_s=ctx.settings.heartbeat_s,
-    ).start()
+    lease = _lease(ctx, job_id, attempt, claimed_at_s)
     try:
+        lease.start()
         # 3. Validate the spec again: the message may come from an older scheduler.
         message = decode_message(raw)
         # 4-6. Embeddings, denoising, PNG.
@@ -71,14 +67,45 @@ def run_job(ctx: WorkerContext, raw: Any) -> str:
         lease.stop()
         return _record_failure(ctx, job_id, attempt, e)
     # 7-8. Upload and mark succeeded, overlapped with the next job.
-    ctx.publisher.submit(Publication(job_id=job_id, batch_id=batch_id, lease=lease, rendered=rendered))
+    return _hand_off(ctx, Publication(job_id=job_id, batch_id=batch_id, lease=lease, rendered=rendered))
+
+
+def _lease(ctx: WorkerContext, job_id: str, attempt: int, claimed_at_s: float) -> Lease:
+    return Lease(
+        sessions=ctx.sessions,
+        job_id=job_id,
+        attempt=attempt,
+        lease_s=ctx.settings.lease_s,
+        heartbeat_s=ctx.settings.heartbeat_s,
+        max_lease_s=max_lease_s(ctx.settings),
+        claimed_at_s=claimed_at_s,
+    )
+
+
+def _hand_off(ctx: WorkerContext, publication: Publication) -> str:
+    """Give the rendered job to the publisher; if that is interrupted (a soft time limit),
+    whichever side settles the publication first owns its lease and its outcome."""
+    try:
+        ctx.publisher.submit(publication)
+    except BaseException as e:
+        if not publication.settle():
+            log.warning("job %s: %r during hand-off; the publisher has it", publication.job_id, e)
+            return "rendered"
+        publication.lease.stop()
+        return _record_failure(ctx, publication.job_id, publication.lease.attempt, e)
     return "rendered"
 
 
 def _claim(ctx: WorkerContext, job_id: str) -> int | None:
     try:
         return retry_per_settings(
-            lambda: claim_job(sessions=ctx.sessions, job_id=job_id, worker_host=ctx.host, lease_s=ctx.settings.lease_s),
+            lambda: claim_job(
+                sessions=ctx.sessions,
+                job_id=job_id,
+                worker_host=ctx.host,
+                lease_s=ctx.settings.lease_s,
+                max_attempts=ctx.settings.max_attempts,
+            ),
             what=f"claim {job_id}",
             settings=ctx.settings,
         )

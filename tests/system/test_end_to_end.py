@@ -60,7 +60,9 @@ def run_batch_end_to_end(settings: Settings, workers: Workers, tmp_path: Path) -
         jobs = session.scalars(select(Job).where(Job.batch_id == batch_id)).all()
     assert [j.status for j in jobs] == [JobStatus.succeeded.value] * 20, workers.log_text()
     store = ObjectStore.from_settings(settings)
-    assert sorted(store.list_keys(f"outputs/{batch_id}/")) == sorted(keys.output_key(batch_id, j.id) for j in jobs)
+    assert sorted(store.list_keys(f"outputs/{batch_id}/")) == sorted(
+        keys.output_key(batch_id, j.id, j.attempts) for j in jobs
+    )
     assert len(store.list_keys("refs/")) == 3  # each reference uploaded once
     for job in jobs:
         png = store.get(job.output_key or "")

@@ -1,0 +1,63 @@
+"""The database server's clock, as a SQL expression: the one clock every lease is measured by.
+
+A lease written with one host's clock and compared with another's breaks as soon as the two
+disagree by more than the lease minus a heartbeat: healthy jobs get re-queued, or dead ones
+kept. So claim, renew, expire and finish compute every lease time in SQL, relative to the
+server's current time, and no worker or reconciler clock takes part.
+
+Values stay naive UTC, stored as before: on PostgreSQL a `timestamp without time zone`
+(`timezone('utc', now())`); on SQLite the text SQLAlchemy writes for a DateTime,
+`YYYY-MM-DD HH:MM:SS.ffffff`. SQLite's `%f` gives milliseconds (`SS.SSS`), so three zeros
+complete the six digits: the text compares and parses exactly like SQLAlchemy's own.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final
+
+from sqlalchemy import DateTime, Float, literal
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.functions import FunctionElement
+
+# strftime's %f is "SS.SSS"; the literal 000 pads it to SQLAlchemy's microseconds.
+SQLITE_DATETIME_FORMAT: Final = "%Y-%m-%d %H:%M:%f000"
+
+
+class server_now(FunctionElement[datetime]):  # lower case: it reads as a SQL function
+    """The database server's current UTC time plus `offset_s` seconds (a bound value or a column)."""
+
+    type = DateTime()
+    inherit_cache = True
+    name = "server_now"
+
+    def __init__(self, offset_s: ColumnElement[Any] | float = 0.0) -> None:
+        offset = offset_s if isinstance(offset_s, ColumnElement) else literal(float(offset_s), Float())
+        super().__init__(offset)
+
+
+def _offset(element: server_now, compiler: SQLCompiler, **kw: Any) -> str:
+    (offset,) = element.clauses
+    return compiler.process(offset, **kw)
+
+
+@compiles(server_now, "sqlite")
+def _sqlite_now(element: server_now, compiler: SQLCompiler, **kw: Any) -> str:
+    # 'now' is fixed for the whole statement, so every use in one UPDATE agrees.
+    return f"strftime('{SQLITE_DATETIME_FORMAT}', 'now', printf('%+.6f seconds', {_offset(element, compiler, **kw)}))"
+
+
+@compiles(server_now, "postgresql")
+def _postgresql_now(element: server_now, compiler: SQLCompiler, **kw: Any) -> str:
+    # now() is the transaction's start: one instant for every use in the transaction.
+    offset = _offset(element, compiler, **kw)
+    return f"(timezone('utc', now()) + make_interval(secs => CAST({offset} AS DOUBLE PRECISION)))"
+
+
+@compiles(server_now)
+def _other_now(element: server_now, compiler: SQLCompiler, **kw: Any) -> str:
+    raise NotImplementedError(
+        f"database dialect {compiler.dialect.name!r} is not supported for leases; use SQLite or PostgreSQL"
+    )
