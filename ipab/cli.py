@@ -16,7 +16,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
+import botocore.exceptions
+import redis
+import sqlalchemy.exc
+
 from shared.errors import IpabError
+from shared.redact import MaskingFormatter, mask_text, mask_url
+from shared.settings import load_settings
 
 # Each module defines `register(subparsers)`, adding parsers whose `func` takes the args.
 CONTROL_PLANE_MODULES: Final = (
@@ -27,6 +33,12 @@ CONTROL_PLANE_MODULES: Final = (
 WORKER_MODULES: Final = ("worker.commands", "worker.serve")
 WORKER_COMMANDS: Final = ("worker", "generate", "models")
 WORKER_EXTRA_MODULES: Final = ("torch", "diffusers", "transformers")
+SERVICE_ERRORS: Final = (
+    sqlalchemy.exc.SQLAlchemyError,
+    redis.RedisError,
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+)
 WORKER_EXTRA_HINT: Final = "install the worker extra: pip install 'ipab[worker]' (torch, diffusers, transformers)"
 
 
@@ -43,7 +55,10 @@ def worker_extra_missing() -> str | None:
 
 def _register_missing_worker(subparsers: Any, missing: str) -> None:
     def refuse(args: argparse.Namespace) -> int:
-        print(f"ipab: error: `ipab {args.command}` needs {missing}, which is not installed; {WORKER_EXTRA_HINT}")
+        print(
+            f"ipab: error: `ipab {args.command}` needs {missing}, which is not installed; {WORKER_EXTRA_HINT}",
+            file=sys.stderr,
+        )
         return 2
 
     for name in WORKER_COMMANDS:
@@ -73,21 +88,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "takes_any_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(MaskingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     for noisy in ("botocore", "boto3", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         code: int = args.func(args)
     except IpabError as e:
-        print(f"ipab: error: {e}", file=sys.stderr)
+        print(f"ipab: error: {mask_text(str(e))}", file=sys.stderr)
+        return 2
+    except SERVICE_ERRORS as e:  # the last guard: a service failure is one line, never a traceback
+        print(f"ipab: error: {service_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def service_error_line(error: BaseException) -> str:
+    """One line for a database, Redis or S3 failure no command translated: the variable, its masked value, the fix."""
+    if isinstance(error, sqlalchemy.exc.SQLAlchemyError):
+        field, what = "database_url", "the database"
+    elif isinstance(error, redis.RedisError):
+        field, what = "redis_url", "Redis"
+    else:
+        field, what = "s3_endpoint_url", "the object store"
+    name = f"IPAB_{field.upper()}"
+    try:
+        shown = mask_url(getattr(load_settings(), field))
+    except IpabError:
+        shown = "?"
+    reason = getattr(error, "orig", None) or error
+    lines = str(reason).strip().splitlines() or [type(error).__name__]
+    return (
+        f"{what} at {name}={shown} failed ({type(error).__name__}: {mask_text(lines[0])}); "
+        f"check that it runs and accepts connections, or fix {name}"
+    )
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def test_a_command_started_with_a_bad_setting_exits_with_the_variable_named(tmp_
 
 
 def test_a_worker_without_a_model_set_refuses_to_start_naming_the_variable(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers", reason="`ipab worker` needs the worker extra")
     env = {k: v for k, v in os.environ.items() if k != "IPAB_MODEL_SET"}
     done = subprocess.run(
         [sys.executable, "-m", "ipab.cli", "worker"], env=env, cwd=tmp_path, capture_output=True, text=True
