@@ -1,0 +1,96 @@
+"""The start-order policy: weighted shares between lanes, fair shares between tenants, FIFO within.
+
+Stride scheduling (Waldspurger and Weihl, 1995) at both levels: every candidate (a lane, or a
+tenant within a lane) carries a virtual time ("pass") that advances by 1/weight each time it
+starts a job; the candidate with work and the smallest pass goes next. Over any window each
+backlogged candidate gets starts in proportion to its weight; a candidate without work is
+skipped, so its share goes to the others (work-conserving); and one that comes back from idle
+resumes at the current virtual time instead of spending credit saved while it was idle, so
+nobody starves and nobody bursts. Ties break by name, so the order is deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+LANES: Final = ("interactive", "scheduled", "bulk")
+DEFAULT_LANE_WEIGHTS: Final = {"interactive": 70, "scheduled": 20, "bulk": 10}
+DEFAULT_TENANT_WEIGHT: Final = 1
+
+
+@dataclass
+class Stride:
+    """Weighted fair picking among named candidates by stride scheduling."""
+
+    weights: Mapping[str, float] = field(default_factory=dict)
+    default_weight: float = DEFAULT_TENANT_WEIGHT
+    _pass: dict[str, float] = field(default_factory=dict)
+    _now: float = 0.0
+
+    def weight(self, name: str) -> float:
+        """The candidate's weight (the default for names not configured)."""
+        return float(self.weights.get(name, self.default_weight))
+
+    def pick(self, candidates: Iterable[str]) -> str | None:
+        """The candidate with work that goes next (None when there is none); charges it one start."""
+        ready = sorted(candidates)
+        if not ready:
+            return None
+        for name in ready:
+            # Back from idle (or new): start at the current virtual time, not with saved-up credit.
+            self._pass[name] = max(self._pass.get(name, self._now), self._now)
+        chosen = min(ready, key=lambda name: (self._pass[name], name))
+        self._now = self._pass[chosen]
+        self._pass[chosen] += 1.0 / self.weight(chosen)
+        return chosen
+
+
+@dataclass
+class Policy:
+    """Two-level stride: lanes by weight, then tenants within the chosen lane."""
+
+    lane_weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_LANE_WEIGHTS))
+    tenant_weights: Mapping[str, float] = field(default_factory=dict)
+    _lanes: Stride = field(init=False)
+    _tenants: dict[str, Stride] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._lanes = Stride(weights=self.lane_weights, default_weight=1)
+
+    def next_start(self, backlog: Callable[[], Mapping[str, Iterable[str]]]) -> tuple[str, str] | None:
+        """(lane, tenant) of the next job to start, given `backlog()`: lane -> tenants with queued work."""
+        waiting = {lane: list(tenants) for lane, tenants in backlog().items()}
+        lane = self._lanes.pick(name for name, tenants in waiting.items() if tenants)
+        if lane is None:
+            return None
+        stride = self._tenants.setdefault(lane, Stride(weights=self.tenant_weights))
+        tenant = stride.pick(waiting[lane])
+        assert tenant is not None  # the lane was picked because it has tenants with work
+        return lane, tenant
+
+    def order(self, counts: Mapping[tuple[str, str], int], limit: int) -> list[tuple[str, str]]:
+        """The (lane, tenant) of the next `limit` starts for queued `counts` per (lane, tenant), in order.
+
+        Used to plan a dispatch round and to compute queue positions; consumes the counts it is
+        given only in its own copy, but advances this policy's virtual times.
+        """
+        left = {key: n for key, n in counts.items() if n > 0}
+        starts: list[tuple[str, str]] = []
+        while left and len(starts) < limit:
+            nxt = self.next_start(lambda: _by_lane(left))
+            if nxt is None:
+                break
+            starts.append(nxt)
+            left[nxt] -= 1
+            if not left[nxt]:
+                del left[nxt]
+        return starts
+
+
+def _by_lane(counts: Mapping[tuple[str, str], int]) -> dict[str, list[str]]:
+    lanes: dict[str, list[str]] = {}
+    for lane, tenant in counts:
+        lanes.setdefault(lane, []).append(tenant)
+    return lanes
