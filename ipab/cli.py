@@ -29,6 +29,8 @@ CONTROL_PLANE_MODULES: Final = (
     "scheduler.commands",
     "scheduler.ops_commands",
     "scheduler.cache_commands",
+    "scheduler.keys_commands",
+    "scheduler.api_commands",
 )
 WORKER_MODULES: Final = ("worker.commands", "worker.serve")
 WORKER_COMMANDS: Final = ("worker", "generate", "models")

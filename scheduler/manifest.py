@@ -14,7 +14,7 @@ import json
 import re
 import secrets
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NamedTuple
@@ -322,6 +322,11 @@ class _RowBuilder:
         return _sha256(f"{canonical}\0{self.occurrences[canonical]}")
 
 
+def read_jsonl_bytes(data: bytes) -> Iterator[tuple[int, Mapping[str, Any] | Problem]]:
+    """The rows of a JSONL document (an HTTP body) with their lines, as `read_raw_rows` gives them."""
+    return _read_jsonl(_decode(data))
+
+
 def parse_manifest(path: Path, *, defaults: Mapping[str, Any] | None = None) -> ParsedManifest:
     """Read and validate every row of the manifest at `path`, applying `defaults` (row values win).
 
@@ -329,10 +334,20 @@ def parse_manifest(path: Path, *, defaults: Mapping[str, Any] | None = None) -> 
     one problem (line 1). References are checked as written here; whether the files exist
     and decode is `scheduler.references`' job.
     """
+    return parse_rows(read_raw_rows(path), defaults=defaults, source=repr(str(path)))
+
+
+def parse_rows(
+    raw_rows: Iterable[tuple[int, Mapping[str, Any] | Problem]],
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    source: str = "the manifest",
+) -> ParsedManifest:
+    """Validate rows read from a manifest or an HTTP request: the one validator of every job row."""
     builder = _RowBuilder(defaults or {})
     rows: list[ManifestRow] = []
     problems: list[Problem] = []
-    for line, raw in read_raw_rows(path):
+    for line, raw in raw_rows:
         if isinstance(raw, Problem):
             problems.append(raw)
             continue
@@ -342,5 +357,5 @@ def parse_manifest(path: Path, *, defaults: Mapping[str, Any] | None = None) -> 
         else:
             problems.extend(built)
     if not rows and not problems:
-        problems.append(Problem(1, "manifest", f"{str(path)!r} has no rows; give one JSON object or CSV row per job"))
+        problems.append(Problem(1, "manifest", f"{source} has no rows; give one JSON object or CSV row per job"))
     return ParsedManifest(rows, sorted(problems, key=lambda p: p.line), builder.unchecked_references)

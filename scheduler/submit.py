@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -21,9 +21,10 @@ import redis
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from scheduler.manifest import ManifestRow, Problem, parse_manifest
+from scheduler.manifest import ManifestRow, ParsedManifest, Problem, parse_manifest
 from scheduler.references import ReferenceFile, ReferenceResolver, UploadReport, resolve_rows, upload_references
 from shared.db import (
+    DEFAULT_TENANT,
     Batch,
     Job,
     ensure_database,
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 _COMPACT: Final = (",", ":")
 REDIS_CONNECT_TIMEOUT_S: Final = 5.0
 REDIS_SOCKET_TIMEOUT_S: Final = 60.0
+KEY_CHUNK: Final = 1000  # dedupe keys per `IN (...)` query
 
 
 @dataclass(frozen=True)
@@ -95,10 +97,15 @@ def _find_batch(session: Session, name: str) -> Batch | None:
     return session.scalars(select(Batch).where(Batch.name == name)).one_or_none()
 
 
-def _existing_keys(session: Session, batch: Batch | None) -> set[str]:
+def _existing_keys(session: Session, batch: Batch | None, keys: Sequence[str]) -> set[str]:
+    # Only the keys asked about: an API job joins a batch of many, and reads one key, not all.
     if batch is None:
         return set()
-    return set(session.scalars(select(Job.dedupe_key).where(Job.batch_id == batch.id)))
+    found: set[str] = set()
+    for start in range(0, len(keys), KEY_CHUNK):
+        chunk = list(keys[start : start + KEY_CHUNK])
+        found.update(session.scalars(select(Job.dedupe_key).where(Job.batch_id == batch.id, Job.dedupe_key.in_(chunk))))
+    return found
 
 
 def _check_model_set(batch: Batch | None, model_set: str) -> None:
@@ -107,17 +114,23 @@ def _check_model_set(batch: Batch | None, model_set: str) -> None:
         raise InvalidInput("--model-set", model_set, allowed)
 
 
+def _check_tenant(batch: Batch | None, tenant: str) -> None:
+    if batch is not None and batch.tenant != tenant:
+        raise InvalidInput("--batch", batch.name, "belongs to another tenant; choose another batch name")
+
+
 # 5. One transaction: the batch, the reference rows, the new jobs.
 
 
-def _get_or_create_batch(session: Session, *, name: str, model_set: str) -> Batch:
+def _get_or_create_batch(session: Session, *, name: str, model_set: str, tenant: str) -> Batch:
     dialect = session.get_bind().dialect.name
     stmt = insert_ignoring_duplicates(Batch, dialect=dialect, unique=["name"])
     values = {"id": new_id(), "name": name, "model_set": model_set, "created_at": utcnow(), "job_count": 0}
-    session.execute(stmt.values(**values))
+    session.execute(stmt.values(**values, tenant=tenant))
     batch = _find_batch(session, name)
     assert batch is not None  # inserted just now or by a concurrent submission
     _check_model_set(batch, model_set)
+    _check_tenant(batch, tenant)
     return batch
 
 
@@ -170,15 +183,20 @@ def _enqueue(*, settings: Settings, queue: str, batch_id: str, jobs: Mapping[str
     return True
 
 
+# Called inside the transaction that inserts the jobs, with (session, batch id, inserted job
+# ids): what must commit with the jobs or not at all (the API's webhook subscriptions).
+AfterInsert = Callable[[Session, str, list[str]], None]
+
+
 @dataclass(frozen=True)
 class _Request:
     """One submission, its names resolved."""
 
     settings: Settings
-    path: Path
     batch_name: str
     model_set: str
-    defaults: Mapping[str, Any]
+    tenant: str = DEFAULT_TENANT
+    after_insert: AfterInsert | None = None
 
 
 @dataclass
@@ -190,24 +208,24 @@ class _Plan:
     skipped_existing: int
 
 
-def _plan(request: _Request, sessions: sessionmaker[Session]) -> tuple[_Plan, ReferenceResolver]:
-    # 1. Read and validate every row (columns, ids, parameters).
-    parsed = parse_manifest(request.path, defaults=request.defaults)
+def _plan(
+    request: _Request, sessions: sessionmaker[Session], parsed: ParsedManifest, resolver: ReferenceResolver
+) -> _Plan:
+    # 1. Every row was read and validated (columns, ids, parameters) by the caller.
     # 2. Which rows are new to the batch: one SELECT of its existing keys.
     with transaction(sessions) as session:
         batch = _find_batch(session, request.batch_name)
         _check_model_set(batch, request.model_set)
-        existing = _existing_keys(session, batch)
+        _check_tenant(batch, request.tenant)
+        existing = _existing_keys(session, batch, [row.dedupe_key for row in parsed.rows])
     new_rows = [row for row in parsed.rows if row.dedupe_key not in existing]
     # 3. Check the references of the new rows (and of invalid rows, to report everything),
     #    reading and decoding each image once.
-    store = ObjectStore.from_settings(request.settings)
-    resolver = ReferenceResolver(store=store, roots=request.settings.reference_roots, base_dir=request.path.parent)
     to_check = [(row.line, row.references) for row in new_rows] + list(parsed.unchecked_references.items())
     files_by_line, ref_problems = resolve_rows(to_check, resolver=resolver)
     rows = [(row, files_by_line[row.line]) for row in new_rows if row.line in files_by_line]
     problems = sorted(parsed.problems + ref_problems, key=lambda p: p.line)
-    return _Plan(rows, problems, len(parsed.rows) - len(new_rows)), resolver
+    return _Plan(rows, problems, len(parsed.rows) - len(new_rows))
 
 
 def _write(
@@ -216,12 +234,24 @@ def _write(
     """Upload the references, then insert the batch and the new jobs in one transaction."""
     with transaction(sessions) as session:
         report = upload_references((f for _, files in plan.rows for f in files), resolver=resolver, session=session)
-        batch = _get_or_create_batch(session, name=request.batch_name, model_set=request.model_set)
-        return batch.id, _insert_jobs(session, batch, _job_rows(plan.rows)), report
+        batch = _get_or_create_batch(
+            session, name=request.batch_name, model_set=request.model_set, tenant=request.tenant
+        )
+        inserted = _insert_jobs(session, batch, _job_rows(plan.rows))
+        if request.after_insert is not None:
+            request.after_insert(session, batch.id, list(inserted))
+        return batch.id, inserted, report
 
 
-def _submit(request: _Request, sessions: sessionmaker[Session], *, skip_invalid: bool) -> SubmitResult:
-    plan, resolver = _plan(request, sessions)
+def _submit(
+    request: _Request,
+    sessions: sessionmaker[Session],
+    parsed: ParsedManifest,
+    resolver: ReferenceResolver,
+    *,
+    skip_invalid: bool,
+) -> SubmitResult:
+    plan = _plan(request, sessions, parsed, resolver)
     # 4. All or nothing, unless told to skip the invalid rows.
     if plan.problems and (not skip_invalid or not (plan.rows or plan.skipped_existing)):
         raise ManifestInvalid(list(plan.problems))
@@ -251,6 +281,7 @@ def submit_manifest(
     defaults: Mapping[str, Any] | None = None,
     skip_invalid: bool = False,
     model_set_name: str | None = None,
+    tenant: str = DEFAULT_TENANT,
 ) -> SubmitResult:
     """Validate a manifest, store its references, insert its new jobs and enqueue them.
 
@@ -259,10 +290,35 @@ def submit_manifest(
     Without `batch_name` the batch is named after the manifest and a hash of its content.
     """
     model_set = resolve_model_set_name(model_set_name, settings)
-    request = _Request(settings, path, batch_name or default_batch_name(path), model_set, defaults or {})
+    request = _Request(settings, batch_name or default_batch_name(path), model_set, tenant)
+    # 1. Read and validate every row (columns, ids, parameters).
+    parsed = parse_manifest(path, defaults=defaults)
+    store = ObjectStore.from_settings(settings)
+    resolver = ReferenceResolver(store=store, roots=settings.reference_roots, base_dir=path.parent)
     ensure_database(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
-        return _submit(request, make_session_factory(engine), skip_invalid=skip_invalid)
+        return _submit(request, make_session_factory(engine), parsed, resolver, skip_invalid=skip_invalid)
     finally:
         engine.dispose()
+
+
+def submit_rows(
+    *,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    parsed: ParsedManifest,
+    resolver: ReferenceResolver,
+    batch_name: str,
+    model_set: str,
+    tenant: str = DEFAULT_TENANT,
+    skip_invalid: bool = False,
+    after_insert: AfterInsert | None = None,
+) -> SubmitResult:
+    """Submit rows already read and validated (`scheduler.manifest.parse_rows`): the HTTP API's path.
+
+    The same steps as `submit_manifest` from step 2 on; `resolver` turns each row's
+    references into stored images, `after_insert` runs in the transaction of the jobs.
+    """
+    request = _Request(settings, batch_name, model_set, tenant, after_insert)
+    return _submit(request, sessions, parsed, resolver, skip_invalid=skip_invalid)

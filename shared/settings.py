@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared.errors import SettingsError
 
 ENV_PREFIX = "IPAB_"
+MIN_IDEMPOTENCY_TTL_S = 24 * 3600.0
 
 
 class Settings(BaseSettings):
@@ -63,6 +64,18 @@ class Settings(BaseSettings):
     retry_max_s: float = 30.0
     transient_retries: int = 8
 
+    # The HTTP API (`ipab api`) and its webhooks.
+    api_max_queued_jobs: int = 100_000  # per tenant; a POST that would pass it gets 429
+    api_max_body_bytes: int = 64 * 1024 * 1024  # per request; past it, 413
+    api_image_url_expiry_s: float = 3600.0  # presigned `image_url`s
+    idempotency_ttl_s: float = 48 * 3600.0  # Idempotency-Key records are kept this long (>= 24 h)
+    webhook_allow_private: bool = False  # deliver to loopback/private addresses (tests, one host)
+    webhook_poll_s: float = 1.0  # the dispatcher's scan interval
+    webhook_timeout_s: float = 10.0  # one delivery attempt
+    webhook_retry_base_s: float = 5.0  # backoff: base * 2**(attempt-1), capped at the max
+    webhook_retry_max_s: float = 3600.0
+    webhook_give_up_s: float = 24 * 3600.0  # after this long undelivered, a message is marked failed
+
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
         # Redis must never redeliver a running job on its own: the lease does that.
@@ -73,6 +86,8 @@ class Settings(BaseSettings):
             )
         if not 0 < self.heartbeat_s < self.lease_s:
             raise ValueError(f"need 0 < IPAB_HEARTBEAT_S < IPAB_LEASE_S, got {self.heartbeat_s} and {self.lease_s}")
+        if self.idempotency_ttl_s < MIN_IDEMPOTENCY_TTL_S:
+            raise ValueError(f"IPAB_IDEMPOTENCY_TTL_S must be at least 86400 (24 h), got {self.idempotency_ttl_s}")
         if self.max_attempts < 1:
             raise ValueError(f"IPAB_MAX_ATTEMPTS must be at least 1, got {self.max_attempts}")
         return self

@@ -199,3 +199,11 @@ class ObjectStore:
             for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
                 keys.extend(item["Key"] for item in page.get("Contents", []) if "Key" in item)
         return sorted(keys)
+
+    def presigned_url(self, key: str, *, expiry_s: float) -> str:
+        """A URL that lets anybody GET `key` for `expiry_s` seconds (signed locally, no request)."""
+        with self._translated("sign a URL for", key):
+            url: str = self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=int(expiry_s)
+            )
+            return url

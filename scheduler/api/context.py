@@ -1,0 +1,101 @@
+"""What every request shares, built once per process: settings, SQL sessions, object store, Redis.
+
+Routes get it, and the caller, through FastAPI dependencies (`get_context`, `get_caller`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Annotated, Final
+
+import redis
+from fastapi import Depends, Header, Request
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from scheduler.api.problems import ApiProblem
+from scheduler.submit import resolve_model_set_name
+from scheduler.tenants import Caller, find_caller
+from shared.db import ensure_database, make_engine, make_session_factory
+from shared.errors import IpabError
+from shared.jobs import transaction
+from shared.settings import Settings
+from shared.storage import ObjectStore
+
+BEARER: Final = re.compile(r"Bearer[ \t]+(\S{1,512})", re.IGNORECASE)
+REDIS_TIMEOUT_S: Final = 5.0
+AUTH_HINT: Final = "send `Authorization: Bearer <key>`; `ipab keys create --tenant NAME` makes a key"
+
+
+@dataclass
+class ApiContext:
+    """The process-wide parts of the API."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: ObjectStore
+    redis: redis.Redis
+    _model_set: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, settings: Settings) -> ApiContext:
+        """Migrate the database, then connect to it, the object store and Redis (once)."""
+        ensure_database(settings.database_url)
+        engine = make_engine(settings.database_url)
+        client = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
+        )
+        store = ObjectStore.from_settings(settings)
+        return cls(settings, engine, make_session_factory(engine), store, client)
+
+    def model_set(self) -> str:
+        """The model set API jobs run on (IPAB_MODEL_SET's name); 503 when none is configured."""
+        if not self._model_set:
+            try:
+                self._model_set.append(resolve_model_set_name(None, self.settings))
+            except IpabError as e:
+                raise ApiProblem(503, f"this API server cannot take jobs: {e}", kind="no-model-set") from e
+        return self._model_set[0]
+
+    def close(self) -> None:
+        """Release the connections."""
+        self.redis.close()
+        self.engine.dispose()
+
+
+def get_context(request: Request) -> ApiContext:
+    """The app's context (a dependency)."""
+    ctx: ApiContext = request.app.state.ctx
+    return ctx
+
+
+def _unauthorized(detail: str) -> ApiProblem:
+    return ApiProblem(401, detail, headers={"WWW-Authenticate": "Bearer"}, kind="unauthorized")
+
+
+def _lookup(ctx: ApiContext, key: str) -> Caller | None:
+    with transaction(ctx.sessions) as session:
+        return find_caller(session=session, key=key)
+
+
+async def get_caller(
+    ctx: Annotated[ApiContext, Depends(get_context)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> Caller:
+    """The tenant behind the request's Bearer key; 401 for a missing, malformed, unknown or revoked key."""
+    if authorization is None:
+        raise _unauthorized(f"no Authorization header; {AUTH_HINT}")
+    match = BEARER.fullmatch(authorization.strip())
+    if match is None:
+        raise _unauthorized(f"the Authorization header is not `Bearer <key>`; {AUTH_HINT}")
+    caller = await run_in_threadpool(_lookup, ctx, match.group(1))
+    if caller is None:
+        raise _unauthorized("the API key is unknown or revoked")
+    return caller
+
+
+Context = Annotated[ApiContext, Depends(get_context)]
+CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -1,0 +1,87 @@
+"""The API's contract as pydantic models: what OpenAPI shows and what responses hold.
+
+Request bodies are validated by the manifest's validator (one validator for every entry
+point); the request models here document them for OpenAPI and clients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobIn(BaseModel):
+    """One job: the fields of a manifest row, with `references` as ids from POST /v1/references."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    references: list[str] = Field(min_length=1, max_length=8, description="reference ids (sha256)")
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int | None = Field(default=None, ge=0, description="drawn and stored when absent")
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    ip_adapter_scale: float | str | dict[str, Any] | None = None
+    scheduler: Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim"] | None = None
+    id: str | None = Field(default=None, description="your own key for the job, unique per tenant")
+    webhook: dict[str, Any] | None = Field(
+        default=None, description="{url, events}: where to POST this job's events (all job events by default)"
+    )
+
+
+class JobCreated(BaseModel):
+    """202 to POST /v1/jobs."""
+
+    id: str
+    status: str
+    client_id: str | None = None
+
+
+class JobOut(BaseModel):
+    """A job as GET /v1/jobs/{id} shows it."""
+
+    id: str
+    client_id: str | None
+    batch_id: str
+    status: str
+    queue_position: int | None
+    attempts: int
+    error: dict[str, Any] | None
+    params: dict[str, Any]
+    references: list[str]
+    output_sha256: str | None
+    output_bytes: int | None
+    timings: dict[str, Any]
+    image_url: str | None
+    image_url_expires_s: float | None
+
+
+class BatchCreated(BaseModel):
+    """202 to POST /v1/batches."""
+
+    id: str
+    status: str
+    added: int
+    invalid: list[dict[str, Any]]
+
+
+class BatchOut(BaseModel):
+    """A batch: counts per status, progress (0 to 1), ETA in seconds."""
+
+    id: str
+    status: str
+    model_set: str
+    created_at: str | None
+    counts: dict[str, int]
+    total: int
+    progress: float
+    eta_s: float | None
+
+
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` documenting a JSON body that the route reads by hand."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

@@ -1,0 +1,203 @@
+"""`/v1/batches`: submit a JSONL batch, list, read, results, cancel, retry."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import Annotated, Any, Final
+
+import redis
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from scheduler.api.bodies import JSONL_TYPES, MULTIPART, media_type, read_body, read_multipart_file, unsupported
+from scheduler.api.context import ApiContext, CallerDep, Context
+from scheduler.api.idempotency import idempotent
+from scheduler.api.models import BatchCreated, BatchOut
+from scheduler.api.problems import from_invalid_input, invalid
+from scheduler.api.routes.jobs import problems_of, webhook_of
+from scheduler.api.submission import parse_api_rows, submit_api_rows
+from scheduler.api.views import batch_counts, batch_view, find_batch
+from scheduler.commands import RESULTS_CHUNK, STATUSES, result_record
+from scheduler.manifest import read_jsonl_bytes
+from scheduler.webhooks import BATCH_COMPLETED, cancel_with_events, subscribe
+from shared.db import Batch, Job, new_id
+from shared.errors import InvalidInput, ManifestInvalid, TransientError
+from shared.jobs import retry_failed, transaction
+from shared.reconcile import reconcile_once
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+MAX_LIST: Final = 1000
+JSONL_BODY: Final = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/jsonl": {"schema": {"type": "string", "description": "one JSON job object per line"}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+            },
+        },
+    }
+}
+
+
+async def _rows_body(request: Request, ctx: ApiContext) -> bytes:
+    limit = ctx.settings.api_max_body_bytes
+    kind = media_type(request)
+    if kind in JSONL_TYPES:
+        return await read_body(request, limit_bytes=limit)
+    if kind == MULTIPART:
+        data, _ = await read_multipart_file(request, field="file", limit_bytes=limit)
+        return data
+    raise unsupported(request, "application/jsonl, or multipart/form-data with a `file`")
+
+
+def _create(
+    ctx: ApiContext, tenant: str, data: bytes, skip_invalid: bool, webhook: tuple[str, list[str]] | None
+) -> dict[str, Any]:
+    parsed = parse_api_rows(read_jsonl_bytes(data))
+    batch_id: list[str] = []
+
+    def after_insert(session: Session, inserted_batch: str, _job_ids: list[str]) -> None:
+        batch_id.append(inserted_batch)
+        if webhook is not None:
+            subscribe(
+                session=session,
+                subject_id=inserted_batch,
+                kind="batch",
+                tenant=tenant,
+                url=webhook[0],
+                events=webhook[1],
+            )
+
+    try:
+        result = submit_api_rows(
+            ctx,
+            tenant=tenant,
+            parsed=parsed,
+            batch_name=f"{tenant}/{new_id()}",
+            skip_invalid=skip_invalid,
+            after_insert=after_insert,
+        )
+    except ManifestInvalid as e:
+        raise problems_of(e, with_lines=True) from None
+    except InvalidInput as e:
+        raise from_invalid_input(e) from None
+    invalid_rows = [{"line": p.line, "field": p.field, "reason": p.reason} for p in result.invalid]
+    return {"id": result.batch_id, "status": "in_progress", "added": result.added, "invalid": invalid_rows}
+
+
+@router.post("", status_code=202, response_model=BatchCreated, openapi_extra=JSONL_BODY)
+async def create_batch(
+    request: Request,
+    ctx: Context,
+    caller: CallerDep,
+    skip_invalid: bool = False,
+    webhook_url: Annotated[str | None, Query(max_length=2000)] = None,
+) -> Any:
+    """Submit a JSONL batch (rows as POST /v1/jobs takes them).
+
+    Every bad row is reported as `line N: field: reason`, and nothing is submitted unless `skip_invalid`.
+    """
+    webhook = (
+        None
+        if webhook_url is None
+        else webhook_of(ctx, {"url": webhook_url, "events": [BATCH_COMPLETED]}, allowed=(BATCH_COMPLETED,))
+    )
+    data = await _rows_body(request, ctx)
+
+    async def handle() -> JSONResponse:
+        created = await run_in_threadpool(_create, ctx, caller.tenant, data, skip_invalid, webhook)
+        return JSONResponse(created, status_code=202)
+
+    return await idempotent(request, ctx, tenant=caller.tenant, content=data, handle=handle)
+
+
+def _list(ctx: ApiContext, tenant: str, limit: int) -> list[dict[str, Any]]:
+    with transaction(ctx.sessions) as session:
+        batches = list(
+            session.scalars(
+                select(Batch).where(Batch.tenant == tenant).order_by(Batch.created_at.desc(), Batch.id).limit(limit)
+            )
+        )
+        counts = batch_counts(session=session, batch_ids=[b.id for b in batches])
+        return [batch_view(session=session, batch=b, counts=counts[b.id], eta=False) for b in batches]
+
+
+@router.get("", response_model=list[BatchOut])
+async def list_batches(ctx: Context, caller: CallerDep, limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = 100) -> Any:
+    """The tenant's batches, newest first, with their counts."""
+    return await run_in_threadpool(_list, ctx, caller.tenant, limit)
+
+
+def _read(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
+    with transaction(ctx.sessions) as session:
+        batch = find_batch(session=session, tenant=tenant, batch_id=batch_id)
+        counts = batch_counts(session=session, batch_ids=[batch.id])[batch.id]
+        return batch_view(session=session, batch=batch, counts=counts)
+
+
+@router.get("/{batch_id}", response_model=BatchOut)
+async def get_batch(batch_id: str, ctx: Context, caller: CallerDep) -> Any:
+    """Counts per status, progress and ETA."""
+    return await run_in_threadpool(_read, ctx, caller.tenant, batch_id)
+
+
+def _result_lines(ctx: ApiContext, batch_id: str, status: str | None) -> Iterator[bytes]:
+    with transaction(ctx.sessions) as session:
+        stmt = select(Job).where(Job.batch_id == batch_id).order_by(Job.line, Job.id)
+        if status:
+            stmt = stmt.where(Job.status == status)
+        for job in session.scalars(stmt.execution_options(yield_per=RESULTS_CHUNK)):
+            yield (json.dumps(result_record(job, store=ctx.store), ensure_ascii=False) + "\n").encode()
+
+
+@router.get("/{batch_id}/results", response_class=StreamingResponse)
+async def get_results(batch_id: str, ctx: Context, caller: CallerDep, status: str | None = None) -> Any:
+    """One JSON line per job, as `ipab results` prints them; `?status=` keeps one status."""
+    if status is not None and status not in STATUSES:
+        raise invalid("status", status, f"must be one of {', '.join(STATUSES)}")
+    await run_in_threadpool(_read, ctx, caller.tenant, batch_id)  # 404 for another tenant's
+    return StreamingResponse(_result_lines(ctx, batch_id, status), media_type="application/jsonl")
+
+
+def _cancel(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
+    with transaction(ctx.sessions) as session:
+        batch = find_batch(session=session, tenant=tenant, batch_id=batch_id)
+        cancel_with_events(session=session, batch_id=batch.id)
+    return _read(ctx, tenant, batch_id)
+
+
+@router.post("/{batch_id}/cancel", response_model=BatchOut)
+async def cancel_batch(batch_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
+    """Cancel every queued and running job of the batch."""
+
+    async def handle() -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(_cancel, ctx, caller.tenant, batch_id))
+
+    return await idempotent(request, ctx, tenant=caller.tenant, content=b"", handle=handle)
+
+
+def _retry(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
+    with transaction(ctx.sessions) as session:
+        find_batch(session=session, tenant=tenant, batch_id=batch_id)
+    ids = retry_failed(sessions=ctx.sessions, batch_id=batch_id)
+    if ids:
+        # Without Redis the jobs stay queued in SQL; the workers' reconciler enqueues them.
+        with contextlib.suppress(redis.RedisError, TransientError):
+            reconcile_once(sessions=ctx.sessions, redis_client=ctx.redis, settings=ctx.settings)
+    return {**_read(ctx, tenant, batch_id), "retried": len(ids)}
+
+
+@router.post("/{batch_id}/retry", response_model=BatchOut)
+async def retry_batch(batch_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
+    """Re-queue the batch's failed jobs."""
+
+    async def handle() -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(_retry, ctx, caller.tenant, batch_id))
+
+    return await idempotent(request, ctx, tenant=caller.tenant, content=b"", handle=handle)

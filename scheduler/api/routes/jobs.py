@@ -1,0 +1,141 @@
+"""`/v1/jobs`: create one job, read it, fetch its image, cancel it."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, RedirectResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from scheduler.api.bodies import read_json_object
+from scheduler.api.context import ApiContext, CallerDep, Context
+from scheduler.api.idempotency import canonical_json, idempotent
+from scheduler.api.models import JobCreated, JobIn, JobOut, openapi_body
+from scheduler.api.problems import ApiProblem, field_error, from_invalid_input
+from scheduler.api.submission import WEBHOOK_FIELD, api_batch_name, parse_api_rows, submit_api_rows
+from scheduler.api.views import find_job, job_view
+from scheduler.webhooks import JOB_EVENTS, cancel_with_events, check_events, check_webhook_url, subscribe
+from shared.db import Batch, Job
+from shared.errors import InvalidInput, ManifestInvalid
+from shared.jobs import transaction
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+MAX_JOB_BODY_BYTES: Final = 256 * 1024
+
+
+def problems_of(e: ManifestInvalid, *, with_lines: bool) -> ApiProblem:
+    """422 listing every bad field (`line N: field: reason` for batches)."""
+    errors = [{**field_error(field, None, reason), "line": line} for line, field, reason in e.problems]
+    texts = [
+        f"{'line ' + str(line) + ': ' if with_lines else ''}{field}: {reason}" for line, field, reason in e.problems
+    ]
+    return ApiProblem(422, "; ".join(texts[:20]), errors=errors, kind="invalid-rows")
+
+
+def webhook_of(ctx: ApiContext, raw: Any, *, allowed: tuple[str, ...]) -> tuple[str, list[str]] | None:
+    """(url, events) of a `webhook` object, checked; None when absent."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - {"url", "events"}:
+        raise from_invalid_input(InvalidInput(WEBHOOK_FIELD, raw, "must be an object {url, events}"))
+    try:
+        url = check_webhook_url(raw.get("url"), allow_private=ctx.settings.webhook_allow_private)
+        return url, check_events(raw.get("events"), allowed=allowed)
+    except InvalidInput as e:
+        raise from_invalid_input(e) from None
+
+
+def _create(ctx: ApiContext, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
+    webhook = webhook_of(ctx, body.pop(WEBHOOK_FIELD, None), allowed=tuple(JOB_EVENTS.values()))
+    parsed = parse_api_rows([(1, body)])
+    created: list[str] = []
+
+    def after_insert(session: Session, _batch_id: str, job_ids: list[str]) -> None:
+        created.extend(job_ids)
+        if webhook is not None:
+            for job_id in job_ids:
+                subscribe(
+                    session=session, subject_id=job_id, kind="job", tenant=tenant, url=webhook[0], events=webhook[1]
+                )
+
+    try:
+        submit_api_rows(
+            ctx,
+            tenant=tenant,
+            parsed=parsed,
+            batch_name=api_batch_name(tenant),
+            skip_invalid=False,
+            after_insert=after_insert,
+        )
+    except ManifestInvalid as e:
+        raise problems_of(e, with_lines=False) from None
+    except InvalidInput as e:
+        raise from_invalid_input(e) from None
+    if not created:
+        raise _duplicate_client_id(ctx, tenant, parsed.rows[0].client_id)
+    return {"id": created[0], "status": "queued", "client_id": parsed.rows[0].client_id}
+
+
+def _duplicate_client_id(ctx: ApiContext, tenant: str, client_id: str | None) -> ApiProblem:
+    with transaction(ctx.sessions) as session:
+        existing = session.scalar(
+            select(Job.id)
+            .join(Batch, Batch.id == Job.batch_id)
+            .where(Batch.name == api_batch_name(tenant), Job.client_id == client_id)
+        )
+    reason = f"is already the id of job {existing}; ids are unique per tenant"
+    return ApiProblem(409, f"id: {reason}", errors=[field_error("id", client_id, reason)], kind="duplicate-id")
+
+
+@router.post("", status_code=202, response_model=JobCreated, openapi_extra=openapi_body(JobIn))
+async def create_job(request: Request, ctx: Context, caller: CallerDep) -> Any:
+    """Queue one job (fields as a manifest row; `references` are ids); 202 with its id."""
+    body = await read_json_object(request, limit_bytes=MAX_JOB_BODY_BYTES)
+    content = canonical_json(body)
+
+    async def handle() -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(_create, ctx, caller.tenant, dict(body)), status_code=202)
+
+    return await idempotent(request, ctx, tenant=caller.tenant, content=content, handle=handle)
+
+
+def _read(ctx: ApiContext, tenant: str, job_id: str) -> dict[str, Any]:
+    with transaction(ctx.sessions) as session:
+        job, batch = find_job(session=session, tenant=tenant, job_id=job_id)
+        return job_view(ctx, session=session, job=job, batch=batch)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+async def get_job(job_id: str, ctx: Context, caller: CallerDep) -> Any:
+    """The job: status, queue position, attempts, timings, error, and `image_url` once succeeded."""
+    return await run_in_threadpool(_read, ctx, caller.tenant, job_id)
+
+
+@router.get("/{job_id}/image", status_code=307, response_class=RedirectResponse)
+async def get_job_image(job_id: str, ctx: Context, caller: CallerDep) -> Any:
+    """Redirect (307) to the job's image at its presigned URL; 409 while it has none."""
+    view = await run_in_threadpool(_read, ctx, caller.tenant, job_id)
+    if view["image_url"] is None:
+        detail = f"job {job_id} is {view['status']}: only a succeeded job has an image"
+        raise ApiProblem(409, detail, errors=[field_error("id", job_id, detail)], kind="no-image")
+    return RedirectResponse(view["image_url"], status_code=307)
+
+
+def _cancel(ctx: ApiContext, tenant: str, job_id: str) -> dict[str, Any]:
+    with transaction(ctx.sessions) as session:
+        job, batch = find_job(session=session, tenant=tenant, job_id=job_id)
+        cancel_with_events(session=session, batch_id=batch.id, job_ids=[job.id])
+    return _read(ctx, tenant, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+async def cancel_job(job_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
+    """Cancel a queued or running job (a running one stops within IPAB_HEARTBEAT_S); final jobs stay as they are."""
+
+    async def handle() -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(_cancel, ctx, caller.tenant, job_id))
+
+    return await idempotent(request, ctx, tenant=caller.tenant, content=b"", handle=handle)

@@ -1,0 +1,29 @@
+"""`ipab api`: serve the HTTP API (FastAPI on uvicorn) with its webhook dispatcher."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Final
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 8000
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    """Serve the API until interrupted."""
+    import uvicorn
+
+    from scheduler.api.app import create_app
+    from shared.settings import load_settings
+
+    app = create_app(load_settings())
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add `ipab api`."""
+    p = subparsers.add_parser("api", help="serve the HTTP API (/v1, /docs, /openapi.json)")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.set_defaults(func=cmd_api)

@@ -1,0 +1,109 @@
+"""Tenants and their API keys: create, find by key, list, revoke. Only a key's sha256 is stored.
+
+A key is `ipab_` + 43 URL-safe characters (32 random bytes, 256 bits); the tenant's webhook
+signing secret is `whsec_` + base64 of 32 random bytes (the Standard Webhooks form), created
+with the tenant and shown once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Final
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from shared.db import ApiKey, Tenant, insert_ignoring_duplicates, utcnow
+from shared.errors import InvalidInput
+
+KEY_PREFIX: Final = "ipab_"
+KEY_BYTES: Final = 32  # 256 bits of entropy
+SECRET_PREFIX: Final = "whsec_"
+SECRET_BYTES: Final = 32
+TENANT_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,99}")
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A key just created: the key itself (shown once), its id, and the tenant's secret if the tenant is new."""
+
+    key_id: str
+    key: str
+    tenant: str
+    admin: bool
+    webhook_secret: str | None
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling the API: the tenant of a valid, unrevoked key."""
+
+    tenant: str
+    key_id: str
+    admin: bool
+
+
+def hash_key(key: str) -> str:
+    """The sha256 (hex) of a key, the only form stored."""
+    return hashlib.sha256(key.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
+def check_tenant_name(name: str) -> str:
+    """A tenant name: lowercase letters, digits, `_ . -`, 1 to 100 characters."""
+    if not TENANT_NAME.fullmatch(name):
+        raise InvalidInput("--tenant", name, "must be 1 to 100 of a-z 0-9 _ . - starting with a letter or digit")
+    return name
+
+
+def new_webhook_secret() -> str:
+    """A fresh Standard Webhooks secret, `whsec_<base64 of 32 random bytes>`."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
+
+
+def ensure_tenant(*, session: Session, name: str) -> str | None:
+    """Create tenant `name` unless it exists; returns its new webhook secret, or None if it existed."""
+    secret = new_webhook_secret()
+    stmt = insert_ignoring_duplicates(Tenant, dialect=session.get_bind().dialect.name, unique=["name"])
+    result = session.execute(stmt.values(name=check_tenant_name(name), webhook_secret=secret, created_at=utcnow()))
+    return secret if getattr(result, "rowcount", 0) == 1 else None
+
+
+def create_key(*, session: Session, tenant: str, admin: bool = False) -> NewKey:
+    """A new key for `tenant` (created if needed); only its hash is written."""
+    secret = ensure_tenant(session=session, name=tenant)
+    key = KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
+    key_id = "key_" + secrets.token_hex(8)
+    session.add(ApiKey(id=key_id, tenant=tenant, admin=admin, key_sha256=hash_key(key), created_at=utcnow()))
+    return NewKey(key_id=key_id, key=key, tenant=tenant, admin=admin, webhook_secret=secret)
+
+
+def find_caller(*, session: Session, key: str) -> Caller | None:
+    """The caller holding `key`, or None for an unknown or revoked key."""
+    row = session.execute(
+        select(ApiKey.id, ApiKey.tenant, ApiKey.admin).where(
+            ApiKey.key_sha256 == hash_key(key), ApiKey.revoked_at.is_(None)
+        )
+    ).one_or_none()
+    return None if row is None else Caller(tenant=row.tenant, key_id=row.id, admin=row.admin)
+
+
+def list_keys(*, session: Session) -> list[ApiKey]:
+    """Every key (never the key itself), oldest first."""
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)))
+
+
+def revoke_key(*, session: Session, key_id: str) -> bool:
+    """Revoke a key; False when there is no such (unrevoked) key."""
+    result = session.execute(
+        update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+    )
+    return getattr(result, "rowcount", 0) == 1
+
+
+def tenant_secret(*, session: Session, tenant: str) -> str | None:
+    """The tenant's webhook signing secret."""
+    return session.scalar(select(Tenant.webhook_secret).where(Tenant.name == tenant))
