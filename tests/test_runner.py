@@ -305,3 +305,13 @@ def test_a_late_upload_from_an_expired_attempt_leaves_the_winners_output(ctx: Wo
 
 def _sha(publication: Any) -> str:
     return hashlib.sha256(publication.rendered.png).hexdigest()
+
+
+def test_a_task_in_a_process_without_context_gives_its_message_back() -> None:
+    from celery.exceptions import Reject
+
+    from worker.tasks import require_context
+
+    with pytest.raises(Reject) as rejected:
+        require_context()
+    assert rejected.value.requeue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 from typing import Any
 
 from shared import keys
@@ -23,11 +24,15 @@ def register(subparsers: Any) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from worker.tasks import make_worker_app
+    from worker.preflight import check_dependencies
+    from worker.tasks import EXIT_START_FAILED, make_worker_app, start_failed
     from worker.watchdog import ConsumerWatchdog
 
+    # 1. Settings and dependencies, before Celery takes any message.
     settings = load_settings()
     name = read_model_set(require_model_set(settings)).name
+    check_dependencies(settings)
+    # 2. The Celery worker; a pool process that cannot start shuts it down.
     app = make_worker_app(settings)
     queues_list = [keys.render_queue(name)]
     ConsumerWatchdog(redis_url=settings.redis_url, queues=queues_list, stall_s=settings.consumer_stall_s).install()
@@ -46,4 +51,7 @@ def _worker(args: argparse.Namespace) -> int:
             "--without-heartbeat",
         ]
     )
+    if start_failed():
+        print("ipab: error: `ipab worker` stopped: its pool process could not start (see above)", file=sys.stderr)
+        return EXIT_START_FAILED
     return 0
