@@ -239,6 +239,57 @@ class WebhookMessage(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
 
 
+class PlanSlotStatus(StrEnum):
+    """What became of one slot of a plan; stored as its value in `plan_slots.status`."""
+
+    submitted = "submitted"  # its batch was made in the transaction that wrote the slot row
+    skipped = "skipped"  # not run: the previous batch was still running, or missed (`catch_up`)
+    failed = "failed"  # not run: the manifest was missing or invalid at slot time (`reason`)
+
+
+class Plan(Base):
+    """A nightly render plan: a manifest submitted on a cron schedule (`scheduler/plans/`)."""
+
+    __tablename__ = "plans"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    schedule: Mapped[str] = mapped_column(String(200))  # cron, in the wall-clock time of `timezone`
+    timezone: Mapped[str] = mapped_column(String(64))  # IANA name
+    manifest: Mapped[str] = mapped_column(Text)  # an absolute path or an s3:// URI
+    model_set: Mapped[str] = mapped_column(String(200))
+    tenant: Mapped[str] = mapped_column(String(100), default=DEFAULT_TENANT)
+    lane: Mapped[str] = mapped_column(String(32))  # recorded for the lanes of the dispatcher
+    defaults: Mapped[str] = mapped_column(Text)  # JSON of the plan's `set` table
+    catch_up: Mapped[str] = mapped_column(String(8))  # latest | all | none
+    overlap: Mapped[str] = mapped_column(String(8))  # skip | queue
+    webhook_url: Mapped[str | None] = mapped_column(Text)  # told `batch.completed` of each slot's batch
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    source: Mapped[str] = mapped_column(Text)  # the plan file last applied
+    # Only slots after this instant are due: set at creation, on resume, on a new schedule.
+    schedule_from: Mapped[datetime] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class PlanSlot(Base):
+    """One slot of a plan (a cron time, or a `plans run --now`): at most one row, so one batch, per slot."""
+
+    __tablename__ = "plan_slots"
+    # The unique row is what makes any number of `ipab beat` replicas safe.
+    __table_args__ = (UniqueConstraint("plan_id", "slot_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    plan_id: Mapped[str] = mapped_column(String(36), ForeignKey("plans.id"))
+    slot_at: Mapped[datetime] = mapped_column(DateTime)  # naive UTC
+    kind: Mapped[str] = mapped_column(String(16))  # scheduled | manual
+    status: Mapped[str] = mapped_column(String(16))  # PlanSlotStatus
+    batch_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("batches.id"))
+    reason: Mapped[str | None] = mapped_column(Text)  # why skipped or failed; a catch-up note
+    decided_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    decided_by: Mapped[str] = mapped_column(String(255))  # host:pid of the beat or command
+
+
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets readers (status, results) run while a worker writes.
