@@ -20,9 +20,11 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from scheduler import api_client
 from scheduler.manifest import parse_defaults
 from scheduler.submit import SubmitResult, submit_manifest
 from shared.db import (
+    DEFAULT_TENANT,
     TERMINAL,
     Batch,
     Job,
@@ -41,6 +43,7 @@ WATCH_INTERVAL_S: Final = 1.0
 BAR_WIDTH: Final = 30
 RESULTS_CHUNK: Final = 1000
 STATUSES: Final = tuple(s.value for s in JobStatus)
+API_HELP: Final = "talk to the HTTP API at URL with the key in IPAB_API_KEY (no SQL/Redis/S3 access needed)"
 
 
 @contextmanager
@@ -101,6 +104,8 @@ def _print_submit(result: SubmitResult) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Validate a manifest and submit its jobs; the batch id alone on the last line."""
+    if args.api:
+        return api_client.cmd_submit(args)
     settings = load_settings()
     ensure_database(settings.database_url)
     ObjectStore.from_settings(settings).ensure_bucket()  # a fresh object store works at once
@@ -112,6 +117,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             defaults=parse_defaults(args.set),
             skip_invalid=args.skip_invalid,
             model_set_name=args.model_set,
+            tenant=args.tenant,
         )
     except ManifestInvalid as e:
         for line, field_name, reason in e.problems:
@@ -202,6 +208,8 @@ def _watch(sessions: sessionmaker[Session], batch_id: str, interval_s: float) ->
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Counts per status and time spent; with --watch, a progress bar until every job is final."""
+    if args.api:
+        return api_client.cmd_status(args)
     with database(load_settings()) as sessions:
         with transaction(sessions) as session:
             batch = find_batch(session=session, ref=args.batch)
@@ -255,6 +263,8 @@ def result_record(job: Job, *, store: ObjectStore) -> dict[str, Any]:
 
 def cmd_results(args: argparse.Namespace) -> int:
     """One JSON line per job of the batch (in manifest order), optionally only those with --status."""
+    if args.api:
+        return api_client.cmd_results(args)
     settings = load_settings()
     store = ObjectStore.from_settings(settings)
     with database(settings) as sessions, transaction(sessions) as session:
@@ -301,17 +311,21 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="default for every row")
     submit.add_argument("--skip-invalid", action="store_true", help="submit the valid rows, report the others")
     submit.add_argument("--model-set", help="a model-set.toml or a model set name (default: IPAB_MODEL_SET)")
+    submit.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant the batch belongs to (default: default)")
+    submit.add_argument("--api", metavar="URL", help=API_HELP)
     submit.set_defaults(func=cmd_submit)
 
     status = subparsers.add_parser("status", help="jobs per status in a batch")
     status.add_argument("batch", help="batch name or id")
     status.add_argument("--watch", action="store_true", help="progress bar until every job is final")
     status.add_argument("--interval", type=float, default=WATCH_INTERVAL_S, help="seconds between polls")
+    status.add_argument("--api", metavar="URL", help=API_HELP)
     status.set_defaults(func=cmd_status)
 
     results = subparsers.add_parser("results", help="one JSON line per job")
     results.add_argument("batch", help="batch name or id")
     results.add_argument("--status", choices=STATUSES, help="only jobs with this status")
+    results.add_argument("--api", metavar="URL", help=API_HELP)
     results.set_defaults(func=cmd_results)
 
     subparsers.add_parser("batches", help="every batch with its counts").set_defaults(func=cmd_batches)

@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     webhook_retry_base_s: float = 5.0  # backoff: base * 2**(attempt-1), capped at the max
     webhook_retry_max_s: float = 3600.0
     webhook_give_up_s: float = 24 * 3600.0  # after this long undelivered, a message is marked failed
+    api_key: str | None = None  # the key `ipab submit/status/results --api URL` sends
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:

@@ -51,8 +51,13 @@ def to_manifest_row(line: int, raw: Mapping[str, Any]) -> Mapping[str, Any] | Pr
     return row
 
 
+def api_field(name: str) -> str:
+    """A field as the API names it (the manifest's `reference` is the API's `references`)."""
+    return REFERENCES_FIELD if name == REFERENCE_FIELD else name
+
+
 def _renamed(problem: Problem) -> Problem:
-    return problem._replace(field=REFERENCES_FIELD) if problem.field == REFERENCE_FIELD else problem
+    return problem._replace(field=api_field(problem.field))
 
 
 def parse_api_rows(raw_rows: Iterable[tuple[int, Mapping[str, Any] | Problem]]) -> ParsedManifest:

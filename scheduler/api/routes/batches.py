@@ -20,7 +20,7 @@ from scheduler.api.idempotency import idempotent
 from scheduler.api.models import BatchCreated, BatchOut
 from scheduler.api.problems import from_invalid_input, invalid
 from scheduler.api.routes.jobs import problems_of, webhook_of
-from scheduler.api.submission import parse_api_rows, submit_api_rows
+from scheduler.api.submission import api_field, parse_api_rows, submit_api_rows
 from scheduler.api.views import batch_counts, batch_view, find_batch
 from scheduler.commands import RESULTS_CHUNK, STATUSES, result_record
 from scheduler.manifest import read_jsonl_bytes
@@ -87,7 +87,7 @@ def _create(
         raise problems_of(e, with_lines=True) from None
     except InvalidInput as e:
         raise from_invalid_input(e) from None
-    invalid_rows = [{"line": p.line, "field": p.field, "reason": p.reason} for p in result.invalid]
+    invalid_rows = [{"line": p.line, "field": api_field(p.field), "reason": p.reason} for p in result.invalid]
     return {"id": result.batch_id, "status": "in_progress", "added": result.added, "invalid": invalid_rows}
 
 

@@ -15,7 +15,7 @@ from scheduler.api.context import ApiContext, CallerDep, Context
 from scheduler.api.idempotency import canonical_json, idempotent
 from scheduler.api.models import JobCreated, JobIn, JobOut, openapi_body
 from scheduler.api.problems import ApiProblem, field_error, from_invalid_input
-from scheduler.api.submission import WEBHOOK_FIELD, api_batch_name, parse_api_rows, submit_api_rows
+from scheduler.api.submission import WEBHOOK_FIELD, api_batch_name, api_field, parse_api_rows, submit_api_rows
 from scheduler.api.views import find_job, job_view
 from scheduler.webhooks import JOB_EVENTS, cancel_with_events, check_events, check_webhook_url, subscribe
 from shared.db import Batch, Job
@@ -28,10 +28,9 @@ MAX_JOB_BODY_BYTES: Final = 256 * 1024
 
 def problems_of(e: ManifestInvalid, *, with_lines: bool) -> ApiProblem:
     """422 listing every bad field (`line N: field: reason` for batches)."""
-    errors = [{**field_error(field, None, reason), "line": line} for line, field, reason in e.problems]
-    texts = [
-        f"{'line ' + str(line) + ': ' if with_lines else ''}{field}: {reason}" for line, field, reason in e.problems
-    ]
+    problems = [(line, api_field(field), reason) for line, field, reason in e.problems]
+    errors = [{**field_error(field, None, reason), "line": line} for line, field, reason in problems]
+    texts = [f"{'line ' + str(line) + ': ' if with_lines else ''}{field}: {reason}" for line, field, reason in problems]
     return ApiProblem(422, "; ".join(texts[:20]), errors=errors, kind="invalid-rows")
 
 

@@ -1,0 +1,149 @@
+"""The CLI as an API client: `ipab submit|status|results --api URL`, with the key from IPAB_API_KEY.
+
+Needs no SQL, Redis or S3 credentials. `submit` uploads each distinct local reference once
+(POST /v1/references), then posts the rows as one JSONL batch; the batch id is printed
+alone on the last line, as the direct `ipab submit` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from scheduler.manifest import REFERENCE_FIELD, Problem, parse_defaults, read_raw_rows
+from shared.errors import InvalidInput, IpabError
+from shared.settings import load_settings
+
+TIMEOUT_S: Final = 300.0
+
+
+class ApiError(IpabError):
+    """Raised when the API answers with an error (its problem detail is the message)."""
+
+
+class Client:
+    """A minimal HTTP client of the ipab API (urllib, no extra dependency)."""
+
+    def __init__(self, base_url: str, key: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.key = key
+
+    def request(self, method: str, path: str, *, body: bytes | None = None, content_type: str | None = None) -> bytes:
+        """The response body of a 2xx; `ApiError` with the problem's detail otherwise."""
+        headers = {"Authorization": f"Bearer {self.key}"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if method == "POST":
+            headers["Idempotency-Key"] = str(uuid.uuid4())
+        req = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as response:
+                data: bytes = response.read()
+                return data
+        except urllib.error.HTTPError as e:
+            raise ApiError(_problem_text(e.code, e.read())) from None
+        except urllib.error.URLError as e:
+            raise ApiError(f"the API at {self.base_url} is unreachable: {e.reason}") from None
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The JSON of a 2xx response."""
+        return json.loads(self.request(method, path, **kwargs))
+
+    def upload(self, path: Path) -> str:
+        """POST /v1/references with the file; its id."""
+        boundary = uuid.uuid4().hex
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n\r\n'
+        body = head.encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        found = self.json("POST", "/v1/references", body=body, content_type=f"multipart/form-data; boundary={boundary}")
+        return str(found["id"])
+
+
+def _problem_text(status: int, data: bytes) -> str:
+    try:
+        problem = json.loads(data)
+        return f"HTTP {status}: {problem.get('detail', problem)}"
+    except ValueError:
+        return f"HTTP {status}: {data[:300]!r}"
+
+
+def client_from(args: argparse.Namespace) -> Client:
+    """The client for `--api URL`, keyed by IPAB_API_KEY."""
+    key = load_settings().api_key
+    if not key:
+        raise InvalidInput("IPAB_API_KEY", None, "is needed with --api: set it to a key from `ipab keys create`")
+    return Client(args.api, key)
+
+
+def _api_rows(client: Client, path: Path, defaults: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[int]]:
+    uploaded: dict[Path, str] = {}
+    rows, lines = [], []
+    for line, raw in read_raw_rows(path):
+        if isinstance(raw, Problem):
+            raise InvalidInput(raw.field, f"line {line}", raw.reason)
+        row = {**defaults, **raw}
+        refs = row.pop(REFERENCE_FIELD, None)
+        if refs is not None:
+            parts = refs.split("|") if isinstance(refs, str) else refs
+            files = [(path.parent / str(p).strip()).resolve() for p in parts]
+            row["references"] = [
+                uploaded.setdefault(f, client.upload(f)) if f not in uploaded else uploaded[f] for f in files
+            ]
+        rows.append(row)
+        lines.append(line)
+    return rows, lines
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Upload the manifest's references, then post its rows as one batch."""
+    client = client_from(args)
+    rows, _ = _api_rows(client, Path(args.manifest), parse_defaults(args.set))
+    body = "\n".join(json.dumps(row, ensure_ascii=False) for row in rows).encode()
+    query = "?skip_invalid=true" if args.skip_invalid else ""
+    try:
+        created = client.json("POST", "/v1/batches" + query, body=body, content_type="application/jsonl")
+    except ApiError as e:
+        print(f"ipab: error: {e}", file=sys.stderr)
+        print("nothing submitted. Fix the rows, or pass --skip-invalid", file=sys.stderr)
+        return 2
+    for problem in created.get("invalid", []):
+        print(f"line {problem['line']}: {problem['field']}: {problem['reason']}", file=sys.stderr)
+    print(f"batch {created['id']}: {created['added']} job(s) added")
+    print(created["id"])
+    return 0
+
+
+def _batch(client: Client, batch_id: str) -> dict[str, Any]:
+    found: dict[str, Any] = client.json("GET", f"/v1/batches/{urllib.parse.quote(batch_id, safe='')}")
+    return found
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Counts per status; with --watch, until every job is final."""
+    client = client_from(args)
+    batch = _batch(client, args.batch)
+    while args.watch and batch["status"] == "in_progress":
+        time.sleep(args.interval)
+        batch = _batch(client, args.batch)
+    print(f"batch {batch['id']}, model set {batch['model_set']}: {batch['status']}")
+    for status, count in batch["counts"].items():
+        print(f"  {status:<10} {count:>8}")
+    print(f"  {'total':<10} {batch['total']:>8}")
+    return 1 if args.watch and batch["counts"].get("failed") else 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    """The batch's results as JSON lines, as the API returns them."""
+    client = client_from(args)
+    query = f"?status={args.status}" if args.status else ""
+    data = client.request("GET", f"/v1/batches/{urllib.parse.quote(args.batch, safe='')}/results{query}")
+    sys.stdout.write(data.decode())
+    return 0

@@ -1,0 +1,72 @@
+"""Fixtures for API tests: an app on the test's services (in process), tenants with keys, an image."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from scheduler.api.app import create_app
+from scheduler.tenants import create_key
+from shared.db import ensure_database, make_engine, make_session_factory
+from shared.jobs import transaction
+from shared.settings import Settings
+
+
+def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 64) -> bytes:
+    """A small PNG."""
+    out = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def make_key(settings: Settings, tenant: str) -> tuple[str, str | None]:
+    """(a new key of `tenant`, the tenant's secret if created now)."""
+    ensure_database(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            new = create_key(session=session, tenant=tenant)
+    finally:
+        engine.dispose()
+    return new.key, new.webhook_secret
+
+
+@pytest.fixture
+def api_settings(settings: Settings, tmp_path: Path) -> Settings:
+    """Test settings with a (name-only) model set, private webhooks allowed, quick retries."""
+    model_set = tmp_path / "model-set.toml"
+    model_set.write_text('name = "tiny"\nbase = "b"\nip_adapter = "a.safetensors"\nimage_encoder = "e"\n')
+    return settings.model_copy(
+        update={
+            "model_set": model_set,
+            "webhook_allow_private": True,
+            "webhook_poll_s": 0.2,
+            "webhook_retry_base_s": 0.2,
+        }
+    )
+
+
+@pytest.fixture
+def client(api_settings: Settings) -> Iterator[TestClient]:
+    """A TestClient on the app (no webhook dispatcher thread)."""
+    with TestClient(create_app(api_settings, dispatcher=False), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture
+def alice(api_settings: Settings) -> dict[str, str]:
+    """Authorization headers of tenant alice."""
+    key, _ = make_key(api_settings, "alice")
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def bob(api_settings: Settings) -> dict[str, str]:
+    """Authorization headers of tenant bob."""
+    key, _ = make_key(api_settings, "bob")
+    return {"Authorization": f"Bearer {key}"}
