@@ -1,0 +1,140 @@
+"""Samples to export: a job's PNG (checked against the sha256 SQL holds) and its metadata columns.
+
+Jobs are read in pages of `PAGE_ROWS` (keyset pagination on the manifest line and job id),
+each page in its own short transaction, so an export of a million jobs neither holds a
+read transaction open for hours nor keeps every row in memory. PNGs are fetched from
+object storage by a few threads at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Final
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.orm import Session, sessionmaker
+
+from scheduler.commands import result_record
+from shared.db import Job, JobStatus
+from shared.errors import IpabError
+from shared.jobs import transaction
+from shared.storage import ObjectStore
+
+PAGE_ROWS: Final = 256
+FETCH_THREADS: Final = 8
+# The columns every format carries, in this order; `text` (imagefolder) and `image` are added by the writers.
+COLUMNS: Final = (
+    "job_id",
+    "id",
+    "batch_id",
+    "line",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "ip_adapter_scale",
+    "ip_adapter_scale_spec",
+    "scheduler",
+    "reference_sha256",
+    "reference_uri",
+    "output_sha256",
+    "output_bytes",
+    "output_uri",
+    "model_set",
+    "finished_at",
+)
+
+
+class OutputMismatch(IpabError):
+    """Raised when an output's bytes do not have the sha256 that SQL recorded for them."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One exported job: its PNG bytes and its metadata columns (`COLUMNS`)."""
+
+    job_id: str
+    png: bytes
+    columns: dict[str, Any]
+
+    @property
+    def prompt(self) -> str:
+        """The prompt (the `text` of an image-text dataset)."""
+        return str(self.columns["prompt"])
+
+
+def export_columns(record: dict[str, Any], *, model_set: str) -> dict[str, Any]:
+    """The metadata columns of one `ipab results` record, flat and of one type per column.
+
+    `ip_adapter_scale` is a number or null (a preset or per-block scales give null), and
+    `ip_adapter_scale_spec` is the value exactly as given, as JSON text.
+    """
+    scale = record["ip_adapter_scale"]
+    number = float(scale) if isinstance(scale, int | float) and not isinstance(scale, bool) else None
+    flat = {
+        **record,
+        "ip_adapter_scale": number,
+        "ip_adapter_scale_spec": json.dumps(scale, sort_keys=True),
+        "reference_sha256": [r["sha256"] for r in record["references"]],
+        "reference_uri": [r["uri"] for r in record["references"]],
+        "model_set": model_set,
+        "finished_at": record["timings"]["finished_at"],
+    }
+    return {name: flat[name] for name in COLUMNS}
+
+
+def count_pending(sessions: sessionmaker[Session], *, batch_id: str, exported: set[str]) -> int:
+    """How many succeeded jobs of the batch are not in the export yet."""
+    with transaction(sessions) as session:
+        ids = session.scalars(select(Job.id).where(Job.batch_id == batch_id, Job.status == JobStatus.succeeded.value))
+        return sum(1 for job_id in ids if job_id not in exported)
+
+
+def _pages(sessions: sessionmaker[Session], batch_id: str, status: str, store: ObjectStore) -> Iterator[list[Any]]:
+    after: tuple[int, str] | None = None
+    while True:
+        stmt = select(Job).where(Job.batch_id == batch_id, Job.status == status)
+        if after is not None:
+            stmt = stmt.where(tuple_(Job.line, Job.id) > after)
+        with transaction(sessions) as session:
+            jobs = session.scalars(stmt.order_by(Job.line, Job.id).limit(PAGE_ROWS)).all()
+            page = [(job.output_key, result_record(job, store=store)) for job in jobs]
+        if not page:
+            return
+        yield page
+        after = (page[-1][1]["line"], page[-1][1]["job_id"])
+
+
+def failed_records(sessions: sessionmaker[Session], *, batch_id: str, store: ObjectStore) -> Iterator[dict[str, Any]]:
+    """Every failed job of the batch as its `ipab results` record (with the error), in manifest order."""
+    for page in _pages(sessions, batch_id, JobStatus.failed.value, store):
+        yield from (record for _, record in page)
+
+
+def _fetch(store: ObjectStore, key: str, record: dict[str, Any]) -> bytes:
+    data = store.get(key)
+    if hashlib.sha256(data).hexdigest() != record["output_sha256"]:
+        raise OutputMismatch(
+            f"{store.uri(key)} (job {record['job_id']}) does not have the sha256 {record['output_sha256']} "
+            "that SQL recorded; the object was changed after the job finished. Run `ipab retry` on the job"
+        )
+    return data
+
+
+def pending_samples(
+    sessions: sessionmaker[Session], *, batch_id: str, model_set: str, store: ObjectStore, exported: set[str]
+) -> Iterator[Sample]:
+    """The batch's succeeded jobs that are not in `exported`, with their PNGs, in manifest order."""
+    fetch: Callable[[tuple[Any, dict[str, Any]]], bytes] = lambda item: _fetch(store, item[0], item[1])  # noqa: E731
+    with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+        for page in _pages(sessions, batch_id, JobStatus.succeeded.value, store):
+            new = [item for item in page if item[1]["job_id"] not in exported]
+            for (_, record), png in zip(new, pool.map(fetch, new), strict=True):
+                yield Sample(record["job_id"], png, export_columns(record, model_set=model_set))
