@@ -36,7 +36,7 @@ from redis import Redis
 from bench.common import Services, log, machine_info, private_services
 from shared.cache_stats import CacheStats
 from shared.storage import ObjectStore
-from worker.embed_cache import EmbeddingCache, Encoder, Ref
+from worker.embedding import EmbeddingCache, Encoder, Ref
 
 REDIS_HIT_P50_GOAL_MS: Final = 2.0
 LEVELS: Final = ("lru", "redis", "storage", "encode")

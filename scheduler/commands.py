@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from scheduler import api_client
 from scheduler.manifest import parse_defaults
 from scheduler.submit import SubmitResult, submit_manifest
+from shared.cache_stats import sum_stats_json
 from shared.db import (
     DEFAULT_TENANT,
     TERMINAL,
@@ -148,15 +149,10 @@ def status_counts(*, session: Session, batch_id: str) -> tuple[dict[str, int], d
     return counts, seconds
 
 
-def cache_totals(*, session: Session, batch_id: str) -> dict[str, float]:
+def cache_totals(*, session: Session, batch_id: str) -> dict[str, int | float]:
     """The embedding cache counters of a batch's jobs, summed (hits and misses per level, encodes)."""
-    totals: dict[str, float] = {}
     stmt = select(Job.cache_stats).where(Job.batch_id == batch_id, Job.cache_stats.is_not(None))
-    for text in session.scalars(stmt.execution_options(yield_per=RESULTS_CHUNK)):
-        for name, value in json.loads(text or "{}").items():
-            if isinstance(value, int | float):
-                totals[name] = totals.get(name, 0) + value
-    return totals
+    return sum_stats_json(session.scalars(stmt.execution_options(yield_per=RESULTS_CHUNK)))
 
 
 def _print_cache(totals: dict[str, float]) -> None:

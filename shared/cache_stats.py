@@ -6,8 +6,9 @@ Light on purpose (no torch): `ipab cache stats` and `ipab status` import it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -65,6 +66,17 @@ class CacheStats:
             if name in floats:
                 setattr(stats, name, float(value) if floats[name] else int(value))
         return stats
+
+
+def sum_stats_json(texts: Iterable[str | None]) -> dict[str, int | float]:
+    """Counters stored as `to_json()` text (one per job), summed into one `to_json()` dict; {} when there are none."""
+    total: CacheStats | None = None
+    for text in texts:
+        if not text:
+            continue
+        total = total if total is not None else CacheStats()
+        total.add(CacheStats.from_json(json.loads(text)))
+    return total.to_json() if total is not None else {}
 
 
 def fleet_stats_key(prefix: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import multiprocessing
 import os
@@ -23,9 +24,9 @@ import torch
 from PIL import Image
 from redis import Redis
 
-from shared.cache_stats import CacheStats, read_fleet_stats
+from shared.cache_stats import CacheStats, read_fleet_stats, sum_stats_json
 from shared.errors import InvalidInput, ObjectMissing, SettingsError, StorageUnavailable
-from worker.embed_cache import (
+from worker.embedding import (
     ByteLru,
     EmbeddingCache,
     Encoder,
@@ -384,7 +385,7 @@ def test_a_corrupt_redis_entry_is_dropped_with_a_warning_and_recomputed(
     client.set(cache.entry_key(sha), _corruptions(good, other_entry)[corruption])
     store.delete(cache.object_key(sha))  # nothing to fall back on: it must be encoded again
 
-    with caplog.at_level(logging.WARNING, logger="worker.embed_cache"):
+    with caplog.at_level(logging.WARNING, logger="worker.embedding"):
         (got,), stats = make_cache(redis_url, store, encoder, prefix).get([(sha, load)])
 
     assert torch.equal(got, encoder.expected_for(image))
@@ -407,7 +408,7 @@ def test_a_corrupt_stored_object_is_dropped_with_a_warning_and_recomputed(
     store.put(cache.object_key(sha), _corruptions(good, other_entry)[corruption])
     flush_prefix(client, prefix)
 
-    with caplog.at_level(logging.WARNING, logger="worker.embed_cache"):
+    with caplog.at_level(logging.WARNING, logger="worker.embedding"):
         (got,), stats = make_cache(redis_url, store, encoder, prefix).get([(sha, load)])
 
     assert torch.equal(got, encoder.expected_for(image))
@@ -578,11 +579,19 @@ def test_cache_stats_survive_a_json_round_trip_and_sum() -> None:
     assert stats.to_json()["downloads"] == 3
 
 
+def test_the_counters_of_a_batchs_jobs_sum_into_one_record() -> None:
+    jobs = [CacheStats(encodes=1, encode_s=0.25).to_json(), None, CacheStats(lru_hits=2, store_hits=1).to_json()]
+
+    total = sum_stats_json(json.dumps(job) if job else None for job in jobs)
+
+    assert total == CacheStats(encodes=1, encode_s=0.25, lru_hits=2, store_hits=1).to_json()
+    assert total["downloads"] == 1 and sum_stats_json([None, ""]) == {}
+
+
 def test_ipab_cache_stats_prints_the_fleet_counters(
     redis_url: str, store: DirStore, prefix: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import argparse
-    import json
 
     from scheduler import cache_commands as embed_cache_cli
 

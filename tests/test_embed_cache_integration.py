@@ -18,7 +18,7 @@ from test_embed_cache import FakeEncoder, make_cache, png_bytes, ref, run_worker
 from devkit.services import Service
 from shared.spec import parse_params
 from shared.storage import ObjectStore
-from worker.embed_cache import unpack_entry
+from worker.embedding import unpack_entry
 
 
 def test_the_durable_copy_is_a_safetensors_object_at_its_documented_key(
@@ -59,7 +59,7 @@ def test_a_corrupt_object_in_s3_is_dropped_with_a_warning_and_rewritten(
     object_store.put(cache.object_key(sha), good[: len(good) - 7])  # a truncated upload
     Redis.from_url(redis_url).flushdb()
 
-    with caplog.at_level(logging.WARNING, logger="worker.embed_cache"):
+    with caplog.at_level(logging.WARNING, logger="worker.embedding"):
         (got,), stats = make_cache(redis_url, object_store, encoder, "p:").get([(sha, load)])
 
     assert torch.equal(got, encoder.expected_for(image)) and (stats.corrupt, stats.encodes) == (1, 1)

@@ -13,7 +13,7 @@ from shared.db import ensure_database, make_engine, make_session_factory
 from shared.model_set import read_model_set
 from shared.settings import Settings, require_model_set
 from shared.storage import ObjectStore
-from worker.embed_cache import EmbeddingCache
+from worker.embedding import EmbeddingCache
 from worker.pipeline import Renderer
 from worker.publisher import Publisher
 
