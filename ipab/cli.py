@@ -31,6 +31,7 @@ CONTROL_PLANE_MODULES: Final = (
     "scheduler.cache_commands",
     "scheduler.keys_commands",
     "scheduler.api_commands",
+    "scheduler.plans.commands",
 )
 WORKER_MODULES: Final = ("worker.commands", "worker.serve")
 WORKER_COMMANDS: Final = ("worker", "generate", "models")

@@ -1,0 +1,9 @@
+"""Nightly render plans: a manifest submitted on a cron schedule, exactly once per slot.
+
+- `planfile`: reading and validating a plan file (TOML).
+- `slots`: cron expressions and time zones; when the slots of a schedule fall (DST rules).
+- `store`: the plans and their slot rows in SQL.
+- `runner`: one slot into one batch (or a skipped or failed slot row, with the reason).
+- `beat`: the `ipab beat` loop, which finds the due slots of every plan.
+- `commands`: `ipab plans ...` and `ipab beat`.
+"""
