@@ -1,0 +1,212 @@
+"""A batch as one static HTML page: a card per job (image, reference thumbnails, prompt, seed,
+parameters, status, error), filtered by status and prompt text in the browser, no server needed.
+
+`render_gallery` returns the page with every thumbnail embedded as a `data:` URI (what the
+HTTP API can serve as is); `write_gallery` writes `DIR/index.html` with the thumbnails as
+files beside it (`DIR/thumbs/`), or embedded with `embed=True`. Every text from a job is
+HTML-escaped, and the page loads nothing from elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from scheduler.gallery_page import PAGE_TEMPLATE
+from scheduler.progress import SILENT, Reporter
+from shared.db import Batch, Job, JobStatus
+from shared.errors import ObjectMissing
+from shared.jobs import transaction
+from shared.storage import ObjectStore
+
+OUTPUT_THUMB_PX: Final = 256
+REFERENCE_THUMB_PX: Final = 96
+THUMB_QUALITY: Final = 85
+FETCH_THREADS: Final = 8
+PARAM_NAMES: Final = ("width", "height", "steps", "guidance_scale", "ip_adapter_scale", "scheduler", "negative_prompt")
+
+# (object key, file stem, longest side in px) -> the <img src> for it, or None when the object is missing.
+ImageSource = Callable[[str, str, int], str | None]
+
+
+@dataclass(frozen=True)
+class Card:
+    """What the page shows of one job."""
+
+    job_id: str
+    client_id: str | None
+    status: str
+    prompt: str
+    seed: int
+    params: dict[str, Any]
+    error: str | None
+    output_key: str | None
+    references: tuple[tuple[str, str], ...]  # (sha256, object key)
+
+
+def _card(job: Job) -> Card:
+    spec = json.loads(job.spec)
+    params = spec["params"]
+    error = None if job.error_type is None else f"{job.error_type}: {job.error_message or ''}"
+    references = tuple((r["sha256"], r["key"]) for r in spec["references"])
+    shown = {name: params.get(name) for name in PARAM_NAMES}
+    return Card(job.id, job.client_id, job.status, params["prompt"], job.seed, shown, error, job.output_key, references)
+
+
+def batch_cards(sessions: sessionmaker[Session], *, batch_id: str) -> list[Card]:
+    """A card per job of the batch, in manifest order."""
+    stmt = select(Job).where(Job.batch_id == batch_id).order_by(Job.line, Job.id)
+    with transaction(sessions) as session:
+        return [_card(job) for job in session.scalars(stmt.execution_options(yield_per=1000))]
+
+
+def thumbnail_jpeg(data: bytes, *, max_px: int) -> bytes:
+    """The image as a JPEG no larger than `max_px` on its longest side (never enlarged)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.thumbnail((max_px, max_px))
+        out = io.BytesIO()
+        image.convert("RGB").save(out, format="JPEG", quality=THUMB_QUALITY)
+    return out.getvalue()
+
+
+class EmbeddedImages:
+    """Thumbnails as `data:` URIs (a reference used by many jobs is made once)."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self._made: dict[tuple[str, int], str | None] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str, stem: str, max_px: int) -> str | None:
+        with self._lock:
+            if (key, max_px) in self._made:
+                return self._made[(key, max_px)]
+        jpeg = _thumbnail_of(self.store, key, max_px)
+        src = None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+        with self._lock:
+            self._made[(key, max_px)] = src
+        return src
+
+
+class FilesBeside:
+    """Thumbnails as files under `out_dir/thumbs/`, linked by relative path."""
+
+    def __init__(self, store: ObjectStore, out_dir: Path) -> None:
+        self.store = store
+        self.folder = out_dir / "thumbs"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, key: str, stem: str, max_px: int) -> str | None:
+        name = f"{stem}-{max_px}.jpg"
+        if not (self.folder / name).exists():
+            jpeg = _thumbnail_of(self.store, key, max_px)
+            if jpeg is None:
+                return None
+            (self.folder / name).write_bytes(jpeg)  # same bytes whichever thread writes it
+        return f"thumbs/{name}"
+
+
+def _thumbnail_of(store: ObjectStore, key: str, max_px: int) -> bytes | None:
+    try:
+        return thumbnail_jpeg(store.get(key), max_px=max_px)
+    except ObjectMissing:
+        return None
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _img(src: str | None, alt: str, css: str) -> str:
+    if src is None:
+        return f'<div class="{css} missing">{_esc(alt)}: no image</div>'
+    return f'<img class="{css}" src="{_esc(src)}" alt="{_esc(alt)}" loading="lazy">'
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+
+
+def card_html(card: Card, *, output_src: str | None, reference_srcs: Sequence[str | None]) -> str:
+    """One job's card (every text escaped)."""
+    image = _img(output_src, "output", "output") if card.output_key else '<div class="output missing">no output</div>'
+    pairs = zip(card.references, reference_srcs, strict=True)
+    refs = "".join(_img(src, f"reference {sha[:12]}", "ref") for (sha, _), src in pairs)
+    params = {"seed": card.seed, **card.params, "job": card.job_id, "id": card.client_id}
+    rows = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(_shown(v))}</dd>" for k, v in params.items() if v not in (None, ""))
+    error = f'<p class="error">{_esc(card.error)}</p>' if card.error else ""
+    text = " ".join([card.prompt, card.client_id or "", card.job_id]).lower()
+    return (
+        f'<article class="card" data-status="{_esc(card.status)}" data-text="{_esc(text)}">{image}'
+        f'<div class="refs">{refs}</div><p class="prompt">{_esc(card.prompt)}</p>'
+        f'<p class="status status-{_esc(card.status)}">{_esc(card.status)}</p>{error}'
+        f'<dl class="params">{rows}</dl></article>'
+    )
+
+
+def page_html(batch: Batch, cards: Sequence[Card], card_parts: Sequence[str]) -> str:
+    """The whole page around the cards: header, filters, counts, and the filtering script."""
+    counts = {s.value: sum(1 for c in cards if c.status == s.value) for s in JobStatus}
+    options = "".join(f'<option value="{_esc(s)}">{_esc(s)} ({n})</option>' for s, n in counts.items() if n)
+    return PAGE_TEMPLATE.substitute(
+        title=_esc(f"ipab gallery: {batch.name}"),
+        batch_name=_esc(batch.name),
+        batch_id=_esc(batch.id),
+        model_set=_esc(batch.model_set),
+        total=len(cards),
+        options=options,
+        cards="\n".join(card_parts),
+    )
+
+
+def render_cards(cards: Sequence[Card], *, image_src: ImageSource, progress: Reporter = SILENT) -> list[str]:
+    """Each card's HTML, thumbnails fetched and made by a few threads at a time."""
+
+    def one(card: Card) -> str:
+        output_src = image_src(card.output_key, card.job_id, OUTPUT_THUMB_PX) if card.output_key else None
+        refs = [image_src(key, f"ref-{sha}", REFERENCE_THUMB_PX) for sha, key in card.references]
+        return card_html(card, output_src=output_src, reference_srcs=refs)
+
+    parts: list[str] = []
+    with progress.stage("gallery", total=len(cards)) as stage, ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+        for part in pool.map(one, cards):
+            parts.append(part)
+            stage.advance()
+    return parts
+
+
+def render_gallery(*, sessions: sessionmaker[Session], store: ObjectStore, batch: Batch) -> str:
+    """The batch's gallery as one HTML page with every thumbnail embedded (for the HTTP API)."""
+    cards = batch_cards(sessions, batch_id=batch.id)
+    return page_html(batch, cards, render_cards(cards, image_src=EmbeddedImages(store)))
+
+
+def write_gallery(
+    *,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    batch: Batch,
+    out_dir: Path,
+    embed: bool = False,
+    progress: Reporter = SILENT,
+) -> Path:
+    """Write `out_dir/index.html` (thumbnails in `out_dir/thumbs/`, or embedded); returns its path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cards = batch_cards(sessions, batch_id=batch.id)
+    source: ImageSource = EmbeddedImages(store) if embed else FilesBeside(store, out_dir)
+    page = page_html(batch, cards, render_cards(cards, image_src=source, progress=progress))
+    index = out_dir / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
