@@ -58,7 +58,7 @@ class Grid:
 
     source: str
     batch: str | None
-    axes: dict[str, list[Any]]
+    axes: dict[str, Sequence[Any]]  # seeds from a count are a range: counted without being built
     groups: list[list[str]]  # each group is walked in lockstep; single axes are groups of one
     fixed: dict[str, Any]
 
@@ -106,7 +106,7 @@ def _column(source: str, table: str, key: str) -> str:
     return name
 
 
-def _seeds(source: str, value: Any) -> list[Any]:
+def _seeds(source: str, value: Any) -> Sequence[Any]:
     if isinstance(value, list):
         return value
     if isinstance(value, dict) and set(value) <= {"count", "start"} and "count" in value:
@@ -118,17 +118,17 @@ def _seeds(source: str, value: Any) -> list[Any]:
         raise _bad(source, "axes.seeds", value, fix)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (count, start)) or count < 1 or start < 0:
         raise _bad(source, "axes.seeds", value, "count must be a whole number >= 1 and start >= 0")
-    return list(range(start, start + count))
+    return range(start, start + count)
 
 
-def _axes(source: str, table: Any) -> dict[str, list[Any]]:
+def _axes(source: str, table: Any) -> dict[str, Sequence[Any]]:
     if not isinstance(table, dict) or not table:
         raise _bad(source, "axes", table, "must be a table of at least one axis, e.g. [axes] prompts = ['a', 'b']")
-    axes: dict[str, list[Any]] = {}
+    axes: dict[str, Sequence[Any]] = {}
     for axis, values in table.items():
         name = "seed" if axis == SEEDS_AXIS else _column(source, "axes", axis)
         values = _seeds(source, values) if name == "seed" else values
-        if not isinstance(values, list) or not values:
+        if not isinstance(values, list | range) or not values:
             raise _bad(source, f"axes.{axis}", values, "must be a non-empty list of values, e.g. [0.4, 0.8]")
         if name in axes:
             raise _bad(source, f"axes.{axis}", axis, f"repeats the axis of {name!r}; give each field one axis")
@@ -150,7 +150,7 @@ def _fixed(source: str, table: Any, axes: Mapping[str, Any]) -> dict[str, Any]:
     return fixed
 
 
-def _groups(source: str, value: Any, axes: Mapping[str, list[Any]]) -> list[list[str]]:
+def _groups(source: str, value: Any, axes: Mapping[str, Sequence[Any]]) -> list[list[str]]:
     zipped = [] if value is None else value
     if not isinstance(zipped, list) or not all(isinstance(g, list) and len(g) >= 2 for g in zipped):
         raise _bad(source, "zip", value, "must be a list of axis lists, e.g. zip = [['prompts', 'seeds']]")
