@@ -77,7 +77,7 @@ def ctx(settings: Settings, object_store: ObjectStore) -> Iterator[WorkerContext
     sessions = make_session_factory(make_engine(settings.database_url))
     client = redis.Redis.from_url(settings.redis_url)
     renderer = FakeRenderer()
-    cache = EmbeddingCache.from_settings(settings, redis=client, store=object_store, encoder=renderer)  # type: ignore[arg-type]
+    cache = EmbeddingCache.from_settings(settings, redis=client, store=object_store, encoder=renderer)
     context = WorkerContext(
         settings=settings,
         sessions=sessions,
@@ -314,4 +314,4 @@ def test_a_task_in_a_process_without_context_gives_its_message_back() -> None:
 
     with pytest.raises(Reject) as rejected:
         require_context()
-    assert rejected.value.requeue
+    assert rejected.value.args[1] is True  # requeue (the stubs do not declare the attribute)

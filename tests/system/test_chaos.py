@@ -1,8 +1,11 @@
 """Nothing lost, nothing doubled: faults injected into real processes mid-batch.
 
 Each test runs a batch of 30 jobs through real `ipab worker` processes, breaks something
-while it runs, and then holds every job to exactly one ending: succeeded with exactly one
-output object whose sha256 matches its row (or canceled, where the test cancels).
+while it runs (after checking that work is in flight), and then holds every job to exactly
+one ending: succeeded with exactly one output object whose sha256 matches its row (or
+canceled, where the test cancels). Renders are counted too: every render starts with a
+claim, which increments the row's `attempts`, so the sum of attempts over the batch minus
+its size is the number of re-runs, and each fault has an upper bound on them.
 Lease and timeout values are short settings from the `settings` fixture, not code changes.
 """
 
@@ -47,8 +50,11 @@ def wait_until(predicate: Callable[[], bool], *, timeout_s: float = 120, what: s
         time.sleep(0.2)
 
 
-def assert_each_job_ended_once(settings: Settings, batch_id: str, *, allow_canceled: bool = False) -> list[Job]:
-    """Every job succeeded (or was canceled) and succeeded jobs have exactly one matching object."""
+def assert_each_job_ended_once(
+    settings: Settings, batch_id: str, *, max_reruns: int, allow_canceled: bool = False
+) -> list[Job]:
+    """Every job succeeded (or was canceled), succeeded jobs have exactly one matching object,
+    and the batch was rendered at most `max_reruns` times more than once per job."""
     sessions = make_session_factory(make_engine(settings.database_url))
     with sessions() as session:
         jobs = list(session.scalars(select(Job).where(Job.batch_id == batch_id)).all())
@@ -56,12 +62,22 @@ def assert_each_job_ended_once(settings: Settings, batch_id: str, *, allow_cance
     assert len(jobs) == JOBS
     assert {j.status for j in jobs} <= allowed, [(j.status, j.error_type, j.error_message) for j in jobs]
     store = ObjectStore.from_settings(settings)
-    succeeded = {keys.output_key(batch_id, j.id): j for j in jobs if j.status == JobStatus.succeeded.value}
+    succeeded = {keys.output_key(batch_id, j.id, j.attempts): j for j in jobs if j.status == JobStatus.succeeded.value}
     assert sorted(store.list_keys(f"outputs/{batch_id}/")) == sorted(succeeded)
     for key, job in succeeded.items():
         assert job.output_key == key
         assert hashlib.sha256(store.get(key)).hexdigest() == job.output_sha256
+    reruns = sum(j.attempts for j in jobs) - sum(j.attempts > 0 for j in jobs)
+    assert reruns <= max_reruns, [(j.id, j.attempts) for j in jobs if j.attempts > 1]
     return jobs
+
+
+def running_ids(settings: Settings, batch_id: str) -> set[str]:
+    """Ids of the batch's jobs running right now."""
+    sessions = make_session_factory(make_engine(settings.database_url))
+    with sessions() as session:
+        where = (Job.batch_id == batch_id, Job.status == JobStatus.running.value)
+        return set(session.scalars(select(Job.id).where(*where)).all())
 
 
 def start_batch(settings: Settings, workers: Workers, tmp_path: Path, name: str) -> str:
@@ -77,17 +93,27 @@ def test_worker_killed_mid_job_loses_nothing(system_settings: Settings, workers:
     workers.kill(first)
     workers.start()
     wait_for_batch(system_settings, batch_id, workers=workers)
-    jobs = assert_each_job_ended_once(system_settings, batch_id)
+    # The killed worker held at most two jobs (one rendering, one publishing): two re-runs.
+    jobs = assert_each_job_ended_once(system_settings, batch_id, max_reruns=2)
     assert max(j.attempts for j in jobs) >= 2  # the killed job ran again
 
 
-def test_flushall_mid_batch_loses_nothing(system_settings: Settings, workers: Workers, tmp_path: Path) -> None:
-    workers.start()
-    batch_id = start_batch(system_settings, workers, tmp_path, "flush")
-    wait_until(lambda: count_status(system_settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
-    redis.Redis.from_url(system_settings.redis_url).flushall()
-    wait_for_batch(system_settings, batch_id, workers=workers)
-    assert_each_job_ended_once(system_settings, batch_id)
+def test_flushall_mid_batch_loses_nothing(
+    system_settings: Settings,
+    settings_env: Callable[[Settings], dict[str, str]],
+    tmp_path: Path,
+    private_redis: Service,
+) -> None:
+    settings = system_settings.model_copy(update={"redis_url": private_redis.url})  # FLUSHALL only our own
+    with worker_pool(settings, settings_env, tmp_path) as pool:
+        pool.start()
+        batch_id = start_batch(settings, pool, tmp_path, "flush")
+        wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
+        wait_until(lambda: bool(running_ids(settings, batch_id)), what="a running job")
+        redis.Redis.from_url(settings.redis_url).flushall()
+        wait_for_batch(settings, batch_id, workers=pool)
+    # Leases live in SQL: a flush re-enqueues queued jobs, and a running one is not re-run.
+    assert_each_job_ended_once(settings, batch_id, max_reruns=1)
 
 
 def run_through_outage(
@@ -97,17 +123,22 @@ def run_through_outage(
     server: Service,
     *,
     down_s: float,
+    noticed: str,
 ) -> None:
-    """A batch whose `server` goes down for `down_s` once results are coming in."""
+    """A batch whose `server` goes down for `down_s` while a job runs; the worker log must
+    show `noticed` (the fault reached the work in flight), and each job ran at most once more."""
     with worker_pool(settings, settings_env, tmp_path) as pool:
         pool.start()
         batch_id = start_batch(settings, pool, tmp_path, f"{server.name}-outage")
         wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
+        wait_until(lambda: bool(running_ids(settings, batch_id)), what="a running job")
         server.stop()
         time.sleep(down_s)
         server.start()
         wait_for_batch(settings, batch_id, workers=pool)
-    assert_each_job_ended_once(settings, batch_id)
+        log = pool.log_text()
+    assert noticed in log, log
+    assert_each_job_ended_once(settings, batch_id, max_reruns=1)
 
 
 def test_redis_restart_mid_batch_loses_nothing(
@@ -117,7 +148,7 @@ def test_redis_restart_mid_batch_loses_nothing(
     private_redis: Service,
 ) -> None:
     settings = system_settings.model_copy(update={"redis_url": private_redis.url})
-    run_through_outage(settings, settings_env, tmp_path, private_redis, down_s=3)
+    run_through_outage(settings, settings_env, tmp_path, private_redis, down_s=3, noticed="Connection to broker lost")
 
 
 def test_s3_outage_of_20_s_mid_batch_loses_nothing(
@@ -125,7 +156,7 @@ def test_s3_outage_of_20_s_mid_batch_loses_nothing(
 ) -> None:
     settings = system_settings.model_copy(update={"s3_endpoint_url": private_s3.url})
     ObjectStore.from_settings(settings).ensure_bucket()
-    run_through_outage(settings, settings_env, tmp_path, private_s3, down_s=20)
+    run_through_outage(settings, settings_env, tmp_path, private_s3, down_s=20, noticed="object store at")
 
 
 def test_postgres_restart_mid_batch_loses_nothing(
@@ -135,11 +166,11 @@ def test_postgres_restart_mid_batch_loses_nothing(
     private_postgres: Service,
 ) -> None:
     settings = system_settings.model_copy(update={"database_url": private_postgres.url})
-    run_through_outage(settings, settings_env, tmp_path, private_postgres, down_s=3)
+    run_through_outage(settings, settings_env, tmp_path, private_postgres, down_s=3, noticed="SQL database unreachable")
 
 
 def test_poison_messages_do_not_stop_the_worker(system_settings: Settings, workers: Workers, tmp_path: Path) -> None:
-    from shared.queue import RENDER_TASK, celery_envelope
+    from shared.wire import RENDER_TASK, celery_envelope
 
     queue = keys.render_queue(read_model_set(system_settings.model_set or Path()).name)
     client = redis.Redis.from_url(system_settings.redis_url)
@@ -153,7 +184,7 @@ def test_poison_messages_do_not_stop_the_worker(system_settings: Settings, worke
     workers.start()
     batch_id = start_batch(system_settings, workers, tmp_path, "poison")
     wait_for_batch(system_settings, batch_id, workers=workers)
-    assert_each_job_ended_once(system_settings, batch_id)
+    assert_each_job_ended_once(system_settings, batch_id, max_reruns=0)
     assert workers.procs[0].poll() is None  # still serving
     log = (tmp_path / "worker-0.log").read_text()
     assert "dropping a queue item that is not JSON" in log
@@ -172,8 +203,12 @@ def test_cancel_mid_batch_stops_queued_and_running_jobs(
     assert done.returncode == 0, done.stderr
     wait_for_batch(system_settings, batch_id, workers=workers)
     time.sleep(2)  # a publish in flight finishes (or removes its object) by now
-    jobs = assert_each_job_ended_once(system_settings, batch_id, allow_canceled=True)
-    assert sum(j.status == JobStatus.canceled.value for j in jobs) >= 10
+    jobs = assert_each_job_ended_once(system_settings, batch_id, max_reruns=0, allow_canceled=True)
+    canceled = {j.id for j in jobs if j.status == JobStatus.canceled.value}
+    assert len(canceled) >= 10
     assert sum(j.status == JobStatus.succeeded.value for j in jobs) >= 3
     results = ipab(workers.env, "results", batch_id, "--status", "canceled", cwd=tmp_path)
-    assert all(json.loads(line)["status"] == "canceled" for line in results.stdout.splitlines())
+    assert results.returncode == 0, results.stderr
+    listed = [json.loads(line) for line in results.stdout.splitlines() if line.strip()]
+    assert {row["status"] for row in listed} == {"canceled"}
+    assert len(listed) == len(canceled)
