@@ -161,6 +161,8 @@ def outbox_job_events(*, session: Session, job_ids: Sequence[str] | None = None)
         .join(Job, Job.id == WebhookSubscription.subject_id)
         .where(WebhookSubscription.notified_at.is_(None), Job.status.in_(_TERMINAL_VALUES))
         .limit(SCAN_LIMIT)
+        # A cancel in this very session changed rows its identity map may hold stale.
+        .execution_options(populate_existing=True)
     )
     if job_ids is not None:
         stmt = stmt.where(Job.id.in_(list(job_ids)))
