@@ -122,7 +122,8 @@ def record_slot(
     stmt = insert_ignoring_duplicates(PlanSlot, dialect=dialect, unique=["plan_id", "slot_at"])
     row = {"id": new_id(), "plan_id": plan_id, "slot_at": slot_at, "kind": kind, "status": status}
     extra = {"batch_id": batch_id, "reason": reason, "decided_at": decided_at, "decided_by": this_process()}
-    return _changed(session.execute(stmt.values(**row, **extra))) == 1
+    # RETURNING, not rowcount: an ORM-enabled INSERT's result does not always carry a rowcount.
+    return session.execute(stmt.values(**row, **extra).returning(PlanSlot.id)).first() is not None
 
 
 def previous_batch(*, session: Session, plan_id: str, before: datetime) -> str | None:
