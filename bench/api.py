@@ -1,0 +1,164 @@
+"""The HTTP API's overhead: POST /v1/jobs against a bare endpoint on the same server, and bulk batches.
+
+- jobs: 16 concurrent clients POST /v1/jobs (one job each, a stored reference); p50, p99
+  latency and requests/s. floor: the same clients GET /healthz (an endpoint that does
+  nothing) on the same `ipab api` process, in the same run. Goal: p50 <= 3x the floor's.
+- batch: one POST /v1/batches of N rows vs `submit_manifest` of the same N rows (same
+  references, fresh batch each). Goal: within 1.5x.
+
+Run: `python -m bench.api [--requests 800] [--rows 10000]`. SQLite, private Redis and S3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+
+from bench.common import bench_settings, log, private_services, settings_env, write_manifest, write_references
+from scheduler.submit import submit_manifest
+from scheduler.tenants import create_key
+from shared.db import ensure_database, make_engine, make_session_factory
+from shared.jobs import transaction
+from shared.settings import Settings
+
+CLIENTS: Final = 16
+SMALL: Final = {"steps": 2, "width": 64, "height": 64}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_api(settings: Settings, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ipab.cli", "api", "--port", str(port)],
+        env=settings_env(settings),
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError(f"ipab api did not start: {log_path.read_text()[-2000:]}")
+
+
+def _key(settings: Settings) -> str:
+    ensure_database(settings.database_url)
+    engine = make_engine(settings.database_url)
+    with transaction(make_session_factory(engine)) as session:
+        key = create_key(session=session, tenant="bench").key
+    engine.dispose()
+    return key
+
+
+def _load(url: str, key: str, requests: int, call: Callable[[httpx.Client, int], httpx.Response]) -> dict[str, float]:
+    """`requests` calls spread over CLIENTS threads, each with its own connection; latency stats."""
+    per_client = requests // CLIENTS
+
+    def client_run(c: int) -> list[float]:
+        latencies = []
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
+            for i in range(per_client):
+                t0 = time.perf_counter()
+                response = call(client, c * per_client + i)
+                latencies.append(time.perf_counter() - t0)
+                assert response.status_code < 300, response.text
+        return latencies
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        all_latencies = sorted(x for lat in pool.map(client_run, range(CLIENTS)) for x in lat)
+    wall_s = time.perf_counter() - t0
+    return {
+        "p50_ms": 1000 * statistics.median(all_latencies),
+        "p99_ms": 1000 * all_latencies[int(0.99 * (len(all_latencies) - 1))],
+        "rps": len(all_latencies) / wall_s,
+    }
+
+
+def _jobs(url: str, key: str, ref: str, requests: int) -> dict[str, Any]:
+    def post(client: httpx.Client, i: int) -> httpx.Response:
+        return client.post("/v1/jobs", json={"references": [ref], "prompt": f"p{i}", "seed": i, **SMALL})
+
+    floor = _load(url, key, requests, lambda client, _: client.get("/healthz"))
+    jobs = _load(url, key, requests, post)
+    return {"floor": floor, "post_jobs": jobs, "p50_ratio": jobs["p50_ms"] / floor["p50_ms"]}
+
+
+def _batch(url: str, key: str, settings: Settings, workdir: Path, rows: int) -> dict[str, float]:
+    refs = write_references(workdir / "refs", 10)
+    manifest = write_manifest(workdir / "rows.jsonl", refs, rows=rows, fields=SMALL)
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600)
+    ids = {}
+    for path in refs:
+        ids[str(path)] = client.post("/v1/references", files={"file": (path.name, path.read_bytes())}).json()["id"]
+    lines = []
+    for line in manifest.read_text().splitlines():
+        row = json.loads(line)
+        row["references"] = [ids[row.pop("reference")]]
+        lines.append(json.dumps(row))
+    body = "\n".join(lines).encode()
+    t0 = time.perf_counter()
+    response = client.post("/v1/batches", content=body, headers={"content-type": "application/jsonl"})
+    api_s = time.perf_counter() - t0
+    assert response.status_code == 202 and response.json()["added"] == rows, response.text[:500]
+    t0 = time.perf_counter()
+    result = submit_manifest(settings=settings, path=manifest, batch_name="bench-cli")
+    cli_s = time.perf_counter() - t0
+    assert result.added == rows
+    return {"rows": rows, "api_s": api_s, "submit_manifest_s": cli_s, "ratio": api_s / cli_s}
+
+
+def main() -> None:
+    """Run both measurements and print them as JSON."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=800)
+    parser.add_argument("--rows", type=int, default=10_000)
+    args = parser.parse_args()
+    with private_services() as svc:
+        workdir = Path(tempfile.mkdtemp(dir=svc.workdir))
+        model_set = workdir / "model-set.toml"
+        model_set.write_text('name = "bench"\nbase = "b"\nip_adapter = "a.safetensors"\nimage_encoder = "e"\n')
+        settings = bench_settings(
+            svc, f"sqlite:///{workdir / 'ipab.db'}", model_set=model_set, api_max_queued_jobs=10_000_000
+        )
+        key = _key(settings)
+        proc, url = _start_api(settings, workdir / "api.log")
+        try:
+            client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"})
+            png = write_references(workdir / "one", 1)[0].read_bytes()
+            ref = client.post("/v1/references", files={"file": ("a.png", png)}).json()["id"]
+            report = {
+                "jobs": _jobs(url, key, ref, args.requests),
+                "batch": _batch(url, key, settings, workdir, args.rows),
+            }
+        finally:
+            proc.terminate()
+            proc.wait()
+    log(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
