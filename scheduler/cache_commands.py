@@ -12,6 +12,7 @@ from typing import Any
 import redis
 
 from shared.cache_stats import format_stats_table, read_fleet_stats
+from shared.redis_conn import connect_redis, redis_unreachable
 from shared.settings import load_settings
 
 
@@ -26,12 +27,11 @@ def register(subparsers: Any) -> None:
 
 def _stats(args: argparse.Namespace) -> int:
     settings = load_settings()
-    client = redis.Redis.from_url(settings.redis_url)
+    client = connect_redis(settings.redis_url)
     try:
         counters = read_fleet_stats(client, settings.redis_prefix)
     except redis.RedisError as e:
-        print(f"ipab cache stats: Redis at IPAB_REDIS_URL={settings.redis_url!r} unreachable: {e}")
-        return 1
+        raise redis_unreachable(settings.redis_url, e) from e
     finally:
         client.close()
     print(json.dumps(counters, sort_keys=True) if args.json else format_stats_table(counters))

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Final
 
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler import api_client
@@ -37,6 +36,7 @@ from shared.db import (
 )
 from shared.errors import InvalidInput, ManifestInvalid
 from shared.jobs import transaction
+from shared.redact import mask_url
 from shared.settings import Settings, load_settings
 from shared.storage import ObjectStore
 
@@ -73,7 +73,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Apply every pending migration."""
     settings = load_settings()
     upgrade_database(settings.database_url)
-    shown = make_url(settings.database_url).render_as_string(hide_password=True)
+    shown = mask_url(settings.database_url)
     print(f"database {shown} is at the latest schema")
     return 0
 
@@ -276,6 +276,11 @@ def cmd_results(args: argparse.Namespace) -> int:
 # ipab batches
 
 
+def printable(text: str) -> str:
+    """`text` with tabs, line breaks, escape sequences and other unprintables shown escaped (`\\t`, `\\x1b`)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def cmd_batches(args: argparse.Namespace) -> int:
     """Every batch, oldest first, with its jobs counted per status."""
     with database(load_settings()) as sessions, transaction(sessions) as session:
@@ -288,7 +293,8 @@ def cmd_batches(args: argparse.Namespace) -> int:
     print("\t".join(header))
     for batch in batches:
         per_status = counts.get(batch.id, dict.fromkeys(STATUSES, 0))
-        cells = [batch.name, batch.id, batch.model_set, _when(batch.created_at) or "", str(sum(per_status.values()))]
+        name = printable(batch.name)  # a name stored before names were checked must not break the table
+        cells = [name, batch.id, batch.model_set, _when(batch.created_at) or "", str(sum(per_status.values()))]
         print("\t".join(cells + [str(per_status[s]) for s in STATUSES]))
     return 0
 

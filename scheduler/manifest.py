@@ -175,6 +175,15 @@ def _check_header(header: Sequence[str]) -> list[Problem]:
 
 def _read_csv(text: str) -> Iterator[tuple[int, Mapping[str, Any] | Problem]]:
     reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        yield from _csv_rows(reader)
+    except csv.Error as e:  # a cell past csv.field_size_limit(): the rest cannot be read reliably
+        line = reader.line_num
+        reason = f"cannot be read ({e}); rows from here on were not read. Shorten the cell or fix its quotes"
+        yield line, Problem(line, "csv", reason)
+
+
+def _csv_rows(reader: Any) -> Iterator[tuple[int, Mapping[str, Any] | Problem]]:
     header = [h.strip() for h in next(reader, [])]
     header_problems = _check_header(header)
     for p in header_problems:

@@ -13,6 +13,7 @@ from scheduler.commands import database, find_batch
 from shared.db import Batch
 from shared.jobs import cancel_jobs, retry_failed, transaction
 from shared.reconcile import reconcile_once, run_reconciler
+from shared.redis_conn import connect_redis, require_redis
 from shared.settings import Settings, load_settings
 
 
@@ -32,7 +33,9 @@ def register(subparsers: Any) -> None:
 
 
 def _redis(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url)
+    # Checked before any SQL change: `retry --failed` must not half-happen when Redis is away.
+    require_redis(settings.redis_url)
+    return connect_redis(settings.redis_url)
 
 
 def _batch(sessions: sessionmaker[Session], ref: str) -> Batch:
@@ -50,21 +53,23 @@ def _cancel(args: argparse.Namespace) -> int:
 
 def _retry(args: argparse.Namespace) -> int:
     settings = load_settings()
+    redis_client = _redis(settings)
     with database(settings) as sessions:
         batch = _batch(sessions, args.batch)
         ids = retry_failed(sessions=sessions, batch_id=batch.id)
-        report = reconcile_once(sessions=sessions, redis_client=_redis(settings), settings=settings)
+        report = reconcile_once(sessions=sessions, redis_client=redis_client, settings=settings)
     print(f"re-queued {len(ids)} failed job(s) of batch {batch.name}; {len(report.reenqueued)} enqueued")
     return 0
 
 
 def _reconcile(args: argparse.Namespace) -> int:
     settings = load_settings()
+    redis_client = _redis(settings)
     with database(settings) as sessions:
         if args.loop:
-            run_reconciler(sessions=sessions, redis_client=_redis(settings), settings=settings, stop=threading.Event())
+            run_reconciler(sessions=sessions, redis_client=redis_client, settings=settings, stop=threading.Event())
             return 0
-        report = reconcile_once(sessions=sessions, redis_client=_redis(settings), settings=settings)
+        report = reconcile_once(sessions=sessions, redis_client=redis_client, settings=settings)
     print(
         f"{len(report.requeued_expired)} lease(s) expired and re-queued, {len(report.failed_lost)} failed "
         f"after {settings.max_attempts} attempts, {len(report.reenqueued)} re-enqueued"

@@ -1,7 +1,10 @@
 """Reference images at the edge: find, read once, decode, then store once by content hash.
 
 A local reference must be a regular file inside the allowed roots (symlinks and `..` are
-resolved before the check, so neither can escape them); an `s3://` reference must exist.
+resolved before the check, so neither can escape them; by default the roots are the working
+folder and the manifest's own). An `s3://` reference must lie in an allowed bucket
+(IPAB_REFERENCE_BUCKETS, by default IPAB_S3_BUCKET alone) and is read only after a HEAD
+shows it is small enough; missing and forbidden objects get the same answer.
 Every image is decoded with `shared.images.decode_reference`, the same check the worker
 runs. Each distinct image (by the sha256 of its bytes) is uploaded once to
 `refs/<sha256>.<ext>` and recorded in `reference_images`.
@@ -21,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from scheduler.manifest import REFERENCE_FIELD, Problem, problem_from
 from shared.db import ReferenceImage, insert_ignoring_duplicates, utcnow
-from shared.errors import InvalidInput, ObjectMissing
+from shared.errors import InvalidInput, ObjectMissing, ObjectTooLarge
 from shared.images import MAX_REFERENCE_BYTES, decode_reference, sniff_format
 from shared.keys import ref_key
 from shared.spec import Reference
@@ -64,9 +67,12 @@ class ReferenceFile:
         return Reference(sha256=self.sha256, key=self.key)
 
 
-def allowed_roots(roots: Sequence[Path]) -> list[Path]:
-    """The folders references may come from, resolved; none configured means the working dir."""
-    return [root.resolve() for root in roots] if roots else [Path.cwd().resolve()]
+def allowed_roots(roots: Sequence[Path], *, base_dir: Path | None = None) -> list[Path]:
+    """The folders references may come from, resolved; none configured: the working dir and the manifest's folder."""
+    if roots:
+        return [root.resolve() for root in roots]
+    defaults = [Path.cwd().resolve()] + ([base_dir.resolve()] if base_dir is not None else [])
+    return list(dict.fromkeys(defaults))
 
 
 def check_local_path(raw: str, *, roots: Sequence[Path], base_dir: Path) -> Path:
@@ -83,7 +89,9 @@ def check_local_path(raw: str, *, roots: Sequence[Path], base_dir: Path) -> Path
     if not any(real.is_relative_to(root) for root in roots):
         shown = ", ".join(str(r) for r in roots)
         raise InvalidInput(
-            REFERENCE_FIELD, raw, f"is outside the allowed folders ({shown}); move it there or set IPAB_REFERENCE_ROOTS"
+            REFERENCE_FIELD,
+            raw,
+            f"resolves to {real}, outside the allowed folders ({shown}); move it there or set IPAB_REFERENCE_ROOTS",
         )
     try:
         mode = real.stat().st_mode
@@ -108,25 +116,37 @@ def _read_local(raw: str, real: Path) -> bytes:
     return data
 
 
-def _read_s3(raw: str, store: ObjectStore) -> bytes:
+def _read_s3(raw: str, store: ObjectStore, buckets: Sequence[str]) -> bytes:
     try:
         bucket, key = parse_uri(raw)
     except ValueError as e:
         raise InvalidInput(REFERENCE_FIELD, raw, str(e)) from None
+    # Checked before any request: the scheduler's credentials may reach buckets that the
+    # people writing manifests must not read (or probe for which objects exist).
+    if bucket not in buckets:
+        allowed = ", ".join(buckets)
+        reason = f"is in bucket {bucket!r}, not an allowed one ({allowed}); copy it there or set IPAB_REFERENCE_BUCKETS"
+        raise InvalidInput(REFERENCE_FIELD, raw, reason)
     try:
-        return store.with_bucket(bucket).get(key)
+        return store.with_bucket(bucket).get_bounded(key, max_bytes=MAX_REFERENCE_BYTES)
+    except ObjectTooLarge as e:
+        raise InvalidInput(REFERENCE_FIELD, raw, f"holds {e.size_bytes} bytes, more than {e.max_bytes}") from None
     except ObjectMissing:
-        where = store.where
-        raise InvalidInput(REFERENCE_FIELD, raw, f"does not exist at {where}; upload it or fix the URI") from None
+        # One message for missing and forbidden: it must not tell which objects exist.
+        reason = f"does not exist or cannot be read at {store.where}; upload it, fix the URI or grant read access"
+        raise InvalidInput(REFERENCE_FIELD, raw, reason) from None
 
 
 class ReferenceResolver:
     """Resolves references as written in a manifest, reading and decoding each image once."""
 
-    def __init__(self, *, store: ObjectStore, roots: Sequence[Path], base_dir: Path) -> None:
+    def __init__(
+        self, *, store: ObjectStore, roots: Sequence[Path], base_dir: Path, buckets: Sequence[str] = ()
+    ) -> None:
         self.store = store
-        self.roots = allowed_roots(roots)
+        self.roots = allowed_roots(roots, base_dir=base_dir)
         self.base_dir = base_dir
+        self.buckets = tuple(buckets) or (store.bucket,)  # none configured: the project's own bucket
         # A file, or why it is refused: by the text as written, and by resolved path or URI.
         self._by_raw: dict[str, ReferenceFile | str] = {}
         self._by_source: dict[str, ReferenceFile] = {}
@@ -155,7 +175,9 @@ class ReferenceResolver:
             return _reason_of(e, raw)
 
     def _read(self, raw: str, source: str) -> bytes:
-        return _read_s3(raw, self.store) if source.startswith(S3_SCHEME) else _read_local(raw, Path(source))
+        if source.startswith(S3_SCHEME):
+            return _read_s3(raw, self.store, self.buckets)
+        return _read_local(raw, Path(source))
 
     def _load(self, raw: str, source: str) -> ReferenceFile:
         data = self._read(raw, source)
@@ -180,7 +202,8 @@ class ReferenceResolver:
 
 
 def _reason_of(e: InvalidInput, raw: str) -> str:
-    # The message will show `raw`; keep what the decoder saw (a size, the first bytes) too.
+    # The message will show `raw`; keep what the decoder saw (a size, the dimensions) too.
+    # Never the file's bytes: decode errors show sizes and formats only.
     return e.allowed if e.value == raw else f"{e.allowed} (found {e.value})"
 
 

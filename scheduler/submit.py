@@ -41,7 +41,7 @@ from shared.keys import render_queue
 from shared.model_set import read_model_set
 from shared.queue import enqueue_serialized, message_json
 from shared.settings import Settings
-from shared.spec import GenerationParams, references_to_json
+from shared.spec import GenerationParams, check_batch_name, references_to_json
 from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,9 @@ class _Request:
     tenant: str = DEFAULT_TENANT
     after_insert: AfterInsert | None = None
 
+    def __post_init__(self) -> None:
+        check_batch_name(self.batch_name)  # refused before anything is read or written
+
 
 @dataclass
 class _Plan:
@@ -294,7 +297,9 @@ def submit_manifest(
     # 1. Read and validate every row (columns, ids, parameters).
     parsed = parse_manifest(path, defaults=defaults)
     store = ObjectStore.from_settings(settings)
-    resolver = ReferenceResolver(store=store, roots=settings.reference_roots, base_dir=path.parent)
+    resolver = ReferenceResolver(
+        store=store, roots=settings.reference_roots, base_dir=path.parent, buckets=settings.reference_buckets
+    )
     ensure_database(settings.database_url)
     engine = make_engine(settings.database_url)
     try:

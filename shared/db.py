@@ -32,6 +32,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    exc,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -39,8 +40,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.dml import Insert
 
+from shared.errors import DatabaseUnavailable
+from shared.redact import mask_text, mask_url
+
 MIGRATIONS_DIR: Final = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
+# A server that accepts and never answers must not hang a command or a worker forever.
+SQL_CONNECT_TIMEOUT_S: Final = 5
 # Any constant works; it only has to be the same in every process that migrates.
 PG_MIGRATION_LOCK_ID: Final = 0x1BAB_0001
 # The tenant of CLI submissions without `--tenant`, and of batches made before tenants existed.
@@ -308,7 +314,25 @@ def make_engine(url: str) -> Engine:
     # No pre-ping (a SELECT 1 before every transaction, 13% of a worker's wall time): a
     # connection broken by a server restart fails its transaction, the pool is invalidated,
     # and the caller's bounded retry (DatabaseUnavailable is transient) reconnects.
-    return create_engine(url, pool_recycle=1800)
+    return create_engine(url, pool_recycle=1800, connect_args={"connect_timeout": SQL_CONNECT_TIMEOUT_S})
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+@contextmanager
+def database_errors(url: str) -> Iterator[None]:
+    """Turn a database that cannot be reached or opened into `DatabaseUnavailable`, one line, URL masked."""
+    try:
+        yield
+    except (exc.OperationalError, exc.InterfaceError) as e:
+        reason = _first_line(e.orig if e.orig is not None else e)
+        raise DatabaseUnavailable(
+            f"database at IPAB_DATABASE_URL={mask_url(url)} cannot be reached ({mask_text(reason)}); "
+            "check that it runs and accepts connections, or fix IPAB_DATABASE_URL"
+        ) from e
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -463,5 +487,6 @@ def ensure_database(url: str) -> None:
             return
         # Alembic logs each step at INFO; on every command's first use that is noise.
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        upgrade_database(url)
+        with database_errors(url):
+            upgrade_database(url)
         _ensured.add(url)

@@ -91,3 +91,12 @@ class MessageInvalid(PermanentError):
 
 class ObjectMissing(PermanentError):
     """Raised when an object that should exist is not in the object store (names the URI)."""
+
+
+class ObjectTooLarge(PermanentError):
+    """Raised when an object is larger than its reader allows (found by HEAD, before reading it)."""
+
+    def __init__(self, uri: str, *, size_bytes: int, max_bytes: int) -> None:
+        self.size_bytes = size_bytes
+        self.max_bytes = max_bytes
+        super().__init__(f"{uri} holds {size_bytes} bytes, more than the {max_bytes} allowed")

@@ -7,15 +7,26 @@ Bad values stop start-up with a message that names the variable. Standard AWS va
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared import setting_checks as checks
 from shared.errors import SettingsError
+from shared.redact import mask_text
 
 ENV_PREFIX = "IPAB_"
+# A list setting written as a JSON list, or as items joined by commas or colons.
+TextList = Annotated[list[str], NoDecode, BeforeValidator(checks.split_list)]
+PathList = Annotated[list[Path], NoDecode, BeforeValidator(checks.split_list)]
+# Durations that may be 0; every other `*_s` setting must be greater than 0.
+ZERO_ALLOWED_S = frozenset({"requeue_grace_s"})
 MIN_IDEMPOTENCY_TTL_S = 24 * 3600.0
+# Settings whose values are secrets: never shown, even when refused.
+SECRET_FIELDS = frozenset({"api_key"})
+# Smallest value of each whole-number setting.
+MINIMUM_COUNTS = {"max_attempts": 1, "transient_retries": 0, "cache_lru_bytes": 0}
 
 
 class Settings(BaseSettings):
@@ -35,8 +46,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     compile: bool = False
 
-    # Reference images may only be read from under these folders (empty: the working dir).
-    reference_roots: list[Path] = []
+    # Local reference images may only be read from under these folders (empty: the working
+    # dir and the manifest's own folder); s3:// references only from these buckets (empty:
+    # IPAB_S3_BUCKET alone).
+    reference_roots: PathList = []
+    reference_buckets: TextList = []
 
     # Embedding cache.
     cache_lru_bytes: int = 256 * 1024 * 1024
@@ -77,16 +91,53 @@ class Settings(BaseSettings):
     webhook_give_up_s: float = 24 * 3600.0  # after this long undelivered, a message is marked failed
     api_key: str | None = None  # the key `ipab submit/status/results --api URL` sends
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _check_units(cls, value: Any, info: ValidationInfo) -> Any:
+        # Units in names: every `*_s` is a finite duration, every count has a minimum.
+        name = info.field_name or ""
+        if name.endswith("_s") and isinstance(value, int | float):
+            checks.check_seconds(float(value), allow_zero=name in ZERO_ALLOWED_S)
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return checks.check_count(value, minimum=MINIMUM_COUNTS.get(name, 1))
+        return value
+
+    _database_url = field_validator("database_url")(checks.check_database_url)
+    _redis_url = field_validator("redis_url")(checks.check_redis_url)
+    _endpoint_url = field_validator("s3_endpoint_url")(checks.check_endpoint_url)
+    _bucket = field_validator("s3_bucket")(checks.check_bucket_name)
+    _device = field_validator("device")(checks.check_device)
+    _prefix = field_validator("redis_prefix")(checks.check_key_prefix)
+    _region = field_validator("s3_region")(checks.check_region)
+    _roots = field_validator("reference_roots")(checks.check_folders)
+    _api_key = field_validator("api_key")(checks.check_token)
+    _model_set = field_validator("model_set")(checks.check_model_set_path)
+
+    @field_validator("reference_buckets")
+    @classmethod
+    def _check_buckets(cls, names: list[str]) -> list[str]:
+        for name in names:
+            try:
+                checks.check_bucket_name(name)
+            except ValueError as e:
+                raise ValueError(f"holds {name!r}, which {e}") from None
+        return names
+
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
         # Redis must never redeliver a running job on its own: the lease does that.
         if not 0 < self.soft_time_limit_s < self.hard_time_limit_s < self.visibility_timeout_s:
             raise ValueError(
                 "need 0 < IPAB_SOFT_TIME_LIMIT_S < IPAB_HARD_TIME_LIMIT_S < IPAB_VISIBILITY_TIMEOUT_S, got "
-                f"{self.soft_time_limit_s}, {self.hard_time_limit_s}, {self.visibility_timeout_s}"
+                f"{self.soft_time_limit_s}, {self.hard_time_limit_s}, {self.visibility_timeout_s}; "
+                "set them in this order (defaults 1800, 1900, 3600)"
             )
         if not 0 < self.heartbeat_s < self.lease_s:
-            raise ValueError(f"need 0 < IPAB_HEARTBEAT_S < IPAB_LEASE_S, got {self.heartbeat_s} and {self.lease_s}")
+            raise ValueError(
+                f"need 0 < IPAB_HEARTBEAT_S < IPAB_LEASE_S, got {self.heartbeat_s} and {self.lease_s}; "
+                "lower IPAB_HEARTBEAT_S or raise IPAB_LEASE_S (defaults 2 and 60)"
+            )
         if self.idempotency_ttl_s < MIN_IDEMPOTENCY_TTL_S:
             raise ValueError(f"IPAB_IDEMPOTENCY_TTL_S must be at least 86400 (24 h), got {self.idempotency_ttl_s}")
         if self.max_attempts < 1:
@@ -104,14 +155,28 @@ def require_model_set(settings: Settings) -> Path:
     return settings.model_set
 
 
+def _fix(field: str) -> str:
+    default = Settings.model_fields[field].default
+    if default is None or default == []:
+        return "fix it, or unset it (README: Configuration)"
+    return f"fix it, or unset it for the default {default}"
+
+
+def _problem(err: Any) -> str:
+    """One pydantic error as `IPAB_NAME='value' <what is wrong>; <the fix>`, credentials masked."""
+    reason = str(err["msg"]).removeprefix("Value error, ")
+    if not err["loc"]:  # a check across settings names its variables itself
+        return reason
+    field = str(err["loc"][0])
+    shown = repr(err.get("input")) if field not in SECRET_FIELDS else "'***'"
+    shown = shown if len(shown) <= 120 else shown[:117] + "..."
+    return f"{ENV_PREFIX}{field.upper()}={mask_text(shown)} {reason}; {_fix(field)}"
+
+
 def load_settings() -> Settings:
-    """Read the settings, turning pydantic's report into one message naming each variable."""
+    """Read the settings; a bad value raises `SettingsError`: one line naming each bad variable."""
     try:
         return Settings()
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            loc = "_".join(str(p) for p in err["loc"]).upper()
-            name = f"{ENV_PREFIX}{loc}" if loc else "settings"
-            problems.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
-        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from e
+        problems = [_problem(err) for err in e.errors()]
+        raise SettingsError("invalid settings: " + " | ".join(problems)) from e

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
@@ -25,6 +26,7 @@ MAX_GUIDANCE: Final = 30.0
 MAX_ADAPTER_SCALE: Final = 2.0
 MAX_PROMPT_CHARS: Final = 2000
 MAX_REFERENCES: Final = 8
+MAX_BATCH_NAME_CHARS: Final = 200  # the width of `batches.name`
 # Unicode categories Cc (fixed by Unicode's stability policy) and Cs, less tab and newline:
 # one regex search instead of a per-character category lookup (tested over every code point).
 _CONTROL_CHARS: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -157,6 +159,22 @@ def check_text(name: str, value: Any) -> str:
     if bad is not None:
         raise InvalidInput(name, value, f"contains control character {bad.group()!r}; remove it")
     return value
+
+
+def check_batch_name(value: Any, *, field: str = "--batch") -> str:
+    """A batch name: a prompt's rules (`check_text`), and one printable line of 1-200 characters.
+
+    Names are printed raw in tab-separated listings (`ipab batches`), so tabs, line breaks
+    and invisible format characters (bidi overrides, zero-width) are refused, not escaped.
+    """
+    name = check_text(field, value)
+    if not 0 < len(name) <= MAX_BATCH_NAME_CHARS or name != name.strip():
+        limits = f"must be 1 to {MAX_BATCH_NAME_CHARS} characters without leading or trailing spaces"
+        raise InvalidInput(field, value, limits)
+    for char in name:
+        if char in "\t\n" or unicodedata.category(char) in ("Cf", "Zl", "Zp"):
+            raise InvalidInput(field, value, f"contains {char!r}, which breaks listings; use printable characters")
+    return name
 
 
 def check_seed(value: Any) -> int:

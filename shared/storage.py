@@ -17,7 +17,8 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from shared.errors import ObjectMissing, StorageUnavailable
+from shared.errors import ObjectMissing, ObjectTooLarge, StorageUnavailable
+from shared.redact import mask_text, mask_url
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -33,6 +34,14 @@ DUMMY_ACCESS_KEY = "ipab"
 DUMMY_SECRET_KEY = "ipab-local-secret"
 
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+# For reads of objects named by users: a missing bucket or a refusal reads as "missing" too,
+# so that the answer does not tell which objects exist where the reader may not look.
+_UNREADABLE_CODES = _MISSING_CODES | frozenset(
+    {"403", "AccessDenied", "Forbidden", "NoSuchBucket", "AllAccessDisabled"}
+)
+# Checking that the store answers at all (at a command's start): one short try, not the
+# retried, long-read-timeout budget of real transfers, so a hung endpoint costs seconds.
+PROBE_READ_TIMEOUT_S = 5.0
 _NETWORK_ERRORS: tuple[type[Exception], ...] = (
     botocore.exceptions.ConnectionError,
     botocore.exceptions.HTTPClientError,
@@ -84,11 +93,13 @@ class ObjectStore:
         """The store that `IPAB_S3_ENDPOINT_URL`, `IPAB_S3_BUCKET` and `IPAB_S3_REGION` describe."""
         return cls(endpoint_url=settings.s3_endpoint_url, bucket=settings.s3_bucket, region=settings.s3_region)
 
-    def _build_client(self) -> S3Client:
+    def _build_client(
+        self, *, read_timeout_s: float = READ_TIMEOUT_S, max_attempts: int = BOTO_MAX_ATTEMPTS
+    ) -> S3Client:
         config = Config(
             connect_timeout=CONNECT_TIMEOUT_S,
-            read_timeout=READ_TIMEOUT_S,
-            retries={"max_attempts": BOTO_MAX_ATTEMPTS, "mode": "standard"},
+            read_timeout=read_timeout_s,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
             s3={"addressing_style": "path"} if self.endpoint_url else {},
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -106,24 +117,24 @@ class ObjectStore:
     @property
     def where(self) -> str:
         """The endpoint, for messages: the URL, or `AWS S3` when none is set."""
-        return self.endpoint_url or f"AWS S3 ({self.region})"
+        return mask_url(self.endpoint_url) if self.endpoint_url else f"AWS S3 ({self.region})"
 
     def uri(self, key: str) -> str:
         """`s3://bucket/key`."""
         return f"s3://{self.bucket}/{key}"
 
     @contextmanager
-    def _translated(self, action: str, key: str = "") -> Iterator[None]:
+    def _translated(self, action: str, key: str = "", *, missing: frozenset[str] = _MISSING_CODES) -> Iterator[None]:
         target = self.uri(key) if key else f"bucket {self.bucket!r}"
         try:
             yield
         except _NETWORK_ERRORS as e:
             raise StorageUnavailable(
-                f"object store at {self.where} unreachable while trying to {action} {target}: {e}; "
-                "check that it runs and IPAB_S3_ENDPOINT_URL points at it"
+                f"object store at IPAB_S3_ENDPOINT_URL={self.where} unreachable while trying to {action} {target}: "
+                f"{mask_text(str(e))}; check that it runs and IPAB_S3_ENDPOINT_URL points at it"
             ) from e
         except botocore.exceptions.ClientError as e:
-            if key and _error_code(e) in _MISSING_CODES:
+            if key and _error_code(e) in missing:
                 raise ObjectMissing(f"{self.uri(key)} does not exist at {self.where}") from e
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             raise StorageUnavailable(
@@ -132,10 +143,11 @@ class ObjectStore:
             ) from e
 
     def ensure_bucket(self) -> None:
-        """Create the bucket unless it exists already (idempotent)."""
+        """Create the bucket unless it exists already (idempotent); a store that does not answer fails in seconds."""
+        probe = self._build_client(read_timeout_s=PROBE_READ_TIMEOUT_S, max_attempts=1)
         with self._translated("check"):
             try:
-                self._client.head_bucket(Bucket=self.bucket)
+                probe.head_bucket(Bucket=self.bucket)
                 return
             except botocore.exceptions.ClientError as e:
                 if _error_code(e) not in {"404", "NoSuchBucket", "NotFound"}:
@@ -173,6 +185,26 @@ class ObjectStore:
             response = self._client.get_object(Bucket=self.bucket, Key=key)
             body: bytes = response["Body"].read()
             return body
+
+    def get_bounded(self, key: str, *, max_bytes: int) -> bytes:
+        """The bytes at `key`, read only if HEAD says they fit `max_bytes` (and never more than that).
+
+        `ObjectMissing` also for a missing bucket or a refused read (one answer for all three);
+        `ObjectTooLarge` before any byte is read.
+        """
+        with self._translated("inspect", key, missing=_UNREADABLE_CODES):
+            size_bytes = int(self._client.head_object(Bucket=self.bucket, Key=key).get("ContentLength", 0))
+        if size_bytes > max_bytes:
+            raise ObjectTooLarge(self.uri(key), size_bytes=size_bytes, max_bytes=max_bytes)
+        if size_bytes == 0:  # a range request on an empty object is refused (416)
+            return b""
+        with self._translated("read", key, missing=_UNREADABLE_CODES):
+            # The object may have grown since the HEAD: ask for one byte past the limit at most.
+            response = self._client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{max_bytes}")
+            data: bytes = response["Body"].read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ObjectTooLarge(self.uri(key), size_bytes=len(data), max_bytes=max_bytes)
+        return data
 
     def head(self, key: str) -> dict[str, str] | None:
         """The user metadata stored with `key`, or None if there is no such object."""
