@@ -27,6 +27,9 @@ from shared.settings import load_settings
 # Each module defines `register(subparsers)`, adding parsers whose `func` takes the args.
 CONTROL_PLANE_MODULES: Final = (
     "scheduler.commands",
+    "scheduler.grid_commands",
+    "scheduler.export.commands",
+    "scheduler.gallery_commands",
     "scheduler.ops_commands",
     "scheduler.cache_commands",
     "scheduler.keys_commands",
