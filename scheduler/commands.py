@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -20,8 +19,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler import api_client
+from scheduler.grid import is_grid
+from scheduler.grid_commands import add_max_rows, grid_summary
 from scheduler.manifest import parse_defaults
+from scheduler.progress import Reporter
 from scheduler.submit import SubmitResult, submit_manifest
+from scheduler.watch import watch_counts
 from shared.cache_stats import sum_stats_json
 from shared.db import (
     DEFAULT_TENANT,
@@ -110,10 +113,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     settings = load_settings()
     ensure_database(settings.database_url)
     ObjectStore.from_settings(settings).ensure_bucket()  # a fresh object store works at once
+    path = Path(args.manifest)
+    if is_grid(path):
+        print(grid_summary(path, max_rows=args.max_rows))
     try:
         result = submit_manifest(
             settings=settings,
-            path=Path(args.manifest),
+            path=path,
+            max_grid_rows=args.max_rows,
+            progress=Reporter(),
             batch_name=args.batch,
             defaults=parse_defaults(args.set),
             skip_invalid=args.skip_invalid,
@@ -186,20 +194,11 @@ def progress_line(counts: dict[str, int]) -> str:
 
 
 def _watch(sessions: sessionmaker[Session], batch_id: str, interval_s: float) -> dict[str, int]:
-    tty = sys.stderr.isatty()
-    last = ""
-    while True:
+    def poll() -> dict[str, int]:
         with transaction(sessions) as session:
-            counts, _ = status_counts(session=session, batch_id=batch_id)
-        line = progress_line(counts)
-        if line != last:
-            print(f"\r{line}" if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
-            last = line
-        if sum(counts[s.value] for s in TERMINAL) == sum(counts.values()):
-            if tty:
-                print(file=sys.stderr)
-            return counts
-        time.sleep(interval_s)
+            return status_counts(session=session, batch_id=batch_id)[0]
+
+    return watch_counts(poll, interval_s=interval_s, line_of=progress_line, reporter=Reporter())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -307,11 +306,12 @@ def register(subparsers: Any) -> None:
         func=cmd_db_upgrade
     )
 
-    submit = subparsers.add_parser("submit", help="validate a JSONL/CSV manifest and enqueue its jobs")
+    submit = subparsers.add_parser("submit", help="validate a JSONL/CSV manifest or a grid .toml; enqueue its jobs")
     submit.add_argument("manifest", help="JSONL or CSV; relative reference paths are read from its folder")
     submit.add_argument("--batch", help="batch name (default: manifest name + hash of its content)")
     submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="default for every row")
     submit.add_argument("--skip-invalid", action="store_true", help="submit the valid rows, report the others")
+    add_max_rows(submit)
     submit.add_argument("--model-set", help="a model-set.toml or a model set name (default: IPAB_MODEL_SET)")
     submit.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant the batch belongs to (default: default)")
     submit.add_argument("--api", metavar="URL", help=API_HELP)
