@@ -21,7 +21,9 @@ import redis
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from scheduler.grid import DEFAULT_MAX_ROWS, grid_batch_name, is_grid, parse_grid
 from scheduler.manifest import ManifestRow, ParsedManifest, Problem, parse_manifest
+from scheduler.progress import SILENT, Reporter
 from scheduler.references import ReferenceFile, ReferenceResolver, UploadReport, resolve_rows, upload_references
 from shared.db import (
     DEFAULT_TENANT,
@@ -197,6 +199,7 @@ class _Request:
     model_set: str
     tenant: str = DEFAULT_TENANT
     after_insert: AfterInsert | None = None
+    progress: Reporter = SILENT  # bars on stderr for `ipab submit`
 
     def __post_init__(self) -> None:
         check_batch_name(self.batch_name)  # refused before anything is read or written
@@ -236,11 +239,15 @@ def _write(
 ) -> tuple[str, dict[str, str], UploadReport]:
     """Upload the references, then insert the batch and the new jobs in one transaction."""
     with transaction(sessions) as session:
-        report = upload_references((f for _, files in plan.rows for f in files), resolver=resolver, session=session)
+        with request.progress.stage("upload references", total=None) as stage:
+            report = upload_references((f for _, fs in plan.rows for f in fs), resolver=resolver, session=session)
+            stage.update(report.uploaded + report.already_stored)
         batch = _get_or_create_batch(
             session, name=request.batch_name, model_set=request.model_set, tenant=request.tenant
         )
-        inserted = _insert_jobs(session, batch, _job_rows(plan.rows))
+        with request.progress.stage("insert", total=len(plan.rows)) as stage:
+            inserted = _insert_jobs(session, batch, _job_rows(plan.rows))
+            stage.update(len(plan.rows))
         if request.after_insert is not None:
             request.after_insert(session, batch.id, list(inserted))
         return batch.id, inserted, report
@@ -254,7 +261,9 @@ def _submit(
     *,
     skip_invalid: bool,
 ) -> SubmitResult:
-    plan = _plan(request, sessions, parsed, resolver)
+    with request.progress.stage("validate", total=len(parsed.rows) + len(parsed.problems)) as stage:
+        plan = _plan(request, sessions, parsed, resolver)
+        stage.update(len(parsed.rows) + len(parsed.problems))
     # 4. All or nothing, unless told to skip the invalid rows.
     if plan.problems and (not skip_invalid or not (plan.rows or plan.skipped_existing)):
         raise ManifestInvalid(list(plan.problems))
@@ -262,7 +271,9 @@ def _submit(
     batch_id, inserted, report = _write(request, sessions, plan, resolver)
     # 6. Enqueue the new jobs in one pipeline (the reconciler covers a failed push).
     queue = render_queue(request.model_set)
-    enqueued = not inserted or _enqueue(settings=request.settings, queue=queue, batch_id=batch_id, jobs=inserted)
+    with request.progress.stage("enqueue", total=len(inserted)) as stage:
+        enqueued = not inserted or _enqueue(settings=request.settings, queue=queue, batch_id=batch_id, jobs=inserted)
+        stage.update(len(inserted))
     return SubmitResult(
         batch_id=batch_id,
         batch_name=request.batch_name,
@@ -285,17 +296,25 @@ def submit_manifest(
     skip_invalid: bool = False,
     model_set_name: str | None = None,
     tenant: str = DEFAULT_TENANT,
+    max_grid_rows: int = DEFAULT_MAX_ROWS,
+    progress: Reporter = SILENT,
 ) -> SubmitResult:
     """Validate a manifest, store its references, insert its new jobs and enqueue them.
 
     Raises `ManifestInvalid` with every problem (and writes nothing) when a row is invalid,
     unless `skip_invalid`: then the valid rows are submitted and the problems returned.
     Without `batch_name` the batch is named after the manifest and a hash of its content.
+    A grid `.toml` (`scheduler.grid`) gives its cells as rows (at most `max_grid_rows`)
+    and names the batch after its `batch` key or its file name.
     """
     model_set = resolve_model_set_name(model_set_name, settings)
-    request = _Request(settings, batch_name or default_batch_name(path), model_set, tenant)
+    grid = is_grid(path)
+    name = batch_name or (grid_batch_name(path) if grid else default_batch_name(path))
+    request = _Request(settings, name, model_set, tenant, progress=progress)
     # 1. Read and validate every row (columns, ids, parameters).
-    parsed = parse_manifest(path, defaults=defaults)
+    parsed = (
+        parse_grid(path, defaults=defaults, max_rows=max_grid_rows) if grid else parse_manifest(path, defaults=defaults)
+    )
     store = ObjectStore.from_settings(settings)
     resolver = ReferenceResolver(
         store=store, roots=settings.reference_roots, base_dir=path.parent, buckets=settings.reference_buckets
