@@ -162,7 +162,11 @@ def _demo(args: argparse.Namespace) -> int:
             ipab(["status", result.batch_id, "--watch"])
         # 5. Where everything is.
         _print_where(settings, result.batch_id, workdir)
+        # 6. The batch as a page: a card per job, filterable by status and prompt.
+        with contextlib.redirect_stdout(sys.stderr):
+            ipab(["gallery", result.batch_id, "--out", str(workdir / "gallery")])
     print(f"demo finished in {time.monotonic() - t0:.0f} s; worker log: {workdir / 'worker.log'}")
+    print(f"gallery:   {workdir / 'gallery' / 'index.html'} (open it in a browser)")
     return 0
 
 
