@@ -16,6 +16,7 @@ from scheduler.plans.beat import beat_pass
 from scheduler.plans.runner import SlotContext, run_slot
 from shared.db import Job, Plan, WebhookSubscription
 from shared.settings import Settings
+from shared.storage import ObjectStore
 from tests.plans_helpers import (
     Clock,
     apply,
@@ -199,3 +200,17 @@ def test_a_slot_decided_twice_makes_one_batch(ctx: SlotContext, tmp_path: Path) 
 
     assert (first.status, first.added, second.status) == ("submitted", 2, "taken")
     assert jobs_per_batch(ctx.sessions) == {"nightly@2026-01-01T02:00:00+00:00": 2}
+
+
+def test_an_s3_manifest_is_read_at_slot_time(ctx: SlotContext, clock: Clock, tmp_path: Path) -> None:
+    store_ = ObjectStore.from_settings(ctx.settings)
+    store_.put("in/ref.png", (tmp_path / "ref.png").read_bytes())
+    row = {"reference": store_.uri("in/ref.png"), "prompt": "from s3", "seed": 1}
+    store_.put("in/rows.jsonl", (json.dumps(row) + "\n").encode())
+    nightly(ctx, tmp_path, manifest=store_.uri("in/rows.jsonl"), overlap="queue")
+    run_days(ctx, clock, 1)
+    store_.delete("in/rows.jsonl")
+    run_days(ctx, clock, 1)
+
+    assert jobs_per_batch(ctx.sessions) == {"nightly@2026-01-01T02:00:00+00:00": 1}
+    assert "does not exist or cannot be read" in (slots(ctx.sessions)[1].reason or "")
