@@ -122,7 +122,8 @@ def test_include_failed_writes_the_failed_jobs_with_their_errors(dataset_batch: 
     assert [e["job_id"] for e in errors] == [job.id for job in failed]
     assert all(e["error"]["type"] == "ObjectMissing" and e["output_uri"] is None for e in errors)
     assert not any((out / "train" / f"{job.id}.png").exists() for job in failed)
-    assert_rows_match_sql(load_imagefolder(out, tmp_path / "hf-cache"), succeeded(dataset_batch))  # errors.jsonl ignored
+    # The folder still loads: errors.jsonl beside train/ is not taken for data.
+    assert_rows_match_sql(load_imagefolder(out, tmp_path / "hf-cache"), succeeded(dataset_batch))
 
 
 def test_export_to_s3_writes_the_same_files_under_the_prefix(dataset_batch: DatasetBatch) -> None:
