@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ from shared.settings import Settings
 from tests.conftest import settings_env
 from tests.plans_helpers import plan_fields, write_manifest, write_plan
 from tests.submit_helpers import Run, run_ipab
+from tests.test_control_plane_install import NO_GPU_STACK, REPO
 
 MODULES = ("scheduler.plans.commands",)
 
@@ -114,3 +118,26 @@ def test_a_bad_set_table_names_the_field(settings: Settings, monkeypatch: pytest
     run = ipab(settings_env(settings), monkeypatch, "plans", "apply", str(bad))
     assert run.code == 2
     assert f"{bad}: set.seeds: is 2: is not a job field; allowed: reference, prompt" in run.err
+
+
+def test_plans_and_beat_run_where_torch_cannot_be_imported(settings: Settings, tmp_path: Path) -> None:
+    script = tmp_path / "ipab_without_gpu_stack.py"
+    script.write_text(NO_GPU_STACK)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPAB_")} | settings_env(settings)
+    write_manifest(tmp_path)
+    write_plan(tmp_path, **plan_fields())
+    for argv in (
+        ["plans", "apply", "plan.toml"],
+        ["plans", "run", "nightly", "--now"],
+        ["beat", "--passes", "1"],
+        ["plans", "history", "nightly"],
+    ):
+        done = subprocess.run(
+            [sys.executable, str(script), *argv],
+            env=env | {"PYTHONPATH": str(REPO)},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, (argv, done.stderr)
