@@ -61,6 +61,7 @@ def test_every_control_plane_command_runs_without_torch(
     Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "ref.png")
     rows = [f'{{"reference": "ref.png", "prompt": "row {i}", "seed": {i}}}' for i in range(3)]
     (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "grid.toml").write_text('[axes]\nprompts = ["a", "b"]\nreferences = ["ref.png"]\nseeds = 2\n')
 
     submit = light_ipab("submit", "rows.jsonl", "--batch", "light", "--model-set", "tiny-light")
     assert submit.returncode == 0, submit.stderr
@@ -72,6 +73,9 @@ def test_every_control_plane_command_runs_without_torch(
         (("reconcile",), "re-enqueued"),
         (("cancel", "light"), "canceled 3 job(s)"),
         (("retry", "light", "--failed"), "0"),
+        (("expand", "grid.toml"), '"id": "cell-'),
+        (("export", "light", "--format", "parquet", "--out", "dataset"), "exported 0 new job(s)"),
+        (("gallery", "light", "--out", "gallery"), "index.html"),
     ]:
         run = light_ipab(*argv)
         assert run.returncode == 0, (argv, run.stderr)
