@@ -64,6 +64,16 @@ class WebDatasetWriter(ShardedWriter):
             info.size, info.mode, info.mtime = len(data), 0o644, _mtime_s(sample)
             self._tar.addfile(info, BytesIO(data))
 
+    def abort(self) -> None:
+        """Drop the half-written shard without writing the tar's end blocks to its closed file."""
+        if self._tar is not None:
+            # Marked closed, or tarfile's stream would flush into the discarded file when collected.
+            # (`closed` is an attribute of tarfile's stream and TarFile that typeshed does not list.)
+            setattr(self._tar.fileobj, "closed", True)  # noqa: B010
+            setattr(self._tar, "closed", True)  # noqa: B010
+            self._tar = None
+        super().abort()
+
     def end(self) -> None:
         """Write the tar's end blocks."""
         if self._tar is not None:
