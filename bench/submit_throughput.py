@@ -3,7 +3,7 @@
 - ipab: `scheduler.submit.submit_manifest` in-process on a manifest of N rows over 10
   reference images: parse and validate every row, read and upload the references, insert
   the jobs in SQL, enqueue them in Redis. Timed end to end.
-- floor: the same N Celery messages (`shared.queue.celery_envelope` of the very jobs ipab
+- floor: the same N Celery messages (`shared.wire.celery_envelope` of the very jobs ipab
   inserted) built and pushed with a pipelined raw `LPUSH` in chunks of 5,000: the least
   any submitter must do to get those messages into Redis. Push-only time is reported too.
 - naive: a loop of Celery `apply_async` calls (one round trip each), timed on a sample of
@@ -39,10 +39,10 @@ from bench.common import (
     write_references,
 )
 from shared.db import Job
-from shared.messages import JobMessage
-from shared.queue import PIPELINE_CHUNK, RENDER_TASK, celery_envelope
+from shared.queue import PIPELINE_CHUNK
 from shared.settings import Settings
 from shared.spec import parse_spec
+from shared.wire import RENDER_TASK, JobMessage, celery_envelope
 
 REFERENCES: Final = 10
 MODEL_SET: Final = "bench-submit"

@@ -37,6 +37,7 @@ from shared.db import (
     make_session_factory,
     upgrade_database,
 )
+from shared.dispatch.policy import DEFAULT_LANE, LANES
 from shared.errors import InvalidInput, ManifestInvalid
 from shared.jobs import transaction
 from shared.redact import mask_url
@@ -96,12 +97,12 @@ def _print_submit(result: SubmitResult) -> None:
     print(f"references: {uploaded + stored} image(s), {uploaded} uploaded, {stored} stored already")
     if not result.added:
         print("nothing to enqueue")
-    elif result.enqueued:
-        print(f"enqueued {result.added} job(s) on {result.queue}")
+    elif result.woken:
+        print(f"queued {result.added} job(s) for {result.queue} in lane {result.lane}; they start in their lane's turn")
     else:
         print(
-            f"Redis unreachable: {result.added} job(s) are saved in SQL but not enqueued yet; "
-            "the reconciler (`ipab reconcile`, or the one the workers run) will enqueue them"
+            f"Redis unreachable: {result.added} job(s) are saved in SQL; the dispatcher (in the workers, or "
+            "`ipab reconcile --loop`) finds them within IPAB_DISPATCH_RESCAN_S once Redis is back"
         )
     print(result.batch_id)
 
@@ -127,6 +128,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             skip_invalid=args.skip_invalid,
             model_set_name=args.model_set,
             tenant=args.tenant,
+            lane=args.lane,
         )
     except ManifestInvalid as e:
         for line, field_name, reason in e.problems:
@@ -314,6 +316,9 @@ def register(subparsers: Any) -> None:
     add_max_rows(submit)
     submit.add_argument("--model-set", help="a model-set.toml or a model set name (default: IPAB_MODEL_SET)")
     submit.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant the batch belongs to (default: default)")
+    submit.add_argument(
+        "--lane", default=DEFAULT_LANE, choices=LANES, help="lane of rows that name none (default: bulk)"
+    )
     submit.add_argument("--api", metavar="URL", help=API_HELP)
     submit.set_defaults(func=cmd_submit)
 

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from scheduler.commands import database
-from scheduler.tenants import create_key, list_keys, revoke_key
+from scheduler.tenants import create_key, list_keys, restrict_lanes, revoke_key
 from shared.errors import InvalidInput
 from shared.jobs import transaction
 from shared.settings import load_settings
@@ -20,6 +20,10 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     """Create a key (and the tenant, with its webhook secret, if new); the key alone on the last line."""
     with database(load_settings()) as sessions, transaction(sessions) as session:
         new = create_key(session=session, tenant=args.tenant, admin=args.admin)
+        if args.lanes is not None:
+            restrict_lanes(
+                session=session, tenant=args.tenant, lanes=[x.strip() for x in args.lanes.split(",") if x.strip()]
+            )
     kind = "admin key" if new.admin else "key"
     print(f"created {kind} {new.key_id} for tenant {new.tenant}; it is shown once, store it now")
     if new.webhook_secret is not None:
@@ -55,6 +59,9 @@ def register(subparsers: Any) -> None:
     create = sub.add_parser("create", help="a new key for a tenant (printed once, alone on the last line)")
     create.add_argument("--tenant", required=True, help="tenant name (created with its webhook secret if new)")
     create.add_argument("--admin", action="store_true", help="an admin key")
+    create.add_argument(
+        "--lanes", metavar="LANE,...", help="hold the tenant to these lanes (interactive, scheduled, bulk); '' lifts it"
+    )
     create.set_defaults(func=cmd_keys_create)
     sub.add_parser("list", help="every key (ids, never the keys)").set_defaults(func=cmd_keys_list)
     revoke = sub.add_parser("revoke", help="revoke a key by id")

@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
+from shared.dispatch.policy import LANES
 from shared.errors import InvalidInput
 from shared.spec import MAX_REFERENCES, PARAM_FIELDS, SEED_LIMIT, GenerationParams, check_text, parse_params
 
 REFERENCE_FIELD: Final = "reference"
 ID_FIELD: Final = "id"
-COLUMNS: Final = (REFERENCE_FIELD, *PARAM_FIELDS, ID_FIELD)
+LANE_FIELD: Final = "lane"  # scheduling, not generation: not part of the job spec nor of its identity
+COLUMNS: Final = (REFERENCE_FIELD, *PARAM_FIELDS, LANE_FIELD, ID_FIELD)
 REQUIRED_COLUMNS: Final = (REFERENCE_FIELD, "prompt")
 INT_FIELDS: Final = frozenset({"seed", "width", "height", "steps"})
 FLOAT_FIELDS: Final = frozenset({"guidance_scale"})
@@ -53,6 +55,7 @@ class ManifestRow:
     references: tuple[str, ...]
     client_id: str | None
     dedupe_key: str
+    lane: str | None = None  # None: the submission's lane
 
 
 @dataclass(frozen=True)
@@ -279,12 +282,14 @@ class _RowBuilder:
         problems = [Problem(line, k, f"unknown column; allowed: {', '.join(COLUMNS)}") for k in raw if k not in COLUMNS]
         refs = self._references(line, raw, problems)
         client_id = self._client_id(line, raw, problems)
+        lane = _lane(line, raw.get(LANE_FIELD), problems)
         params = self._params(line, {k: v for k, v in raw.items() if k in PARAM_FIELDS}, problems)
         if problems or params is None:
             if refs:
                 self.unchecked_references[line] = refs
             return problems
-        return ManifestRow(line, params, refs, client_id, self._dedupe_key(raw, client_id))
+        identity = {k: v for k, v in raw.items() if k != LANE_FIELD}
+        return ManifestRow(line, params, refs, client_id, self._dedupe_key(identity, client_id), lane)
 
     def _references(self, line: int, raw: Mapping[str, Any], problems: list[Problem]) -> tuple[str, ...]:
         if REFERENCE_FIELD not in raw:
@@ -329,6 +334,23 @@ class _RowBuilder:
         canonical = canonical_row(raw)
         self.occurrences[canonical] += 1
         return _sha256(f"{canonical}\0{self.occurrences[canonical]}")
+
+
+def check_lane(value: Any, *, field: str = LANE_FIELD) -> str:
+    """A lane name (`interactive`, `scheduled`, `bulk`), or `InvalidInput` naming the field."""
+    if value not in LANES:
+        raise InvalidInput(field, value, f"is not a lane; use one of {', '.join(LANES)}")
+    return str(value)
+
+
+def _lane(line: int, value: Any, problems: list[Problem]) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_lane(value)
+    except InvalidInput as e:
+        problems.append(problem_from(line, e))
+        return None
 
 
 def read_jsonl_bytes(data: bytes) -> Iterator[tuple[int, Mapping[str, Any] | Problem]]:

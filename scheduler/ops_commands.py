@@ -1,20 +1,27 @@
-"""Operator commands on live batches: `ipab cancel`, `ipab retry`, `ipab reconcile`."""
+"""Operator commands on live batches: `ipab cancel`, `retry`, `pause`, `resume`, `reconcile`."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, Final
 
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.commands import database, find_batch
 from shared.db import Batch
-from shared.jobs import cancel_jobs, retry_failed, transaction
+from shared.dispatch.dispatcher import queued_model_sets, run_dispatcher, wake_dispatcher
+from shared.errors import TransientError
+from shared.jobs import cancel_jobs, retry_failed, set_paused, transaction
 from shared.reconcile import reconcile_once, run_reconciler
 from shared.redis_conn import connect_redis, require_redis
 from shared.settings import Settings, load_settings
+
+MODEL_SET_REFRESH_S: Final = 5.0
 
 
 def register(subparsers: Any) -> None:
@@ -27,8 +34,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("batch", help="batch name or id")
     p.add_argument("--failed", action="store_true", required=True, help="re-queue the failed jobs")
     p.set_defaults(func=_retry)
+    for name, verb in (("pause", "stop starting"), ("resume", "start again")):
+        p = subparsers.add_parser(name, help=f"{verb} a batch's queued jobs (running ones finish)")
+        p.add_argument("batch", help="batch name or id")
+        p.set_defaults(func=_pause if name == "pause" else _resume)
     p = subparsers.add_parser("reconcile", help="re-enqueue lost jobs and expire dead leases (once, or --loop)")
-    p.add_argument("--loop", action="store_true", help="keep reconciling every IPAB_RECONCILE_INTERVAL_S")
+    p.add_argument(
+        "--loop",
+        action="store_true",
+        help="keep reconciling every IPAB_RECONCILE_INTERVAL_S and dispatch every model set's queued jobs "
+        "(the control loops that workers otherwise run; set IPAB_RECONCILE_IN_WORKERS=false on them)",
+    )
     p.set_defaults(func=_reconcile)
 
 
@@ -57,9 +73,43 @@ def _retry(args: argparse.Namespace) -> int:
     with database(settings) as sessions:
         batch = _batch(sessions, args.batch)
         ids = retry_failed(sessions=sessions, batch_id=batch.id)
-        report = reconcile_once(sessions=sessions, redis_client=redis_client, settings=settings)
-    print(f"re-queued {len(ids)} failed job(s) of batch {batch.name}; {len(report.reenqueued)} enqueued")
+    wake_dispatcher(redis_client=redis_client, settings=settings, model_set=batch.model_set)
+    print(f"re-queued {len(ids)} failed job(s) of batch {batch.name}; they start in their lane's turn")
     return 0
+
+
+def _set_paused(args: argparse.Namespace, *, paused: bool) -> int:
+    settings = load_settings()
+    with database(settings) as sessions:
+        batch = _batch(sessions, args.batch)
+        waiting = set_paused(sessions=sessions, batch_id=batch.id, paused=paused)
+    if paused:
+        print(f"paused batch {batch.name}: {waiting} queued job(s) wait; running ones finish")
+        return 0
+    with contextlib.suppress(TransientError):  # the dispatcher rescans every IPAB_DISPATCH_RESCAN_S anyway
+        wake_dispatcher(redis_client=_redis(settings), settings=settings, model_set=batch.model_set)
+    print(f"resumed batch {batch.name}: {waiting} queued job(s) start in their lane's turn")
+    return 0
+
+
+def _pause(args: argparse.Namespace) -> int:
+    return _set_paused(args, paused=True)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    return _set_paused(args, paused=False)
+
+
+def _model_sets_with_work(sessions: sessionmaker[Session]) -> Callable[[], list[str]]:
+    """The model sets that have queued jobs (read at most every few seconds by the dispatch loop)."""
+    cache: dict[str, Any] = {"at": 0.0, "names": []}
+
+    def names() -> list[str]:
+        if time.monotonic() - cache["at"] > MODEL_SET_REFRESH_S:
+            cache["names"], cache["at"] = queued_model_sets(sessions=sessions), time.monotonic()
+        return list(cache["names"])
+
+    return names
 
 
 def _reconcile(args: argparse.Namespace) -> int:
@@ -67,7 +117,16 @@ def _reconcile(args: argparse.Namespace) -> int:
     redis_client = _redis(settings)
     with database(settings) as sessions:
         if args.loop:
-            run_reconciler(sessions=sessions, redis_client=redis_client, settings=settings, stop=threading.Event())
+            stop = threading.Event()
+            clients: dict[str, Any] = {"sessions": sessions, "redis_client": redis_client, "settings": settings}
+            dispatcher = threading.Thread(
+                target=run_dispatcher,
+                kwargs={**clients, "stop": stop, "model_sets": _model_sets_with_work(sessions)},
+                name="dispatcher",
+                daemon=True,
+            )
+            dispatcher.start()
+            run_reconciler(sessions=sessions, redis_client=redis_client, settings=settings, stop=stop)
             return 0
         report = reconcile_once(sessions=sessions, redis_client=redis_client, settings=settings)
     print(

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -18,6 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared.db import ApiKey, Tenant, insert_ignoring_duplicates, utcnow
+from shared.dispatch.policy import LANES
 from shared.errors import InvalidInput
 
 KEY_PREFIX: Final = "ipab_"
@@ -107,3 +109,19 @@ def revoke_key(*, session: Session, key_id: str) -> bool:
 def tenant_secret(*, session: Session, tenant: str) -> str | None:
     """The tenant's webhook signing secret."""
     return session.scalar(select(Tenant.webhook_secret).where(Tenant.name == tenant))
+
+
+def tenant_lanes(*, session: Session, tenant: str) -> frozenset[str] | None:
+    """The lanes `tenant` may submit to; None: every lane (no restriction, or no such tenant row)."""
+    lanes = session.scalar(select(Tenant.lanes).where(Tenant.name == tenant))
+    return frozenset(lanes.split(",")) if lanes else None
+
+
+def restrict_lanes(*, session: Session, tenant: str, lanes: Sequence[str] | None) -> None:
+    """Hold `tenant` to `lanes` (None or empty: every lane), creating the tenant if needed."""
+    ensure_tenant(session=session, name=tenant)
+    for lane in lanes or ():
+        if lane not in LANES:
+            raise InvalidInput("--lanes", lane, f"is not a lane; use some of {', '.join(LANES)}")
+    value = ",".join(sorted(set(lanes))) if lanes else None
+    session.execute(update(Tenant).where(Tenant.name == tenant).values(lanes=value))

@@ -33,6 +33,7 @@ from sqlalchemy import (
     create_engine,
     event,
     exc,
+    false,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -100,6 +101,8 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     job_count: Mapped[int] = mapped_column(Integer, default=0)
     tenant: Mapped[str] = mapped_column(String(100), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT, index=True)
+    # A paused batch's queued jobs are not dispatched (nor claimed); its running ones finish.
+    paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ReferenceImage(Base):
@@ -124,13 +127,16 @@ class Job(Base):
     # (batch_id, dedupe_key) lead with it, and a third index only slows bulk inserts.
     __table_args__ = (
         UniqueConstraint("batch_id", "dedupe_key"),
-        Index("ix_jobs_batch_id_status", "batch_id", "status"),
+        # The dispatcher walks a batch's queued jobs of one lane in FIFO order on this index.
+        Index("ix_jobs_batch_id_status_lane_queued_at_line", "batch_id", "status", "lane", "queued_at", "line"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     batch_id: Mapped[str] = mapped_column(String(36), ForeignKey("batches.id"))
     line: Mapped[int] = mapped_column(Integer)  # line of the manifest the job came from
+    # interactive | scheduled | bulk: which share of the fleet the job waits in (shared/dispatch).
+    lane: Mapped[str] = mapped_column(String(16), default="bulk", server_default="bulk")
     client_id: Mapped[str | None] = mapped_column(String(200))
     dedupe_key: Mapped[str] = mapped_column(String(64))
     spec: Mapped[str] = mapped_column(Text)  # JSON of JobSpec.to_json()
@@ -169,6 +175,8 @@ class Tenant(Base):
     # Kept in clear: signing needs it (Standard Webhooks `whsec_<base64>`); shown once at creation.
     webhook_secret: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # The lanes this tenant may submit to, comma-separated; NULL: every lane.
+    lanes: Mapped[str | None] = mapped_column(String(100))
 
 
 class ApiKey(Base):
@@ -353,8 +361,9 @@ def insert_ignoring_duplicates(model: type[Base], *, dialect: str, unique: Seque
 
 
 # The columns `insert_new_jobs` writes, in the order of its row tuples.
-NEW_JOB_COLUMNS: Final = ("id", "line", "client_id", "dedupe_key", "spec", "seed")
-_INSERTED_COLUMNS: Final = (*NEW_JOB_COLUMNS, "batch_id", "status", "attempts", "queued_at", "enqueued_at")
+NEW_JOB_COLUMNS: Final = ("id", "line", "client_id", "dedupe_key", "spec", "seed", "lane")
+# `enqueued_at` stays NULL: a new job waits for the dispatcher (shared/dispatch) to admit it.
+_INSERTED_COLUMNS: Final = (*NEW_JOB_COLUMNS, "batch_id", "status", "attempts", "queued_at")
 # SQLite page cache during a bulk insert: the jobs indexes are keyed by random ids, and
 # with the default 2 MiB cache a 100k-row insert spends most of its time re-reading pages.
 SQLITE_BULK_CACHE_KIB: Final = 131_072
@@ -372,10 +381,10 @@ def insert_new_jobs(
     """
     dialect = session.get_bind().dialect
     driver = session.connection().connection.driver_connection
-    fixed = (batch_id, JobStatus.queued.value, 0, queued_at, queued_at)
+    fixed = (batch_id, JobStatus.queued.value, 0, queued_at)
     if dialect.name == "sqlite":
         stamp = DateTime().bind_processor(dialect)
-        fixed = (*fixed[:3], *(stamp(queued_at) if stamp else queued_at,) * 2)
+        fixed = (*fixed[:3], stamp(queued_at) if stamp else queued_at)
         return _insert_sqlite(driver, [(*row, *fixed) for row in rows], batch_id=batch_id)
     if dialect.name == "postgresql":
         return _insert_postgres(driver, rows, fixed=fixed)

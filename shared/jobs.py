@@ -19,12 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Float, Table, and_, bindparam, or_, select, update
+from sqlalchemy import Float, Table, and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.exc import InterfaceError as SqlInterfaceError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db import Job, JobStatus, utcnow
+from shared.db import Batch, Job, JobStatus, utcnow
 from shared.db_clock import server_now
 from shared.errors import DatabaseUnavailable
 
@@ -58,6 +58,7 @@ def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
 # the table, built once with bound parameters: building and compiling an ORM-enabled
 # UPDATE per call cost a worker more CPU than the database spent running it.
 _JOBS = cast(Table, Job.__table__)
+_BATCHES = cast(Table, Batch.__table__)
 _C = _JOBS.c
 _FENCE = and_(_C.id == bindparam("p_id"), _C.attempts == bindparam("p_attempt"), _C.status == JobStatus.running.value)
 _LEASE_S = bindparam("p_lease_s", type_=Float())
@@ -71,6 +72,8 @@ _CLAIM = (
         ),
         # A job whose attempts are spent is not run again; the reconciler fails it.
         _C.attempts - _C.attempt_floor < bindparam("p_max_attempts"),
+        # A paused batch's queued jobs do not start, even if their message was already in Redis.
+        ~exists().where(_BATCHES.c.id == _C.batch_id, _BATCHES.c.paused.is_(True)),
     )
     .values(
         status=JobStatus.running.value,
@@ -267,12 +270,36 @@ def job_status(*, sessions: sessionmaker[Session], job_id: str) -> str | None:
         return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
-def mark_enqueued(*, sessions: sessionmaker[Session], job_ids: Sequence[str]) -> None:
-    """Record that these jobs' messages were pushed to Redis just now."""
-    if not job_ids:
-        return
-    now = utcnow()
+def hand_back_paused(*, sessions: sessionmaker[Session], job_id: str) -> bool:
+    """A delivered job of a paused batch goes back to waiting for dispatch (its message is gone)."""
+    paused = select(Batch.id).where(Batch.id == Job.batch_id, Batch.paused.is_(True)).exists()
+    stmt = _update().where(Job.id == job_id, Job.status == JobStatus.queued.value, paused).values(enqueued_at=None)
     with transaction(sessions) as session:
-        for start in range(0, len(job_ids), 1000):
-            chunk = list(job_ids[start : start + 1000])
-            session.execute(_update().where(Job.id.in_(chunk)).values(enqueued_at=now))
+        return _changed(session.execute(stmt)) == 1
+
+
+def set_paused(*, sessions: sessionmaker[Session], batch_id: str, paused: bool) -> int:
+    """Pause or resume a batch; returns its queued jobs (which wait while it is paused)."""
+    with transaction(sessions) as session:
+        session.execute(update(Batch).where(Batch.id == batch_id).values(paused=paused))
+        waiting = session.scalar(
+            select(func.count()).select_from(Job).where(Job.batch_id == batch_id, Job.status == JobStatus.queued.value)
+        )
+        return int(waiting or 0)
+
+
+def undispatch(*, sessions: sessionmaker[Session], job_ids: Sequence[str]) -> set[str]:
+    """Queued jobs whose message was lost wait for the dispatcher again; returns those changed."""
+    changed: set[str] = set()
+    for start in range(0, len(job_ids), 1000):
+        chunk = list(job_ids[start : start + 1000])
+        stmt = (
+            update(Job)
+            .where(Job.id.in_(chunk), Job.status == JobStatus.queued.value, Job.enqueued_at.is_not(None))
+            .values(enqueued_at=None)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        )
+        with transaction(sessions) as session:
+            changed.update(session.scalars(stmt))
+    return changed

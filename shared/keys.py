@@ -18,6 +18,8 @@ QUEUED_SET: Final = "queued"  # job ids whose message is in Redis (the outbox's 
 EMBED_KEY: Final = "emb:{cache_key}"  # cached embeddings, safetensors bytes
 EMBED_LOCK_KEY: Final = "emb-lock:{cache_key}"  # single-flight lock for one encode
 RECONCILER_LOCK_KEY: Final = "reconciler-lock"  # only one reconciler runs at a time
+DISPATCH_LOCK_KEY: Final = "dispatch-lock:{model_set}"  # only one dispatcher per model set works at a time
+DISPATCH_WAKE_KEY: Final = "dispatch-wake:{model_set}"  # bumped by submissions: the dispatcher re-reads SQL
 STATS_KEY: Final = "stats:{name}"  # fleet-wide counters (hash)
 
 RENDER_QUEUE: Final = "ipab.render.{model_set}"

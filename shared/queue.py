@@ -1,122 +1,24 @@
-"""Putting job messages into Redis as Celery task messages, many in one round trip.
+"""Putting job messages into Redis, many in one round trip, and tracking which are there.
 
 Celery's `apply_async` costs a round trip (and a lot of Python) per message; a 100k-row
-manifest would spend minutes there. We build the same Celery protocol-2 message that
-kombu's Redis transport writes (a JSON envelope with a base64 body, pushed with LPUSH on
-the queue's list) and push a whole batch with one pipeline. The consuming side is a plain
-Celery worker, so the format is pinned by an end-to-end test, not by trust.
+manifest would spend minutes there. The codec (`shared.wire`) builds the very Celery
+messages kombu's Redis transport writes; here they are pushed with LPUSH, a whole batch
+per pipeline. The `queued` set mirrors which job ids have a message waiting, so the
+reconciler can re-enqueue jobs whose message was lost.
 """
 
 from __future__ import annotations
 
-import base64
-import functools
-import json
-import socket
-import uuid
-from collections.abc import Callable, Sequence
-from typing import Any, Final
+from collections.abc import Sequence
+from typing import Final
 
 import redis
 
 from shared import keys
 from shared.errors import QueueUnavailable
-from shared.messages import MESSAGE_VERSION, JobMessage
+from shared.wire import JobMessage, render_envelopes
 
-RENDER_TASK: Final = "ipab.render"
 PIPELINE_CHUNK: Final = 5000
-_EMBED_CALLBACKS: Final = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-_ORIGIN: Final = f"ipab-scheduler@{socket.gethostname()}"
-_COMPACT: Final = (",", ":")
-_CALLBACKS_JSON: Final = json.dumps(_EMBED_CALLBACKS, separators=_COMPACT)
-# json's own C string encoder: quotes and escapes one string, without json.dumps' overhead.
-_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
-
-
-def _envelope(*, task: str, task_id: str, queue: str, body_b64: str, delivery_tag: str) -> dict[str, Any]:
-    headers = {
-        "lang": "py",
-        "task": task,
-        "id": task_id,
-        "shadow": None,
-        "eta": None,
-        "expires": None,
-        "group": None,
-        "group_index": None,
-        "retries": 0,
-        "timelimit": [None, None],
-        "root_id": task_id,
-        "parent_id": None,
-        "argsrepr": "",
-        "kwargsrepr": "{}",
-        "origin": _ORIGIN,
-        "ignore_result": True,
-    }
-    return {
-        "body": body_b64,
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": headers,
-        "properties": {
-            "correlation_id": task_id,
-            "reply_to": "",
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": delivery_tag,
-        },
-    }
-
-
-def celery_envelope(*, task: str, task_id: str, queue: str, args: list[Any]) -> bytes:
-    """A Celery protocol-2 message for kombu's Redis transport, ready for LPUSH."""
-    body = json.dumps([args, {}, _EMBED_CALLBACKS], separators=_COMPACT).encode()
-    envelope = _envelope(
-        task=task,
-        task_id=task_id,
-        queue=queue,
-        body_b64=base64.b64encode(body).decode(),
-        delivery_tag=str(uuid.uuid4()),
-    )
-    return json.dumps(envelope, separators=_COMPACT).encode()
-
-
-@functools.lru_cache(maxsize=64)
-def _envelope_template(task: str, queue: str) -> str:
-    # The envelope of `celery_envelope` with %-placeholders where each message differs,
-    # so a bulk push formats one string per message instead of encoding a nested dict.
-    # The body (base64) and the delivery tag (a uuid) need no JSON escaping; the task id does.
-    mark = uuid.uuid4().hex  # cannot occur in a task or queue name by accident
-    fields = {"task_id": f"{mark}i", "body_b64": f"{mark}b", "delivery_tag": f"{mark}t"}
-    text = json.dumps(_envelope(task=task, queue=queue, **fields), separators=_COMPACT).replace("%", "%%")
-    text = text.replace(f'"{fields.pop("task_id")}"', "%(task_id)s")
-    for name, placeholder in fields.items():
-        text = text.replace(placeholder, f"%({name})s")
-    return text
-
-
-def message_json(*, job_id: str, batch_id: str, spec_json: str) -> str:
-    """`JobMessage(...).to_json()` as compact JSON text, from the spec already serialized."""
-    return (
-        f'{{"v":{MESSAGE_VERSION},"job_id":{_json_string(job_id)},'
-        f'"batch_id":{_json_string(batch_id)},"spec":{spec_json}}}'
-    )
-
-
-def render_envelopes(*, queue: str, messages: Sequence[tuple[str, str]]) -> list[bytes]:
-    """Celery render messages for (job id, message JSON text) pairs, as `celery_envelope` builds them."""
-    template = _envelope_template(RENDER_TASK, queue)
-    out = []
-    for job_id, text in messages:
-        body = f"[[{text}],{{}},{_CALLBACKS_JSON}]".encode()
-        values = {
-            "task_id": _json_string(job_id),
-            "body_b64": base64.b64encode(body).decode(),
-            "delivery_tag": str(uuid.uuid4()),
-        }
-        out.append((template % values).encode())
-    return out
 
 
 def enqueue_jobs(*, redis_client: redis.Redis, queue: str, messages: Sequence[JobMessage], prefix: str) -> None:
@@ -125,14 +27,14 @@ def enqueue_jobs(*, redis_client: redis.Redis, queue: str, messages: Sequence[Jo
     The `queued` set mirrors which job ids have a message in Redis; the reconciler
     re-enqueues queued jobs missing from it (after a FLUSHALL or a restart that lost them).
     """
-    texts = [(m.job_id, json.dumps(m.to_json(), separators=_COMPACT)) for m in messages]
+    texts = [(m.job_id, m.to_text()) for m in messages]
     enqueue_serialized(redis_client=redis_client, queue=queue, messages=texts, prefix=prefix)
 
 
 def enqueue_serialized(
     *, redis_client: redis.Redis, queue: str, messages: Sequence[tuple[str, str]], prefix: str
 ) -> None:
-    """`enqueue_jobs` for (job id, message JSON text) pairs, e.g. from `message_json`."""
+    """`enqueue_jobs` for (job id, message JSON text) pairs, from `shared.wire.message_text`."""
     queued_set = prefix + keys.QUEUED_SET
     try:
         for start in range(0, len(messages), PIPELINE_CHUNK):

@@ -166,3 +166,30 @@ def check_token(token: str | None) -> str | None:
     if token is not None and (len(token) < 8 or not token.isprintable() or any(c.isspace() for c in token)):
         raise ValueError("must be at least 8 printable characters without spaces (it is sent in a header)")
     return token
+
+
+def split_weights(value: Any) -> Any:
+    """A weights setting from text: a JSON object, or `name=weight` items joined by commas."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"is not a JSON object ({e}); write a=70,b=30 or a JSON object") from None
+    weights: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, weight = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"has {item!r}, which is not name=weight; write a=70,b=30")
+        weights[name.strip()] = weight.strip()
+    return weights
+
+
+def check_weights(weights: dict[str, float]) -> dict[str, float]:
+    """Every weight a finite number greater than 0 (a weight of 0 would starve its lane or tenant)."""
+    for name, weight in weights.items():
+        if not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"gives {name!r} the weight {weight}; weights must be finite and greater than 0")
+    return weights

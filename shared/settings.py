@@ -13,6 +13,7 @@ from pydantic import BeforeValidator, ValidationError, ValidationInfo, field_val
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared import setting_checks as checks
+from shared.dispatch.policy import DEFAULT_LANE_WEIGHTS, LANES
 from shared.errors import SettingsError
 from shared.redact import mask_text
 
@@ -20,6 +21,8 @@ ENV_PREFIX = "IPAB_"
 # A list setting written as a JSON list, or as items joined by commas or colons.
 TextList = Annotated[list[str], NoDecode, BeforeValidator(checks.split_list)]
 PathList = Annotated[list[Path], NoDecode, BeforeValidator(checks.split_list)]
+# Weights written as a JSON object, or as `name=weight` items joined by commas.
+Weights = Annotated[dict[str, float], NoDecode, BeforeValidator(checks.split_weights)]
 # Durations that may be 0; every other `*_s` setting must be greater than 0.
 ZERO_ALLOWED_S = frozenset({"requeue_grace_s"})
 MIN_IDEMPOTENCY_TTL_S = 24 * 3600.0
@@ -78,6 +81,15 @@ class Settings(BaseSettings):
     retry_max_s: float = 30.0
     transient_retries: int = 8
 
+    # Lanes and fair share (shared/dispatch): which queued job starts next. The dispatcher keeps
+    # each model set's Redis queue `dispatch_depth` messages deep, fed in policy order.
+    lane_weights: Weights = dict(DEFAULT_LANE_WEIGHTS)  # interactive, scheduled, bulk
+    tenant_weights: Weights = {}  # tenants not named weigh 1
+    dispatch_depth: int = 4  # messages waiting in Redis per model set; more: throughput, fewer: priority
+    dispatch_poll_s: float = 0.02  # how often an idle dispatcher looks at the queue's depth
+    dispatch_rescan_s: float = 2.0  # the backlog is re-read from SQL at least this often
+    dispatch_lock_s: float = 5.0  # a dead dispatcher's lock lapses after this long
+
     # The HTTP API (`ipab api`) and its webhooks.
     api_max_queued_jobs: int = 100_000  # per tenant; a POST that would pass it gets 429
     api_max_body_bytes: int = 64 * 1024 * 1024  # per request; past it, 413
@@ -113,6 +125,15 @@ class Settings(BaseSettings):
     _roots = field_validator("reference_roots")(checks.check_folders)
     _api_key = field_validator("api_key")(checks.check_token)
     _model_set = field_validator("model_set")(checks.check_model_set_path)
+    _tenant_weights = field_validator("tenant_weights")(checks.check_weights)
+
+    @field_validator("lane_weights")
+    @classmethod
+    def _check_lanes(cls, weights: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(weights) - set(LANES))
+        if unknown:
+            raise ValueError(f"names {', '.join(unknown)}; the lanes are {', '.join(LANES)}")
+        return {**DEFAULT_LANE_WEIGHTS, **checks.check_weights(weights)}
 
     @field_validator("reference_buckets")
     @classmethod

@@ -86,8 +86,30 @@ def run_ipab(
     return Run(code, out.getvalue(), err.getvalue())
 
 
-def queue_length(settings: Settings, model_set: str) -> int:
-    """How many messages wait in the model set's render queue."""
+def dispatch_all(settings: Settings, model_set: str) -> int:
+    """Run the model set's dispatcher until every undispatched queued job is in Redis; returns how many moved."""
+    from shared.dispatch.dispatcher import Dispatcher
+
+    client = redis.Redis.from_url(settings.redis_url)
+    engine = make_engine(settings.database_url)
+    try:
+        deep = settings.model_copy(update={"dispatch_depth": 10**9})
+        dispatcher = Dispatcher.from_settings(
+            sessions=make_session_factory(engine), redis_client=client, settings=deep, model_set=model_set
+        )
+        moved = 0
+        while step := dispatcher.dispatch_once():
+            moved += step
+        return moved
+    finally:
+        engine.dispose()
+        client.close()
+
+
+def queue_length(settings: Settings, model_set: str, *, dispatch: bool = True) -> int:
+    """How many messages wait in the model set's render queue, after a dispatcher has fed it everything."""
+    if dispatch:
+        dispatch_all(settings, model_set)
     client = redis.Redis.from_url(settings.redis_url)
     try:
         return int(client.llen(render_queue(model_set)))

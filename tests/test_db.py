@@ -48,7 +48,7 @@ def test_migrations_build_exactly_the_orm_schema(database_url: str) -> None:
         indexes = {ix["name"] for ix in inspect(conn).get_indexes("jobs")}
     engine.dispose()
     assert {"batches", "jobs", "reference_images", "alembic_version"} <= tables
-    assert {"ix_jobs_batch_id_status", "ix_jobs_status_lease_expires_at"} <= indexes
+    assert {"ix_jobs_batch_id_status_lane_queued_at_line", "ix_jobs_status_lease_expires_at"} <= indexes
 
 
 def test_a_job_row_keeps_the_largest_seed_and_gets_its_defaults(database_url: str) -> None:

@@ -19,7 +19,10 @@ from shared.db import (
 
 def _rows(keys: list[str]) -> list[tuple[object, ...]]:
     spec = '{"params":{"prompt":"tab\\there, 100% \\"quoted\\"\\n"},"references":[]}'
-    return [(new_id(), line, None if line % 2 else f"c{line}", key, spec, 2**63 - 1) for line, key in enumerate(keys)]
+    return [
+        (new_id(), line, None if line % 2 else f"c{line}", key, spec, 2**63 - 1, "interactive" if line else "bulk")
+        for line, key in enumerate(keys)
+    ]
 
 
 def test_insert_new_jobs_returns_only_the_rows_it_inserted_and_stores_them_queued(database_url: str) -> None:
@@ -41,7 +44,9 @@ def test_insert_new_jobs_returns_only_the_rows_it_inserted_and_stores_them_queue
         jobs = session.scalars(select(Job).where(Job.batch_id == batch.id)).all()
         assert sorted(j.dedupe_key for j in jobs) == ["k1", "k2", "k3", "k4"]
         assert {j.status for j in jobs} == {JobStatus.queued.value}
-        assert {j.queued_at for j in jobs} == {now} and {j.enqueued_at for j in jobs} == {now}
+        # Queued for the dispatcher: not yet handed to Redis.
+        assert {j.queued_at for j in jobs} == {now} and {j.enqueued_at for j in jobs} == {None}
+        assert {(j.line, j.lane) for j in jobs} == {(0, "bulk"), (1, "interactive"), (2, "interactive")}
         assert {j.attempts for j in jobs} == {0} and {j.seed for j in jobs} == {2**63 - 1}
         assert all(j.spec == first[0][4] for j in jobs)
         assert {j.client_id for j in jobs if j.line == 0} == {"c0"}

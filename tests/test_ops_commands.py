@@ -64,13 +64,14 @@ def test_retry_failed_requeues_the_failed_jobs_and_reconcile_restores_lost_messa
     ops_settings: Settings, tmp_path: Path, ipab: Callable[..., Run]
 ) -> None:
     submit_four(ops_settings, tmp_path)
+    assert queue_length(ops_settings, MODEL_SET) == 4  # all four dispatched to Redis
     set_status(ops_settings, JobStatus.failed, count=2)
     redis.Redis.from_url(ops_settings.redis_url).flushdb()  # every message is gone, Redis forgot
     run = ipab(ops_settings, "retry", "ops", "--failed")
     assert run.code == 0 and "re-queued 2 failed job(s)" in run.out
     jobs = load_jobs(ops_settings)
     assert [j.status for j in jobs] == ["queued"] * 4 and all(j.error_type is None for j in jobs)
-    assert queue_length(ops_settings, MODEL_SET) == 2  # the retried ones, enqueued at once
+    assert queue_length(ops_settings, MODEL_SET) == 2  # the retried ones, dispatched again
     # Past the grace period, the reconciler finds the other two missing from Redis too.
     eager = ops_settings.model_copy(update={"requeue_grace_s": 0.0})
     assert "2 re-enqueued" in ipab(eager, "reconcile").out

@@ -73,9 +73,12 @@ def test_submit_inserts_every_row_uploads_each_reference_once_and_enqueues_each_
     jobs = load_jobs(submit_settings)
     assert len(jobs) == 12
     assert run.last_line == jobs[0].batch_id
-    assert all(j.status == JobStatus.queued and j.enqueued_at is not None and j.attempts == 0 for j in jobs)
+    # Rows wait for the dispatcher, which hands every one of them to Redis.
+    assert all(j.status == JobStatus.queued and j.enqueued_at is None and j.attempts == 0 for j in jobs)
+    assert {j.lane for j in jobs} == {"bulk"}
     assert len(object_store.list_keys("refs/")) == 3
     assert queue_length(submit_settings, MODEL_SET) == 12
+    assert all(j.enqueued_at is not None for j in load_jobs(submit_settings))
     twins = [j for j in jobs if "unseeded twin" in j.spec]
     assert len(twins) == 2 and twins[0].seed != twins[1].seed
     both = json.loads(next(j.spec for j in jobs if '"both"' in j.spec))
@@ -169,7 +172,7 @@ def test_set_gives_defaults_that_row_values_override(
     assert [(p["steps"], p["width"]) for p in params] == [(3, 256), (7, 256)]
 
 
-def test_redis_down_after_the_commit_leaves_jobs_queued_for_the_reconciler(
+def test_redis_down_at_submission_leaves_the_jobs_in_sql_for_the_dispatcher(
     submit_settings: Settings, photos: dict[str, Path], tmp_path: Path
 ) -> None:
     manifest = write_jsonl(tmp_path / "m.jsonl", twelve_rows(photos)[:4])
@@ -177,17 +180,31 @@ def test_redis_down_after_the_commit_leaves_jobs_queued_for_the_reconciler(
 
     result = submit_manifest(settings=offline, path=manifest, batch_name="b1", model_set_name=MODEL_SET)
 
-    assert (result.added, result.enqueued) == (4, False)
-    assert all(j.status == JobStatus.queued for j in load_jobs(offline))
-    assert queue_length(submit_settings, MODEL_SET) == 0
-    # Once Redis answers again, one reconciler pass enqueues exactly those jobs.
+    assert (result.added, result.woken) == (4, False)
+    assert all(j.status == JobStatus.queued and j.enqueued_at is None for j in load_jobs(offline))
+    assert queue_length(submit_settings, MODEL_SET, dispatch=False) == 0
+    # Once Redis answers again, the dispatcher finds exactly those jobs in SQL.
+    assert queue_length(submit_settings, MODEL_SET) == 4
+
+
+def test_the_reconciler_hands_back_dispatched_jobs_whose_messages_were_flushed(
+    submit_settings: Settings, photos: dict[str, Path], tmp_path: Path
+) -> None:
+    manifest = write_jsonl(tmp_path / "m.jsonl", twelve_rows(photos)[:4])
+    submit_manifest(settings=submit_settings, path=manifest, batch_name="b1", model_set_name=MODEL_SET)
+    assert queue_length(submit_settings, MODEL_SET) == 4
+    client = redis.Redis.from_url(submit_settings.redis_url)
+    client.flushdb()
+
     back = submit_settings.model_copy(update={"requeue_grace_s": 0.0})
-    report = reconcile_once(
-        sessions=make_session_factory(make_engine(back.database_url)),
-        redis_client=redis.Redis.from_url(back.redis_url),
-        settings=back,
-    )
-    assert sorted(report.reenqueued) == sorted(j.id for j in load_jobs(offline))
+    sessions = make_session_factory(make_engine(back.database_url))
+    report = reconcile_once(sessions=sessions, redis_client=client, settings=back)
+
+    assert sorted(report.reenqueued) == sorted(j.id for j in load_jobs(back))
+    assert all(j.enqueued_at is None for j in load_jobs(back))
+    assert queue_length(submit_settings, MODEL_SET) == 4
+    # A second pass finds every message in place: nothing is doubled.
+    assert reconcile_once(sessions=sessions, redis_client=client, settings=back).reenqueued == []
     assert queue_length(submit_settings, MODEL_SET) == 4
 
 

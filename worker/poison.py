@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
-from shared.queue import celery_envelope
+from shared.wire import celery_envelope
 
 log = logging.getLogger(__name__)
 NOT_JSON_TASK: Final = "ipab.discard-undecodable-item"

@@ -18,8 +18,8 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, JobTimedOut, MessageInvalid
-from shared.jobs import claim_job
+from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, JobTimedOut, MessageInvalid, TransientError
+from shared.jobs import claim_job, hand_back_paused
 from shared.queue import forget_queued
 from shared.retry import retry_per_settings
 from shared.wire import JobMessage, decode_ids, decode_message
@@ -55,7 +55,7 @@ def run_job(ctx: WorkerContext, raw: Any) -> str:
     claimed_at_s = time.monotonic()
     attempt = _claim(ctx, job_id)
     if attempt is None:
-        return "skipped"
+        return _not_claimed(ctx, job_id)
     lease = _lease(ctx, job_id, attempt, claimed_at_s)
     try:
         lease.start()
@@ -113,6 +113,17 @@ def _claim(ctx: WorkerContext, job_id: str) -> int | None:
         # The message is consumed either way; if the claim failed, the reconciler
         # re-enqueues the still-queued row once the database is back.
         _forget(ctx, job_id)
+
+
+def _not_claimed(ctx: WorkerContext, job_id: str) -> str:
+    """A duplicate delivery does nothing; a job of a paused batch waits for dispatch again."""
+    try:
+        if hand_back_paused(sessions=ctx.sessions, job_id=job_id):
+            log.info("job %s: its batch is paused; it waits until the batch is resumed", job_id)
+            return "paused"
+    except TransientError as e:  # the reconciler hands it back after its grace instead
+        log.warning("job %s: could not hand back a paused job: %s", job_id, e)
+    return "skipped"
 
 
 def _forget(ctx: WorkerContext, job_id: str) -> None:

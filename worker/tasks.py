@@ -26,6 +26,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from shared import keys
 from shared.celery_app import make_celery
+from shared.dispatch.dispatcher import run_dispatcher
 from shared.model_set import read_model_set
 from shared.reconcile import run_reconciler
 from shared.settings import Settings, require_model_set
@@ -71,11 +72,12 @@ def _start_process(settings: Settings) -> None:
     ctx = _Process.context
     if not settings.reconcile_in_workers:
         return
+    # The control loops: each runs in every worker, and a Redis lock lets one of them work.
+    clients = {"sessions": ctx.sessions, "redis_client": ctx.redis, "settings": settings, "stop": _Process.stop}
+    threading.Thread(target=run_reconciler, kwargs=clients, name="reconciler", daemon=True).start()
+    model_set = ctx.renderer.name
     threading.Thread(
-        target=run_reconciler,
-        kwargs={"sessions": ctx.sessions, "redis_client": ctx.redis, "settings": settings, "stop": _Process.stop},
-        name="reconciler",
-        daemon=True,
+        target=run_dispatcher, kwargs={**clients, "model_sets": lambda: [model_set]}, name="dispatcher", daemon=True
     ).start()
 
 

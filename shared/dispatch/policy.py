@@ -18,6 +18,9 @@ from typing import Final
 LANES: Final = ("interactive", "scheduled", "bulk")
 DEFAULT_LANE_WEIGHTS: Final = {"interactive": 70, "scheduled": 20, "bulk": 10}
 DEFAULT_TENANT_WEIGHT: Final = 1
+DEFAULT_LANE: Final = "bulk"  # manifests, grids and API batches; single API jobs are `interactive`
+INTERACTIVE_LANE: Final = "interactive"
+SCHEDULED_LANE: Final = "scheduled"
 
 
 @dataclass
