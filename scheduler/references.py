@@ -153,6 +153,8 @@ class ReferenceResolver:
         self._data: dict[str, bytes] = {}  # sha256 -> bytes, within KEEP_BYTES_BUDGET
         self._kept_bytes = 0
         self.files: dict[str, ReferenceFile] = {}  # sha256 -> file, every distinct image
+        # sha256s recorded in `reference_images` already: stored, so no HEAD and no upload.
+        self.recorded: set[str] = set()
 
     def resolve(self, raw: str) -> ReferenceFile:
         """The checked image behind `raw` (a path or s3:// URI); `InvalidInput` naming `reference`."""
@@ -234,8 +236,13 @@ class UploadReport:
 
 
 def upload_references(files: Iterable[ReferenceFile], *, resolver: ReferenceResolver, session: Session) -> UploadReport:
-    """Upload each image unless its object exists, then record all in `reference_images` (idempotent)."""
-    distinct = list({f.sha256: f for f in files}.values())
+    """Upload each image unless its object exists, then record all in `reference_images` (idempotent).
+
+    Images the resolver knows to be recorded already (`resolver.recorded`) are skipped
+    without a HEAD: a row is recorded only after its object was stored.
+    """
+    every = {f.sha256: f for f in files}
+    distinct = [f for sha256, f in every.items() if sha256 not in resolver.recorded]
 
     def upload(file: ReferenceFile) -> bool:
         if resolver.store.exists(file.key):
@@ -246,11 +253,13 @@ def upload_references(files: Iterable[ReferenceFile], *, resolver: ReferenceReso
         )
         return True
 
+    if not distinct:
+        return UploadReport(uploaded=0, already_stored=len(every))
     # boto3 clients are thread-safe; many distinct images upload in parallel.
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         uploaded = sum(pool.map(upload, distinct))
     record_references(distinct, session=session)
-    return UploadReport(uploaded=uploaded, already_stored=len(distinct) - uploaded)
+    return UploadReport(uploaded=uploaded, already_stored=len(every) - uploaded)
 
 
 def record_references(files: Sequence[ReferenceFile], *, session: Session) -> None:

@@ -15,9 +15,11 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from scheduler.api.caches import AUTH_CACHE_S, QUEUED_COUNT_CACHE_S, REFERENCE_CACHE_S, ExpiringCache
 from scheduler.api.problems import ApiProblem
+from scheduler.references import ReferenceFile
 from scheduler.submit import resolve_model_set_name
-from scheduler.tenants import Caller, find_caller
+from scheduler.tenants import Caller, find_caller, hash_key
 from shared.db import ensure_database, make_engine, make_session_factory
 from shared.errors import IpabError
 from shared.jobs import transaction
@@ -31,7 +33,7 @@ AUTH_HINT: Final = "send `Authorization: Bearer <key>`; `ipab keys create --tena
 
 @dataclass
 class ApiContext:
-    """The process-wide parts of the API."""
+    """The process-wide parts of the API; `redis` is one client (a connection pool) for every request."""
 
     settings: Settings
     engine: Engine
@@ -39,6 +41,14 @@ class ApiContext:
     store: ObjectStore
     redis: redis.Redis
     _model_set: list[str] = field(default_factory=list)
+    # key sha256 -> caller: a revoked key works on for at most `ttl_s` (AUTH_CACHE_S).
+    callers: ExpiringCache[str, Caller] = field(default_factory=lambda: ExpiringCache(ttl_s=AUTH_CACHE_S))
+    # tenant -> queued jobs, as counted at most QUEUED_COUNT_CACHE_S ago plus what this process added since.
+    queued_counts: ExpiringCache[str, int] = field(default_factory=lambda: ExpiringCache(ttl_s=QUEUED_COUNT_CACHE_S))
+    # (tenant, sha256) -> the stored reference image: uploaded references never change.
+    references: ExpiringCache[tuple[str, str], ReferenceFile] = field(
+        default_factory=lambda: ExpiringCache(ttl_s=REFERENCE_CACHE_S)
+    )
 
     @classmethod
     def build(cls, settings: Settings) -> ApiContext:
@@ -81,6 +91,21 @@ def _lookup(ctx: ApiContext, key: str) -> Caller | None:
         return find_caller(session=session, key=key)
 
 
+async def _caller_of(ctx: ApiContext, key: str) -> Caller | None:
+    """The key's caller, from the cache when it was found valid less than AUTH_CACHE_S ago.
+
+    Only valid keys are cached: an unknown key is looked up every time, so a key made a
+    moment ago works at once and guesses cannot fill the cache.
+    """
+    key_sha256 = hash_key(key)
+    caller = ctx.callers.get(key_sha256)
+    if caller is None:
+        caller = await run_in_threadpool(_lookup, ctx, key)
+        if caller is not None:
+            ctx.callers.put(key_sha256, caller)
+    return caller
+
+
 async def get_caller(
     ctx: Annotated[ApiContext, Depends(get_context)],
     authorization: Annotated[str | None, Header()] = None,
@@ -91,7 +116,7 @@ async def get_caller(
     match = BEARER.fullmatch(authorization.strip())
     if match is None:
         raise _unauthorized(f"the Authorization header is not `Bearer <key>`; {AUTH_HINT}")
-    caller = await run_in_threadpool(_lookup, ctx, match.group(1))
+    caller = await _caller_of(ctx, match.group(1))
     if caller is None:
         raise _unauthorized("the API key is unknown or revoked")
     return caller

@@ -70,19 +70,17 @@ def parse_api_rows(raw_rows: Iterable[tuple[int, Mapping[str, Any] | Problem]]) 
 class StoredReferenceResolver(ReferenceResolver):
     """Resolves reference ids among the images a tenant uploaded; never touches the server's disk."""
 
-    def __init__(self, *, ctx: ApiContext, known: Mapping[str, ReferenceImage]) -> None:
+    def __init__(self, *, ctx: ApiContext, known: Mapping[str, ReferenceFile]) -> None:
         super().__init__(store=ctx.store, roots=[], base_dir=Path("."))
         self.known = dict(known)
+        self.recorded.update(self.known)  # each was recorded (after it was stored) by POST /v1/references
 
     def _resolve_new(self, raw: str) -> ReferenceFile | str:
         if not REFERENCE_ID.fullmatch(raw):
             return "is not a reference id: the 64 hex digits that POST /v1/references returns"
-        image = self.known.get(raw)
-        if image is None:
+        found = self.known.get(raw)
+        if found is None:
             return "no reference has this id; upload the image with POST /v1/references"
-        found = ReferenceFile(
-            image.sha256, image.ext, image.width, image.height, image.size_bytes, self.store.uri(image.key)
-        )
         self.files.setdefault(found.sha256, found)
         return found
 
@@ -101,6 +99,30 @@ def tenant_references(*, session: Session, tenant: str, ids: Iterable[str]) -> d
     return found
 
 
+def reference_file(ctx: ApiContext, image: ReferenceImage) -> ReferenceFile:
+    """A stored reference image as the submit path takes it."""
+    return ReferenceFile(image.sha256, image.ext, image.width, image.height, image.size_bytes, ctx.store.uri(image.key))
+
+
+def _known_references(ctx: ApiContext, tenant: str, ids: Iterable[str]) -> dict[str, ReferenceFile]:
+    """The tenant's references among `ids`: from the cache, then one query for the rest."""
+    known: dict[str, ReferenceFile] = {}
+    missing: set[str] = set()
+    for ref_id in {i for i in ids if REFERENCE_ID.fullmatch(i)}:
+        cached = ctx.references.get((tenant, ref_id))
+        if cached is None:
+            missing.add(ref_id)
+        else:
+            known[ref_id] = cached
+    if missing:
+        with transaction(ctx.sessions) as session:
+            images = tenant_references(session=session, tenant=tenant, ids=missing)
+        for ref_id, image in images.items():
+            known[ref_id] = reference_file(ctx, image)
+            ctx.references.put((tenant, ref_id), known[ref_id])
+    return known
+
+
 def queued_jobs(*, session: Session, tenant: str) -> int:
     """How many of the tenant's jobs are queued."""
     stmt = (
@@ -112,9 +134,14 @@ def queued_jobs(*, session: Session, tenant: str) -> int:
     return int(session.scalar(stmt) or 0)
 
 
-def _check_capacity(ctx: ApiContext, session: Session, tenant: str, adding: int) -> None:
+def _check_capacity(ctx: ApiContext, tenant: str, adding: int) -> None:
+    """429 when `adding` jobs would pass the tenant's cap; below it, a recent count serves."""
     cap = ctx.settings.api_max_queued_jobs
-    queued = queued_jobs(session=session, tenant=tenant)
+    queued = ctx.queued_counts.get(tenant)
+    if queued is None or queued + adding > cap:  # a refusal is always from a fresh count
+        with transaction(ctx.sessions) as session:
+            queued = queued_jobs(session=session, tenant=tenant)
+        ctx.queued_counts.put(tenant, queued)
     if queued + adding > cap:
         detail = f"tenant {tenant!r} has {queued} queued job(s); adding {adding} would pass the cap of {cap}"
         raise ApiProblem(429, detail, headers={"Retry-After": str(RETRY_AFTER_FULL_S)}, kind="queue-full")
@@ -132,10 +159,9 @@ def submit_api_rows(
     """Check the cap, resolve reference ids, and submit through the one submit path."""
     ids = [ref for row in parsed.rows for ref in row.references]
     ids += [ref for refs in parsed.unchecked_references.values() for ref in refs]
-    with transaction(ctx.sessions) as session:
-        _check_capacity(ctx, session, tenant, len(parsed.rows))
-        known = tenant_references(session=session, tenant=tenant, ids=ids)
-    return submit_rows(
+    _check_capacity(ctx, tenant, len(parsed.rows))
+    known = _known_references(ctx, tenant, ids)
+    result = submit_rows(
         settings=ctx.settings,
         sessions=ctx.sessions,
         parsed=parsed,
@@ -145,4 +171,7 @@ def submit_api_rows(
         tenant=tenant,
         skip_invalid=skip_invalid,
         after_insert=after_insert,
+        redis_client=ctx.redis,
     )
+    ctx.queued_counts.update(tenant, lambda queued: queued + result.added)
+    return result

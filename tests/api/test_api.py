@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ from sqlalchemy import func, select
 
 from ipab.cli import main
 from scheduler.api.app import create_app
+from scheduler.api.caches import AUTH_CACHE_S
 from shared.db import Job, make_engine, make_session_factory
 from shared.settings import Settings
 from tests.api.conftest import png_bytes
@@ -42,13 +44,16 @@ def assert_problem(r: Any, status: int, *words: str) -> None:
         assert word.lower() in text, (word, r.json())
 
 
-def test_keys_create_prints_the_key_alone_on_its_last_line_once_and_revoke_stops_it(
+def test_keys_create_prints_the_key_alone_on_its_last_line_once_and_revoke_stops_it_within_the_auth_cache(
     api_settings: Settings,
     settings_env: Callable[[Settings], dict[str, str]],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     client: TestClient,
 ) -> None:
+    assert AUTH_CACHE_S <= 10  # the bound the README promises
+    callers = client.app.state.ctx.callers  # type: ignore[attr-defined]
+    callers.ttl_s = 0.5  # the same cache, on a shorter clock
     for name, value in settings_env(api_settings).items():
         monkeypatch.setenv(name, value)
     assert main(["keys", "create", "--tenant", "carol"]) == 0
@@ -65,6 +70,8 @@ def test_keys_create_prints_the_key_alone_on_its_last_line_once_and_revoke_stops
     assert key not in listing and "carol" in listing
     key_id = out[0].split()[2]
     assert main(["keys", "revoke", key_id]) == 0
+    assert client.get("/v1/batches", headers=headers).status_code == 200  # cached: still valid for a moment
+    time.sleep(callers.ttl_s)
     assert_problem(client.get("/v1/batches", headers=headers), 401, "revoked")
 
 
