@@ -1,10 +1,11 @@
-"""`ipab submit`: a manifest into SQL rows (the truth) and Redis messages (the transport), in bulk.
+"""`ipab submit`: a manifest into SQL rows (the truth), in bulk; the dispatcher feeds Redis from them.
 
 Every row is validated before anything is written. New jobs are inserted in one
-transaction, then pushed to Redis in one pipeline. Whether a message really is in Redis
-is what the reconciler checks (the `queued` set that the push fills), so if Redis is down
-after the commit the jobs are safe in SQL and are enqueued later (the outbox pattern);
-no second pass over the rows is needed to mark them.
+transaction, each with its lane, waiting for admission (`enqueued_at` NULL). The
+dispatcher (`shared/dispatch`) hands them to the workers in policy order: lanes by weight,
+tenants fairly, FIFO within a tenant's lane. The submission only bumps the dispatcher's wake
+counter, so a job is never stuck behind a Redis outage: SQL holds it, and the dispatcher
+rescans SQL every few seconds anyway.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.grid import DEFAULT_MAX_ROWS, grid_batch_name, is_grid, parse_grid
-from scheduler.manifest import ManifestRow, ParsedManifest, Problem, parse_manifest
+from scheduler.manifest import ManifestRow, ParsedManifest, Problem, check_lane, parse_manifest
 from scheduler.progress import SILENT, Reporter
 from scheduler.references import ReferenceFile, ReferenceResolver, UploadReport, resolve_rows, upload_references
+from scheduler.tenants import tenant_lanes
 from shared.db import (
     DEFAULT_TENANT,
     Batch,
@@ -36,15 +38,16 @@ from shared.db import (
     new_id,
     utcnow,
 )
-from shared.errors import InvalidInput, ManifestInvalid, QueueUnavailable
+from shared.dispatch.dispatcher import wake_key
+from shared.dispatch.policy import DEFAULT_LANE
+from shared.errors import InvalidInput, ManifestInvalid
 from shared.jobs import transaction
 from shared.keys import render_queue
 from shared.model_set import read_model_set
-from shared.queue import enqueue_serialized
+from shared.redis_conn import connect_redis
 from shared.settings import Settings
 from shared.spec import JobSpec, Reference, check_batch_name
 from shared.storage import ObjectStore
-from shared.wire import message_text
 
 log = logging.getLogger(__name__)
 REDIS_CONNECT_TIMEOUT_S: Final = 5.0
@@ -54,14 +57,15 @@ KEY_CHUNK: Final = 1000  # dedupe keys per `IN (...)` query
 
 @dataclass(frozen=True)
 class SubmitResult:
-    """What one submission did; `enqueued` is False when Redis was down (the reconciler catches up)."""
+    """What one submission did; `woken` is False when Redis was down (the dispatcher rescans SQL anyway)."""
 
     batch_id: str
     batch_name: str
     added: int
     skipped_existing: int
     invalid: list[Problem] = field(default_factory=list)
-    enqueued: bool = True
+    woken: bool = True
+    lane: str = DEFAULT_LANE
     queue: str = ""
     references_uploaded: int = 0
     references_stored: int = 0
@@ -124,19 +128,24 @@ def _check_tenant(batch: Batch | None, tenant: str) -> None:
 
 
 def _get_or_create_batch(session: Session, *, name: str, model_set: str, tenant: str) -> Batch:
-    dialect = session.get_bind().dialect.name
-    stmt = insert_ignoring_duplicates(Batch, dialect=dialect, unique=["name"])
-    values = {"id": new_id(), "name": name, "model_set": model_set, "created_at": utcnow(), "job_count": 0}
-    session.execute(stmt.values(**values, tenant=tenant))
+    # Found first: an API job joins its tenant's batch, which exists but for the first job.
     batch = _find_batch(session, name)
+    if batch is None:
+        dialect = session.get_bind().dialect.name
+        stmt = insert_ignoring_duplicates(Batch, dialect=dialect, unique=["name"])
+        values = {"id": new_id(), "name": name, "model_set": model_set, "created_at": utcnow(), "job_count": 0}
+        session.execute(stmt.values(**values, tenant=tenant))
+        batch = _find_batch(session, name)
     assert batch is not None  # inserted just now or by a concurrent submission
     _check_model_set(batch, model_set)
     _check_tenant(batch, tenant)
     return batch
 
 
-def _job_rows(plan_rows: Sequence[tuple[ManifestRow, tuple[ReferenceFile, ...]]]) -> list[tuple[Any, ...]]:
-    """Rows for `insert_new_jobs` (NEW_JOB_COLUMNS): a fresh id, the line, keys, spec JSON, seed.
+def _job_rows(
+    plan_rows: Sequence[tuple[ManifestRow, tuple[ReferenceFile, ...]]], *, lane: str
+) -> list[tuple[Any, ...]]:
+    """Rows for `insert_new_jobs` (NEW_JOB_COLUMNS): a fresh id, the line, keys, spec JSON, seed, lane.
 
     The spec JSON is `JobSpec.to_text()`, made once per row: SQL stores it and the
     message carries the same text (`_enqueue`).
@@ -147,7 +156,7 @@ def _job_rows(plan_rows: Sequence[tuple[ManifestRow, tuple[ReferenceFile, ...]]]
         if files not in references:  # 100k rows over a few images
             references[files] = tuple(f.reference() for f in files)
         spec = JobSpec(params=row.params, references=references[files]).to_text()
-        rows.append((new_id(), row.line, row.client_id, row.dedupe_key, spec, row.params.seed))
+        rows.append((new_id(), row.line, row.client_id, row.dedupe_key, spec, row.params.seed, row.lane or lane))
     return rows
 
 
@@ -158,23 +167,23 @@ def _insert_jobs(session: Session, batch: Batch, rows: Sequence[tuple[Any, ...]]
     return {row[0]: row[4] for row in rows if row[0] in inserted}
 
 
-# 6. Enqueue.
+# 6. Wake the dispatcher.
 
 
-def _enqueue(*, settings: Settings, queue: str, batch_id: str, jobs: Mapping[str, str]) -> bool:
-    messages = [
-        (job_id, message_text(job_id=job_id, batch_id=batch_id, spec_json=spec)) for job_id, spec in jobs.items()
-    ]
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S
-    )
+def _wake(*, settings: Settings, model_set: str, pooled: redis.Redis | None = None) -> bool:
+    """Tell the model set's dispatcher that jobs wait; False when Redis is down (it rescans SQL anyway).
+
+    `pooled` is the caller's long-lived client (the API's); without one, a client for this call.
+    """
+    client = pooled if pooled is not None else connect_redis(settings.redis_url)
     try:
-        enqueue_serialized(redis_client=client, queue=queue, messages=messages, prefix=settings.redis_prefix)
-    except QueueUnavailable as e:
-        log.warning("%s", e)
+        client.incr(wake_key(settings, model_set))
+    except redis.RedisError as e:
+        log.warning("%s (the dispatcher finds the jobs in SQL within IPAB_DISPATCH_RESCAN_S)", e)
         return False
     finally:
-        client.close()
+        if pooled is None:
+            client.close()
     return True
 
 
@@ -193,9 +202,12 @@ class _Request:
     tenant: str = DEFAULT_TENANT
     after_insert: AfterInsert | None = None
     progress: Reporter = SILENT  # bars on stderr for `ipab submit`
+    lane: str = DEFAULT_LANE  # for rows that do not name one
+    redis_client: redis.Redis | None = None  # the API's pooled client; None: one per submission
 
     def __post_init__(self) -> None:
         check_batch_name(self.batch_name)  # refused before anything is read or written
+        check_lane(self.lane, field="--lane")
 
 
 @dataclass
@@ -217,14 +229,33 @@ def _plan(
         _check_model_set(batch, request.model_set)
         _check_tenant(batch, request.tenant)
         existing = _existing_keys(session, batch, [row.dedupe_key for row in parsed.rows])
+        allowed = tenant_lanes(session=session, tenant=request.tenant)
     new_rows = [row for row in parsed.rows if row.dedupe_key not in existing]
+    lane_problems = _lane_problems(new_rows, default=request.lane, allowed=allowed, tenant=request.tenant)
+    if lane_problems:
+        refused = {p.line for p in lane_problems}
+        new_rows = [row for row in new_rows if row.line not in refused]
     # 3. Check the references of the new rows (and of invalid rows, to report everything),
     #    reading and decoding each image once.
     to_check = [(row.line, row.references) for row in new_rows] + list(parsed.unchecked_references.items())
     files_by_line, ref_problems = resolve_rows(to_check, resolver=resolver)
     rows = [(row, files_by_line[row.line]) for row in new_rows if row.line in files_by_line]
-    problems = sorted(parsed.problems + ref_problems, key=lambda p: p.line)
-    return _Plan(rows, problems, len(parsed.rows) - len(new_rows))
+    problems = sorted(parsed.problems + ref_problems + lane_problems, key=lambda p: p.line)
+    return _Plan(rows, problems, len(parsed.rows) - len(new_rows) - len(lane_problems))
+
+
+def _lane_problems(
+    rows: Sequence[ManifestRow], *, default: str, allowed: frozenset[str] | None, tenant: str
+) -> list[Problem]:
+    """Rows whose lane the tenant may not use (`ipab keys create --lanes`)."""
+    if allowed is None:
+        return []
+    shown = ", ".join(sorted(allowed))
+    return [
+        Problem(row.line, "lane", f"{row.lane or default!r} is not open to tenant {tenant!r}; it may use {shown}")
+        for row in rows
+        if (row.lane or default) not in allowed
+    ]
 
 
 def _write(
@@ -239,7 +270,7 @@ def _write(
             session, name=request.batch_name, model_set=request.model_set, tenant=request.tenant
         )
         with request.progress.stage("insert", total=len(plan.rows)) as stage:
-            inserted = _insert_jobs(session, batch, _job_rows(plan.rows))
+            inserted = _insert_jobs(session, batch, _job_rows(plan.rows, lane=request.lane))
             stage.update(len(plan.rows))
         if request.after_insert is not None:
             request.after_insert(session, batch.id, list(inserted))
@@ -262,18 +293,17 @@ def _submit(
         raise ManifestInvalid(list(plan.problems))
     # 5. References, batch and jobs, in one transaction.
     batch_id, inserted, report = _write(request, sessions, plan, resolver)
-    # 6. Enqueue the new jobs in one pipeline (the reconciler covers a failed push).
+    # 6. Wake the dispatcher: it hands the new jobs to the workers in policy order.
     queue = render_queue(request.model_set)
-    with request.progress.stage("enqueue", total=len(inserted)) as stage:
-        enqueued = not inserted or _enqueue(settings=request.settings, queue=queue, batch_id=batch_id, jobs=inserted)
-        stage.update(len(inserted))
+    woken = not inserted or _wake(settings=request.settings, model_set=request.model_set, pooled=request.redis_client)
     return SubmitResult(
         batch_id=batch_id,
         batch_name=request.batch_name,
         added=len(inserted),
         skipped_existing=plan.skipped_existing + len(plan.rows) - len(inserted),
         invalid=list(plan.problems),
-        enqueued=enqueued,
+        woken=woken,
+        lane=request.lane,
         queue=queue,
         references_uploaded=report.uploaded,
         references_stored=report.already_stored,
@@ -291,6 +321,7 @@ def submit_manifest(
     tenant: str = DEFAULT_TENANT,
     max_grid_rows: int = DEFAULT_MAX_ROWS,
     progress: Reporter = SILENT,
+    lane: str = DEFAULT_LANE,
 ) -> SubmitResult:
     """Validate a manifest, store its references, insert its new jobs and enqueue them.
 
@@ -303,7 +334,7 @@ def submit_manifest(
     model_set = resolve_model_set_name(model_set_name, settings)
     grid = is_grid(path)
     name = batch_name or (grid_batch_name(path) if grid else default_batch_name(path))
-    request = _Request(settings, name, model_set, tenant, progress=progress)
+    request = _Request(settings, name, model_set, tenant, progress=progress, lane=lane)
     # 1. Read and validate every row (columns, ids, parameters).
     parsed = (
         parse_grid(path, defaults=defaults, max_rows=max_grid_rows) if grid else parse_manifest(path, defaults=defaults)
@@ -331,11 +362,14 @@ def submit_rows(
     tenant: str = DEFAULT_TENANT,
     skip_invalid: bool = False,
     after_insert: AfterInsert | None = None,
+    lane: str = DEFAULT_LANE,
+    redis_client: redis.Redis | None = None,
 ) -> SubmitResult:
     """Submit rows already read and validated (`scheduler.manifest.parse_rows`): the HTTP API's path.
 
     The same steps as `submit_manifest` from step 2 on; `resolver` turns each row's
-    references into stored images, `after_insert` runs in the transaction of the jobs.
+    references into stored images, `after_insert` runs in the transaction of the jobs;
+    `redis_client`, when given, is used (not closed) to wake the dispatcher.
     """
-    request = _Request(settings, batch_name, model_set, tenant, after_insert)
+    request = _Request(settings, batch_name, model_set, tenant, after_insert, lane=lane, redis_client=redis_client)
     return _submit(request, sessions, parsed, resolver, skip_invalid=skip_invalid)

@@ -1,35 +1,34 @@
 """The reconciler: SQL is the truth, Redis only the transport (the outbox pattern).
 
 Each pass (1) returns jobs whose worker lease expired to the queue, or fails them after
-`max_attempts`, and (2) re-enqueues every queued job whose message is not in Redis: never
-pushed (Redis was down at submission), lost (FLUSHALL, a restart without persistence) or
-stuck unacknowledged with a dead worker for longer than the visibility timeout. Running
+`max_attempts`, and (2) hands back to the dispatcher (clears `enqueued_at`) every dispatched
+job whose message is not in Redis: lost (FLUSHALL, a restart without persistence, a
+dispatcher that died between marking a job and pushing it) or stuck unacknowledged with a
+dead worker for longer than the visibility timeout. The dispatcher (`shared.dispatch`)
+then pushes them again in policy order. Every time is the database server's. Running
 twice is harmless (claims are conditional), so one lock in Redis keeps only one active.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Final
 
 import redis
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import keys
-from shared.db import Batch, Job, JobStatus, utcnow
-from shared.errors import InvalidInput, TransientError
-from shared.jobs import expire_leases, fail_job, mark_enqueued, transaction
-from shared.queue import enqueue_jobs, missing_from_queue
+from shared.db import Batch, Job, JobStatus
+from shared.db_clock import server_now
+from shared.errors import TransientError
+from shared.jobs import expire_leases, transaction, undispatch
+from shared.queue import missing_from_queue
 from shared.settings import Settings
-from shared.spec import parse_spec
-from shared.wire import JobMessage
 
 log = logging.getLogger(__name__)
 SCAN_CHUNK = 5000
@@ -44,45 +43,42 @@ class ReconcileReport:
     reenqueued: list[str] = field(default_factory=list)
 
 
-def _stale_queued(*, sessions: sessionmaker[Session], settings: Settings) -> list[tuple[str, str, str, str, bool]]:
-    """(job id, batch id, spec, model set, long-stuck) of queued jobs enqueued a while ago or never."""
-    now = utcnow()
-    grace = now - timedelta(seconds=settings.requeue_grace_s)
-    stuck = now - timedelta(seconds=settings.visibility_timeout_s)
+def _stale_dispatched(*, sessions: sessionmaker[Session], settings: Settings) -> list[tuple[str, str, bool]]:
+    """(job id, model set, long-stuck) of queued jobs handed to Redis a while ago (by the server's clock)."""
+    grace = server_now(-settings.requeue_grace_s)
+    stuck = server_now(-settings.visibility_timeout_s)
     stmt = (
-        select(Job.id, Job.batch_id, Job.spec, Batch.model_set, Job.enqueued_at)
+        select(Job.id, Batch.model_set, Job.enqueued_at < stuck)
         .join(Batch, Batch.id == Job.batch_id)
-        .where(Job.status == JobStatus.queued.value, or_(Job.enqueued_at.is_(None), Job.enqueued_at < grace))
+        .where(Job.status == JobStatus.queued.value, Job.enqueued_at.is_not(None), Job.enqueued_at < grace)
     )
     with transaction(sessions) as session:
-        rows = session.execute(stmt).all()
-    return [(r[0], r[1], r[2], r[3], r[4] is not None and r[4] < stuck) for r in rows]
+        return [(r[0], r[1], bool(r[2])) for r in session.execute(stmt)]
 
 
-def _reenqueue(
+def _hand_back_lost(
     *, sessions: sessionmaker[Session], redis_client: redis.Redis, settings: Settings, report: ReconcileReport
-) -> None:
-    rows = _stale_queued(sessions=sessions, settings=settings)
+) -> set[str]:
+    """Dispatched jobs whose message is gone from Redis (or stuck past the visibility timeout) wait
+    for dispatch again; returns the model sets concerned."""
+    rows = _stale_dispatched(sessions=sessions, settings=settings)
+    model_sets: set[str] = set()
     for start in range(0, len(rows), SCAN_CHUNK):
         chunk = rows[start : start + SCAN_CHUNK]
         absent = set(
             missing_from_queue(redis_client=redis_client, prefix=settings.redis_prefix, job_ids=[r[0] for r in chunk])
         )
-        by_queue: dict[str, list[JobMessage]] = {}
-        for job_id, batch_id, spec, model_set, long_stuck in chunk:
-            if job_id not in absent and not long_stuck:
-                continue
-            try:
-                message = JobMessage(job_id=job_id, batch_id=batch_id, spec=parse_spec(json.loads(spec)))
-            except (InvalidInput, ValueError) as e:
-                fail_job(sessions=sessions, job_id=job_id, attempt=None, error_type="InvalidInput", message=str(e))
-                continue
-            by_queue.setdefault(keys.render_queue(model_set), []).append(message)
-        for queue, messages in by_queue.items():
-            enqueue_jobs(redis_client=redis_client, queue=queue, messages=messages, prefix=settings.redis_prefix)
-            ids = [m.job_id for m in messages]
-            mark_enqueued(sessions=sessions, job_ids=ids)
-            report.reenqueued.extend(ids)
+        lost = [(job_id, model_set) for job_id, model_set, long_stuck in chunk if job_id in absent or long_stuck]
+        handed = undispatch(sessions=sessions, job_ids=[job_id for job_id, _ in lost])
+        report.reenqueued.extend(sorted(handed))
+        model_sets.update(model_set for job_id, model_set in lost if job_id in handed)
+    return model_sets
+
+
+def _model_sets_of(*, sessions: sessionmaker[Session], job_ids: list[str]) -> set[str]:
+    stmt = select(Batch.model_set).join(Job, Job.batch_id == Batch.id).where(Job.id.in_(job_ids[:SCAN_CHUNK]))
+    with transaction(sessions) as session:
+        return set(session.scalars(stmt.distinct()))
 
 
 def reconcile_once(
@@ -92,8 +88,13 @@ def reconcile_once(
     report = ReconcileReport()
     # 1. Jobs whose worker stopped renewing its lease go back to the queue (or fail).
     report.requeued_expired, report.failed_lost = expire_leases(sessions=sessions, max_attempts=settings.max_attempts)
-    # 2. Queued jobs with no message in Redis get one.
-    _reenqueue(sessions=sessions, redis_client=redis_client, settings=settings, report=report)
+    # 2. Dispatched jobs whose message was lost wait for the dispatcher again.
+    woken = _hand_back_lost(sessions=sessions, redis_client=redis_client, settings=settings, report=report)
+    # 3. The dispatchers of the model sets concerned re-read their backlog now.
+    if report.requeued_expired:
+        woken.update(_model_sets_of(sessions=sessions, job_ids=report.requeued_expired))
+    for model_set in sorted(woken):
+        redis_client.incr(settings.redis_prefix + keys.DISPATCH_WAKE_KEY.format(model_set=model_set))
     if report.requeued_expired or report.failed_lost or report.reenqueued:
         log.info(
             "reconciler: %d lease(s) expired, %d failed after %d attempts, %d re-enqueued",
