@@ -162,6 +162,10 @@ class Job(Base):
     output_key: Mapped[str | None] = mapped_column(String(512))
     output_sha256: Mapped[str | None] = mapped_column(String(64))
     output_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # How the job ran: the jobs in the pipeline call that rendered it (micro-batching), and the
+    # provenance record (weight sha256s, library versions, device, dtype) as JSON.
+    render_batch_size: Mapped[int | None] = mapped_column(Integer)
+    provenance: Mapped[str | None] = mapped_column(Text)
     error_type: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
 
