@@ -42,6 +42,7 @@ class JobResult:
     denoise_s: float
     upload_s: float
     cache_stats: str | None = None
+    provenance: str | None = None  # JSON: weight sha256s, library versions, device, dtype (worker.provenance)
 
 
 @contextmanager
@@ -98,6 +99,7 @@ _RESULT_FIELDS = (
     "denoise_s",
     "upload_s",
     "cache_stats",
+    "provenance",
 )
 _FINISH = (
     update(_JOBS)
