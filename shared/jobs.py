@@ -43,6 +43,7 @@ class JobResult:
     upload_s: float
     cache_stats: str | None = None
     provenance: str | None = None  # JSON: weight sha256s, library versions, device, dtype (worker.provenance)
+    render_batch_size: int | None = None  # jobs in the pipeline call that rendered this one
 
 
 @contextmanager
@@ -100,6 +101,7 @@ _RESULT_FIELDS = (
     "upload_s",
     "cache_stats",
     "provenance",
+    "render_batch_size",
 )
 _FINISH = (
     update(_JOBS)

@@ -29,7 +29,9 @@ MIN_IDEMPOTENCY_TTL_S = 24 * 3600.0
 # Settings whose values are secrets: never shown, even when refused.
 SECRET_FIELDS = frozenset({"api_key"})
 # Smallest value of each whole-number setting.
-MINIMUM_COUNTS = {"max_attempts": 1, "transient_retries": 0, "cache_lru_bytes": 0}
+MINIMUM_COUNTS = {"max_attempts": 1, "transient_retries": 0, "cache_lru_bytes": 0, "batch_wait_ms": 0}
+# Without IPAB_DISPATCH_DEPTH, the queue is kept at least this deep, and at least one batch deep.
+DEFAULT_DISPATCH_DEPTH = 4
 
 
 class Settings(BaseSettings):
@@ -48,6 +50,13 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     compile: bool = False
+    # The fast path (worker/pipeline.py): fused q/k/v projections, channels_last memory format.
+    fuse_qkv: bool = False
+    channels_last: bool = False
+    # Micro-batching (worker/batching.py): up to `batch_size` compatible queued jobs share one
+    # pipeline call; a worker waits at most `batch_wait_ms` for a batch to fill.
+    batch_size: int = 1
+    batch_wait_ms: int = 50
 
     # Local reference images may only be read from under these folders (empty: the working
     # dir and the manifest's own folder); s3:// references only from these buckets (empty:
@@ -85,7 +94,7 @@ class Settings(BaseSettings):
     # each model set's Redis queue `dispatch_depth` messages deep, fed in policy order.
     lane_weights: Weights = dict(DEFAULT_LANE_WEIGHTS)  # interactive, scheduled, bulk
     tenant_weights: Weights = {}  # tenants not named weigh 1
-    dispatch_depth: int = 4  # messages waiting in Redis per model set; more: throughput, fewer: priority
+    dispatch_depth: int = DEFAULT_DISPATCH_DEPTH  # messages waiting in Redis per model set; more: throughput, fewer: priority
     dispatch_poll_s: float = 0.02  # how often an idle dispatcher looks at the queue's depth
     dispatch_rescan_s: float = 2.0  # the backlog is re-read from SQL at least this often
     dispatch_lock_s: float = 5.0  # a dead dispatcher's lock lapses after this long
@@ -163,6 +172,9 @@ class Settings(BaseSettings):
             raise ValueError(f"IPAB_IDEMPOTENCY_TTL_S must be at least 86400 (24 h), got {self.idempotency_ttl_s}")
         if self.max_attempts < 1:
             raise ValueError(f"IPAB_MAX_ATTEMPTS must be at least 1, got {self.max_attempts}")
+        if "dispatch_depth" not in self.model_fields_set:
+            # A worker can only batch the jobs waiting in Redis: keep at least one batch there.
+            self.dispatch_depth = max(DEFAULT_DISPATCH_DEPTH, self.batch_size)
         return self
 
 
