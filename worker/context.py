@@ -15,6 +15,7 @@ from shared.settings import Settings, require_model_set
 from shared.storage import ObjectStore
 from worker.embedding import EmbeddingCache
 from worker.pipeline import Renderer
+from worker.provenance import Provenance, model_set_hashes
 from worker.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class WorkerContext:
     cache: EmbeddingCache
     publisher: Publisher
     host: str
+    # What every output of this process is made with (weight sha256s, versions, device, dtype).
+    provenance: Provenance | None = None
 
     def close(self) -> None:
         """Publish what is pending and let go of the clients."""
@@ -56,6 +59,7 @@ def build_context(settings: Settings) -> WorkerContext:
     if settings.encoder_placement == "swap":
         renderer.encoder_swap_device = renderer.device
     cache = EmbeddingCache.from_settings(settings, redis=redis_client, store=store, encoder=renderer)
+    provenance = Provenance.of(renderer, hashes=model_set_hashes(renderer.config))
     log.info("worker ready: model set %s on %s", renderer.name, settings.device)
     return WorkerContext(
         settings=settings,
@@ -66,4 +70,5 @@ def build_context(settings: Settings) -> WorkerContext:
         cache=cache,
         publisher=Publisher(settings=settings, sessions=sessions, store=store),
         host=socket.gethostname(),
+        provenance=provenance,
     )

@@ -3,6 +3,11 @@
 The `parameters` text chunk follows AUTOMATIC1111's convention, so image browsers and
 "PNG info" tools show the prompt and settings; the `ipab` chunk holds the same as JSON for
 exact reproduction. No timestamps and fixed compression: the same job gives the same bytes.
+
+With a provenance record (`worker.provenance`), `parameters` also carries A1111's
+`Model hash:` (10 hex digits of the base checkpoint's sha256) and `Version:` (`ipab 0.1.0`), and
+the `ipab` JSON carries the whole record: every weight file's sha256, the library versions,
+the device and the dtype.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from shared.spec import GenerationParams
+from worker.provenance import Provenance
 
 # A1111's names for our schedulers.
 SAMPLER_NAMES: Final = {
@@ -27,8 +33,9 @@ SAMPLER_NAMES: Final = {
 COMPRESS_LEVEL: Final = 6
 
 
-def parameters_text(params: GenerationParams, *, model_set: str) -> str:
-    """The A1111 `parameters` text: prompt, optional negative prompt line, then `Key: value` pairs."""
+def parameters_text(params: GenerationParams, *, model_set: str, provenance: Provenance | None = None) -> str:
+    """The A1111 `parameters` text: prompt, optional negative prompt line, then `Key: value` pairs
+    in A1111's order (`Model hash` before `Model`, `Version` last)."""
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
@@ -38,18 +45,25 @@ def parameters_text(params: GenerationParams, *, model_set: str) -> str:
         "CFG scale": _number(params.guidance_scale),
         "Seed": str(params.seed),
         "Size": f"{params.width}x{params.height}",
+        **({"Model hash": provenance.model_hash} if provenance else {}),
         "Model": model_set,
         "IP-Adapter scale": _adapter_scale(params),
+        **({"Version": f"ipab {provenance.versions['ipab']}"} if provenance else {}),
     }
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in settings.items()))
     return "\n".join(lines)
 
 
-def encode_png(image: Image.Image, *, params: GenerationParams, model_set: str) -> bytes:
+def encode_png(
+    image: Image.Image, *, params: GenerationParams, model_set: str, provenance: Provenance | None = None
+) -> bytes:
     """PNG bytes of `image` with the `parameters` and `ipab` text chunks; identical for identical input."""
     info = PngInfo()
-    info.add_text("parameters", parameters_text(params, model_set=model_set))
-    info.add_text("ipab", json.dumps({"model_set": model_set, "params": params.to_json()}, sort_keys=True))
+    info.add_text("parameters", parameters_text(params, model_set=model_set, provenance=provenance))
+    record = {"model_set": model_set, "params": params.to_json()}
+    if provenance is not None:
+        record["provenance"] = provenance.to_json()
+    info.add_text("ipab", json.dumps(record, sort_keys=True))
     out = io.BytesIO()
     image.convert("RGB").save(out, format="PNG", pnginfo=info, compress_level=COMPRESS_LEVEL, optimize=False)
     return out.getvalue()

@@ -147,6 +147,7 @@ class Publisher:
             denoise_s=p.rendered.denoise_s,
             upload_s=time.perf_counter() - t0,
             cache_stats=p.rendered.cache_stats,
+            provenance=p.rendered.provenance,
         )
         recorded = self._retry(
             lambda: finish_job(sessions=self._sessions, job_id=p.job_id, attempt=p.lease.attempt, result=result),

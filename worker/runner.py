@@ -41,6 +41,7 @@ class Rendered:
     encode_s: float
     denoise_s: float
     cache_stats: str
+    provenance: str | None = None  # the worker's provenance record, JSON (worker.provenance)
 
 
 def run_job(ctx: WorkerContext, raw: Any) -> str:
@@ -140,9 +141,14 @@ def _render(ctx: WorkerContext, message: JobMessage, lease: Lease) -> Rendered:
     t1 = time.perf_counter()
     image = ctx.renderer.generate(params, embeds, on_step=lease.check)
     t2 = time.perf_counter()
-    png = encode_png(image, params=params, model_set=ctx.renderer.name)
+    png = encode_png(image, params=params, model_set=ctx.renderer.name, provenance=ctx.provenance)
     return Rendered(
-        png=png, seed=params.seed, encode_s=t1 - t0, denoise_s=t2 - t1, cache_stats=json.dumps(stats.to_json())
+        png=png,
+        seed=params.seed,
+        encode_s=t1 - t0,
+        denoise_s=t2 - t1,
+        cache_stats=json.dumps(stats.to_json()),
+        provenance=ctx.provenance.to_text() if ctx.provenance else None,
     )
 
 
