@@ -10,8 +10,8 @@ lease's own expiry as last written; after that another worker may hold the job.
 
 One heartbeat thread per process renews every held lease when it falls due (each
 `heartbeat_s` after it was taken or last renewed), instead of a thread per job: starting a
-thread cost more than a short job's own SQL. A worker holds at most two leases at a time
-(the job rendering and the one publishing), so one thread keeps up with both.
+thread cost more than a short job's own SQL. A worker holds at most a pipeline call's jobs
+(IPAB_BATCH_SIZE) and the one publishing, so one thread keeps up with all of them.
 """
 
 from __future__ import annotations

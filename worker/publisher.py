@@ -147,6 +147,7 @@ class Publisher:
             denoise_s=p.rendered.denoise_s,
             upload_s=time.perf_counter() - t0,
             cache_stats=p.rendered.cache_stats,
+            render_batch_size=p.rendered.render_batch_size,
             provenance=p.rendered.provenance,
         )
         recorded = self._retry(

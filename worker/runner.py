@@ -13,16 +13,18 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from shared import keys
 from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, JobTimedOut, MessageInvalid, TransientError
 from shared.jobs import claim_job, hand_back_paused
 from shared.queue import forget_queued
 from shared.retry import retry_per_settings
 from shared.wire import JobMessage, decode_ids, decode_message
+from worker.batching import BatchCollector
 from worker.context import WorkerContext
 from worker.failures import record_failure
 from worker.lease import Lease, max_lease_s
@@ -41,11 +43,27 @@ class Rendered:
     encode_s: float
     denoise_s: float
     cache_stats: str
+    render_batch_size: int = 1  # jobs in the pipeline call that rendered this one
     provenance: str | None = None  # the worker's provenance record, JSON (worker.provenance)
 
 
+@dataclass
+class _Job:
+    """One claimed job of a pipeline call; `outcome` is set once it left the call (failed, canceled)."""
+
+    job_id: str
+    batch_id: str
+    lease: Lease
+    message: JobMessage | None = None
+    embeds: list[Any] = field(default_factory=list)
+    encode_s: float = 0.0
+    cache_stats: str = "{}"
+    outcome: str | None = None
+
+
 def run_job(ctx: WorkerContext, raw: Any) -> str:
-    """Run one job message to its end; returns what happened (for logs and tests)."""
+    """Run one job message to its end, with up to `IPAB_BATCH_SIZE - 1` compatible queued jobs
+    in the same pipeline call (`worker.batching`); returns what happened to this message's job."""
     # 1. Read the ids; a message that is not a job is dropped (there is no row to fail).
     try:
         job_id, batch_id = decode_ids(raw)
@@ -53,22 +71,67 @@ def run_job(ctx: WorkerContext, raw: Any) -> str:
         log.error("dropping a message that is not a job: %s", e)
         return "dropped"
     # 2. Claim the row: a duplicate delivery of a finished or running job does nothing.
+    job = _start(ctx, job_id, batch_id)
+    if job is None:
+        return _not_claimed(ctx, job_id)
+    # 3. Validate the spec again: the message may come from an older scheduler.
+    _validate(ctx, job, raw)
+    # 4. Micro-batching: compatible queued jobs join this one, each claimed and leased alike.
+    jobs = [job, *_gather(ctx, job.message)] if job.message is not None else [job]
+    # 5-9. Embeddings, denoising (one call), PNG, then upload and mark succeeded (publisher).
+    _render_all(ctx, jobs)
+    return job.outcome or "rendered"
+
+
+def _start(ctx: WorkerContext, job_id: str, batch_id: str) -> _Job | None:
+    """Claim the job and start its lease; None when the claim found it not ours to run."""
     claimed_at_s = time.monotonic()
     attempt = _claim(ctx, job_id)
     if attempt is None:
-        return _not_claimed(ctx, job_id)
-    lease = _lease(ctx, job_id, attempt, claimed_at_s)
+        return None
+    job = _Job(job_id=job_id, batch_id=batch_id, lease=_lease(ctx, job_id, attempt, claimed_at_s))
+    job.lease.start()
+    return job
+
+
+def _validate(ctx: WorkerContext, job: _Job, raw: Any) -> None:
     try:
-        lease.start()
-        # 3. Validate the spec again: the message may come from an older scheduler.
-        message = decode_message(raw)
-        # 4-6. Embeddings, denoising, PNG.
-        rendered = _render(ctx, message, lease)
+        job.message = decode_message(raw)
     except BaseException as e:
-        lease.stop()
-        return _record_failure(ctx, job_id, attempt, e)
-    # 7-8. Upload and mark succeeded, overlapped with the next job.
-    return _hand_off(ctx, Publication(job_id=job_id, batch_id=batch_id, lease=lease, rendered=rendered))
+        _leave(ctx, job, e)
+
+
+def _gather(ctx: WorkerContext, first: JobMessage) -> list[_Job]:
+    """Take and claim up to `IPAB_BATCH_SIZE - 1` queued jobs that can share `first`'s pipeline call."""
+    more = ctx.settings.batch_size - 1
+    if more <= 0:
+        return []
+    collector = BatchCollector(
+        redis_client=ctx.redis, queue=keys.render_queue(ctx.renderer.name), prefix=ctx.settings.redis_prefix
+    )
+    jobs: list[_Job] = []
+    for taken in collector.collect(first, more=more, wait_ms=ctx.settings.batch_wait_ms):
+        try:
+            job = _start(ctx, taken.message.job_id, taken.message.batch_id)
+        except IpabError as e:  # the row stays queued; the reconciler hands its job back
+            log.warning("job %s: taken for a batch but not claimed: %s", taken.message.job_id, e)
+            continue
+        if job is None:
+            _not_claimed(ctx, taken.message.job_id)
+            continue
+        job.message = taken.message
+        jobs.append(job)
+    return jobs
+
+
+def _leave(ctx: WorkerContext, job: _Job, error: BaseException) -> None:
+    """The job leaves its pipeline call: its lease stops and its failure (or cancel) is recorded."""
+    job.lease.stop()
+    job.outcome = _record_failure(ctx, job.job_id, job.lease.attempt, error)
+
+
+def _live(jobs: list[_Job]) -> list[_Job]:
+    return [job for job in jobs if job.outcome is None]
 
 
 def _lease(ctx: WorkerContext, job_id: str, attempt: int, claimed_at_s: float) -> Lease:
@@ -134,22 +197,115 @@ def _forget(ctx: WorkerContext, job_id: str) -> None:
         log.warning("could not update the queued set for %s: %s", job_id, e)
 
 
-def _render(ctx: WorkerContext, message: JobMessage, lease: Lease) -> Rendered:
-    params = message.spec.params
+def _render_all(ctx: WorkerContext, jobs: list[_Job]) -> None:
+    """Steps 5-9 for the jobs of one pipeline call; each job fails or is canceled on its own."""
+    # 5. Embeddings: a reference that cannot be read fails its own job only.
+    for job in _live(jobs):
+        _embed(ctx, job)
+    live = _live(jobs)
+    if not live:
+        return
+    # 6. Denoise in one call. If the call fails as a whole (out of memory, NaN), each job runs
+    # alone, so that only the job that cannot render fails.
+    try:
+        images, denoise_s = _generate(ctx, live)
+    except JobCanceled:
+        return  # every job left the call at a step (recorded by `_on_step`)
+    except BaseException as e:
+        if len(live) == 1 or not _worth_singles(e):
+            _leave_all(ctx, live, e)
+            return
+        log.warning("a pipeline call of %d jobs failed (%r); rendering them one at a time", len(live), e)
+        for job in live:
+            _render_all(ctx, [job])
+        return
+    # 7-9. PNG and hand-off, per job still in the call.
+    for job, image in zip(live, images, strict=True):
+        if job.outcome is None:
+            _publish(ctx, job, image, denoise_s=denoise_s, render_batch_size=len(live))
+
+
+def _embed(ctx: WorkerContext, job: _Job) -> None:
+    assert job.message is not None
     t0 = time.perf_counter()
-    embeds, stats = ctx.cache.get([(ref.sha256, _loader(ctx, ref.key)) for ref in message.spec.references])
-    t1 = time.perf_counter()
-    image = ctx.renderer.generate(params, embeds, on_step=lease.check)
-    t2 = time.perf_counter()
-    png = encode_png(image, params=params, model_set=ctx.renderer.name, provenance=ctx.provenance)
-    return Rendered(
+    try:
+        embeds, stats = ctx.cache.get([(ref.sha256, _loader(ctx, ref.key)) for ref in job.message.spec.references])
+    except BaseException as e:
+        _leave(ctx, job, e)
+        return
+    job.embeds, job.encode_s = list(embeds), time.perf_counter() - t0
+    job.cache_stats = json.dumps(stats.to_json())
+
+
+def _generate(ctx: WorkerContext, jobs: list[_Job]) -> tuple[list[Any], float]:
+    """One pipeline call for the jobs; every job is checked at every step (its own cancel)."""
+    items = [(job.message.spec.params, job.embeds) for job in jobs if job.message is not None]
+    on_step = _on_step(ctx, jobs)
+    t0 = time.perf_counter()
+    if len(items) == 1:
+        images = [ctx.renderer.generate(items[0][0], items[0][1], on_step=on_step)]
+    else:
+        images = ctx.renderer.generate_batch(items, on_step=on_step)
+    return images, time.perf_counter() - t0
+
+
+def _on_step(ctx: WorkerContext, jobs: list[_Job]) -> Callable[[int], None]:
+    """A canceled job leaves the call at the next step; the call stops once no job is left.
+
+    The departed job's rows ride along in the tensors until the call ends (the schedulers keep
+    per-batch state, so the batch cannot shrink mid-call); the others' images are unchanged.
+    """
+
+    def check(step: int) -> None:
+        for job in _live(jobs):
+            try:
+                job.lease.check(step)
+            except JobCanceled as e:
+                _leave(ctx, job, e)
+        if not _live(jobs):
+            raise JobCanceled(f"every job of this pipeline call left it (at step {step})")
+
+    return check
+
+
+def _worth_singles(error: BaseException) -> bool:
+    """Whether a failed pipeline call is worth retrying job by job: not for a time limit or a shutdown."""
+    return isinstance(error, Exception) and not isinstance(error, SoftTimeLimitExceeded | TransientError)
+
+
+def _leave_all(ctx: WorkerContext, jobs: list[_Job], error: BaseException) -> None:
+    """Every job of the call fails with the call's error; a shutdown signal still surfaces."""
+    surfaced: BaseException | None = None
+    for job in jobs:
+        try:
+            _leave(ctx, job, error)
+        except BaseException as e:  # `_record_failure` re-raises what is not a job's failure
+            job.outcome = "interrupted"
+            surfaced = e
+    if surfaced is not None:
+        raise surfaced
+
+
+def _publish(ctx: WorkerContext, job: _Job, image: Any, *, denoise_s: float, render_batch_size: int) -> None:
+    """Steps 7-9: the PNG, then the hand-off to the publisher (upload, mark succeeded)."""
+    assert job.message is not None
+    params = job.message.spec.params
+    try:
+        png = encode_png(image, params=params, model_set=ctx.renderer.name, provenance=ctx.provenance)
+    except BaseException as e:
+        _leave(ctx, job, e)
+        return
+    rendered = Rendered(
         png=png,
         seed=params.seed,
-        encode_s=t1 - t0,
-        denoise_s=t2 - t1,
-        cache_stats=json.dumps(stats.to_json()),
+        encode_s=job.encode_s,
+        denoise_s=denoise_s,
+        cache_stats=job.cache_stats,
+        render_batch_size=render_batch_size,
         provenance=ctx.provenance.to_text() if ctx.provenance else None,
     )
+    publication = Publication(job_id=job.job_id, batch_id=job.batch_id, lease=job.lease, rendered=rendered)
+    job.outcome = _hand_off(ctx, publication)
 
 
 def _loader(ctx: WorkerContext, key: str) -> Callable[[], bytes]:
