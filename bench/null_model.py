@@ -6,6 +6,8 @@ S3, PNG encoding, the embedding cache) with the model taken out. Never used by i
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -17,6 +19,9 @@ from shared.spec import GenerationParams
 
 NULL_EMBED_DIM: Final = 1280  # the plain SDXL adapter's width (ViT-bigG projection)
 NULL_IMAGE_PX: Final = 64
+# Benchmarks that need jobs of a known length set this in the worker's environment.
+RENDER_MS_ENV: Final = "BENCH_NULL_RENDER_MS"
+RENDER_S: Final = float(os.environ.get(RENDER_MS_ENV, "0")) / 1000
 
 
 class NullRenderer:
@@ -29,6 +34,7 @@ class NullRenderer:
         self.dtype = torch.float16
         self.embed_shape = (NULL_EMBED_DIM,)
         self._image = Image.new("RGB", (NULL_IMAGE_PX, NULL_IMAGE_PX), (128, 64, 32))
+        self.render_s = RENDER_S  # a fixed pretend render time (bench/fairness.py); 0 elsewhere
 
     @classmethod
     def load(cls, config: ModelSetConfig, **_options: Any) -> NullRenderer:
@@ -42,7 +48,9 @@ class NullRenderer:
     def generate(
         self, params: GenerationParams, embeds: Sequence[torch.Tensor], *, on_step: Callable[[int], None] | None = None
     ) -> Image.Image:
-        """The fixed image (one step callback, so lease checks still run)."""
+        """The fixed image (one step callback, so lease checks still run), after `render_s`."""
+        if self.render_s:
+            time.sleep(self.render_s)
         if on_step is not None:
             on_step(0)
         return self._image.copy()
