@@ -66,11 +66,45 @@ def goals(results: dict[str, Any]) -> list[Goal]:
             out.append(_goal(name, target, f"{_num(rate, 0)} jobs/s", rate >= CONTROL_GOAL_JOBS_PER_S))
         else:
             out.append(Goal(name, target, why, None))
+    out += _fairness_goals(results)
     e, _ = _part(results, "embed")
     if e and "redis_p50_ok" in e:
         target = f"<= {e.get('goal_redis_p50_ms')} ms"
         out.append(_goal("embedding cache Redis hit p50", target, "see section 4", bool(e["redis_p50_ok"])))
     return out
+
+
+def _control_rate(results: dict[str, Any]) -> float | None:
+    cp, _ = _part(results, "control", "sqlite")
+    return float(cp["steady_state_jobs_per_s"]) if cp else None
+
+
+def _fairness_goals(results: dict[str, Any]) -> list[Goal]:
+    f, why = _part(results, "fairness")
+    names = [
+        ("interactive start delay p95, 20k bulk queued", "<= 2 job durations"),
+        ("tenant b's share of starts (a has 20k queued)", "45-55%"),
+        ("throughput, lanes / FIFO", ">= 0.95"),
+        ("dispatcher capacity / control plane jobs/s", ">= 5x"),
+    ]
+    if not f:
+        return [Goal(name, target, why, None) for name, target in names]
+    policy, job_s = f["policy"], f["job_s"]
+    delay = policy["probe_delay_p95_s"] / job_s
+    share, ratio = policy["tenant_b_share"], f["throughput_ratio"]
+    control = _control_rate(results)
+    capacity = f["dispatcher"]["jobs_per_s"] / control if control else None
+    return [
+        _goal(names[0][0], names[0][1], f"{_num(delay, 1)} job durations", delay <= 2),
+        _goal(names[1][0], names[1][1], f"{share:.0%}", 0.45 <= share <= 0.55),
+        _goal(names[2][0], names[2][1], _num(ratio, 3), ratio >= 0.95),
+        Goal(
+            names[3][0],
+            names[3][1],
+            f"{_num(capacity, 1)}x" if capacity else "control plane not run",
+            capacity >= 5 if capacity else None,
+        ),
+    ]
 
 
 def _submit_goals(results: dict[str, Any], db: str) -> list[Goal]:
@@ -207,6 +241,14 @@ def _embed(e: dict[str, Any]) -> Iterator[str]:
     yield _failed(e) or e.get("markdown", "(no table)")
 
 
+def _fairness(f: dict[str, Any], control_jobs_per_s: float | None) -> Iterator[str]:
+    from bench.fairness import to_markdown
+
+    yield "## 6. Lanes and fair share (null workers, fixed job length)"
+    yield ""
+    yield _failed(f) or to_markdown(f, control_jobs_per_s=control_jobs_per_s)
+
+
 def _gpu(g: dict[str, Any] | None) -> Iterator[str]:
     yield "## 5. GPU (full-size SDXL + ip-adapter_sdxl, random weights)"
     yield ""
@@ -253,6 +295,7 @@ def render_markdown(results: dict[str, Any], *, command: str) -> str:
         _control(results.get("control") or {"skipped": "not run"}),
         _embed(results.get("embed") or {"skipped": "not run"}),
         _gpu(results.get("gpu")),
+        _fairness(results.get("fairness") or {"skipped": "not run"}, _control_rate(results)),
     ):
         parts += ["", *section]
     return "\n".join(parts) + "\n"

@@ -1,7 +1,7 @@
 """`make bench`: run every CPU benchmark in one go, print a summary, rewrite BENCHMARKS.md.
 
-    python -m bench.run [--rows 100000] [--control-jobs 3000] [--overhead-jobs 50]
-                        [--only overhead,submit,control,embed] [--gpu-json gpu.json] [--json out.json]
+    python -m bench.run [--rows 100000] [--control-jobs 3000] [--overhead-jobs 50] [--fairness-jobs 20000]
+                        [--only overhead,submit,control,embed,fairness] [--gpu-json gpu.json] [--json out.json]
     python -m bench.run --from-json out.json [--gpu-json gpu.json]   # rewrite BENCHMARKS.md only
 
 All ratios in BENCHMARKS.md come from one run on one machine; absolute figures depend on
@@ -24,7 +24,7 @@ from bench.common import REPO, log, machine_info, postgres_available
 from bench.report import render_markdown, summary_lines
 
 BENCHMARKS_MD: Final = REPO / "BENCHMARKS.md"
-ALL: Final = ("overhead", "submit", "control", "embed")
+ALL: Final = ("overhead", "submit", "control", "embed", "fairness")
 
 
 def _guarded(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def _embed_cache(samples: int) -> dict[str, Any]:
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """Every selected benchmark, one after another, in this process (each starts its own services)."""
-    from bench import control_plane, overhead, submit_throughput
+    from bench import control_plane, fairness, overhead, submit_throughput
 
     only = set(args.only.split(",")) if args.only else set(ALL)
     databases = ["sqlite", "postgres"] if postgres_available() else ["sqlite"]
@@ -71,6 +71,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         )
     if "embed" in only:
         results["embed"] = _guarded("embed", lambda: _embed_cache(args.embed_samples))
+    if "fairness" in only:
+        results["fairness"] = _guarded("fairness", lambda: fairness.run(bulk_jobs=args.fairness_jobs))
     if args.gpu_json:
         results["gpu"] = json.loads(Path(args.gpu_json).read_text())
     results["total_s"] = time.perf_counter() - t0
@@ -85,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--control-jobs", type=int, default=3000)
     parser.add_argument("--workers", type=int, default=4, help="null-model worker processes")
     parser.add_argument("--embed-samples", type=int, default=200)
+    parser.add_argument("--fairness-jobs", type=int, default=20_000, help="bulk backlog of the fairness benchmark")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--gpu-json", default=None, help="figures of `python -m bench.gpu --out` to include")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
