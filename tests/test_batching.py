@@ -1,0 +1,204 @@
+"""Micro-batching's promises, on real SQLite, Redis and S3 with a fake model (a unit test).
+
+Compatible queued jobs share one pipeline call and each records `render_batch_size`; an
+incompatible message stays where it was; each job keeps its own failure, cancel and output;
+a message taken for a batch and never claimed is handed back by the reconciler.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+import redis
+import torch
+from PIL import Image
+from sqlalchemy import update
+from test_runner import FakeRenderer, add_job, job_row
+
+from shared import keys
+from shared.db import Job, ensure_database, make_engine, make_session_factory
+from shared.db_clock import server_now
+from shared.jobs import cancel_jobs
+from shared.queue import enqueue_jobs
+from shared.reconcile import reconcile_once
+from shared.settings import Settings
+from shared.spec import JobSpec, Reference
+from shared.storage import ObjectStore
+from shared.wire import JobMessage
+from worker.batching import BatchCollector
+from worker.context import WorkerContext
+from worker.embedding import EmbeddingCache
+from worker.publisher import Publisher
+from worker.runner import run_job
+
+BATCH_SIZE = 4
+
+
+class BatchingFakeRenderer(FakeRenderer):
+    """The fake model with `generate_batch`; records the size of every pipeline call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+        self.bad_seed: int | None = None  # a call holding this seed fails as a whole
+
+    def generate(
+        self, params: Any, embeds: Sequence[torch.Tensor], *, on_step: Callable[[int], None] | None = None
+    ) -> Image.Image:
+        image: Image.Image = self.generate_batch([(params, embeds)], on_step=on_step)[0]
+        return image
+
+    def generate_batch(self, items: Sequence[Any], *, on_step: Callable[[int], None] | None = None) -> list[Any]:
+        self.calls.append(len(items))
+        if self.bad_seed in {params.seed for params, _ in items}:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return [super(BatchingFakeRenderer, self).generate(p, e, on_step=on_step) for p, e in items]
+
+
+@pytest.fixture
+def ctx(settings: Settings, object_store: ObjectStore) -> Iterator[WorkerContext]:
+    settings = settings.model_copy(update={"batch_size": BATCH_SIZE, "batch_wait_ms": 50})
+    ensure_database(settings.database_url)
+    sessions = make_session_factory(make_engine(settings.database_url))
+    client = redis.Redis.from_url(settings.redis_url)
+    renderer = BatchingFakeRenderer()
+    cache = EmbeddingCache.from_settings(settings, redis=client, store=object_store, encoder=renderer)
+    context = WorkerContext(
+        settings=settings,
+        sessions=sessions,
+        redis=client,
+        store=object_store,
+        renderer=renderer,  # type: ignore[arg-type]
+        cache=cache,
+        publisher=Publisher(settings=settings, sessions=sessions, store=object_store),
+        host="test-host",
+    )
+    yield context
+    context.close()
+
+
+def _queue(ctx: WorkerContext, messages: Sequence[JobMessage]) -> None:
+    """Put messages on the worker's queue as the dispatcher does (oldest first out)."""
+    queue = keys.render_queue(ctx.renderer.name)
+    enqueue_jobs(redis_client=ctx.redis, queue=queue, messages=messages, prefix=ctx.settings.redis_prefix)
+
+
+def _run(ctx: WorkerContext, message: JobMessage) -> str:
+    outcome = run_job(ctx, message.to_json())
+    assert ctx.publisher.drain(timeout_s=30)
+    return outcome
+
+
+def _waiting(ctx: WorkerContext) -> int:
+    return int(ctx.redis.llen(keys.render_queue(ctx.renderer.name)))
+
+
+def test_compatible_queued_jobs_render_in_one_call_each_with_its_own_output(ctx: WorkerContext) -> None:
+    first, *rest = [add_job(ctx, seed=10 + i) for i in range(BATCH_SIZE)]
+    _queue(ctx, rest)
+    assert _run(ctx, first) == "rendered"
+    assert ctx.renderer.calls == [BATCH_SIZE]  # type: ignore[attr-defined]
+    assert _waiting(ctx) == 0
+    for message in (first, *rest):
+        job = job_row(ctx, message.job_id)
+        assert (job.status, job.render_batch_size, job.attempts) == ("succeeded", BATCH_SIZE, 1)
+        png = ctx.store.get(job.output_key or "")
+        pixel = Image.open(io.BytesIO(png)).convert("RGB").getpixel((0, 0))
+        assert isinstance(pixel, tuple) and pixel[0] == message.spec.params.seed  # its own seed
+    queued = ctx.redis.smembers(ctx.settings.redis_prefix + keys.QUEUED_SET)
+    assert not queued
+
+
+def test_a_job_alone_records_a_batch_of_one_after_waiting_at_most_the_wait(ctx: WorkerContext) -> None:
+    message = add_job(ctx)
+    t0 = time.monotonic()
+    assert _run(ctx, message) == "rendered"
+    assert time.monotonic() - t0 < 5.0
+    assert job_row(ctx, message.job_id).render_batch_size == 1
+
+
+def test_an_incompatible_message_stays_in_the_queue_in_its_place(ctx: WorkerContext) -> None:
+    first = add_job(ctx, seed=1)
+    other = add_job(ctx, seed=2, steps=3)  # different steps: cannot share the call
+    same = add_job(ctx, seed=3)
+    _queue(ctx, [other, same])
+    assert _run(ctx, first) == "rendered"
+    assert ctx.renderer.calls == [2]  # type: ignore[attr-defined]
+    assert job_row(ctx, same.job_id).render_batch_size == 2
+    assert job_row(ctx, other.job_id).status == "queued"
+    assert _waiting(ctx) == 1
+    assert ctx.redis.sismember(ctx.settings.redis_prefix + keys.QUEUED_SET, other.job_id)
+
+
+def test_a_job_whose_reference_cannot_be_read_fails_alone(ctx: WorkerContext) -> None:
+    first, fine = add_job(ctx, seed=1), add_job(ctx, seed=2)
+    base = add_job(ctx, seed=3)
+    missing = Reference(sha256="0" * 64, key=keys.ref_key("0" * 64, "png"))  # never uploaded
+    bad = JobMessage(job_id=base.job_id, batch_id=base.batch_id, spec=JobSpec(base.spec.params, (missing,)))
+    _queue(ctx, [bad, fine])
+    assert _run(ctx, first) == "rendered"
+    assert job_row(ctx, bad.job_id).status == "failed"
+    for message in (first, fine):
+        job = job_row(ctx, message.job_id)
+        assert (job.status, job.render_batch_size) == ("succeeded", 2)
+
+
+def test_a_call_that_fails_as_a_whole_reruns_its_jobs_alone_and_only_the_bad_one_fails(ctx: WorkerContext) -> None:
+    first, bad, fine = add_job(ctx, seed=1), add_job(ctx, seed=13), add_job(ctx, seed=3)
+    ctx.renderer.bad_seed = 13  # type: ignore[attr-defined]
+    _queue(ctx, [bad, fine])
+    assert _run(ctx, first) == "rendered"
+    assert ctx.renderer.calls == [3, 1, 1, 1]  # type: ignore[attr-defined]
+    assert job_row(ctx, bad.job_id).error_type == "GpuOutOfMemory"
+    for message in (first, fine):
+        job = job_row(ctx, message.job_id)
+        assert (job.status, job.render_batch_size) == ("succeeded", 1)
+
+
+def test_a_canceled_job_leaves_the_call_at_a_step_and_the_others_go_on(ctx: WorkerContext) -> None:
+    first, doomed, fine = (add_job(ctx, seed=s, steps=30) for s in (1, 2, 3))
+    ctx.renderer.step_delay_s = 0.1  # type: ignore[attr-defined]
+    _queue(ctx, [doomed, fine])
+    timer = threading.Timer(
+        1.0, lambda: cancel_jobs(sessions=ctx.sessions, batch_id=doomed.batch_id, job_ids=[doomed.job_id])
+    )
+    timer.start()
+    assert _run(ctx, first) == "rendered"
+    assert job_row(ctx, doomed.job_id).status == "canceled"
+    assert ctx.store.list_keys(f"outputs/{doomed.batch_id}/{doomed.job_id}") == []
+    for message in (first, fine):
+        job = job_row(ctx, message.job_id)
+        assert (job.status, job.render_batch_size) == ("succeeded", 3)
+
+
+def test_when_every_job_of_the_call_is_canceled_the_call_stops(ctx: WorkerContext) -> None:
+    first, second = add_job(ctx, seed=1, steps=40), add_job(ctx, seed=2, steps=40)
+    ctx.renderer.step_delay_s = 0.1  # type: ignore[attr-defined]
+    _queue(ctx, [second])
+    timer = threading.Timer(1.0, lambda: cancel_jobs(sessions=ctx.sessions, batch_id=first.batch_id))
+    timer.start()
+    t0 = time.monotonic()
+    assert _run(ctx, first) == "canceled"
+    assert time.monotonic() - t0 < 3.5  # within a heartbeat, not after 40 steps
+    assert {job_row(ctx, m.job_id).status for m in (first, second)} == {"canceled"}
+
+
+def test_a_message_taken_for_a_batch_but_never_claimed_is_handed_back(ctx: WorkerContext) -> None:
+    """A worker killed between taking a message and claiming its job loses nothing."""
+    first, taken = add_job(ctx, seed=1), add_job(ctx, seed=2)
+    _queue(ctx, [taken])
+    with ctx.sessions.begin() as session:  # dispatched a while ago, as the dispatcher marks it
+        session.execute(update(Job).where(Job.id == taken.job_id).values(enqueued_at=server_now(-60.0)))
+    collector = BatchCollector(
+        redis_client=ctx.redis, queue=keys.render_queue(ctx.renderer.name), prefix=ctx.settings.redis_prefix
+    )
+    assert [t.message.job_id for t in collector.collect(first, more=3, wait_ms=0)] == [taken.job_id]
+    # ... and the worker dies here. SQL still says queued; the reconciler hands the job back.
+    report = reconcile_once(sessions=ctx.sessions, redis_client=ctx.redis, settings=ctx.settings)
+    assert report.reenqueued == [taken.job_id]
+    assert job_row(ctx, taken.job_id).enqueued_at is None
