@@ -36,8 +36,10 @@ from shared.db import (
     make_engine,
     make_session_factory,
     upgrade_database,
+    utcnow,
 )
 from shared.dispatch.policy import DEFAULT_LANE, LANES
+from shared.dispatch.position import Forecast, dispatched_depth, forecast_batch
 from shared.errors import InvalidInput, ManifestInvalid
 from shared.jobs import transaction
 from shared.redact import mask_url
@@ -215,9 +217,30 @@ def cmd_status(args: argparse.Namespace) -> int:
         with transaction(sessions) as session:
             counts, seconds = status_counts(session=session, batch_id=batch.id)
             cache = cache_totals(session=session, batch_id=batch.id)
+        forecast = _forecast(sessions, batch) if counts[JobStatus.queued.value] else None
     _print_status(batch, counts, seconds)
+    _print_forecast(forecast)
     _print_cache(cache)
     return 1 if args.watch and counts[JobStatus.failed.value] else 0
+
+
+def _forecast(sessions: sessionmaker[Session], batch: Batch) -> Forecast | None:
+    """Where the batch's last queued job stands in the policy's order (see shared/dispatch/position.py)."""
+    settings = load_settings()
+    return forecast_batch(
+        sessions=sessions,
+        settings=settings,
+        batch_id=batch.id,
+        dispatched=dispatched_depth(settings, batch.model_set),
+        now=utcnow(),
+    )
+
+
+def _print_forecast(forecast: Forecast | None) -> None:
+    if forecast is None:
+        return
+    eta = f"in about {forecast.eta_s:.0f} s" if forecast.eta_s is not None else "(no recent throughput to estimate)"
+    print(f"queue: its last queued job starts after {forecast.position} other job(s) {eta}, by the lane policy")
 
 
 # ipab results
@@ -254,6 +277,8 @@ def result_record(job: Job, *, store: ObjectStore) -> dict[str, Any]:
             "upload_s": job.upload_s,
         },
         "cache_stats": json.loads(job.cache_stats) if job.cache_stats else None,
+        # Weight sha256s, model_hash, library versions, device, dtype (worker.provenance); None before 0006.
+        "provenance": json.loads(job.provenance) if job.provenance else None,
         "error": error,
     }
 

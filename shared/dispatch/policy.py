@@ -6,7 +6,8 @@ starts a job; the candidate with work and the smallest pass goes next. Over any 
 backlogged candidate gets starts in proportion to its weight; a candidate without work is
 skipped, so its share goes to the others (work-conserving); and one that comes back from idle
 resumes at the current virtual time instead of spending credit saved while it was idle, so
-nobody starves and nobody bursts. Ties break by name, so the order is deterministic.
+nobody starves and nobody bursts. Ties go to the heavier weight, then by name, so the order
+is deterministic.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Stride:
         for name in ready:
             # Back from idle (or new): start at the current virtual time, not with saved-up credit.
             self._pass[name] = max(self._pass.get(name, self._now), self._now)
-        chosen = min(ready, key=lambda name: (self._pass[name], name))
+        chosen = min(ready, key=lambda name: (self._pass[name], -self.weight(name), name))
         self._now = self._pass[chosen]
         self._pass[chosen] += 1.0 / self.weight(chosen)
         return chosen

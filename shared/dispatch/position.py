@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
-from sqlalchemy import func, select, tuple_
+import redis
+from sqlalchemy import and_, func, or_, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import keys
 from shared.db import Batch, Job, JobStatus
 from shared.dispatch.dispatcher import Key, backlog_counts
 from shared.dispatch.policy import Policy
@@ -59,47 +61,89 @@ def throughput_per_s(*, sessions: sessionmaker[Session], model_set: str, now: da
         return float(session.scalar(stmt) or 0) / THROUGHPUT_WINDOW_S
 
 
+def _ahead_in_key(session: Session, *, model_set: str, key: Key, batch: Batch, before: Any) -> int:
+    """Undispatched jobs of the same (lane, tenant) that the dispatcher takes first: those of older
+    batches, then this batch's jobs matching `before` (FIFO within a tenant's lane)."""
+    lane, tenant = key
+    older = and_(Batch.created_at < batch.created_at)
+    stmt = (
+        select(func.count())
+        .select_from(Job)
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(
+            Job.status == JobStatus.queued.value,
+            Job.enqueued_at.is_(None),
+            Job.lane == lane,
+            Batch.tenant == tenant,
+            Batch.model_set == model_set,
+            Batch.paused.is_(False),
+            or_(older, and_(Job.batch_id == batch.id, before)),
+        )
+    )
+    return int(session.scalar(stmt) or 0)
+
+
 def forecast_job(
     *, sessions: sessionmaker[Session], settings: Settings, job_id: str, dispatched: int, now: datetime
 ) -> Forecast | None:
-    """The forecast of one queued job; None when it is not queued (or not waiting for dispatch)."""
+    """The forecast of one queued job; None when it is not queued."""
     with transaction(sessions) as session:
-        row = session.execute(
-            select(Job.lane, Batch.tenant, Batch.model_set, Job.queued_at, Job.line, Job.id, Job.enqueued_at)
+        found = session.execute(
+            select(Job, Batch)
             .join(Batch, Batch.id == Job.batch_id)
             .where(Job.id == job_id, Job.status == JobStatus.queued.value)
         ).one_or_none()
-        if row is None:
+        if found is None:
             return None
-        lane, tenant, model_set, queued_at, line, jid, enqueued_at = row
-        ahead = 0
-        if enqueued_at is None:
-            ahead = int(
-                session.scalar(
-                    select(func.count())
-                    .select_from(Job)
-                    .join(Batch, Batch.id == Job.batch_id)
-                    .where(
-                        Job.status == JobStatus.queued.value,
-                        Job.enqueued_at.is_(None),
-                        Job.lane == lane,
-                        Batch.tenant == tenant,
-                        Batch.model_set == model_set,
-                        tuple_(Job.queued_at, Job.line, Job.id) < tuple_(queued_at, line, jid),
-                    )
-                )
-                or 0
-            )
+        job, batch = found
+        key = (job.lane, batch.tenant)
+        waiting = job.enqueued_at is None
+        before = tuple_(Job.queued_at, Job.line) < tuple_(job.queued_at, job.line)
+        ahead = _ahead_in_key(session, model_set=batch.model_set, key=key, batch=batch, before=before) if waiting else 0
     return _forecast(
         sessions=sessions,
         settings=settings,
-        model_set=model_set,
-        key=(lane, tenant),
+        model_set=batch.model_set,
+        key=key,
         ahead=ahead,
         dispatched=dispatched,
-        waiting=enqueued_at is None,
+        waiting=waiting,
         now=now,
     )
+
+
+def forecast_batch(
+    *, sessions: sessionmaker[Session], settings: Settings, batch_id: str, dispatched: int, now: datetime
+) -> Forecast | None:
+    """When the batch's last queued job starts (the latest over its lanes); None when none is queued."""
+    with transaction(sessions) as session:
+        batch = session.get(Batch, batch_id)
+        lanes = session.scalars(
+            select(Job.lane).where(Job.batch_id == batch_id, Job.status == JobStatus.queued.value).distinct()
+        ).all()
+        if batch is None or not lanes:
+            return None
+        everything = Job.id.is_not(None)
+        aheads = {
+            lane: _ahead_in_key(
+                session, model_set=batch.model_set, key=(lane, batch.tenant), batch=batch, before=everything
+            )
+            for lane in lanes
+        }
+    forecasts = [
+        _forecast(
+            sessions=sessions,
+            settings=settings,
+            model_set=batch.model_set,
+            key=(lane, batch.tenant),
+            ahead=max(ahead - 1, 0),
+            dispatched=dispatched,
+            waiting=ahead > 0,
+            now=now,
+        )
+        for lane, ahead in aheads.items()
+    ]
+    return max(forecasts, key=lambda f: f.position)
 
 
 def _forecast(
@@ -121,3 +165,14 @@ def _forecast(
         position = max(dispatched - 1, 0)  # in the shallow Redis queue: at most this many before it
     rate = throughput_per_s(sessions=sessions, model_set=model_set, now=now)
     return Forecast(position=position, eta_s=(position + 1) / rate if rate > 0 else None)
+
+
+def dispatched_depth(settings: Settings, model_set: str) -> int:
+    """Messages waiting in the model set's Redis queue now (0 when Redis does not answer: a forecast only)."""
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        return int(client.llen(keys.render_queue(model_set)))
+    except redis.RedisError:
+        return 0
+    finally:
+        client.close()
