@@ -1,4 +1,5 @@
-"""`ipab models download` and `ipab generate`: model sets, and one job rendered locally.
+"""`ipab models download`, `ipab generate` and `ipab reproduce`: model sets, one job rendered locally,
+and a finished job rendered again from its record (`worker.reproduce`).
 
 `ipab generate` takes exactly the worker's path (decode_reference -> Renderer.encode ->
 Renderer.generate -> encode_png), so what it shows is what a bulk run will produce.
@@ -12,14 +13,21 @@ import json
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import InvalidInput
 from shared.spec import SCHEDULERS, SEED_LIMIT, GenerationParams, parse_params
 
+if TYPE_CHECKING:
+    from shared.model_set import ModelSetConfig
+    from shared.settings import Settings
+    from shared.storage import ObjectStore
+    from worker.provenance import ModelSetHashes
+    from worker.reproduce import JobRecord, Outcome
+
 
 def register(subparsers: Any) -> None:
-    """Add `ipab models download` and `ipab generate`."""
+    """Add `ipab models download`, `ipab generate` and `ipab reproduce`."""
     models: argparse.ArgumentParser = subparsers.add_parser("models", help="fetch model sets")
     sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     download = sub.add_parser("download", help="fetch SDXL base + h94/IP-Adapter SDXL weights (needs a network)")
@@ -28,6 +36,7 @@ def register(subparsers: Any) -> None:
     download.add_argument("--skip-base", action="store_true", help="only adapters and encoders")
     download.set_defaults(func=cmd_download)
     _register_generate(subparsers)
+    _register_reproduce(subparsers)
 
 
 def _register_generate(subparsers: Any) -> None:
@@ -47,6 +56,19 @@ def _register_generate(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
     p.set_defaults(func=cmd_generate)
+
+
+def _register_reproduce(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "reproduce", help="render a finished job again from its record; compare weights, bytes and pixels"
+    )
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--model-set", type=Path, help="model-set.toml (default: IPAB_MODEL_SET)")
+    p.add_argument("--out", type=Path, help="write the re-rendered PNG here")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), help="default: the job's")
+    p.add_argument("--rehash", action="store_true", help="hash every weight file again (ignore the sha256 cache)")
+    p.set_defaults(func=cmd_reproduce)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -97,11 +119,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # 2. The worker's path: encode, generate, PNG.
     from worker.pipeline import Renderer
     from worker.png import encode_png
+    from worker.provenance import Provenance, model_set_hashes
 
     renderer = Renderer.load(config, device=args.device, dtype=args.dtype)
     image = renderer.generate(params, renderer.encode(images))
+    provenance = Provenance.of(renderer, hashes=model_set_hashes(config))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(encode_png(image, params=params, model_set=renderer.name))
+    args.out.write_bytes(encode_png(image, params=params, model_set=renderer.name, provenance=provenance))
     print(f"wrote {args.out} (seed {params.seed})", file=sys.stderr)
     return 0
 
@@ -111,3 +135,67 @@ def _read_reference(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as e:
         raise InvalidInput("reference", str(path), f"cannot be read ({e.strerror}); give an image file") from None
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Render a finished job again from SQL and S3 with the local model set; 0 when the pixels match."""
+    from shared.db import make_engine, make_session_factory
+    from shared.model_set import read_model_set
+    from shared.settings import load_settings, require_model_set
+    from shared.storage import ObjectStore
+    from worker import reproduce as r
+    from worker.provenance import model_set_hashes
+
+    # 1. The record, and the local weights against it: no rendering with other weights.
+    settings = load_settings()
+    config = read_model_set(args.model_set or require_model_set(settings), check_files=True)
+    engine = make_engine(settings.database_url)
+    try:
+        record = r.load_record(make_session_factory(engine), args.job_id)
+    finally:
+        engine.dispose()
+    hashes = model_set_hashes(config, use_cache=not args.rehash)
+    for note in r.model_set_note(record, config):
+        print(f"note: {note}", file=sys.stderr)
+    if differences := r.weight_differences(record, hashes):
+        return _report(args.job_id, r.Outcome("weights differ", details=differences))
+    # 2. The worker's path on the recorded dtype and threads, then bytes and pixels compared.
+    store = ObjectStore.from_settings(settings)
+    original = r.original_png(store, record)
+    outcome = r.compare_pngs(original, _render_again(args, settings, config, record, store, hashes))
+    if args.out is not None and outcome.png is not None:
+        r.write_png(args.out, outcome.png)
+    return _report(args.job_id, outcome)
+
+
+def _render_again(
+    args: argparse.Namespace,
+    settings: Settings,
+    config: ModelSetConfig,
+    record: JobRecord,
+    store: ObjectStore,
+    hashes: ModelSetHashes,
+) -> bytes:
+    """The job rendered again through the worker's path, on the recorded dtype and CPU threads."""
+    from worker import reproduce as r
+    from worker.pipeline import Renderer
+
+    r.use_recorded_threads(record)
+    renderer = Renderer.load(
+        config,
+        device=args.device,
+        dtype=args.dtype or r.recorded_dtype(record, "auto"),
+        encoder_device="cpu" if settings.encoder_placement in ("cpu", "swap") else None,
+    )
+    return r.render_again(renderer, record, store, hashes)
+
+
+def _report(job_id: str, outcome: Outcome) -> int:
+    """Print the verdict (and its details); exit 0 only when the recorded pixels came out again."""
+    line = f"job {job_id}: {outcome.verdict}"
+    if outcome.verdict == "pixels differ" and outcome.max_pixel_diff is not None:
+        line += f": max pixel difference {outcome.max_pixel_diff} (of 255)"
+    print(line)
+    for detail in outcome.details:
+        print(f"  {detail}")
+    return 0 if outcome.reproduced else 1

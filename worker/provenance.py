@@ -66,6 +66,7 @@ class Provenance:
     device: str
     device_name: str
     dtype: str
+    cpu_threads: int  # torch's intra-op threads: CPU float reductions (so pixels) depend on it
 
     @classmethod
     def of(cls, renderer: Any, *, hashes: ModelSetHashes) -> Provenance:
@@ -78,6 +79,7 @@ class Provenance:
             device=str(renderer.device),
             device_name=device_name(renderer.device),
             dtype=str(renderer.dtype).removeprefix("torch."),
+            cpu_threads=_cpu_threads(),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -129,6 +131,12 @@ def compare_files(recorded: dict[str, str], local: dict[str, str]) -> list[str]:
         else:
             lines.append(f"{label}: sha256 {now} here, {was} in the record")
     return lines
+
+
+def _cpu_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def model_set_hashes(config: ModelSetConfig, *, use_cache: bool = True) -> ModelSetHashes:

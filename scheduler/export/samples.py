@@ -24,6 +24,18 @@ from shared.errors import IpabError
 from shared.jobs import transaction
 from shared.storage import ObjectStore
 
+# From the job's provenance record (null for jobs rendered before ipab kept one): A1111's short
+# model hash, every weight file's sha256 (JSON text, by file), the versions, device and dtype.
+PROVENANCE_COLUMNS: Final = (
+    "model_hash",
+    "weights_sha256",
+    "ipab_version",
+    "diffusers_version",
+    "transformers_version",
+    "torch_version",
+    "device",
+    "dtype",
+)
 PAGE_ROWS: Final = 256
 FETCH_THREADS: Final = 8
 # The columns every format carries, in this order; `text` (imagefolder) and `image` are added by the writers.
@@ -48,6 +60,7 @@ COLUMNS: Final = (
     "output_bytes",
     "output_uri",
     "model_set",
+    *PROVENANCE_COLUMNS,
     "finished_at",
 )
 
@@ -85,9 +98,25 @@ def export_columns(record: dict[str, Any], *, model_set: str) -> dict[str, Any]:
         "reference_sha256": [r["sha256"] for r in record["references"]],
         "reference_uri": [r["uri"] for r in record["references"]],
         "model_set": model_set,
+        **provenance_columns(record.get("provenance")),
         "finished_at": record["timings"]["finished_at"],
     }
     return {name: flat[name] for name in COLUMNS}
+
+
+def provenance_columns(provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """`PROVENANCE_COLUMNS` from a job's provenance record (all null without one)."""
+    if not provenance:
+        return dict.fromkeys(PROVENANCE_COLUMNS)
+    versions = provenance.get("versions", {})
+    files = provenance.get("files")
+    return {
+        "model_hash": provenance.get("model_hash"),
+        "weights_sha256": json.dumps(files, sort_keys=True) if files is not None else None,
+        **{f"{name}_version": versions.get(name) for name in ("ipab", "diffusers", "transformers", "torch")},
+        "device": provenance.get("device"),
+        "dtype": provenance.get("dtype"),
+    }
 
 
 def count_pending(sessions: sessionmaker[Session], *, batch_id: str, exported: set[str]) -> int:

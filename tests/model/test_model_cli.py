@@ -58,6 +58,7 @@ def test_ipab_generate_writes_the_png_the_worker_path_makes(
     tmp_path: Path, tiny_sets: dict[str, Path], renderer_for: Callable[[str], Any]
 ) -> None:
     from worker.png import encode_png
+    from worker.provenance import Provenance, model_set_hashes
 
     reference = tmp_path / "ref.jpg"
     reference_image(60).save(reference, format="JPEG", quality=95)
@@ -72,7 +73,8 @@ def test_ipab_generate_writes_the_png_the_worker_path_makes(
 
     renderer, params = renderer_for("default"), job(prompt="a fox", seed=9, ip_adapter_scale="style")
     image = renderer.generate(params, renderer.encode([decode_reference(reference.read_bytes())]))
-    assert written == encode_png(image, params=params, model_set=renderer.name)
+    provenance = Provenance.of(renderer, hashes=model_set_hashes(renderer.config))
+    assert written == encode_png(image, params=params, model_set=renderer.name, provenance=provenance)
 
 
 def _fake_hub(tiny_dir: Path, root: Path) -> Path:

@@ -90,14 +90,18 @@ def assert_equal_to_direct_model_calls(settings: Settings, store: ObjectStore, j
     from shared.images import decode_reference
     from worker.pipeline import Renderer
     from worker.png import encode_png
+    from worker.provenance import Provenance, model_set_hashes
 
     torch.set_num_threads(1)  # as the worker (OMP_NUM_THREADS=1): same float reductions
     renderer = Renderer.load(read_model_set(settings.model_set or Path()), device="cpu", dtype="auto")
+    provenance = Provenance.of(renderer, hashes=model_set_hashes(renderer.config))
     for job in jobs:
         spec = parse_spec(json.loads(job.spec))
         embeds = renderer.encode([decode_reference(store.get(r.key)) for r in spec.references])
         image = renderer.generate(spec.params, embeds)
-        assert encode_png(image, params=spec.params, model_set=renderer.name) == store.get(job.output_key or "")
+        png = encode_png(image, params=spec.params, model_set=renderer.name, provenance=provenance)
+        assert png == store.get(job.output_key or "")
+        assert json.loads(job.provenance or "null") == provenance.to_json()
 
 
 def test_manifest_runs_end_to_end_on_sqlite(system_settings: Settings, workers: Workers, tmp_path: Path) -> None:
