@@ -37,7 +37,7 @@ CONTROL_PLANE_MODULES: Final = (
     "scheduler.plans.commands",
 )
 WORKER_MODULES: Final = ("worker.commands", "worker.serve")
-WORKER_COMMANDS: Final = ("worker", "generate", "models")
+WORKER_COMMANDS: Final = ("worker", "generate", "models", "reproduce")
 WORKER_EXTRA_MODULES: Final = ("torch", "diffusers", "transformers")
 SERVICE_ERRORS: Final = (
     sqlalchemy.exc.SQLAlchemyError,
