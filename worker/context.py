@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.db import ensure_database, make_engine, make_session_factory
 from shared.model_set import read_model_set
 from shared.settings import Settings, require_model_set
+from shared.spec import DEFAULTS
 from shared.storage import ObjectStore
 from worker.embedding import EmbeddingCache
 from worker.pipeline import Renderer
@@ -55,9 +56,13 @@ def build_context(settings: Settings) -> WorkerContext:
         dtype=settings.dtype,
         compile=settings.compile,
         encoder_device="cpu" if settings.encoder_placement in ("cpu", "swap") else None,
+        fuse_qkv=settings.fuse_qkv,
+        channels_last=settings.channels_last,
     )
     if settings.encoder_placement == "swap":
         renderer.encoder_swap_device = renderer.device
+    if settings.compile:  # compile now, not during the first job
+        renderer.warm_up(batch_sizes=[1, settings.batch_size], width=DEFAULTS["width"], height=DEFAULTS["height"])
     cache = EmbeddingCache.from_settings(settings, redis=redis_client, store=store, encoder=renderer)
     provenance = Provenance.of(renderer, hashes=model_set_hashes(renderer.config))
     log.info("worker ready: model set %s on %s", renderer.name, settings.device)

@@ -91,6 +91,8 @@ class Renderer:
         dtype: str = "auto",
         compile: bool = False,
         encoder_device: str | None = None,
+        fuse_qkv: bool = False,
+        channels_last: bool = False,
     ) -> Renderer:
         """Load base, adapter and image encoder; check that they fit together before touching the UNet."""
         # 1. Files and placement.
@@ -117,12 +119,24 @@ class Renderer:
             for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, encoder):
                 loading.materialize(module)
         pipe.set_progress_bar_config(disable=True)
-        if compile:
-            pipe.unet.compile(fullgraph=False)
+        apply_fast_path(pipe, fuse_qkv=fuse_qkv, channels_last=channels_last, compile=compile)
         size = int(encoder.config.image_size)
         encoder_id = loading.encoder_identity(config, dtype=enc_dtype, processor=processor, image_size=size)
         log.info("model set %s loaded on %s (%s), adapter %s", config.name, main_device, main_dtype, info)
         return cls(pipe=pipe, encoder=encoder, processor=processor, info=info, config=config, encoder_id=encoder_id)
+
+    def warm_up(self, *, batch_sizes: Sequence[int], width: int, height: int) -> None:
+        """Render throwaway batches so that `torch.compile` compiles before the first job, not during it.
+
+        Two distinct batch sizes (1 and the configured one) make torch.compile mark the batch
+        dimension dynamic, so the sizes in between reuse the same graph; another image size
+        compiles on its first job.
+        """
+        embeds = [self._negative.clone()]
+        for size in sorted(set(batch_sizes)):
+            params = parse_params({"prompt": "warm-up", "seed": 0, "width": width, "height": height, "steps": 2})
+            self.generate_batch([(params, embeds)] * size, output="np")
+        log.info("warm-up rendered batches of %s at %dx%d", sorted(set(batch_sizes)), width, height)
 
     # --- seam 1: the image encoder -------------------------------------------------------------
 
@@ -296,6 +310,34 @@ class Renderer:
                 "set IPAB_DTYPE=bfloat16 or float32, or use the fp16-fix SDXL VAE"
             )
         return [np.asarray(image) for image in images]
+
+
+def apply_fast_path(pipe: Any, *, fuse_qkv: bool, channels_last: bool, compile: bool) -> None:
+    """The speed switches (each a setting), applied after the adapter is loaded.
+
+    - fuse_qkv: one projection for q, k and v in the UNet's self-attention and the VAE's.
+      Not diffusers' `unet.fuse_qkv_projections()`: that replaces every attention processor,
+      the IP-Adapter's cross-attention ones included, which would drop the adapter.
+    - channels_last: the UNet's and VAE's convolutions in NHWC (faster on tensor cores).
+    - compile: `torch.compile` of the UNet and the VAE decoder (compiled at the first call;
+      `Renderer.warm_up` makes that happen at worker start).
+    SDPA attention (flash / memory-efficient kernels on a GPU) is diffusers' default in torch 2.
+    """
+    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+    fused_processor: Any = FusedAttnProcessor2_0
+    if fuse_qkv:
+        for module in [*pipe.unet.modules(), *pipe.vae.modules()]:
+            if isinstance(module, Attention) and type(module.processor).__name__ == "AttnProcessor2_0":
+                fused: Any = module  # diffusers leaves these untyped
+                fused.fuse_projections(fuse=True)
+                fused.set_processor(fused_processor())
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if compile:
+        pipe.unet.compile(fullgraph=False)
+        pipe.vae.decoder.compile(fullgraph=False)
 
 
 @contextmanager
