@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any, Final
@@ -21,7 +20,8 @@ import redis
 import sqlalchemy.exc
 
 from shared.errors import IpabError
-from shared.redact import MaskingFormatter, mask_text, mask_url
+from shared.logs import configure_logging
+from shared.redact import mask_text, mask_url
 from shared.settings import load_settings
 
 # Each module defines `register(subparsers)`, adding parsers whose `func` takes the args.
@@ -94,11 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "takes_any_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(MaskingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
-    for noisy in ("botocore", "boto3", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(verbose=args.verbose, log_format=_log_format())
     try:
         code: int = args.func(args)
     except IpabError as e:
@@ -110,6 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _log_format() -> str:
+    """IPAB_LOG_FORMAT; text while the settings are invalid (the command then reports them in one line)."""
+    try:
+        return load_settings().log_format
+    except IpabError:
+        return "text"
 
 
 def service_error_line(error: BaseException) -> str:

@@ -30,6 +30,8 @@ MIN_IDEMPOTENCY_TTL_S = 24 * 3600.0
 SECRET_FIELDS = frozenset({"api_key"})
 # Smallest value of each whole-number setting.
 MINIMUM_COUNTS = {"max_attempts": 1, "transient_retries": 0, "cache_lru_bytes": 0, "batch_wait_ms": 0}
+MINIMUM_COUNTS["metrics_port"] = 0  # 0 turns a worker's /metrics off
+MAX_PORT = 65535  # the largest TCP port
 # Without IPAB_DISPATCH_DEPTH, the queue is kept at least this deep, and at least one batch deep.
 DEFAULT_DISPATCH_DEPTH = 4
 
@@ -112,6 +114,11 @@ class Settings(BaseSettings):
     webhook_give_up_s: float = 24 * 3600.0  # after this long undelivered, a message is marked failed
     api_key: str | None = None  # the key `ipab submit/status/results --api URL` sends
 
+    # Operations: Prometheus, Celery's own monitoring, log lines.
+    metrics_port: int = 0  # a worker serves /metrics on this port (0: off); the API serves it on its own port
+    celery_events: bool = True  # task events + remote control: `celery inspect`, Flower
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, job fields on job lines
+
     @field_validator("*", mode="after")
     @classmethod
     def _check_units(cls, value: Any, info: ValidationInfo) -> Any:
@@ -135,6 +142,13 @@ class Settings(BaseSettings):
     _api_key = field_validator("api_key")(checks.check_token)
     _model_set = field_validator("model_set")(checks.check_model_set_path)
     _tenant_weights = field_validator("tenant_weights")(checks.check_weights)
+
+    @field_validator("metrics_port")
+    @classmethod
+    def _check_port(cls, port: int) -> int:
+        if port > MAX_PORT:
+            raise ValueError(f"is not a TCP port (0 turns metrics off, else 1..{MAX_PORT})")
+        return port
 
     @field_validator("lane_weights")
     @classmethod

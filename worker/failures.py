@@ -14,6 +14,7 @@ from shared.errors import IpabError, TransientError
 from shared.jobs import fail_job, release_job
 from shared.retry import retry_per_settings
 from shared.settings import Settings
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -44,4 +45,6 @@ def record_failure(
 
     outcome = retry_per_settings(record, what=f"record {kind} of {job_id}", settings=settings)
     log.warning("job %s: %s: %s -> %s", job_id, kind, message, outcome or "no longer ours")
+    if outcome == JobStatus.failed.value:
+        metrics.job_failed()
     return outcome or "skipped"

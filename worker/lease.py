@@ -20,13 +20,16 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import JobCanceled, TransientError
 from shared.jobs import renew_lease
+from shared.logs import job_context
 from shared.retry import retry_span_s
 from shared.settings import Settings
+from worker.observe import note_claim
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +73,11 @@ class Lease:
         # written, counted from before the call that wrote it.
         self._valid_until_s = claimed_s + lease_s
         self.due_s = 0.0  # monotonic time of the next renewal; set by start()
+        self.log_fields: dict[str, Any] = {"job_id": job_id, "attempt": attempt}  # set by start()
 
     def start(self) -> Lease:
         """Begin renewing; returns self."""
+        self.log_fields = note_claim(self._sessions, job_id=self.job_id, attempt=self.attempt)
         self.due_s = time.monotonic() + self._heartbeat_s
         _heartbeat().add(self)
         return self
@@ -159,7 +164,8 @@ class Heartbeat:
         while True:
             for lease in self._due():
                 try:
-                    keep = lease.renew()
+                    with job_context(lease.log_fields):
+                        keep = lease.renew()
                 except Exception:  # never let one bad renewal stop every lease's heartbeat
                     log.exception("lease renewal for %s failed", lease.job_id)
                     keep = True

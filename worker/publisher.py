@@ -32,9 +32,11 @@ from typing import TYPE_CHECKING, TypeVar
 from shared import keys
 from shared.errors import IpabError
 from shared.jobs import JobResult, finish_job
+from shared.logs import job_context
 from shared.retry import retry_per_settings
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from worker import metrics
 from worker.failures import record_failure
 from worker.lease import Lease
 
@@ -110,7 +112,8 @@ class Publisher:
                 self._idle.set()
                 continue
             try:
-                self.publish(publication)
+                with job_context(publication.lease.log_fields):
+                    self.publish(publication)
             except Exception:
                 log.exception("publishing %s failed; its lease will expire and it will run again", publication.job_id)
             finally:
@@ -154,6 +157,8 @@ class Publisher:
             lambda: finish_job(sessions=self._sessions, job_id=p.job_id, attempt=p.lease.attempt, result=result),
             f"mark {p.job_id} succeeded",
         )
+        if recorded:
+            metrics.job_published(result)
         # 9. Keep only the recorded object: the winner's.
         self._tidy(p, recorded=recorded)
 

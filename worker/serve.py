@@ -24,6 +24,7 @@ def register(subparsers: Any) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from worker import observe
     from worker.preflight import check_dependencies
     from worker.tasks import EXIT_START_FAILED, make_worker_app, start_failed
     from worker.watchdog import ConsumerWatchdog
@@ -36,6 +37,7 @@ def _worker(args: argparse.Namespace) -> int:
     app = make_worker_app(settings)
     queues_list = [keys.render_queue(name)]
     ConsumerWatchdog(redis_url=settings.redis_url, queues=queues_list, stall_s=settings.consumer_stall_s).install()
+    observe.install(model_set=name, metrics_port=settings.metrics_port)
     node = args.name or f"ipab-{name}-{os.getpid()}@{socket.gethostname()}"
     queues = ",".join(queues_list)
     app.worker_main(
@@ -46,12 +48,17 @@ def _worker(args: argparse.Namespace) -> int:
             "--pool=prefork",
             f"--hostname={node}",
             f"--loglevel={args.loglevel}",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
+            *_monitoring_flags(settings.celery_events),
         ]
     )
     if start_failed():
         print("ipab: error: `ipab worker` stopped: its pool process could not start (see above)", file=sys.stderr)
         return EXIT_START_FAILED
     return 0
+
+
+def _monitoring_flags(events: bool) -> list[str]:
+    """Gossip and mingle stay off (one worker never needs another's state); the event
+    heartbeat is on with events, so that Flower shows the worker online."""
+    flags = ["--without-gossip", "--without-mingle"]
+    return flags if events else [*flags, "--without-heartbeat"]

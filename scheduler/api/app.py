@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scheduler.api.context import ApiContext
 from scheduler.api.idempotency import delete_expired
+from scheduler.api.metrics import install_metrics
 from scheduler.api.problems import install_problem_handlers
 from scheduler.api.routes import batches, health, jobs, references
 from scheduler.webhook_dispatch import Dispatcher
@@ -98,6 +99,7 @@ def create_app(settings: Settings, *, dispatcher: bool = True) -> FastAPI:
     app = FastAPI(title="ipab", version="1", lifespan=lifespan, description=__doc__)
     app.state.ctx = ctx
     install_problem_handlers(app)
+    install_metrics(app, ctx.sessions)
     for module in (health, references, jobs, batches):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit_bytes=settings.api_max_body_bytes)

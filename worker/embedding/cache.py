@@ -27,6 +27,7 @@ from shared.errors import InvalidInput, ObjectMissing, SettingsError, StorageUna
 from shared.images import decode_reference
 from shared.keys import EMBED_KEY, EMBED_LOCK_KEY, embedding_key
 from shared.settings import Settings
+from worker import metrics
 from worker.embedding.encoder import Encoder, EncoderIdentity, LazyEncoder
 from worker.embedding.entry import CONTENT_TYPE, CorruptEntry, LearnedShape, pack_entry, shape_text, unpack_entry
 from worker.embedding.memory import ByteLru, private_copy
@@ -125,6 +126,7 @@ class EmbeddingCache:
         stats = CacheStats()
         found = self._fetch(dict(refs), stats, use_lru=True)
         record_fleet_stats(self._redis, prefix=self._prefix, stats=stats)
+        metrics.cache_used(stats)
         # Callers own what they get: an in-place change must not reach the LRU's copy.
         return [private_copy(found[sha]) for sha, _ in refs], stats
 

@@ -1,0 +1,153 @@
+"""Prometheus metrics of the API, served at `GET /metrics` (no key: keep it off the public
+network, as its labels name tenants and model sets).
+
+- Requests: `ipab_api_requests_total{method, route, status}` and
+  `ipab_api_request_duration_seconds{method, route}`, by route template (`/v1/jobs/{job_id}`),
+  never by raw path, so that ids do not multiply the series.
+- The fleet's backlog, read from SQL at scrape time and kept for `SCRAPE_CACHE_S` so that
+  several Prometheus servers scraping at once cost one query: queued jobs and the age of the
+  oldest per model set, lane and tenant (`ipab_jobs_queued`, `ipab_jobs_queued_oldest_age_seconds`;
+  a scaler reads these: they count what the dispatcher has not yet moved to Redis), running
+  jobs per model set, and the webhook outbox backlog.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Final
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import Batch, Job, JobStatus, WebhookMessage, utcnow
+
+SCRAPE_CACHE_S: Final = 5.0
+LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+UNMATCHED_ROUTE: Final = "unmatched"
+BACKLOG_LABELS: Final = ["model_set", "lane", "tenant"]
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """One reading of the fleet's backlog from SQL."""
+
+    queued: list[tuple[str, str, str, int, float]]  # model set, lane, tenant, count, oldest age (s)
+    running: list[tuple[str, int]]  # model set, count
+    outbox: int  # webhook messages neither delivered nor given up
+
+
+def read_backlog(sessions: sessionmaker[Session]) -> Backlog:
+    """Queued jobs by model set, lane and tenant (with the oldest's age), running jobs, outbox."""
+    now = utcnow()
+    queued_q = (
+        select(Batch.model_set, Job.lane, Batch.tenant, func.count(), func.min(Job.queued_at))
+        .select_from(Job)
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(Job.status == JobStatus.queued.value)
+        .group_by(Batch.model_set, Job.lane, Batch.tenant)
+    )
+    running_q = (
+        select(Batch.model_set, func.count())
+        .select_from(Job)
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(Job.status == JobStatus.running.value)
+        .group_by(Batch.model_set)
+    )
+    outbox_q = select(func.count()).where(WebhookMessage.delivered_at.is_(None), WebhookMessage.failed_at.is_(None))
+    with sessions() as session:
+        queued = [
+            (m, lane, tenant, int(n), max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
+            for m, lane, tenant, n, oldest in session.execute(queued_q).tuples()
+        ]
+        running = [(m, int(n)) for m, n in session.execute(running_q).tuples()]
+        outbox = int(session.scalar(outbox_q) or 0)
+    return Backlog(queued=queued, running=running, outbox=outbox)
+
+
+@dataclass(eq=False)  # the registry keys collectors by identity
+class BacklogCollector(Collector):
+    """Gauges of the backlog, read at scrape time, at most once per `cache_s`."""
+
+    sessions: sessionmaker[Session]
+    cache_s: float = SCRAPE_CACHE_S
+    _read_at_s: float = field(default=float("-inf"), init=False)
+    _last: Backlog | None = field(default=None, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def backlog(self) -> Backlog:
+        """The last reading, or a new one when it is older than `cache_s`."""
+        with self._lock:
+            if self._last is None or time.monotonic() - self._read_at_s >= self.cache_s:
+                self._last = read_backlog(self.sessions)
+                self._read_at_s = time.monotonic()
+            return self._last
+
+    def collect(self) -> Iterator[Metric]:
+        """The gauges of one scrape."""
+        backlog = self.backlog()
+        queued = GaugeMetricFamily("ipab_jobs_queued", "Jobs waiting to start", labels=BACKLOG_LABELS)
+        oldest = GaugeMetricFamily(
+            "ipab_jobs_queued_oldest_age_seconds", "Age of the oldest waiting job", labels=BACKLOG_LABELS
+        )
+        for model_set, lane, tenant, count, age_s in backlog.queued:
+            queued.add_metric([model_set, lane, tenant], count)
+            oldest.add_metric([model_set, lane, tenant], age_s)
+        running = GaugeMetricFamily("ipab_jobs_running", "Jobs a worker holds", labels=["model_set"])
+        for model_set, count in backlog.running:
+            running.add_metric([model_set], count)
+        outbox = GaugeMetricFamily("ipab_webhook_outbox_backlog", "Webhook messages not yet delivered")
+        outbox.add_metric([], backlog.outbox)
+        yield from (queued, oldest, running, outbox)
+
+    def describe(self) -> Iterator[Metric]:
+        """Nothing: describing would read SQL when the collector is registered."""
+        return iter(())
+
+
+@dataclass
+class ApiMetrics:
+    """The API's registry: request counters and the backlog collector."""
+
+    sessions: sessionmaker[Session]
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        labels, r = ["method", "route"], self.registry
+        self.requests = Counter("ipab_api_requests", "HTTP requests answered", [*labels, "status"], registry=r)
+        self.latency = Histogram(
+            "ipab_api_request_duration_seconds", "Time to answer", labels, buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.registry.register(BacklogCollector(self.sessions))
+
+    def observe(self, *, method: str, route: str, status: int, duration_s: float) -> None:
+        """Count one answered request."""
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(duration_s)
+
+
+def install_metrics(app: FastAPI, sessions: sessionmaker[Session]) -> ApiMetrics:
+    """Count every request, and serve `GET /metrics`."""
+    metrics = ApiMetrics(sessions)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start_s = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", UNMATCHED_ROUTE)
+        metrics.observe(
+            method=request.method, route=route, status=response.status_code, duration_s=time.perf_counter() - start_s
+        )
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    def scrape() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics

@@ -1,0 +1,168 @@
+"""Operating a fleet: Prometheus metrics of a real worker and a real API during a real batch,
+Celery's own tools against a real worker, JSON log lines, and a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from shared.db import Job, make_engine, make_session_factory
+from shared.settings import Settings
+from tests.api.conftest import make_key, png_bytes
+from tests.system.helpers import REPO, Workers, wait_for_batch
+from tests.system.test_api_system import Api, free_port
+from tests.system.test_end_to_end import submit, write_manifest
+
+pytestmark = pytest.mark.slow
+JOBS = 6
+SMALL = {"steps": 2, "width": 64, "height": 64}
+JOB_FIELDS = ("job_id", "batch_id", "tenant", "attempt")
+
+
+def scrape(url: str, timeout_s: float = 180) -> dict[str, float]:
+    """`name{labels}` -> value of every sample at `url` (retried until it answers)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            text = httpx.get(url, timeout=5).raise_for_status().text
+            break
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def total(samples: dict[str, float], name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in samples.items() if k.split("{")[0] == name and all(w in k for w in wanted))
+
+
+@pytest.fixture
+def api(system_settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path) -> Iterator[Api]:
+    """A real `ipab api` process on the test's settings."""
+    env = {**os.environ, **settings_env(system_settings), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    server = Api(env, tmp_path / "api.log")
+    server.start()
+    yield server
+    server.kill()
+
+
+def submit_over_http(api: Api, settings: Settings) -> list[str]:
+    key, _ = make_key(settings, "acme")
+    client = httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    ref = client.post("/v1/references", files={"file": ("a.png", png_bytes(), "image/png")}).json()["id"]
+    jobs = [client.post("/v1/jobs", json={"references": [ref], "prompt": f"p{i}", **SMALL}) for i in range(JOBS)]
+    assert [r.status_code for r in jobs] == [201] * JOBS, [r.text for r in jobs]
+    return [r.json()["id"] for r in jobs]
+
+
+def test_metrics_move_by_the_jobs_of_a_real_batch_and_celery_sees_the_worker(
+    api: Api, system_settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    before = scrape(api.url + "/metrics")
+    job_ids = submit_over_http(api, system_settings)
+    # The API: every POST counted once; the backlog read from SQL at scrape time.
+    queued = scrape(api.url + "/metrics")
+    posts = total(queued, "ipab_api_requests_total", method="POST", route="/v1/jobs", status="201")
+    assert posts - total(before, "ipab_api_requests_total", method="POST", route="/v1/jobs") == JOBS
+    assert total(queued, "ipab_jobs_queued", tenant="acme", lane="interactive") == JOBS
+    assert total(queued, "ipab_jobs_queued_oldest_age_seconds", tenant="acme") > 0
+    # A worker serving /metrics, logging JSON, with Celery events on (the default).
+    port = free_port()
+    workers.start(IPAB_METRICS_PORT=str(port), IPAB_LOG_FORMAT="json")
+    worker_url = f"http://127.0.0.1:{port}/metrics"
+    first = scrape(worker_url)
+    wait_for_jobs(system_settings, job_ids, workers)
+    done = scrape(worker_url)
+    succeeded = total(done, "ipab_jobs_finished_total", status="succeeded")
+    assert succeeded - total(first, "ipab_jobs_finished_total") == JOBS
+    for name in ("ipab_render_seconds_count", "ipab_encode_seconds_count", "ipab_upload_seconds_count"):
+        assert total(done, name) - total(first, name) == JOBS, name
+    assert total(done, "ipab_queue_wait_seconds_count") - total(first, "ipab_queue_wait_seconds_count") == JOBS
+    lookups = total(done, "ipab_embedding_cache_lookups_total", level="lru")
+    assert lookups - total(first, "ipab_embedding_cache_lookups_total", level="lru") == JOBS  # one reference each
+    assert total(done, "ipab_render_batch_size") >= 1
+    time.sleep(5.5)  # past the API's scrape cache
+    after = scrape(api.url + "/metrics")
+    assert total(after, "ipab_jobs_queued", tenant="acme") == 0
+    assert_celery_pings_the_worker(workers)
+    assert_job_lines_carry_their_fields(workers, job_ids)
+
+
+def wait_for_jobs(settings: Settings, job_ids: list[str], workers: Workers) -> None:
+    sessions = make_session_factory(make_engine(settings.database_url))
+    with sessions() as session:
+        batch_ids = set(session.scalars(select(Job.batch_id).where(Job.id.in_(job_ids))))
+    for batch_id in batch_ids:
+        wait_for_batch(settings, batch_id, workers=workers)
+    with sessions() as session:
+        statuses = list(session.scalars(select(Job.status).where(Job.id.in_(job_ids))))
+    assert statuses == ["succeeded"] * JOBS, workers.log_text()
+
+
+def assert_celery_pings_the_worker(workers: Workers) -> None:
+    cmd = [sys.executable, "-m", "celery", "-A", "ipab.celery_cli:app", "inspect", "ping", "--timeout", "10"]
+    done = subprocess.run(cmd, env=workers.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pong" in done.stdout and "ipab-" in done.stdout, done.stdout
+
+
+def assert_job_lines_carry_their_fields(workers: Workers, job_ids: list[str]) -> None:
+    """Every line of the worker is one JSON object; each of the runner's lines about a job names it."""
+    text = "".join(p.read_text() for p in sorted(workers.logs.glob("worker-*.log")))
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    about_jobs = [line for line in lines if any(job_id in line["message"] for job_id in job_ids)]
+    ours = [line for line in about_jobs if line["logger"].startswith(("worker.", "shared."))]
+    for line in about_jobs:
+        if "job_id" in line:
+            assert set(JOB_FIELDS) <= set(line), line
+            assert line["job_id"] in line["message"] or line["logger"].startswith("celery"), line
+    assert all("job_id" in line for line in ours), ours
+
+
+def test_sigterm_finishes_the_job_in_hand_and_gives_back_the_rest(
+    system_settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    batch_id = submit(workers, write_manifest(tmp_path, rows=3), "sigterm")
+    proc = workers.start()
+    sessions = make_session_factory(make_engine(system_settings.database_url))
+    wait_until_running(sessions, batch_id, workers)
+    os.kill(proc.pid, signal.SIGTERM)  # the main process only, as Kubernetes and docker stop do
+    assert proc.wait(timeout=120) == 0, workers.log_text()
+    with sessions() as session:
+        rows = session.execute(select(Job.status, Job.attempts).where(Job.batch_id == batch_id)).tuples().all()
+    assert "running" not in {status for status, _ in rows}, rows
+    assert any(status == "succeeded" for status, _ in rows), rows  # the one in hand finished
+    workers.start()
+    wait_for_batch(system_settings, batch_id, workers=workers)
+    with sessions() as session:
+        rows = session.execute(select(Job.status, Job.attempts).where(Job.batch_id == batch_id)).tuples().all()
+    assert sorted(rows) == [("succeeded", 1)] * 3, rows  # nothing lost, nothing ran twice
+
+
+def wait_until_running(sessions: object, batch_id: str, workers: Workers) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        with sessions() as session:  # type: ignore[operator]
+            statuses = set(session.scalars(select(Job.status).where(Job.batch_id == batch_id)))
+        if "running" in statuses:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"no job of {batch_id} started\n{workers.log_text()}")
