@@ -268,6 +268,7 @@ def result_record(job: Job, *, store: ObjectStore) -> dict[str, Any]:
         "references": [{"sha256": r["sha256"], "uri": store.uri(r["key"])} for r in spec["references"]],
         "attempts": job.attempts,
         "worker_host": job.worker_host,
+        "render_batch_size": job.render_batch_size,  # jobs in the pipeline call that rendered it
         "timings": {
             "queued_at": _when(job.queued_at),
             "started_at": _when(job.started_at),

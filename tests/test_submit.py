@@ -245,7 +245,9 @@ def _finish_some(settings: Settings) -> None:
         ok, bad = session.scalars(select(Job.id).order_by(Job.line).limit(2)).all()
         timings = {"encode_s": 0.5, "denoise_s": 2.0, "upload_s": 0.25}
         output = {"output_key": "outputs/x/y.png", "output_sha256": "ab" * 32, "output_bytes": 10}
-        session.execute(update(Job).where(Job.id == ok).values(status="succeeded", **output, **timings))
+        session.execute(
+            update(Job).where(Job.id == ok).values(status="succeeded", render_batch_size=4, **output, **timings)
+        )
         failure = {"error_type": "InvalidInput", "error_message": "bad"}
         session.execute(update(Job).where(Job.id == bad).values(status="failed", **failure))
     engine.dispose()
@@ -301,6 +303,7 @@ def test_status_results_and_batches_report_what_sql_holds(
     ):
         assert name in done
     assert done["timings"]["denoise_s"] == 2.0 and done["timings"]["queued_at"].endswith("Z")
+    assert done["render_batch_size"] == 4 and records[1]["render_batch_size"] is None
     assert records[1]["error"] == {"type": "InvalidInput", "message": "bad"}
     assert records[2]["output_uri"] is None and records[2]["error"] is None
     assert records[11]["id"] == "client-1"

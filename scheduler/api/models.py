@@ -54,6 +54,9 @@ class JobOut(BaseModel):
     references: list[str]
     output_sha256: str | None
     output_bytes: int | None
+    render_batch_size: int | None = Field(
+        default=None, description="the number of jobs in the pipeline call that rendered this one"
+    )
     timings: dict[str, Any]
     image_url: str | None
     image_url_expires_s: float | None

@@ -77,6 +77,7 @@ def job_view(ctx: ApiContext, *, session: Session, job: Job, batch: Batch) -> di
         "references": [r["sha256"] for r in spec["references"]],
         "output_sha256": job.output_sha256,
         "output_bytes": job.output_bytes,
+        "render_batch_size": job.render_batch_size,
         "timings": {
             "queued_at": when(job.queued_at),
             "started_at": when(job.started_at),
