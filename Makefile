@@ -34,6 +34,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/hadolint docker/Dockerfile.scheduler docker/Dockerfile.worker
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
