@@ -32,12 +32,14 @@ def prompt_of(job: Job) -> str:
 
 
 def assert_rows_match_sql(rows: list[dict[str, Any]], jobs: dict[str, Job]) -> None:
-    """`rows` hold `job_id`, `png` bytes, `seed` and `prompt`: one per succeeded job, equal to SQL."""
+    """`rows` hold `job_id`, `png`, `seed`, `prompt`, `model_hash`, `torch_version`: one per succeeded job, as SQL."""
     assert sorted(r["job_id"] for r in rows) == sorted(jobs)
     for row in rows:
         job = jobs[row["job_id"]]
         assert sha256_of(row["png"]) == job.output_sha256
         assert (row["seed"], row["prompt"]) == (job.seed, prompt_of(job))
+        provenance = json.loads(job.provenance or "null")
+        assert (row["model_hash"], row["torch_version"]) == (provenance["model_hash"], provenance["versions"]["torch"])
 
 
 def export(batch: DatasetBatch, out: Path | str, fmt: str, *extra: str) -> str:
@@ -55,7 +57,9 @@ def load_imagefolder(out: Path, cache: Path) -> list[dict[str, Any]]:
     raw = dataset.cast_column("image", Image(decode=False))
     return [
         {**row, "png": Path(row["image"]["path"]).read_bytes(), "prompt": row["text"]}
-        for row in raw.select_columns(["image", "text", "job_id", "seed", "reference_sha256"])
+        for row in raw.select_columns(
+            ["image", "text", "job_id", "seed", "reference_sha256", "model_hash", "torch_version"]
+        )
     ]
 
 
