@@ -26,6 +26,9 @@ class JobIn(BaseModel):
     guidance_scale: float | None = None
     ip_adapter_scale: float | str | dict[str, Any] | None = None
     scheduler: Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim"] | None = None
+    lane: Literal["interactive", "scheduled", "bulk"] | None = Field(
+        default=None, description="the share of the fleet it waits in (default: interactive for a single job)"
+    )
     id: str | None = Field(default=None, description="your own key for the job, unique per tenant")
     webhook: dict[str, Any] | None = Field(
         default=None, description="{url, events}: where to POST this job's events (all job events by default)"
@@ -48,6 +51,8 @@ class JobOut(BaseModel):
     batch_id: str
     status: str
     queue_position: int | None
+    eta_s: float | None = None
+    lane: str | None = None
     attempts: int
     error: dict[str, Any] | None
     params: dict[str, Any]
@@ -82,6 +87,8 @@ class BatchOut(BaseModel):
     total: int
     progress: float
     eta_s: float | None
+    paused: bool = False
+    queue_position: int | None = None  # of its last queued job, by the lane policy
 
 
 def openapi_body(model: type[BaseModel]) -> dict[str, Any]:

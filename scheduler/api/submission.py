@@ -17,16 +17,17 @@ from sqlalchemy.orm import Session
 
 from scheduler.api.context import ApiContext
 from scheduler.api.problems import ApiProblem
-from scheduler.manifest import ID_FIELD, REFERENCE_FIELD, ParsedManifest, Problem, parse_rows
+from scheduler.manifest import ID_FIELD, LANE_FIELD, REFERENCE_FIELD, ParsedManifest, Problem, parse_rows
 from scheduler.references import ReferenceFile, ReferenceResolver
 from scheduler.submit import AfterInsert, SubmitResult, submit_rows
 from shared.db import Batch, Job, JobStatus, ReferenceImage, TenantReference
+from shared.dispatch.policy import DEFAULT_LANE
 from shared.jobs import transaction
 from shared.spec import PARAM_FIELDS
 
 REFERENCES_FIELD: Final = "references"
 WEBHOOK_FIELD: Final = "webhook"
-ROW_FIELDS: Final = (REFERENCES_FIELD, *PARAM_FIELDS, ID_FIELD)
+ROW_FIELDS: Final = (REFERENCES_FIELD, *PARAM_FIELDS, LANE_FIELD, ID_FIELD)
 REFERENCE_ID: Final = re.compile(r"[0-9a-f]{64}")
 RETRY_AFTER_FULL_S: Final = 30
 
@@ -155,8 +156,10 @@ def submit_api_rows(
     batch_name: str,
     skip_invalid: bool,
     after_insert: AfterInsert | None = None,
+    lane: str = DEFAULT_LANE,
 ) -> SubmitResult:
-    """Check the cap, resolve reference ids, and submit through the one submit path."""
+    """Check the cap, resolve reference ids, and submit through the one submit path (rows without a
+    `lane` go in `lane`)."""
     ids = [ref for row in parsed.rows for ref in row.references]
     ids += [ref for refs in parsed.unchecked_references.values() for ref in refs]
     _check_capacity(ctx, tenant, len(parsed.rows))
@@ -172,6 +175,7 @@ def submit_api_rows(
         skip_invalid=skip_invalid,
         after_insert=after_insert,
         redis_client=ctx.redis,
+        lane=lane,
     )
     ctx.queued_counts.update(tenant, lambda queued: queued + result.added)
     return result

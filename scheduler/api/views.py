@@ -10,13 +10,16 @@ import json
 from datetime import datetime
 from typing import Any
 
+import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from scheduler.api.context import ApiContext
 from scheduler.api.problems import not_found
 from scheduler.commands import STATUSES
+from shared import keys
 from shared.db import TERMINAL, Batch, Job, JobStatus, utcnow
+from shared.dispatch.position import Forecast, forecast_batch, forecast_job
 
 
 def when(value: datetime | None) -> str | None:
@@ -42,15 +45,36 @@ def find_batch(*, session: Session, tenant: str, batch_id: str) -> Batch:
     return batch
 
 
-def queue_position(*, session: Session, job: Job, model_set: str) -> int:
-    """How many queued jobs of the same queue were queued before this one (0: next)."""
-    stmt = (
-        select(func.count())
-        .select_from(Job)
-        .join(Batch, Batch.id == Job.batch_id)
-        .where(Job.status == JobStatus.queued.value, Batch.model_set == model_set, Job.queued_at < job.queued_at)
+def dispatched_now(ctx: ApiContext, model_set: str) -> int:
+    """Messages of the model set waiting in Redis (0 when Redis does not answer: positions are forecasts)."""
+    try:
+        return int(ctx.redis.llen(keys.render_queue(model_set)))
+    except redis.RedisError:
+        return 0
+
+
+def job_forecast(ctx: ApiContext, *, job: Job, batch: Batch) -> Forecast | None:
+    """Where a queued job stands in the lane policy's order, and when it should start."""
+    if job.status != JobStatus.queued.value:
+        return None
+    return forecast_job(
+        sessions=ctx.sessions,
+        settings=ctx.settings,
+        job_id=job.id,
+        dispatched=dispatched_now(ctx, batch.model_set),
+        now=utcnow(),
     )
-    return int(session.scalar(stmt) or 0)
+
+
+def batch_forecast(ctx: ApiContext, *, batch: Batch) -> Forecast | None:
+    """Where the batch's last queued job stands in the lane policy's order."""
+    return forecast_batch(
+        sessions=ctx.sessions,
+        settings=ctx.settings,
+        batch_id=batch.id,
+        dispatched=dispatched_now(ctx, batch.model_set),
+        now=utcnow(),
+    )
 
 
 def _image(ctx: ApiContext, job: Job) -> dict[str, Any]:
@@ -63,14 +87,16 @@ def _image(ctx: ApiContext, job: Job) -> dict[str, Any]:
 def job_view(ctx: ApiContext, *, session: Session, job: Job, batch: Batch) -> dict[str, Any]:
     """A job as GET /v1/jobs/{id} shows it."""
     spec = json.loads(job.spec)
-    queued = job.status == JobStatus.queued.value
+    forecast = job_forecast(ctx, job=job, batch=batch)
     error = None if job.error_type is None else {"type": job.error_type, "message": job.error_message}
     return {
         "id": job.id,
         "client_id": job.client_id,
         "batch_id": job.batch_id,
         "status": job.status,
-        "queue_position": queue_position(session=session, job=job, model_set=batch.model_set) if queued else None,
+        "queue_position": forecast.position if forecast else None,
+        "eta_s": round(forecast.eta_s, 1) if forecast and forecast.eta_s is not None else None,
+        "lane": job.lane,
         "attempts": job.attempts,
         "error": error,
         "params": {**spec["params"], "seed": job.seed},
@@ -120,10 +146,15 @@ def _eta_s(session: Session, batch: Batch, done: int, remaining: int) -> float |
     return round(elapsed_s / done * remaining, 1)
 
 
-def batch_view(*, session: Session, batch: Batch, counts: dict[str, int], eta: bool = True) -> dict[str, Any]:
-    """A batch as GET /v1/batches/{id} shows it: counts, progress, ETA."""
+def batch_view(
+    *, session: Session, batch: Batch, counts: dict[str, int], eta: bool = True, forecast: Forecast | None = None
+) -> dict[str, Any]:
+    """A batch as GET /v1/batches/{id} shows it: counts, progress, ETA (by the lane policy while jobs wait)."""
     total = sum(counts.values())
     done = sum(counts[s.value] for s in TERMINAL)
+    eta_s = _eta_s(session, batch, done, total - done) if eta else None
+    if forecast is not None and forecast.eta_s is not None:
+        eta_s = round(max(eta_s or 0.0, forecast.eta_s), 1)
     return {
         "id": batch.id,
         "status": batch_status(counts),
@@ -132,5 +163,7 @@ def batch_view(*, session: Session, batch: Batch, counts: dict[str, int], eta: b
         "counts": counts,
         "total": total,
         "progress": round(done / total, 4) if total else 1.0,
-        "eta_s": _eta_s(session, batch, done, total - done) if eta else None,
+        "eta_s": eta_s,
+        "paused": batch.paused,
+        "queue_position": forecast.position if forecast else None,
     }

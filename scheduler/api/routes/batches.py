@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import redis
 from fastapi import APIRouter, Query, Request
@@ -21,14 +21,15 @@ from scheduler.api.models import BatchCreated, BatchOut
 from scheduler.api.problems import from_invalid_input, invalid
 from scheduler.api.routes.jobs import problems_of, webhook_of
 from scheduler.api.submission import api_field, parse_api_rows, submit_api_rows
-from scheduler.api.views import batch_counts, batch_view, find_batch
+from scheduler.api.views import batch_counts, batch_forecast, batch_view, find_batch
 from scheduler.commands import RESULTS_CHUNK, STATUSES, result_record
 from scheduler.manifest import read_jsonl_bytes
 from scheduler.webhooks import BATCH_COMPLETED, cancel_with_events, subscribe
 from shared.db import Batch, Job, new_id
+from shared.dispatch.dispatcher import wake_dispatcher
+from shared.dispatch.policy import DEFAULT_LANE
 from shared.errors import InvalidInput, ManifestInvalid, TransientError
-from shared.jobs import retry_failed, transaction
-from shared.reconcile import reconcile_once
+from shared.jobs import retry_failed, set_paused, transaction
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 MAX_LIST: Final = 1000
@@ -57,7 +58,12 @@ async def _rows_body(request: Request, ctx: ApiContext) -> bytes:
 
 
 def _create(
-    ctx: ApiContext, tenant: str, data: bytes, skip_invalid: bool, webhook: tuple[str, list[str]] | None
+    ctx: ApiContext,
+    tenant: str,
+    data: bytes,
+    skip_invalid: bool,
+    webhook: tuple[str, list[str]] | None,
+    lane: str = DEFAULT_LANE,
 ) -> dict[str, Any]:
     parsed = parse_api_rows(read_jsonl_bytes(data))
     batch_id: list[str] = []
@@ -82,6 +88,7 @@ def _create(
             batch_name=f"{tenant}/{new_id()}",
             skip_invalid=skip_invalid,
             after_insert=after_insert,
+            lane=lane,
         )
     except ManifestInvalid as e:
         raise problems_of(e, with_lines=True) from None
@@ -98,8 +105,9 @@ async def create_batch(
     caller: CallerDep,
     skip_invalid: bool = False,
     webhook_url: Annotated[str | None, Query(max_length=2000)] = None,
+    lane: Annotated[Literal["interactive", "scheduled", "bulk"], Query()] = "bulk",
 ) -> Any:
-    """Submit a JSONL batch (rows as POST /v1/jobs takes them).
+    """Submit a JSONL batch (rows as POST /v1/jobs takes them), in `lane` (default bulk) unless a row names one.
 
     Every bad row is reported as `line N: field: reason`, and nothing is submitted unless `skip_invalid`.
     """
@@ -111,7 +119,7 @@ async def create_batch(
     data = await _rows_body(request, ctx)
 
     async def handle() -> JSONResponse:
-        created = await run_in_threadpool(_create, ctx, caller.tenant, data, skip_invalid, webhook)
+        created = await run_in_threadpool(_create, ctx, caller.tenant, data, skip_invalid, webhook, lane)
         return JSONResponse(created, status_code=202)
 
     return await idempotent(request, ctx, tenant=caller.tenant, content=data, handle=handle)
@@ -138,7 +146,8 @@ def _read(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
     with transaction(ctx.sessions) as session:
         batch = find_batch(session=session, tenant=tenant, batch_id=batch_id)
         counts = batch_counts(session=session, batch_ids=[batch.id])[batch.id]
-        return batch_view(session=session, batch=batch, counts=counts)
+        forecast = batch_forecast(ctx, batch=batch) if counts["queued"] else None
+        return batch_view(session=session, batch=batch, counts=counts, forecast=forecast)
 
 
 @router.get("/{batch_id}", response_model=BatchOut)
@@ -187,10 +196,46 @@ def _retry(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
         find_batch(session=session, tenant=tenant, batch_id=batch_id)
     ids = retry_failed(sessions=ctx.sessions, batch_id=batch_id)
     if ids:
-        # Without Redis the jobs stay queued in SQL; the workers' reconciler enqueues them.
-        with contextlib.suppress(redis.RedisError, TransientError):
-            reconcile_once(sessions=ctx.sessions, redis_client=ctx.redis, settings=ctx.settings)
+        _wake(ctx, batch_id)
     return {**_read(ctx, tenant, batch_id), "retried": len(ids)}
+
+
+def _wake(ctx: ApiContext, batch_id: str) -> None:
+    """The batch's dispatcher re-reads SQL now (without Redis it does within IPAB_DISPATCH_RESCAN_S)."""
+    with transaction(ctx.sessions) as session:
+        model_set = session.scalar(select(Batch.model_set).where(Batch.id == batch_id))
+    if model_set is not None:
+        with contextlib.suppress(redis.RedisError, TransientError):
+            wake_dispatcher(redis_client=ctx.redis, settings=ctx.settings, model_set=model_set)
+
+
+def _pause(ctx: ApiContext, tenant: str, batch_id: str, *, paused: bool) -> dict[str, Any]:
+    with transaction(ctx.sessions) as session:
+        find_batch(session=session, tenant=tenant, batch_id=batch_id)
+    set_paused(sessions=ctx.sessions, batch_id=batch_id, paused=paused)
+    if not paused:
+        _wake(ctx, batch_id)
+    return _read(ctx, tenant, batch_id)
+
+
+@router.post("/{batch_id}/pause", response_model=BatchOut)
+async def pause_batch(batch_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
+    """Queued jobs of the batch do not start until it is resumed; running ones finish."""
+
+    async def handle() -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(lambda: _pause(ctx, caller.tenant, batch_id, paused=True)))
+
+    return await idempotent(request, ctx, tenant=caller.tenant, content=b"pause", handle=handle)
+
+
+@router.post("/{batch_id}/resume", response_model=BatchOut)
+async def resume_batch(batch_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
+    """The batch's queued jobs start again, in their lane's turn."""
+
+    async def handle() -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(lambda: _pause(ctx, caller.tenant, batch_id, paused=False)))
+
+    return await idempotent(request, ctx, tenant=caller.tenant, content=b"resume", handle=handle)
 
 
 @router.post("/{batch_id}/retry", response_model=BatchOut)

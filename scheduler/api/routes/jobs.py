@@ -19,6 +19,7 @@ from scheduler.api.submission import WEBHOOK_FIELD, api_batch_name, api_field, p
 from scheduler.api.views import find_job, job_view
 from scheduler.webhooks import JOB_EVENTS, cancel_with_events, check_events, check_webhook_url, subscribe
 from shared.db import Batch, Job
+from shared.dispatch.policy import INTERACTIVE_LANE
 from shared.errors import InvalidInput, ManifestInvalid
 from shared.jobs import transaction
 
@@ -68,6 +69,7 @@ def _create(ctx: ApiContext, tenant: str, body: dict[str, Any]) -> dict[str, Any
             batch_name=api_batch_name(tenant),
             skip_invalid=False,
             after_insert=after_insert,
+            lane=INTERACTIVE_LANE,  # a single API job is interactive unless its `lane` says otherwise
         )
     except ManifestInvalid as e:
         raise problems_of(e, with_lines=False) from None
