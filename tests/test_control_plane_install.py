@@ -82,7 +82,9 @@ def test_every_control_plane_command_runs_without_torch(
         assert expected in run.stdout + run.stderr, (argv, run.stdout, run.stderr)
 
 
-@pytest.mark.parametrize("argv", [("worker",), ("generate", "--prompt", "x"), ("models", "download", "d")])
+@pytest.mark.parametrize(
+    "argv", [("worker",), ("generate", "--prompt", "x"), ("models", "download", "d"), ("reproduce", "job-1")]
+)
 def test_worker_commands_without_the_worker_extra_say_what_to_install(
     light_ipab: Callable[..., subprocess.CompletedProcess[str]], argv: tuple[str, ...]
 ) -> None:
