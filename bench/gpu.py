@@ -6,10 +6,11 @@ cost the same compute as the real ones. 1024x1024, 30 steps, classifier-free gui
 
 - baseline: a plain diffusers fp16 + SDPA pipeline call per image (`ip_adapter_image=`).
 - ipab: its worker path, `worker.pipeline.Renderer` around the same in-memory pipeline
-  (embedding encoded once, then `generate_batch`), at batch 1, 2 and 4, eager and with
-  `torch.compile` (the UNet compiled as `Renderer.load(compile=True)` does).
+  (embedding encoded once, then `generate_batch`), at batch 1, 2, 4 and 8, eager and with
+  `torch.compile` (the UNet compiled as `Renderer.load(compile=True)` does), in fp16 and
+  again in bf16 (a pipeline rebuilt in that dtype).
 
-Reported per configuration: s/image, images/min, peak GPU memory, achieved TFLOP/s and
+Reported per configuration: s/image, images/s, images/min, peak GPU memory, achieved TFLOP/s and
 utilisation against the FLOPs per image counted with `torch.utils.flop_counter` (one
 baseline image) and the device's dense fp16 peak. Written as JSON to `--out`.
 
@@ -20,6 +21,7 @@ baseline image) and the device's dense fp16 peak. Written as JSON to `--out`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -171,14 +173,15 @@ class Plan:
     reps: int  # timed images per configuration (rounded up to whole batches)
     batches: tuple[int, ...]
     compile_backend: str
+    other_dtypes: tuple[torch.dtype, ...] = ()  # ipab again in these (bf16 next to fp16)
 
 
 def _plan(smoke: bool) -> Plan:
     if smoke:
-        return Plan(True, torch.device("cpu"), torch.float32, 64, 2, 2, (1, 2), "eager")
+        return Plan(True, torch.device("cpu"), torch.float32, 64, 2, 2, (1, 2), "eager", (torch.bfloat16,))
     if not torch.cuda.is_available():
         raise SystemExit("bench.gpu: no CUDA device; run it on a GPU machine, or use --smoke here")
-    return Plan(False, torch.device("cuda"), torch.float16, 1024, 30, 4, (1, 2, 4), "inductor")
+    return Plan(False, torch.device("cuda"), torch.float16, 1024, 30, 8, (1, 2, 4, 8), "inductor", (torch.bfloat16,))
 
 
 # --- building the random-weight pipeline --------------------------------------------------------
@@ -387,6 +390,7 @@ def _time(plan: Plan, images_per_call: int, call: Callable[[int], Any]) -> dict[
     figures: dict[str, float | None] = {
         "s_per_image": s_per_image,
         "images_per_min": 60 / s_per_image,
+        "images_per_s": 1 / s_per_image,
         "peak_mem_gib": peak,
         "images": images,
     }
@@ -410,45 +414,84 @@ def _peak_tflops(plan: Plan) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
-def _configs(pipe: Any, renderer: Any, plan: Plan) -> list[tuple[str, int, bool, Callable[[int], Any]]]:
-    runs: list[tuple[str, int, bool, Callable[[int], Any]]] = [
-        ("diffusers baseline", 1, False, lambda i: baseline_call(pipe, plan, i))
-    ]
-    runs += [(f"ipab batch {b}", b, False, _ipab_call(renderer, plan, b)) for b in plan.batches]
-    runs += [(f"ipab batch {b} compiled", b, True, _ipab_call(renderer, plan, b)) for b in plan.batches]
+def _configs(
+    pipe: Any, renderer: Any, plan: Plan, *, baseline: bool = True
+) -> list[tuple[str, int, bool, Callable[[int], Any]]]:
+    dtype = str(plan.dtype).removeprefix("torch.")
+    runs: list[tuple[str, int, bool, Callable[[int], Any]]] = []
+    if baseline:
+        runs.append((f"diffusers baseline {dtype}", 1, False, lambda i: baseline_call(pipe, plan, i)))
+    runs += [(f"ipab batch {b} {dtype}", b, False, _ipab_call(renderer, plan, b)) for b in plan.batches]
+    runs += [(f"ipab batch {b} {dtype} compiled", b, True, _ipab_call(renderer, plan, b)) for b in plan.batches]
     return runs
 
 
+def _free(plan: Plan) -> None:
+    if plan.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class _Sweep:
+    """Times configurations against one time budget; compiles each pipeline once, when due."""
+
+    plan: Plan
+    t_start: float
+    budget_s: float
+    flops: float
+    peak: float | None
+
+    def measure(self, pipe: Any, configs: list[tuple[str, int, bool, Callable[[int], Any]]]) -> list[dict[str, Any]]:
+        """Figures of each configuration of one pipeline (skipped once the budget is spent)."""
+        results: list[dict[str, Any]] = []
+        compiled = False
+        for name, batch, compile_, call in configs:
+            entry: dict[str, Any] = {"name": name, "batch": batch, "compile": compile_, "dtype": str(self.plan.dtype)}
+            # A compile takes minutes on SDXL: start one only with that much budget left.
+            reserve_s = COMPILE_RESERVE_S if compile_ and not compiled and not self.plan.smoke else 0.0
+            if time.perf_counter() - self.t_start + reserve_s > self.budget_s:
+                results.append({**entry, "skipped": f"time budget of {self.budget_s:.0f} s spent"})
+                continue
+            if compile_ and not compiled:
+                pipe.unet.compile(fullgraph=False, backend=self.plan.compile_backend)  # as Renderer.load(compile=True)
+                compiled = True
+            results.append(self._timed(entry, batch, call))
+        return results
+
+    def _timed(self, entry: dict[str, Any], batch: int, call: Callable[[int], Any]) -> dict[str, Any]:
+        try:
+            t0 = time.perf_counter()
+            entry.update(_time(self.plan, batch, call))
+            entry["wall_s"] = time.perf_counter() - t0
+        except Exception as e:  # one failing configuration must not lose the others' figures
+            entry["error"] = f"{type(e).__name__}: {e}"[:500]
+        if "s_per_image" in entry:
+            entry["tflops_achieved"] = self.flops / entry["s_per_image"] / 1e12
+            entry["utilisation"] = entry["tflops_achieved"] / self.peak if self.peak else None
+        return entry
+
+
 def run(plan: Plan, *, budget_s: float) -> dict[str, Any]:
-    """Every configuration that fits the time budget; figures as a JSON-able dict."""
+    """Every configuration that fits the time budget; figures as a JSON-able dict.
+
+    First stock diffusers (the anchor) and ipab in the plan's dtype, eager and compiled; then
+    ipab again in each of `plan.other_dtypes` (a pipeline rebuilt in that dtype).
+    """
     t_start = time.perf_counter()
     pipe = build_pipeline(plan)
     renderer = make_renderer(pipe)
     build_s = time.perf_counter() - t_start
     flops = count_flops(lambda: baseline_call(pipe, plan, 0))
-    peak = _peak_tflops(plan)
-    results: list[dict[str, Any]] = []
-    compiled = False
-    for name, batch, compile_, call in _configs(pipe, renderer, plan):
-        entry: dict[str, Any] = {"name": name, "batch": batch, "compile": compile_}
-        # A compile takes minutes on SDXL: start one only with that much budget left.
-        reserve_s = COMPILE_RESERVE_S if compile_ and not compiled and not plan.smoke else 0.0
-        if time.perf_counter() - t_start + reserve_s > budget_s:
-            results.append({**entry, "skipped": f"time budget of {budget_s:.0f} s spent"})
-            continue
-        if compile_ and not compiled:
-            pipe.unet.compile(fullgraph=False, backend=plan.compile_backend)  # as Renderer.load(compile=True)
-            compiled = True
-        try:
-            t0 = time.perf_counter()
-            entry.update(_time(plan, batch, call))
-            entry["wall_s"] = time.perf_counter() - t0
-        except Exception as e:  # one failing configuration must not lose the others' figures
-            entry["error"] = f"{type(e).__name__}: {e}"[:500]
-        if "s_per_image" in entry:
-            entry["tflops_achieved"] = flops / entry["s_per_image"] / 1e12
-            entry["utilisation"] = entry["tflops_achieved"] / peak if peak else None
-        results.append(entry)
+    sweep = _Sweep(plan=plan, t_start=t_start, budget_s=budget_s, flops=flops, peak=_peak_tflops(plan))
+    results = sweep.measure(pipe, _configs(pipe, renderer, plan))
+    for dtype in plan.other_dtypes:
+        del pipe, renderer
+        _free(plan)
+        other = dataclasses.replace(plan, dtype=dtype)
+        pipe = build_pipeline(other)
+        renderer = make_renderer(pipe)
+        sweep.plan = other
+        results += sweep.measure(pipe, _configs(pipe, renderer, other, baseline=False))
     base = results[0].get("s_per_image")
     for entry in results:
         if base and "s_per_image" in entry:
@@ -457,11 +500,12 @@ def run(plan: Plan, *, budget_s: float) -> dict[str, Any]:
         "smoke": plan.smoke,
         "device": torch.cuda.get_device_name() if plan.device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(plan.dtype).removeprefix("torch."),
+        "other_dtypes": [str(d).removeprefix("torch.") for d in plan.other_dtypes],
         "size_px": plan.size_px,
         "steps": plan.steps,
         "guidance_scale": 5.0,
         "tflop_per_image": flops / 1e12,
-        "peak_tflops_assumed": peak,
+        "peak_tflops_assumed": sweep.peak,
         "build_s": build_s,
         "total_s": time.perf_counter() - t_start,
         "versions": _versions(),
