@@ -241,6 +241,12 @@ def _embed(e: dict[str, Any]) -> Iterator[str]:
     yield _failed(e) or e.get("markdown", "(no table)")
 
 
+def _batching(b: dict[str, Any]) -> Iterator[str]:
+    yield "## 7. Micro-batching (tiny model, CPU)"
+    yield ""
+    yield _failed(b) or b.get("markdown", "(no table)")
+
+
 def _fairness(f: dict[str, Any], control_jobs_per_s: float | None) -> Iterator[str]:
     from bench.fairness import to_markdown
 
@@ -296,6 +302,7 @@ def render_markdown(results: dict[str, Any], *, command: str) -> str:
         _embed(results.get("embed") or {"skipped": "not run"}),
         _gpu(results.get("gpu")),
         _fairness(results.get("fairness") or {"skipped": "not run"}, _control_rate(results)),
+        _batching(results.get("batching") or {"skipped": "not run"}),
     ):
         parts += ["", *section]
     return "\n".join(parts) + "\n"
