@@ -38,7 +38,7 @@ from bench.common import (
     write_manifest,
     write_references,
 )
-from shared.db import Job
+from shared.db import Job, make_engine, make_session_factory
 from shared.queue import PIPELINE_CHUNK
 from shared.settings import Settings
 from shared.spec import parse_spec
@@ -117,8 +117,28 @@ def measure_submit(settings: Settings, manifest: Path, *, profile_to: Path | Non
     elapsed_s = time.perf_counter() - t0
     if profiler and profile_to:
         profiler.dump_stats(profile_to)
-    assert result.enqueued and result.added > 0, result
+    assert result.woken and result.added > 0, result
     return result.batch_id, elapsed_s, result.added
+
+
+def measure_dispatch(settings: Settings, client: redis.Redis, rows: int) -> float:
+    """Seconds for one dispatcher, unbounded in depth, to hand every submitted row to Redis."""
+    from shared.dispatch.dispatcher import Dispatcher
+
+    deep = settings.model_copy(update={"dispatch_depth": 10**9})
+    dispatcher = Dispatcher.from_settings(
+        sessions=make_session_factory(make_engine(settings.database_url)),
+        redis_client=client,
+        settings=deep,
+        model_set=MODEL_SET,
+    )
+    t0 = time.perf_counter()
+    moved = 0
+    while step := dispatcher.dispatch_once():
+        moved += step
+    elapsed_s = time.perf_counter() - t0
+    assert moved == rows, f"dispatched {moved} of {rows}"
+    return elapsed_s
 
 
 def profile_summary(path: Path, *, top: int = 25) -> str:
@@ -141,19 +161,25 @@ def _one_database(
         profile_to = profile_dir / f"submit-{kind}.prof" if profile_dir else None
         batch_id, submit_s, added = measure_submit(settings, manifest, profile_to=profile_to)
         log(f"submit: {kind}: {added} rows in {submit_s:.1f} s")
+        dispatch_s = measure_dispatch(settings, client, added)
+        log(f"submit: {kind}: dispatched to Redis in {dispatch_s:.1f} s")
         messages = _messages(settings, batch_id)
         client.flushdb()  # the ipab messages are not needed again; keep Redis memory small
         floor = measure_floor(client, messages)
         naive = measure_naive(settings, messages[:naive_sample])
         client.flushdb()
         client.close()
-    figures: dict[str, Any] = {"rows": added, "submit_s": submit_s, **floor, **naive}
+    figures: dict[str, Any] = {"rows": added, "submit_s": submit_s, "dispatch_s": dispatch_s, **floor, **naive}
     if profile_to:
         figures["profile"] = profile_summary(profile_to)
     return _rates(figures)
 
 
 def _rates(f: dict[str, Any]) -> dict[str, Any]:
+    # Submission writes SQL only; the dispatcher moves the rows to Redis. Rows/s and the ratios
+    # count both, so they compare with the floor (messages pushed to Redis) and with the past.
+    f["sql_only_rows_per_s"] = f["rows"] / f["submit_s"]
+    f["submit_s"] = f["submit_s"] + f["dispatch_s"]
     f["submit_rows_per_s"] = f["rows"] / f["submit_s"]
     f["floor_rows_per_s"] = f["rows"] / f["floor_s"]
     f["floor_push_only_rows_per_s"] = f["rows"] / f["floor_push_only_s"]

@@ -59,3 +59,19 @@ def test_two_tenants_share_a_lane_so_the_small_tenants_batch_ends_early(settings
     assert forecast is not None and 8 <= forecast.position <= 10
     # And the forecast comes true: the dispatcher hands them over in that order.
     assert queue_length(settings, MODEL_SET) == 105
+
+
+def test_a_deep_round_hands_every_job_to_redis_exactly_once(settings: Settings, tmp_path: Path) -> None:
+    import redis
+
+    from tests.submit_helpers import dispatch_all
+
+    settings = settings.model_copy(update={"reference_roots": [tmp_path]})
+    _submit(settings, tmp_path, "many", 700)  # more than a fetch (256) per round
+    assert dispatch_all(settings, MODEL_SET) == 700
+    client = redis.Redis.from_url(settings.redis_url)
+    items = client.lrange(f"ipab.render.{MODEL_SET}", 0, -1)
+    from shared.wire import decode_render_envelope
+
+    ids = [decode_render_envelope(item).job_id for item in items]
+    assert len(ids) == 700 and len(set(ids)) == 700

@@ -22,10 +22,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Final
 
 import redis
-from sqlalchemy import func, select, update
+from sqlalchemy import func, literal, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import keys
@@ -42,6 +43,8 @@ from shared.wire import message_text
 log = logging.getLogger(__name__)
 
 FETCH_CHUNK: Final = 256  # undispatched jobs read per (lane, tenant) at a time
+MAX_ROUND: Final = 5000  # jobs handed to Redis in one round at most (a deep queue fills over a few)
+MARK_CHUNK: Final = 1000  # job ids per UPDATE
 # A burst of submissions (each bumps the wake counter) re-reads the backlog at most this often.
 MIN_RESCAN_S: Final = 0.05
 Key = tuple[str, str]  # (lane, tenant)
@@ -54,6 +57,8 @@ class Waiting:
     job_id: str
     batch_id: str
     spec: str
+    queued_at: datetime
+    line: int
 
 
 def _undispatched(model_set: str) -> Any:
@@ -93,10 +98,15 @@ def queued_model_sets(*, sessions: sessionmaker[Session]) -> list[str]:
         return sorted(set(session.scalars(stmt.distinct())))
 
 
-def next_waiting(*, sessions: sessionmaker[Session], batch_id: str, lane: str, limit: int) -> list[Waiting]:
-    """The oldest undispatched jobs of one batch in one lane, FIFO: by submission, then manifest line."""
+def next_waiting(
+    *, sessions: sessionmaker[Session], batch_id: str, lane: str, limit: int, after: Waiting | None = None
+) -> list[Waiting]:
+    """The oldest undispatched jobs of one batch in one lane, FIFO: by submission, then manifest line.
+
+    `after`: continue past this job (keyset paging), for jobs taken in this round but not yet marked.
+    """
     stmt = (
-        select(Job.id, Job.batch_id, Job.spec)
+        select(Job.id, Job.batch_id, Job.spec, Job.queued_at, Job.line)
         .where(
             Job.batch_id == batch_id,
             Job.status == JobStatus.queued.value,
@@ -106,23 +116,29 @@ def next_waiting(*, sessions: sessionmaker[Session], batch_id: str, lane: str, l
         .order_by(Job.queued_at, Job.line)
         .limit(limit)
     )
+    if after is not None:
+        stmt = stmt.where(tuple_(Job.queued_at, Job.line) > tuple_(literal(after.queued_at), literal(after.line)))
     with transaction(sessions) as session:
-        return [Waiting(job_id=r[0], batch_id=r[1], spec=r[2]) for r in session.execute(stmt)]
+        return [
+            Waiting(job_id=r[0], batch_id=r[1], spec=r[2], queued_at=r[3], line=r[4]) for r in session.execute(stmt)
+        ]
 
 
 def mark_dispatched(*, sessions: sessionmaker[Session], job_ids: Sequence[str]) -> set[str]:
     """Stamp `enqueued_at` (server time) on those still queued and undispatched; returns their ids."""
-    if not job_ids:
-        return set()
-    stmt = (
-        update(Job)
-        .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.queued.value, Job.enqueued_at.is_(None))
-        .values(enqueued_at=server_now())
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    )
+    marked: set[str] = set()
     with transaction(sessions) as session:
-        return set(session.scalars(stmt))
+        for start in range(0, len(job_ids), MARK_CHUNK):
+            chunk = list(job_ids[start : start + MARK_CHUNK])
+            stmt = (
+                update(Job)
+                .where(Job.id.in_(chunk), Job.status == JobStatus.queued.value, Job.enqueued_at.is_(None))
+                .values(enqueued_at=server_now())
+                .returning(Job.id)
+                .execution_options(synchronize_session=False)
+            )
+            marked.update(session.scalars(stmt))
+    return marked
 
 
 @dataclass
@@ -137,6 +153,7 @@ class Dispatcher:
     _buffers: dict[Key, list[Waiting]] = field(default_factory=dict)
     _batches: dict[Key, list[tuple[str, int]]] = field(default_factory=dict)
     _counts: dict[Key, int] = field(default_factory=dict)
+    _taken: dict[Key, Waiting] = field(default_factory=dict)  # the last job handed out per key
     _rescanned_at: float = 0.0
     _wake_stamp: bytes | None = None
 
@@ -152,7 +169,12 @@ class Dispatcher:
         """The key's next jobs from its oldest batch that still has some (FIFO within a tenant's lane)."""
         batches = self._batches.get(key, [])
         while batches:
-            buffer = next_waiting(sessions=self.sessions, batch_id=batches[0][0], lane=key[0], limit=FETCH_CHUNK)
+            batch_id = batches[0][0]
+            last = self._taken.get(key)
+            after = last if last is not None and last.batch_id == batch_id else None
+            buffer = next_waiting(
+                sessions=self.sessions, batch_id=batch_id, lane=key[0], limit=FETCH_CHUNK, after=after
+            )
             if len(buffer) < FETCH_CHUNK:
                 batches.pop(0)  # this batch has nothing beyond what was just read
             if buffer:
@@ -170,6 +192,7 @@ class Dispatcher:
         self._batches = backlog(sessions=self.sessions, model_set=self.model_set)
         self._counts = {key: sum(n for _, n in batches) for key, batches in self._batches.items()}
         self._buffers = {}  # re-read: a buffer may hold jobs since canceled, paused or dispatched
+        self._taken = {}
         self._rescanned_at = time.monotonic()
 
     def dispatch_once(self) -> int:
@@ -178,7 +201,7 @@ class Dispatcher:
         pipe.llen(self.queue)
         pipe.get(wake_key(self.settings, self.model_set))
         depth, wake_stamp = pipe.execute()
-        room = self.settings.dispatch_depth - int(depth)
+        room = min(self.settings.dispatch_depth - int(depth), MAX_ROUND)
         if room <= 0:
             return 0
         since_s = time.monotonic() - self._rescanned_at
@@ -217,7 +240,9 @@ class Dispatcher:
         self._counts[key] = max(self._counts.get(key, 1) - 1, 0)
         if not self._counts[key]:
             self._counts.pop(key)
-        return buffer.pop(0)
+        taken = buffer.pop(0)
+        self._taken[key] = taken
+        return taken
 
 
 def wake_key(settings: Settings, model_set: str) -> str:
