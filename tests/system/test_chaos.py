@@ -212,3 +212,63 @@ def test_cancel_mid_batch_stops_queued_and_running_jobs(
     listed = [json.loads(line) for line in results.stdout.splitlines() if line.strip()]
     assert {row["status"] for row in listed} == {"canceled"}
     assert len(listed) == len(canceled)
+
+
+# The same faults with micro-batching on: a worker holds up to four jobs of one pipeline call.
+BATCHED = {"batch_size": 4, "dispatch_depth": 8, "batch_wait_ms": 50}
+
+
+@pytest.fixture
+def batched_settings(system_settings: Settings) -> Settings:
+    return system_settings.model_copy(update=BATCHED)
+
+
+def test_batched_worker_killed_mid_call_loses_nothing(
+    batched_settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
+) -> None:
+    with worker_pool(batched_settings, settings_env, tmp_path) as pool:
+        first = pool.start()
+        batch_id = start_batch(batched_settings, pool, tmp_path, "kill-batched")
+        wait_until(lambda: count_status(batched_settings, batch_id, JobStatus.succeeded) >= 4, what="first results")
+        wait_until(lambda: bool(running_ids(batched_settings, batch_id)), what="a running call")
+        pool.kill(first)
+        pool.start()
+        wait_for_batch(batched_settings, batch_id, workers=pool)
+    # The killed worker held at most one call of four and one publishing batch of four.
+    jobs = assert_each_job_ended_once(batched_settings, batch_id, max_reruns=8)
+    assert max(j.attempts for j in jobs) >= 2
+    assert max(j.render_batch_size or 0 for j in jobs) > 1  # calls really held several jobs
+
+
+def test_batched_flushall_mid_batch_loses_nothing(
+    batched_settings: Settings,
+    settings_env: Callable[[Settings], dict[str, str]],
+    tmp_path: Path,
+    private_redis: Service,
+) -> None:
+    settings = batched_settings.model_copy(update={"redis_url": private_redis.url})
+    with worker_pool(settings, settings_env, tmp_path) as pool:
+        pool.start()
+        batch_id = start_batch(settings, pool, tmp_path, "flush-batched")
+        wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 4, what="first results")
+        wait_until(lambda: bool(running_ids(settings, batch_id)), what="a running call")
+        redis.Redis.from_url(settings.redis_url).flushall()
+        wait_for_batch(settings, batch_id, workers=pool)
+    assert_each_job_ended_once(settings, batch_id, max_reruns=4)
+
+
+def test_batched_cancel_mid_batch_stops_queued_and_running_jobs(
+    batched_settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
+) -> None:
+    from tests.system.test_end_to_end import ipab
+
+    with worker_pool(batched_settings, settings_env, tmp_path) as pool:
+        pool.start()
+        batch_id = start_batch(batched_settings, pool, tmp_path, "cancel-batched")
+        wait_until(lambda: count_status(batched_settings, batch_id, JobStatus.succeeded) >= 4, what="first results")
+        done = ipab(pool.env, "cancel", batch_id, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        wait_for_batch(batched_settings, batch_id, workers=pool)
+        time.sleep(2)
+    jobs = assert_each_job_ended_once(batched_settings, batch_id, max_reruns=0, allow_canceled=True)
+    assert sum(j.status == JobStatus.canceled.value for j in jobs) >= 10
