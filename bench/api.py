@@ -129,12 +129,8 @@ def _batch(url: str, key: str, settings: Settings, workdir: Path, rows: int) -> 
     return {"rows": rows, "api_s": api_s, "submit_manifest_s": cli_s, "ratio": api_s / cli_s}
 
 
-def main() -> None:
-    """Run both measurements and print them as JSON."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=800)
-    parser.add_argument("--rows", type=int, default=10_000)
-    args = parser.parse_args()
+def run(*, requests: int = 800, rows: int = 10_000) -> dict[str, Any]:
+    """Both measurements against one `ipab api` process on private services (SQLite)."""
     with private_services() as svc:
         workdir = Path(tempfile.mkdtemp(dir=svc.workdir))
         model_set = workdir / "model-set.toml"
@@ -148,15 +144,49 @@ def main() -> None:
             client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"})
             png = write_references(workdir / "one", 1)[0].read_bytes()
             ref = client.post("/v1/references", files={"file": ("a.png", png)}).json()["id"]
-            report = {
-                "jobs": _jobs(url, key, ref, args.requests),
-                "batch": _batch(url, key, settings, workdir, args.rows),
+            return {
+                "clients": CLIENTS,
+                "requests": requests,
+                "jobs": _jobs(url, key, ref, requests),
+                "batch": _batch(url, key, settings, workdir, rows),
             }
         finally:
             proc.terminate()
             proc.wait()
+
+
+def to_markdown(figures: dict[str, Any]) -> str:
+    """The section for BENCHMARKS.md."""
+    jobs, batch = figures["jobs"], figures["batch"]
+    floor, post = jobs["floor"], jobs["post_jobs"]
+    return "\n".join(
+        [
+            f"One `ipab api` process (uvicorn, SQLite), {figures['clients']} concurrent clients, "
+            f"{figures['requests']} requests each way; the floor is `GET /healthz` on the same server.",
+            "",
+            "| | p50 ms | p99 ms | requests/s |",
+            "| --- | ---: | ---: | ---: |",
+            f"| floor: GET /healthz | {floor['p50_ms']:.1f} | {floor['p99_ms']:.1f} | {floor['rps']:.0f} |",
+            f"| POST /v1/jobs | {post['p50_ms']:.1f} | {post['p99_ms']:.1f} | {post['rps']:.0f} |",
+            "",
+            f"POST /v1/jobs p50 / floor p50: **{jobs['p50_ratio']:.2f}x** (goal <= 3). "
+            f"A {batch['rows']:,}-row POST /v1/batches took {batch['api_s']:.2f} s against "
+            f"{batch['submit_manifest_s']:.2f} s for `submit_manifest` of the same rows: "
+            f"**{batch['ratio']:.2f}x** (goal <= 1.5).",
+        ]
+    )
+
+
+def main() -> None:
+    """Run both measurements and print them as JSON."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=800)
+    parser.add_argument("--rows", type=int, default=10_000)
+    args = parser.parse_args()
+    report = run(requests=args.requests, rows=args.rows)
     log(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+    print(to_markdown(report))
 
 
 if __name__ == "__main__":

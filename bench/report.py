@@ -67,6 +67,7 @@ def goals(results: dict[str, Any]) -> list[Goal]:
         else:
             out.append(Goal(name, target, why, None))
     out += _fairness_goals(results)
+    out += _api_goals(results)
     e, _ = _part(results, "embed")
     if e and "redis_p50_ok" in e:
         target = f"<= {e.get('goal_redis_p50_ms')} ms"
@@ -247,6 +248,24 @@ def _embed(e: dict[str, Any]) -> Iterator[str]:
     yield _failed(e) or e.get("markdown", "(no table)")
 
 
+def _api(a: dict[str, Any]) -> Iterator[str]:
+    yield "## 8. HTTP API"
+    yield ""
+    yield _failed(a) or a.get("markdown", "(no table)")
+
+
+def _api_goals(results: dict[str, Any]) -> list[Goal]:
+    a, why = _part(results, "api")
+    names = [("API: POST /v1/jobs p50 / bare endpoint p50", "<= 3x"), ("API: 10k-row batch / ipab submit", "<= 1.5x")]
+    if not a:
+        return [Goal(name, target, why, None) for name, target in names]
+    p50, batch = a["jobs"]["p50_ratio"], a["batch"]["ratio"]
+    return [
+        _goal(names[0][0], names[0][1], f"{_num(p50)}x", p50 <= 3),
+        _goal(names[1][0], names[1][1], f"{_num(batch)}x", batch <= 1.5),
+    ]
+
+
 def _batching(b: dict[str, Any]) -> Iterator[str]:
     yield "## 7. Micro-batching (tiny model, CPU)"
     yield ""
@@ -309,6 +328,7 @@ def render_markdown(results: dict[str, Any], *, command: str) -> str:
         _gpu(results.get("gpu")),
         _fairness(results.get("fairness") or {"skipped": "not run"}, _control_rate(results)),
         _batching(results.get("batching") or {"skipped": "not run"}),
+        _api(results.get("api") or {"skipped": "not run"}),
     ):
         parts += ["", *section]
     return "\n".join(parts) + "\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from bench.common import REPO, log, machine_info, postgres_available
 from bench.report import render_markdown, summary_lines
 
 BENCHMARKS_MD: Final = REPO / "BENCHMARKS.md"
-ALL: Final = ("overhead", "submit", "control", "embed", "fairness", "batching")
+ALL: Final = ("overhead", "submit", "control", "embed", "fairness", "batching", "api")
 
 
 def _guarded(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -47,6 +48,15 @@ def _embed_cache(samples: int) -> dict[str, Any]:
         return {"skipped": f"bench/embed_cache.py is not available ({e})"}
     figures: dict[str, Any] = module.run(samples=samples)
     figures["markdown"] = module.to_markdown(figures)
+    return figures
+
+
+def _api(requests: int) -> dict[str, Any]:
+    from bench import api
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    figures = api.run(requests=requests)
+    figures["markdown"] = api.to_markdown(figures)
     return figures
 
 
@@ -84,6 +94,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         results["fairness"] = _guarded("fairness", lambda: fairness.run(bulk_jobs=args.fairness_jobs))
     if "batching" in only:  # tiny-model jobs/s at batch 1 and 4, same run
         results["batching"] = _guarded("batching", lambda: _batching(args.batching_jobs))
+    if "api" in only:
+        results["api"] = _guarded("api", lambda: _api(args.api_requests))
     if args.gpu_json:
         results["gpu"] = json.loads(Path(args.gpu_json).read_text())
     results["total_s"] = time.perf_counter() - t0
@@ -99,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=4, help="null-model worker processes")
     parser.add_argument("--embed-samples", type=int, default=200)
     parser.add_argument("--batching-jobs", type=int, default=16, help="tiny-model jobs per batch size")
+    parser.add_argument("--api-requests", type=int, default=800, help="requests per measurement of the API bench")
     parser.add_argument("--fairness-jobs", type=int, default=20_000, help="bulk backlog of the fairness benchmark")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--gpu-json", default=None, help="figures of `python -m bench.gpu --out` to include")
