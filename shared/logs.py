@@ -57,10 +57,20 @@ class JobFieldsFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Always True: it only adds attributes."""
-        for name, value in (_job.get() or {}).items():
+        fields = _job.get() or _celery_task_fields(record)
+        for name, value in fields.items():
             if not hasattr(record, name):
                 setattr(record, name, value)
         return True
+
+
+def _celery_task_fields(record: logging.LogRecord) -> Mapping[str, Any]:
+    """Celery's own lines about a task it has not handed to the runner yet ("received") name
+    the task id, which is the job id (shared/wire.py); the other fields are not known there."""
+    args = record.args
+    if record.name.startswith("celery.") and isinstance(args, Mapping) and isinstance(args.get("id"), str):
+        return {"job_id": args["id"]}
+    return {}
 
 
 class JsonFormatter(logging.Formatter):
@@ -86,5 +96,6 @@ def configure_logging(*, verbose: bool, log_format: str) -> None:
     handler.setFormatter(JsonFormatter() if log_format == "json" else MaskingFormatter(TEXT_FORMAT))
     handler.addFilter(JobFieldsFilter())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    logging.captureWarnings(log_format == "json")  # a warning is a log line too, not raw stderr
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)

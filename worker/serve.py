@@ -42,6 +42,7 @@ def _worker(args: argparse.Namespace) -> int:
     queues = ",".join(queues_list)
     app.worker_main(
         [
+            *(["--quiet"] if settings.log_format == "json" else []),  # no banner: every line is JSON
             "worker",
             f"--queues={queues}",
             "--concurrency=1",
