@@ -33,7 +33,7 @@ def _queued_jobs(url: str, count: int) -> tuple[sessionmaker[Session], str, list
         batch = Batch(id=new_id(), name="b", model_set="m", job_count=0)
         session.add(batch)
         session.flush()
-        rows = [(new_id(), i, None, f"k{i}", "{}", i) for i in range(count)]
+        rows = [(new_id(), i, None, f"k{i}", "{}", i, "bulk") for i in range(count)]
         insert_new_jobs(session, batch_id=batch.id, queued_at=utcnow(), rows=rows)
     return sessions, batch.id, [r[0] for r in rows]
 
