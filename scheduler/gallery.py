@@ -29,6 +29,7 @@ from scheduler.progress import SILENT, Reporter
 from shared.db import Batch, Job, JobStatus
 from shared.errors import ObjectMissing
 from shared.jobs import transaction
+from shared.redact import mask_text
 from shared.storage import ObjectStore
 
 OUTPUT_THUMB_PX: Final = 256
@@ -59,7 +60,8 @@ class Card:
 def _card(job: Job) -> Card:
     spec = json.loads(job.spec)
     params = spec["params"]
-    error = None if job.error_type is None else f"{job.error_type}: {job.error_message or ''}"
+    # Error messages may quote internal URLs with credentials; the page is shown to tenants.
+    error = None if job.error_type is None else mask_text(f"{job.error_type}: {job.error_message or ''}")
     references = tuple((r["sha256"], r["key"]) for r in spec["references"])
     shown = {name: params.get(name) for name in PARAM_NAMES}
     return Card(job.id, job.client_id, job.status, params["prompt"], job.seed, shown, error, job.output_key, references)

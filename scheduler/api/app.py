@@ -16,7 +16,7 @@ from scheduler.api.context import ApiContext
 from scheduler.api.idempotency import delete_expired
 from scheduler.api.metrics import install_metrics
 from scheduler.api.problems import install_problem_handlers
-from scheduler.api.routes import batches, health, jobs, references
+from scheduler.api.routes import batches, health, jobs, plans, references
 from scheduler.webhook_dispatch import Dispatcher
 from shared.settings import Settings
 
@@ -100,7 +100,7 @@ def create_app(settings: Settings, *, dispatcher: bool = True) -> FastAPI:
     app.state.ctx = ctx
     install_problem_handlers(app)
     install_metrics(app, ctx.sessions)
-    for module in (health, references, jobs, batches):
+    for module in (health, references, jobs, batches, plans):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit_bytes=settings.api_max_body_bytes)
     return app

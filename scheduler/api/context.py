@@ -29,6 +29,7 @@ from shared.storage import ObjectStore
 BEARER: Final = re.compile(r"Bearer[ \t]+(\S{1,512})", re.IGNORECASE)
 REDIS_TIMEOUT_S: Final = 5.0
 AUTH_HINT: Final = "send `Authorization: Bearer <key>`; `ipab keys create --tenant NAME` makes a key"
+ADMIN_HINT: Final = "`ipab keys create --tenant NAME --admin` makes one"
 
 
 @dataclass
@@ -124,3 +125,13 @@ async def get_caller(
 
 Context = Annotated[ApiContext, Depends(get_context)]
 CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+async def get_admin(caller: CallerDep) -> Caller:
+    """The caller, when its key is an admin key; 403 otherwise (plans act for every tenant)."""
+    if not caller.admin:
+        raise ApiProblem(403, f"this route needs an admin key; {ADMIN_HINT}", kind="forbidden")
+    return caller
+
+
+AdminDep = Annotated[Caller, Depends(get_admin)]

@@ -91,6 +91,79 @@ class BatchOut(BaseModel):
     queue_position: int | None = None  # of its last queued job, by the lane policy
 
 
+class PlanOut(BaseModel):
+    """A nightly plan as GET /v1/plans/{name} shows it; times in the plan's zone, ISO 8601 with offset."""
+
+    name: str
+    state: Literal["enabled", "paused"]
+    schedule: str
+    timezone: str
+    manifest: str
+    model_set: str
+    tenant: str
+    lane: str
+    set: dict[str, Any]
+    catch_up: str
+    overlap: str
+    webhook: str | None
+    source: str
+    next_slots: list[str]
+
+
+class PlanApplied(PlanOut):
+    """200 (or 201, created) to POST /v1/plans."""
+
+    change: Literal["created", "updated", "unchanged"]
+
+
+class PlanToggled(PlanOut):
+    """200 to POST /v1/plans/{name}/pause|resume; `changed` is false when it was so already."""
+
+    changed: bool
+
+
+class PlanListed(BaseModel):
+    """A plan in GET /v1/plans: its next slot and its newest slot with that batch's counts."""
+
+    name: str
+    state: str
+    schedule: str
+    timezone: str
+    next_slot: str
+    last_slot: str | None
+    last_status: str | None
+    last: str | None = Field(description="the newest slot's job counts, or why it made no batch")
+    last_counts: dict[str, int] | None
+
+
+class PlanSlotOut(BaseModel):
+    """One slot in GET /v1/plans/{name}/history: its batch and counts, or why it made none."""
+
+    slot: str
+    kind: Literal["scheduled", "manual"]
+    status: str
+    batch_id: str | None
+    batch: str | None
+    counts: dict[str, int] | None
+    reason: str | None
+
+
+class PlanRun(BaseModel):
+    """202 to POST /v1/plans/{name}/run: the batch of the extra slot."""
+
+    status: str
+    batch_id: str
+    batch_name: str
+    added: int
+
+
+class PlanDeleted(BaseModel):
+    """200 to DELETE /v1/plans/{name}: its slot history went with it; its batches stay."""
+
+    name: str
+    deleted_slots: int
+
+
 def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
     """`openapi_extra` documenting a JSON body that the route reads by hand."""
     schema = model.model_json_schema()

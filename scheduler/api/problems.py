@@ -26,6 +26,7 @@ RETRY_AFTER_UNAVAILABLE_S: Final = 5
 TITLES: Final = {
     400: "Bad request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not found",
     405: "Method not allowed",
     409: "Conflict",

@@ -6,40 +6,34 @@ Times are shown in each plan's own time zone, ISO 8601 with the offset.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
-from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.commands import database
-from scheduler.plans import store
 from scheduler.plans.beat import DEFAULT_INTERVAL_S, run_beat
 from scheduler.plans.planfile import PlanInvalid, PlanSpec, read_plan_file
-from scheduler.plans.runner import SlotContext, SlotOutcome, run_slot
-from scheduler.plans.slots import local_iso, next_slot, slots_after
-from shared.db import Batch, Plan, PlanSlot, utcnow
+from scheduler.plans.runner import SlotContext, SlotOutcome
+from scheduler.plans.views import (
+    HISTORY_LIMIT,
+    apply_specs,
+    counts_text,
+    delete_named_plan,
+    list_plans,
+    plan_history,
+    run_now,
+    set_plan_enabled,
+    show_plan,
+)
+from shared.db import utcnow
 from shared.errors import InvalidInput
-from shared.jobs import transaction
 from shared.settings import load_settings
 from shared.storage import ObjectStore
-
-HISTORY_LIMIT: Final = 50
-SHOW_NEXT_SLOTS: Final = 3
-
-
-def counts_text(counts: dict[str, int]) -> str:
-    """`3 jobs: succeeded 2, queued 1` (or `no jobs`)."""
-    total = sum(counts.values())
-    if not total:
-        return "no jobs"
-    return f"{total} jobs: " + ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
-
 
 # ipab plans apply
 
@@ -68,89 +62,56 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print("\n".join(problems), file=sys.stderr)
         print(f"{len(problems)} problem(s); no plan applied. Fix them and apply again", file=sys.stderr)
         return 2
-    now = utcnow()
-    with database(load_settings()) as sessions, transaction(sessions) as session:
-        changes = [(spec, store.apply_plan(session=session, spec=spec, now=now)) for spec in specs]
-    for spec, change in changes:
-        zone = ZoneInfo(spec.timezone)
-        upcoming = local_iso(next_slot(spec.schedule, zone, now), zone)
-        state = "" if spec.enabled else " (paused)"
-        print(f"plan {spec.name}: {change}{state}; next slot {upcoming}")
+    with database(load_settings()) as sessions:
+        applied = apply_specs(sessions=sessions, specs=specs, now=utcnow())
+    for plan in applied:
+        state = " (paused)" if plan["state"] == "paused" else ""
+        print(f"plan {plan['name']}: {plan['change']}{state}; next slot {plan['next_slot']}")
     return 0
 
 
 # ipab plans list / show / history
 
+LIST_COLUMNS: Final = ("name", "state", "schedule", "timezone", "next_slot", "last_slot", "last_status", "last")
+HISTORY_COLUMNS: Final = ("slot", "kind", "status", "batch", "jobs", "reason")
 
-def _last_cells(session: Session, plan: Plan, last: PlanSlot | None) -> list[str]:
-    if last is None:
-        return ["-", "-", "-"]
-    zone = ZoneInfo(plan.timezone)
-    counts = store.batch_counts(session=session, batch_ids=[last.batch_id] if last.batch_id else [])
-    detail = counts_text(counts.get(last.batch_id or "", {})) if last.batch_id else (last.reason or "")
-    return [local_iso(last.slot_at, zone), last.status, detail]
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return ", ".join(value) if isinstance(value, list) else str(value)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Every plan: state, schedule, next slot (in its zone), last slot with its status and counts."""
-    now = utcnow()
-    with database(load_settings()) as sessions, transaction(sessions) as session:
-        plans = list(session.scalars(select(Plan).order_by(Plan.name)))
-        latest = store.latest_slots(session=session)
-        print("\t".join(["name", "state", "schedule", "timezone", "next_slot", "last_slot", "last_status", "last"]))
-        for plan in plans:
-            zone = ZoneInfo(plan.timezone)
-            state = "enabled" if plan.enabled else "paused"
-            upcoming = local_iso(next_slot(plan.schedule, zone, max(now, plan.schedule_from)), zone)
-            cells = [plan.name, state, plan.schedule, plan.timezone, upcoming]
-            print("\t".join(cells + _last_cells(session, plan, latest.get(plan.id))))
+    with database(load_settings()) as sessions:
+        plans = list_plans(sessions=sessions, now=utcnow())
+    print("\t".join(LIST_COLUMNS))
+    for plan in plans:
+        print("\t".join(_cell(plan[column]) for column in LIST_COLUMNS))
     return 0
-
-
-def _show_lines(plan: Plan) -> list[str]:
-    zone = ZoneInfo(plan.timezone)
-    after = max(utcnow(), plan.schedule_from)
-    upcoming = slots_after(plan.schedule, zone, after, datetime.max, limit=SHOW_NEXT_SLOTS)
-    fields = {
-        "name": plan.name,
-        "state": "enabled" if plan.enabled else "paused",
-        "schedule": f"{plan.schedule} ({plan.timezone})",
-        "manifest": plan.manifest,
-        "model_set": plan.model_set,
-        "tenant": plan.tenant,
-        "lane": plan.lane,
-        "set": plan.defaults,
-        "catch_up": plan.catch_up,
-        "overlap": plan.overlap,
-        "webhook": plan.webhook_url or "-",
-        "source": plan.source,
-        "next_slots": ", ".join(local_iso(slot, zone) for slot in upcoming),
-    }
-    return [f"{key}: {value}" for key, value in fields.items()]
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     """One plan's settings and its next slots."""
-    with database(load_settings()) as sessions, transaction(sessions) as session:
-        plan = store.find_plan(session=session, name=args.name)
-    print("\n".join(_show_lines(plan)))
+    with database(load_settings()) as sessions:
+        details = show_plan(sessions=sessions, name=args.name, now=utcnow())
+    details["schedule"] = f"{details['schedule']} ({details.pop('timezone')})"
+    print("\n".join(f"{key}: {_cell(value)}" for key, value in details.items()))
     return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     """The plan's slots, newest first: when, kind, status, batch, counts, and why (skipped, failed, caught up)."""
-    with database(load_settings()) as sessions, transaction(sessions) as session:
-        plan = store.find_plan(session=session, name=args.name)
-        slots = store.plan_slots(session=session, plan_id=plan.id, limit=args.limit)
-        batch_ids = [s.batch_id for s in slots if s.batch_id]
-        counts = store.batch_counts(session=session, batch_ids=batch_ids)
-        names = dict(session.execute(select(Batch.id, Batch.name).where(Batch.id.in_(batch_ids))).tuples().all())
-    zone = ZoneInfo(plan.timezone)
-    print("\t".join(["slot", "kind", "status", "batch", "jobs", "reason"]))
+    with database(load_settings()) as sessions:
+        slots = plan_history(sessions=sessions, name=args.name, limit=args.limit)
+    print("\t".join(HISTORY_COLUMNS))
     for slot in slots:
-        batch = names.get(slot.batch_id or "", "-")
-        jobs = counts_text(counts.get(slot.batch_id or "", {})) if slot.batch_id else "-"
-        print("\t".join([local_iso(slot.slot_at, zone), slot.kind, slot.status, batch, jobs, slot.reason or ""]))
+        jobs = "-" if slot["counts"] is None else counts_text(slot["counts"])
+        cells = [slot["slot"], slot["kind"], slot["status"], _cell(slot["batch"]), jobs, slot["reason"] or ""]
+        print("\t".join(cells))
     return 0
 
 
@@ -173,17 +134,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     ObjectStore.from_settings(settings).ensure_bucket()
     with database(settings) as sessions:
-        with transaction(sessions) as session:
-            plan = store.find_plan(session=session, name=args.name)
-        ctx = SlotContext(settings=settings, sessions=sessions, now=utcnow)
-        outcome = run_slot(ctx, plan, utcnow(), kind=store.MANUAL)
+        outcome = run_now(SlotContext(settings=settings, sessions=sessions, now=utcnow), name=args.name)
     return _print_outcome(outcome)
 
 
 def _set_enabled(name: str, enabled: bool) -> int:
-    with database(load_settings()) as sessions, transaction(sessions) as session:
-        plan = store.find_plan(session=session, name=name)
-        changed = store.set_enabled(plan=plan, enabled=enabled, now=utcnow())
+    with database(load_settings()) as sessions:
+        changed = set_plan_enabled(sessions=sessions, name=name, enabled=enabled, now=utcnow())
     state = "resumed (slots after now run)" if enabled else "paused"
     print(f"plan {name}: {state if changed else 'already ' + ('enabled' if enabled else 'paused')}")
     return 0
@@ -201,9 +158,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     """Delete the plan and its slot history; its batches and their jobs stay."""
-    with database(load_settings()) as sessions, transaction(sessions) as session:
-        plan = store.find_plan(session=session, name=args.name)
-        slots = store.delete_plan(session=session, plan=plan)
+    with database(load_settings()) as sessions:
+        slots = delete_named_plan(sessions=sessions, name=args.name)
     print(f"plan {args.name}: deleted with {slots} slot record(s); its batches stay")
     return 0
 

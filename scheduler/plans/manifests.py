@@ -24,6 +24,10 @@ from shared.storage import ObjectStore, parse_uri
 S3_SCHEME: Final = "s3://"
 MAX_MANIFEST_BYTES: Final = 2 * 1024**3
 MANIFEST_FIELD: Final = "manifest"
+REMOTE_MANIFEST_HINT: Final = (
+    "must be an s3:// URI in an allowed reference bucket when the plan comes through the API: "
+    "a path would be read from the server's disk; upload the manifest and write its s3:// URI"
+)
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,12 @@ class PlanRows:
     resolver: ReferenceResolver
 
 
-def manifest_location(raw: object, *, base_dir: Path) -> str:
-    """Where a plan file's `manifest` points: an `s3://` URI, or a path made absolute from the plan's folder."""
+def manifest_location(raw: object, *, base_dir: Path | None) -> str:
+    """Where a plan file's `manifest` points: an `s3://` URI, or a path made absolute from the plan's folder.
+
+    `base_dir` None (a plan sent over the API) admits `s3://` URIs only: a path would be
+    read from the server's own disk, which an API caller must not reach.
+    """
     if not isinstance(raw, str) or not raw.strip():
         raise InvalidInput(MANIFEST_FIELD, raw, "must be a JSONL/CSV path (relative to the plan file) or s3:// URI")
     if raw.startswith(S3_SCHEME):
@@ -44,6 +52,8 @@ def manifest_location(raw: object, *, base_dir: Path) -> str:
         except ValueError as e:
             raise InvalidInput(MANIFEST_FIELD, raw, str(e)) from None
         return raw
+    if base_dir is None:
+        raise InvalidInput(MANIFEST_FIELD, raw, REMOTE_MANIFEST_HINT)
     path = (base_dir / raw).resolve()
     if not path.is_file():
         raise InvalidInput(MANIFEST_FIELD, raw, f"does not exist (looked for {path}); fix the path")

@@ -52,6 +52,10 @@ _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _TENANT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MAX_URL_CHARS: Final = 2000
 _PROBE_ROW: Final = {"reference": "probe.png"}
+REMOTE_MODEL_SET_HINT: Final = (
+    "must be a model set's name when the plan comes through the API (a model-set.toml path "
+    "would be read from the server's disk)"
+)
 
 
 class PlanInvalid(PermanentError):
@@ -150,11 +154,19 @@ def check_set(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def _model_set(value: Any, *, base_dir: Path, settings: Settings) -> str:
-    """The model set's name: a bare name, a model-set.toml (relative to the plan file), or IPAB_MODEL_SET's."""
+def _model_set(value: Any, *, base_dir: Path | None, settings: Settings) -> str:
+    """The model set's name: a bare name, a model-set.toml (relative to the plan file), or IPAB_MODEL_SET's.
+
+    `base_dir` None (a plan sent over the API): a bare name only, since a path would be read
+    from the server's disk.
+    """
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise InvalidInput("model_set", value, "must be a model set name or a model-set.toml path")
-    if isinstance(value, str) and value.endswith(".toml"):
+    if base_dir is None and value is not None:
+        if not _NAME.fullmatch(value):
+            raise InvalidInput("model_set", value, REMOTE_MODEL_SET_HINT)
+        return str(value)
+    if isinstance(value, str) and value.endswith(".toml") and base_dir is not None:
         value = str(base_dir / value)
     try:
         return resolve_model_set_name(value, settings)
@@ -164,15 +176,21 @@ def _model_set(value: Any, *, base_dir: Path, settings: Settings) -> str:
         raise InvalidInput("model_set", value, f"{e}; fix the path or write the model set's name") from None
 
 
+def _parse_toml(text: str, *, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PlanInvalid(source, [("file", f"is not valid TOML ({e}); fix the syntax")]) from None
+
+
 def _load_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PlanInvalid(str(path), [("file", "does not exist; check the path")]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise PlanInvalid(str(path), [("file", f"cannot be read ({e}); check its permissions")]) from None
-    except tomllib.TOMLDecodeError as e:
-        raise PlanInvalid(str(path), [("file", f"is not valid TOML ({e}); fix the syntax")]) from None
+    return _parse_toml(text, source=str(path))
 
 
 class _Problems:
@@ -203,7 +221,9 @@ def _row_problems(spec: Mapping[str, Any], settings: Settings) -> list[tuple[str
     return shown
 
 
-def _fields(raw: Mapping[str, Any], problems: _Problems, *, base_dir: Path, settings: Settings) -> dict[str, Any]:
+def _fields(
+    raw: Mapping[str, Any], problems: _Problems, *, base_dir: Path | None, settings: Settings
+) -> dict[str, Any]:
     get = raw.get
     return {
         "name": problems.check(lambda: check_plan_name(get("name"))),
@@ -226,19 +246,36 @@ def read_plan_file(path: Path, *, settings: Settings) -> PlanSpec:
 
     Nothing is written: applying a valid plan is `scheduler.plans.store.apply_plan`.
     """
-    # 1. TOML, and only known fields.
     raw = _load_toml(path)
+    return _validated(raw, source=str(path), base_dir=path.parent, stored_as=str(path.resolve()), settings=settings)
+
+
+def read_plan_text(text: str, *, source: str, settings: Settings) -> PlanSpec:
+    """Validate a plan file's text sent over the API, as `read_plan_file` does a file.
+
+    Nothing may point at the server's disk: `manifest` must be an `s3://` URI in an allowed
+    bucket and `model_set` a name. `source` names the plan in problems and in `ipab plans show`.
+    """
+    raw = _parse_toml(text, source=source)
+    return _validated(raw, source=source, base_dir=None, stored_as=source, settings=settings)
+
+
+def _validated(
+    raw: Mapping[str, Any], *, source: str, base_dir: Path | None, stored_as: str, settings: Settings
+) -> PlanSpec:
+    """The plan of a parsed plan file; `base_dir` None admits nothing from the server's disk."""
+    # 1. Only known fields.
     problems = _Problems()
     problems.found += [(k, f"is not a plan field; allowed: {', '.join(FIELDS)}") for k in raw if k not in FIELDS]
     problems.found += [(k, "is required") for k in REQUIRED if k not in raw]
     # 2. Each field on its own (cron, time zone, the manifest's location, ...).
-    spec = _fields(raw, problems, base_dir=path.parent, settings=settings)
+    spec = _fields(raw, problems, base_dir=base_dir, settings=settings)
     # 3. The manifest's rows with the plan's defaults, once the fields they need are valid.
     if spec["manifest"] is not None and spec["defaults"] is not None:
         problems.found += problems.check(lambda: _row_problems(spec, settings)) or []
     if problems.found:
-        raise PlanInvalid(str(path), problems.found)
-    return PlanSpec(**spec, source=str(path.resolve()))
+        raise PlanInvalid(source, problems.found)
+    return PlanSpec(**spec, source=stored_as)
 
 
 def defaults_json(spec: PlanSpec) -> str:

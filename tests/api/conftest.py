@@ -24,13 +24,13 @@ def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 64) -> by
     return out.getvalue()
 
 
-def make_key(settings: Settings, tenant: str) -> tuple[str, str | None]:
-    """(a new key of `tenant`, the tenant's secret if created now)."""
+def make_key(settings: Settings, tenant: str, *, admin: bool = False) -> tuple[str, str | None]:
+    """(a new key of `tenant`, an admin key with `admin`, the tenant's secret if created now)."""
     ensure_database(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
         with transaction(make_session_factory(engine)) as session:
-            new = create_key(session=session, tenant=tenant)
+            new = create_key(session=session, tenant=tenant, admin=admin)
     finally:
         engine.dispose()
     return new.key, new.webhook_secret
@@ -69,4 +69,11 @@ def alice(api_settings: Settings) -> dict[str, str]:
 def bob(api_settings: Settings) -> dict[str, str]:
     """Authorization headers of tenant bob."""
     key, _ = make_key(api_settings, "bob")
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def admin(api_settings: Settings) -> dict[str, str]:
+    """Authorization headers of an admin key (tenant ops)."""
+    key, _ = make_key(api_settings, "ops", admin=True)
     return {"Authorization": f"Bearer {key}"}

@@ -1,4 +1,4 @@
-"""`/v1/batches`: submit a JSONL batch, list, read, results, cancel, retry."""
+"""`/v1/batches`: submit a JSONL batch, list, read, results, gallery, cancel, retry."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated, Any, Final, Literal
 
 import redis
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -23,6 +23,7 @@ from scheduler.api.routes.jobs import problems_of, webhook_of
 from scheduler.api.submission import api_field, parse_api_rows, submit_api_rows
 from scheduler.api.views import batch_counts, batch_forecast, batch_view, find_batch
 from scheduler.commands import RESULTS_CHUNK, STATUSES, result_record
+from scheduler.gallery import render_gallery
 from scheduler.manifest import read_jsonl_bytes
 from scheduler.webhooks import BATCH_COMPLETED, cancel_with_events, subscribe
 from shared.db import Batch, Job, new_id
@@ -33,6 +34,14 @@ from shared.jobs import retry_failed, set_paused, transaction
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 MAX_LIST: Final = 1000
+# The gallery page is inline CSS, inline script and data: images: nothing else may load or run.
+GALLERY_HEADERS: Final = {
+    "Content-Security-Policy": (
+        "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+}
 JSONL_BODY: Final = {
     "requestBody": {
         "required": True,
@@ -172,6 +181,19 @@ async def get_results(batch_id: str, ctx: Context, caller: CallerDep, status: st
         raise invalid("status", status, f"must be one of {', '.join(STATUSES)}")
     await run_in_threadpool(_read, ctx, caller.tenant, batch_id)  # 404 for another tenant's
     return StreamingResponse(_result_lines(ctx, batch_id, status), media_type="application/jsonl")
+
+
+def _gallery(ctx: ApiContext, tenant: str, batch_id: str) -> str:
+    with transaction(ctx.sessions) as session:
+        batch = find_batch(session=session, tenant=tenant, batch_id=batch_id)
+    return render_gallery(sessions=ctx.sessions, store=ctx.store, batch=batch)
+
+
+@router.get("/{batch_id}/gallery", response_class=HTMLResponse)
+async def get_gallery(batch_id: str, ctx: Context, caller: CallerDep) -> Any:
+    """The batch as one self-contained HTML page, a card per job, thumbnails embedded (as `ipab gallery`)."""
+    page = await run_in_threadpool(_gallery, ctx, caller.tenant, batch_id)
+    return HTMLResponse(page, headers=GALLERY_HEADERS)
 
 
 def _cancel(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
