@@ -27,8 +27,10 @@ RENDER_S: Final = float(os.environ.get(RENDER_MS_ENV, "0")) / 1000
 class NullRenderer:
     """Same interface as `worker.pipeline.Renderer`; returns one fixed small image at once."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, config: ModelSetConfig | None = None) -> None:
         self.name = name
+        self.config = config  # provenance hashes its (absent) files: an empty record
+        self.device = torch.device("cpu")
         self.encoder_id = "null-renderer"
         self.embed_kind = "image_embeds"
         self.dtype = torch.float16
@@ -39,7 +41,7 @@ class NullRenderer:
     @classmethod
     def load(cls, config: ModelSetConfig, **_options: Any) -> NullRenderer:
         """Stands in for `Renderer.load`: reads nothing but the model set's name."""
-        return cls(config.name)
+        return cls(config.name, config)
 
     def encode(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
         """One zero embedding per image."""
