@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || \
 	(python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null && command -v python3))
 
-.PHONY: all venv $(VENV) demo test lint format bench clean
+.PHONY: all venv $(VENV) demo test lint format bench docker-test clean
 
 all: test
 
@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/hadolint docker/Dockerfile.scheduler docker/Dockerfile.worker
+	$(VENV)/bin/hadolint docker/*Dockerfile*
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
@@ -42,6 +42,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.run
+
+# Both images built and the whole system run in containers (root, Debian's docker.io; docker/test/run.sh).
+docker-test: $(STAMP)
+	docker/test/run.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .ipab demo-out

@@ -1,4 +1,4 @@
-"""`python -m devkit demo|up|synth`: the development commands (run from the repository root)."""
+"""`python -m devkit demo|up|synth|docker-check`: the development commands (run from the repository root)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from devkit import demo, up
+from devkit import demo, docker_check, up
 from shared.errors import IpabError
 
 
@@ -24,11 +24,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`demo`, `up` and `synth`."""
+    """`demo`, `up`, `synth` and `docker-check`."""
     parser = argparse.ArgumentParser(prog="python -m devkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.register(sub)
     up.register(sub)
+    docker_check.register(sub)
     synth = sub.add_parser("synth", help="write a tiny random-weight model set (its images are noise)")
     synth.add_argument("dir", type=Path)
     synth.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
