@@ -357,10 +357,14 @@ def insert_ignoring_duplicates(model: type[Base], *, dialect: str, unique: Seque
 
     Concurrent submissions of the same rows then add each once instead of failing.
     """
+    # preserve_rowcount: callers read `rowcount` to learn whether their row went in, and
+    # psycopg reports -1 for an INSERT .. ON CONFLICT unless SQLAlchemy is asked to keep it.
     if dialect == "postgresql":
-        return postgresql.insert(model).on_conflict_do_nothing(index_elements=list(unique))
+        stmt: Insert = postgresql.insert(model).on_conflict_do_nothing(index_elements=list(unique))
+        return stmt.execution_options(preserve_rowcount=True)
     if dialect == "sqlite":
-        return sqlite.insert(model).on_conflict_do_nothing(index_elements=list(unique))
+        stmt = sqlite.insert(model).on_conflict_do_nothing(index_elements=list(unique))
+        return stmt.execution_options(preserve_rowcount=True)
     raise ValueError(f"database dialect {dialect!r} is not supported; use SQLite or PostgreSQL")
 
 

@@ -132,3 +132,16 @@ def test_ipab_db_upgrade_creates_the_schema(sqlite_url: str, monkeypatch: pytest
     with engine.connect() as conn:
         assert MigrationContext.configure(conn).get_current_revision() == HEAD
     engine.dispose()
+
+
+def test_an_insert_ignoring_duplicates_says_whether_its_row_went_in(database_url: str) -> None:
+    from scheduler.tenants import ensure_tenant
+
+    ensure_database(database_url)
+    engine = make_engine(database_url)
+    sessions = make_session_factory(engine)
+    with sessions.begin() as session:
+        assert ensure_tenant(session=session, name="first") is not None  # created: its secret, once
+    with sessions.begin() as session:
+        assert ensure_tenant(session=session, name="first") is None  # there already
+    engine.dispose()

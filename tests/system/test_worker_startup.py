@@ -15,6 +15,7 @@ from shared import keys
 from shared.db import Job, make_engine, make_session_factory
 from shared.model_set import read_model_set
 from shared.settings import Settings
+from tests.submit_helpers import dispatch_all
 from tests.system.helpers import Workers
 from tests.system.test_end_to_end import submit, write_manifest
 
@@ -31,8 +32,10 @@ def closed_port() -> int:
 
 
 def queued_batch(settings: Settings, workers: Workers, tmp_path: Path) -> str:
-    """A batch of JOBS jobs submitted while no worker runs."""
-    return submit(workers, write_manifest(tmp_path, rows=JOBS), "startup")
+    """A batch of JOBS jobs submitted while no worker runs, their messages handed to Redis."""
+    batch_id = submit(workers, write_manifest(tmp_path, rows=JOBS), "startup")
+    assert dispatch_all(settings, read_model_set(settings.model_set or Path()).name) == JOBS
+    return batch_id
 
 
 def assert_untouched(settings: Settings, batch_id: str) -> None:
