@@ -13,6 +13,7 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.commands import database, find_batch
+from scheduler.stopping import stop_on_signals
 from shared.db import Batch
 from shared.dispatch.dispatcher import queued_model_sets, run_dispatcher, wake_dispatcher
 from shared.errors import TransientError
@@ -117,7 +118,7 @@ def _reconcile(args: argparse.Namespace) -> int:
     redis_client = _redis(settings)
     with database(settings) as sessions:
         if args.loop:
-            stop = threading.Event()
+            stop = stop_on_signals()
             clients: dict[str, Any] = {"sessions": sessions, "redis_client": redis_client, "settings": settings}
             dispatcher = threading.Thread(
                 target=run_dispatcher,

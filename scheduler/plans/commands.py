@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -30,6 +29,7 @@ from scheduler.plans.views import (
     set_plan_enabled,
     show_plan,
 )
+from scheduler.stopping import stop_on_signals
 from shared.db import utcnow
 from shared.errors import InvalidInput
 from shared.settings import load_settings
@@ -177,7 +177,7 @@ def cmd_beat(args: argparse.Namespace) -> int:
     settings = load_settings()
     ObjectStore.from_settings(settings).ensure_bucket()
     with database(settings) as sessions:
-        run_beat(beat_context(sessions), interval_s=args.interval, stop=threading.Event(), passes=args.passes)
+        run_beat(beat_context(sessions), interval_s=args.interval, stop=stop_on_signals(), passes=args.passes)
     return 0
 
 
