@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,9 +138,12 @@ def _cmd_api_job(args: argparse.Namespace) -> int:
         # 2. Submit one small job.
         size = {"width": DEMO_SIZE_PX, "height": DEMO_SIZE_PX, "steps": API_JOB_STEPS}
         body = {"references": [ref], "prompt": "a watercolor painting", **size}
-        # No Idempotency-Key: on PostgreSQL under SQLAlchemy 2.1 its claim (an INSERT ... ON CONFLICT)
-        # reads rowcount -1, so a keyed POST waits 10 s and answers 409 (scheduler/api/idempotency.py).
-        job_id = _ok(client.post("/v1/jobs", json=body))["id"]
+        # With an Idempotency-Key, on PostgreSQL: the replay answers the same job and creates nothing.
+        keyed = {"Idempotency-Key": f"docker-test-{uuid.uuid4().hex}"}
+        job_id = _ok(client.post("/v1/jobs", json=body, headers=keyed))["id"]
+        again = _ok(client.post("/v1/jobs", json=body, headers=keyed))["id"]
+        if again != job_id:
+            raise CheckFailed(f"a replayed POST /v1/jobs made job {again}, not {job_id}")
         # 3. Poll until it ends.
         job = _wait_for_job(client, job_id, timeout_s=args.timeout_s)
         if job["status"] != "succeeded":
