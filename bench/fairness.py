@@ -97,6 +97,9 @@ def _one_mode(svc: Services, mode: str, args: argparse.Namespace, refs: list[Pat
     (svc.workdir / mode).mkdir(parents=True, exist_ok=True)
     with private_database("sqlite", svc.workdir / mode) as url:
         settings = bench_settings(svc, url, model_set=model_set, dispatch_depth=depth, heartbeat_s=10.0)
+        # Both modes share the Redis server and the queue's name: start from an empty queue, not
+        # from the previous mode's leftovers (jobs of another database that workers would skip).
+        redis.Redis.from_url(settings.redis_url).flushdb()
         env = settings_env(settings, OMP_NUM_THREADS="1", **{RENDER_MS_ENV: str(args.render_ms)})
         _submit(settings, bulk, "backlog", tenant="a")
         procs = [
