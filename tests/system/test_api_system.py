@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 from sqlalchemy import select
 
 from scheduler.webhooks import verify
@@ -202,3 +203,53 @@ def test_killing_the_api_mid_delivery_loses_no_event(api: Api, api_env: tuple[Se
     api.start()  # a new process picks the message up once its claim expires
     hooks.wait(2, timeout_s=90)
     assert hooks.got[0][0]["webhook-id"] == hooks.got[1][0]["webhook-id"]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_submit_status_and_results_go_through_the_api_alone(
+    api: Api, api_env: tuple[Settings, dict[str, str]], tmp_path: Path
+) -> None:
+    settings, _ = api_env
+    key, _ = make_key(settings, "cli")
+    Image.new("RGB", (48, 48), (30, 160, 90)).save(tmp_path / "ref.png")
+    rows = [
+        {"reference": "ref.png", "prompt": f"row {i}", "seed": i, "steps": 2, "width": 64, "height": 64}
+        for i in range(3)
+    ]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Every service setting points at a closed port: touching SQL, Redis or S3 would fail the command.
+    dead = f"127.0.0.1:{closed_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPAB_")}
+    env.update(
+        IPAB_API_KEY=key,
+        IPAB_DATABASE_URL=f"postgresql+psycopg://nobody@{dead}/none",
+        IPAB_REDIS_URL=f"redis://{dead}/0",
+        IPAB_S3_ENDPOINT_URL=f"http://{dead}",
+    )
+
+    def ipab(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ipab.cli", *argv, "--api", api.url],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    submitted = ipab("submit", "rows.jsonl")
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.strip().splitlines()[-1]
+    status = ipab("status", batch_id)
+    assert status.returncode == 0, status.stderr
+    assert "queued" in status.stdout and "3" in status.stdout
+    results = ipab("results", batch_id)
+    assert results.returncode == 0, results.stderr
+    lines = [json.loads(line) for line in results.stdout.splitlines() if line.strip()]
+    assert sorted(line["seed"] for line in lines) == [0, 1, 2]
+    assert {line["status"] for line in lines} == {"queued"}
