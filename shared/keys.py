@@ -21,6 +21,7 @@ RECONCILER_LOCK_KEY: Final = "reconciler-lock"  # only one reconciler runs at a 
 DISPATCH_LOCK_KEY: Final = "dispatch-lock:{model_set}"  # only one dispatcher per model set works at a time
 DISPATCH_WAKE_KEY: Final = "dispatch-wake:{model_set}"  # bumped by submissions: the dispatcher re-reads SQL
 STATS_KEY: Final = "stats:{name}"  # fleet-wide counters (hash)
+PROGRESS_KEY: Final = "progress:{job_id}"  # a running job's denoising step (JSON, expires)
 
 RENDER_QUEUE: Final = "ipab.render.{model_set}"
 

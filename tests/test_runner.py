@@ -315,3 +315,13 @@ def test_a_task_in_a_process_without_context_gives_its_message_back() -> None:
     with pytest.raises(Reject) as rejected:
         require_context()
     assert rejected.value.args[1] is True  # requeue (the stubs do not declare the attribute)
+
+
+def test_a_running_job_notes_its_denoising_step_for_the_api(ctx: WorkerContext) -> None:
+    from shared.progress import read_step
+
+    ctx.renderer.step_delay_s = 0.3  # type: ignore[attr-defined]
+    message = add_job(ctx, steps=4)
+    assert run_and_publish(ctx, message.to_json()) == "rendered"
+    noted = read_step(ctx.redis, prefix=ctx.settings.redis_prefix, job_id=message.job_id)
+    assert noted is not None and noted["steps"] == 4 and 1 <= noted["step"] <= 4

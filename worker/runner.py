@@ -21,6 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from shared import keys
 from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, JobTimedOut, MessageInvalid, TransientError
 from shared.jobs import claim_job, hand_back_paused
+from shared.progress import PROGRESS_EVERY_S, record_steps
 from shared.queue import forget_queued
 from shared.retry import retry_per_settings
 from shared.wire import JobMessage, decode_ids, decode_message
@@ -256,6 +257,8 @@ def _on_step(ctx: WorkerContext, jobs: list[_Job]) -> Callable[[int], None]:
     per-batch state, so the batch cannot shrink mid-call); the others' images are unchanged.
     """
 
+    noted_at_s = [0.0]
+
     def check(step: int) -> None:
         for job in _live(jobs):
             try:
@@ -264,8 +267,17 @@ def _on_step(ctx: WorkerContext, jobs: list[_Job]) -> Callable[[int], None]:
                 _leave(ctx, job, e)
         if not _live(jobs):
             raise JobCanceled(f"every job of this pipeline call left it (at step {step})")
+        if time.monotonic() - noted_at_s[0] >= PROGRESS_EVERY_S:
+            noted_at_s[0] = time.monotonic()
+            _note_steps(ctx, _live(jobs), step)
 
     return check
+
+
+def _note_steps(ctx: WorkerContext, jobs: list[_Job], step: int) -> None:
+    """Where each job's denoising stands, for the API (best effort, in Redis)."""
+    steps = {job.job_id: (step + 1, job.message.spec.params.steps) for job in jobs if job.message is not None}
+    record_steps(ctx.redis, prefix=ctx.settings.redis_prefix, steps=steps, ttl_s=ctx.settings.lease_s)
 
 
 def _worth_singles(error: BaseException) -> bool:

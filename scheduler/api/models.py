@@ -52,6 +52,7 @@ class JobOut(BaseModel):
     status: str
     queue_position: int | None
     eta_s: float | None = None
+    progress: dict[str, int] | None = None  # while running: {"step": denoising steps done, "steps": in all}
     lane: str | None = None
     attempts: int
     error: dict[str, Any] | None

@@ -20,6 +20,7 @@ from scheduler.commands import STATUSES
 from shared import keys
 from shared.db import TERMINAL, Batch, Job, JobStatus, utcnow
 from shared.dispatch.position import Forecast, forecast_batch, forecast_job
+from shared.progress import read_step
 
 
 def when(value: datetime | None) -> str | None:
@@ -95,6 +96,9 @@ def job_view(ctx: ApiContext, *, session: Session, job: Job, batch: Batch) -> di
         "batch_id": job.batch_id,
         "status": job.status,
         "queue_position": forecast.position if forecast else None,
+        "progress": read_step(ctx.redis, prefix=ctx.settings.redis_prefix, job_id=job.id)
+        if job.status == JobStatus.running.value
+        else None,
         "eta_s": round(forecast.eta_s, 1) if forecast and forecast.eta_s is not None else None,
         "lane": job.lane,
         "attempts": job.attempts,

@@ -77,3 +77,26 @@ def test_pause_and_resume_a_batch_and_another_tenant_cannot(
     assert_problem(client.post(f"/v1/batches/{batch_id}/resume", headers=bob), 404, "batch")
     resumed = client.post(f"/v1/batches/{batch_id}/resume", headers=alice)
     assert resumed.status_code == 200 and resumed.json()["paused"] is False
+
+
+def test_a_running_job_shows_its_denoising_step(
+    client: TestClient, alice: dict[str, str], api_settings: Settings
+) -> None:
+    import redis
+
+    from shared.progress import record_steps
+
+    ref = upload(client, alice)
+    job_id = client.post("/v1/jobs", headers=alice, json={**JOB, "references": [ref]}).json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["progress"] is None  # queued
+    engine = make_engine(api_settings.database_url)
+    with make_session_factory(engine).begin() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status="running"))
+    engine.dispose()
+    record_steps(
+        redis.Redis.from_url(api_settings.redis_url),
+        prefix=api_settings.redis_prefix,
+        steps={job_id: (3, 8)},
+        ttl_s=60,
+    )
+    assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["progress"] == {"step": 3, "steps": 8}
