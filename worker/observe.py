@@ -24,11 +24,20 @@ from worker import metrics
 log = logging.getLogger(__name__)
 
 
+class _Observing:
+    """Whether anything reads what a claim notes (served metrics, JSON log lines)."""
+
+    read_claims = True  # tests and `ipab generate` keep the default; `install` decides for a worker
+
+
 def note_claim(sessions: sessionmaker[Session], *, job_id: str, attempt: int) -> dict[str, Any]:
     """Observe how long the claimed job waited; return its log fields, bound for the lines
-    that follow unless a job is bound already (the first job of a pipeline call names it)."""
+    that follow unless a job is bound already (the first job of a pipeline call names it).
+
+    The row is read only when served metrics or JSON logs will use it: a read per claim was
+    a tenth of a job's control-plane cost (BENCHMARKS.md section 3)."""
     fields: dict[str, Any] = {"job_id": job_id, "attempt": attempt}
-    row = _read_claimed(sessions, job_id)
+    row = _read_claimed(sessions, job_id) if _Observing.read_claims else None
     if row is not None:
         batch_id, tenant, queued_at, started_at = row
         fields.update(batch_id=batch_id, tenant=tenant)
@@ -56,8 +65,9 @@ def _read_claimed(
         return None
 
 
-def install(*, model_set: str, metrics_port: int) -> None:
+def install(*, model_set: str, metrics_port: int, json_logs: bool = False) -> None:
     """In a worker: each pool process builds its metrics (served on `metrics_port` unless 0),
     and each task starts with no job bound to its log lines."""
+    _Observing.read_claims = bool(metrics_port) or json_logs
     worker_process_init.connect(lambda **_: metrics.install(model_set=model_set, port=metrics_port), weak=False)
     task_prerun.connect(lambda **_: unbind_job(), weak=False)

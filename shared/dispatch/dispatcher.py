@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 FETCH_CHUNK: Final = 256  # undispatched jobs read per (lane, tenant) at a time
 MAX_ROUND: Final = 5000  # jobs handed to Redis in one round at most (a deep queue fills over a few)
 MARK_CHUNK: Final = 1000  # job ids per UPDATE
+STANDBY_CHECKS: Final = 5  # lock checks per IPAB_DISPATCH_LOCK_S by a replica that holds none
 # A burst of submissions (each bumps the wake counter) re-reads the backlog at most this often.
 MIN_RESCAN_S: Final = 0.05
 Key = tuple[str, str]  # (lane, tenant)
@@ -280,8 +281,11 @@ def run_dispatcher(
             moved += _round(
                 name, dispatchers, me=me, ttl_ms=ttl_ms, sessions=sessions, redis_client=redis_client, settings=settings
             )
-        if not moved:
-            stop.wait(settings.dispatch_poll_s)
+        if moved:
+            continue
+        # A replica that holds no lock only needs to notice when one lapses: it asks a few times
+        # per lock lifetime instead of at every poll (four idle replicas cost Redis and CPU).
+        stop.wait(settings.dispatch_poll_s if dispatchers else settings.dispatch_lock_s / STANDBY_CHECKS)
     for name in dispatchers:
         _release(redis_client, settings, name, me)
 
