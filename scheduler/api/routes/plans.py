@@ -35,13 +35,15 @@ from shared.db import utcnow
 from shared.errors import InvalidInput
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"])
-TOML_TYPES: Final = frozenset({"application/toml"})
+TOML_TYPES: Final = frozenset({"application/toml", "text/plain"})  # a plan file's text, either way
 MAX_PLAN_BYTES: Final = 64 * 1024  # a plan file is a few lines; its rows live in the manifest
 MAX_HISTORY: Final = 1000
 TOML_BODY: Final = {
     "requestBody": {
         "required": True,
-        "content": {"application/toml": {"schema": {"type": "string", "description": "a plan file's text"}}},
+        "content": {
+            media: {"schema": {"type": "string", "description": "a plan file's text"}} for media in sorted(TOML_TYPES)
+        },
     }
 }
 T = TypeVar("T")
@@ -92,7 +94,7 @@ async def apply_plan(request: Request, ctx: Context, caller: AdminDep) -> Any:
     problem is named in a 422 and nothing changes.
     """
     if media_type(request) not in TOML_TYPES:
-        raise unsupported(request, "application/toml (a plan file's text)")
+        raise unsupported(request, "application/toml or text/plain (a plan file's text)")
     data = await read_body(request, limit_bytes=MAX_PLAN_BYTES)
     text = _text_of(data)
 
