@@ -16,25 +16,20 @@ import redis
 
 from shared import keys
 from shared.errors import QueueUnavailable
-from shared.wire import JobMessage, render_envelopes
+from shared.wire import render_envelopes
 
 PIPELINE_CHUNK: Final = 5000
-
-
-def enqueue_jobs(*, redis_client: redis.Redis, queue: str, messages: Sequence[JobMessage], prefix: str) -> None:
-    """Push render messages and mark their jobs as present in Redis, in pipelined chunks.
-
-    The `queued` set mirrors which job ids have a message in Redis; the reconciler
-    re-enqueues queued jobs missing from it (after a FLUSHALL or a restart that lost them).
-    """
-    texts = [(m.job_id, m.to_text()) for m in messages]
-    enqueue_serialized(redis_client=redis_client, queue=queue, messages=texts, prefix=prefix)
 
 
 def enqueue_serialized(
     *, redis_client: redis.Redis, queue: str, messages: Sequence[tuple[str, str]], prefix: str
 ) -> None:
-    """`enqueue_jobs` for (job id, message JSON text) pairs, from `shared.wire.message_text`."""
+    """Push render messages, (job id, message JSON text from `shared.wire.message_text`) pairs, and
+    mark their jobs as present in Redis, in pipelined chunks.
+
+    The `queued` set mirrors which job ids have a message in Redis; the reconciler hands back
+    to the dispatcher the dispatched jobs missing from it (after a FLUSHALL or a lost restart).
+    """
     queued_set = prefix + keys.QUEUED_SET
     try:
         for start in range(0, len(messages), PIPELINE_CHUNK):

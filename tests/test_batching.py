@@ -14,17 +14,16 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
-import redis
 import torch
 from PIL import Image
 from sqlalchemy import update
-from test_runner import FakeRenderer, add_job, job_row
+from test_runner import FakeRenderer, add_job, fake_context, job_row
 
 from shared import keys
-from shared.db import Job, ensure_database, make_engine, make_session_factory
+from shared.db import Job
 from shared.db_clock import server_now
 from shared.jobs import cancel_jobs
-from shared.queue import enqueue_jobs
+from shared.queue import enqueue_serialized
 from shared.reconcile import reconcile_once
 from shared.settings import Settings
 from shared.spec import JobSpec, Reference
@@ -32,8 +31,6 @@ from shared.storage import ObjectStore
 from shared.wire import JobMessage
 from worker.batching import BatchCollector
 from worker.context import WorkerContext
-from worker.embedding import EmbeddingCache
-from worker.publisher import Publisher
 from worker.runner import run_job
 
 BATCH_SIZE = 4
@@ -63,21 +60,7 @@ class BatchingFakeRenderer(FakeRenderer):
 @pytest.fixture
 def ctx(settings: Settings, object_store: ObjectStore) -> Iterator[WorkerContext]:
     settings = settings.model_copy(update={"batch_size": BATCH_SIZE, "batch_wait_ms": 50})
-    ensure_database(settings.database_url)
-    sessions = make_session_factory(make_engine(settings.database_url))
-    client = redis.Redis.from_url(settings.redis_url)
-    renderer = BatchingFakeRenderer()
-    cache = EmbeddingCache.from_settings(settings, redis=client, store=object_store, encoder=renderer)
-    context = WorkerContext(
-        settings=settings,
-        sessions=sessions,
-        redis=client,
-        store=object_store,
-        renderer=renderer,  # type: ignore[arg-type]
-        cache=cache,
-        publisher=Publisher(settings=settings, sessions=sessions, store=object_store),
-        host="test-host",
-    )
+    context = fake_context(settings, object_store, BatchingFakeRenderer())
     yield context
     context.close()
 
@@ -85,7 +68,8 @@ def ctx(settings: Settings, object_store: ObjectStore) -> Iterator[WorkerContext
 def _queue(ctx: WorkerContext, messages: Sequence[JobMessage]) -> None:
     """Put messages on the worker's queue as the dispatcher does (oldest first out)."""
     queue = keys.render_queue(ctx.renderer.name)
-    enqueue_jobs(redis_client=ctx.redis, queue=queue, messages=messages, prefix=ctx.settings.redis_prefix)
+    texts = [(m.job_id, m.to_text()) for m in messages]
+    enqueue_serialized(redis_client=ctx.redis, queue=queue, messages=texts, prefix=ctx.settings.redis_prefix)
 
 
 def _run(ctx: WorkerContext, message: JobMessage) -> str:

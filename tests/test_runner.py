@@ -71,23 +71,27 @@ class FakeRenderer:
         return Image.new("RGB", (params.width, params.height), (params.seed % 256, 0, 0))
 
 
-@pytest.fixture
-def ctx(settings: Settings, object_store: ObjectStore) -> Iterator[WorkerContext]:
+def fake_context(settings: Settings, store: ObjectStore, renderer: FakeRenderer) -> WorkerContext:
+    """A worker context on real SQL, Redis and S3 with a fake renderer (close it after)."""
     ensure_database(settings.database_url)
     sessions = make_session_factory(make_engine(settings.database_url))
     client = redis.Redis.from_url(settings.redis_url)
-    renderer = FakeRenderer()
-    cache = EmbeddingCache.from_settings(settings, redis=client, store=object_store, encoder=renderer)
-    context = WorkerContext(
+    cache = EmbeddingCache.from_settings(settings, redis=client, store=store, encoder=renderer)
+    return WorkerContext(
         settings=settings,
         sessions=sessions,
         redis=client,
-        store=object_store,
+        store=store,
         renderer=renderer,  # type: ignore[arg-type]
         cache=cache,
-        publisher=Publisher(settings=settings, sessions=sessions, store=object_store),
+        publisher=Publisher(settings=settings, sessions=sessions, store=store),
         host="test-host",
     )
+
+
+@pytest.fixture
+def ctx(settings: Settings, object_store: ObjectStore) -> Iterator[WorkerContext]:
+    context = fake_context(settings, object_store, FakeRenderer())
     yield context
     context.close()
 
