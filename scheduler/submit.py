@@ -36,6 +36,7 @@ from shared.db import (
     make_engine,
     make_session_factory,
     new_id,
+    serialized_writes,
     utcnow,
 )
 from shared.dispatch.dispatcher import wake_key
@@ -69,6 +70,7 @@ class SubmitResult:
     queue: str = ""
     references_uploaded: int = 0
     references_stored: int = 0
+    job_ids: dict[int, str] = field(default_factory=dict)  # row line -> the job inserted for it
 
     @property
     def invalid_rows(self) -> int:
@@ -160,11 +162,12 @@ def _job_rows(
     return rows
 
 
-def _insert_jobs(session: Session, batch: Batch, rows: Sequence[tuple[Any, ...]]) -> dict[str, str]:
-    """Insert the job rows; rows a concurrent submission inserted first are skipped. Returns id -> spec JSON."""
-    inserted = insert_new_jobs(session, batch_id=batch.id, queued_at=utcnow(), rows=rows)
+def _insert_jobs(session: Session, batch: Batch, rows: Sequence[tuple[Any, ...]], *, line: int | None) -> set[str]:
+    """Insert the job rows (each with `line` when given), skipping those already in the batch; the ids inserted."""
+    stored = rows if line is None else [(row[0], line, *row[2:]) for row in rows]
+    inserted = insert_new_jobs(session, batch_id=batch.id, queued_at=utcnow(), rows=stored)
     session.execute(update(Batch).where(Batch.id == batch.id).values(job_count=Batch.job_count + len(inserted)))
-    return {row[0]: row[4] for row in rows if row[0] in inserted}
+    return inserted
 
 
 # 6. Wake the dispatcher.
@@ -187,9 +190,10 @@ def _wake(*, settings: Settings, model_set: str, pooled: redis.Redis | None = No
     return True
 
 
-# Called inside the transaction that inserts the jobs, with (session, batch id, inserted job
-# ids): what must commit with the jobs or not at all (the API's webhook subscriptions).
-AfterInsert = Callable[[Session, str, list[str]], None]
+# Called inside the transaction that inserts the jobs, with (session, batch id, the inserted
+# jobs' ids by row line): what must commit with the jobs or not at all (the API's webhook
+# subscriptions, a plan's slot row).
+AfterInsert = Callable[[Session, str, Mapping[int, str]], None]
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,7 @@ class _Request:
     progress: Reporter = SILENT  # bars on stderr for `ipab submit`
     lane: str = DEFAULT_LANE  # for rows that do not name one
     redis_client: redis.Redis | None = None  # the API's pooled client; None: one per submission
+    stored_line: int | None = None  # the line every job records; None: its row's
 
     def __post_init__(self) -> None:
         check_batch_name(self.batch_name)  # refused before anything is read or written
@@ -260,9 +265,9 @@ def _lane_problems(
 
 def _write(
     request: _Request, sessions: sessionmaker[Session], plan: _Plan, resolver: ReferenceResolver
-) -> tuple[str, dict[str, str], UploadReport]:
+) -> tuple[str, dict[int, str], UploadReport]:
     """Upload the references, then insert the batch and the new jobs in one transaction."""
-    with transaction(sessions) as session:
+    with serialized_writes(sessions), transaction(sessions) as session:
         with request.progress.stage("upload references", total=None) as stage:
             report = upload_references((f for _, fs in plan.rows for f in fs), resolver=resolver, session=session)
             stage.update(report.uploaded + report.already_stored)
@@ -270,11 +275,13 @@ def _write(
             session, name=request.batch_name, model_set=request.model_set, tenant=request.tenant
         )
         with request.progress.stage("insert", total=len(plan.rows)) as stage:
-            inserted = _insert_jobs(session, batch, _job_rows(plan.rows, lane=request.lane))
+            rows = _job_rows(plan.rows, lane=request.lane)
+            inserted = _insert_jobs(session, batch, rows, line=request.stored_line)
             stage.update(len(plan.rows))
+        job_ids = {row[1]: row[0] for row in rows if row[0] in inserted}
         if request.after_insert is not None:
-            request.after_insert(session, batch.id, list(inserted))
-        return batch.id, inserted, report
+            request.after_insert(session, batch.id, job_ids)
+        return batch.id, job_ids, report
 
 
 def _submit(
@@ -307,6 +314,7 @@ def _submit(
         queue=queue,
         references_uploaded=report.uploaded,
         references_stored=report.already_stored,
+        job_ids=inserted,
     )
 
 
@@ -364,12 +372,23 @@ def submit_rows(
     after_insert: AfterInsert | None = None,
     lane: str = DEFAULT_LANE,
     redis_client: redis.Redis | None = None,
+    stored_line: int | None = None,
 ) -> SubmitResult:
     """Submit rows already read and validated (`scheduler.manifest.parse_rows`): the HTTP API's path.
 
     The same steps as `submit_manifest` from step 2 on; `resolver` turns each row's
     references into stored images, `after_insert` runs in the transaction of the jobs;
-    `redis_client`, when given, is used (not closed) to wake the dispatcher.
+    `redis_client`, when given, is used (not closed) to wake the dispatcher. With
+    `stored_line`, every job records that line (rows gathered from several requests).
     """
-    request = _Request(settings, batch_name, model_set, tenant, after_insert, lane=lane, redis_client=redis_client)
+    request = _Request(
+        settings,
+        batch_name,
+        model_set,
+        tenant,
+        after_insert,
+        lane=lane,
+        redis_client=redis_client,
+        stored_line=stored_line,
+    )
     return _submit(request, sessions, parsed, resolver, skip_invalid=skip_invalid)

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scheduler.api.context import ApiContext
 from scheduler.api.idempotency import delete_expired
+from scheduler.api.job_groups import JobGroups
 from scheduler.api.metrics import install_metrics
 from scheduler.api.problems import install_problem_handlers
 from scheduler.api.routes import batches, health, jobs, plans, references
@@ -98,6 +99,7 @@ def create_app(settings: Settings, *, dispatcher: bool = True) -> FastAPI:
 
     app = FastAPI(title="ipab", version="1", lifespan=lifespan, description=__doc__)
     app.state.ctx = ctx
+    app.state.job_groups = JobGroups(ctx)
     install_problem_handlers(app)
     install_metrics(app, ctx.sessions)
     for module in (health, references, jobs, batches, plans):

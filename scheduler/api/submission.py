@@ -135,7 +135,7 @@ def queued_jobs(*, session: Session, tenant: str) -> int:
     return int(session.scalar(stmt) or 0)
 
 
-def _check_capacity(ctx: ApiContext, tenant: str, adding: int) -> None:
+def check_capacity(ctx: ApiContext, tenant: str, adding: int) -> None:
     """429 when `adding` jobs would pass the tenant's cap; below it, a recent count serves."""
     cap = ctx.settings.api_max_queued_jobs
     queued = ctx.queued_counts.get(tenant)
@@ -157,12 +157,13 @@ def submit_api_rows(
     skip_invalid: bool,
     after_insert: AfterInsert | None = None,
     lane: str = DEFAULT_LANE,
+    stored_line: int | None = None,
 ) -> SubmitResult:
     """Check the cap, resolve reference ids, and submit through the one submit path (rows without a
-    `lane` go in `lane`)."""
+    `lane` go in `lane`; `stored_line` as `submit_rows` takes it)."""
     ids = [ref for row in parsed.rows for ref in row.references]
     ids += [ref for refs in parsed.unchecked_references.values() for ref in refs]
-    _check_capacity(ctx, tenant, len(parsed.rows))
+    check_capacity(ctx, tenant, len(parsed.rows))
     known = _known_references(ctx, tenant, ids)
     result = submit_rows(
         settings=ctx.settings,
@@ -176,6 +177,7 @@ def submit_api_rows(
         after_insert=after_insert,
         redis_client=ctx.redis,
         lane=lane,
+        stored_line=stored_line,
     )
     ctx.queued_counts.update(tenant, lambda queued: queued + result.added)
     return result

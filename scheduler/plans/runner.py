@@ -15,7 +15,7 @@ transient error and nothing is recorded, so the next beat pass tries the slot ag
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from scheduler.plans import store
 from scheduler.plans.manifests import read_plan_rows
 from scheduler.plans.slots import local_iso
-from scheduler.submit import submit_rows
+from scheduler.submit import AfterInsert, submit_rows
 from shared.db import Batch, Plan, PlanSlotStatus, WebhookSubscription, insert_ignoring_duplicates
 from shared.errors import ManifestInvalid, PermanentError
 from shared.jobs import transaction
@@ -101,12 +101,10 @@ def _busy_reason(ctx: SlotContext, plan: Plan, slot_at: datetime) -> str | None:
     return f"the previous batch {shown} still has {unfinished} unfinished job(s); overlap = skip"
 
 
-def _claim(
-    ctx: SlotContext, plan: Plan, slot_at: datetime, *, kind: str, note: str | None
-) -> Callable[[Session, str, list[str]], None]:
+def _claim(ctx: SlotContext, plan: Plan, slot_at: datetime, *, kind: str, note: str | None) -> AfterInsert:
     """The hook that writes the slot row (and the webhook subscription) in the batch's transaction."""
 
-    def claim(session: Session, batch_id: str, _job_ids: list[str]) -> None:
+    def claim(session: Session, batch_id: str, _job_ids: Mapping[int, str]) -> None:
         inserted = store.record_slot(
             session=session,
             plan_id=plan.id,

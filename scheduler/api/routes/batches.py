@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Final, Literal
 
 import redis
@@ -77,7 +77,7 @@ def _create(
     parsed = parse_api_rows(read_jsonl_bytes(data))
     batch_id: list[str] = []
 
-    def after_insert(session: Session, inserted_batch: str, _job_ids: list[str]) -> None:
+    def after_insert(session: Session, inserted_batch: str, _job_ids: Mapping[int, str]) -> None:
         batch_id.append(inserted_batch)
         if webhook is not None:
             subscribe(

@@ -6,19 +6,17 @@ from typing import Any, Final
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.bodies import read_json_object
 from scheduler.api.context import ApiContext, CallerDep, Context
 from scheduler.api.idempotency import canonical_json, idempotent
+from scheduler.api.job_groups import JobGroups, JobRequest
 from scheduler.api.models import JobCreated, JobIn, JobOut, openapi_body
 from scheduler.api.problems import ApiProblem, field_error, from_invalid_input
 from scheduler.api.submission import WEBHOOK_FIELD, api_batch_name, api_field, parse_api_rows, submit_api_rows
 from scheduler.api.views import find_job, job_view
-from scheduler.webhooks import JOB_EVENTS, cancel_with_events, check_events, check_webhook_url, subscribe
-from shared.db import Batch, Job
+from scheduler.webhooks import JOB_EVENTS, cancel_with_events, check_events, check_webhook_url
 from shared.dispatch.policy import INTERACTIVE_LANE
 from shared.errors import InvalidInput, ManifestInvalid
 from shared.jobs import transaction
@@ -48,19 +46,14 @@ def webhook_of(ctx: ApiContext, raw: Any, *, allowed: tuple[str, ...]) -> tuple[
         raise from_invalid_input(e) from None
 
 
-def _create(ctx: ApiContext, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
+def _checked(ctx: ApiContext, tenant: str, body: dict[str, Any]) -> JobRequest:
+    """The request's webhook and row, checked; 422 with every problem of an invalid one (runs SQL)."""
     webhook = webhook_of(ctx, body.pop(WEBHOOK_FIELD, None), allowed=tuple(JOB_EVENTS.values()))
     parsed = parse_api_rows([(1, body)])
-    created: list[str] = []
-
-    def after_insert(session: Session, _batch_id: str, job_ids: list[str]) -> None:
-        created.extend(job_ids)
-        if webhook is not None:
-            for job_id in job_ids:
-                subscribe(
-                    session=session, subject_id=job_id, kind="job", tenant=tenant, url=webhook[0], events=webhook[1]
-                )
-
+    if parsed.rows:
+        return JobRequest(tenant, parsed.rows[0], webhook)
+    # Invalid: down the submit path, which writes nothing and raises every problem of the
+    # row, those of its references included.
     try:
         submit_api_rows(
             ctx,
@@ -68,27 +61,13 @@ def _create(ctx: ApiContext, tenant: str, body: dict[str, Any]) -> dict[str, Any
             parsed=parsed,
             batch_name=api_batch_name(tenant),
             skip_invalid=False,
-            after_insert=after_insert,
-            lane=INTERACTIVE_LANE,  # a single API job is interactive unless its `lane` says otherwise
+            lane=INTERACTIVE_LANE,
         )
     except ManifestInvalid as e:
         raise problems_of(e, with_lines=False) from None
     except InvalidInput as e:
         raise from_invalid_input(e) from None
-    if not created:
-        raise _duplicate_client_id(ctx, tenant, parsed.rows[0].client_id)
-    return {"id": created[0], "status": "queued", "client_id": parsed.rows[0].client_id}
-
-
-def _duplicate_client_id(ctx: ApiContext, tenant: str, client_id: str | None) -> ApiProblem:
-    with transaction(ctx.sessions) as session:
-        existing = session.scalar(
-            select(Job.id)
-            .join(Batch, Batch.id == Job.batch_id)
-            .where(Batch.name == api_batch_name(tenant), Job.client_id == client_id)
-        )
-    reason = f"is already the id of job {existing}; ids are unique per tenant"
-    return ApiProblem(409, f"id: {reason}", errors=[field_error("id", client_id, reason)], kind="duplicate-id")
+    raise problems_of(ManifestInvalid([(p.line, p.field, p.reason) for p in parsed.problems]), with_lines=False)
 
 
 @router.post("", status_code=202, response_model=JobCreated, openapi_extra=openapi_body(JobIn))
@@ -98,9 +77,24 @@ async def create_job(request: Request, ctx: Context, caller: CallerDep) -> Any:
     content = canonical_json(body)
 
     async def handle() -> JSONResponse:
-        return JSONResponse(await run_in_threadpool(_create, ctx, caller.tenant, dict(body)), status_code=202)
+        # A valid row without a webhook is checked here (pure CPU); a webhook URL is resolved
+        # (private addresses are refused) and an invalid row's references looked up: in a thread.
+        fields = dict(body)
+        parsed = None if WEBHOOK_FIELD in fields else parse_api_rows([(1, fields)])
+        if parsed is not None and parsed.rows:
+            job = JobRequest(caller.tenant, parsed.rows[0])
+        else:
+            job = await run_in_threadpool(_checked, ctx, caller.tenant, fields)
+        job_id = await job_groups(request).submit(job)
+        return JSONResponse({"id": job_id, "status": "queued", "client_id": job.row.client_id}, status_code=202)
 
     return await idempotent(request, ctx, tenant=caller.tenant, content=content, handle=handle)
+
+
+def job_groups(request: Request) -> JobGroups:
+    """The app's job writer (`create_app` makes one)."""
+    groups: JobGroups = request.app.state.job_groups
+    return groups
 
 
 def _read(ctx: ApiContext, tenant: str, job_id: str) -> dict[str, Any]:
