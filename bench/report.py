@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Final, NamedTuple
 
+from bench.api import worst
+
 OVERHEAD_GOAL: Final = 1.05
 FLOOR_GOAL: Final = 3.0
 NAIVE_GOAL: Final = 10.0
@@ -256,10 +258,13 @@ def _api(a: dict[str, Any]) -> Iterator[str]:
 
 def _api_goals(results: dict[str, Any]) -> list[Goal]:
     a, why = _part(results, "api")
-    names = [("API: POST /v1/jobs p50 / bare endpoint p50", "<= 3x"), ("API: 10k-row batch / ipab submit", "<= 1.5x")]
+    names = [
+        ("API: POST /v1/jobs p50 / bare endpoint p50 (worst database)", "<= 3x"),
+        ("API: 10k-row batch / ipab submit (worst database)", "<= 1.5x"),
+    ]
     if not a:
         return [Goal(name, target, why, None) for name, target in names]
-    p50, batch = a["jobs"]["p50_ratio"], a["batch"]["ratio"]
+    p50, batch = worst(a, "jobs"), worst(a, "batch")
     return [
         _goal(names[0][0], names[0][1], f"{_num(p50)}x", p50 <= 3),
         _goal(names[1][0], names[1][1], f"{_num(batch)}x", batch <= 1.5),

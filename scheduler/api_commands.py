@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 from typing import Any, Final
 
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -17,6 +18,11 @@ def cmd_api(args: argparse.Namespace) -> int:
     from shared.settings import load_settings
 
     app = create_app(load_settings())
+    # What start-up built (modules, the app, its routes and models) lives as long as the
+    # process: out of the collector's sight, a full collection scans only what requests
+    # made. Before this, each one stalled every request in flight for about 100 ms.
+    gc.collect()
+    gc.freeze()
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 

@@ -52,6 +52,7 @@ SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
 # connection and re-ran the PRAGMAs.
 SQLITE_POOL_SIZE: Final = 40
 SQLITE_ID_CHUNK: Final = 500  # bound parameters per IN (...) lookup, under SQLite's limit
+PG_VALUES_ROWS: Final = 64  # up to this many new jobs go in one INSERT ... VALUES; more through COPY
 # A server that accepts and never answers must not hang a command or a worker forever.
 SQL_CONNECT_TIMEOUT_S: Final = 5
 # Any constant works; it only has to be the same in every process that migrates.
@@ -462,6 +463,17 @@ def _insert_sqlite(conn: Any, rows: list[tuple[Any, ...]]) -> set[str]:
 def _insert_postgres(conn: Any, rows: Sequence[tuple[Any, ...]], *, fixed: tuple[Any, ...]) -> set[str]:
     copied = ", ".join(NEW_JOB_COLUMNS)
     cols = ", ".join(_INSERTED_COLUMNS)
+    if len(rows) <= PG_VALUES_ROWS:
+        # A few rows (the API's jobs): one INSERT ... VALUES, one round trip, where the temporary
+        # table below costs four and writes the catalog.
+        values = ", ".join(["(" + ", ".join(["%s"] * len(_INSERTED_COLUMNS)) + ")"] * len(rows))
+        params = [value for row in rows for value in (*row, *fixed)]
+        with conn.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO jobs ({cols}) VALUES {values} ON CONFLICT (batch_id, dedupe_key) DO NOTHING RETURNING id",
+                params,
+            )
+            return {job_id for (job_id,) in cursor.fetchall()}
     with conn.cursor() as cursor:
         # COPY cannot skip conflicts: copy into a temporary table, then insert from it. The
         # columns equal in every row (batch, status, times) are bound once, not copied per row.

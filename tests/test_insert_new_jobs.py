@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select
 
 from shared.db import (
+    PG_VALUES_ROWS,
+    SQLITE_ID_CHUNK,
     Batch,
     Job,
     JobStatus,
@@ -50,4 +53,26 @@ def test_insert_new_jobs_returns_only_the_rows_it_inserted_and_stores_them_queue
         assert {j.attempts for j in jobs} == {0} and {j.seed for j in jobs} == {2**63 - 1}
         assert all(j.spec == first[0][4] for j in jobs)
         assert {j.client_id for j in jobs if j.line == 0} == {"c0"}
+    engine.dispose()
+
+
+@pytest.mark.parametrize("count", [3, PG_VALUES_ROWS + 1, SQLITE_ID_CHUNK + 20])
+def test_a_clash_in_a_large_or_small_insert_returns_exactly_the_fresh_ids(database_url: str, count: int) -> None:
+    """Small inserts go in one statement and large ones in bulk; both skip rows already there."""
+    ensure_database(database_url)
+    engine = make_engine(database_url)
+    sessions = make_session_factory(engine)
+    with sessions.begin() as session:
+        batch = Batch(id=new_id(), name="b", model_set="m", job_count=0)
+        session.add(batch)
+        session.flush()
+        keys = [f"k{i}" for i in range(count)]
+        insert_new_jobs(session, batch_id=batch.id, queued_at=utcnow(), rows=_rows(keys[::2]))
+    with sessions.begin() as session:
+        rows = _rows(keys)
+        inserted = insert_new_jobs(session, batch_id=batch.id, queued_at=utcnow(), rows=rows)
+    assert inserted == {row[0] for row in rows if int(str(row[3])[1:]) % 2}
+    with sessions() as session:
+        stored = session.scalars(select(Job.dedupe_key).where(Job.batch_id == batch.id)).all()
+    assert sorted(stored) == sorted(keys)
     engine.dispose()

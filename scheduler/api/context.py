@@ -77,8 +77,8 @@ class ApiContext:
         self.engine.dispose()
 
 
-def get_context(request: Request) -> ApiContext:
-    """The app's context (a dependency)."""
+async def get_context(request: Request) -> ApiContext:
+    """The app's context (a dependency; `async`, or FastAPI would run it in a thread for every request)."""
     ctx: ApiContext = request.app.state.ctx
     return ctx
 
