@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from model_helpers import job, reference_image
 from PIL import Image
 
@@ -53,3 +54,23 @@ def test_a_prompt_beyond_latin_1_survives_in_the_png() -> None:
     params = job(prompt="a cat 猫 — ✨")
     data = encode_png(Image.new("RGB", (8, 8)), params=params, model_set="m")
     assert Image.open(io.BytesIO(data)).text["parameters"].startswith("a cat 猫 — ✨\n")  # type: ignore[attr-defined]
+
+
+def test_a_job_rendered_in_a_batch_gives_the_png_of_its_single_render(renderer_for: Callable[[str], Any]) -> None:
+    """Batching changes how the job ran, not its file: the PNG carries no batch size, and its pixels
+    are those of the job rendered alone (CPU fp32: the floats agree within 1e-4)."""
+    renderer = renderer_for("default")
+    embeds = renderer.encode([reference_image(60 + i) for i in range(4)])
+    items = [(job(prompt=f"a harbour {i}", seed=500 + i), [embeds[i]]) for i in range(4)]
+
+    def png(item: tuple[Any, Any], image: Image.Image) -> bytes:
+        return encode_png(image, params=item[0], model_set=renderer.name)
+
+    singles = [png(item, renderer.generate_batch([item])[0]) for item in items]
+    batched = [png(item, image) for item, image in zip(items, renderer.generate_batch(items), strict=True)]
+    for alone, together in zip(singles, batched, strict=True):
+        a, b = (np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16) for data in (alone, together))
+        # A float within 1e-4 rounds to the same level or, rarely, the next one.
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
+        assert (alone == together) == bool((a == b).all())  # the same pixels give the same bytes
+    assert len(set(singles)) == 4
