@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.context import ApiContext
 from scheduler.api.problems import ApiProblem, field_error, from_invalid_input
-from scheduler.api.submission import api_batch_name, api_field, check_capacity, submit_api_rows
+from scheduler.api.submission import api_batch_name, check_capacity, problems_of, submit_api_rows
 from scheduler.manifest import ManifestRow, ParsedManifest, Problem
 from scheduler.webhooks import subscribe
 from shared.db import Batch, Job
@@ -52,13 +52,6 @@ class JobRequest:
 
 
 Outcome = str | BaseException  # the new job's id, or what to raise for the request
-
-
-def row_problems(problems: Sequence[Problem]) -> ApiProblem:
-    """422 naming every bad field of one request's row."""
-    errors = [{**field_error(api_field(p.field), None, p.reason), "line": p.line} for p in problems]
-    texts = [f"{api_field(p.field)}: {p.reason}" for p in problems]
-    return ApiProblem(422, "; ".join(texts[:20]), errors=errors, kind="invalid-rows")
 
 
 class JobGroups:
@@ -164,7 +157,7 @@ def _write_tenant(
         by_line[problem.line].append(problem)
     for line, index in lines.items():
         if by_line[line]:
-            outcomes[index] = row_problems([p._replace(line=STORED_LINE) for p in by_line[line]])
+            outcomes[index] = problems_of([p._replace(line=STORED_LINE) for p in by_line[line]], with_lines=False)
         elif line in created:
             outcomes[index] = created[line]
         else:

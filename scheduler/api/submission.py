@@ -8,7 +8,7 @@ batch per tenant, `api-<tenant>`; a POST /v1/batches makes a batch of its own.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from scheduler.api.context import ApiContext
-from scheduler.api.problems import ApiProblem
+from scheduler.api.problems import ApiProblem, field_error
 from scheduler.manifest import ID_FIELD, LANE_FIELD, REFERENCE_FIELD, ParsedManifest, Problem, parse_rows
 from scheduler.references import ReferenceFile, ReferenceResolver
 from scheduler.submit import AfterInsert, SubmitResult, submit_rows
@@ -50,6 +50,14 @@ def to_manifest_row(line: int, raw: Mapping[str, Any]) -> Mapping[str, Any] | Pr
             return Problem(line, REFERENCES_FIELD, "must be a non-empty list of reference ids")
         row[REFERENCE_FIELD] = refs
     return row
+
+
+def problems_of(problems: Sequence[tuple[int, str, str]], *, with_lines: bool) -> ApiProblem:
+    """422 listing every bad field (`line N: field: reason` for batches)."""
+    named = [(line, api_field(field), reason) for line, field, reason in problems]
+    errors = [{**field_error(field, None, reason), "line": line} for line, field, reason in named]
+    texts = [f"{'line ' + str(line) + ': ' if with_lines else ''}{field}: {reason}" for line, field, reason in named]
+    return ApiProblem(422, "; ".join(texts[:20]), errors=errors, kind="invalid-rows")
 
 
 def api_field(name: str) -> str:

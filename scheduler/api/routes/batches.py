@@ -19,8 +19,8 @@ from scheduler.api.context import ApiContext, CallerDep, Context
 from scheduler.api.idempotency import idempotent
 from scheduler.api.models import BatchCreated, BatchOut
 from scheduler.api.problems import from_invalid_input, invalid
-from scheduler.api.routes.jobs import problems_of, webhook_of
-from scheduler.api.submission import api_field, parse_api_rows, submit_api_rows
+from scheduler.api.routes.jobs import webhook_of
+from scheduler.api.submission import api_field, parse_api_rows, problems_of, submit_api_rows
 from scheduler.api.views import batch_counts, batch_forecast, batch_view, find_batch
 from scheduler.commands import RESULTS_CHUNK, STATUSES, result_record
 from scheduler.gallery import render_gallery
@@ -100,7 +100,7 @@ def _create(
             lane=lane,
         )
     except ManifestInvalid as e:
-        raise problems_of(e, with_lines=True) from None
+        raise problems_of(e.problems, with_lines=True) from None
     except InvalidInput as e:
         raise from_invalid_input(e) from None
     invalid_rows = [{"line": p.line, "field": api_field(p.field), "reason": p.reason} for p in result.invalid]

@@ -14,7 +14,7 @@ from scheduler.api.idempotency import canonical_json, idempotent
 from scheduler.api.job_groups import JobGroups, JobRequest
 from scheduler.api.models import JobCreated, JobIn, JobOut, openapi_body
 from scheduler.api.problems import ApiProblem, field_error, from_invalid_input
-from scheduler.api.submission import WEBHOOK_FIELD, api_batch_name, api_field, parse_api_rows, submit_api_rows
+from scheduler.api.submission import WEBHOOK_FIELD, api_batch_name, parse_api_rows, problems_of, submit_api_rows
 from scheduler.api.views import find_job, job_view
 from scheduler.webhooks import JOB_EVENTS, cancel_with_events, check_events, check_webhook_url
 from shared.dispatch.policy import INTERACTIVE_LANE
@@ -23,14 +23,6 @@ from shared.jobs import transaction
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_JOB_BODY_BYTES: Final = 256 * 1024
-
-
-def problems_of(e: ManifestInvalid, *, with_lines: bool) -> ApiProblem:
-    """422 listing every bad field (`line N: field: reason` for batches)."""
-    problems = [(line, api_field(field), reason) for line, field, reason in e.problems]
-    errors = [{**field_error(field, None, reason), "line": line} for line, field, reason in problems]
-    texts = [f"{'line ' + str(line) + ': ' if with_lines else ''}{field}: {reason}" for line, field, reason in problems]
-    return ApiProblem(422, "; ".join(texts[:20]), errors=errors, kind="invalid-rows")
 
 
 def webhook_of(ctx: ApiContext, raw: Any, *, allowed: tuple[str, ...]) -> tuple[str, list[str]] | None:
@@ -64,10 +56,10 @@ def _checked(ctx: ApiContext, tenant: str, body: dict[str, Any]) -> JobRequest:
             lane=INTERACTIVE_LANE,
         )
     except ManifestInvalid as e:
-        raise problems_of(e, with_lines=False) from None
+        raise problems_of(e.problems, with_lines=False) from None
     except InvalidInput as e:
         raise from_invalid_input(e) from None
-    raise problems_of(ManifestInvalid([(p.line, p.field, p.reason) for p in parsed.problems]), with_lines=False)
+    raise problems_of(parsed.problems, with_lines=False)
 
 
 @router.post("", status_code=202, response_model=JobCreated, openapi_extra=openapi_body(JobIn))
