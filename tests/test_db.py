@@ -22,6 +22,8 @@ from shared.db import (
     ensure_database,
     make_engine,
     make_session_factory,
+    new_id,
+    serialized_writes,
     upgrade_database,
     utcnow,
 )
@@ -144,4 +146,40 @@ def test_an_insert_ignoring_duplicates_says_whether_its_row_went_in(database_url
         assert ensure_tenant(session=session, name="first") is not None  # created: its secret, once
     with sessions.begin() as session:
         assert ensure_tenant(session=session, name="first") is None  # there already
+    engine.dispose()
+
+
+def test_sqlite_writers_of_one_process_take_turns_and_all_commit(database_url: str) -> None:
+    """Threads that write at once all commit (on SQLite they queue on the engine's lock, not in the busy handler)."""
+    ensure_database(database_url)
+    engine = make_engine(database_url)
+    sessions = make_session_factory(engine)
+    lock = serialized_writes(sessions)
+    assert (lock is serialized_writes(sessions)) == (engine.dialect.name == "sqlite")  # one lock per engine
+    with sessions.begin() as session:
+        batch = Batch(id=new_id(), name="b", model_set="m", job_count=0)
+        session.add(batch)
+    inside, most_inside = [0], [0]
+    count = threading.Lock()
+
+    def write(i: int) -> None:
+        for n in range(10):
+            with serialized_writes(sessions), sessions.begin() as session:
+                with count:
+                    inside[0] += 1
+                    most_inside[0] = max(most_inside[0], inside[0])
+                session.add(_job(batch.id, f"k{i}-{n}"))
+                session.flush()
+                with count:
+                    inside[0] -= 1
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with sessions() as session:
+        assert len(session.scalars(select(Job.id).where(Job.batch_id == batch.id)).all()) == 80
+    if engine.dialect.name == "sqlite":
+        assert most_inside[0] == 1
     engine.dispose()
