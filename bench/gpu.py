@@ -9,23 +9,42 @@ cost the same compute as the real ones. 1024x1024, 30 steps, classifier-free gui
   (embedding encoded once, then `generate_batch`), at batch 1, 2, 4 and 8, eager and with
   `torch.compile` (the UNet compiled as `Renderer.load(compile=True)` does), in fp16 and
   again in bf16 (a pipeline rebuilt in that dtype).
+- worker path (`worker_path` in the JSON): the same weights through the whole system, to show
+  that it adds nothing to the pipeline's speed. The fp16 pipeline is written to disk in the
+  public layouts (diffusers SDXL folder, h94's `ip-adapter_sdxl.safetensors` and image
+  encoder folder, a model-set.toml); a private Redis and SeaweedFS, a SQLite database and ONE
+  `ipab worker` process (cuda, fp16, `IPAB_BATCH_SIZE` 8) render 64 jobs of the sweep's size,
+  steps and guidance, submitted with `submit_manifest` after one warm-up job. It runs after
+  the eager configurations and before the compiled ones, only when the time budget holds its
+  estimate (else `skipped` says why); a failure is recorded as `error` with the worker's log.
 
 Reported per configuration: s/image, images/s, images/min, peak GPU memory, achieved TFLOP/s and
 utilisation against the FLOPs per image counted with `torch.utils.flop_counter` (one
-baseline image) and the device's dense fp16 peak. Written as JSON to `--out`.
+baseline image) and the device's dense fp16 peak. For the worker path: every job succeeded
+with its PNG in S3, wall seconds from submit to the last success, steady-state s/image (from
+the end of the first pipeline call to the last finish), images/s, the `render_batch_size`s
+seen, and `worker_over_pipeline`: its s/image over the in-process eager ipab at batch 8 of
+the same run (goal 1.0). Written as JSON to `--out`.
 
     python -m bench.gpu --out gpu.json            # on a GPU machine, < 8 min on an H100
-    python -m bench.gpu --smoke --out smoke.json  # tiny configs on the CPU, seconds
+    python -m bench.gpu --smoke --out smoke.json  # tiny configs on the CPU, about a minute
+
+`--smoke` runs the same code with tiny configs: fp32 on the CPU, batches 1 and 2, and the
+worker path with 8 jobs at batch 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
+import subprocess
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +54,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+
+from bench.common import (
+    BENCH_AWS_ENV,
+    bench_settings,
+    job_rows,
+    log_tail,
+    private_database,
+    private_services,
+    sessions_for,
+    settings_env,
+    start_worker,
+    status_counts,
+    steady_state_s_per_job,
+    stop_workers,
+    wait_for_batch,
+    write_manifest,
+    write_references,
+)
+from devkit.synth import ADAPTER_DIR, ENCODER_FOLDERS
+from shared.db import JobStatus
+from shared.model_set import write_model_set
+from shared.settings import Settings
+from shared.storage import ObjectStore
 
 # --- public configs (stabilityai/stable-diffusion-xl-base-1.0, h94/IP-Adapter sdxl_models) ---------
 
@@ -128,6 +170,8 @@ EULER: Final[dict[str, Any]] = {
     "use_karras_sigmas": False,
 }
 ADAPTER_TOKENS: Final = 4  # ip-adapter_sdxl: ImageProjModel, 4 tokens per image
+ADAPTER_SEED: Final = 0  # the adapter's own generator: drawn again, it gives the same weights to write out
+GUIDANCE_SCALE: Final = 5.0
 COMPILE_RESERVE_S: Final = 150.0
 
 # --- tiny configs for --smoke (same structure, small widths) ----------------------------------------
@@ -174,14 +218,17 @@ class Plan:
     batches: tuple[int, ...]
     compile_backend: str
     other_dtypes: tuple[torch.dtype, ...] = ()  # ipab again in these (bf16 next to fp16)
+    worker_jobs: int = 0  # jobs through the worker path, at the largest batch (0: not run)
 
 
 def _plan(smoke: bool) -> Plan:
     if smoke:
-        return Plan(True, torch.device("cpu"), torch.float32, 64, 2, 2, (1, 2), "eager", (torch.bfloat16,))
+        cpu = torch.device("cpu")
+        return Plan(True, cpu, torch.float32, 64, 2, 2, (1, 2), "eager", (torch.bfloat16,), worker_jobs=8)
     if not torch.cuda.is_available():
         raise SystemExit("bench.gpu: no CUDA device; run it on a GPU machine, or use --smoke here")
-    return Plan(False, torch.device("cuda"), torch.float16, 1024, 30, 8, (1, 2, 4, 8), "inductor", (torch.bfloat16,))
+    cuda = torch.device("cuda")
+    return Plan(False, cuda, torch.float16, 1024, 30, 8, (1, 2, 4, 8), "inductor", (torch.bfloat16,), worker_jobs=64)
 
 
 # --- building the random-weight pipeline --------------------------------------------------------
@@ -212,11 +259,15 @@ def _tokenizer() -> Any:
 
 
 def _adapter_state(unet: Any, *, embed_dim: int, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
-    """Random `ip-adapter_sdxl` weights in the h94 layout (image_proj + to_k_ip/to_v_ip per attn2)."""
+    """Random `ip-adapter_sdxl` weights in the h94 layout (image_proj + to_k_ip/to_v_ip per attn2).
+
+    Drawn from their own seeded generator: called again on the same UNet, it gives the same weights.
+    """
     cross = int(unet.config.cross_attention_dim)
+    gen = torch.Generator().manual_seed(ADAPTER_SEED)
 
     def draw(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape) * 0.02).to(dtype)
+        return (torch.randn(*shape, generator=gen) * 0.02).to(dtype)
 
     image_proj = {
         "proj.weight": draw(ADAPTER_TOKENS * cross, embed_dim),
@@ -285,15 +336,17 @@ def build_pipeline(plan: Plan) -> Any:
         force_zeros_for_empty_prompt=True,
     )
     size = int(m["image_encoder"].config.image_size)
-    pipe.register_modules(
-        image_encoder=m["image_encoder"], feature_extractor=CLIPImageProcessor(size=size, crop_size=size)
-    )
-    embed_dim = int(m["image_encoder"].config.projection_dim)
-    state = _adapter_state(pipe.unet, embed_dim=embed_dim, dtype=plan.dtype)
-    pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
+    _attach_adapter(pipe, m["image_encoder"], CLIPImageProcessor(size=size, crop_size=size), dtype=plan.dtype)
     pipe.to(plan.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _attach_adapter(pipe: Any, encoder: Any, processor: Any, *, dtype: torch.dtype) -> None:
+    """The image encoder and the random `ip-adapter_sdxl` weights into the pipeline, through diffusers."""
+    pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
+    state = _adapter_state(pipe.unet, embed_dim=int(encoder.config.projection_dim), dtype=dtype)
+    pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
 
 
 def make_renderer(pipe: Any) -> Any:
@@ -345,7 +398,7 @@ def _params(plan: Plan, index: int) -> Any:
     from shared.spec import parse_params
 
     raw = {"prompt": f"a photo of a cat, variation {index}", "seed": index, "steps": plan.steps}
-    return parse_params({**raw, "width": plan.size_px, "height": plan.size_px, "guidance_scale": 5.0})
+    return parse_params({**raw, "width": plan.size_px, "height": plan.size_px, "guidance_scale": GUIDANCE_SCALE})
 
 
 def baseline_call(pipe: Any, plan: Plan, index: int) -> Any:
@@ -357,7 +410,7 @@ def baseline_call(pipe: Any, plan: Plan, index: int) -> Any:
         width=plan.size_px,
         height=plan.size_px,
         num_inference_steps=plan.steps,
-        guidance_scale=5.0,
+        guidance_scale=GUIDANCE_SCALE,
         generator=torch.Generator("cpu").manual_seed(index),
     ).images
 
@@ -414,16 +467,25 @@ def _peak_tflops(plan: Plan) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
-def _configs(
-    pipe: Any, renderer: Any, plan: Plan, *, baseline: bool = True
-) -> list[tuple[str, int, bool, Callable[[int], Any]]]:
-    dtype = str(plan.dtype).removeprefix("torch.")
-    runs: list[tuple[str, int, bool, Callable[[int], Any]]] = []
+Config = tuple[str, int, bool, Callable[[int], Any]]  # name, batch, compiled, one call
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _ipab_name(batch: int, dtype: torch.dtype, *, compiled: bool) -> str:
+    return f"ipab batch {batch} {_dtype_name(dtype)}" + (" compiled" if compiled else "")
+
+
+def _configs(pipe: Any, renderer: Any, plan: Plan, *, compiled: bool, baseline: bool = False) -> list[Config]:
+    """ipab at each batch, eager or compiled; stock diffusers first with `baseline`."""
+    runs: list[Config] = []
     if baseline:
-        runs.append((f"diffusers baseline {dtype}", 1, False, lambda i: baseline_call(pipe, plan, i)))
-    runs += [(f"ipab batch {b} {dtype}", b, False, _ipab_call(renderer, plan, b)) for b in plan.batches]
-    runs += [(f"ipab batch {b} {dtype} compiled", b, True, _ipab_call(renderer, plan, b)) for b in plan.batches]
-    return runs
+        name = f"diffusers baseline {_dtype_name(plan.dtype)}"
+        runs.append((name, 1, False, lambda i: baseline_call(pipe, plan, i)))
+    names = [(b, _ipab_name(b, plan.dtype, compiled=compiled)) for b in plan.batches]
+    return runs + [(name, b, compiled, _ipab_call(renderer, plan, b)) for b, name in names]
 
 
 def _free(plan: Plan) -> None:
@@ -441,22 +503,32 @@ class _Sweep:
     flops: float
     peak: float | None
 
-    def measure(self, pipe: Any, configs: list[tuple[str, int, bool, Callable[[int], Any]]]) -> list[dict[str, Any]]:
+    def measure(self, pipe: Any, configs: list[Config]) -> list[dict[str, Any]]:
         """Figures of each configuration of one pipeline (skipped once the budget is spent)."""
         results: list[dict[str, Any]] = []
         compiled = False
         for name, batch, compile_, call in configs:
-            entry: dict[str, Any] = {"name": name, "batch": batch, "compile": compile_, "dtype": str(self.plan.dtype)}
             # A compile takes minutes on SDXL: start one only with that much budget left.
             reserve_s = COMPILE_RESERVE_S if compile_ and not compiled and not self.plan.smoke else 0.0
-            if time.perf_counter() - self.t_start + reserve_s > self.budget_s:
-                results.append({**entry, "skipped": f"time budget of {self.budget_s:.0f} s spent"})
+            if self.left_s() < reserve_s:
+                results.append(self.skipped(name, batch, compile_))
                 continue
             if compile_ and not compiled:
                 pipe.unet.compile(fullgraph=False, backend=self.plan.compile_backend)  # as Renderer.load(compile=True)
                 compiled = True
-            results.append(self._timed(entry, batch, call))
+            results.append(self._timed(self._entry(name, batch, compile_), batch, call))
         return results
+
+    def left_s(self) -> float:
+        """Seconds of the budget left (negative once it is spent)."""
+        return self.budget_s - (time.perf_counter() - self.t_start)
+
+    def skipped(self, name: str, batch: int, compile_: bool) -> dict[str, Any]:
+        """The entry of a configuration that the budget leaves out."""
+        return {**self._entry(name, batch, compile_), "skipped": f"time budget of {self.budget_s:.0f} s spent"}
+
+    def _entry(self, name: str, batch: int, compile_: bool) -> dict[str, Any]:
+        return {"name": name, "batch": batch, "compile": compile_, "dtype": str(self.plan.dtype)}
 
     def _timed(self, entry: dict[str, Any], batch: int, call: Callable[[int], Any]) -> dict[str, Any]:
         try:
@@ -470,28 +542,180 @@ class _Sweep:
             entry["utilisation"] = entry["tflops_achieved"] / self.peak if self.peak else None
         return entry
 
+    def worker_path(self, pipe: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """The worker path at the largest batch, next to the in-process eager ipab at that batch (goal 1.0).
+
+        Run only when the budget holds its estimate: start-up, then the jobs at the in-process
+        s/image with a margin. Stopped past the budget by `WORKER_OVERRUN_S` at the latest.
+        """
+        plan, batch = self.plan, max(self.plan.batches)
+        entry = {"jobs": plan.worker_jobs, "batch_size": batch, "device": plan.device.type}
+        entry |= {"dtype": _dtype_name(plan.dtype), "pipeline": _ipab_name(batch, plan.dtype, compiled=False)}
+        pipeline = next((r for r in results if r["name"] == entry["pipeline"] and "s_per_image" in r), None)
+        if not plan.worker_jobs:
+            return {**entry, "skipped": "no worker jobs in this plan"}
+        if pipeline is None:
+            return {**entry, "skipped": f"no in-process figure of {entry['pipeline']} to compare with"}
+        needed_s = WORKER_START_S + plan.worker_jobs * pipeline["s_per_image"] * WORKER_MARGIN
+        left_s = self.left_s()
+        if needed_s > left_s:
+            return {**entry, "skipped": f"needs about {needed_s:.0f} s, {left_s:.0f} s of the time budget left"}
+        deadline = self.t_start + self.budget_s + WORKER_OVERRUN_S
+        figures = _recorded_worker_path(pipe, plan, batch=batch, deadline=deadline)
+        if "s_per_image" in figures:
+            figures["worker_over_pipeline"] = figures["s_per_image"] / pipeline["s_per_image"]
+        return {**entry, "pipeline_s_per_image": pipeline["s_per_image"], **figures}
+
+
+# --- the worker path: the same weights through the whole system -------------------------------------
+
+# Writing ~11 GB of fp16 weights (10-20 s), the worker's start and model load (~30 s), a warm-up job.
+WORKER_START_S: Final = 75.0
+WORKER_MARGIN: Final = 1.2  # on the in-process s/image, in the estimate that decides whether the part fits
+WORKER_OVERRUN_S: Final = 45.0  # the part is stopped this far past the budget: 420 + 45 s stays under 8 min
+WORKER_BATCH_WAIT_MS: Final = 200  # waited only while the queue holds less than a batch (at start-up)
+WORKER_REFERENCES: Final = 2  # as many as the sweep's `_ipab_call` cycles over
+WORKER_LOG: Final = "worker.log"
+MODEL_SET_NAME: Final = "bench-gpu-random"
+ADAPTER_FILE: Final = f"{ADAPTER_DIR}/ip-adapter_sdxl.safetensors"  # devkit.synth's (and h94's) layout
+ENCODER_FOLDER: Final = ENCODER_FOLDERS["bigG"]
+
+
+def save_model_set(pipe: Any, folder: Path, *, dtype: torch.dtype) -> Path:
+    """The pipeline's weights in the public layouts the worker loads; returns the model-set.toml.
+
+    As `devkit.synth` lays out its tiny set: `base/` (diffusers SDXL folder), the adapter's
+    `.safetensors` (flat `image_proj.*`/`ip_adapter.*` keys) and the encoder's folder in h94's
+    `IP-Adapter/sdxl_models/`. The adapter leaves the UNet for the save (a stock SDXL base has
+    none) and goes back on after it, with the same weights: the sweep goes on with the pipeline.
+    """
+    from safetensors.torch import save_file
+
+    encoder, processor = pipe.image_encoder, pipe.feature_extractor
+    pipe.unload_ip_adapter()
+    try:
+        pipe.save_pretrained(folder / "base", safe_serialization=True)
+    finally:
+        _attach_adapter(pipe, encoder, processor, dtype=dtype)
+    # One shard: the worker loads the encoder's `model.safetensors` and nothing else.
+    encoder.save_pretrained(folder / ENCODER_FOLDER, max_shard_size="1000GB")
+    state = _adapter_state(pipe.unet, embed_dim=int(encoder.config.projection_dim), dtype=dtype)
+    flat = {f"{part}.{key}": t.contiguous() for part, tensors in state.items() for key, t in tensors.items()}
+    (folder / ADAPTER_FILE).parent.mkdir(parents=True, exist_ok=True)
+    save_file(flat, str(folder / ADAPTER_FILE))
+    toml = folder / "model-set.toml"
+    write_model_set(toml, name=MODEL_SET_NAME, base="base", ip_adapter=ADAPTER_FILE, image_encoder=ENCODER_FOLDER)
+    return toml
+
+
+def _recorded_worker_path(pipe: Any, plan: Plan, *, batch: int, deadline: float) -> dict[str, Any]:
+    """`run_worker_path` in a scratch folder; a failure is recorded with the worker's log, not raised."""
+    with tempfile.TemporaryDirectory(prefix="ipab-bench-gpu-") as scratch:
+        try:
+            return run_worker_path(pipe, plan, batch=batch, folder=Path(scratch), deadline=deadline)
+        except Exception as e:  # the sweep's figures must survive a failing worker path
+            return {"error": f"{type(e).__name__}: {e}"[:2000], "worker_log_tail": log_tail(Path(scratch) / WORKER_LOG)}
+
+
+def run_worker_path(pipe: Any, plan: Plan, *, batch: int, folder: Path, deadline: float) -> dict[str, Any]:
+    """`plan.worker_jobs` jobs end to end on the pipeline's weights: submit, SQL, dispatcher, one worker, S3.
+
+    What `bench.overhead` runs, at full size: a private Redis and SeaweedFS, a SQLite database,
+    one `ipab worker` process (its dispatcher feeds Redis from SQL), jobs of the sweep's size,
+    steps and guidance. Waits until `deadline` (`time.perf_counter()`) at the latest.
+    """
+    # One set of keys for the services, this process and the worker: `settings_env` gives the
+    # worker BENCH_AWS_ENV, while `private_services` keeps AWS keys already set here (a test's, a user's).
+    os.environ.update(BENCH_AWS_ENV)
+    # Services first: where they cannot start, no time goes into writing the weights.
+    with private_services() as svc, private_database("sqlite", svc.workdir) as url:
+        t0 = time.perf_counter()
+        model_set = save_model_set(pipe, folder / "models", dtype=plan.dtype)
+        write_s = time.perf_counter() - t0
+        _free(plan)  # the GPU's memory for the worker; this process only waits
+        settings = bench_settings(
+            svc, url, model_set=model_set, device=plan.device.type, dtype=_dtype_name(plan.dtype),
+            batch_size=batch, batch_wait_ms=WORKER_BATCH_WAIT_MS,
+        )  # fmt: skip
+        warm_up = _worker_manifest(svc.workdir, plan, "warm-up", rows=1)
+        jobs = _worker_manifest(svc.workdir, plan, "jobs", rows=plan.worker_jobs)
+        proc = start_worker(settings_env(settings), folder / WORKER_LOG)
+        try:
+            # The warm-up job is the readiness check too: it succeeds once the model is loaded,
+            # and `wait_for_batch` notices a worker that died on the way.
+            _submit_and_wait(settings, warm_up, proc, deadline=deadline)
+            batch_id, wall_s = _submit_and_wait(settings, jobs, proc, deadline=deadline)
+        finally:
+            stop_workers([proc])
+        return {"write_s": write_s, **_worker_figures(settings, batch_id, wall_s=wall_s)}
+
+
+def _worker_manifest(workdir: Path, plan: Plan, name: str, *, rows: int) -> Path:
+    """A manifest of `rows` jobs of the sweep's size, steps and guidance, named `name` (its batch's name)."""
+    references = write_references(workdir / "refs", WORKER_REFERENCES)
+    fields = {"width": plan.size_px, "height": plan.size_px, "steps": plan.steps, "guidance_scale": GUIDANCE_SCALE}
+    return write_manifest(workdir / f"{name}.jsonl", references, rows=rows, fields=fields)
+
+
+def _submit_and_wait(
+    settings: Settings, manifest: Path, proc: subprocess.Popen[bytes], *, deadline: float
+) -> tuple[str, float]:
+    """Submit a manifest as its own batch; wait until every job is terminal. The batch id, seconds from submit."""
+    from scheduler.submit import submit_manifest
+
+    t0 = time.perf_counter()
+    result = submit_manifest(settings=settings, path=manifest, batch_name=manifest.stem, model_set_name=None)
+    sessions = sessions_for(settings)
+    wait_for_batch(sessions, result.batch_id, timeout_s=deadline - t0, procs=[proc], poll_s=0.1)
+    return result.batch_id, time.perf_counter() - t0
+
+
+def _worker_figures(settings: Settings, batch_id: str, *, wall_s: float) -> dict[str, Any]:
+    """Checks that every job succeeded and its PNG is in S3; the steady-state rate and the batch sizes seen."""
+    sessions = sessions_for(settings)
+    counts = status_counts(sessions, batch_id)
+    rows = job_rows(sessions, batch_id)
+    if counts != {JobStatus.succeeded.value: len(rows)}:
+        raise RuntimeError(f"not every job of the worker path succeeded: {counts}")
+    stored = set(ObjectStore.from_settings(settings).list_keys())
+    missing = [r.id for r in rows if not r.output_sha256 or r.output_key not in stored]
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {len(rows)} succeeded jobs have no PNG in S3, e.g. job {missing[0]}")
+    # A pipeline call's jobs finish together: the clock starts as the first call's last job finishes.
+    first_call = rows[0].render_batch_size or 1
+    s_per_image = steady_state_s_per_job([r.finished_at.timestamp() for r in rows[first_call - 1 :] if r.finished_at])
+    sizes = Counter(str(r.render_batch_size) for r in rows)
+    return {
+        "succeeded": len(rows),
+        "pngs_in_s3": len(rows),
+        "wall_s": wall_s,  # submit to the last job's success
+        "s_per_image": s_per_image,
+        "images_per_s": 1 / s_per_image,
+        "end_to_end_images_per_s": len(rows) / wall_s,
+        "render_batch_sizes": dict(sorted(sizes.items(), key=lambda item: int(item[0]))),
+    }
+
 
 def run(plan: Plan, *, budget_s: float) -> dict[str, Any]:
     """Every configuration that fits the time budget; figures as a JSON-able dict.
 
-    First stock diffusers (the anchor) and ipab in the plan's dtype, eager and compiled; then
-    ipab again in each of `plan.other_dtypes` (a pipeline rebuilt in that dtype).
+    1. Stock diffusers (the anchor) and ipab eager, in the plan's dtype.
+    2. The worker path on that pipeline (it is compared with step 1's figures).
+    3. ipab compiled, same pipeline.
+    4. ipab again, eager and compiled, in each of `plan.other_dtypes` (a pipeline rebuilt in it).
     """
     t_start = time.perf_counter()
     pipe = build_pipeline(plan)
     renderer = make_renderer(pipe)
     build_s = time.perf_counter() - t_start
-    flops = count_flops(lambda: baseline_call(pipe, plan, 0))
+    flops = count_flops(functools.partial(baseline_call, pipe, plan, 0))
     sweep = _Sweep(plan=plan, t_start=t_start, budget_s=budget_s, flops=flops, peak=_peak_tflops(plan))
-    results = sweep.measure(pipe, _configs(pipe, renderer, plan))
+    results = sweep.measure(pipe, _configs(pipe, renderer, plan, compiled=False, baseline=True))
+    worker = sweep.worker_path(pipe, results)
+    results += sweep.measure(pipe, _configs(pipe, renderer, plan, compiled=True))
+    del pipe, renderer
     for dtype in plan.other_dtypes:
-        del pipe, renderer
-        _free(plan)
-        other = dataclasses.replace(plan, dtype=dtype)
-        pipe = build_pipeline(other)
-        renderer = make_renderer(pipe)
-        sweep.plan = other
-        results += sweep.measure(pipe, _configs(pipe, renderer, other, baseline=False))
+        results += _measure_rebuilt(sweep, dataclasses.replace(plan, dtype=dtype))
     base = results[0].get("s_per_image")
     for entry in results:
         if base and "s_per_image" in entry:
@@ -499,18 +723,33 @@ def run(plan: Plan, *, budget_s: float) -> dict[str, Any]:
     return {
         "smoke": plan.smoke,
         "device": torch.cuda.get_device_name() if plan.device.type == "cuda" else platform.processor() or "cpu",
-        "dtype": str(plan.dtype).removeprefix("torch."),
-        "other_dtypes": [str(d).removeprefix("torch.") for d in plan.other_dtypes],
+        "dtype": _dtype_name(plan.dtype),
+        "other_dtypes": [_dtype_name(d) for d in plan.other_dtypes],
         "size_px": plan.size_px,
         "steps": plan.steps,
-        "guidance_scale": 5.0,
+        "guidance_scale": GUIDANCE_SCALE,
         "tflop_per_image": flops / 1e12,
         "peak_tflops_assumed": sweep.peak,
         "build_s": build_s,
         "total_s": time.perf_counter() - t_start,
         "versions": _versions(),
         "configs": results,
+        "worker_path": worker,
     }
+
+
+def _measure_rebuilt(sweep: _Sweep, plan: Plan) -> list[dict[str, Any]]:
+    """ipab eager and compiled on a pipeline rebuilt in `plan.dtype` (the previous one freed first)."""
+    sweep.plan = plan
+    if sweep.left_s() < 0:  # a full-size pipeline takes a while to build: not for configurations all skipped
+        configs = [(b, c, _ipab_name(b, plan.dtype, compiled=c)) for c in (False, True) for b in plan.batches]
+        return [sweep.skipped(name, b, c) for b, c, name in configs]
+    _free(plan)
+    pipe = build_pipeline(plan)
+    renderer = make_renderer(pipe)
+    return sweep.measure(
+        pipe, _configs(pipe, renderer, plan, compiled=False) + _configs(pipe, renderer, plan, compiled=True)
+    )
 
 
 def _versions() -> dict[str, str]:
