@@ -110,9 +110,12 @@ class Services:
 
 @contextlib.contextmanager
 def private_services() -> Iterator[Services]:
-    """Start Redis and SeaweedFS on free loopback ports; stop them and delete their folder at the end."""
-    for name, value in BENCH_AWS_ENV.items():
-        os.environ.setdefault(name, value)
+    """Start Redis and SeaweedFS on free loopback ports; stop them and delete their folder at the end.
+
+    The bench's own AWS keys replace any set here (a user's, a test's): the workers it starts
+    get them from `settings_env`, and this process must sign its S3 calls the same way.
+    """
+    os.environ.update(BENCH_AWS_ENV)
     workdir = Path(tempfile.mkdtemp(prefix="ipab-bench-"))
     started: list[services.Service] = []
     try:

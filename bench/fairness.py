@@ -85,7 +85,8 @@ def _finished_per_s(settings: Settings, since: Any, until: Any) -> float:
         n = session.scalar(
             select(func.count()).where(Job.finished_at >= since, Job.finished_at < until, Job.status == "succeeded")
         )
-    return float(n or 0) / max((until - since).total_seconds(), 1e-9)
+    seconds: float = (until - since).total_seconds()
+    return float(n or 0) / max(seconds, 1e-9)
 
 
 def _one_mode(svc: Services, mode: str, args: argparse.Namespace, refs: list[Path]) -> dict[str, Any]:

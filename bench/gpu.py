@@ -56,7 +56,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 from bench.common import (
-    BENCH_AWS_ENV,
     bench_settings,
     job_rows,
     log_tail,
@@ -624,9 +623,6 @@ def run_worker_path(pipe: Any, plan: Plan, *, batch: int, folder: Path, deadline
     one `ipab worker` process (its dispatcher feeds Redis from SQL), jobs of the sweep's size,
     steps and guidance. Waits until `deadline` (`time.perf_counter()`) at the latest.
     """
-    # One set of keys for the services, this process and the worker: `settings_env` gives the
-    # worker BENCH_AWS_ENV, while `private_services` keeps AWS keys already set here (a test's, a user's).
-    os.environ.update(BENCH_AWS_ENV)
     # Services first: where they cannot start, no time goes into writing the weights.
     with private_services() as svc, private_database("sqlite", svc.workdir) as url:
         t0 = time.perf_counter()

@@ -285,7 +285,8 @@ def _fairness(f: dict[str, Any], control_jobs_per_s: float | None) -> Iterator[s
     yield _failed(f) or to_markdown(f, control_jobs_per_s=control_jobs_per_s)
 
 
-def _gpu(g: dict[str, Any] | None) -> Iterator[str]:
+def gpu_section(g: dict[str, Any] | None) -> Iterator[str]:
+    """Section 5: the GPU sweep of `bench/gpu.py` and its worker path, or how to run it."""
     yield "## 5. GPU (full-size SDXL + ip-adapter_sdxl, random weights)"
     yield ""
     if not g:
@@ -311,6 +312,25 @@ def _gpu(g: dict[str, Any] | None) -> Iterator[str]:
             f"| {_num(r['peak_mem_gib'], 1)} "
             f"| {_num(r['tflops_achieved'], 0)} | {util} | {_num(r.get('speedup_vs_baseline'))}x |"
         )
+    yield ""
+    yield from _worker_path(g.get("worker_path"))
+
+
+def _worker_path(w: dict[str, Any] | None) -> Iterator[str]:
+    """The same weights through the whole system (submit, SQL, dispatcher, one worker, S3)."""
+    if not w:
+        return
+    if "s_per_image" not in w:
+        yield f"Worker path (whole system, one worker): {w.get('error') or w.get('skipped')}."
+        return
+    sizes = ", ".join(f"{count} at {size}" for size, count in w["render_batch_sizes"].items())
+    yield (
+        f"Worker path: {w['succeeded']} jobs through `ipab worker` (SQL, dispatcher, Redis, S3) on the same "
+        f"weights, batch size {w['batch_size']}: {_num(w['s_per_image'], 3)} s/image steady state "
+        f"({_num(w['images_per_s'], 2)} images/s; jobs per pipeline call: {sizes}) against "
+        f"{_num(w['pipeline_s_per_image'], 3)} s/image for `{w['pipeline']}` in process: "
+        f"**{_num(w['worker_over_pipeline'])}x** (goal about 1). Every PNG was found in S3."
+    )
 
 
 def render_markdown(results: dict[str, Any], *, command: str) -> str:
@@ -330,7 +350,7 @@ def render_markdown(results: dict[str, Any], *, command: str) -> str:
         _submit(results.get("submit") or {"skipped": "not run"}),
         _control(results.get("control") or {"skipped": "not run"}),
         _embed(results.get("embed") or {"skipped": "not run"}),
-        _gpu(results.get("gpu")),
+        gpu_section(results.get("gpu")),
         _fairness(results.get("fairness") or {"skipped": "not run"}, _control_rate(results)),
         _batching(results.get("batching") or {"skipped": "not run"}),
         _api(results.get("api") or {"skipped": "not run"}),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO
+from bench.report import gpu_section
 
 SMOKE_BUDGET_S = 420  # two to three minutes on a loaded 2-core CPU, the worker path included
 
@@ -26,6 +27,8 @@ def test_the_gpu_sweep_runs_in_smoke_mode_and_reports_each_configuration_and_the
     for config in figures["configs"]:
         assert "error" not in config and config["s_per_image"] > 0 and config["images_per_s"] > 0, config
     _assert_the_worker_path_rendered_every_job(figures["worker_path"])
+    section = "\n".join(gpu_section(figures))  # as BENCHMARKS.md shows it
+    assert "| ipab batch 2 float32 compiled |" in section and "Worker path: 8 jobs through `ipab worker`" in section
 
 
 def _assert_the_worker_path_rendered_every_job(worker: dict[str, Any]) -> None:

@@ -70,7 +70,7 @@ def test_one_group_gives_each_request_its_own_answer(ctx: ApiContext, client: Te
     assert isinstance(outcomes[1], ApiProblem) and outcomes[1].status == 422
     assert "references" in outcomes[1].detail and "upload" in outcomes[1].detail
     assert isinstance(outcomes[4], ApiProblem) and outcomes[4].status == 409
-    assert outcomes[3] in outcomes[4].detail  # names the job that has the id
+    assert str(outcomes[3]) in outcomes[4].detail  # names the job that has the id
     assert all(isinstance(o, ApiProblem) and o.status == 422 for o in outcomes[5:])
     jobs = {job.id: job for job in jobs_of(ctx, "alice")}
     assert set(jobs) == set(created)
