@@ -209,6 +209,8 @@ class _Request:
     lane: str = DEFAULT_LANE  # for rows that do not name one
     redis_client: redis.Redis | None = None  # the API's pooled client; None: one per submission
     stored_line: int | None = None  # the line every job records; None: its row's
+    # Plan and write in one transaction: for a resolver that does no I/O (references stored already).
+    one_transaction: bool = False
 
     def __post_init__(self) -> None:
         check_batch_name(self.batch_name)  # refused before anything is read or written
@@ -222,31 +224,42 @@ class _Plan:
     rows: list[tuple[ManifestRow, tuple[ReferenceFile, ...]]]
     problems: list[Problem]
     skipped_existing: int
+    batch: Batch | None = None  # found while planning, in the writing transaction (one_transaction)
 
 
-def _plan(
-    request: _Request, sessions: sessionmaker[Session], parsed: ParsedManifest, resolver: ReferenceResolver
-) -> _Plan:
+@dataclass
+class _NewRows:
+    """The rows new to the batch that the tenant may submit, and the lane problems of the others."""
+
+    rows: list[ManifestRow]
+    lane_problems: list[Problem]
+    batch: Batch | None  # as found by these reads
+
+
+def _new_rows(request: _Request, session: Session, parsed: ParsedManifest) -> _NewRows:
     # 1. Every row was read and validated (columns, ids, parameters) by the caller.
     # 2. Which rows are new to the batch: one SELECT of its existing keys.
-    with transaction(sessions) as session:
-        batch = _find_batch(session, request.batch_name)
-        _check_model_set(batch, request.model_set)
-        _check_tenant(batch, request.tenant)
-        existing = _existing_keys(session, batch, [row.dedupe_key for row in parsed.rows])
-        allowed = tenant_lanes(session=session, tenant=request.tenant)
+    batch = _find_batch(session, request.batch_name)
+    _check_model_set(batch, request.model_set)
+    _check_tenant(batch, request.tenant)
+    existing = _existing_keys(session, batch, [row.dedupe_key for row in parsed.rows])
+    allowed = tenant_lanes(session=session, tenant=request.tenant)
     new_rows = [row for row in parsed.rows if row.dedupe_key not in existing]
     lane_problems = _lane_problems(new_rows, default=request.lane, allowed=allowed, tenant=request.tenant)
     if lane_problems:
         refused = {p.line for p in lane_problems}
         new_rows = [row for row in new_rows if row.line not in refused]
+    return _NewRows(new_rows, lane_problems, batch)
+
+
+def _plan(new: _NewRows, parsed: ParsedManifest, resolver: ReferenceResolver) -> _Plan:
     # 3. Check the references of the new rows (and of invalid rows, to report everything),
     #    reading and decoding each image once.
-    to_check = [(row.line, row.references) for row in new_rows] + list(parsed.unchecked_references.items())
+    to_check = [(row.line, row.references) for row in new.rows] + list(parsed.unchecked_references.items())
     files_by_line, ref_problems = resolve_rows(to_check, resolver=resolver)
-    rows = [(row, files_by_line[row.line]) for row in new_rows if row.line in files_by_line]
-    problems = sorted(parsed.problems + ref_problems + lane_problems, key=lambda p: p.line)
-    return _Plan(rows, problems, len(parsed.rows) - len(new_rows) - len(lane_problems))
+    rows = [(row, files_by_line[row.line]) for row in new.rows if row.line in files_by_line]
+    problems = sorted(parsed.problems + ref_problems + new.lane_problems, key=lambda p: p.line)
+    return _Plan(rows, problems, len(parsed.rows) - len(new.rows) - len(new.lane_problems), new.batch)
 
 
 def _lane_problems(
@@ -264,24 +277,31 @@ def _lane_problems(
 
 
 def _write(
-    request: _Request, sessions: sessionmaker[Session], plan: _Plan, resolver: ReferenceResolver
+    request: _Request, session: Session, plan: _Plan, resolver: ReferenceResolver
 ) -> tuple[str, dict[int, str], UploadReport]:
-    """Upload the references, then insert the batch and the new jobs in one transaction."""
-    with serialized_writes(sessions), transaction(sessions) as session:
-        with request.progress.stage("upload references", total=None) as stage:
-            report = upload_references((f for _, fs in plan.rows for f in fs), resolver=resolver, session=session)
-            stage.update(report.uploaded + report.already_stored)
+    """Upload the references, then insert the batch and the new jobs, in the session's transaction."""
+    with request.progress.stage("upload references", total=None) as stage:
+        report = upload_references((f for _, fs in plan.rows for f in fs), resolver=resolver, session=session)
+        stage.update(report.uploaded + report.already_stored)
+    batch = plan.batch if request.one_transaction and plan.batch is not None else None
+    if batch is None:
         batch = _get_or_create_batch(
             session, name=request.batch_name, model_set=request.model_set, tenant=request.tenant
         )
-        with request.progress.stage("insert", total=len(plan.rows)) as stage:
-            rows = _job_rows(plan.rows, lane=request.lane)
-            inserted = _insert_jobs(session, batch, rows, line=request.stored_line)
-            stage.update(len(plan.rows))
-        job_ids = {row[1]: row[0] for row in rows if row[0] in inserted}
-        if request.after_insert is not None:
-            request.after_insert(session, batch.id, job_ids)
-        return batch.id, job_ids, report
+    with request.progress.stage("insert", total=len(plan.rows)) as stage:
+        rows = _job_rows(plan.rows, lane=request.lane)
+        inserted = _insert_jobs(session, batch, rows, line=request.stored_line)
+        stage.update(len(plan.rows))
+    job_ids = {row[1]: row[0] for row in rows if row[0] in inserted}
+    if request.after_insert is not None:
+        request.after_insert(session, batch.id, job_ids)
+    return batch.id, job_ids, report
+
+
+def _refuse_invalid(plan: _Plan, *, skip_invalid: bool) -> None:
+    # 4. All or nothing, unless told to skip the invalid rows.
+    if plan.problems and (not skip_invalid or not (plan.rows or plan.skipped_existing)):
+        raise ManifestInvalid(list(plan.problems))
 
 
 def _submit(
@@ -292,14 +312,21 @@ def _submit(
     *,
     skip_invalid: bool,
 ) -> SubmitResult:
-    with request.progress.stage("validate", total=len(parsed.rows) + len(parsed.problems)) as stage:
-        plan = _plan(request, sessions, parsed, resolver)
-        stage.update(len(parsed.rows) + len(parsed.problems))
-    # 4. All or nothing, unless told to skip the invalid rows.
-    if plan.problems and (not skip_invalid or not (plan.rows or plan.skipped_existing)):
-        raise ManifestInvalid(list(plan.problems))
-    # 5. References, batch and jobs, in one transaction.
-    batch_id, inserted, report = _write(request, sessions, plan, resolver)
+    if request.one_transaction:  # references known already: plan and write in one transaction
+        with serialized_writes(sessions), transaction(sessions) as session:
+            plan = _plan(_new_rows(request, session, parsed), parsed, resolver)
+            _refuse_invalid(plan, skip_invalid=skip_invalid)
+            batch_id, inserted, report = _write(request, session, plan, resolver)
+    else:
+        with request.progress.stage("validate", total=len(parsed.rows) + len(parsed.problems)) as stage:
+            with transaction(sessions) as session:
+                new = _new_rows(request, session, parsed)
+            plan = _plan(new, parsed, resolver)  # no snapshot held while references are read
+            stage.update(len(parsed.rows) + len(parsed.problems))
+        _refuse_invalid(plan, skip_invalid=skip_invalid)
+        # 5. References, batch and jobs, in one transaction.
+        with serialized_writes(sessions), transaction(sessions) as session:
+            batch_id, inserted, report = _write(request, session, plan, resolver)
     # 6. Wake the dispatcher: it hands the new jobs to the workers in policy order.
     queue = render_queue(request.model_set)
     woken = not inserted or _wake(settings=request.settings, model_set=request.model_set, pooled=request.redis_client)
@@ -373,13 +400,16 @@ def submit_rows(
     lane: str = DEFAULT_LANE,
     redis_client: redis.Redis | None = None,
     stored_line: int | None = None,
+    one_transaction: bool = False,
 ) -> SubmitResult:
     """Submit rows already read and validated (`scheduler.manifest.parse_rows`): the HTTP API's path.
 
     The same steps as `submit_manifest` from step 2 on; `resolver` turns each row's
     references into stored images, `after_insert` runs in the transaction of the jobs;
     `redis_client`, when given, is used (not closed) to wake the dispatcher. With
-    `stored_line`, every job records that line (rows gathered from several requests).
+    `stored_line`, every job records that line (rows gathered from several requests). With
+    `one_transaction`, for a resolver that reads nothing (the API's stored references), the
+    rows are checked and written in one transaction: fewer round trips to the database.
     """
     request = _Request(
         settings,
@@ -390,5 +420,6 @@ def submit_rows(
         lane=lane,
         redis_client=redis_client,
         stored_line=stored_line,
+        one_transaction=one_transaction,
     )
     return _submit(request, sessions, parsed, resolver, skip_invalid=skip_invalid)

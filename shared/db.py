@@ -418,6 +418,8 @@ def insert_new_jobs(
     in one statement per database (executemany on SQLite, COPY on PostgreSQL): building
     SQL text per row cost more than the database's own work.
     """
+    if not rows:
+        return set()
     dialect = session.get_bind().dialect
     driver = session.connection().connection.driver_connection
     fixed = (batch_id, JobStatus.queued.value, 0, queued_at)

@@ -56,7 +56,7 @@ def test_insert_new_jobs_returns_only_the_rows_it_inserted_and_stores_them_queue
     engine.dispose()
 
 
-@pytest.mark.parametrize("count", [3, PG_VALUES_ROWS + 1, SQLITE_ID_CHUNK + 20])
+@pytest.mark.parametrize("count", [0, 3, PG_VALUES_ROWS + 1, SQLITE_ID_CHUNK + 20])
 def test_a_clash_in_a_large_or_small_insert_returns_exactly_the_fresh_ids(database_url: str, count: int) -> None:
     """Small inserts go in one statement and large ones in bulk; both skip rows already there."""
     ensure_database(database_url)
