@@ -32,6 +32,9 @@ from tests.system.test_end_to_end import submit, write_manifest
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 JOBS = 30
+# A cancel test's batch: `ipab cancel` starts a Python process (a second or two) while the
+# workers go on; at batch 4 a fast machine ran 30 tiny jobs in that time and left none to cancel.
+CANCEL_JOBS = 150
 
 
 def count_status(settings: Settings, batch_id: str, status: JobStatus) -> int:
@@ -51,7 +54,7 @@ def wait_until(predicate: Callable[[], bool], *, timeout_s: float = 120, what: s
 
 
 def assert_each_job_ended_once(
-    settings: Settings, batch_id: str, *, max_reruns: int, allow_canceled: bool = False
+    settings: Settings, batch_id: str, *, max_reruns: int, allow_canceled: bool = False, rows: int = JOBS
 ) -> list[Job]:
     """Every job succeeded (or was canceled), succeeded jobs have exactly one matching object,
     and the batch was rendered at most `max_reruns` times more than once per job."""
@@ -59,7 +62,7 @@ def assert_each_job_ended_once(
     with sessions() as session:
         jobs = list(session.scalars(select(Job).where(Job.batch_id == batch_id)).all())
     allowed = {JobStatus.succeeded.value} | ({JobStatus.canceled.value} if allow_canceled else set())
-    assert len(jobs) == JOBS
+    assert len(jobs) == rows
     assert {j.status for j in jobs} <= allowed, [(j.status, j.error_type, j.error_message) for j in jobs]
     store = ObjectStore.from_settings(settings)
     succeeded = {keys.output_key(batch_id, j.id, j.attempts): j for j in jobs if j.status == JobStatus.succeeded.value}
@@ -80,8 +83,8 @@ def running_ids(settings: Settings, batch_id: str) -> set[str]:
         return set(session.scalars(select(Job.id).where(*where)).all())
 
 
-def start_batch(settings: Settings, workers: Workers, tmp_path: Path, name: str) -> str:
-    manifest = write_manifest(tmp_path, rows=JOBS)
+def start_batch(settings: Settings, workers: Workers, tmp_path: Path, name: str, *, rows: int = JOBS) -> str:
+    manifest = write_manifest(tmp_path, rows=rows)
     return submit(workers, manifest, name)
 
 
@@ -195,7 +198,7 @@ def test_cancel_mid_batch_stops_queued_and_running_jobs(
     system_settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     workers.start()
-    batch_id = start_batch(system_settings, workers, tmp_path, "cancel")
+    batch_id = start_batch(system_settings, workers, tmp_path, "cancel", rows=CANCEL_JOBS)
     wait_until(lambda: count_status(system_settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
     from tests.system.test_end_to_end import ipab
 
@@ -203,7 +206,7 @@ def test_cancel_mid_batch_stops_queued_and_running_jobs(
     assert done.returncode == 0, done.stderr
     wait_for_batch(system_settings, batch_id, workers=workers)
     time.sleep(2)  # a publish in flight finishes (or removes its object) by now
-    jobs = assert_each_job_ended_once(system_settings, batch_id, max_reruns=0, allow_canceled=True)
+    jobs = assert_each_job_ended_once(system_settings, batch_id, max_reruns=0, allow_canceled=True, rows=CANCEL_JOBS)
     canceled = {j.id for j in jobs if j.status == JobStatus.canceled.value}
     assert len(canceled) >= 10
     assert sum(j.status == JobStatus.succeeded.value for j in jobs) >= 3
@@ -264,11 +267,11 @@ def test_batched_cancel_mid_batch_stops_queued_and_running_jobs(
 
     with worker_pool(batched_settings, settings_env, tmp_path) as pool:
         pool.start()
-        batch_id = start_batch(batched_settings, pool, tmp_path, "cancel-batched")
+        batch_id = start_batch(batched_settings, pool, tmp_path, "cancel-batched", rows=CANCEL_JOBS)
         wait_until(lambda: count_status(batched_settings, batch_id, JobStatus.succeeded) >= 4, what="first results")
         done = ipab(pool.env, "cancel", batch_id, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         wait_for_batch(batched_settings, batch_id, workers=pool)
         time.sleep(2)
-    jobs = assert_each_job_ended_once(batched_settings, batch_id, max_reruns=0, allow_canceled=True)
+    jobs = assert_each_job_ended_once(batched_settings, batch_id, max_reruns=0, allow_canceled=True, rows=CANCEL_JOBS)
     assert sum(j.status == JobStatus.canceled.value for j in jobs) >= 10
