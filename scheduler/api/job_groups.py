@@ -76,7 +76,7 @@ class JobGroups:
                 group, self.pending = self.pending[:MAX_GROUP], self.pending[MAX_GROUP:]
                 try:
                     outcomes = await run_in_threadpool(write_group, self.ctx, [request for request, _ in group])
-                except Exception as e:
+                except Exception as e:  # the whole write failed: every request of the group learns why
                     outcomes = [e] * len(group)
                 for (_, future), outcome in zip(group, outcomes, strict=True):
                     if future.done():  # the client went away; its job was written all the same
@@ -100,7 +100,7 @@ def write_group(ctx: ApiContext, requests: Sequence[JobRequest]) -> list[Outcome
             _write_tenant(ctx, tenant, {i: requests[i] for i in indexes}, outcomes)
         except InvalidInput as e:  # about the tenant's batch itself: every request of it
             _fill(outcomes, indexes, from_invalid_input(e))
-        except Exception as e:
+        except Exception as e:  # one tenant's failure (the database down) is not the other tenants'
             _fill(outcomes, indexes, e)
     return [outcome if outcome is not None else RuntimeError("job request not written") for outcome in outcomes]
 
