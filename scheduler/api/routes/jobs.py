@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse
@@ -16,6 +16,7 @@ from scheduler.api.models import JobCreated, JobIn, JobOut, openapi_body
 from scheduler.api.problems import ApiProblem, field_error, from_invalid_input
 from scheduler.api.submission import WEBHOOK_FIELD, api_batch_name, parse_api_rows, problems_of, submit_api_rows
 from scheduler.api.views import find_job, job_view
+from scheduler.manifest import ParsedManifest
 from scheduler.webhooks import JOB_EVENTS, cancel_with_events, check_events, check_webhook_url
 from shared.dispatch.policy import INTERACTIVE_LANE
 from shared.errors import InvalidInput, ManifestInvalid
@@ -38,14 +39,18 @@ def webhook_of(ctx: ApiContext, raw: Any, *, allowed: tuple[str, ...]) -> tuple[
         raise from_invalid_input(e) from None
 
 
-def _checked(ctx: ApiContext, tenant: str, body: dict[str, Any]) -> JobRequest:
-    """The request's webhook and row, checked; 422 with every problem of an invalid one (runs SQL)."""
+def _with_webhook(ctx: ApiContext, tenant: str, body: dict[str, Any]) -> JobRequest:
+    """The request's webhook (its URL resolved: private addresses are refused) and row, checked."""
     webhook = webhook_of(ctx, body.pop(WEBHOOK_FIELD, None), allowed=tuple(JOB_EVENTS.values()))
     parsed = parse_api_rows([(1, body)])
-    if parsed.rows:
-        return JobRequest(tenant, parsed.rows[0], webhook)
-    # Invalid: down the submit path, which writes nothing and raises every problem of the
-    # row, those of its references included.
+    if not parsed.rows:
+        _refuse(ctx, tenant, parsed)
+    return JobRequest(tenant, parsed.rows[0], webhook)
+
+
+def _refuse(ctx: ApiContext, tenant: str, parsed: ParsedManifest) -> NoReturn:
+    """422 with every problem of an invalid row, those of its references included: it goes down
+    the submit path, which writes nothing for it and raises them all."""
     try:
         submit_api_rows(
             ctx,
@@ -69,14 +74,16 @@ async def create_job(request: Request, ctx: Context, caller: CallerDep) -> Any:
     content = canonical_json(body)
 
     async def handle() -> JSONResponse:
-        # A valid row without a webhook is checked here (pure CPU); a webhook URL is resolved
-        # (private addresses are refused) and an invalid row's references looked up: in a thread.
+        # A row is checked here (pure CPU); resolving a webhook URL and looking up an invalid
+        # row's references read the network and SQL: in a thread.
         fields = dict(body)
-        parsed = None if WEBHOOK_FIELD in fields else parse_api_rows([(1, fields)])
-        if parsed is not None and parsed.rows:
-            job = JobRequest(caller.tenant, parsed.rows[0])
+        if WEBHOOK_FIELD in fields:
+            job = await run_in_threadpool(_with_webhook, ctx, caller.tenant, fields)
         else:
-            job = await run_in_threadpool(_checked, ctx, caller.tenant, fields)
+            parsed = parse_api_rows([(1, fields)])
+            if not parsed.rows:
+                await run_in_threadpool(_refuse, ctx, caller.tenant, parsed)
+            job = JobRequest(caller.tenant, parsed.rows[0])
         job_id = await job_groups(request).submit(job)
         return JSONResponse({"id": job_id, "status": "queued", "client_id": job.row.client_id}, status_code=202)
 
