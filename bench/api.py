@@ -39,7 +39,7 @@ from bench.common import (
     write_manifest,
     write_references,
 )
-from scheduler.submit import submit_manifest
+from scheduler.submission.submit import submit_manifest
 from scheduler.tenants import create_key
 from shared.db import ensure_database, make_engine, make_session_factory
 from shared.jobs import transaction

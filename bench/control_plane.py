@@ -118,7 +118,7 @@ def _wait_for_consumers(settings: Settings, count: int, *, timeout_s: float = 60
 
 
 def _submit(settings: Settings, manifest: Path, batch: str) -> str:
-    from scheduler.submit import submit_manifest
+    from scheduler.submission.submit import submit_manifest
 
     result = submit_manifest(settings=settings, path=manifest, batch_name=batch, model_set_name=NULL_MODEL_SET)
     return result.batch_id

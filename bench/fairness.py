@@ -42,7 +42,7 @@ from bench.common import (
 )
 from bench.control_plane import NULL_MODEL_SET, _wait_for_consumers, write_null_model_set
 from bench.null_model import RENDER_MS_ENV
-from scheduler.submit import submit_manifest
+from scheduler.submission.submit import submit_manifest
 from shared.db import Batch, Job, JobStatus
 from shared.dispatch.dispatcher import Dispatcher
 from shared.settings import Settings

@@ -657,7 +657,7 @@ def _submit_and_wait(
     settings: Settings, manifest: Path, proc: subprocess.Popen[bytes], *, deadline: float
 ) -> tuple[str, float]:
     """Submit a manifest as its own batch; wait until every job is terminal. The batch id, seconds from submit."""
-    from scheduler.submit import submit_manifest
+    from scheduler.submission.submit import submit_manifest
 
     t0 = time.perf_counter()
     result = submit_manifest(settings=settings, path=manifest, batch_name=manifest.stem, model_set_name=None)

@@ -52,7 +52,7 @@ class _Clock:
 
 
 def _messages(settings: Settings, refs: Sequence[Path]) -> list[JobMessage]:
-    from scheduler.submit import submit_manifest
+    from scheduler.submission.submit import submit_manifest
 
     manifest = write_manifest(refs[0].parent / "steps.jsonl", refs, rows=STEP_JOBS, fields={"width": 64, "height": 64})
     batch_id = submit_manifest(

@@ -1,6 +1,6 @@
 """Submit throughput: `ipab submit` of a large manifest vs a raw pipelined LPUSH and a naive Celery loop.
 
-- ipab: `scheduler.submit.submit_manifest` in-process on a manifest of N rows over 10
+- ipab: `scheduler.submission.submit.submit_manifest` in-process on a manifest of N rows over 10
   reference images: parse and validate every row, read and upload the references, insert
   the jobs in SQL, enqueue them in Redis. Timed end to end.
 - floor: the same N Celery messages (`shared.wire.celery_envelope` of the very jobs ipab
@@ -105,7 +105,7 @@ def measure_naive(settings: Settings, messages: list[JobMessage]) -> dict[str, f
 
 def measure_submit(settings: Settings, manifest: Path, *, profile_to: Path | None = None) -> tuple[str, float, int]:
     """Time one `submit_manifest`; returns (batch id, seconds, rows added). Optionally under cProfile."""
-    from scheduler.submit import submit_manifest
+    from scheduler.submission.submit import submit_manifest
 
     profiler = cProfile.Profile() if profile_to else None
     t0 = time.perf_counter()

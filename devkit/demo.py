@@ -134,7 +134,7 @@ def worker_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.P
 
 def _demo(args: argparse.Namespace) -> int:
     from ipab.cli import main as ipab
-    from scheduler.submit import submit_manifest
+    from scheduler.submission.submit import submit_manifest
     from shared.storage import ObjectStore
 
     t0 = time.monotonic()

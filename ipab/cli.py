@@ -26,15 +26,15 @@ from shared.settings import load_settings
 
 # Each module defines `register(subparsers)`, adding parsers whose `func` takes the args.
 CONTROL_PLANE_MODULES: Final = (
-    "scheduler.commands",
-    "scheduler.grid_commands",
-    "scheduler.export.commands",
-    "scheduler.gallery_commands",
-    "scheduler.ops_commands",
-    "scheduler.cache_commands",
-    "scheduler.keys_commands",
-    "scheduler.api_commands",
-    "scheduler.plans.commands",
+    "scheduler.cli.batches",
+    "scheduler.cli.grid",
+    "scheduler.cli.export",
+    "scheduler.cli.gallery",
+    "scheduler.cli.ops",
+    "scheduler.cli.cache",
+    "scheduler.cli.keys",
+    "scheduler.cli.serve_api",
+    "scheduler.cli.plans",
 )
 WORKER_MODULES: Final = ("worker.commands", "worker.serve")
 WORKER_COMMANDS: Final = ("worker", "generate", "models", "reproduce")

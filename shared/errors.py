@@ -100,3 +100,12 @@ class ObjectTooLarge(PermanentError):
         self.size_bytes = size_bytes
         self.max_bytes = max_bytes
         super().__init__(f"{uri} holds {size_bytes} bytes, more than the {max_bytes} allowed")
+
+
+class NotFound(IpabError):
+    """Raised when a batch or job is not there for the caller (absent, or another tenant's: worded alike)."""
+
+    def __init__(self, kind: str, ref: str) -> None:
+        self.kind = kind
+        self.ref = ref
+        super().__init__(f"no {kind} has the name or id {ref!r}")

@@ -19,12 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Float, Table, and_, bindparam, exists, func, or_, select, update
+from sqlalchemy import Float, Table, and_, bindparam, exists, or_, select, update
 from sqlalchemy.exc import InterfaceError as SqlInterfaceError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db import Batch, Job, JobStatus, utcnow
+from shared.db import Batch, Job, JobStatus
 from shared.db_clock import server_now
 from shared.errors import DatabaseUnavailable
 
@@ -203,39 +203,6 @@ def release_job(
         return str(values["status"])
 
 
-def cancel_jobs(*, sessions: sessionmaker[Session], batch_id: str, job_ids: Sequence[str] | None = None) -> int:
-    """Cancel the live jobs of a batch (or only `job_ids`); running ones stop at their next step."""
-    where = and_(Job.batch_id == batch_id, Job.status.in_(LIVE))
-    if job_ids is not None:
-        where = and_(where, Job.id.in_(list(job_ids)))
-    stmt = _update().where(where).values(status=JobStatus.canceled.value, finished_at=utcnow(), lease_expires_at=None)
-    with transaction(sessions) as session:
-        return _changed(session.execute(stmt))
-
-
-def retry_failed(*, sessions: sessionmaker[Session], batch_id: str) -> list[str]:
-    """Put a batch's failed jobs back in the queue with a fresh budget of attempts."""
-    with transaction(sessions) as session:
-        ids = list(
-            session.scalars(select(Job.id).where(Job.batch_id == batch_id, Job.status == JobStatus.failed.value)).all()
-        )
-        if ids:
-            session.execute(
-                _update()
-                .where(Job.id.in_(ids), Job.status == JobStatus.failed.value)
-                .values(
-                    status=JobStatus.queued.value,
-                    attempt_floor=Job.attempts,
-                    enqueued_at=None,
-                    queued_at=utcnow(),
-                    finished_at=None,
-                    error_type=None,
-                    error_message=None,
-                )
-            )
-        return ids
-
-
 def expire_leases(*, sessions: sessionmaker[Session], max_attempts: int) -> tuple[list[str], list[str]]:
     """Jobs whose worker stopped renewing: back to queued, or failed after `max_attempts`.
 
@@ -268,28 +235,12 @@ def expire_leases(*, sessions: sessionmaker[Session], max_attempts: int) -> tupl
     return requeued, failed
 
 
-def job_status(*, sessions: sessionmaker[Session], job_id: str) -> str | None:
-    """The job's status now, or None if there is no such job."""
-    with transaction(sessions) as session:
-        return session.scalar(select(Job.status).where(Job.id == job_id))
-
-
 def hand_back_paused(*, sessions: sessionmaker[Session], job_id: str) -> bool:
     """A delivered job of a paused batch goes back to waiting for dispatch (its message is gone)."""
     paused = select(Batch.id).where(Batch.id == Job.batch_id, Batch.paused.is_(True)).exists()
     stmt = _update().where(Job.id == job_id, Job.status == JobStatus.queued.value, paused).values(enqueued_at=None)
     with transaction(sessions) as session:
         return _changed(session.execute(stmt)) == 1
-
-
-def set_paused(*, sessions: sessionmaker[Session], batch_id: str, paused: bool) -> int:
-    """Pause or resume a batch; returns its queued jobs (which wait while it is paused)."""
-    with transaction(sessions) as session:
-        session.execute(update(Batch).where(Batch.id == batch_id).values(paused=paused))
-        waiting = session.scalar(
-            select(func.count()).select_from(Job).where(Job.batch_id == batch_id, Job.status == JobStatus.queued.value)
-        )
-        return int(waiting or 0)
 
 
 def undispatch(*, sessions: sessionmaker[Session], job_ids: Sequence[str]) -> set[str]:

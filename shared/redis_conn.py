@@ -1,12 +1,14 @@
-"""Redis clients for commands: bounded timeouts, no silent retries, one clear line when Redis is away.
+"""Redis clients, all made here: bounded timeouts, no silent retries, one clear line when Redis is away.
 
-A Redis that refuses, or accepts and never answers, must cost a command seconds, not
+A Redis that refuses, or accepts and never answers, must cost a caller seconds, not
 minutes: connects and replies are bounded, and redis-py's own retries (three by default,
-each a full timeout) are off: the callers decide whether to retry.
+each a full timeout) are off: the callers decide whether to retry. Each kind of caller
+names its timeouts by a profile instead of spelling them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Final
 
 import redis
@@ -16,17 +18,35 @@ from redis.retry import Retry
 from shared.errors import QueueUnavailable
 from shared.redact import mask_text, mask_url
 
-REDIS_CONNECT_TIMEOUT_S: Final = 5.0
-REDIS_COMMAND_TIMEOUT_S: Final = 10.0
-REDIS_PING_TIMEOUT_S: Final = 5.0
+
+@dataclass(frozen=True)
+class RedisProfile:
+    """How long a kind of caller waits for Redis."""
+
+    connect_timeout_s: float
+    reply_timeout_s: float
+    health_check_interval_s: float = 0.0  # a long-lived client PINGs a connection idle this long before use
 
 
-def connect_redis(url: str, *, socket_timeout_s: float = REDIS_COMMAND_TIMEOUT_S) -> redis.Redis:
-    """A client for `url` whose connects and replies time out, and that does not retry by itself."""
+# A command or request: a few seconds to connect, ten for a reply.
+COMMAND: Final = RedisProfile(connect_timeout_s=5.0, reply_timeout_s=10.0)
+# Is it there at all (checked before a change that must not half-happen).
+PING: Final = RedisProfile(connect_timeout_s=5.0, reply_timeout_s=5.0)
+# A figure that only decorates an answer (a queue depth for a forecast): never worth a wait.
+GLANCE: Final = RedisProfile(connect_timeout_s=2.0, reply_timeout_s=2.0)
+# The API's one client, kept for hours: a request must not wait long; idle connections are checked.
+API: Final = RedisProfile(connect_timeout_s=5.0, reply_timeout_s=5.0, health_check_interval_s=30.0)
+# A worker's client, kept for hours: replies may carry embeddings; idle connections are checked.
+WORKER: Final = RedisProfile(connect_timeout_s=5.0, reply_timeout_s=10.0, health_check_interval_s=30.0)
+
+
+def connect_redis(url: str, *, profile: RedisProfile = COMMAND) -> redis.Redis:
+    """A client for `url` with the profile's timeouts, that does not retry by itself."""
     return redis.Redis.from_url(
         url,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=profile.connect_timeout_s,
+        socket_timeout=profile.reply_timeout_s,
+        health_check_interval=profile.health_check_interval_s,
         retry=Retry(NoBackoff(), 0),
     )
 
@@ -42,7 +62,7 @@ def redis_unreachable(url: str, error: BaseException) -> QueueUnavailable:
 
 def require_redis(url: str) -> None:
     """Raise `QueueUnavailable` unless the Redis at `url` answers a PING within seconds."""
-    client = connect_redis(url, socket_timeout_s=REDIS_PING_TIMEOUT_S)
+    client = connect_redis(url, profile=PING)
     try:
         client.ping()
     except redis.RedisError as e:

@@ -17,7 +17,7 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
-from scheduler.commands import database
+from scheduler.cli.common import database
 from scheduler.plans.beat import run_beat
 from scheduler.plans.runner import SlotContext
 from shared.settings import load_settings

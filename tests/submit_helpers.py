@@ -73,7 +73,7 @@ def run_ipab(
     *,
     env: Mapping[str, str],
     monkeypatch: pytest.MonkeyPatch,
-    modules: Sequence[str] = ("scheduler.commands",),
+    modules: Sequence[str] = ("scheduler.cli.batches",),
 ) -> Run:
     """Run `ipab ARGV` in this process with exactly `env`'s settings; only the scheduler's commands."""
     for name, value in env.items():

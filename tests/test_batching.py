@@ -17,12 +17,11 @@ import pytest
 import torch
 from PIL import Image
 from sqlalchemy import update
-from test_runner import FakeRenderer, add_job, fake_context, job_row
+from test_runner import FakeRenderer, add_job, cancel_jobs, fake_context, job_row
 
 from shared import keys
 from shared.db import Job
 from shared.db_clock import server_now
-from shared.jobs import cancel_jobs
 from shared.queue import enqueue_serialized
 from shared.reconcile import reconcile_once
 from shared.settings import Settings

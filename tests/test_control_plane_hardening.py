@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 from sqlalchemy import update
 
-from scheduler.commands import printable
-from scheduler.manifest import parse_manifest
-from scheduler.references import ReferenceResolver
-from scheduler.submit import submit_manifest
+from scheduler.cli.batches import printable
+from scheduler.submission.manifest import parse_manifest
+from scheduler.submission.references import ReferenceResolver
+from scheduler.submission.submit import submit_manifest
 from shared.db import Job, JobStatus, make_engine, make_session_factory
 from shared.errors import InvalidInput, ObjectTooLarge
 from shared.images import MAX_DECODED_BYTES, decode_reference
@@ -202,7 +202,7 @@ def test_retry_failed_without_redis_changes_nothing_and_says_so_in_one_line(
     with make_session_factory(make_engine(settings.database_url)).begin() as session:
         session.execute(update(Job).values(status=JobStatus.failed.value, error_type="X"))
     away = settings.model_copy(update={"redis_url": "redis://:pw0rd@127.0.0.1:1/0"})
-    modules = ("scheduler.commands", "scheduler.ops_commands")
+    modules = ("scheduler.cli.batches", "scheduler.cli.ops")
     run: Run = run_ipab(["retry", "r", "--failed"], env=settings_env(away), monkeypatch=monkeypatch, modules=modules)
     assert run.code == 2 and "IPAB_REDIS_URL" in run.err and "pw0rd" not in run.err
     assert len(run.err.strip().splitlines()) == 1

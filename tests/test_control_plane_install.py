@@ -102,8 +102,8 @@ def test_worker_commands_without_the_worker_extra_say_what_to_install(
     ("module", "forbidden"),
     [
         ("scheduler/commands.py", "worker.runner"),
-        ("worker/runner.py", "scheduler.submit"),
-        ("shared/jobs.py", "scheduler.manifest"),
+        ("worker/runner.py", "scheduler.submission.submit"),
+        ("shared/jobs.py", "scheduler.submission.manifest"),
         ("scheduler/submit.py", "torch"),
         ("worker/tasks.py", "devkit.services"),
     ],

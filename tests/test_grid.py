@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.grid import cell_id, expand_lines, parse_grid, read_grid
+from scheduler.submission.grid import cell_id, expand_lines, parse_grid, read_grid
 from shared.errors import InvalidInput
 from shared.settings import Settings
 from tests.submit_helpers import Run, load_jobs, queue_length, run_ipab, write_photos
@@ -121,7 +121,7 @@ def test_expand_prints_jsonl_and_the_count_on_stderr(
 ) -> None:
     path = write_grid(tmp_path, GRID)
 
-    run = run_ipab(["expand", str(path)], env={}, monkeypatch=monkeypatch, modules=("scheduler.grid_commands",))
+    run = run_ipab(["expand", str(path)], env={}, monkeypatch=monkeypatch, modules=("scheduler.cli.grid",))
 
     assert run.code == 0
     assert [json.loads(line) for line in run.out.splitlines()] == rows_of(path)
@@ -138,7 +138,7 @@ def grid_ipab(
     env = settings_env(settings.model_copy(update={"reference_roots": [tmp_path]}))
 
     def run(*argv: str) -> Run:
-        return run_ipab(argv, env=env, monkeypatch=monkeypatch, modules=("scheduler.commands",))
+        return run_ipab(argv, env=env, monkeypatch=monkeypatch, modules=("scheduler.cli.batches",))
 
     return run
 

@@ -11,10 +11,11 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from test_runner import cancel_jobs
 
-from shared import db, jobs
+from shared import db
 from shared.db import Batch, Job, ensure_database, insert_new_jobs, make_engine, make_session_factory, new_id, utcnow
-from shared.jobs import cancel_jobs, claim_job, expire_leases, renew_lease
+from shared.jobs import claim_job, expire_leases, renew_lease
 from worker.lease import Lease
 
 SKEW = timedelta(minutes=10)
@@ -44,7 +45,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[timedelta], Non
     real = db.utcnow
 
     def set_offset(offset: timedelta) -> None:
-        for module in (db, jobs):
+        for module in (db,):
             monkeypatch.setattr(module, "utcnow", lambda: real() + offset)
 
     yield set_offset

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from scheduler.manifest import Problem, parse_defaults, parse_manifest
+from scheduler.submission.manifest import Problem, parse_defaults, parse_manifest
 from shared.errors import InvalidInput
 from tests.submit_helpers import write_csv, write_jsonl
 

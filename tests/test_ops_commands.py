@@ -9,7 +9,7 @@ import pytest
 import redis
 from sqlalchemy import update
 
-from scheduler.submit import submit_manifest
+from scheduler.submission.submit import submit_manifest
 from shared.db import Job, JobStatus, make_engine, make_session_factory
 from shared.settings import Settings
 from tests.submit_helpers import Run, load_jobs, queue_length, run_ipab, write_jsonl, write_photos
@@ -28,7 +28,7 @@ def ipab(settings_env: Callable[[Settings], dict[str, str]], monkeypatch: pytest
     """`ipab(settings, *argv)`: the command in-process, on exactly these settings."""
 
     def run(settings: Settings, *argv: str) -> Run:
-        modules = ("scheduler.commands", "scheduler.ops_commands")
+        modules = ("scheduler.cli.batches", "scheduler.cli.ops")
         return run_ipab(argv, env=settings_env(settings), monkeypatch=monkeypatch, modules=modules)
 
     return run

@@ -16,7 +16,7 @@ from tests.plans_helpers import plan_fields, write_manifest, write_plan
 from tests.submit_helpers import Run, run_ipab
 from tests.test_control_plane_install import NO_GPU_STACK, REPO
 
-MODULES = ("scheduler.plans.commands",)
+MODULES = ("scheduler.cli.plans",)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from scheduler.submit import submit_manifest
+from scheduler.submission.submit import submit_manifest
 from shared.db import Job, make_engine, make_session_factory, utcnow
 from shared.dispatch.position import forecast_batch, forecast_job
 from shared.settings import Settings

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from scheduler.progress import Reporter, rate_text
+from scheduler.terminal_progress import Reporter, rate_text
 from shared.db import Job, make_engine, make_session_factory
 from shared.settings import Settings
 from tests.submit_helpers import run_ipab, write_jsonl, write_photos

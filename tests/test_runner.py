@@ -19,11 +19,13 @@ import redis
 import torch
 from PIL import Image
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
+from scheduler.batches.actions import cancel, retry_failed
 from shared import keys
 from shared.db import Batch, Job, ensure_database, make_engine, make_session_factory
 from shared.errors import JobCanceled
-from shared.jobs import JobResult, claim_job, expire_leases, finish_job, retry_failed
+from shared.jobs import JobResult, claim_job, expire_leases, finish_job, transaction
 from shared.settings import Settings
 from shared.spec import JobSpec, Reference, parse_params
 from shared.storage import ObjectStore
@@ -32,6 +34,12 @@ from worker.context import WorkerContext
 from worker.embedding import EmbeddingCache
 from worker.publisher import Publisher
 from worker.runner import run_job
+
+
+def cancel_jobs(*, sessions: sessionmaker[Session], batch_id: str, job_ids: list[str] | None = None) -> int:
+    """Cancel as `ipab cancel` does (the batch layer's action, in its own transaction); returns how many."""
+    with transaction(sessions) as session:
+        return len(cancel(session=session, batch_id=batch_id, job_ids=job_ids))
 
 
 def _png(image: Image.Image) -> bytes:
@@ -199,8 +207,6 @@ def test_a_running_job_canceled_stops_at_a_step_and_leaves_no_output(ctx: Worker
     ctx.renderer.step_delay_s = 0.1  # type: ignore[attr-defined]
     import threading
 
-    from shared.jobs import cancel_jobs
-
     timer = threading.Timer(1.0, lambda: cancel_jobs(sessions=ctx.sessions, batch_id=message.batch_id))
     timer.start()
     t0 = time.monotonic()
@@ -230,8 +236,6 @@ def test_a_job_that_keeps_losing_its_worker_fails_after_max_attempts(ctx: Worker
 
 
 def test_a_job_canceled_before_it_starts_never_runs(ctx: WorkerContext) -> None:
-    from shared.jobs import cancel_jobs
-
     message = add_job(ctx)
     assert cancel_jobs(sessions=ctx.sessions, batch_id=message.batch_id) == 1
     assert run_and_publish(ctx, message.to_json()) == "skipped"
@@ -280,8 +284,7 @@ def test_a_soft_time_limit_during_the_hand_off_fails_the_job_and_stops_its_lease
 
 def test_a_late_upload_from_an_expired_attempt_leaves_the_winners_output(ctx: WorkerContext) -> None:
     from worker.lease import Lease
-    from worker.publisher import Publication
-    from worker.runner import Rendered
+    from worker.publisher import Publication, Rendered
 
     message = add_job(ctx)
 
@@ -322,7 +325,7 @@ def test_a_task_in_a_process_without_context_gives_its_message_back() -> None:
 
 
 def test_a_running_job_notes_its_denoising_step_for_the_api(ctx: WorkerContext) -> None:
-    from shared.progress import read_step
+    from shared.step_progress import read_step
 
     ctx.renderer.step_delay_s = 0.3  # type: ignore[attr-defined]
     message = add_job(ctx, steps=4)

@@ -11,7 +11,7 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
-from scheduler.submit import submit_manifest
+from scheduler.submission.submit import submit_manifest
 from shared.db import Job, JobStatus, ReferenceImage, make_engine, make_session_factory
 from shared.errors import InvalidInput, ManifestInvalid
 from shared.reconcile import reconcile_once

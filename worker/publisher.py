@@ -43,10 +43,21 @@ from worker.lease import Lease
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-    from worker.runner import Rendered
-
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered job waiting to be published."""
+
+    png: bytes
+    seed: int
+    encode_s: float
+    denoise_s: float
+    cache_stats: str
+    render_batch_size: int = 1  # jobs in the pipeline call that rendered this one
+    provenance: str | None = None  # the worker's provenance record, JSON (worker.provenance)
 
 
 @dataclass(frozen=True)

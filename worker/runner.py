@@ -21,31 +21,18 @@ from celery.exceptions import SoftTimeLimitExceeded
 from shared import keys
 from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, JobTimedOut, MessageInvalid, TransientError
 from shared.jobs import claim_job, hand_back_paused
-from shared.progress import PROGRESS_EVERY_S, record_steps
 from shared.queue import forget_queued
 from shared.retry import retry_per_settings
+from shared.step_progress import PROGRESS_EVERY_S, record_steps
 from shared.wire import JobMessage, decode_ids, decode_message
 from worker.batching import BatchCollector
 from worker.context import WorkerContext
 from worker.failures import record_failure
 from worker.lease import Lease, max_lease_s
 from worker.png import encode_png
-from worker.publisher import Publication
+from worker.publisher import Publication, Rendered
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """A rendered job waiting to be published."""
-
-    png: bytes
-    seed: int
-    encode_s: float
-    denoise_s: float
-    cache_stats: str
-    render_batch_size: int = 1  # jobs in the pipeline call that rendered this one
-    provenance: str | None = None  # the worker's provenance record, JSON (worker.provenance)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from scheduler.api.job_groups import JobGroups
 from scheduler.api.metrics import install_metrics
 from scheduler.api.problems import install_problem_handlers
 from scheduler.api.routes import batches, health, jobs, plans, references
-from scheduler.webhook_dispatch import Dispatcher
+from scheduler.webhooks.delivery import WebhookDelivery
 from shared.settings import Settings
 
 CLEANUP_EVERY_PASSES = 600
@@ -76,7 +76,7 @@ def _dispatch_loop(ctx: ApiContext, stop: threading.Event) -> None:
         if passes[0] % CLEANUP_EVERY_PASSES == 1:
             delete_expired(ctx=ctx)
 
-    Dispatcher(settings=ctx.settings, sessions=ctx.sessions).run(stop, every_pass=cleanup)
+    WebhookDelivery(settings=ctx.settings, sessions=ctx.sessions).run(stop, every_pass=cleanup)
 
 
 def create_app(settings: Settings, *, dispatcher: bool = True) -> FastAPI:

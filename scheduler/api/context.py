@@ -17,17 +17,17 @@ from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.caches import AUTH_CACHE_S, QUEUED_COUNT_CACHE_S, REFERENCE_CACHE_S, ExpiringCache
 from scheduler.api.problems import ApiProblem
-from scheduler.references import ReferenceFile
-from scheduler.submit import resolve_model_set_name
+from scheduler.submission.references import ReferenceFile
+from scheduler.submission.submit import resolve_model_set_name
 from scheduler.tenants import Caller, find_caller, hash_key
 from shared.db import ensure_database, make_engine, make_session_factory
 from shared.errors import IpabError
 from shared.jobs import transaction
+from shared.redis_conn import API, connect_redis
 from shared.settings import Settings
 from shared.storage import ObjectStore
 
 BEARER: Final = re.compile(r"Bearer[ \t]+(\S{1,512})", re.IGNORECASE)
-REDIS_TIMEOUT_S: Final = 5.0
 AUTH_HINT: Final = "send `Authorization: Bearer <key>`; `ipab keys create --tenant NAME` makes a key"
 ADMIN_HINT: Final = "`ipab keys create --tenant NAME --admin` makes one"
 
@@ -56,9 +56,7 @@ class ApiContext:
         """Migrate the database, then connect to it, the object store and Redis (once)."""
         ensure_database(settings.database_url)
         engine = make_engine(settings.database_url)
-        client = redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
-        )
+        client = connect_redis(settings.redis_url, profile=API)
         store = ObjectStore.from_settings(settings)
         return cls(settings, engine, make_session_factory(engine), store, client)
 

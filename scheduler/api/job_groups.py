@@ -31,8 +31,8 @@ from starlette.concurrency import run_in_threadpool
 from scheduler.api.context import ApiContext
 from scheduler.api.problems import ApiProblem, field_error, from_invalid_input
 from scheduler.api.submission import api_batch_name, check_capacity, problems_of, submit_api_rows
-from scheduler.manifest import ManifestRow, ParsedManifest, Problem
-from scheduler.webhooks import subscribe
+from scheduler.submission.manifest import ManifestRow, ParsedManifest, Problem
+from scheduler.webhooks.subscriptions import subscribe
 from shared.db import Batch, Job
 from shared.dispatch.policy import INTERACTIVE_LANE
 from shared.errors import InvalidInput, ManifestInvalid

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.dispatch.policy import Lane
+
 
 class JobIn(BaseModel):
     """One job: the fields of a manifest row, with `references` as ids from POST /v1/references."""
@@ -26,7 +28,7 @@ class JobIn(BaseModel):
     guidance_scale: float | None = None
     ip_adapter_scale: float | str | dict[str, Any] | None = None
     scheduler: Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim"] | None = None
-    lane: Literal["interactive", "scheduled", "bulk"] | None = Field(
+    lane: Lane | None = Field(
         default=None, description="the share of the fleet it waits in (default: interactive for a single job)"
     )
     id: str | None = Field(default=None, description="your own key for the job, unique per tenant")

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import InvalidInput, TransientError
+from shared.errors import InvalidInput, NotFound, TransientError
 
 log = logging.getLogger(__name__)
 PROBLEM_TYPE: Final = "application/problem+json"
@@ -129,6 +129,10 @@ def install_problem_handlers(app: FastAPI) -> None:
         problem = ApiProblem(exc.status_code, detail, headers=exc.headers)
         return problem_response(request, problem)
 
+    async def on_not_found(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, NotFound)
+        return problem_response(request, not_found(exc.kind, exc.ref))
+
     async def on_transient(request: Request, exc: Exception) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
         return problem_response(request, ApiProblem(503, str(exc), headers=headers, kind="unavailable"))
@@ -140,5 +144,6 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiProblem, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(NotFound, on_not_found)
     app.add_exception_handler(TransientError, on_transient)
     app.add_exception_handler(Exception, on_anything)

@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session
 
 from scheduler.api.context import ApiContext
 from scheduler.api.problems import ApiProblem, field_error
-from scheduler.manifest import ID_FIELD, LANE_FIELD, REFERENCE_FIELD, ParsedManifest, Problem, parse_rows
-from scheduler.references import ReferenceFile, ReferenceResolver
-from scheduler.submit import AfterInsert, SubmitResult, submit_rows
+from scheduler.submission.manifest import ID_FIELD, LANE_FIELD, REFERENCE_FIELD, ParsedManifest, Problem, parse_rows
+from scheduler.submission.references import ReferenceFile, ReferenceResolver
+from scheduler.submission.submit import AfterInsert, SubmitResult, submit_rows
 from shared.db import Batch, Job, JobStatus, ReferenceImage, TenantReference
 from shared.dispatch.policy import DEFAULT_LANE
 from shared.jobs import transaction

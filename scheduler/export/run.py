@@ -16,7 +16,7 @@ from scheduler.export.samples import count_pending, failed_records, pending_samp
 from scheduler.export.state import ExportState, load_state, save_state
 from scheduler.export.webdataset import WebDatasetWriter
 from scheduler.export.writer import DEFAULT_SHARD_SIZE_BYTES, Writer
-from scheduler.progress import SILENT, Reporter, Stage
+from scheduler.terminal_progress import SILENT, Reporter, Stage
 from shared.db import Batch
 from shared.storage import ObjectStore
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
-from scheduler.manifest import ParsedManifest, Problem, parse_manifest
-from scheduler.references import ReferenceResolver, resolve_rows
+from scheduler.submission.manifest import ParsedManifest, Problem, parse_manifest
+from scheduler.submission.references import ReferenceResolver, resolve_rows
 from shared.errors import InvalidInput, ObjectMissing, ObjectTooLarge
 from shared.settings import Settings
 from shared.storage import ObjectStore, parse_uri

@@ -27,19 +27,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
 
-from scheduler.manifest import COLUMNS, ID_FIELD, parse_rows
 from scheduler.plans.manifests import manifest_location, read_plan_rows, reference_problems
 from scheduler.plans.slots import check_schedule, check_timezone
-from scheduler.submit import resolve_model_set_name
+from scheduler.submission.manifest import COLUMNS, ID_FIELD, parse_rows
+from scheduler.submission.submit import resolve_model_set_name
+from scheduler.webhooks.addresses import check_url_form
 from shared.db import DEFAULT_TENANT
+from shared.dispatch.policy import LANES
 from shared.errors import InvalidInput, PermanentError
 from shared.settings import Settings
 
 CATCH_UP: Final = ("latest", "all", "none")
 OVERLAP: Final = ("skip", "queue")
-LANES: Final = ("interactive", "scheduled", "bulk")
 DEFAULT_LANE: Final = "scheduled"
 DEFAULT_TIMEZONE: Final = "UTC"
 FIELDS: Final = (
@@ -50,7 +50,6 @@ REQUIRED: Final = ("name", "schedule", "manifest")
 # A plan's name starts its batches' names (`<plan>@<slot>`), so it has no `@` and fits in one.
 _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _TENANT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-MAX_URL_CHARS: Final = 2000
 _PROBE_ROW: Final = {"reference": "probe.png"}
 REMOTE_MODEL_SET_HINT: Final = (
     "must be a model set's name when the plan comes through the API (a model-set.toml path "
@@ -121,21 +120,8 @@ def _enabled(value: Any) -> bool:
 
 
 def check_webhook(value: Any) -> str | None:
-    """An http(s) URL with a host and no credentials (the dispatcher checks its address when it sends)."""
-    if value is None:
-        return None
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_URL_CHARS:
-        raise InvalidInput("webhook", value, f"must be an http(s) URL of at most {MAX_URL_CHARS} characters")
-    try:
-        parts = urlsplit(value)
-        _ = parts.port
-    except ValueError as e:
-        raise InvalidInput("webhook", value, f"is not a URL ({e})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInput("webhook", value, "must be an http:// or https:// URL with a host")
-    if parts.username or parts.password:
-        raise InvalidInput("webhook", value, "must not carry credentials; verify the signature instead")
-    return value
+    """An http(s) URL with a host and no credentials (delivery checks its address when it sends)."""
+    return None if value is None else check_url_form(value, field="webhook")
 
 
 def check_set(value: Any) -> dict[str, Any]:

@@ -23,16 +23,18 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from scheduler.batches.counts import count_batch
+from scheduler.batches.events import BATCH_COMPLETED
 from scheduler.plans import store
 from scheduler.plans.manifests import read_plan_rows
 from scheduler.plans.slots import local_iso
-from scheduler.submit import AfterInsert, submit_rows
-from shared.db import Batch, Plan, PlanSlotStatus, WebhookSubscription, insert_ignoring_duplicates
+from scheduler.submission.submit import AfterInsert, submit_rows
+from scheduler.webhooks.subscriptions import subscribe
+from shared.db import Batch, Plan, PlanSlotStatus
 from shared.errors import ManifestInvalid, PermanentError
 from shared.jobs import transaction
 from shared.settings import Settings
 
-BATCH_COMPLETED: Final = "batch.completed"  # the API's event name (scheduler/webhooks.py)
 TAKEN: Final = "taken"  # another beat decided the slot
 MAX_REASON_PROBLEMS: Final = 3
 
@@ -93,7 +95,7 @@ def _busy_reason(ctx: SlotContext, plan: Plan, slot_at: datetime) -> str | None:
         previous = store.previous_batch(session=session, plan_id=plan.id, before=slot_at)
         if previous is None:
             return None
-        unfinished = store.unfinished_jobs(session=session, batch_id=previous)
+        unfinished = count_batch(session=session, batch_id=previous).live
         name = session.get(Batch, previous)
     if not unfinished:
         return None
@@ -118,19 +120,16 @@ def _claim(ctx: SlotContext, plan: Plan, slot_at: datetime, *, kind: str, note: 
         if not inserted:
             raise SlotTaken(batch_id)
         if plan.webhook_url:
-            subscribe_batch_completed(session=session, plan=plan, batch_id=batch_id)
+            subscribe(
+                session=session,
+                subject_id=batch_id,
+                kind="batch",
+                tenant=plan.tenant,
+                url=plan.webhook_url,
+                events=[BATCH_COMPLETED],
+            )
 
     return claim
-
-
-def subscribe_batch_completed(*, session: Session, plan: Plan, batch_id: str) -> None:
-    """Ask the API's webhook dispatcher to tell the plan's webhook when the batch completes."""
-    dialect = session.get_bind().dialect.name
-    stmt = insert_ignoring_duplicates(WebhookSubscription, dialect=dialect, unique=["subject_id"])
-    events = json.dumps([BATCH_COMPLETED])
-    session.execute(
-        stmt.values(subject_id=batch_id, kind="batch", tenant=plan.tenant, url=plan.webhook_url, events=events)
-    )
 
 
 def _submit(ctx: SlotContext, plan: Plan, slot_at: datetime, *, kind: str, note: str | None) -> SlotOutcome:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -17,12 +16,11 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from scheduler.plans.planfile import PlanSpec, defaults_json
-from shared.db import TERMINAL, Job, Plan, PlanSlot, insert_ignoring_duplicates, new_id
+from shared.db import Plan, PlanSlot, insert_ignoring_duplicates, new_id
 from shared.errors import InvalidInput
 
 SCHEDULED: Final = "scheduled"  # a slot of the cron schedule
 MANUAL: Final = "manual"  # `ipab plans run NAME --now`
-_TERMINAL_VALUES: Final = [s.value for s in TERMINAL]
 # The columns that `ipab plans apply` sets from the file.
 _SPEC_COLUMNS: Final = (
     *("schedule", "timezone", "manifest", "model_set", "tenant", "lane"),
@@ -135,23 +133,6 @@ def previous_batch(*, session: Session, plan_id: str, before: datetime) -> str |
         .limit(1)
     )
     return session.scalars(stmt).first()
-
-
-def unfinished_jobs(*, session: Session, batch_id: str) -> int:
-    """How many jobs of the batch are not final yet (queued or running)."""
-    stmt = select(func.count()).where(Job.batch_id == batch_id, Job.status.not_in(_TERMINAL_VALUES))
-    return int(session.scalar(stmt) or 0)
-
-
-def batch_counts(*, session: Session, batch_ids: Sequence[str]) -> dict[str, dict[str, int]]:
-    """Jobs per status of each batch (statuses with no job left out)."""
-    counts: dict[str, dict[str, int]] = {}
-    if not batch_ids:
-        return counts
-    stmt = select(Job.batch_id, Job.status, func.count()).where(Job.batch_id.in_(list(batch_ids)))
-    for batch_id, status, count in session.execute(stmt.group_by(Job.batch_id, Job.status)).tuples():
-        counts.setdefault(batch_id, {})[status] = count
-    return counts
 
 
 def plan_slots(*, session: Session, plan_id: str, limit: int) -> list[PlanSlot]:

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from scheduler.batches.counts import count_batch, count_jobs
 from scheduler.plans import store
 from scheduler.plans.planfile import PlanSpec
 from scheduler.plans.runner import SlotContext, SlotOutcome, run_slot
@@ -55,8 +56,7 @@ def _last(session: Session, plan: Plan, last: PlanSlot | None) -> dict[str, Any]
     """The plan's newest slot: when, its status, and its batch's counts (or the reason it made none)."""
     if last is None:
         return {"last_slot": None, "last_status": None, "last": None, "last_counts": None}
-    counts = store.batch_counts(session=session, batch_ids=[last.batch_id] if last.batch_id else [])
-    batch_counts = counts.get(last.batch_id, {}) if last.batch_id else None
+    batch_counts = count_batch(session=session, batch_id=last.batch_id).present() if last.batch_id else None
     detail = counts_text(batch_counts) if batch_counts is not None else (last.reason or "")
     slot = local_iso(last.slot_at, ZoneInfo(plan.timezone))
     return {"last_slot": slot, "last_status": last.status, "last": detail, "last_counts": batch_counts}
@@ -110,7 +110,7 @@ def plan_history(*, sessions: sessionmaker[Session], name: str, limit: int = HIS
         plan = store.find_plan(session=session, name=name)
         slots = store.plan_slots(session=session, plan_id=plan.id, limit=limit)
         batch_ids = [s.batch_id for s in slots if s.batch_id]
-        counts = store.batch_counts(session=session, batch_ids=batch_ids)
+        tallies = count_jobs(session=session, batch_ids=batch_ids)
         names = dict(session.execute(select(Batch.id, Batch.name).where(Batch.id.in_(batch_ids))).tuples().all())
     zone = ZoneInfo(plan.timezone)
     return [
@@ -120,7 +120,7 @@ def plan_history(*, sessions: sessionmaker[Session], name: str, limit: int = HIS
             "status": slot.status,
             "batch_id": slot.batch_id,
             "batch": names.get(slot.batch_id) if slot.batch_id else None,
-            "counts": counts.get(slot.batch_id, {}) if slot.batch_id else None,
+            "counts": tallies[slot.batch_id].present() if slot.batch_id else None,
             "reason": slot.reason,
         }
         for slot in slots

@@ -251,12 +251,17 @@ def wake_key(settings: Settings, model_set: str) -> str:
     return settings.redis_prefix + keys.DISPATCH_WAKE_KEY.format(model_set=model_set)
 
 
-def wake_dispatcher(*, redis_client: redis.Redis, settings: Settings, model_set: str) -> None:
-    """Tell the model set's dispatcher that new work is waiting (best effort: it rescans anyway)."""
+def wake_dispatcher(*, redis_client: redis.Redis, settings: Settings, model_set: str) -> bool:
+    """Tell the model set's dispatcher that new work is waiting; False when Redis does not answer.
+
+    Best effort: the dispatcher rescans SQL every IPAB_DISPATCH_RESCAN_S anyway.
+    """
     try:
         redis_client.incr(wake_key(settings, model_set))
     except redis.RedisError as e:
         log.warning("could not wake the dispatcher of %s (it rescans every few seconds): %s", model_set, e)
+        return False
+    return True
 
 
 def run_dispatcher(

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal, get_args
 
-LANES: Final = ("interactive", "scheduled", "bulk")
+# The lanes, defined here once: the API's parameter types, the CLI's choices and every check derive from it.
+Lane = Literal["interactive", "scheduled", "bulk"]
+LANES: Final[tuple[Lane, ...]] = get_args(Lane)
 DEFAULT_LANE_WEIGHTS: Final = {"interactive": 70, "scheduled": 20, "bulk": 10}
 DEFAULT_TENANT_WEIGHT: Final = 1
-DEFAULT_LANE: Final = "bulk"  # manifests, grids and API batches; single API jobs are `interactive`
-INTERACTIVE_LANE: Final = "interactive"
-SCHEDULED_LANE: Final = "scheduled"
+DEFAULT_LANE: Final[Lane] = "bulk"  # manifests, grids and API batches; single API jobs are `interactive`
+INTERACTIVE_LANE: Final[Lane] = "interactive"
 
 
 @dataclass

@@ -22,6 +22,7 @@ from shared.db import Batch, Job, JobStatus
 from shared.dispatch.dispatcher import Key, backlog_counts
 from shared.dispatch.policy import Policy
 from shared.jobs import transaction
+from shared.redis_conn import GLANCE, connect_redis
 from shared.settings import Settings
 
 SIMULATE_MAX: Final = 50_000  # beyond this many starts, extrapolate from the key's share
@@ -169,7 +170,7 @@ def _forecast(
 
 def dispatched_depth(settings: Settings, model_set: str) -> int:
     """Messages waiting in the model set's Redis queue now (0 when Redis does not answer: a forecast only)."""
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    client = connect_redis(settings.redis_url, profile=GLANCE)
     try:
         return int(client.llen(keys.render_queue(model_set)))
     except redis.RedisError:

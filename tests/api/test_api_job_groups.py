@@ -21,8 +21,8 @@ from scheduler.api.submission import (
     reference_file,
     tenant_references,
 )
-from scheduler.submit import submit_rows
-from scheduler.webhooks import JOB_EVENTS
+from scheduler.batches.events import JOB_EVENTS
+from scheduler.submission.submit import submit_rows
 from shared.db import Batch, Job, WebhookSubscription, new_id, utcnow
 from shared.jobs import transaction
 from shared.settings import Settings

@@ -84,7 +84,7 @@ def test_a_running_job_shows_its_denoising_step(
 ) -> None:
     import redis
 
-    from shared.progress import record_steps
+    from shared.step_progress import record_steps
 
     ref = upload(client, alice)
     job_id = client.post("/v1/jobs", headers=alice, json={**JOB, "references": [ref]}).json()["id"]

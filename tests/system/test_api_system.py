@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from scheduler.webhooks import verify
+from scheduler.webhooks.signing import verify
 from shared.db import Job, make_engine, make_session_factory
 from shared.settings import Settings
 from tests.api.conftest import make_key, png_bytes

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from scheduler.gallery import Card, card_html, render_gallery
+from scheduler.batches.record import JobRecord
+from scheduler.gallery.build import card_html, render_gallery
 from shared.db import Batch, JobStatus, make_engine, make_session_factory
 from shared.storage import ObjectStore
 from tests.system.dataset_batch import DatasetBatch, dataset_batch
@@ -110,16 +111,26 @@ def test_render_gallery_embeds_every_thumbnail_for_the_api(dataset_batch: Datase
 
 
 def test_every_text_of_a_card_is_escaped() -> None:
-    card = Card(
+    card = JobRecord(
         job_id="j1",
+        batch_id="b1",
+        line=1,
         client_id='"><script>alert(1)</script>',
         status="failed",
-        prompt="<img src=x onerror=alert(2)>",
+        lane="bulk",
+        params={"prompt": "<img src=x onerror=alert(2)>", "negative_prompt": "</dd><script>"},
         seed=3,
-        params={"negative_prompt": "</dd><script>"},
-        error="InvalidInput: <b>bad</b>",
-        output_key=None,
         references=(("ab" * 32, "refs/x.png"),),
+        output_key=None,
+        output_sha256=None,
+        output_bytes=None,
+        attempts=1,
+        worker_host=None,
+        render_batch_size=None,
+        timings={},
+        cache_stats=None,
+        provenance=None,
+        error={"type": "InvalidInput", "message": "<b>bad</b>"},
     )
 
     html = card_html(card, output_src=None, reference_srcs=['" onerror="alert(3)'])

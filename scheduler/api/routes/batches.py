@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator, Mapping
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final
 
-import redis
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from sqlalchemy import select
@@ -21,16 +19,20 @@ from scheduler.api.models import BatchCreated, BatchOut
 from scheduler.api.problems import from_invalid_input, invalid
 from scheduler.api.routes.jobs import webhook_of
 from scheduler.api.submission import api_field, parse_api_rows, problems_of, submit_api_rows
-from scheduler.api.views import batch_counts, batch_forecast, batch_view, find_batch
-from scheduler.commands import RESULTS_CHUNK, STATUSES, result_record
-from scheduler.gallery import render_gallery
-from scheduler.manifest import read_jsonl_bytes
-from scheduler.webhooks import BATCH_COMPLETED, cancel_with_events, subscribe
-from shared.db import Batch, Job, new_id
-from shared.dispatch.dispatcher import wake_dispatcher
-from shared.dispatch.policy import DEFAULT_LANE
-from shared.errors import InvalidInput, ManifestInvalid, TransientError
-from shared.jobs import retry_failed, set_paused, transaction
+from scheduler.api.views import batch_forecast, batch_view
+from scheduler.batches.actions import cancel, retry_failed, set_paused, wake
+from scheduler.batches.counts import STATUSES, count_batch, count_jobs
+from scheduler.batches.events import BATCH_COMPLETED
+from scheduler.batches.lookup import find_batch
+from scheduler.batches.record import batch_records, results_line
+from scheduler.gallery.build import render_gallery
+from scheduler.submission.manifest import read_jsonl_bytes
+from scheduler.webhooks.addresses import MAX_URL_CHARS
+from scheduler.webhooks.subscriptions import subscribe
+from shared.db import Batch, new_id
+from shared.dispatch.policy import DEFAULT_LANE, Lane
+from shared.errors import InvalidInput, ManifestInvalid
+from shared.jobs import transaction
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 MAX_LIST: Final = 1000
@@ -113,8 +115,8 @@ async def create_batch(
     ctx: Context,
     caller: CallerDep,
     skip_invalid: bool = False,
-    webhook_url: Annotated[str | None, Query(max_length=2000)] = None,
-    lane: Annotated[Literal["interactive", "scheduled", "bulk"], Query()] = "bulk",
+    webhook_url: Annotated[str | None, Query(max_length=MAX_URL_CHARS)] = None,
+    lane: Annotated[Lane, Query()] = DEFAULT_LANE,
 ) -> Any:
     """Submit a JSONL batch (rows as POST /v1/jobs takes them), in `lane` (default bulk) unless a row names one.
 
@@ -141,8 +143,8 @@ def _list(ctx: ApiContext, tenant: str, limit: int) -> list[dict[str, Any]]:
                 select(Batch).where(Batch.tenant == tenant).order_by(Batch.created_at.desc(), Batch.id).limit(limit)
             )
         )
-        counts = batch_counts(session=session, batch_ids=[b.id for b in batches])
-        return [batch_view(session=session, batch=b, counts=counts[b.id], eta=False) for b in batches]
+        tallies = count_jobs(session=session, batch_ids=[b.id for b in batches])
+        return [batch_view(session=session, batch=b, tally=tallies[b.id], eta=False) for b in batches]
 
 
 @router.get("", response_model=list[BatchOut])
@@ -151,12 +153,17 @@ async def list_batches(ctx: Context, caller: CallerDep, limit: Annotated[int, Qu
     return await run_in_threadpool(_list, ctx, caller.tenant, limit)
 
 
+def _batch(ctx: ApiContext, tenant: str, batch_id: str) -> Batch:
+    with transaction(ctx.sessions) as session:
+        return find_batch(session=session, ref=batch_id, tenant=tenant)
+
+
 def _read(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
     with transaction(ctx.sessions) as session:
-        batch = find_batch(session=session, tenant=tenant, batch_id=batch_id)
-        counts = batch_counts(session=session, batch_ids=[batch.id])[batch.id]
-        forecast = batch_forecast(ctx, batch=batch) if counts["queued"] else None
-        return batch_view(session=session, batch=batch, counts=counts, forecast=forecast)
+        batch = find_batch(session=session, ref=batch_id, tenant=tenant)
+        tally = count_batch(session=session, batch_id=batch.id)
+        forecast = batch_forecast(ctx, batch=batch) if tally.counts["queued"] else None
+        return batch_view(session=session, batch=batch, tally=tally, forecast=forecast)
 
 
 @router.get("/{batch_id}", response_model=BatchOut)
@@ -167,11 +174,8 @@ async def get_batch(batch_id: str, ctx: Context, caller: CallerDep) -> Any:
 
 def _result_lines(ctx: ApiContext, batch_id: str, status: str | None) -> Iterator[bytes]:
     with transaction(ctx.sessions) as session:
-        stmt = select(Job).where(Job.batch_id == batch_id).order_by(Job.line, Job.id)
-        if status:
-            stmt = stmt.where(Job.status == status)
-        for job in session.scalars(stmt.execution_options(yield_per=RESULTS_CHUNK)):
-            yield (json.dumps(result_record(job, store=ctx.store), ensure_ascii=False) + "\n").encode()
+        for record in batch_records(session=session, batch_id=batch_id, status=status):
+            yield (json.dumps(results_line(record, store=ctx.store), ensure_ascii=False) + "\n").encode()
 
 
 @router.get("/{batch_id}/results", response_class=StreamingResponse)
@@ -179,13 +183,12 @@ async def get_results(batch_id: str, ctx: Context, caller: CallerDep, status: st
     """One JSON line per job, as `ipab results` prints them; `?status=` keeps one status."""
     if status is not None and status not in STATUSES:
         raise invalid("status", status, f"must be one of {', '.join(STATUSES)}")
-    await run_in_threadpool(_read, ctx, caller.tenant, batch_id)  # 404 for another tenant's
-    return StreamingResponse(_result_lines(ctx, batch_id, status), media_type="application/jsonl")
+    batch = await run_in_threadpool(_batch, ctx, caller.tenant, batch_id)  # 404 for another tenant's
+    return StreamingResponse(_result_lines(ctx, batch.id, status), media_type="application/jsonl")
 
 
 def _gallery(ctx: ApiContext, tenant: str, batch_id: str) -> str:
-    with transaction(ctx.sessions) as session:
-        batch = find_batch(session=session, tenant=tenant, batch_id=batch_id)
+    batch = _batch(ctx, tenant, batch_id)
     return render_gallery(sessions=ctx.sessions, store=ctx.store, batch=batch)
 
 
@@ -198,8 +201,8 @@ async def get_gallery(batch_id: str, ctx: Context, caller: CallerDep) -> Any:
 
 def _cancel(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
     with transaction(ctx.sessions) as session:
-        batch = find_batch(session=session, tenant=tenant, batch_id=batch_id)
-        cancel_with_events(session=session, batch_id=batch.id)
+        batch = find_batch(session=session, ref=batch_id, tenant=tenant)
+        cancel(session=session, batch_id=batch.id)
     return _read(ctx, tenant, batch_id)
 
 
@@ -214,30 +217,19 @@ async def cancel_batch(batch_id: str, request: Request, ctx: Context, caller: Ca
 
 
 def _retry(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
-    with transaction(ctx.sessions) as session:
-        find_batch(session=session, tenant=tenant, batch_id=batch_id)
-    ids = retry_failed(sessions=ctx.sessions, batch_id=batch_id)
+    batch = _batch(ctx, tenant, batch_id)
+    ids = retry_failed(sessions=ctx.sessions, batch_id=batch.id)
     if ids:
-        _wake(ctx, batch_id)
-    return {**_read(ctx, tenant, batch_id), "retried": len(ids)}
-
-
-def _wake(ctx: ApiContext, batch_id: str) -> None:
-    """The batch's dispatcher re-reads SQL now (without Redis it does within IPAB_DISPATCH_RESCAN_S)."""
-    with transaction(ctx.sessions) as session:
-        model_set = session.scalar(select(Batch.model_set).where(Batch.id == batch_id))
-    if model_set is not None:
-        with contextlib.suppress(redis.RedisError, TransientError):
-            wake_dispatcher(redis_client=ctx.redis, settings=ctx.settings, model_set=model_set)
+        wake(redis_client=ctx.redis, settings=ctx.settings, model_set=batch.model_set)
+    return {**_read(ctx, tenant, batch.id), "retried": len(ids)}
 
 
 def _pause(ctx: ApiContext, tenant: str, batch_id: str, *, paused: bool) -> dict[str, Any]:
-    with transaction(ctx.sessions) as session:
-        find_batch(session=session, tenant=tenant, batch_id=batch_id)
-    set_paused(sessions=ctx.sessions, batch_id=batch_id, paused=paused)
+    batch = _batch(ctx, tenant, batch_id)
+    set_paused(sessions=ctx.sessions, batch_id=batch.id, paused=paused)
     if not paused:
-        _wake(ctx, batch_id)
-    return _read(ctx, tenant, batch_id)
+        wake(redis_client=ctx.redis, settings=ctx.settings, model_set=batch.model_set)
+    return _read(ctx, tenant, batch.id)
 
 
 @router.post("/{batch_id}/pause", response_model=BatchOut)

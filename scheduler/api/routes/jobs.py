@@ -15,9 +15,13 @@ from scheduler.api.job_groups import JobGroups, JobRequest
 from scheduler.api.models import JobCreated, JobIn, JobOut, openapi_body
 from scheduler.api.problems import ApiProblem, field_error, from_invalid_input
 from scheduler.api.submission import WEBHOOK_FIELD, api_batch_name, parse_api_rows, problems_of, submit_api_rows
-from scheduler.api.views import find_job, job_view
-from scheduler.manifest import ParsedManifest
-from scheduler.webhooks import JOB_EVENTS, cancel_with_events, check_events, check_webhook_url
+from scheduler.api.views import job_view
+from scheduler.batches.actions import cancel
+from scheduler.batches.events import JOB_EVENTS
+from scheduler.batches.lookup import find_job
+from scheduler.submission.manifest import ParsedManifest
+from scheduler.webhooks.addresses import check_webhook_url
+from scheduler.webhooks.subscriptions import check_events
 from shared.dispatch.policy import INTERACTIVE_LANE
 from shared.errors import InvalidInput, ManifestInvalid
 from shared.jobs import transaction
@@ -99,7 +103,7 @@ def job_groups(request: Request) -> JobGroups:
 def _read(ctx: ApiContext, tenant: str, job_id: str) -> dict[str, Any]:
     with transaction(ctx.sessions) as session:
         job, batch = find_job(session=session, tenant=tenant, job_id=job_id)
-        return job_view(ctx, session=session, job=job, batch=batch)
+        return job_view(ctx, job=job, batch=batch)
 
 
 @router.get("/{job_id}", response_model=JobOut)
@@ -121,7 +125,7 @@ async def get_job_image(job_id: str, ctx: Context, caller: CallerDep) -> Any:
 def _cancel(ctx: ApiContext, tenant: str, job_id: str) -> dict[str, Any]:
     with transaction(ctx.sessions) as session:
         job, batch = find_job(session=session, tenant=tenant, job_id=job_id)
-        cancel_with_events(session=session, batch_id=batch.id, job_ids=[job.id])
+        cancel(session=session, batch_id=batch.id, job_ids=[job.id])
     return _read(ctx, tenant, job_id)
 
 

@@ -14,7 +14,7 @@ from scheduler.api.context import ApiContext, CallerDep, Context
 from scheduler.api.idempotency import idempotent
 from scheduler.api.problems import from_invalid_input, not_found
 from scheduler.api.submission import tenant_references
-from scheduler.references import CONTENT_TYPES, ReferenceFile, record_references
+from scheduler.submission.references import CONTENT_TYPES, ReferenceFile, record_references
 from shared.db import ReferenceImage, TenantReference, insert_ignoring_duplicates, utcnow
 from shared.errors import InvalidInput
 from shared.images import MAX_REFERENCE_BYTES, decode_reference, sniff_format

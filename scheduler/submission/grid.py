@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from scheduler.manifest import COLUMNS, ID_FIELD, REFERENCE_FIELD, ParsedManifest, Problem, parse_rows
+from scheduler.submission.manifest import COLUMNS, ID_FIELD, REFERENCE_FIELD, ParsedManifest, Problem, parse_rows
 from shared.errors import InvalidInput
 
 GRID_SUFFIX: Final = ".toml"

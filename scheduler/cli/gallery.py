@@ -6,10 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from scheduler.commands import database, find_batch
-from scheduler.gallery import write_gallery
-from scheduler.progress import Reporter
-from shared.jobs import transaction
+from scheduler.cli.common import database, read_batch
+from scheduler.gallery.build import write_gallery
+from scheduler.terminal_progress import Reporter
 from shared.settings import load_settings
 from shared.storage import ObjectStore
 
@@ -19,8 +18,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     settings = load_settings()
     store = ObjectStore.from_settings(settings)
     with database(settings) as sessions:
-        with transaction(sessions) as session:
-            batch = find_batch(session=session, ref=args.batch)
+        batch = read_batch(sessions, args.batch)
         index = write_gallery(
             sessions=sessions, store=store, batch=batch, out_dir=Path(args.out), embed=args.embed, progress=Reporter()
         )

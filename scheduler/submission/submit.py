@@ -21,11 +21,18 @@ import redis
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from scheduler.grid import DEFAULT_MAX_ROWS, grid_batch_name, is_grid, parse_grid
-from scheduler.manifest import ManifestRow, ParsedManifest, Problem, check_lane, parse_manifest
-from scheduler.progress import SILENT, Reporter
-from scheduler.references import ReferenceFile, ReferenceResolver, UploadReport, resolve_rows, upload_references
+from scheduler.batches.actions import wake
+from scheduler.submission.grid import DEFAULT_MAX_ROWS, grid_batch_name, is_grid, parse_grid
+from scheduler.submission.manifest import ManifestRow, ParsedManifest, Problem, check_lane, parse_manifest
+from scheduler.submission.references import (
+    ReferenceFile,
+    ReferenceResolver,
+    UploadReport,
+    resolve_rows,
+    upload_references,
+)
 from scheduler.tenants import tenant_lanes
+from scheduler.terminal_progress import SILENT, Reporter
 from shared.db import (
     DEFAULT_TENANT,
     Batch,
@@ -39,7 +46,6 @@ from shared.db import (
     serialized_writes,
     utcnow,
 )
-from shared.dispatch.dispatcher import wake_key
 from shared.dispatch.policy import DEFAULT_LANE
 from shared.errors import InvalidInput, ManifestInvalid
 from shared.jobs import transaction
@@ -51,8 +57,6 @@ from shared.spec import JobSpec, Reference, check_batch_name
 from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
-REDIS_CONNECT_TIMEOUT_S: Final = 5.0
-REDIS_SOCKET_TIMEOUT_S: Final = 60.0
 KEY_CHUNK: Final = 1000  # dedupe keys per `IN (...)` query
 
 
@@ -180,14 +184,10 @@ def _wake(*, settings: Settings, model_set: str, pooled: redis.Redis | None = No
     """
     client = pooled if pooled is not None else connect_redis(settings.redis_url)
     try:
-        client.incr(wake_key(settings, model_set))
-    except redis.RedisError as e:
-        log.warning("%s (the dispatcher finds the jobs in SQL within IPAB_DISPATCH_RESCAN_S)", e)
-        return False
+        return wake(redis_client=client, settings=settings, model_set=model_set)
     finally:
         if pooled is None:
             client.close()
-    return True
 
 
 # Called inside the transaction that inserts the jobs, with (session, batch id, the inserted
@@ -363,7 +363,7 @@ def submit_manifest(
     Raises `ManifestInvalid` with every problem (and writes nothing) when a row is invalid,
     unless `skip_invalid`: then the valid rows are submitted and the problems returned.
     Without `batch_name` the batch is named after the manifest and a hash of its content.
-    A grid `.toml` (`scheduler.grid`) gives its cells as rows (at most `max_grid_rows`)
+    A grid `.toml` (`scheduler.submission.grid`) gives its cells as rows (at most `max_grid_rows`)
     and names the batch after its `batch` key or its file name.
     """
     model_set = resolve_model_set_name(model_set_name, settings)
@@ -402,7 +402,7 @@ def submit_rows(
     stored_line: int | None = None,
     one_transaction: bool = False,
 ) -> SubmitResult:
-    """Submit rows already read and validated (`scheduler.manifest.parse_rows`): the HTTP API's path.
+    """Submit rows already read and validated (`scheduler.submission.manifest.parse_rows`): the HTTP API's path.
 
     The same steps as `submit_manifest` from step 2 on; `resolver` turns each row's
     references into stored images, `after_insert` runs in the transaction of the jobs;

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from scheduler.commands import database, find_batch
+from scheduler.cli.common import database, read_batch
 from scheduler.export.run import FORMATS, export_batch
 from scheduler.export.writer import parse_size_bytes
-from scheduler.progress import Reporter
-from shared.jobs import transaction
+from scheduler.terminal_progress import Reporter
 from shared.settings import load_settings
 from shared.storage import ObjectStore
 
@@ -20,8 +19,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = load_settings()
     store = ObjectStore.from_settings(settings)
     with database(settings) as sessions:
-        with transaction(sessions) as session:
-            batch = find_batch(session=session, ref=args.batch)
+        batch = read_batch(sessions, args.batch)
         report = export_batch(
             sessions=sessions,
             store=store,

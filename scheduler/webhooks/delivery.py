@@ -1,4 +1,8 @@
-"""The webhook dispatcher that runs inside `ipab api`: outbox scan, then delivery of what is due.
+"""Webhook delivery, a loop inside `ipab api`: outbox scan, then delivery of what is due.
+
+Each message keeps its id for every attempt (the `webhook-id` header, for the receiver's
+dedupe), is signed with the tenant's secret, and is retried with exponential backoff until
+IPAB_WEBHOOK_GIVE_UP_S.
 
 Each message is claimed before it is sent (a conditional UPDATE moving its next attempt
 past the delivery timeout), so two API processes never send one message at once, and a
@@ -18,14 +22,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from scheduler.batches.events import outbox_batch_events, outbox_job_events
 from scheduler.tenants import tenant_secret
-from scheduler.webhooks import due_filter, next_attempt_at, outbox_batch_events, outbox_job_events, public_address, sign
+from scheduler.webhooks.addresses import public_address
+from scheduler.webhooks.signing import sign
 from shared.db import WebhookMessage, utcnow
 from shared.errors import InvalidInput, IpabError
 from shared.jobs import transaction
@@ -70,6 +76,21 @@ def post_signed(*, url: str, body: bytes, headers: dict[str, str], timeout_s: fl
         conn.close()
 
 
+def next_attempt_at(*, attempts: int, now: datetime, base_s: float, max_s: float) -> datetime:
+    """When to try again after `attempts` failed tries: base * 2**(attempts-1), capped at max."""
+    delay_s = min(max_s, base_s * 2 ** max(0, attempts - 1))
+    return now + timedelta(seconds=delay_s)
+
+
+def due_filter(now: datetime) -> Any:
+    """Messages to try now: undelivered, not given up, due."""
+    return and_(
+        WebhookMessage.delivered_at.is_(None),
+        WebhookMessage.failed_at.is_(None),
+        WebhookMessage.next_attempt_at <= now,
+    )
+
+
 def _claim_due(sessions: sessionmaker[Session], *, lease_s: float) -> list[WebhookMessage]:
     now = utcnow()
     claimed = []
@@ -88,7 +109,7 @@ def _claim_due(sessions: sessionmaker[Session], *, lease_s: float) -> list[Webho
     return claimed
 
 
-class Dispatcher:
+class WebhookDelivery:
     """Scans for events and delivers due webhook messages until stopped."""
 
     def __init__(self, *, settings: Settings, sessions: sessionmaker[Session]) -> None:
@@ -105,9 +126,9 @@ class Dispatcher:
                 if every_pass is not None:
                     every_pass()
             except IpabError as e:
-                log.warning("webhook dispatcher: %s", e)
+                log.warning("webhook delivery: %s", e)
             except Exception:
-                log.exception("webhook dispatcher: unexpected error; going on")
+                log.exception("webhook delivery: unexpected error; going on")
             stop.wait(self.settings.webhook_poll_s)
         self._pool.shutdown(wait=True)
 

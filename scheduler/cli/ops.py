@@ -12,12 +12,12 @@ from typing import Any, Final
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
-from scheduler.commands import database, find_batch
-from scheduler.stopping import stop_on_signals
-from shared.db import Batch
-from shared.dispatch.dispatcher import queued_model_sets, run_dispatcher, wake_dispatcher
+from scheduler.batches.actions import cancel, retry_failed, set_paused, wake
+from scheduler.cli.common import database, read_batch
+from scheduler.cli.stopping import stop_on_signals
+from shared.dispatch.dispatcher import queued_model_sets, run_dispatcher
 from shared.errors import TransientError
-from shared.jobs import cancel_jobs, retry_failed, set_paused, transaction
+from shared.jobs import transaction
 from shared.reconcile import reconcile_once, run_reconciler
 from shared.redis_conn import connect_redis, require_redis
 from shared.settings import Settings, load_settings
@@ -55,16 +55,12 @@ def _redis(settings: Settings) -> redis.Redis:
     return connect_redis(settings.redis_url)
 
 
-def _batch(sessions: sessionmaker[Session], ref: str) -> Batch:
-    with transaction(sessions) as session:
-        return find_batch(session=session, ref=ref)
-
-
 def _cancel(args: argparse.Namespace) -> int:
     with database(load_settings()) as sessions:
-        batch = _batch(sessions, args.batch)
-        count = cancel_jobs(sessions=sessions, batch_id=batch.id, job_ids=args.job)
-    print(f"canceled {count} job(s) of batch {batch.name}; running ones stop within IPAB_HEARTBEAT_S")
+        batch = read_batch(sessions, args.batch)
+        with transaction(sessions) as session:
+            canceled = cancel(session=session, batch_id=batch.id, job_ids=args.job)
+    print(f"canceled {len(canceled)} job(s) of batch {batch.name}; running ones stop within IPAB_HEARTBEAT_S")
     return 0
 
 
@@ -72,9 +68,9 @@ def _retry(args: argparse.Namespace) -> int:
     settings = load_settings()
     redis_client = _redis(settings)
     with database(settings) as sessions:
-        batch = _batch(sessions, args.batch)
+        batch = read_batch(sessions, args.batch)
         ids = retry_failed(sessions=sessions, batch_id=batch.id)
-    wake_dispatcher(redis_client=redis_client, settings=settings, model_set=batch.model_set)
+    wake(redis_client=redis_client, settings=settings, model_set=batch.model_set)
     print(f"re-queued {len(ids)} failed job(s) of batch {batch.name}; they start in their lane's turn")
     return 0
 
@@ -82,13 +78,13 @@ def _retry(args: argparse.Namespace) -> int:
 def _set_paused(args: argparse.Namespace, *, paused: bool) -> int:
     settings = load_settings()
     with database(settings) as sessions:
-        batch = _batch(sessions, args.batch)
+        batch = read_batch(sessions, args.batch)
         waiting = set_paused(sessions=sessions, batch_id=batch.id, paused=paused)
     if paused:
         print(f"paused batch {batch.name}: {waiting} queued job(s) wait; running ones finish")
         return 0
     with contextlib.suppress(TransientError):  # the dispatcher rescans every IPAB_DISPATCH_RESCAN_S anyway
-        wake_dispatcher(redis_client=_redis(settings), settings=settings, model_set=batch.model_set)
+        wake(redis_client=_redis(settings), settings=settings, model_set=batch.model_set)
     print(f"resumed batch {batch.name}: {waiting} queued job(s) start in their lane's turn")
     return 0
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scheduler.grid import DEFAULT_MAX_ROWS, axis_sizes, check_row_count, expand_lines, read_grid
+from scheduler.submission.grid import DEFAULT_MAX_ROWS, axis_sizes, check_row_count, expand_lines, read_grid
 
 
 def grid_summary(path: Path, *, max_rows: int) -> str:

@@ -14,7 +14,8 @@ from typing import Any, Final
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from scheduler.commands import database
+from scheduler.cli.common import database
+from scheduler.cli.stopping import stop_on_signals
 from scheduler.plans.beat import DEFAULT_INTERVAL_S, run_beat
 from scheduler.plans.planfile import PlanInvalid, PlanSpec, read_plan_file
 from scheduler.plans.runner import SlotContext, SlotOutcome
@@ -29,7 +30,6 @@ from scheduler.plans.views import (
     set_plan_enabled,
     show_plan,
 )
-from scheduler.stopping import stop_on_signals
 from shared.db import utcnow
 from shared.errors import InvalidInput
 from shared.settings import load_settings

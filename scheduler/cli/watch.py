@@ -7,17 +7,12 @@ each time the counts change, with the rate and ETA measured since the watch bega
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
-from scheduler.progress import Reporter, rate_text
-from shared.db import TERMINAL
+from scheduler.batches.counts import done_of
+from scheduler.terminal_progress import Reporter, rate_text
 
 Counts = dict[str, int]
-
-
-def done_of(counts: Mapping[str, int]) -> int:
-    """Jobs in a final state (succeeded, failed, canceled)."""
-    return sum(counts.get(s.value, 0) for s in TERMINAL)
 
 
 def _watch_bar(poll: Callable[[], Counts], *, interval_s: float, reporter: Reporter) -> Counts:

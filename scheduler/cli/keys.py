@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from scheduler.commands import database
+from scheduler.cli.common import database
 from scheduler.tenants import create_key, list_keys, restrict_lanes, revoke_key
 from shared.errors import InvalidInput
 from shared.jobs import transaction

@@ -16,17 +16,16 @@ import json
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from PIL import Image
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from scheduler.gallery_page import PAGE_TEMPLATE
-from scheduler.progress import SILENT, Reporter
-from shared.db import Batch, Job, JobStatus
+from scheduler.batches.record import JobRecord, batch_records
+from scheduler.gallery.page import PAGE_TEMPLATE
+from scheduler.terminal_progress import SILENT, Reporter
+from shared.db import Batch, JobStatus
 from shared.errors import ObjectMissing
 from shared.jobs import transaction
 from shared.redact import mask_text
@@ -42,36 +41,16 @@ PARAM_NAMES: Final = ("width", "height", "steps", "guidance_scale", "ip_adapter_
 ImageSource = Callable[[str, str, int], str | None]
 
 
-@dataclass(frozen=True)
-class Card:
-    """What the page shows of one job."""
-
-    job_id: str
-    client_id: str | None
-    status: str
-    prompt: str
-    seed: int
-    params: dict[str, Any]
-    error: str | None
-    output_key: str | None
-    references: tuple[tuple[str, str], ...]  # (sha256, object key)
-
-
-def _card(job: Job) -> Card:
-    spec = json.loads(job.spec)
-    params = spec["params"]
-    # Error messages may quote internal URLs with credentials; the page is shown to tenants.
-    error = None if job.error_type is None else mask_text(f"{job.error_type}: {job.error_message or ''}")
-    references = tuple((r["sha256"], r["key"]) for r in spec["references"])
-    shown = {name: params.get(name) for name in PARAM_NAMES}
-    return Card(job.id, job.client_id, job.status, params["prompt"], job.seed, shown, error, job.output_key, references)
-
-
-def batch_cards(sessions: sessionmaker[Session], *, batch_id: str) -> list[Card]:
-    """A card per job of the batch, in manifest order."""
-    stmt = select(Job).where(Job.batch_id == batch_id).order_by(Job.line, Job.id)
+def batch_cards(sessions: sessionmaker[Session], *, batch_id: str) -> list[JobRecord]:
+    """The records of the batch's jobs, a card each, in manifest order."""
     with transaction(sessions) as session:
-        return [_card(job) for job in session.scalars(stmt.execution_options(yield_per=1000))]
+        return list(batch_records(session=session, batch_id=batch_id))
+
+
+def card_error(record: JobRecord) -> str | None:
+    """The error a card shows: masked, since messages may quote internal URLs with credentials."""
+    error = record.error
+    return None if error is None else mask_text(f"{error['type']}: {error['message'] or ''}")
 
 
 def thumbnail_jpeg(data: bytes, *, max_px: int) -> bytes:
@@ -141,14 +120,16 @@ def _shown(value: Any) -> str:
     return json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
 
 
-def card_html(card: Card, *, output_src: str | None, reference_srcs: Sequence[str | None]) -> str:
+def card_html(card: JobRecord, *, output_src: str | None, reference_srcs: Sequence[str | None]) -> str:
     """One job's card (every text escaped)."""
     image = _img(output_src, "output", "output") if card.output_key else '<div class="output missing">no output</div>'
     pairs = zip(card.references, reference_srcs, strict=True)
     refs = "".join(_img(src, f"reference {sha[:12]}", "ref") for (sha, _), src in pairs)
-    params = {"seed": card.seed, **card.params, "job": card.job_id, "id": card.client_id}
+    shown = {name: card.params.get(name) for name in PARAM_NAMES}
+    params = {"seed": card.seed, **shown, "job": card.job_id, "id": card.client_id}
     rows = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(_shown(v))}</dd>" for k, v in params.items() if v not in (None, ""))
-    error = f'<p class="error">{_esc(card.error)}</p>' if card.error else ""
+    error_text = card_error(card)
+    error = f'<p class="error">{_esc(error_text)}</p>' if error_text else ""
     text = " ".join([card.prompt, card.client_id or "", card.job_id]).lower()
     return (
         f'<article class="card" data-status="{_esc(card.status)}" data-text="{_esc(text)}">{image}'
@@ -158,7 +139,7 @@ def card_html(card: Card, *, output_src: str | None, reference_srcs: Sequence[st
     )
 
 
-def page_html(batch: Batch, cards: Sequence[Card], card_parts: Sequence[str]) -> str:
+def page_html(batch: Batch, cards: Sequence[JobRecord], card_parts: Sequence[str]) -> str:
     """The whole page around the cards: header, filters, counts, and the filtering script."""
     counts = {s.value: sum(1 for c in cards if c.status == s.value) for s in JobStatus}
     options = "".join(f'<option value="{_esc(s)}">{_esc(s)} ({n})</option>' for s, n in counts.items() if n)
@@ -173,10 +154,10 @@ def page_html(batch: Batch, cards: Sequence[Card], card_parts: Sequence[str]) ->
     )
 
 
-def render_cards(cards: Sequence[Card], *, image_src: ImageSource, progress: Reporter = SILENT) -> list[str]:
+def render_cards(cards: Sequence[JobRecord], *, image_src: ImageSource, progress: Reporter = SILENT) -> list[str]:
     """Each card's HTML, thumbnails fetched and made by a few threads at a time."""
 
-    def one(card: Card) -> str:
+    def one(card: JobRecord) -> str:
         output_src = image_src(card.output_key, card.job_id, OUTPUT_THUMB_PX) if card.output_key else None
         refs = [image_src(key, f"ref-{sha}", REFERENCE_THUMB_PX) for sha, key in card.references]
         return card_html(card, output_src=output_src, reference_srcs=refs)

@@ -22,7 +22,7 @@ from typing import Final
 
 from sqlalchemy.orm import Session
 
-from scheduler.manifest import REFERENCE_FIELD, Problem, problem_from
+from scheduler.submission.manifest import REFERENCE_FIELD, Problem, problem_from
 from shared.db import ReferenceImage, insert_ignoring_duplicates, utcnow
 from shared.errors import InvalidInput, ObjectMissing, ObjectTooLarge
 from shared.images import MAX_REFERENCE_BYTES, decode_reference, sniff_format

@@ -1,4 +1,4 @@
-"""Scheduler commands: `ipab db upgrade`, `submit`, `status`, `results`, `batches`.
+"""Batch commands: `ipab db upgrade`, `submit`, `status`, `results`, `batches`.
 
 Each command applies pending migrations itself first (`ensure_database`), so a fresh
 database needs no separate `ipab db upgrade`.
@@ -9,67 +9,34 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from scheduler import api_client
-from scheduler.grid import is_grid
-from scheduler.grid_commands import add_max_rows, grid_summary
-from scheduler.manifest import parse_defaults
-from scheduler.progress import Reporter
-from scheduler.submit import SubmitResult, submit_manifest
-from scheduler.watch import watch_counts
+from scheduler.batches.counts import STATUSES, Tally, count_batch, count_jobs, done_of
+from scheduler.batches.record import RECORDS_CHUNK, batch_records, iso_utc, results_line
+from scheduler.cli import api_client
+from scheduler.cli.common import API_HELP, batch_arg, database, read_batch
+from scheduler.cli.grid import add_max_rows, grid_summary
+from scheduler.cli.watch import watch_counts
+from scheduler.submission.grid import is_grid
+from scheduler.submission.manifest import parse_defaults
+from scheduler.submission.submit import SubmitResult, submit_manifest
+from scheduler.terminal_progress import Reporter
 from shared.cache_stats import sum_stats_json
-from shared.db import (
-    DEFAULT_TENANT,
-    TERMINAL,
-    Batch,
-    Job,
-    JobStatus,
-    ensure_database,
-    make_engine,
-    make_session_factory,
-    upgrade_database,
-    utcnow,
-)
+from shared.db import DEFAULT_TENANT, Batch, Job, JobStatus, ensure_database, upgrade_database, utcnow
 from shared.dispatch.policy import DEFAULT_LANE, LANES
 from shared.dispatch.position import Forecast, dispatched_depth, forecast_batch
-from shared.errors import InvalidInput, ManifestInvalid
+from shared.errors import ManifestInvalid
 from shared.jobs import transaction
 from shared.redact import mask_url
-from shared.settings import Settings, load_settings
+from shared.settings import load_settings
 from shared.storage import ObjectStore
 
 WATCH_INTERVAL_S: Final = 1.0
 BAR_WIDTH: Final = 30
-RESULTS_CHUNK: Final = 1000
-STATUSES: Final = tuple(s.value for s in JobStatus)
-API_HELP: Final = "talk to the HTTP API at URL with the key in IPAB_API_KEY (no SQL/Redis/S3 access needed)"
-
-
-@contextmanager
-def database(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """Sessions on the configured database, migrated to the latest schema; the engine is closed after."""
-    ensure_database(settings.database_url)
-    engine = make_engine(settings.database_url)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
-
-
-def find_batch(*, session: Session, ref: str) -> Batch:
-    """The batch whose id or name is `ref`; `InvalidInput` naming BATCH otherwise."""
-    batch = session.get(Batch, ref) or session.scalars(select(Batch).where(Batch.name == ref)).one_or_none()
-    if batch is None:
-        raise InvalidInput("BATCH", ref, "no batch has this name or id; `ipab batches` lists them")
-    return batch
 
 
 # ipab db upgrade
@@ -145,26 +112,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 # ipab status
 
 
-def status_counts(*, session: Session, batch_id: str) -> tuple[dict[str, int], dict[str, float]]:
-    """Jobs per status (every status present, zeros included) and summed encode/denoise/upload seconds."""
-    stmt = (
-        select(Job.status, func.count(), func.sum(Job.encode_s), func.sum(Job.denoise_s), func.sum(Job.upload_s))
-        .where(Job.batch_id == batch_id)
-        .group_by(Job.status)
-    )
-    counts = dict.fromkeys(STATUSES, 0)
-    seconds = {"encode_s": 0.0, "denoise_s": 0.0, "upload_s": 0.0}
-    for status, count, encode_s, denoise_s, upload_s in session.execute(stmt):
-        counts[status] = count
-        for name, value in zip(seconds, (encode_s, denoise_s, upload_s), strict=True):
-            seconds[name] += value or 0.0
-    return counts, seconds
-
-
 def cache_totals(*, session: Session, batch_id: str) -> dict[str, int | float]:
     """The embedding cache counters of a batch's jobs, summed (hits and misses per level, encodes)."""
     stmt = select(Job.cache_stats).where(Job.batch_id == batch_id, Job.cache_stats.is_not(None))
-    return sum_stats_json(session.scalars(stmt.execution_options(yield_per=RESULTS_CHUNK)))
+    return sum_stats_json(session.scalars(stmt.execution_options(yield_per=RECORDS_CHUNK)))
 
 
 def _print_cache(totals: dict[str, float]) -> None:
@@ -177,11 +128,12 @@ def _print_cache(totals: dict[str, float]) -> None:
     print(f"embedding cache: {levels}; {int(totals.get('encodes', 0))} encodes in {totals.get('encode_s', 0):.2f} s")
 
 
-def _print_status(batch: Batch, counts: dict[str, int], seconds: dict[str, float]) -> None:
+def _print_status(batch: Batch, tally: Tally) -> None:
+    counts, seconds = tally.counts, tally.seconds
     print(f"batch {batch.name} ({batch.id}), model set {batch.model_set}")
     for status in STATUSES:
         print(f"  {status:<10} {counts[status]:>8}")
-    print(f"  {'total':<10} {sum(counts.values()):>8}")
+    print(f"  {'total':<10} {tally.total:>8}")
     print(
         f"time: encode {seconds['encode_s']:.2f} s, denoise {seconds['denoise_s']:.2f} s, "
         f"upload {seconds['upload_s']:.2f} s (summed over jobs)"
@@ -191,7 +143,7 @@ def _print_status(batch: Batch, counts: dict[str, int], seconds: dict[str, float
 def progress_line(counts: dict[str, int]) -> str:
     """`[#####-----] 10/20 done (succeeded 9, failed 1, running 2, queued 8)`."""
     total = sum(counts.values())
-    done = sum(counts[s.value] for s in TERMINAL)
+    done = done_of(counts)
     filled = BAR_WIDTH * done // total if total else BAR_WIDTH
     parts = ", ".join(f"{s} {counts[s]}" for s in STATUSES if counts[s])
     return f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done}/{total} done ({parts})"
@@ -200,7 +152,7 @@ def progress_line(counts: dict[str, int]) -> str:
 def _watch(sessions: sessionmaker[Session], batch_id: str, interval_s: float) -> dict[str, int]:
     def poll() -> dict[str, int]:
         with transaction(sessions) as session:
-            return status_counts(session=session, batch_id=batch_id)[0]
+            return count_batch(session=session, batch_id=batch_id).counts
 
     return watch_counts(poll, interval_s=interval_s, line_of=progress_line, reporter=Reporter())
 
@@ -210,18 +162,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.api:
         return api_client.cmd_status(args)
     with database(load_settings()) as sessions:
-        with transaction(sessions) as session:
-            batch = find_batch(session=session, ref=args.batch)
+        batch = read_batch(sessions, args.batch)
         if args.watch:
             _watch(sessions, batch.id, args.interval)
         with transaction(sessions) as session:
-            counts, seconds = status_counts(session=session, batch_id=batch.id)
+            tally = count_batch(session=session, batch_id=batch.id)
             cache = cache_totals(session=session, batch_id=batch.id)
-        forecast = _forecast(sessions, batch) if counts[JobStatus.queued.value] else None
-    _print_status(batch, counts, seconds)
+        forecast = _forecast(sessions, batch) if tally.counts[JobStatus.queued.value] else None
+    _print_status(batch, tally)
     _print_forecast(forecast)
     _print_cache(cache)
-    return 1 if args.watch and counts[JobStatus.failed.value] else 0
+    return 1 if args.watch and tally.counts[JobStatus.failed.value] else 0
 
 
 def _forecast(sessions: sessionmaker[Session], batch: Batch) -> Forecast | None:
@@ -246,44 +197,6 @@ def _print_forecast(forecast: Forecast | None) -> None:
 # ipab results
 
 
-def _when(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat() + "Z"  # stored as naive UTC
-
-
-def result_record(job: Job, *, store: ObjectStore) -> dict[str, Any]:
-    """One job as the JSON object `ipab results` prints."""
-    spec = json.loads(job.spec)
-    error = None if job.error_type is None else {"type": job.error_type, "message": job.error_message}
-    return {
-        "job_id": job.id,
-        "batch_id": job.batch_id,
-        "line": job.line,
-        "id": job.client_id,
-        "status": job.status,
-        "output_uri": store.uri(job.output_key) if job.output_key else None,
-        "output_sha256": job.output_sha256,
-        "output_bytes": job.output_bytes,
-        **spec["params"],
-        "seed": job.seed,
-        "references": [{"sha256": r["sha256"], "uri": store.uri(r["key"])} for r in spec["references"]],
-        "attempts": job.attempts,
-        "worker_host": job.worker_host,
-        "render_batch_size": job.render_batch_size,  # jobs in the pipeline call that rendered it
-        "timings": {
-            "queued_at": _when(job.queued_at),
-            "started_at": _when(job.started_at),
-            "finished_at": _when(job.finished_at),
-            "encode_s": job.encode_s,
-            "denoise_s": job.denoise_s,
-            "upload_s": job.upload_s,
-        },
-        "cache_stats": json.loads(job.cache_stats) if job.cache_stats else None,
-        # Weight sha256s, model_hash, library versions, device, dtype (worker.provenance); None before 0006.
-        "provenance": json.loads(job.provenance) if job.provenance else None,
-        "error": error,
-    }
-
-
 def cmd_results(args: argparse.Namespace) -> int:
     """One JSON line per job of the batch (in manifest order), optionally only those with --status."""
     if args.api:
@@ -291,12 +204,9 @@ def cmd_results(args: argparse.Namespace) -> int:
     settings = load_settings()
     store = ObjectStore.from_settings(settings)
     with database(settings) as sessions, transaction(sessions) as session:
-        batch = find_batch(session=session, ref=args.batch)
-        stmt = select(Job).where(Job.batch_id == batch.id).order_by(Job.line, Job.id)
-        if args.status:
-            stmt = stmt.where(Job.status == args.status)
-        for job in session.scalars(stmt.execution_options(yield_per=RESULTS_CHUNK)):
-            print(json.dumps(result_record(job, store=store), ensure_ascii=False))
+        batch = batch_arg(session=session, ref=args.batch)
+        for record in batch_records(session=session, batch_id=batch.id, status=args.status):
+            print(json.dumps(results_line(record, store=store), ensure_ascii=False))
     return 0
 
 
@@ -312,16 +222,13 @@ def cmd_batches(args: argparse.Namespace) -> int:
     """Every batch, oldest first, with its jobs counted per status."""
     with database(load_settings()) as sessions, transaction(sessions) as session:
         batches = session.scalars(select(Batch).order_by(Batch.created_at, Batch.name)).all()
-        rows = session.execute(select(Job.batch_id, Job.status, func.count()).group_by(Job.batch_id, Job.status))
-        counts: dict[str, dict[str, int]] = {}
-        for batch_id, status, count in rows:
-            counts.setdefault(batch_id, dict.fromkeys(STATUSES, 0))[status] = count
+        tallies = count_jobs(session=session)
     header = ["name", "id", "model_set", "created_at", "jobs", *STATUSES]
     print("\t".join(header))
     for batch in batches:
-        per_status = counts.get(batch.id, dict.fromkeys(STATUSES, 0))
+        per_status = tallies.get(batch.id, Tally()).counts
         name = printable(batch.name)  # a name stored before names were checked must not break the table
-        cells = [name, batch.id, batch.model_set, _when(batch.created_at) or "", str(sum(per_status.values()))]
+        cells = [name, batch.id, batch.model_set, iso_utc(batch.created_at) or "", str(sum(per_status.values()))]
         print("\t".join(cells + [str(per_status[s]) for s in STATUSES]))
     return 0
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from scheduler.manifest import REFERENCE_FIELD, Problem, parse_defaults, read_raw_rows
+from scheduler.submission.manifest import REFERENCE_FIELD, Problem, parse_defaults, read_raw_rows
 from shared.errors import InvalidInput, IpabError
 from shared.settings import load_settings
 

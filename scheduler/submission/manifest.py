@@ -363,7 +363,7 @@ def parse_manifest(path: Path, *, defaults: Mapping[str, Any] | None = None) -> 
 
     Problems are collected for every row, never raised one at a time. An empty manifest is
     one problem (line 1). References are checked as written here; whether the files exist
-    and decode is `scheduler.references`' job.
+    and decode is `scheduler.submission.references`' job.
     """
     return parse_rows(read_raw_rows(path), defaults=defaults, source=repr(str(path)))
 

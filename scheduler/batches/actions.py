@@ -1,0 +1,78 @@
+"""What can be done to a live batch: cancel, retry, pause, resume; and waking its dispatcher.
+
+Every status change is a conditional UPDATE (`... WHERE status IN (...)`), so it cannot move
+a job that finished meanwhile. A cancel writes its `job.canceled` outbox rows in the same
+transaction. Retry and resume wake the batch's dispatcher, which otherwise finds the jobs
+within IPAB_DISPATCH_RESCAN_S (a wake is a hint: SQL stays the truth).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from scheduler.batches.events import outbox_job_events
+from shared.db import Batch, Job, JobStatus, utcnow
+from shared.dispatch.dispatcher import wake_dispatcher
+from shared.jobs import LIVE, transaction
+from shared.settings import Settings
+
+
+def cancel(*, session: Session, batch_id: str, job_ids: Sequence[str] | None = None) -> list[str]:
+    """Cancel the live jobs of a batch (or only `job_ids`) with their `job.canceled` messages; returns their ids.
+
+    Running jobs stop at their next denoising step (their worker sees the status at its heartbeat).
+    """
+    where = [Job.batch_id == batch_id, Job.status.in_(LIVE)]
+    if job_ids is not None:
+        where.append(Job.id.in_(list(job_ids)))
+    stmt = (
+        update(Job)
+        .where(*where)
+        .values(status=JobStatus.canceled.value, finished_at=utcnow(), lease_expires_at=None)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    canceled = list(session.execute(stmt).scalars())
+    if canceled:
+        outbox_job_events(session=session, job_ids=canceled)
+    return canceled
+
+
+def retry_failed(*, sessions: sessionmaker[Session], batch_id: str) -> list[str]:
+    """Put a batch's failed jobs back in the queue with a fresh budget of attempts; returns their ids."""
+    failed = (Job.batch_id == batch_id, Job.status == JobStatus.failed.value)
+    with transaction(sessions) as session:
+        ids = list(session.scalars(select(Job.id).where(*failed)).all())
+        if ids:
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(ids), Job.status == JobStatus.failed.value)
+                .values(
+                    status=JobStatus.queued.value,
+                    attempt_floor=Job.attempts,
+                    enqueued_at=None,
+                    queued_at=utcnow(),
+                    finished_at=None,
+                    error_type=None,
+                    error_message=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        return ids
+
+
+def set_paused(*, sessions: sessionmaker[Session], batch_id: str, paused: bool) -> int:
+    """Pause or resume a batch; returns its queued jobs (which wait while it is paused)."""
+    queued = (Job.batch_id == batch_id, Job.status == JobStatus.queued.value)
+    with transaction(sessions) as session:
+        session.execute(update(Batch).where(Batch.id == batch_id).values(paused=paused))
+        return int(session.scalar(select(func.count()).select_from(Job).where(*queued)) or 0)
+
+
+def wake(*, redis_client: redis.Redis, settings: Settings, model_set: str) -> bool:
+    """Tell the model set's dispatcher to re-read SQL now; False when Redis does not answer (it rescans anyway)."""
+    return wake_dispatcher(redis_client=redis_client, settings=settings, model_set=model_set)

@@ -1,0 +1,69 @@
+"""Jobs per status of batches, counted in one query, with the render times they spent."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from shared.db import TERMINAL, Job, JobStatus
+
+STATUSES: Final = tuple(s.value for s in JobStatus)
+TIME_FIELDS: Final = ("encode_s", "denoise_s", "upload_s")
+_TERMINAL_VALUES: Final = frozenset(s.value for s in TERMINAL)
+
+
+@dataclass
+class Tally:
+    """One batch's jobs per status (every status present, zeros included) and summed seconds per stage."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIME_FIELDS, 0.0))
+
+    @property
+    def total(self) -> int:
+        """Every job of the batch."""
+        return sum(self.counts.values())
+
+    @property
+    def done(self) -> int:
+        """Jobs in a final status (succeeded, failed, canceled)."""
+        return done_of(self.counts)
+
+    @property
+    def live(self) -> int:
+        """Jobs still queued or running."""
+        return self.total - self.done
+
+    def present(self) -> dict[str, int]:
+        """Only the statuses some job has (what `batch.completed` events and plan views show)."""
+        return {status: count for status, count in self.counts.items() if count}
+
+
+def done_of(counts: Mapping[str, int]) -> int:
+    """How many of `counts` are in a final status."""
+    return sum(count for status, count in counts.items() if status in _TERMINAL_VALUES)
+
+
+def count_jobs(*, session: Session, batch_ids: Sequence[str] | None = None) -> dict[str, Tally]:
+    """A `Tally` per batch of `batch_ids` (each present, zeros for an empty one); every batch with jobs when None."""
+    sums = [func.sum(getattr(Job, name)) for name in TIME_FIELDS]
+    stmt = select(Job.batch_id, Job.status, func.count(), *sums).group_by(Job.batch_id, Job.status)
+    tallies: dict[str, Tally] = {}
+    if batch_ids is not None:
+        tallies = {batch_id: Tally() for batch_id in batch_ids}
+        stmt = stmt.where(Job.batch_id.in_(list(batch_ids)))
+    for batch_id, status, count, *seconds in session.execute(stmt).tuples():
+        tally = tallies.setdefault(batch_id, Tally())
+        tally.counts[status] = count
+        for name, value in zip(TIME_FIELDS, seconds, strict=True):
+            tally.seconds[name] += value or 0.0
+    return tallies
+
+
+def count_batch(*, session: Session, batch_id: str) -> Tally:
+    """The `Tally` of one batch."""
+    return count_jobs(session=session, batch_ids=[batch_id])[batch_id]

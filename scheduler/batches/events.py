@@ -1,0 +1,115 @@
+"""The outbox of job and batch events: a row per message before anything is sent, so a crash loses none.
+
+Events: `job.succeeded`, `job.failed`, `job.canceled`, `batch.completed`.
+- where the control plane changes a status itself (cancel), the rows are written in the
+  same transaction as the change (`outbox_job_events` on the same session);
+- where a worker does (succeeded, failed), the webhook delivery loop's scan finds finished
+  jobs whose subscription has not been notified yet, and writes the rows then.
+A subscription is notified once; a unique (subject, event) keeps a message from being
+written twice by two scans at once. Delivery is `scheduler.webhooks.delivery`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Final
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from scheduler.batches.counts import count_jobs
+from scheduler.batches.record import JobRecord, iso_utc, job_record
+from shared.db import TERMINAL, Batch, Job, WebhookMessage, WebhookSubscription, insert_ignoring_duplicates, utcnow
+
+JOB_EVENTS: Final = {"succeeded": "job.succeeded", "failed": "job.failed", "canceled": "job.canceled"}
+BATCH_COMPLETED: Final = "batch.completed"
+SCAN_LIMIT: Final = 500
+_TERMINAL_VALUES: Final = [s.value for s in TERMINAL]
+
+
+def webhook_data(record: JobRecord) -> dict[str, Any]:
+    """What a job event says about its job."""
+    return {
+        "id": record.job_id,
+        "client_id": record.client_id,
+        "batch_id": record.batch_id,
+        "status": record.status,
+        "output_sha256": record.output_sha256,
+        "error": record.error,
+    }
+
+
+def _message(sub: WebhookSubscription, event: str, data: dict[str, Any], now: datetime) -> dict[str, Any]:
+    payload = {"type": event, "timestamp": iso_utc(now), "data": data}
+    return {
+        "id": "msg_" + uuid.uuid4().hex,
+        "tenant": sub.tenant,
+        "url": sub.url,
+        "event_type": event,
+        "subject_id": sub.subject_id,
+        "payload": json.dumps(payload, separators=(",", ":")),
+        "attempts": 0,
+        "created_at": now,
+        "next_attempt_at": now,
+    }
+
+
+def _add_messages(session: Session, messages: list[dict[str, Any]], notified: list[str], now: datetime) -> None:
+    if messages:
+        dialect = session.get_bind().dialect.name
+        stmt = insert_ignoring_duplicates(WebhookMessage, dialect=dialect, unique=["subject_id", "event_type"])
+        session.execute(stmt, messages)
+    if notified:
+        session.execute(
+            update(WebhookSubscription).where(WebhookSubscription.subject_id.in_(notified)).values(notified_at=now)
+        )
+
+
+def outbox_job_events(*, session: Session, job_ids: Sequence[str] | None = None) -> int:
+    """Write the outbox rows of finished jobs whose subscription was not notified; returns how many."""
+    stmt = (
+        select(WebhookSubscription, Job)
+        .join(Job, Job.id == WebhookSubscription.subject_id)
+        .where(WebhookSubscription.notified_at.is_(None), Job.status.in_(_TERMINAL_VALUES))
+        .limit(SCAN_LIMIT)
+        # A cancel in this very session changed rows its identity map may hold stale.
+        .execution_options(populate_existing=True)
+    )
+    if job_ids is not None:
+        stmt = stmt.where(Job.id.in_(list(job_ids)))
+    now = utcnow()
+    messages, notified = [], []
+    for sub, job in session.execute(stmt).tuples():
+        event = JOB_EVENTS[job.status]
+        if event in json.loads(sub.events):
+            messages.append(_message(sub, event, webhook_data(job_record(job)), now))
+        notified.append(sub.subject_id)
+    _add_messages(session, messages, notified, now)
+    return len(messages)
+
+
+def outbox_batch_events(*, session: Session) -> int:
+    """Write `batch.completed` for subscribed batches whose every job is final; returns how many."""
+    live = (
+        select(func.count())
+        .where(Job.batch_id == WebhookSubscription.subject_id, Job.status.not_in(_TERMINAL_VALUES))
+        .scalar_subquery()
+    )
+    stmt = (
+        select(WebhookSubscription, Batch)
+        .join(Batch, Batch.id == WebhookSubscription.subject_id)
+        .where(WebhookSubscription.notified_at.is_(None), WebhookSubscription.kind == "batch", live == 0)
+        .limit(SCAN_LIMIT)
+    )
+    now = utcnow()
+    found = session.execute(stmt).tuples().all()
+    tallies = count_jobs(session=session, batch_ids=[batch.id for _, batch in found])
+    messages = [
+        _message(sub, BATCH_COMPLETED, {"id": batch.id, "counts": tallies[batch.id].present()}, now)
+        for sub, batch in found
+    ]
+    _add_messages(session, messages, [sub.subject_id for sub, _ in found], now)
+    return len(messages)

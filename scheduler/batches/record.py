@@ -1,0 +1,124 @@
+"""A job's record, built once from its row; every view of a job is a projection of it.
+
+`job_record` reads the row (and its JSON columns) once; `results_line` is what `ipab results`
+prints and `GET /v1/batches/{id}/results` streams. The API view (`scheduler.api.views`), the
+webhook data (`scheduler.batches.events`), the export columns (`scheduler.export.samples`)
+and the gallery card (`scheduler.gallery`) take the same record.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.db import Job
+from shared.storage import ObjectStore
+
+RECORDS_CHUNK: Final = 1000  # rows fetched at a time when a batch's records are streamed
+
+
+def iso_utc(value: datetime | None) -> str | None:
+    """A stored (naive UTC) time as ISO 8601 with Z; None stays None."""
+    return None if value is None else value.isoformat() + "Z"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """Everything ipab shows of one job, read from its row once."""
+
+    job_id: str
+    batch_id: str
+    line: int
+    client_id: str | None
+    status: str
+    lane: str
+    params: dict[str, Any]  # the spec's parameters (prompt, size, steps...), without the seed
+    seed: int
+    references: tuple[tuple[str, str], ...]  # (sha256, object key) per reference image
+    output_key: str | None
+    output_sha256: str | None
+    output_bytes: int | None
+    attempts: int
+    worker_host: str | None
+    render_batch_size: int | None  # jobs in the pipeline call that rendered it
+    timings: dict[str, Any]  # queued_at, started_at, finished_at (ISO 8601), encode_s, denoise_s, upload_s
+    cache_stats: dict[str, Any] | None
+    provenance: dict[str, Any] | None  # weight sha256s, model_hash, versions, device, dtype; None before 0006
+    error: dict[str, Any] | None  # {"type", "message"} of a failed job
+
+    @property
+    def prompt(self) -> str:
+        """The job's prompt."""
+        return str(self.params["prompt"])
+
+
+def job_record(job: Job) -> JobRecord:
+    """The record of one job row."""
+    spec = json.loads(job.spec)
+    return JobRecord(
+        job_id=job.id,
+        batch_id=job.batch_id,
+        line=job.line,
+        client_id=job.client_id,
+        status=job.status,
+        lane=job.lane,
+        params=spec["params"],
+        seed=job.seed,
+        references=tuple((r["sha256"], r["key"]) for r in spec["references"]),
+        output_key=job.output_key,
+        output_sha256=job.output_sha256,
+        output_bytes=job.output_bytes,
+        attempts=job.attempts,
+        worker_host=job.worker_host,
+        render_batch_size=job.render_batch_size,
+        timings={
+            "queued_at": iso_utc(job.queued_at),
+            "started_at": iso_utc(job.started_at),
+            "finished_at": iso_utc(job.finished_at),
+            "encode_s": job.encode_s,
+            "denoise_s": job.denoise_s,
+            "upload_s": job.upload_s,
+        },
+        cache_stats=json.loads(job.cache_stats) if job.cache_stats else None,
+        provenance=json.loads(job.provenance) if job.provenance else None,
+        error=None if job.error_type is None else {"type": job.error_type, "message": job.error_message},
+    )
+
+
+def results_line(record: JobRecord, *, store: ObjectStore) -> dict[str, Any]:
+    """One job as the JSON object `ipab results` prints."""
+    return {
+        "job_id": record.job_id,
+        "batch_id": record.batch_id,
+        "line": record.line,
+        "id": record.client_id,
+        "status": record.status,
+        "output_uri": store.uri(record.output_key) if record.output_key else None,
+        "output_sha256": record.output_sha256,
+        "output_bytes": record.output_bytes,
+        **record.params,
+        "seed": record.seed,
+        "references": [{"sha256": sha, "uri": store.uri(key)} for sha, key in record.references],
+        "attempts": record.attempts,
+        "worker_host": record.worker_host,
+        "render_batch_size": record.render_batch_size,
+        "timings": record.timings,
+        "cache_stats": record.cache_stats,
+        "provenance": record.provenance,
+        "error": record.error,
+    }
+
+
+def batch_records(*, session: Session, batch_id: str, status: str | None = None) -> Iterator[JobRecord]:
+    """The records of a batch's jobs (only those with `status`, when given), in manifest order, streamed."""
+    stmt = select(Job).where(Job.batch_id == batch_id).order_by(Job.line, Job.id)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    for job in session.scalars(stmt.execution_options(yield_per=RECORDS_CHUNK)):
+        yield job_record(job)

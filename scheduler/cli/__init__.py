@@ -1,0 +1,6 @@
+"""The command line's control-plane commands: argument parsing and printing only.
+
+Each module registers its commands (`register(subparsers)`) on the parser that `ipab.cli`
+builds. Nothing else imports this package: what a command does lives in the batch layer
+and the features below it.
+"""

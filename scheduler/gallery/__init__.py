@@ -1,0 +1,1 @@
+"""The gallery: a batch as one static HTML page, a card per job (`ipab gallery` and the API)."""
