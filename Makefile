@@ -26,8 +26,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/python -m devkit demo
 
+# Tests mostly wait on Redis, S3, SQL and worker processes: a few more processes than cores keep both busy.
+# Each file's tests stay in one process (--dist loadfile), so module fixtures are built once.
+TEST_PROCESSES ?= 4
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -26,7 +26,7 @@ from shared.db import Job, make_engine, make_session_factory
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.conftest import REDIS_DATABASES, settings_env, unique_name
-from tests.submit_helpers import write_photos
+from tests.scheduler.submission.submit_helpers import write_photos
 from tests.system.helpers import Workers, wait_for_batch, worker_pool
 
 GRID_TEMPLATE = """

@@ -17,7 +17,7 @@ from typing import Final
 import pytest
 
 from shared.settings import Settings
-from tests.api.conftest import make_key
+from tests.scheduler.api.conftest import make_key
 from tests.system.test_api_system import Api
 
 pytestmark = pytest.mark.slow

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from scheduler.webhooks.signing import verify
 from shared.db import Job, make_engine, make_session_factory
 from shared.settings import Settings
-from tests.api.conftest import make_key, png_bytes
+from tests.scheduler.api.conftest import make_key, png_bytes
 from tests.system.helpers import REPO, Workers
 
 pytestmark = pytest.mark.slow

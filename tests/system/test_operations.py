@@ -19,7 +19,7 @@ from sqlalchemy import select
 from scheduler.api.metrics import SCRAPE_CACHE_S
 from shared.db import Job, make_engine, make_session_factory
 from shared.settings import Settings
-from tests.api.conftest import make_key, png_bytes
+from tests.scheduler.api.conftest import make_key, png_bytes
 from tests.system.helpers import REPO, Workers, wait_for_batch
 from tests.system.test_api_system import Api, free_port
 from tests.system.test_end_to_end import submit, write_manifest

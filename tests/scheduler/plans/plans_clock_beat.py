@@ -1,8 +1,8 @@
 """Test only: `ipab beat` on a clock read from a file, so tests drive simulated days through real processes.
 
-`python -m tests.plans_clock_beat CLOCK_FILE INTERVAL_S`, with the `IPAB_*` settings in the
+`python -m tests.scheduler.plans.plans_clock_beat CLOCK_FILE INTERVAL_S`, with the `IPAB_*` settings in the
 environment. CLOCK_FILE holds a naive UTC ISO 8601 time that the test replaces atomically
-(`tests.plans_helpers.write_clock`). Once its database is ready the process creates
+(`tests.scheduler.plans.plans_helpers.write_clock`). Once its database is ready the process creates
 `CLOCK_FILE.<pid>.ready`. SIGTERM stops it after the pass under way. The real `ipab beat`
 has no such clock: its `now` is the system's.
 """

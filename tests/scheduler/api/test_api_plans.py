@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.api.conftest import png_bytes
-from tests.api.test_api import assert_problem
+from tests.scheduler.api.conftest import png_bytes
+from tests.scheduler.api.test_api import assert_problem
 
 TOML = {"content-type": "application/toml"}
 

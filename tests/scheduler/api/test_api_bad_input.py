@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import png_bytes
+from tests.scheduler.api.conftest import png_bytes
 
 REF = "REF"  # replaced by a real reference id of the tenant
 GOOD = {"references": [REF], "prompt": "a cat", "steps": 2, "width": 64, "height": 64}

@@ -16,7 +16,7 @@ from scheduler.api.app import create_app
 from scheduler.api.caches import AUTH_CACHE_S
 from shared.db import Job, make_engine, make_session_factory
 from shared.settings import Settings
-from tests.api.conftest import png_bytes
+from tests.scheduler.api.conftest import png_bytes
 
 JOB = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
 

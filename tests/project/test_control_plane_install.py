@@ -16,7 +16,7 @@ from PIL import Image
 
 from shared.settings import Settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXPORT_FORMAT = "parquet" if importlib.util.find_spec("pyarrow") else "imagefolder"
 BLOCKED = ("torch", "diffusers", "transformers", "accelerate", "safetensors")
 

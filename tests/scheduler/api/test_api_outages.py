@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from devkit import services
 from scheduler.api.app import create_app
 from shared.settings import Settings
-from tests.api.conftest import make_key
-from tests.api.test_api import JOB, assert_problem, job_count, upload
+from tests.scheduler.api.conftest import make_key
+from tests.scheduler.api.test_api import JOB, assert_problem, job_count, upload
 
 
 def test_sql_down_answers_every_concurrent_post_503_and_they_succeed_once_it_is_back(

@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 
 from scheduler.api.caches import ExpiringCache
 from shared.storage import ObjectStore
-from tests.api.conftest import png_bytes
+from tests.scheduler.api.conftest import png_bytes
 
 JOB = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64}
 

@@ -2,7 +2,7 @@
 
 The fake encoder is deterministic (same image, same tensor) and counts its images in Redis,
 so the counts hold across processes. The store is a directory so that spawned processes
-share it; `tests/test_embed_cache_integration.py` runs the same paths against SeaweedFS.
+share it; `tests/worker/test_embed_cache_integration.py` runs the same paths against SeaweedFS.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from shared.db import PlanSlot
 from shared.settings import Settings
 from tests.conftest import settings_env
-from tests.plans_helpers import (
+from tests.scheduler.plans.plans_helpers import (
     MODEL_SET,
     Clock,
     apply,
@@ -28,9 +28,9 @@ from tests.plans_helpers import (
     write_manifest,
     write_plan,
 )
-from tests.submit_helpers import queue_length
+from tests.scheduler.submission.submit_helpers import queue_length
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 START = datetime(2026, 1, 1, 0, 0)
 NIGHTS = 100
 BEATS = 3
@@ -52,7 +52,7 @@ def beats(settings: Settings, database_url: str, tmp_path: Path) -> Iterator[tup
     clock_file = tmp_path / "clock"
     write_clock(clock_file, START)
     env = os.environ | settings_env(plan_settings)
-    command = [sys.executable, "-m", "tests.plans_clock_beat", str(clock_file), BEAT_INTERVAL_S]
+    command = [sys.executable, "-m", "tests.scheduler.plans.plans_clock_beat", str(clock_file), BEAT_INTERVAL_S]
     logs = [(tmp_path / f"beat{i}.log").open("wb") for i in range(BEATS)]
     procs = [subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT) for log in logs]
     try:

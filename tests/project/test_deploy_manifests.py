@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
 KUBERNETES_VERSION = "1.30.0"
 CUSTOM_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): REPO / "tests" / "schemas" / "keda-scaledobject-v1alpha1.json"}

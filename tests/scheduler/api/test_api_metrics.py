@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.test_api import JOB, upload
+from tests.scheduler.api.test_api import JOB, upload
 
 
 def counts(client: TestClient) -> dict[tuple[str, str, str], float]:
