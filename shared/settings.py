@@ -186,8 +186,6 @@ class Settings(BaseSettings):
             )
         if self.idempotency_ttl_s < MIN_IDEMPOTENCY_TTL_S:
             raise ValueError(f"IPAB_IDEMPOTENCY_TTL_S must be at least 86400 (24 h), got {self.idempotency_ttl_s}")
-        if self.max_attempts < 1:
-            raise ValueError(f"IPAB_MAX_ATTEMPTS must be at least 1, got {self.max_attempts}")
         if "dispatch_depth" not in self.model_fields_set:
             # A worker can only batch the jobs waiting in Redis: keep at least one batch there.
             self.dispatch_depth = max(DEFAULT_DISPATCH_DEPTH, self.batch_size)

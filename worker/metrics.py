@@ -94,11 +94,6 @@ def install(*, model_set: str, port: int) -> WorkerMetrics:
     return metrics
 
 
-def uninstall() -> None:
-    """Forget this process's metrics (tests)."""
-    _Installed.metrics = None
-
-
 def job_failed() -> None:
     """Count a job this worker failed for good (`status="failed"`).
 

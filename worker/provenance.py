@@ -2,7 +2,7 @@
 the library versions, the device and the dtype.
 
     hashes = model_set_hashes(config)                    # cached by (path, size, mtime)
-    record = Provenance.of(renderer, files=hashes)       # once per worker process
+    record = Provenance.of(renderer, hashes=hashes)      # once per worker process
     record.to_text()                                     # jobs.provenance, the PNG's ipab JSON
 
 Files are labelled `<model-set key>/<path inside it>` (`base/unet/diffusion_pytorch_model.safetensors`,
@@ -89,12 +89,6 @@ class Provenance:
     def to_text(self) -> str:
         """Stable JSON text (sorted keys): the same provenance gives the same bytes."""
         return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
-
-    @property
-    def version_line(self) -> str:
-        """A1111's `Version:` value, naming ipab and the libraries that draw the pixels."""
-        v = self.versions
-        return f"ipab {v['ipab']} (diffusers {v['diffusers']}, transformers {v['transformers']}, torch {v['torch']})"
 
 
 def library_versions() -> dict[str, str]:

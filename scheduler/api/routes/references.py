@@ -22,8 +22,6 @@ from shared.jobs import transaction
 
 router = APIRouter(prefix="/v1/references", tags=["references"])
 FILE_FIELD = "file"
-# The multipart envelope around the image: boundaries, headers, a few text fields.
-MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
 def reference_view(image: ReferenceImage) -> dict[str, Any]:

@@ -29,7 +29,15 @@ from shared.images import decode_reference
 from shared.keys import ref_key
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.scheduler.submission.submit_helpers import Run, count_rows, load_jobs, queue_length, run_ipab, write_csv, write_jsonl
+from tests.scheduler.submission.submit_helpers import (
+    Run,
+    count_rows,
+    load_jobs,
+    queue_length,
+    run_ipab,
+    write_csv,
+    write_jsonl,
+)
 
 MODEL_SET = "tiny-test"
 GOOD: dict[str, Any] = {"reference": "good.png", "prompt": "fine", "width": 512, "height": 512, "steps": 4}

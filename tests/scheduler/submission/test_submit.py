@@ -17,7 +17,15 @@ from shared.errors import InvalidInput, ManifestInvalid
 from shared.reconcile import reconcile_once
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.scheduler.submission.submit_helpers import Run, count_rows, load_jobs, queue_length, run_ipab, write_jsonl, write_photos
+from tests.scheduler.submission.submit_helpers import (
+    Run,
+    count_rows,
+    load_jobs,
+    queue_length,
+    run_ipab,
+    write_jsonl,
+    write_photos,
+)
 
 MODEL_SET = "tiny-test"
 PARAMS = {"width": 512, "height": 512, "steps": 4}
