@@ -29,28 +29,25 @@ def dispatched_now(ctx: ApiContext, model_set: str) -> int:
         return 0
 
 
+def _forecast_inputs(ctx: ApiContext, batch: Batch) -> dict[str, Any]:
+    return {
+        "sessions": ctx.sessions,
+        "settings": ctx.settings,
+        "dispatched": dispatched_now(ctx, batch.model_set),
+        "now": utcnow(),
+    }
+
+
 def job_forecast(ctx: ApiContext, *, job: Job, batch: Batch) -> Forecast | None:
     """Where a queued job stands in the lane policy's order, and when it should start."""
     if job.status != JobStatus.queued.value:
         return None
-    return forecast_job(
-        sessions=ctx.sessions,
-        settings=ctx.settings,
-        job_id=job.id,
-        dispatched=dispatched_now(ctx, batch.model_set),
-        now=utcnow(),
-    )
+    return forecast_job(job_id=job.id, **_forecast_inputs(ctx, batch))
 
 
 def batch_forecast(ctx: ApiContext, *, batch: Batch) -> Forecast | None:
     """Where the batch's last queued job stands in the lane policy's order."""
-    return forecast_batch(
-        sessions=ctx.sessions,
-        settings=ctx.settings,
-        batch_id=batch.id,
-        dispatched=dispatched_now(ctx, batch.model_set),
-        now=utcnow(),
-    )
+    return forecast_batch(batch_id=batch.id, **_forecast_inputs(ctx, batch))
 
 
 def _image(ctx: ApiContext, record: JobRecord) -> dict[str, Any]:

@@ -17,10 +17,17 @@ from typing import Any, Final
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from scheduler.batches.counts import TIME_FIELDS
 from shared.db import Job
 from shared.storage import ObjectStore
 
 RECORDS_CHUNK: Final = 1000  # rows fetched at a time when a batch's records are streamed
+# Columns a record carries as they are stored.
+COLUMNS: Final = (
+    *("batch_id", "line", "client_id", "status", "lane", "seed"),
+    *("output_key", "output_sha256", "output_bytes", "attempts", "worker_host", "render_batch_size"),
+)
+TIMESTAMPS: Final = ("queued_at", "started_at", "finished_at")  # shown as ISO 8601 UTC
 
 
 def iso_utc(value: datetime | None) -> str | None:
@@ -61,33 +68,17 @@ class JobRecord:
 def job_record(job: Job) -> JobRecord:
     """The record of one job row."""
     spec = json.loads(job.spec)
+    timings: dict[str, Any] = {name: iso_utc(getattr(job, name)) for name in TIMESTAMPS}
+    timings.update({name: getattr(job, name) for name in TIME_FIELDS})
     return JobRecord(
         job_id=job.id,
-        batch_id=job.batch_id,
-        line=job.line,
-        client_id=job.client_id,
-        status=job.status,
-        lane=job.lane,
         params=spec["params"],
-        seed=job.seed,
         references=tuple((r["sha256"], r["key"]) for r in spec["references"]),
-        output_key=job.output_key,
-        output_sha256=job.output_sha256,
-        output_bytes=job.output_bytes,
-        attempts=job.attempts,
-        worker_host=job.worker_host,
-        render_batch_size=job.render_batch_size,
-        timings={
-            "queued_at": iso_utc(job.queued_at),
-            "started_at": iso_utc(job.started_at),
-            "finished_at": iso_utc(job.finished_at),
-            "encode_s": job.encode_s,
-            "denoise_s": job.denoise_s,
-            "upload_s": job.upload_s,
-        },
+        timings=timings,
         cache_stats=json.loads(job.cache_stats) if job.cache_stats else None,
         provenance=json.loads(job.provenance) if job.provenance else None,
         error=None if job.error_type is None else {"type": job.error_type, "message": job.error_message},
+        **{name: getattr(job, name) for name in COLUMNS},
     )
 
 

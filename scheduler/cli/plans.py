@@ -16,20 +16,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.cli.common import database
 from scheduler.cli.stopping import stop_on_signals
+from scheduler.plans import views
 from scheduler.plans.beat import DEFAULT_INTERVAL_S, run_beat
 from scheduler.plans.planfile import PlanInvalid, PlanSpec, read_plan_file
 from scheduler.plans.runner import SlotContext, SlotOutcome
-from scheduler.plans.views import (
-    HISTORY_LIMIT,
-    apply_specs,
-    counts_text,
-    delete_named_plan,
-    list_plans,
-    plan_history,
-    run_now,
-    set_plan_enabled,
-    show_plan,
-)
 from shared.db import utcnow
 from shared.errors import InvalidInput
 from shared.settings import load_settings
@@ -63,7 +53,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print(f"{len(problems)} problem(s); no plan applied. Fix them and apply again", file=sys.stderr)
         return 2
     with database(load_settings()) as sessions:
-        applied = apply_specs(sessions=sessions, specs=specs, now=utcnow())
+        applied = views.apply_specs(sessions=sessions, specs=specs, now=utcnow())
     for plan in applied:
         state = " (paused)" if plan["state"] == "paused" else ""
         print(f"plan {plan['name']}: {plan['change']}{state}; next slot {plan['next_slot']}")
@@ -87,7 +77,7 @@ def _cell(value: Any) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     """Every plan: state, schedule, next slot (in its zone), last slot with its status and counts."""
     with database(load_settings()) as sessions:
-        plans = list_plans(sessions=sessions, now=utcnow())
+        plans = views.list_plans(sessions=sessions, now=utcnow())
     print("\t".join(LIST_COLUMNS))
     for plan in plans:
         print("\t".join(_cell(plan[column]) for column in LIST_COLUMNS))
@@ -97,7 +87,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     """One plan's settings and its next slots."""
     with database(load_settings()) as sessions:
-        details = show_plan(sessions=sessions, name=args.name, now=utcnow())
+        details = views.show_plan(sessions=sessions, name=args.name, now=utcnow())
     details["schedule"] = f"{details['schedule']} ({details.pop('timezone')})"
     print("\n".join(f"{key}: {_cell(value)}" for key, value in details.items()))
     return 0
@@ -106,10 +96,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     """The plan's slots, newest first: when, kind, status, batch, counts, and why (skipped, failed, caught up)."""
     with database(load_settings()) as sessions:
-        slots = plan_history(sessions=sessions, name=args.name, limit=args.limit)
+        slots = views.plan_history(sessions=sessions, name=args.name, limit=args.limit)
     print("\t".join(HISTORY_COLUMNS))
     for slot in slots:
-        jobs = "-" if slot["counts"] is None else counts_text(slot["counts"])
+        jobs = "-" if slot["counts"] is None else views.counts_text(slot["counts"])
         cells = [slot["slot"], slot["kind"], slot["status"], _cell(slot["batch"]), jobs, slot["reason"] or ""]
         print("\t".join(cells))
     return 0
@@ -134,13 +124,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     ObjectStore.from_settings(settings).ensure_bucket()
     with database(settings) as sessions:
-        outcome = run_now(SlotContext(settings=settings, sessions=sessions, now=utcnow), name=args.name)
+        outcome = views.run_now(SlotContext(settings=settings, sessions=sessions, now=utcnow), name=args.name)
     return _print_outcome(outcome)
 
 
 def _set_enabled(name: str, enabled: bool) -> int:
     with database(load_settings()) as sessions:
-        changed = set_plan_enabled(sessions=sessions, name=name, enabled=enabled, now=utcnow())
+        changed = views.set_plan_enabled(sessions=sessions, name=name, enabled=enabled, now=utcnow())
     state = "resumed (slots after now run)" if enabled else "paused"
     print(f"plan {name}: {state if changed else 'already ' + ('enabled' if enabled else 'paused')}")
     return 0
@@ -159,7 +149,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     """Delete the plan and its slot history; its batches and their jobs stay."""
     with database(load_settings()) as sessions:
-        slots = delete_named_plan(sessions=sessions, name=args.name)
+        slots = views.delete_named_plan(sessions=sessions, name=args.name)
     print(f"plan {args.name}: deleted with {slots} slot record(s); its batches stay")
     return 0
 
@@ -205,7 +195,7 @@ def register(subparsers: Any) -> None:
     sub = _plans_parser(subparsers)
     history = sub.add_parser("history", help="each slot: batch, counts, skipped or failed and why")
     history.add_argument("name", metavar="NAME")
-    history.add_argument("--limit", type=int, default=HISTORY_LIMIT, help="newest slots shown")
+    history.add_argument("--limit", type=int, default=views.HISTORY_LIMIT, help="newest slots shown")
     history.set_defaults(func=cmd_history)
     run = sub.add_parser("run", help="an extra run now, as its own slot")
     run.add_argument("name", metavar="NAME")

@@ -15,34 +15,41 @@ from scheduler.terminal_progress import Reporter, rate_text
 Counts = dict[str, int]
 
 
+def _poll_until_final(poll: Callable[[], Counts], show: Callable[[Counts], None], *, interval_s: float) -> Counts:
+    while True:
+        counts = poll()
+        show(counts)
+        if done_of(counts) == sum(counts.values()):
+            return counts
+        time.sleep(interval_s)
+
+
 def _watch_bar(poll: Callable[[], Counts], *, interval_s: float, reporter: Reporter) -> Counts:
     counts = poll()
     with reporter.stage("jobs", total=sum(counts.values())) as stage:
-        while True:
+
+        def show(counts: Counts) -> None:
             stage.update(done_of(counts), total=sum(counts.values()))
-            if done_of(counts) == sum(counts.values()):
-                return counts
-            time.sleep(interval_s)
-            counts = poll()
+
+        return _poll_until_final(poll, show, interval_s=interval_s)
 
 
 def _watch_lines(
     poll: Callable[[], Counts], *, interval_s: float, line_of: Callable[[Counts], str], reporter: Reporter
 ) -> Counts:
-    started_s, last = time.monotonic(), ""
-    counts = poll()
-    done_at_start = done_of(counts)
-    while True:
+    started_s, shown, at_start = time.monotonic(), [""], [-1]
+
+    def show(counts: Counts) -> None:
+        total, done = sum(counts.values()), done_of(counts)
+        if at_start[0] < 0:
+            at_start[0] = done
         line = line_of(counts)
-        if line != last:
-            total, done = sum(counts.values()), done_of(counts)
-            rate = rate_text(done - done_at_start, time.monotonic() - started_s, total - done_at_start)
+        if line != shown[0]:
+            rate = rate_text(done - at_start[0], time.monotonic() - started_s, total - at_start[0])
             reporter.line(f"{line} {rate}")
-            last = line
-        if done_of(counts) == sum(counts.values()):
-            return counts
-        time.sleep(interval_s)
-        counts = poll()
+            shown[0] = line
+
+    return _poll_until_final(poll, show, interval_s=interval_s)
 
 
 def watch_counts(
