@@ -593,7 +593,7 @@ def test_ipab_cache_stats_prints_the_fleet_counters(
 ) -> None:
     import argparse
 
-    from scheduler import cache_commands as embed_cache_cli
+    from scheduler.cli import cache as embed_cache_cli
 
     make_cache(redis_url, store, FakeEncoder(), prefix).get([ref(png_bytes(120))])
     monkeypatch.setenv("IPAB_REDIS_URL", redis_url)

@@ -21,7 +21,7 @@ from scheduler.submission.references import ReferenceResolver
 from scheduler.submission.submit import submit_manifest
 from shared.db import Job, JobStatus, make_engine, make_session_factory
 from shared.errors import InvalidInput, ObjectTooLarge
-from shared.images import MAX_DECODED_BYTES, decode_reference
+from shared.images import DECODER_SLACK_BYTES, MAX_DECODED_BYTES, decode_reference
 from shared.redact import mask_text
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -151,11 +151,12 @@ def test_an_image_too_large_once_decoded_is_refused_from_its_header() -> None:
 
 
 def test_the_decoded_limit_counts_bytes_per_pixel_of_the_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("shared.images.MAX_DECODED_BYTES", 300 * 300 * 2)
-    assert decode_reference(png_bytes((300, 300), "L")).size == (300, 300)  # 1 byte per pixel: fits
+    # At peak, L holds its 1 byte a pixel and its 4-byte RGB copy; RGBA its 4 and the RGB under it.
+    monkeypatch.setattr("shared.images.MAX_DECODED_BYTES", 300 * 300 * 5 + DECODER_SLACK_BYTES)
+    assert decode_reference(png_bytes((300, 300), "L")).size == (300, 300)  # 5 bytes per pixel: fits
     with pytest.raises(InvalidInput, match="once decoded"):
-        decode_reference(png_bytes((300, 300), "RGBA"))  # 4 bytes per pixel: does not
-    assert MAX_DECODED_BYTES >= 6000 * 4000 * 4  # a 24 MP photo still decodes
+        decode_reference(png_bytes((300, 300), "RGBA"))  # 8 bytes per pixel: does not
+    assert MAX_DECODED_BYTES >= 6000 * 4000 * 4 + DECODER_SLACK_BYTES  # a 24 MP RGB photo still decodes
 
 
 # 10. Batch names.
