@@ -13,7 +13,7 @@ import uuid
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
@@ -21,6 +21,7 @@ from typing import Any, Final
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Engine,
     Float,
@@ -175,6 +176,20 @@ class Job(Base):
     provenance: Mapped[str | None] = mapped_column(Text)
     error_type: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # Metering (shared/usage.py). `gpu_s`: the device seconds of the attempt that ended the job
+    # (its share of each pipeline call it was in: a call of n jobs splits its time by n), billed;
+    # `lost_gpu_s`: those of attempts that did not (killed, taken over, failed), shown, not billed;
+    # `attempt_gpu_s`: what the running attempt reported at its last heartbeat, moved to
+    # `lost_gpu_s` if that attempt is lost. `steps_run`: the denoising steps of the attempt that
+    # ended it; `pixel_steps`: width x height x steps_run, a unit that does not depend on the card.
+    # `queue_s`: from submission to the start of that attempt; `total_s`: to the job's end.
+    gpu_s: Mapped[float | None] = mapped_column(Float)
+    lost_gpu_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    attempt_gpu_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    steps_run: Mapped[int | None] = mapped_column(Integer)
+    pixel_steps: Mapped[int | None] = mapped_column(BigInteger)
+    queue_s: Mapped[float | None] = mapped_column(Float)
+    total_s: Mapped[float | None] = mapped_column(Float)
 
 
 class Tenant(Base):
@@ -313,6 +328,60 @@ class PlanSlot(Base):
     reason: Mapped[str | None] = mapped_column(Text)  # why skipped or failed; a catch-up note
     decided_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     decided_by: Mapped[str] = mapped_column(String(255))  # host:pid of the beat or command
+
+
+class UsageRollup(Base):
+    """Usage summed per tenant, UTC day, batch and lane: what usage reports and quotas read.
+
+    Kept by the transactions that end jobs (the worker's fenced finish, a failure, a cancel;
+    `shared/usage.py`), so a report reads a row per batch, lane and day however many jobs it
+    sums. No foreign key to `batches`: usage outlives a deleted batch.
+    """
+
+    __tablename__ = "usage_rollup"
+    __table_args__ = (Index("ix_usage_rollup_day", "day"),)
+
+    tenant: Mapped[str] = mapped_column(String(100), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)  # UTC day the jobs ended
+    batch_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    lane: Mapped[str] = mapped_column(String(16), primary_key=True)
+    model_set: Mapped[str] = mapped_column(String(200))
+    jobs: Mapped[int] = mapped_column(BigInteger, default=0)  # jobs that ended: succeeded, failed or canceled
+    images: Mapped[int] = mapped_column(BigInteger, default=0)  # jobs that succeeded
+    gpu_s: Mapped[float] = mapped_column(Float, default=0.0)  # billed
+    lost_gpu_s: Mapped[float] = mapped_column(Float, default=0.0)  # shown, not billed
+    pixel_steps: Mapped[int] = mapped_column(BigInteger, default=0)
+    queue_s: Mapped[float] = mapped_column(Float, default=0.0)  # summed over the succeeded jobs
+    total_s: Mapped[float] = mapped_column(Float, default=0.0)  # summed over the succeeded jobs
+
+
+class TenantQuota(Base):
+    """A tenant's limits (`ipab quotas set`, PUT /v1/quotas/{tenant}); NULL: no limit of that kind.
+
+    Days and months are UTC. The row is also the tenant's lock: a submission that checks a
+    quota holds it until its jobs are written (`scheduler/usage/quotas.py`).
+    """
+
+    __tablename__ = "tenant_quotas"
+
+    tenant: Mapped[str] = mapped_column(String(100), primary_key=True)
+    images_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    images_per_month: Mapped[int | None] = mapped_column(BigInteger)
+    gpu_s_per_day: Mapped[float | None] = mapped_column(Float)
+    gpu_s_per_month: Mapped[float | None] = mapped_column(Float)
+    max_running: Mapped[int | None] = mapped_column(Integer)  # jobs running (or dispatched) at once
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class QuotaRefusal(Base):
+    """How many submissions a quota refused, per tenant and quota: the operator's metrics read it."""
+
+    __tablename__ = "quota_refusals"
+
+    tenant: Mapped[str] = mapped_column(String(100), primary_key=True)
+    quota: Mapped[str] = mapped_column(String(32), primary_key=True)  # a TenantQuota column name
+    refusals: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_refused_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

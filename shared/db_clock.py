@@ -61,3 +61,32 @@ def _other_now(element: server_now, compiler: SQLCompiler, **kw: Any) -> str:
     raise NotImplementedError(
         f"database dialect {compiler.dialect.name!r} is not supported for leases; use SQLite or PostgreSQL"
     )
+
+
+class elapsed_s(FunctionElement[float]):  # lower case: it reads as a SQL function
+    """Seconds from `start` to `end` (stored or `server_now()` times), as a float: a job's queue and total time."""
+
+    type = Float()
+    inherit_cache = True
+    name = "elapsed_s"
+
+    def __init__(self, start: ColumnElement[Any], end: ColumnElement[Any]) -> None:
+        super().__init__(start, end)
+
+
+def _ends(element: elapsed_s, compiler: SQLCompiler, **kw: Any) -> tuple[str, str]:
+    start, end = element.clauses
+    return compiler.process(start, **kw), compiler.process(end, **kw)
+
+
+@compiles(elapsed_s, "sqlite")
+def _sqlite_elapsed(element: elapsed_s, compiler: SQLCompiler, **kw: Any) -> str:
+    # julianday reads the stored text, fractional seconds included; a double's 1e-10 day is 10 us.
+    start, end = _ends(element, compiler, **kw)
+    return f"((julianday({end}) - julianday({start})) * 86400.0)"
+
+
+@compiles(elapsed_s, "postgresql")
+def _postgresql_elapsed(element: elapsed_s, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = _ends(element, compiler, **kw)
+    return f"CAST(EXTRACT(EPOCH FROM ({end} - {start})) AS DOUBLE PRECISION)"

@@ -23,12 +23,15 @@ from sqlalchemy import Float, Table, and_, bindparam, exists, or_, select, updat
 from sqlalchemy.exc import InterfaceError as SqlInterfaceError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.functions import coalesce
 
-from shared.db import Batch, Job, JobStatus
-from shared.db_clock import server_now
+from shared.db import TERMINAL, Batch, Job, JobStatus
+from shared.db_clock import elapsed_s, server_now
 from shared.errors import DatabaseUnavailable
+from shared.usage import AttemptUsage, roll_up_ended, roll_up_job, roll_up_late
 
 LIVE = (JobStatus.queued.value, JobStatus.running.value)
+_ENDED = frozenset(s.value for s in TERMINAL)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,11 @@ class JobResult:
     cache_stats: str | None = None
     provenance: str | None = None  # JSON: weight sha256s, library versions, device, dtype (worker.provenance)
     render_batch_size: int | None = None  # jobs in the pipeline call that rendered this one
+    # Metering (shared/usage.py): this attempt's device seconds (its share of each pipeline call),
+    # the denoising steps it ran, and width x height x steps.
+    gpu_s: float | None = None
+    steps_run: int | None = None
+    pixel_steps: int | None = None
 
 
 @contextmanager
@@ -83,6 +91,9 @@ _CLAIM = (
         lease_expires_at=server_now(_LEASE_S),
         worker_host=bindparam("p_host"),
         started_at=server_now(),
+        # The previous attempt was lost (its worker died or stalled): what it reported is not billed.
+        lost_gpu_s=_C.lost_gpu_s + _C.attempt_gpu_s,
+        attempt_gpu_s=0.0,
     )
     .returning(_C.attempts)
 )
@@ -90,7 +101,11 @@ _RENEW = (
     update(_JOBS)
     # Never past the lease's maximum lifetime, counted from its claim.
     .where(_FENCE, _C.started_at > server_now(-bindparam("p_max_lease_s", type_=Float())))
-    .values(lease_expires_at=server_now(_LEASE_S))
+    .values(
+        lease_expires_at=server_now(_LEASE_S),
+        # The attempt's device seconds so far: what it lost if it never reports again.
+        attempt_gpu_s=coalesce(bindparam("p_gpu_s", type_=Float()), _C.attempt_gpu_s),
+    )
 )
 _RESULT_FIELDS = (
     "output_key",
@@ -102,6 +117,9 @@ _RESULT_FIELDS = (
     "cache_stats",
     "provenance",
     "render_batch_size",
+    "gpu_s",
+    "steps_run",
+    "pixel_steps",
 )
 _FINISH = (
     update(_JOBS)
@@ -113,6 +131,9 @@ _FINISH = (
         error_type=None,
         error_message=None,
         **{name: bindparam(f"p_{name}") for name in _RESULT_FIELDS},
+        attempt_gpu_s=0.0,
+        queue_s=elapsed_s(_C.queued_at, _C.started_at),
+        total_s=elapsed_s(_C.queued_at, server_now()),
     )
 )
 
@@ -143,11 +164,26 @@ def _fenced(job_id: str, attempt: int) -> Any:
 
 
 def renew_lease(
-    *, sessions: sessionmaker[Session], job_id: str, attempt: int, lease_s: float, max_lease_s: float
+    *,
+    sessions: sessionmaker[Session],
+    job_id: str,
+    attempt: int,
+    lease_s: float,
+    max_lease_s: float,
+    gpu_s: float | None = None,
 ) -> bool:
     """Extend a running job's lease to `lease_s` from now (server time); False when the job was
-    canceled or taken over, or its claim is more than `max_lease_s` old (the lease's maximum lifetime)."""
-    params = {"p_id": job_id, "p_attempt": attempt, "p_lease_s": lease_s, "p_max_lease_s": max_lease_s}
+    canceled or taken over, or its claim is more than `max_lease_s` old (the lease's maximum lifetime).
+
+    `gpu_s`: the attempt's device seconds so far, noted as `attempt_gpu_s` (what is lost if it
+    is never heard of again)."""
+    params = {
+        "p_id": job_id,
+        "p_attempt": attempt,
+        "p_lease_s": lease_s,
+        "p_max_lease_s": max_lease_s,
+        "p_gpu_s": gpu_s,
+    }
     with transaction(sessions) as session:
         return _changed(session.execute(_RENEW, params)) == 1
 
@@ -157,13 +193,30 @@ def finish_job(*, sessions: sessionmaker[Session], job_id: str, attempt: int, re
     params: dict[str, Any] = {"p_id": job_id, "p_attempt": attempt}
     params.update({f"p_{name}": getattr(result, name) for name in _RESULT_FIELDS})
     with transaction(sessions) as session:
-        return _changed(session.execute(_FINISH, params)) == 1
+        if _changed(session.execute(_FINISH, params)) != 1:
+            return False
+        roll_up_job(session, job_id)  # counted with the finish: a fenced-out attempt adds nothing
+        return True
+
+
+def _attempt_lost(gpu_s: float | None) -> dict[str, Any]:
+    """The values that count an attempt's device seconds as lost: `gpu_s` when its worker knows
+    them, else what it reported at its last heartbeat."""
+    spent = Job.attempt_gpu_s if gpu_s is None else gpu_s
+    return {"lost_gpu_s": Job.lost_gpu_s + spent, "attempt_gpu_s": 0.0}
 
 
 def fail_job(
-    *, sessions: sessionmaker[Session], job_id: str, attempt: int | None, error_type: str, message: str
+    *,
+    sessions: sessionmaker[Session],
+    job_id: str,
+    attempt: int | None,
+    error_type: str,
+    message: str,
+    gpu_s: float | None = None,
 ) -> bool:
-    """Mark a job failed with its reason; fenced by attempt when one is given."""
+    """Mark a job failed with its reason; fenced by attempt when one is given. `gpu_s`: what the
+    failed attempt used (lost, not billed)."""
     where = _fenced(job_id, attempt) if attempt is not None else and_(Job.id == job_id, Job.status.in_(LIVE))
     stmt = (
         _update()
@@ -175,16 +228,28 @@ def fail_job(
             error_type=error_type,
             error_message=message[:2000],
         )
+        .values(_attempt_lost(gpu_s))
     )
     with transaction(sessions) as session:
-        return _changed(session.execute(stmt)) == 1
+        if _changed(session.execute(stmt)) != 1:
+            return False
+        roll_up_job(session, job_id)
+        return True
 
 
 def release_job(
-    *, sessions: sessionmaker[Session], job_id: str, attempt: int, max_attempts: int, error_type: str, message: str
+    *,
+    sessions: sessionmaker[Session],
+    job_id: str,
+    attempt: int,
+    max_attempts: int,
+    error_type: str,
+    message: str,
+    gpu_s: float | None = None,
 ) -> str:
     """Give a job back after a transient fault outlasted its retries: queued again, or failed
     once its attempts are spent. Returns the new status ("" if this attempt no longer holds it).
+    `gpu_s`: what the attempt used (lost, not billed).
     """
     with transaction(sessions) as session:
         job = session.execute(select(Job.attempts, Job.attempt_floor).where(_fenced(job_id, attempt))).one_or_none()
@@ -199,7 +264,10 @@ def release_job(
             }
         else:
             values = {"status": JobStatus.queued.value, "enqueued_at": None, "worker_host": None}
-        session.execute(_update().where(_fenced(job_id, attempt)).values(lease_expires_at=None, **values))
+        lost = _attempt_lost(gpu_s)
+        session.execute(_update().where(_fenced(job_id, attempt)).values(lease_expires_at=None, **values, **lost))
+        if values["status"] == JobStatus.failed.value:
+            roll_up_job(session, job_id)
         return str(values["status"])
 
 
@@ -215,7 +283,7 @@ def expire_leases(*, sessions: sessionmaker[Session], max_attempts: int) -> tupl
         failed = list(session.scalars(select(Job.id).where(expired, spent)).all())
         requeued = list(session.scalars(select(Job.id).where(expired, ~spent)).all())
         if failed:
-            session.execute(
+            stmt = (
                 _update()
                 .where(Job.id.in_(failed), expired)
                 .values(
@@ -225,14 +293,46 @@ def expire_leases(*, sessions: sessionmaker[Session], max_attempts: int) -> tupl
                     error_type="WorkerLost",
                     error_message=f"worker lost {max_attempts} times",
                 )
+                .values(_attempt_lost(None))
+                .returning(Job.id)
             )
+            ended = list(session.execute(stmt).scalars())
+            if ended:
+                roll_up_ended(session, Job.id.in_(ended))
         if requeued:
             session.execute(
                 _update()
                 .where(Job.id.in_(requeued), expired)
                 .values(status=JobStatus.queued.value, lease_expires_at=None, enqueued_at=None)
+                .values(_attempt_lost(None))
             )
     return requeued, failed
+
+
+def record_left_attempt(
+    *, sessions: sessionmaker[Session], job_id: str, attempt: int, usage: AttemptUsage, reported_s: float
+) -> bool:
+    """What an attempt used that left its job without finishing it (its lease was lost).
+
+    Canceled while this attempt held it: the steps it ran are the job's, billed (True).
+    Otherwise the attempt was lost (taken over, or its lease lapsed): its seconds beyond
+    `reported_s` (what its heartbeats noted, which a claim or the reconciler moves to
+    `lost_gpu_s`) are added there, not billed (False).
+    """
+    mine = (Job.id == job_id, Job.attempts == attempt, Job.status == JobStatus.canceled.value, Job.gpu_s.is_(None))
+    billed = {"gpu_s": usage.gpu_s, "steps_run": usage.steps_run, "pixel_steps": usage.pixel_steps}
+    with transaction(sessions) as session:
+        if _changed(session.execute(_update().where(*mine).values(**billed, attempt_gpu_s=0.0))) == 1:
+            roll_up_late(session, job_id, gpu_s=usage.gpu_s, pixel_steps=usage.pixel_steps)
+            return True
+        unreported_s = usage.gpu_s - reported_s
+        if unreported_s <= 0:
+            return False
+        stmt = _update().where(Job.id == job_id).values(lost_gpu_s=Job.lost_gpu_s + unreported_s).returning(Job.status)
+        status = session.execute(stmt).scalar_one_or_none()
+        if status in _ENDED:  # the job ended already: its rollup row learns it now
+            roll_up_late(session, job_id, lost_gpu_s=unreported_s)
+        return False
 
 
 def hand_back_paused(*, sessions: sessionmaker[Session], job_id: str) -> bool:

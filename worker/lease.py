@@ -29,6 +29,7 @@ from shared.jobs import renew_lease
 from shared.logs import job_context
 from shared.retry import retry_span_s
 from shared.settings import Settings
+from worker.metering import Meter
 from worker.observe import note_claim
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Lease:
         # written, counted from before the call that wrote it.
         self._valid_until_s = claimed_s + lease_s
         self.due_s = 0.0  # monotonic time of the next renewal; set by start()
+        self.meter = Meter()  # this attempt's device seconds, noted with each renewal
         self.log_fields: dict[str, Any] = {"job_id": job_id, "attempt": attempt}  # set by start()
 
     def start(self) -> Lease:
@@ -108,6 +110,7 @@ class Lease:
             return False
         started_s = time.monotonic()
         self.due_s = started_s + self._heartbeat_s  # before the call: a failure waits a beat too
+        gpu_s = self.meter.seconds()
         try:
             ours = renew_lease(
                 sessions=self._sessions,
@@ -115,9 +118,11 @@ class Lease:
                 attempt=self.attempt,
                 lease_s=self._lease_s,
                 max_lease_s=self._max_lease_s,
+                gpu_s=gpu_s,
             )
             if ours:
                 self._valid_until_s = started_s + self._lease_s
+                self.meter.reported_s = gpu_s
         except TransientError as e:
             # The lease outlives a short database outage, but not its own expiry: after
             # that the reconciler may have given the job to another worker.

@@ -57,6 +57,10 @@ class WorkerMetrics:
             "ipab_embedding_cache_lookups", "Embedding cache lookups", ["level", "result"], registry=r
         )
         self.batch_size = Gauge("ipab_render_batch_size", "Jobs in the last job's pipeline call", ms, registry=r)
+        # Once per pipeline call, however many jobs share it: the sum of the jobs' `gpu_s` (metering).
+        self.device_busy_seconds = Counter(
+            "ipab_device_busy_seconds", "Time the device spent in pipeline calls", ms, registry=r
+        )
         self._gpu_gauges()
 
     def _histogram(self, name: str, doc: str) -> Histogram:
@@ -113,6 +117,12 @@ def job_published(result: JobResult) -> None:
     m.upload_seconds.labels(m.model_set).observe(result.upload_s)
     if result.render_batch_size is not None:
         m.batch_size.labels(m.model_set).set(result.render_batch_size)
+
+
+def device_busy(seconds: float) -> None:
+    """One pipeline call kept the device busy for `seconds`."""
+    if (m := _Installed.metrics) is not None:
+        m.device_busy_seconds.labels(m.model_set).inc(seconds)
 
 
 def job_claimed(queue_wait_s: float | None) -> None:

@@ -36,8 +36,9 @@ from shared.logs import job_context
 from shared.retry import retry_per_settings
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from shared.usage import AttemptUsage
 from worker import metrics
-from worker.failures import record_failure
+from worker.failures import record_failure, record_left_job
 from worker.lease import Lease
 
 if TYPE_CHECKING:
@@ -58,6 +59,13 @@ class Rendered:
     cache_stats: str
     render_batch_size: int = 1  # jobs in the pipeline call that rendered this one
     provenance: str | None = None  # the worker's provenance record, JSON (worker.provenance)
+    gpu_s: float = 0.0  # this attempt's device seconds (worker.metering)
+    steps_run: int = 0
+    pixels: int = 0  # width x height
+
+    def usage(self) -> AttemptUsage:
+        """What the attempt that rendered it used."""
+        return AttemptUsage(gpu_s=self.gpu_s, steps_run=self.steps_run, pixels=self.pixels)
 
 
 @dataclass(frozen=True)
@@ -135,7 +143,14 @@ class Publisher:
         return retry_per_settings(fn, what=what, settings=self._settings)
 
     def _fail(self, p: Publication, error: IpabError) -> None:
-        record_failure(self._settings, self._sessions, job_id=p.job_id, attempt=p.lease.attempt, error=error)
+        record_failure(
+            self._settings,
+            self._sessions,
+            job_id=p.job_id,
+            attempt=p.lease.attempt,
+            error=error,
+            gpu_s=p.rendered.gpu_s,
+        )
 
     def publish(self, p: Publication) -> None:
         """Steps 7-9 of a job: upload to this attempt's key, mark succeeded, tidy up."""
@@ -145,6 +160,7 @@ class Publisher:
         # 7. Upload, unless the lease already lapsed (another attempt may hold the job).
         if not p.lease.held:
             log.warning("job %s attempt %d: lease lost before upload; not publishing", p.job_id, p.lease.attempt)
+            record_left_job(self._settings, self._sessions, lease=p.lease, usage=p.rendered.usage())
             return
         t0 = time.perf_counter()
         try:
@@ -163,6 +179,9 @@ class Publisher:
             cache_stats=p.rendered.cache_stats,
             render_batch_size=p.rendered.render_batch_size,
             provenance=p.rendered.provenance,
+            gpu_s=p.rendered.gpu_s,
+            steps_run=p.rendered.steps_run,
+            pixel_steps=p.rendered.usage().pixel_steps,
         )
         recorded = self._retry(
             lambda: finish_job(sessions=self._sessions, job_id=p.job_id, attempt=p.lease.attempt, result=result),
@@ -170,6 +189,8 @@ class Publisher:
         )
         if recorded:
             metrics.job_published(result)
+        else:  # canceled meanwhile (its steps are billed), or another attempt holds it (lost)
+            record_left_job(self._settings, self._sessions, lease=p.lease, usage=p.rendered.usage())
         # 9. Keep only the recorded object: the winner's.
         self._tidy(p, recorded=recorded)
 

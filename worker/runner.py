@@ -24,11 +24,13 @@ from shared.jobs import claim_job, hand_back_paused
 from shared.queue import forget_queued
 from shared.retry import retry_per_settings
 from shared.step_progress import PROGRESS_EVERY_S, record_steps
+from shared.usage import AttemptUsage
 from shared.wire import JobMessage, decode_ids, decode_message
 from worker.batching import BatchCollector
 from worker.context import WorkerContext
-from worker.failures import record_failure
+from worker.failures import record_failure, record_left_job
 from worker.lease import Lease, max_lease_s
+from worker.metering import pipeline_call
 from worker.png import encode_png
 from worker.publisher import Publication, Rendered
 
@@ -115,7 +117,12 @@ def _gather(ctx: WorkerContext, first: JobMessage) -> list[_Job]:
 def _leave(ctx: WorkerContext, job: _Job, error: BaseException) -> None:
     """The job leaves its pipeline call: its lease stops and its failure (or cancel) is recorded."""
     job.lease.stop()
-    job.outcome = _record_failure(ctx, job.job_id, job.lease.attempt, error)
+    job.outcome = _record_failure(ctx, job.lease, error, pixels=_pixels(job.message))
+
+
+def _pixels(message: JobMessage | None) -> int:
+    """width x height of the job's image (0 when its message could not be read)."""
+    return message.spec.params.width * message.spec.params.height if message is not None else 0
 
 
 def _live(jobs: list[_Job]) -> list[_Job]:
@@ -144,7 +151,7 @@ def _hand_off(ctx: WorkerContext, publication: Publication) -> str:
             log.warning("job %s: %r during hand-off; the publisher has it", publication.job_id, e)
             return "rendered"
         publication.lease.stop()
-        return _record_failure(ctx, publication.job_id, publication.lease.attempt, e)
+        return _record_failure(ctx, publication.lease, e, pixels=publication.rendered.pixels)
     return "rendered"
 
 
@@ -230,10 +237,12 @@ def _generate(ctx: WorkerContext, jobs: list[_Job]) -> tuple[list[Any], float]:
     items = [(job.message.spec.params, job.embeds) for job in jobs if job.message is not None]
     on_step = _on_step(ctx, jobs)
     t0 = time.perf_counter()
-    if len(items) == 1:
-        images = [ctx.renderer.generate(items[0][0], items[0][1], on_step=on_step)]
-    else:
-        images = ctx.renderer.generate_batch(items, on_step=on_step)
+    # The call's device time, split between its jobs (worker.metering).
+    with pipeline_call([job.lease.meter for job in jobs], steps=items[0][0].steps):
+        if len(items) == 1:
+            images = [ctx.renderer.generate(items[0][0], items[0][1], on_step=on_step)]
+        else:
+            images = ctx.renderer.generate_batch(items, on_step=on_step)
     return images, time.perf_counter() - t0
 
 
@@ -251,6 +260,7 @@ def _on_step(ctx: WorkerContext, jobs: list[_Job]) -> Callable[[int], None]:
             try:
                 job.lease.check(step)
             except JobCanceled as e:
+                job.lease.meter.leave(steps_run=step + 1)  # `step` is the index of the step just done
                 _leave(ctx, job, e)
         if not _live(jobs):
             raise JobCanceled(f"every job of this pipeline call left it (at step {step})")
@@ -302,6 +312,9 @@ def _publish(ctx: WorkerContext, job: _Job, image: Any, *, denoise_s: float, ren
         cache_stats=job.cache_stats,
         render_batch_size=render_batch_size,
         provenance=ctx.provenance.to_text() if ctx.provenance else None,
+        gpu_s=job.lease.meter.seconds(),
+        steps_run=job.lease.meter.steps_run,
+        pixels=_pixels(job.message),
     )
     publication = Publication(job_id=job.job_id, batch_id=job.batch_id, lease=job.lease, rendered=rendered)
     job.outcome = _hand_off(ctx, publication)
@@ -314,14 +327,19 @@ def _loader(ctx: WorkerContext, key: str) -> Callable[[], bytes]:
     return load
 
 
-def _record_failure(ctx: WorkerContext, job_id: str, attempt: int, error: BaseException) -> str:
+def _record_failure(ctx: WorkerContext, lease: Lease, error: BaseException, *, pixels: int) -> str:
+    job_id, attempt, meter = lease.job_id, lease.attempt, lease.meter
     if isinstance(error, JobCanceled):
         log.info("job %s stopped: %s", job_id, error)
+        usage = AttemptUsage(gpu_s=meter.seconds(), steps_run=meter.steps_run, pixels=pixels)
+        record_left_job(ctx.settings, ctx.sessions, lease=lease, usage=usage)
         return "canceled"
     error = _as_permanent(error)
     if not isinstance(error, IpabError):
         raise error  # a programming error or a shutdown signal: let it surface
-    return record_failure(ctx.settings, ctx.sessions, job_id=job_id, attempt=attempt, error=error)
+    return record_failure(
+        ctx.settings, ctx.sessions, job_id=job_id, attempt=attempt, error=error, gpu_s=meter.seconds()
+    )
 
 
 def _as_permanent(error: BaseException) -> BaseException:

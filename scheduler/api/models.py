@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.dispatch.policy import Lane
+from shared.spec import Scheduler
 
 
 class JobIn(BaseModel):
@@ -27,7 +28,7 @@ class JobIn(BaseModel):
     steps: int | None = None
     guidance_scale: float | None = None
     ip_adapter_scale: float | str | dict[str, Any] | None = None
-    scheduler: Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim"] | None = None
+    scheduler: Scheduler | None = None
     lane: Lane | None = Field(
         default=None, description="the share of the fleet it waits in (default: interactive for a single job)"
     )

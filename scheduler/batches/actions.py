@@ -9,6 +9,7 @@ within IPAB_DISPATCH_RESCAN_S (a wake is a hint: SQL stays the truth).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 import redis
 from sqlalchemy import func, select, update
@@ -19,6 +20,9 @@ from shared.db import Batch, Job, JobStatus, utcnow
 from shared.dispatch.dispatcher import wake_dispatcher
 from shared.jobs import LIVE, transaction
 from shared.settings import Settings
+from shared.usage import RESET_USAGE, roll_up_ended
+
+ROLLUP_CHUNK: Final = 1000  # canceled job ids per roll-up statement
 
 
 def cancel(*, session: Session, batch_id: str, job_ids: Sequence[str] | None = None) -> list[str]:
@@ -39,6 +43,9 @@ def cancel(*, session: Session, batch_id: str, job_ids: Sequence[str] | None = N
     canceled = list(session.execute(stmt).scalars())
     if canceled:
         outbox_job_events(session=session, job_ids=canceled)
+        # Counted as they end; a running one's steps come from its worker when it notices (shared.usage).
+        for start in range(0, len(canceled), ROLLUP_CHUNK):
+            roll_up_ended(session, Job.id.in_(canceled[start : start + ROLLUP_CHUNK]))
     return canceled
 
 
@@ -59,6 +66,8 @@ def retry_failed(*, sessions: sessionmaker[Session], batch_id: str) -> list[str]
                     finished_at=None,
                     error_type=None,
                     error_message=None,
+                    # A fresh run, metered afresh: the failed run's usage is in the rollup already.
+                    **RESET_USAGE,
                 )
                 .execution_options(synchronize_session=False)
             )
