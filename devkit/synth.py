@@ -12,7 +12,11 @@ Layout written under DIR (it mirrors the hub repositories):
     base.safetensors + base_config/     the same weights as one original-layout checkpoint
     IP-Adapter/sdxl_models/*.{bin,safetensors}, IP-Adapter/sdxl_models/image_encoder/ (bigG-like)
     IP-Adapter/models/image_encoder/    (ViT-H-like)
-    model-set-*.toml                    one per (variant, format, base kind); model-set.toml is the default
+    loras/tiny-tcd-lora.safetensors     a LoRA for the tiny UNet and text encoder, diffusers/PEFT layout
+    loras/tiny-kohya-lora.safetensors   a UNet LoRA in kohya's layout (`lora_unet_input_blocks_4_1_...`)
+    model-set-*.toml                    one per (variant, format, base kind); model-set.toml is the default;
+                                        model-set-fast.toml: the LoRA, TCD, 4 steps, guidance 0 (a
+                                        step-distilled set's shape; the LoRA is random, not distilled)
 """
 
 from __future__ import annotations
@@ -56,6 +60,18 @@ RESAMPLER_DEPTH: Final = 4
 RESAMPLER_FF_MULT: Final = 4
 ADAPTER_DIR: Final = "IP-Adapter/sdxl_models"
 DEFAULT_KEY: Final = "ip-adapter_sdxl.safetensors"
+LORA_DIR: Final = "loras"
+LORA_RANK: Final = 4
+LORA_FILES: Final = {"diffusers": "tiny-tcd-lora.safetensors", "kohya": "tiny-kohya-lora.safetensors"}
+# The layers LoRAs train in SDXL attention (UNet) and CLIP (text encoder), as diffusers' trainers pick them.
+UNET_LORA_TARGETS: Final = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_LORA_TARGETS: Final = ("q_proj", "k_proj", "v_proj", "out_proj")
+LORA_B_SCALE: Final = 0.2  # the LoRA moves each weight by about a fifth of its size: visible, not wild
+# The fast set: what a TCD-LoRA set looks like (`ipab models download --preset tcd` writes the real one).
+FAST_SET: Final[dict[str, Any]] = {
+    "defaults": {"scheduler": "tcd", "steps": 4, "guidance_scale": 0.0, "eta": 0.3},
+    "limits": {"steps": [2, 8], "guidance_scale": [0.0, 2.0]},
+}
 
 README: Final = """# Tiny random-weight model set (python -m devkit synth)
 
@@ -86,7 +102,9 @@ def write_tiny_model_set(dir: Path, *, seed: int = 0) -> dict[str, Path]:
     for index, (variant, (encoder, kind)) in enumerate(VARIANTS.items()):
         state = _adapter_state(unet, encoder=encoder, kind=kind, seed=seed + 200 + index)
         _write_adapter(state, dir / ADAPTER_DIR / variant)
-    # 3. One model-set toml per combination.
+    # 3. LoRAs for the tiny UNet (and text encoder), in both layouts diffusers reads.
+    write_tiny_loras(pipe, dir / LORA_DIR, seed=seed + 300)
+    # 4. One model-set toml per combination, and the fast set.
     return _write_tomls(dir)
 
 
@@ -110,7 +128,70 @@ def _write_tomls(dir: Path) -> dict[str, Path]:
     default = dir / "model-set.toml"
     shutil.copyfile(paths[DEFAULT_KEY], default)
     paths["default"] = default
+    for key, lora in (("fast", "diffusers"), ("fast.kohya", "kohya")):
+        path = dir / f"model-set-{key.replace('.', '-')}.toml"
+        write_model_set(
+            path,
+            name=f"tiny-{key.replace('.', '-')}",
+            base="base",
+            ip_adapter=f"{ADAPTER_DIR}/{DEFAULT_KEY}",
+            image_encoder=ENCODER_FOLDERS["bigG"],
+            loras=[(f"{LORA_DIR}/{LORA_FILES[lora]}", 1.0)],
+            **FAST_SET,
+        )
+        paths[key] = path
     return paths
+
+
+def write_tiny_loras(pipe: Any, folder: Path, *, seed: int) -> dict[str, Path]:
+    """Two random LoRAs for `pipe`: the same UNet weights in diffusers/PEFT layout (with text-encoder
+    layers too) and in kohya's (UNet only), so both layouts must fuse into the same UNet.
+
+    diffusers/PEFT: `unet.<module>.lora_A.weight` (rank x in) and `.lora_B.weight` (out x rank), and
+    `text_encoder.text_model.<module>...`, as diffusers' `save_lora_weights` writes them. kohya:
+    `lora_unet_<original SDXL module path, dots as underscores>.lora_down.weight` / `.lora_up.weight`
+    / `.alpha`, as kohya's sd-scripts write SDXL LoRAs.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    unet = _lora_pairs(_linear_layers(pipe.unet, UNET_LORA_TARGETS), gen)
+    text = _lora_pairs(_linear_layers(pipe.text_encoder, TEXT_LORA_TARGETS), gen)
+    peft: Tensors = {}
+    for prefix, pairs in (("unet.", unet), ("text_encoder.text_model.", text)):
+        for module, (down, up) in pairs.items():
+            peft[f"{prefix}{module}.lora_A.weight"], peft[f"{prefix}{module}.lora_B.weight"] = down, up
+    kohya: Tensors = {}
+    unet_state = pipe.unet.state_dict()
+    layers_per_block = int(pipe.unet.config.layers_per_block)
+    for module, (down, up) in unet.items():
+        original = _unet_key(f"{module}.weight", layers_per_block, unet_state).removesuffix(".weight")
+        stem = "lora_unet_" + original.replace(".", "_")
+        kohya |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}
+        kohya[f"{stem}.alpha"] = torch.tensor(float(LORA_RANK))  # alpha = rank: scale 1, as PEFT's default
+    paths = {kind: folder / name for kind, name in LORA_FILES.items()}
+    save_file(peft, str(paths["diffusers"]))
+    save_file(kohya, str(paths["kohya"]))
+    return paths
+
+
+def _linear_layers(model: nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """`module name -> (in, out)` of the linear layers a LoRA would train (attention projections)."""
+    return {
+        name: (module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.endswith(tuple(f".{t}" for t in targets))
+    }
+
+
+def _lora_pairs(
+    layers: dict[str, tuple[int, int]], gen: torch.Generator
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    pairs = {}
+    for name, (fan_in, fan_out) in sorted(layers.items()):
+        down = torch.randn(LORA_RANK, fan_in, generator=gen) / fan_in**0.5
+        up = torch.randn(fan_out, LORA_RANK, generator=gen) * LORA_B_SCALE / LORA_RANK**0.5
+        pairs[name] = (down.contiguous(), up.contiguous())
+    return pairs
 
 
 @contextmanager

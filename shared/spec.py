@@ -14,7 +14,7 @@ import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast, get_args
 
 from shared.errors import InvalidInput
 
@@ -34,7 +34,11 @@ _CONTROL_CHARS: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 # Built once: `json.dumps(separators=...)` builds a new encoder on every call.
 _COMPACT: Final = json.JSONEncoder(separators=(",", ":"))
 
-SCHEDULERS: Final = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim")
+# The one list of scheduler names (the API's schema uses this type). `tcd` and `lcm` are for
+# step-distilled sets (TCD-LoRA, LCM-LoRA); `euler_trailing` is Euler with trailing timestep
+# spacing, as SDXL-Lightning needs.
+Scheduler = Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "tcd", "lcm", "euler_trailing"]
+SCHEDULERS: Final[tuple[str, ...]] = get_args(Scheduler)
 
 # Per-block scales as diffusers' `set_ip_adapter_scale` takes them: the number of
 # attention layers in each SDXL transformer block that carries cross-attention.

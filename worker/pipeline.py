@@ -26,6 +26,7 @@ from shared.errors import InvalidInput, ModelSetError
 from shared.model_set import ModelSetConfig
 from shared.spec import GenerationParams, parse_params
 from worker import loading
+from worker.loras import fuse_loras
 from worker.weights import AdapterInfo, cast_adapter, describe_adapter, load_adapter_weights
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,13 @@ SCHEDULER_CLASSES: Final[dict[str, tuple[str, dict[str, Any]]]] = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "ddim": ("DDIMScheduler", {}),
+    # Step-distilled sets: TCD-LoRA (diffusers' TCD docs), LCM-LoRA, SDXL-Lightning (Euler, trailing).
+    "tcd": ("TCDScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
 }
+# The model set's scheduler options that go into the scheduler's config (the rest go to its step).
+CONFIG_OPTIONS: Final = ("timestep_spacing",)
 
 
 @dataclass
@@ -112,7 +119,9 @@ class Renderer:
         # 4. Adapter into the UNet, through diffusers, from the state dict read in step 2.
         pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
         pipe.load_ip_adapter(cast_adapter(state, main_dtype), subfolder="", weight_name="", image_encoder_folder=None)
-        # 5. Placement, then the per-process extras.
+        # 5. LoRAs fused in once, after the adapter (whose attention processors they leave in place).
+        fuse_loras(pipe, config)
+        # 6. Placement, then the per-process extras.
         pipe.to(main_device)
         encoder.to(enc_device)
         if main_device.type == "cpu":
@@ -133,8 +142,12 @@ class Renderer:
         compiles on its first job.
         """
         embeds = [self._negative.clone()]
+        rules = self.config.rules
+        # The set's own defaults (guidance decides the batch's shape), at the fewest steps it allows.
+        steps = int(rules.ranges["steps"][0]) if "steps" in rules.ranges else 2
+        raw = {**rules.defaults, "prompt": "warm-up", "seed": 0, "width": width, "height": height, "steps": steps}
+        params = parse_params(raw)
         for size in sorted(set(batch_sizes)):
-            params = parse_params({"prompt": "warm-up", "seed": 0, "width": width, "height": height, "steps": 2})
             self.generate_batch([(params, embeds)] * size, output="np")
         log.info("warm-up rendered batches of %s at %dx%d", sorted(set(batch_sizes)), width, height)
 
@@ -210,7 +223,7 @@ class Renderer:
         # 1. Check inputs before any model work.
         params = self._checked_items(items, output=output)
         first = params[0]
-        cfg = first.guidance_scale > 1.0
+        cfg = self.uses_cfg(first)
         # 2. Pipeline state shared by the batch: scheduler and adapter scale.
         self.pipe.scheduler = self._scheduler(first.scheduler)
         self.pipe.set_ip_adapter_scale(first.block_scales())
@@ -230,6 +243,7 @@ class Renderer:
                 height=first.height,
                 num_inference_steps=first.steps,
                 guidance_scale=first.guidance_scale,
+                eta=self.config.rules.scheduler_options.get("eta", 0.0),
                 generator=generators,
                 output_type="np",
                 callback_on_step_end=_step_callback(on_step),
@@ -237,6 +251,14 @@ class Renderer:
         # 5. Refuse broken numerics instead of returning a black image.
         arrays = self._checked_output(result.images)
         return arrays if output == "np" else [_to_pil(a) for a in arrays]
+
+    def uses_cfg(self, params: GenerationParams) -> bool:
+        """Whether the job runs two UNet passes a step (classifier-free guidance), as diffusers decides.
+
+        Guidance <= 1 runs one pass, the image embeddings without their negative half; so does a
+        guidance-embedded UNet (`time_cond_proj_dim`, e.g. a full LCM UNet), which takes the scale as input.
+        """
+        return params.guidance_scale > 1.0 and self.pipe.unet.config.time_cond_proj_dim is None
 
     def _checked_items(self, items: Sequence[Item], *, output: str) -> list[GenerationParams]:
         if output not in ("pil", "np"):
@@ -249,6 +271,9 @@ class Renderer:
         keys = {p.batch_key() for p in params}
         if len(keys) > 1 or len(counts) > 1:
             raise ValueError("a batch needs equal batch_key() and reference counts; render the jobs separately")
+        # The set's limits again: a job may have named this set by name only, unchecked at submission.
+        for p in params:
+            self.config.rules.check(p, model_set=self.name)
         for _, embeds in items:
             self._check_embeds(embeds)
         return params
@@ -271,8 +296,11 @@ class Renderer:
             import diffusers
 
             class_name, overrides = SCHEDULER_CLASSES[name]
+            options = self.config.rules.scheduler_options
+            # The name's own overrides win: `euler_trailing` is trailing whatever the set says.
+            config = {key: options[key] for key in CONFIG_OPTIONS if key in options} | overrides
             scheduler_class = getattr(diffusers, class_name)
-            self._schedulers[name] = scheduler_class.from_config(self._base_scheduler_config, **overrides)
+            self._schedulers[name] = scheduler_class.from_config(self._base_scheduler_config, **config)
         return self._schedulers[name]
 
     def _encode_prompts(self, params: Sequence[GenerationParams], *, cfg: bool) -> _Prompts:
