@@ -36,6 +36,7 @@ _INT_TEXT: Final = re.compile(r"[+-]?[0-9]+")
 _UNDECODABLE: Final = re.compile("[\udc80-\udcff]")
 # A row that is valid except for the field under test, to find every bad field of a row.
 _PROBE_BASE: Final = {"prompt": "", "seed": 0}
+_PARAMS: Final = frozenset(PARAM_FIELDS)
 
 
 class Problem(NamedTuple):
@@ -56,6 +57,9 @@ class ManifestRow:
     client_id: str | None
     dedupe_key: str
     lane: str | None = None  # None: the submission's lane
+    # The parameters the row (or the submission's defaults) gave itself; a model set's [defaults] fill the
+    # others (`scheduler.submission.set_rules`). A row built elsewhere gave all: nothing is filled.
+    explicit: frozenset[str] = frozenset(PARAM_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -289,7 +293,8 @@ class _RowBuilder:
                 self.unchecked_references[line] = refs
             return problems
         identity = {k: v for k, v in raw.items() if k != LANE_FIELD}
-        return ManifestRow(line, params, refs, client_id, self._dedupe_key(identity, client_id), lane)
+        dedupe_key = self._dedupe_key(identity, client_id)
+        return ManifestRow(line, params, refs, client_id, dedupe_key, lane, explicit=_given(raw))
 
     def _references(self, line: int, raw: Mapping[str, Any], problems: list[Problem]) -> tuple[str, ...]:
         if REFERENCE_FIELD not in raw:
@@ -334,6 +339,11 @@ class _RowBuilder:
         canonical = canonical_row(raw)
         self.occurrences[canonical] += 1
         return _sha256(f"{canonical}\0{self.occurrences[canonical]}")
+
+
+def _given(raw: Mapping[str, Any]) -> frozenset[str]:
+    """The parameters a row (or the submission's defaults) set itself."""
+    return _PARAMS.intersection(raw)
 
 
 def check_lane(value: Any, *, field: str = LANE_FIELD) -> str:

@@ -31,6 +31,7 @@ from scheduler.submission.references import (
     resolve_rows,
     upload_references,
 )
+from scheduler.submission.set_rules import apply_set_rules, set_rules_for
 from scheduler.tenants import tenant_lanes
 from scheduler.terminal_progress import SILENT, Reporter
 from shared.db import (
@@ -51,6 +52,7 @@ from shared.errors import InvalidInput, ManifestInvalid
 from shared.jobs import transaction
 from shared.keys import render_queue
 from shared.model_set import read_model_set
+from shared.model_set_rules import NO_RULES, SetRules
 from shared.redis_conn import connect_redis
 from shared.settings import Settings
 from shared.spec import JobSpec, Reference, check_batch_name
@@ -207,6 +209,7 @@ class _Request:
     after_insert: AfterInsert | None = None
     progress: Reporter = SILENT  # bars on stderr for `ipab submit`
     lane: str = DEFAULT_LANE  # for rows that do not name one
+    rules: SetRules = NO_RULES  # the model set's [defaults] and [limits] (set_rules)
     redis_client: redis.Redis | None = None  # the API's pooled client; None: one per submission
     stored_line: int | None = None  # the line every job records; None: its row's
     # Plan and write in one transaction: for a resolver that does no I/O (references stored already).
@@ -312,6 +315,7 @@ def _submit(
     *,
     skip_invalid: bool,
 ) -> SubmitResult:
+    parsed = apply_set_rules(parsed, request.rules, model_set=request.model_set)
     if request.one_transaction:  # references known already: plan and write in one transaction
         with serialized_writes(sessions), transaction(sessions) as session:
             plan = _plan(_new_rows(request, session, parsed), parsed, resolver)
@@ -367,9 +371,10 @@ def submit_manifest(
     and names the batch after its `batch` key or its file name.
     """
     model_set = resolve_model_set_name(model_set_name, settings)
+    rules = set_rules_for(model_set_name, model_set, settings)
     grid = is_grid(path)
     name = batch_name or (grid_batch_name(path) if grid else default_batch_name(path))
-    request = _Request(settings, name, model_set, tenant, progress=progress, lane=lane)
+    request = _Request(settings, name, model_set, tenant, progress=progress, lane=lane, rules=rules)
     # 1. Read and validate every row (columns, ids, parameters).
     parsed = (
         parse_grid(path, defaults=defaults, max_rows=max_grid_rows) if grid else parse_manifest(path, defaults=defaults)
@@ -421,5 +426,6 @@ def submit_rows(
         redis_client=redis_client,
         stored_line=stored_line,
         one_transaction=one_transaction,
+        rules=set_rules_for(None, model_set, settings),
     )
     return _submit(request, sessions, parsed, resolver, skip_invalid=skip_invalid)
