@@ -13,12 +13,12 @@ import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from shared.db import ApiKey, Tenant, insert_ignoring_duplicates, utcnow
+from shared.db import DEFAULT_TENANT, ApiKey, Tenant, insert_ignoring_duplicates, utcnow
 from shared.dispatch.policy import LANES
 from shared.errors import InvalidInput
 
@@ -27,6 +27,10 @@ KEY_BYTES: Final = 32  # 256 bits of entropy
 SECRET_PREFIX: Final = "whsec_"
 SECRET_BYTES: Final = 32
 TENANT_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,99}")
+# Names no key can own: the operator's. `default` holds what `ipab submit` sends without
+# --tenant, so a key of it would list and cancel those batches; `admin`, `system` and `ipab`
+# would read as ipab's own, or an admin's, in listings and webhook payloads.
+RESERVED_TENANTS: Final = ("default", "admin", "system", "ipab")
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,30 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
-def check_tenant_name(name: str) -> str:
-    """A tenant name: lowercase letters, digits, `_ . -`, 1 to 100 characters."""
-    if not TENANT_NAME.fullmatch(name):
-        raise InvalidInput("--tenant", name, "must be 1 to 100 of a-z 0-9 _ . - starting with a letter or digit")
-    return name
+def check_tenant_name(value: Any, *, field: str = "--tenant", for_key: bool = False) -> str:
+    """A tenant name a key could own: 1 to 100 of a-z 0-9 `_ . -`, starting with a letter or digit, not reserved.
+
+    The one check of keys, plans and `--tenant`. Without `for_key` (a submission, a plan),
+    `default` passes: naming the operator's own tenant is what leaving the tenant out does.
+    """
+    if not isinstance(value, str) or not TENANT_NAME.fullmatch(value):
+        raise InvalidInput(field, value, "must be 1 to 100 of a-z 0-9 _ . - starting with a letter or digit, e.g. acme")
+    if value in RESERVED_TENANTS and (for_key or value != DEFAULT_TENANT):
+        fix = "" if for_key else f", or leave it out for the operator's own tenant {DEFAULT_TENANT!r}"
+        reserved = ", ".join(RESERVED_TENANTS)
+        raise InvalidInput(field, value, f"is reserved for the operator ({reserved}); choose another tenant name{fix}")
+    return value
+
+
+def reserved_tenant_hint(tenant: str) -> str | None:
+    """Why a key of `tenant` opens nothing, when the name is reserved (a key made before it was); None otherwise."""
+    if tenant not in RESERVED_TENANTS:
+        return None
+    return (
+        f"this key belongs to tenant {tenant!r}, a name reserved for the operator; revoke it "
+        "(`ipab keys revoke ID`, ids in `ipab keys list`) and create one for another tenant "
+        "(`ipab keys create --tenant NAME`)"
+    )
 
 
 def new_webhook_secret() -> str:
@@ -75,8 +98,8 @@ def ensure_tenant(*, session: Session, name: str) -> str | None:
 
 
 def create_key(*, session: Session, tenant: str, admin: bool = False) -> NewKey:
-    """A new key for `tenant` (created if needed); only its hash is written."""
-    secret = ensure_tenant(session=session, name=tenant)
+    """A new key for `tenant` (created if needed); only its hash is written. No key for a reserved name."""
+    secret = ensure_tenant(session=session, name=check_tenant_name(tenant, for_key=True))
     key = KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
     key_id = "key_" + secrets.token_hex(8)
     session.add(ApiKey(id=key_id, tenant=tenant, admin=admin, key_sha256=hash_key(key), created_at=utcnow()))

@@ -19,7 +19,7 @@ from scheduler.api.caches import AUTH_CACHE_S, QUEUED_COUNT_CACHE_S, REFERENCE_C
 from scheduler.api.problems import ApiProblem
 from scheduler.submission.references import ReferenceFile
 from scheduler.submission.submit import resolve_model_set_name
-from scheduler.tenants import Caller, find_caller, hash_key
+from scheduler.tenants import Caller, find_caller, hash_key, reserved_tenant_hint
 from shared.db import ensure_database, make_engine, make_session_factory
 from shared.errors import IpabError
 from shared.jobs import transaction
@@ -109,7 +109,11 @@ async def get_caller(
     ctx: Annotated[ApiContext, Depends(get_context)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Caller:
-    """The tenant behind the request's Bearer key; 401 for a missing, malformed, unknown or revoked key."""
+    """The tenant behind the request's Bearer key; 401 for a missing, malformed, unknown or revoked key.
+
+    403 for a key of a reserved tenant (made before the name was reserved): `default` would
+    see and cancel what the operator submits from the CLI.
+    """
     if authorization is None:
         raise _unauthorized(f"no Authorization header; {AUTH_HINT}")
     match = BEARER.fullmatch(authorization.strip())
@@ -118,6 +122,9 @@ async def get_caller(
     caller = await _caller_of(ctx, match.group(1))
     if caller is None:
         raise _unauthorized("the API key is unknown or revoked")
+    reserved = reserved_tenant_hint(caller.tenant)
+    if reserved is not None:
+        raise ApiProblem(403, reserved, kind="forbidden")
     return caller
 
 

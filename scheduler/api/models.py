@@ -63,10 +63,9 @@ class JobOut(BaseModel):
     references: list[str]
     output_sha256: str | None
     output_bytes: int | None
-    render_batch_size: int | None = Field(
-        default=None, description="the number of jobs in the pipeline call that rendered this one"
+    timings: dict[str, Any] = Field(
+        description="queued_at, started_at, finished_at (ISO 8601 UTC); denoise_s, upload_s (seconds)"
     )
-    timings: dict[str, Any]
     image_url: str | None
     image_url_expires_s: float | None
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from scheduler.api.context import ApiContext
 from scheduler.batches.counts import Tally
-from scheduler.batches.record import JobRecord, iso_utc, job_record
+from scheduler.batches.record import Audience, JobRecord, iso_utc, job_record, timings_for
 from shared import keys
 from shared.db import Batch, Job, JobStatus, utcnow
 from shared.dispatch.position import Forecast, forecast_batch, forecast_job
@@ -58,7 +58,10 @@ def _image(ctx: ApiContext, record: JobRecord) -> dict[str, Any]:
 
 
 def job_view(ctx: ApiContext, *, job: Job, batch: Batch) -> dict[str, Any]:
-    """A job as GET /v1/jobs/{id} shows it: its record, with where it stands and where its image is."""
+    """A job as GET /v1/jobs/{id} shows it: its record, with where it stands and where its image is.
+
+    The tenant's view: no figure of the shared fleet (`scheduler.batches.record.OPERATOR_FIELDS`).
+    """
     record = job_record(job)
     forecast = job_forecast(ctx, job=job, batch=batch)
     running = record.status == JobStatus.running.value
@@ -77,8 +80,7 @@ def job_view(ctx: ApiContext, *, job: Job, batch: Batch) -> dict[str, Any]:
         "references": [sha for sha, _ in record.references],
         "output_sha256": record.output_sha256,
         "output_bytes": record.output_bytes,
-        "render_batch_size": record.render_batch_size,
-        "timings": record.timings,
+        "timings": timings_for(record, Audience.TENANT),
         **_image(ctx, record),
     }
 

@@ -1,7 +1,8 @@
 """A job's record, built once from its row; every view of a job is a projection of it.
 
 `job_record` reads the row (and its JSON columns) once; `results_line` is what `ipab results`
-prints and `GET /v1/batches/{id}/results` streams. The API view (`scheduler.api.views`), the
+prints and, for a tenant (`Audience.TENANT`: no figure of the shared fleet), what
+`GET /v1/batches/{id}/results` streams. The API view (`scheduler.api.views`), the
 webhook data (`scheduler.batches.events`), the export columns (`scheduler.export.samples`)
 and the gallery card (`scheduler.gallery`) take the same record.
 """
@@ -12,6 +13,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Final
 
 from sqlalchemy import select
@@ -82,9 +84,31 @@ def job_record(job: Job) -> JobRecord:
     )
 
 
-def results_line(record: JobRecord, *, store: ObjectStore) -> dict[str, Any]:
-    """One job as the JSON object `ipab results` prints."""
-    return {
+class Audience(StrEnum):
+    """Who a view of a job is for: a tenant sees nothing of the fleet it shares with other tenants."""
+
+    OPERATOR = "operator"  # `ipab results`, `ipab export`: every figure, to run the fleet
+    TENANT = "tenant"  # the HTTP API: what is the tenant's own
+
+
+# Figures of the shared fleet, so of other tenants: the operator's alone. A cache hit (in
+# `cache_stats`, and an `encode_s` near 0) says another tenant rendered the same image;
+# `worker_host` names the fleet's machines; `render_batch_size` counts the jobs, anybody's,
+# rendered in the same pipeline call.
+OPERATOR_FIELDS: Final = ("worker_host", "render_batch_size", "cache_stats")
+OPERATOR_TIMINGS: Final = ("encode_s",)
+
+
+def timings_for(record: JobRecord, audience: Audience) -> dict[str, Any]:
+    """The record's timings as `audience` sees them: a tenant's without the encode time."""
+    if audience is Audience.OPERATOR:
+        return record.timings
+    return {name: value for name, value in record.timings.items() if name not in OPERATOR_TIMINGS}
+
+
+def results_line(record: JobRecord, *, store: ObjectStore, audience: Audience) -> dict[str, Any]:
+    """One job as the JSON object `ipab results` prints (OPERATOR) and the API streams (TENANT)."""
+    line = {
         "job_id": record.job_id,
         "batch_id": record.batch_id,
         "line": record.line,
@@ -99,11 +123,12 @@ def results_line(record: JobRecord, *, store: ObjectStore) -> dict[str, Any]:
         "attempts": record.attempts,
         "worker_host": record.worker_host,
         "render_batch_size": record.render_batch_size,
-        "timings": record.timings,
+        "timings": timings_for(record, audience),
         "cache_stats": record.cache_stats,
         "provenance": record.provenance,
         "error": record.error,
     }
+    return line if audience is Audience.OPERATOR else {k: v for k, v in line.items() if k not in OPERATOR_FIELDS}
 
 
 def batch_records(*, session: Session, batch_id: str, status: str | None = None) -> Iterator[JobRecord]:

@@ -16,8 +16,9 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Mapping
+from http.client import HTTPMessage
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from scheduler.submission.manifest import REFERENCE_FIELD, Problem, parse_defaults, read_raw_rows
 from shared.errors import InvalidInput, IpabError
@@ -30,8 +31,31 @@ class ApiError(IpabError):
     """Raised when the API answers with an error (its problem detail is the message)."""
 
 
+class _Redirected(Exception):
+    """Raised by the opener instead of following a redirect; `Client.request` turns it into `ApiError`."""
+
+    def __init__(self, code: int, location: str) -> None:
+        super().__init__(code, location)
+        self.code = code
+        self.location = location
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuses every redirect: urllib follows one with the request's headers, Authorization
+    included, which would hand the API key to whatever host the Location names."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: HTTPMessage, newurl: str
+    ) -> urllib.request.Request | None:
+        fp.close()
+        raise _Redirected(code, newurl)
+
+
+_OPENER: Final = urllib.request.build_opener(_RefuseRedirects)
+
+
 class Client:
-    """A minimal HTTP client of the ipab API (urllib, no extra dependency)."""
+    """A minimal HTTP client of the ipab API (urllib, no extra dependency); never follows a redirect."""
 
     def __init__(self, base_url: str, key: str) -> None:
         self.base_url = base_url.rstrip("/")
@@ -46,9 +70,11 @@ class Client:
             headers["Idempotency-Key"] = str(uuid.uuid4())
         req = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as response:
+            with _OPENER.open(req, timeout=TIMEOUT_S) as response:
                 data: bytes = response.read()
                 return data
+        except _Redirected as e:
+            raise ApiError(_redirect_text(e, self.base_url, path)) from None
         except urllib.error.HTTPError as e:
             raise ApiError(_problem_text(e.code, e.read())) from None
         except urllib.error.URLError as e:
@@ -65,6 +91,16 @@ class Client:
         body = head.encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
         found = self.json("POST", "/v1/references", body=body, content_type=f"multipart/form-data; boundary={boundary}")
         return str(found["id"])
+
+
+def _redirect_text(redirect: _Redirected, base_url: str, path: str) -> str:
+    """Names the target, and the --api value that reaches the API directly (the target less the path)."""
+    target = redirect.location
+    base = target.removesuffix(path) if path else target
+    return (
+        f"{base_url + path} answered HTTP {redirect.code}, a redirect to {target}; the API key is never sent "
+        f"to a redirect target: use the final URL in --api (--api {base})"
+    )
 
 
 def _problem_text(status: int, data: bytes) -> str:

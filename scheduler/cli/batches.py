@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.batches.counts import STATUSES, Tally, count_batch, count_jobs, done_of
-from scheduler.batches.record import RECORDS_CHUNK, batch_records, iso_utc, results_line
+from scheduler.batches.record import RECORDS_CHUNK, Audience, batch_records, iso_utc, results_line
 from scheduler.cli import api_client
 from scheduler.cli.common import API_HELP, batch_arg, database, read_batch
 from scheduler.cli.grid import add_max_rows, grid_summary
@@ -206,7 +206,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     with database(settings) as sessions, transaction(sessions) as session:
         batch = batch_arg(session=session, ref=args.batch)
         for record in batch_records(session=session, batch_id=batch.id, status=args.status):
-            print(json.dumps(results_line(record, store=store), ensure_ascii=False))
+            print(json.dumps(results_line(record, store=store, audience=Audience.OPERATOR), ensure_ascii=False))
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import Any, Final
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
-from scheduler.batches.record import job_record, results_line
+from scheduler.batches.record import Audience, job_record, results_line
 from shared.db import Job, JobStatus
 from shared.errors import IpabError
 from shared.jobs import transaction
@@ -134,7 +134,8 @@ def _pages(sessions: sessionmaker[Session], batch_id: str, status: str, store: O
             stmt = stmt.where(tuple_(Job.line, Job.id) > after)
         with transaction(sessions) as session:
             jobs = session.scalars(stmt.order_by(Job.line, Job.id).limit(PAGE_ROWS)).all()
-            page = [(job.output_key, results_line(job_record(job), store=store)) for job in jobs]
+            lines = [results_line(job_record(job), store=store, audience=Audience.OPERATOR) for job in jobs]
+            page = [(job.output_key, line) for job, line in zip(jobs, lines, strict=True)]
         if not page:
             return
         yield page

@@ -3,8 +3,9 @@
 The same reading serves `ipab plans apply` (is the manifest there, are its rows valid?)
 and each slot (the manifest as it is at slot time). Local paths are stored absolute, so
 a beat on another host needs the same path there; an `s3://` manifest works from any
-host. References in an `s3://` manifest should be `s3://` URIs too (relative paths are
-read from the beat's working folder).
+host. References in an `s3://` manifest should be `s3://` URIs too: in a plan file's
+plan, relative paths are read from the beat's working folder; in a plan sent through the
+API (`local=False`), paths are refused, at apply and at every slot.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
-from scheduler.submission.manifest import ParsedManifest, Problem, parse_manifest
+from scheduler.submission.manifest import ParsedManifest, Problem, parse_manifest, parse_rows, read_raw_rows
 from scheduler.submission.references import ReferenceResolver, resolve_rows
 from shared.errors import InvalidInput, ObjectMissing, ObjectTooLarge
 from shared.settings import Settings
@@ -75,9 +76,13 @@ def _s3_bytes(uri: str, settings: Settings) -> bytes:
         raise InvalidInput(MANIFEST_FIELD, uri, f"holds {e.size_bytes} bytes, more than {e.max_bytes}") from None
 
 
-def _parse(location: str, defaults: Mapping[str, Any], settings: Settings) -> tuple[ParsedManifest, Path]:
+def _parse(
+    location: str, defaults: Mapping[str, Any], settings: Settings, *, local: bool
+) -> tuple[ParsedManifest, Path]:
     """The parsed rows and the folder relative references are read from."""
     if not location.startswith(S3_SCHEME):
+        if not local:
+            raise InvalidInput(MANIFEST_FIELD, location, REMOTE_MANIFEST_HINT)
         path = Path(location)
         if not path.is_file():
             raise InvalidInput(MANIFEST_FIELD, location, "does not exist any more; restore it or apply the plan again")
@@ -86,21 +91,25 @@ def _parse(location: str, defaults: Mapping[str, Any], settings: Settings) -> tu
     with tempfile.TemporaryDirectory(prefix="ipab-plan-") as folder:
         path = Path(folder) / PurePosixPath(parse_uri(location)[1]).name  # its suffix says JSONL or CSV
         path.write_bytes(data)
-        return parse_manifest(path, defaults=defaults), Path.cwd()
+        # Named by its URI in problems: the temporary file's path is the server's business.
+        return parse_rows(read_raw_rows(path), defaults=defaults, source=repr(location)), Path.cwd()
 
 
-def read_plan_rows(location: str, *, defaults: Mapping[str, Any], settings: Settings) -> PlanRows:
+def read_plan_rows(location: str, *, defaults: Mapping[str, Any], settings: Settings, local: bool) -> PlanRows:
     """Read and validate every row of the manifest at `location` with the plan's defaults.
 
-    Raises `InvalidInput` naming `manifest` when it cannot be read; row problems are in
-    the result (`parsed.problems`), as `parse_manifest` gives them.
+    `local` False (a plan sent through the API): the manifest and every reference must be
+    `s3://` URIs; this host's disk is never read. Raises `InvalidInput` naming `manifest`
+    when it cannot be read; row problems are in the result (`parsed.problems`), as
+    `parse_manifest` gives them.
     """
-    parsed, base_dir = _parse(location, defaults, settings)
+    parsed, base_dir = _parse(location, defaults, settings, local=local)
     resolver = ReferenceResolver(
         store=ObjectStore.from_settings(settings),
         roots=settings.reference_roots,
         base_dir=base_dir,
         buckets=settings.reference_buckets,
+        remote_only=not local,
     )
     return PlanRows(parsed, resolver)
 

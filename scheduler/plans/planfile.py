@@ -32,6 +32,7 @@ from scheduler.plans.manifests import manifest_location, read_plan_rows, referen
 from scheduler.plans.slots import check_schedule, check_timezone
 from scheduler.submission.manifest import COLUMNS, ID_FIELD, parse_rows
 from scheduler.submission.submit import resolve_model_set_name
+from scheduler.tenants import check_tenant_name
 from scheduler.webhooks.addresses import check_url_form
 from shared.db import DEFAULT_TENANT
 from shared.dispatch.policy import LANES
@@ -49,7 +50,6 @@ FIELDS: Final = (
 REQUIRED: Final = ("name", "schedule", "manifest")
 # A plan's name starts its batches' names (`<plan>@<slot>`), so it has no `@` and fits in one.
 _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_TENANT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _PROBE_ROW: Final = {"reference": "probe.png"}
 REMOTE_MODEL_SET_HINT: Final = (
     "must be a model set's name when the plan comes through the API (a model-set.toml path "
@@ -104,11 +104,7 @@ def check_plan_name(value: Any) -> str:
 
 
 def _tenant(value: Any) -> str:
-    if value is None:
-        return DEFAULT_TENANT
-    if not isinstance(value, str) or not _TENANT.fullmatch(value):
-        raise InvalidInput("tenant", value, "must be 1-100 letters, digits, '.', '_' or '-'")
-    return value
+    return DEFAULT_TENANT if value is None else check_tenant_name(value, field="tenant")
 
 
 def _enabled(value: Any) -> bool:
@@ -197,9 +193,9 @@ class _Problems:
 MAX_ROW_PROBLEMS_SHOWN: Final = 20
 
 
-def _row_problems(spec: Mapping[str, Any], settings: Settings) -> list[tuple[str, str]]:
+def _row_problems(spec: Mapping[str, Any], settings: Settings, *, local: bool) -> list[tuple[str, str]]:
     """Problems of the manifest's rows and references, as `manifest: line N: field: reason`."""
-    rows = read_plan_rows(spec["manifest"], defaults=spec["defaults"], settings=settings)
+    rows = read_plan_rows(spec["manifest"], defaults=spec["defaults"], settings=settings, local=local)
     problems = sorted(rows.parsed.problems + reference_problems(rows), key=lambda p: p.line)
     shown = [("manifest", f"line {p.line}: {p.field}: {p.reason}") for p in problems[:MAX_ROW_PROBLEMS_SHOWN]]
     if len(problems) > MAX_ROW_PROBLEMS_SHOWN:
@@ -236,6 +232,16 @@ def read_plan_file(path: Path, *, settings: Settings) -> PlanSpec:
     return _validated(raw, source=str(path), base_dir=path.parent, stored_as=str(path.resolve()), settings=settings)
 
 
+def reads_local_files(source: str) -> bool:
+    """Whether a stored plan may read this host's disk (its manifest, its references), at every slot.
+
+    Only a plan applied from a plan file, whose `source` is that file's absolute path
+    (`read_plan_file`). A plan sent through the API (`api (key ...)`) reads S3 alone, and so
+    does any other source: when in doubt, the disk stays closed.
+    """
+    return Path(source).is_absolute()
+
+
 def read_plan_text(text: str, *, source: str, settings: Settings) -> PlanSpec:
     """Validate a plan file's text sent over the API, as `read_plan_file` does a file.
 
@@ -258,7 +264,8 @@ def _validated(
     spec = _fields(raw, problems, base_dir=base_dir, settings=settings)
     # 3. The manifest's rows with the plan's defaults, once the fields they need are valid.
     if spec["manifest"] is not None and spec["defaults"] is not None:
-        problems.found += problems.check(lambda: _row_problems(spec, settings)) or []
+        local = base_dir is not None
+        problems.found += problems.check(lambda: _row_problems(spec, settings, local=local)) or []
     if problems.found:
         raise PlanInvalid(source, problems.found)
     return PlanSpec(**spec, source=stored_as)

@@ -27,6 +27,7 @@ from scheduler.batches.counts import count_batch
 from scheduler.batches.events import BATCH_COMPLETED
 from scheduler.plans import store
 from scheduler.plans.manifests import read_plan_rows
+from scheduler.plans.planfile import reads_local_files
 from scheduler.plans.slots import local_iso
 from scheduler.submission.submit import AfterInsert, submit_rows
 from scheduler.webhooks.subscriptions import subscribe
@@ -134,7 +135,8 @@ def _claim(ctx: SlotContext, plan: Plan, slot_at: datetime, *, kind: str, note: 
 
 def _submit(ctx: SlotContext, plan: Plan, slot_at: datetime, *, kind: str, note: str | None) -> SlotOutcome:
     name = batch_name(plan, slot_at)
-    rows = read_plan_rows(plan.manifest, defaults=json.loads(plan.defaults), settings=ctx.settings)
+    local = reads_local_files(plan.source)  # a plan from the API stays remote-only at every slot
+    rows = read_plan_rows(plan.manifest, defaults=json.loads(plan.defaults), settings=ctx.settings, local=local)
     result = submit_rows(
         settings=ctx.settings,
         sessions=ctx.sessions,

@@ -36,6 +36,10 @@ S3_SCHEME: Final = "s3://"
 # photos does not hold them all at once.
 KEEP_BYTES_BUDGET: Final = 256 * 1024 * 1024
 UPLOAD_THREADS: Final = 8
+REMOTE_REFERENCE_HINT: Final = (
+    "must be an s3:// URI in an allowed reference bucket here (a plan sent through the API): a path "
+    "would be read from the server's disk; upload the image and write its s3:// URI"
+)
 CONTENT_TYPES: Final = {
     "png": "image/png",
     "jpg": "image/jpeg",
@@ -138,12 +142,24 @@ def _read_s3(raw: str, store: ObjectStore, buckets: Sequence[str]) -> bytes:
 
 
 class ReferenceResolver:
-    """Resolves references as written in a manifest, reading and decoding each image once."""
+    """Resolves references as written in a manifest, reading and decoding each image once.
+
+    `remote_only` (a plan sent through the API): every reference must be an `s3://` URI; a
+    path is refused as written, before it is resolved, so nothing of the server's disk is read
+    or shown.
+    """
 
     def __init__(
-        self, *, store: ObjectStore, roots: Sequence[Path], base_dir: Path, buckets: Sequence[str] = ()
+        self,
+        *,
+        store: ObjectStore,
+        roots: Sequence[Path],
+        base_dir: Path,
+        buckets: Sequence[str] = (),
+        remote_only: bool = False,
     ) -> None:
         self.store = store
+        self.remote_only = remote_only
         self.roots = allowed_roots(roots, base_dir=base_dir)
         self.base_dir = base_dir
         self.buckets = tuple(buckets) or (store.bucket,)  # none configured: the project's own bucket
@@ -169,6 +185,8 @@ class ReferenceResolver:
     def _resolve_new(self, raw: str) -> ReferenceFile | str:
         try:
             local = not raw.startswith(S3_SCHEME)
+            if local and self.remote_only:
+                raise InvalidInput(REFERENCE_FIELD, raw, REMOTE_REFERENCE_HINT)
             source = str(check_local_path(raw, roots=self.roots, base_dir=self.base_dir)) if local else raw
             if source not in self._by_source:  # another spelling of a file already read
                 self._by_source[source] = self._load(raw, source)

@@ -32,7 +32,7 @@ from scheduler.submission.references import (
     upload_references,
 )
 from scheduler.submission.set_rules import apply_set_rules, set_rules_for
-from scheduler.tenants import tenant_lanes
+from scheduler.tenants import check_tenant_name, tenant_lanes
 from scheduler.terminal_progress import SILENT, Reporter
 from shared.db import (
     DEFAULT_TENANT,
@@ -218,6 +218,7 @@ class _Request:
     def __post_init__(self) -> None:
         check_batch_name(self.batch_name)  # refused before anything is read or written
         check_lane(self.lane, field="--lane")
+        check_tenant_name(self.tenant)  # a tenant no key could own would hold batches nobody sees
 
 
 @dataclass

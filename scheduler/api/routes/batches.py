@@ -24,7 +24,7 @@ from scheduler.batches.actions import cancel, retry_failed, set_paused, wake
 from scheduler.batches.counts import STATUSES, count_batch, count_jobs
 from scheduler.batches.events import BATCH_COMPLETED
 from scheduler.batches.lookup import find_batch
-from scheduler.batches.record import batch_records, results_line
+from scheduler.batches.record import Audience, batch_records, results_line
 from scheduler.gallery.build import render_gallery
 from scheduler.submission.manifest import read_jsonl_bytes
 from scheduler.webhooks.addresses import MAX_URL_CHARS
@@ -175,12 +175,13 @@ async def get_batch(batch_id: str, ctx: Context, caller: CallerDep) -> Any:
 def _result_lines(ctx: ApiContext, batch_id: str, status: str | None) -> Iterator[bytes]:
     with transaction(ctx.sessions) as session:
         for record in batch_records(session=session, batch_id=batch_id, status=status):
-            yield (json.dumps(results_line(record, store=ctx.store), ensure_ascii=False) + "\n").encode()
+            line = results_line(record, store=ctx.store, audience=Audience.TENANT)
+            yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
 
 
 @router.get("/{batch_id}/results", response_class=StreamingResponse)
 async def get_results(batch_id: str, ctx: Context, caller: CallerDep, status: str | None = None) -> Any:
-    """One JSON line per job, as `ipab results` prints them; `?status=` keeps one status."""
+    """One JSON line per job, as `ipab results` prints them less the fleet's figures; `?status=` keeps one status."""
     if status is not None and status not in STATUSES:
         raise invalid("status", status, f"must be one of {', '.join(STATUSES)}")
     batch = await run_in_threadpool(_batch, ctx, caller.tenant, batch_id)  # 404 for another tenant's
