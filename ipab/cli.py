@@ -35,6 +35,7 @@ CONTROL_PLANE_MODULES: Final = (
     "scheduler.cli.keys",
     "scheduler.cli.serve_api",
     "scheduler.cli.plans",
+    "scheduler.cli.usage",
 )
 WORKER_MODULES: Final = ("worker.commands", "worker.serve")
 WORKER_COMMANDS: Final = ("worker", "generate", "models", "reproduce")

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 
@@ -100,6 +101,31 @@ class ObjectTooLarge(PermanentError):
         self.size_bytes = size_bytes
         self.max_bytes = max_bytes
         super().__init__(f"{uri} holds {size_bytes} bytes, more than the {max_bytes} allowed")
+
+
+class QuotaExceeded(IpabError):
+    """Raised when a submission would pass a tenant's quota; nothing of it is written.
+
+    Names the quota (`images_per_day`, `images_per_month`, `gpu_s_per_day`, `gpu_s_per_month`),
+    its limit, what is used (images: made in the window, plus jobs queued or running), what
+    the submission asked for, and when the window resets (naive UTC).
+    """
+
+    def __init__(
+        self, *, tenant: str, quota: str, limit: float, used: float, requested: int, resets_at: datetime
+    ) -> None:
+        self.tenant = tenant
+        self.quota = quota
+        self.limit = limit
+        self.used = used
+        self.requested = requested
+        self.resets_at = resets_at
+        unit = "GPU-seconds" if quota.startswith("gpu_s") else "images"
+        super().__init__(
+            f"tenant {tenant!r} is at its quota {quota} = {limit:g} {unit}: {used:g} used, {requested} more asked; "
+            f"it resets at {resets_at.isoformat()}Z (`ipab usage --tenant {tenant}` shows the usage; "
+            "the operator raises the quota with `ipab quotas set`)"
+        )
 
 
 class NotFound(IpabError):

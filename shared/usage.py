@@ -20,6 +20,7 @@ render, or a canceled one's steps); `lost_gpu_s` is the device time of attempts 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
 from typing import Any, Final, cast
 
 from sqlalchemy import ColumnElement, Integer, Table, bindparam, case, func, literal, select
@@ -142,3 +143,26 @@ RESET_USAGE: Final = {
     "queue_s": None,
     "total_s": None,
 }
+
+
+# Quota windows: UTC days and UTC calendar months (`scheduler.usage.quotas`, the dispatcher's holds).
+DAY: Final = "day"
+MONTH: Final = "month"
+
+
+def window_start(window: str, now: datetime) -> date:
+    """The first UTC day of the day or month window that `now` (naive UTC) is in."""
+    return now.date() if window == DAY else now.date().replace(day=1)
+
+
+def window_reset(window: str, now: datetime) -> datetime:
+    """When the window that `now` is in ends (naive UTC midnight)."""
+    start = window_start(window, now)
+    # Day 28 plus 4 days is in the next month whatever the month's length.
+    next_month = (start.replace(day=28) + timedelta(days=4)).replace(day=1)
+    return datetime.combine(start + timedelta(days=1) if window == DAY else next_month, time())
+
+
+def window_of(quota: str) -> str:
+    """`day` or `month`, from a quota's name (`images_per_day`, `gpu_s_per_month`...)."""
+    return MONTH if quota.endswith("_month") else DAY

@@ -76,6 +76,7 @@ def job_view(ctx: ApiContext, *, job: Job, batch: Batch) -> dict[str, Any]:
         "lane": record.lane,
         "attempts": record.attempts,
         "error": record.error,
+        "metrics": record.metrics,
         "params": {**record.params, "seed": record.seed},
         "references": [sha for sha, _ in record.references],
         "output_sha256": record.output_sha256,

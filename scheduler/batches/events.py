@@ -39,6 +39,7 @@ def webhook_data(record: JobRecord) -> dict[str, Any]:
         "status": record.status,
         "output_sha256": record.output_sha256,
         "error": record.error,
+        "metrics": record.metrics,
     }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final
@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from scheduler.batches.counts import TIME_FIELDS
-from shared.db import Job
+from shared.db import Job, JobStatus
 from shared.storage import ObjectStore
 
 RECORDS_CHUNK: Final = 1000  # rows fetched at a time when a batch's records are streamed
@@ -60,6 +60,7 @@ class JobRecord:
     cache_stats: dict[str, Any] | None
     provenance: dict[str, Any] | None  # weight sha256s, model_hash, versions, device, dtype; None before 0006
     error: dict[str, Any] | None  # {"type", "message"} of a failed job
+    metrics: dict[str, Any] = field(default_factory=dict)  # what it used (`usage_metrics`)
 
     @property
     def prompt(self) -> str:
@@ -67,9 +68,30 @@ class JobRecord:
         return str(self.params["prompt"])
 
 
+def usage_metrics(job: Job, provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """What the job used, as the results line, the API (`metrics`, Replicate's name) and webhooks show it.
+
+    `gpu_seconds` is billed: the device time of the attempt that ended it (NULL until it ends);
+    `lost_gpu_seconds`, of attempts that did not (killed, taken over, failed), is shown and not
+    billed; `pixel_steps` (width x height x steps run) does not depend on the card.
+    """
+    return {
+        "gpu_seconds": job.gpu_s,
+        "lost_gpu_seconds": job.lost_gpu_s or 0.0,
+        "queue_seconds": job.queue_s,
+        "total_seconds": job.total_s,
+        "images": 1 if job.status == JobStatus.succeeded.value else 0,
+        "steps": job.steps_run,
+        "pixel_steps": job.pixel_steps,
+        "model_set": provenance.get("model_set") if provenance else None,
+        "device": provenance.get("device_name") if provenance else None,
+    }
+
+
 def job_record(job: Job) -> JobRecord:
     """The record of one job row."""
     spec = json.loads(job.spec)
+    provenance = json.loads(job.provenance) if job.provenance else None
     timings: dict[str, Any] = {name: iso_utc(getattr(job, name)) for name in TIMESTAMPS}
     timings.update({name: getattr(job, name) for name in TIME_FIELDS})
     return JobRecord(
@@ -78,8 +100,9 @@ def job_record(job: Job) -> JobRecord:
         references=tuple((r["sha256"], r["key"]) for r in spec["references"]),
         timings=timings,
         cache_stats=json.loads(job.cache_stats) if job.cache_stats else None,
-        provenance=json.loads(job.provenance) if job.provenance else None,
+        provenance=provenance,
         error=None if job.error_type is None else {"type": job.error_type, "message": job.error_message},
+        metrics=usage_metrics(job, provenance),
         **{name: getattr(job, name) for name in COLUMNS},
     )
 

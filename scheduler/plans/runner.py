@@ -8,8 +8,10 @@ whole transaction back (`SlotTaken`), so it adds no batch and no job. The batch 
 
 What is a slot failure and what is retried: a manifest that is missing or invalid at slot
 time (bad rows, missing references, a model set that changed) is recorded as failed with
-the reason, and the next slot runs as usual. A service that is down (SQL, S3) raises a
-transient error and nothing is recorded, so the next beat pass tries the slot again.
+the reason, and the next slot runs as usual. A slot whose jobs would pass its tenant's quota
+(`scheduler.usage.quotas`) is recorded as skipped, with the quota, what is used and when it
+resets. A service that is down (SQL, S3) raises a transient error and nothing is recorded,
+so the next beat pass tries the slot again.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from scheduler.plans.slots import local_iso
 from scheduler.submission.submit import AfterInsert, submit_rows
 from scheduler.webhooks.subscriptions import subscribe
 from shared.db import Batch, Plan, PlanSlotStatus
-from shared.errors import ManifestInvalid, PermanentError
+from shared.errors import ManifestInvalid, PermanentError, QuotaExceeded
 from shared.jobs import transaction
 from shared.settings import Settings
 
@@ -171,6 +173,9 @@ def run_slot(
         return _submit(ctx, plan, slot_at, kind=kind, note=note)
     except SlotTaken:
         return SlotOutcome(TAKEN, batch_name(plan, slot_at))
+    except QuotaExceeded as e:  # the tenant's quota: not run, and the next slot runs as usual
+        skipped = PlanSlotStatus.skipped.value
+        return _record(ctx, plan, slot_at, kind=kind, status=skipped, reason=f"over quota: {e}")
     except ManifestInvalid as e:
         return _record(ctx, plan, slot_at, kind=kind, status=failed, reason=_problems_text(e.problems))
     except PermanentError as e:

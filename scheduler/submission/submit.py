@@ -34,6 +34,7 @@ from scheduler.submission.references import (
 from scheduler.submission.set_rules import apply_set_rules, set_rules_for
 from scheduler.tenants import check_tenant_name, tenant_lanes
 from scheduler.terminal_progress import SILENT, Reporter
+from scheduler.usage.quotas import check_quotas, record_refusal
 from shared.db import (
     DEFAULT_TENANT,
     Batch,
@@ -48,7 +49,7 @@ from shared.db import (
     utcnow,
 )
 from shared.dispatch.policy import DEFAULT_LANE
-from shared.errors import InvalidInput, ManifestInvalid
+from shared.errors import InvalidInput, ManifestInvalid, QuotaExceeded
 from shared.jobs import transaction
 from shared.keys import render_queue
 from shared.model_set import read_model_set
@@ -292,6 +293,8 @@ def _write(
         batch = _get_or_create_batch(
             session, name=request.batch_name, model_set=request.model_set, tenant=request.tenant
         )
+    # The tenant's quotas: its lock is held from here to the commit, so the count and the insert are one step.
+    check_quotas(session=session, tenant=request.tenant, adding=len(plan.rows))
     with request.progress.stage("insert", total=len(plan.rows)) as stage:
         rows = _job_rows(plan.rows, lane=request.lane)
         inserted = _insert_jobs(session, batch, rows, line=request.stored_line)
@@ -387,7 +390,8 @@ def submit_manifest(
     ensure_database(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
-        return _submit(request, make_session_factory(engine), parsed, resolver, skip_invalid=skip_invalid)
+        sessions = make_session_factory(engine)
+        return _counted(sessions, lambda: _submit(request, sessions, parsed, resolver, skip_invalid=skip_invalid))
     finally:
         engine.dispose()
 
@@ -429,4 +433,13 @@ def submit_rows(
         one_transaction=one_transaction,
         rules=set_rules_for(None, model_set, settings),
     )
-    return _submit(request, sessions, parsed, resolver, skip_invalid=skip_invalid)
+    return _counted(sessions, lambda: _submit(request, sessions, parsed, resolver, skip_invalid=skip_invalid))
+
+
+def _counted(sessions: sessionmaker[Session], submit: Callable[[], SubmitResult]) -> SubmitResult:
+    """`submit()`; a quota's refusal is counted (its transaction rolled back) and raised on."""
+    try:
+        return submit()
+    except QuotaExceeded as e:
+        record_refusal(sessions=sessions, refused=e)
+        raise

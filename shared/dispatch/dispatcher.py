@@ -30,8 +30,9 @@ from sqlalchemy import func, literal, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import keys
-from shared.db import Batch, Job, JobStatus
+from shared.db import Batch, Job, JobStatus, utcnow
 from shared.db_clock import server_now
+from shared.dispatch.holds import starts_left
 from shared.dispatch.policy import Policy
 from shared.errors import TransientError
 from shared.jobs import transaction
@@ -155,6 +156,8 @@ class Dispatcher:
     _batches: dict[Key, list[tuple[str, int]]] = field(default_factory=dict)
     _counts: dict[Key, int] = field(default_factory=dict)
     _taken: dict[Key, Waiting] = field(default_factory=dict)  # the last job handed out per key
+    # Held tenants (quotas): how many more jobs each may start until the next re-read (shared.dispatch.holds).
+    _starts_left: dict[str, int] = field(default_factory=dict)
     _rescanned_at: float = 0.0
     _wake_stamp: bytes | None = None
 
@@ -194,6 +197,7 @@ class Dispatcher:
         self._counts = {key: sum(n for _, n in batches) for key, batches in self._batches.items()}
         self._buffers = {}  # re-read: a buffer may hold jobs since canceled, paused or dispatched
         self._taken = {}
+        self._starts_left = starts_left(sessions=self.sessions, now=utcnow())
         self._rescanned_at = time.monotonic()
 
     def dispatch_once(self) -> int:
@@ -227,10 +231,12 @@ class Dispatcher:
 
     def _choose(self, room: int) -> list[Waiting]:
         chosen: list[Waiting] = []
-        for key in self.policy.order(self._counts, room):
+        for key in self.policy.order(self._counts, room, caps=self._starts_left):
             waiting = self._take(key)
             if waiting is not None:
                 chosen.append(waiting)
+                if key[1] in self._starts_left:  # a held tenant: one start fewer until the next re-read
+                    self._starts_left[key[1]] -= 1
         return chosen
 
     def _take(self, key: Key) -> Waiting | None:

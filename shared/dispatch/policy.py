@@ -75,13 +75,18 @@ class Policy:
         assert tenant is not None  # the lane was picked because it has tenants with work
         return lane, tenant
 
-    def order(self, counts: Mapping[tuple[str, str], int], limit: int) -> list[tuple[str, str]]:
+    def order(
+        self, counts: Mapping[tuple[str, str], int], limit: int, *, caps: Mapping[str, int] | None = None
+    ) -> list[tuple[str, str]]:
         """The (lane, tenant) of the next `limit` starts for queued `counts` per (lane, tenant), in order.
 
-        Used to plan a dispatch round and to compute queue positions; consumes the counts it is
-        given only in its own copy, but advances this policy's virtual times.
+        `caps`: how many more starts a held tenant may have (its concurrency cap, `shared.dispatch.holds`);
+        a tenant at its cap is skipped as if it had no work, in every lane, and the others proceed.
+        Used to plan a dispatch round and to compute queue positions; consumes the counts and caps it
+        is given only in its own copies, but advances this policy's virtual times.
         """
-        left = {key: n for key, n in counts.items() if n > 0}
+        room = dict(caps or {})
+        left = {key: n for key, n in counts.items() if n > 0 and room.get(key[1], 1) > 0}
         starts: list[tuple[str, str]] = []
         while left and len(starts) < limit:
             nxt = self.next_start(lambda: _by_lane(left))
@@ -91,6 +96,12 @@ class Policy:
             left[nxt] -= 1
             if not left[nxt]:
                 del left[nxt]
+            tenant = nxt[1]
+            if tenant in room:
+                room[tenant] -= 1
+                if room[tenant] <= 0:  # at its cap: none of its lanes starts another
+                    for key in [key for key in left if key[1] == tenant]:
+                        del left[key]
         return starts
 
 
