@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import InvalidInput
+from shared.model_set_rules import NO_RULES, SetRules
 from shared.spec import SCHEDULERS, SEED_LIMIT, GenerationParams, parse_params
+from worker.download import PRESETS
 
 if TYPE_CHECKING:
     from shared.model_set import ModelSetConfig
@@ -32,8 +34,17 @@ def register(subparsers: Any) -> None:
     sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     download = sub.add_parser("download", help="fetch SDXL base + h94/IP-Adapter SDXL weights (needs a network)")
     download.add_argument("dir", type=Path)
-    download.add_argument("--variant", action="append", help="adapter variant (repeatable; default: all four)")
+    download.add_argument(
+        "--variant",
+        action="append",
+        help="adapter variant (repeatable; default: all four, or ip-adapter_sdxl with --preset)",
+    )
     download.add_argument("--skip-base", action="store_true", help="only adapters and encoders")
+    download.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="a step-distilled set: its LoRA, scheduler, 4 or 8 steps, no guidance (model-set-PRESET.toml)",
+    )
     download.set_defaults(func=cmd_download)
     _register_generate(subparsers)
     _register_reproduce(subparsers)
@@ -72,9 +83,16 @@ def _register_reproduce(subparsers: Any) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    """Fetch the public weights and write one model set per adapter variant."""
-    from worker.download import VARIANT_ENCODERS, download_model_sets
+    """Fetch the public weights and write one model set per adapter variant (or the preset's set)."""
+    from worker.download import DEFAULT_PRESET_VARIANT, VARIANT_ENCODERS, download_model_sets, download_preset
 
+    if args.preset is not None:
+        if args.variant and len(args.variant) > 1:
+            raise InvalidInput("--variant", args.variant, "takes one variant with --preset")
+        variant = args.variant[0] if args.variant else DEFAULT_PRESET_VARIANT
+        path = download_preset(args.dir, args.preset, variant=variant, base=not args.skip_base)
+        print(f"  {args.preset}: {path}")
+        return 0
     variants = tuple(args.variant or VARIANT_ENCODERS)
     paths = download_model_sets(args.dir, variants=variants, base=not args.skip_base)
     for variant, path in paths.items():
@@ -82,8 +100,9 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def generation_params(args: argparse.Namespace) -> GenerationParams:
-    """The job's parameters from the command line, validated by the one validator (`parse_params`)."""
+def generation_params(args: argparse.Namespace, *, rules: SetRules = NO_RULES) -> GenerationParams:
+    """The job's parameters from the command line, validated by the one validator (`parse_params`);
+    what the command line leaves out comes from the model set's `[defaults]` (`rules`)."""
     raw: dict[str, Any] = {
         "prompt": args.prompt,
         "seed": secrets.randbelow(SEED_LIMIT) if args.seed is None else args.seed,
@@ -93,7 +112,7 @@ def generation_params(args: argparse.Namespace) -> GenerationParams:
             raw[name] = getattr(args, name)
     if args.ip_adapter_scale is not None:
         raw["ip_adapter_scale"] = _adapter_scale_arg(args.ip_adapter_scale)
-    return parse_params(raw)
+    return parse_params({**rules.defaults, **raw})
 
 
 def _adapter_scale_arg(text: str) -> Any:
@@ -113,9 +132,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from shared.model_set import read_model_set
 
     # 1. Check every input before loading any model.
-    params = generation_params(args)
-    images = [decode_reference(_read_reference(path), field=f"reference {path}") for path in args.reference]
     config = read_model_set(args.model_set, check_files=True)
+    params = generation_params(args, rules=config.rules)
+    config.rules.check(params, model_set=config.name)
+    images = [decode_reference(_read_reference(path), field=f"reference {path}") for path in args.reference]
     # 2. The worker's path: encode, generate, PNG.
     from worker.pipeline import Renderer
     from worker.png import encode_png
@@ -144,9 +164,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from shared.settings import load_settings, require_model_set
     from shared.storage import ObjectStore
     from worker import reproduce as r
-    from worker.provenance import model_set_hashes
+    from worker.provenance import model_set_hashes, setting_differences
 
-    # 1. The record, and the local weights against it: no rendering with other weights.
+    # 1. The record, and the local weights (LoRA scales, scheduler options) against it: no rendering
+    #    with other weights.
     settings = load_settings()
     config = read_model_set(args.model_set or require_model_set(settings), check_files=True)
     engine = make_engine(settings.database_url)
@@ -159,6 +180,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     if differences := r.weight_differences(record, hashes):
         return _report(args.job_id, r.Outcome("weights differ", details=differences))
+    if record.provenance is not None and (differences := setting_differences(record.provenance, config)):
+        return _report(args.job_id, r.Outcome("settings differ", details=differences))
     # 2. The worker's path on the recorded dtype and threads, then bytes and pixels compared.
     store = ObjectStore.from_settings(settings)
     original = r.original_png(store, record)

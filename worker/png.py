@@ -7,7 +7,8 @@ exact reproduction. No timestamps and fixed compression: the same job gives the 
 With a provenance record (`worker.provenance`), `parameters` also carries A1111's
 `Model hash:` (10 hex digits of the base checkpoint's sha256) and `Version:` (`ipab 0.1.0`), and
 the `ipab` JSON carries the whole record: every weight file's sha256, the library versions,
-the device and the dtype.
+the device and the dtype. A set with LoRAs adds A1111's `Lora hashes: "name: hash10, ..."` and
+the same as `Hashes: {"model": ..., "lora:name": ...}` (the JSON form Civitai and sd-parsers read).
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ SAMPLER_NAMES: Final = {
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "ddim": "DDIM",
+    "tcd": "TCD",
+    "lcm": "LCM",
+    "euler_trailing": "Euler",
 }
+# A1111's `Schedule type` where the sampler name alone does not say it (trailing spacing is "SGM Uniform").
+SCHEDULE_TYPES: Final = {"euler_trailing": "SGM Uniform"}
 COMPRESS_LEVEL: Final = 6
 
 
@@ -42,16 +48,28 @@ def parameters_text(params: GenerationParams, *, model_set: str, provenance: Pro
     settings = {
         "Steps": str(params.steps),
         "Sampler": SAMPLER_NAMES.get(params.scheduler, params.scheduler),
+        **({"Schedule type": SCHEDULE_TYPES[params.scheduler]} if params.scheduler in SCHEDULE_TYPES else {}),
         "CFG scale": _number(params.guidance_scale),
         "Seed": str(params.seed),
         "Size": f"{params.width}x{params.height}",
         **({"Model hash": provenance.model_hash} if provenance else {}),
         "Model": model_set,
         "IP-Adapter scale": _adapter_scale(params),
+        **(_lora_settings(provenance) if provenance and provenance.loras else {}),
         **({"Version": f"ipab {provenance.versions['ipab']}"} if provenance else {}),
     }
-    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in settings.items()))
+    lines.append(", ".join(f"{key}: {_quote(value) if key != 'Hashes' else value}" for key, value in settings.items()))
     return "\n".join(lines)
+
+
+def _lora_settings(provenance: Provenance) -> dict[str, str]:
+    """`Lora hashes` as A1111 writes it (names without `:` or `,`), and `Hashes` JSON (written unquoted)."""
+    hashes = {name.replace(":", "").replace(",", ""): short for name, short in provenance.lora_hashes().items()}
+    civitai = {"model": provenance.model_hash, **{f"lora:{name}": short for name, short in hashes.items()}}
+    return {
+        "Lora hashes": ", ".join(f"{name}: {short}" for name, short in hashes.items()),
+        "Hashes": json.dumps(civitai, separators=(", ", ": ")),
+    }
 
 
 def encode_png(

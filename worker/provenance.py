@@ -6,9 +6,11 @@ the library versions, the device and the dtype.
     record.to_text()                                     # jobs.provenance, the PNG's ipab JSON
 
 Files are labelled `<model-set key>/<path inside it>` (`base/unet/diffusion_pytorch_model.safetensors`,
-`ip_adapter/ip-adapter_sdxl.safetensors`, `image_encoder/model.safetensors`), so two copies of
-a model set in different folders compare equal. Weight files and the small config and
-tokenizer files are hashed: everything that changes the pixels.
+`ip_adapter/ip-adapter_sdxl.safetensors`, `image_encoder/model.safetensors`,
+`loras/tcd-sdxl-lora.safetensors`), so two copies of a model set in different folders compare
+equal. Weight files and the small config and tokenizer files are hashed: everything that changes
+the pixels. What else of the set changes them is recorded beside: each LoRA's scale (`loras`:
+name, sha256, scale, in fusing order) and the scheduler options (`scheduler_options`).
 
 `model_hash` is what A1111 writes as `Model hash:`: the first 10 hex digits of the sha256 of
 the checkpoint. For a single-file base that is the file itself (the same hash A1111 and model
@@ -30,7 +32,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -67,10 +69,13 @@ class Provenance:
     device_name: str
     dtype: str
     cpu_threads: int  # torch's intra-op threads: CPU float reductions (so pixels) depend on it
+    loras: list[dict[str, Any]] = field(default_factory=list)  # {name, sha256, scale}, in fusing order
+    scheduler_options: dict[str, Any] = field(default_factory=dict)  # the set's (`[defaults]`), e.g. eta
 
     @classmethod
     def of(cls, renderer: Any, *, hashes: ModelSetHashes) -> Provenance:
         """The record for a loaded `Renderer` whose model set has these file digests."""
+        config: ModelSetConfig = renderer.config
         return cls(
             model_set=renderer.name,
             model_hash=hashes.model_hash,
@@ -80,7 +85,13 @@ class Provenance:
             device_name=device_name(renderer.device),
             dtype=str(renderer.dtype).removeprefix("torch."),
             cpu_threads=_cpu_threads(),
+            loras=lora_records(config, hashes),
+            scheduler_options=dict(config.rules.scheduler_options),
         )
+
+    def lora_hashes(self) -> dict[str, str]:
+        """A1111's short hash (10 hex digits) of each LoRA, by name."""
+        return {lora["name"]: str(lora["sha256"])[:MODEL_HASH_CHARS] for lora in self.loras}
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the `jobs.provenance` column and the PNG's ipab chunk)."""
@@ -89,6 +100,28 @@ class Provenance:
     def to_text(self) -> str:
         """Stable JSON text (sorted keys): the same provenance gives the same bytes."""
         return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
+
+def lora_records(config: ModelSetConfig, hashes: ModelSetHashes) -> list[dict[str, Any]]:
+    """Each LoRA of the set as provenance holds it: name, sha256 and scale, in fusing order."""
+    return [{"name": lora.name, "sha256": hashes.files.get(lora.label), "scale": lora.scale} for lora in config.loras]
+
+
+def setting_differences(recorded: dict[str, Any], config: ModelSetConfig) -> list[str]:
+    """One line per LoRA scale or scheduler option that differs between a record and a local set.
+
+    The LoRA files themselves are compared with the other files (`compare_files`).
+    """
+    lines = []
+    was = {lora.get("name"): lora.get("scale") for lora in recorded.get("loras", [])}
+    now = {lora.name: lora.scale for lora in config.loras}
+    for name in sorted(set(was) | set(now)):
+        if was.get(name) != now.get(name):
+            lines.append(f"LoRA {name}: scale {now.get(name)} here, {was.get(name)} in the record")
+    options, before = dict(config.rules.scheduler_options), dict(recorded.get("scheduler_options", {}))
+    if options != before:
+        lines.append(f"scheduler options: {options} here, {before} in the record")
+    return lines
 
 
 def library_versions() -> dict[str, str]:
@@ -147,6 +180,7 @@ def model_set_files(config: ModelSetConfig) -> dict[str, Path]:
     if config.base_config is not None:
         roots.append(("base_config", config.base_config))
     roots += [("ip_adapter", config.ip_adapter), ("image_encoder", config.image_encoder)]
+    roots += [("loras", lora.path) for lora in config.loras]
     files: dict[str, Path] = {}
     for key, root in roots:
         for relative, path in _hashed_files(root):

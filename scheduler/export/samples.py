@@ -25,7 +25,8 @@ from shared.jobs import transaction
 from shared.storage import ObjectStore
 
 # From the job's provenance record (null for jobs rendered before ipab kept one): A1111's short
-# model hash, every weight file's sha256 (JSON text, by file), the versions, device and dtype.
+# model hash, every weight file's sha256 (JSON text, by file), the versions, device and dtype, and
+# the model set's LoRAs (JSON text: [{name, sha256, scale}], in fusing order; [] for a set without).
 PROVENANCE_COLUMNS: Final = (
     "model_hash",
     "weights_sha256",
@@ -35,6 +36,7 @@ PROVENANCE_COLUMNS: Final = (
     "torch_version",
     "device",
     "dtype",
+    "loras",
 )
 PAGE_ROWS: Final = 256
 FETCH_THREADS: Final = 8
@@ -116,6 +118,7 @@ def provenance_columns(provenance: dict[str, Any] | None) -> dict[str, Any]:
         **{f"{name}_version": versions.get(name) for name in ("ipab", "diffusers", "transformers", "torch")},
         "device": provenance.get("device"),
         "dtype": provenance.get("dtype"),
+        "loras": json.dumps(provenance.get("loras", []), sort_keys=True),
     }
 
 

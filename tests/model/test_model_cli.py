@@ -41,10 +41,14 @@ def test_the_synth_layout_is_the_public_one(tiny_dir: Path, tiny_sets: dict[str,
         "IP-Adapter/sdxl_models/image_encoder/model.safetensors",
         "IP-Adapter/models/image_encoder/config.json",
         "IP-Adapter/sdxl_models/ip-adapter-plus-face_sdxl_vit-h.bin",
+        "loras/tiny-tcd-lora.safetensors",
+        "loras/tiny-kohya-lora.safetensors",
+        "model-set-fast.toml",
     ]
     assert all((tiny_dir / name).is_file() for name in expected)
     assert not list((tiny_dir / "base_config").rglob("*.safetensors"))
-    assert len([k for k in tiny_sets if k != "default"]) == 16  # 4 variants x 2 formats x 2 base layouts
+    plain = [k for k in tiny_sets if k not in ("default", "fast", "fast.kohya")]
+    assert len(plain) == 16  # 4 variants x 2 formats x 2 base layouts
     from safetensors import safe_open
 
     with safe_open(str(tiny_dir / "base.safetensors"), framework="pt") as f:
@@ -119,6 +123,59 @@ def test_models_download_fetches_the_public_layout_and_writes_loadable_model_set
     before = len(fetched)
     assert main(["models", "download", str(dest), "--variant", "ip-adapter-plus_sdxl_vit-h"]) == 0
     assert len(fetched) == before  # files already there are not fetched again
+
+
+PRESET_FILES = {
+    "tcd": ("h1t/TCD-SDXL-LoRA/pytorch_lora_weights.safetensors", "tiny-tcd-lora"),
+    "lcm": ("latent-consistency/lcm-lora-sdxl/pytorch_lora_weights.safetensors", "tiny-tcd-lora"),
+    "lightning-4step": ("ByteDance/SDXL-Lightning/sdxl_lightning_4step_lora.safetensors", "tiny-kohya-lora"),
+    "lightning-8step": ("ByteDance/SDXL-Lightning/sdxl_lightning_8step_lora.safetensors", "tiny-kohya-lora"),
+}
+
+
+def test_models_download_preset_writes_a_fast_set_that_loads_and_runs_its_defaults(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    hub = _fake_hub(tiny_dir, tmp_path / "hub")
+    for hub_file, tiny in PRESET_FILES.values():  # the tiny LoRAs standing in for the distilled ones
+        (hub / hub_file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tiny_dir / "loras" / f"{tiny}.safetensors", hub / hub_file)
+    fetched: list[str] = []
+
+    def fake_download(*, repo_id: str, filename: str, local_dir: Path) -> str:
+        fetched.append(f"{repo_id}/{filename}")
+        target = Path(local_dir) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(hub / repo_id / filename, target)
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    dest = tmp_path / "models"
+    expected = {
+        "tcd": ("tcd", 4, 0.0, {"eta": 0.3}, (2, 8)),
+        "lcm": ("lcm", 4, 1.0, {}, (2, 8)),
+        "lightning-4step": ("euler_trailing", 4, 0.0, {}, (4, 4)),
+        "lightning-8step": ("euler_trailing", 8, 0.0, {}, (8, 8)),
+    }
+    for preset, (scheduler, steps, guidance, options, step_limits) in expected.items():
+        assert main(["models", "download", str(dest), "--preset", preset]) == 0
+        assert PRESET_FILES[preset][0] in fetched
+        config = read_model_set(dest / f"model-set-{preset}.toml", check_files=True)
+        assert config.name == f"ip-adapter_sdxl-{preset}"
+        assert [lora.path.parent.name for lora in config.loras] == ["loras"] and config.loras[0].scale == 1.0
+        defaults = config.rules.defaults
+        assert (defaults["scheduler"], defaults["steps"], defaults["guidance_scale"]) == (scheduler, steps, guidance)
+        assert config.rules.scheduler_options == options and config.rules.ranges["steps"] == step_limits
+    assert not [name for name in fetched if not name.endswith((".safetensors", ".json", ".txt"))]
+
+    from shared.spec import parse_params
+    from worker.pipeline import Renderer
+
+    renderer = Renderer.load(read_model_set(dest / "model-set-tcd.toml"), device="cpu")
+    params = parse_params({**renderer.config.rules.defaults, "prompt": "a fox", "seed": 1, "width": 64, "height": 64})
+    assert renderer.generate(params, renderer.encode([reference_image(62)])).size == (64, 64)
 
 
 def test_models_download_without_a_network_says_what_to_check(
