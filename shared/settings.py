@@ -110,7 +110,8 @@ class Settings(BaseSettings):
     idempotency_ttl_s: float = 48 * 3600.0  # Idempotency-Key records are kept this long (>= 24 h)
     webhook_allow_private: bool = False  # deliver to loopback/private addresses (tests, one host)
     webhook_poll_s: float = 1.0  # the dispatcher's scan interval
-    webhook_timeout_s: float = 10.0  # one delivery attempt
+    webhook_timeout_s: float = 5.0  # one delivery attempt's connect and each read; short: a thread waits it out
+    webhook_dns_timeout_s: float = 2.0  # a webhook host's look-up, at submission (else 422) and at delivery
     webhook_retry_base_s: float = 5.0  # backoff: base * 2**(attempt-1), capped at the max
     webhook_retry_max_s: float = 3600.0
     webhook_give_up_s: float = 24 * 3600.0  # after this long undelivered, a message is marked failed

@@ -20,6 +20,7 @@ from scheduler.api.problems import ApiProblem
 from scheduler.submission.references import ReferenceFile
 from scheduler.submission.submit import resolve_model_set_name
 from scheduler.tenants import Caller, find_caller, hash_key, reserved_tenant_hint
+from scheduler.webhooks.resolver import Resolver
 from shared.db import ensure_database, make_engine, make_session_factory
 from shared.errors import IpabError
 from shared.jobs import transaction
@@ -50,6 +51,8 @@ class ApiContext:
     references: ExpiringCache[tuple[str, str], ReferenceFile] = field(
         default_factory=lambda: ExpiringCache(ttl_s=REFERENCE_CACHE_S)
     )
+    # Webhook hosts are looked up in threads of their own, a few per tenant (see its module).
+    webhook_resolver: Resolver = field(default_factory=Resolver)
 
     @classmethod
     def build(cls, settings: Settings) -> ApiContext:
@@ -73,6 +76,7 @@ class ApiContext:
         """Release the connections."""
         self.redis.close()
         self.engine.dispose()
+        self.webhook_resolver.close()
 
 
 async def get_context(request: Request) -> ApiContext:

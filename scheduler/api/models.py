@@ -117,6 +117,9 @@ class PlanApplied(PlanOut):
     """200 (or 201, created) to POST /v1/plans."""
 
     change: Literal["created", "updated", "unchanged"]
+    webhook_secret: str | None = Field(
+        default=None, description="the plan's tenant's webhook signing secret, when this created the tenant (once)"
+    )
 
 
 class PlanToggled(PlanOut):

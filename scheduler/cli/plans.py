@@ -57,6 +57,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     for plan in applied:
         state = " (paused)" if plan["state"] == "paused" else ""
         print(f"plan {plan['name']}: {plan['change']}{state}; next slot {plan['next_slot']}")
+        if plan["webhook_secret"] is not None:
+            print(f"webhook signing secret of new tenant {plan['tenant']} (shown once): {plan['webhook_secret']}")
     return 0
 
 

@@ -20,6 +20,7 @@ from scheduler.plans import store
 from scheduler.plans.planfile import PlanSpec
 from scheduler.plans.runner import SlotContext, SlotOutcome, run_slot
 from scheduler.plans.slots import local_iso, next_slot, slots_after
+from scheduler.tenants import ensure_tenant
 from shared.db import Batch, Plan, PlanSlot
 from shared.jobs import transaction
 
@@ -40,15 +41,32 @@ def _state(plan: Plan) -> str:
 
 
 def apply_specs(*, sessions: sessionmaker[Session], specs: Sequence[PlanSpec], now: datetime) -> list[dict[str, Any]]:
-    """Create or update every plan in one transaction; per plan: name, change, state, next slot."""
+    """Create or update every plan in one transaction; per plan: name, change, state, next slot, tenant.
+
+    A plan's tenant is created with it if new, so that its webhooks have a secret to be signed
+    with; that secret is in `webhook_secret` (shown once: None once the tenant exists).
+    """
     with transaction(sessions) as session:
+        secrets: dict[str, str | None] = {}
+        for spec in specs:
+            if spec.tenant not in secrets:
+                secrets[spec.tenant] = ensure_tenant(session=session, name=spec.tenant)
         changes = [(spec, store.apply_plan(session=session, spec=spec, now=now)) for spec in specs]
     applied = []
     for spec, change in changes:
         zone = ZoneInfo(spec.timezone)
         upcoming = local_iso(next_slot(spec.schedule, zone, now), zone)
         state = "enabled" if spec.enabled else "paused"
-        applied.append({"name": spec.name, "change": change, "state": state, "next_slot": upcoming})
+        applied.append(
+            {
+                "name": spec.name,
+                "change": change,
+                "state": state,
+                "next_slot": upcoming,
+                "tenant": spec.tenant,
+                "webhook_secret": secrets[spec.tenant],
+            }
+        )
     return applied
 
 

@@ -104,6 +104,7 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "webhook_allow_private": [("perhaps", "perhaps")],
     "webhook_poll_s": [("0", "0")],
     "webhook_timeout_s": [("inf", "inf")],
+    "webhook_dns_timeout_s": [("0", "0")],
     "webhook_retry_base_s": [("-1", "-1")],
     "webhook_retry_max_s": [("nan", "nan")],
     "webhook_give_up_s": [("0", "0")],

@@ -125,7 +125,9 @@ async def create_batch(
     webhook = (
         None
         if webhook_url is None
-        else webhook_of(ctx, {"url": webhook_url, "events": [BATCH_COMPLETED]}, allowed=(BATCH_COMPLETED,))
+        else await webhook_of(
+            ctx, caller.tenant, {"url": webhook_url, "events": [BATCH_COMPLETED]}, allowed=(BATCH_COMPLETED,)
+        )
     )
     data = await _rows_body(request, ctx)
 

@@ -20,7 +20,6 @@ from scheduler.batches.actions import cancel
 from scheduler.batches.events import JOB_EVENTS
 from scheduler.batches.lookup import find_job
 from scheduler.submission.manifest import ParsedManifest
-from scheduler.webhooks.addresses import check_webhook_url
 from scheduler.webhooks.subscriptions import check_events
 from shared.dispatch.policy import INTERACTIVE_LANE
 from shared.errors import InvalidInput, ManifestInvalid
@@ -28,28 +27,30 @@ from shared.jobs import transaction
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_JOB_BODY_BYTES: Final = 256 * 1024
+JOB_EVENT_NAMES: Final = tuple(JOB_EVENTS.values())
 
 
-def webhook_of(ctx: ApiContext, raw: Any, *, allowed: tuple[str, ...]) -> tuple[str, list[str]] | None:
-    """(url, events) of a `webhook` object, checked; None when absent."""
+async def webhook_of(
+    ctx: ApiContext, tenant: str, raw: Any, *, allowed: tuple[str, ...]
+) -> tuple[str, list[str]] | None:
+    """(url, events) of a `webhook` object, checked; None when absent.
+
+    Its host is looked up in the webhook resolver's own threads, at most
+    IPAB_WEBHOOK_DNS_TIMEOUT_S: a name whose DNS never answers is a 422, and it blocks
+    neither the event loop nor the threads that serve other requests.
+    """
     if raw is None:
         return None
     if not isinstance(raw, dict) or set(raw) - {"url", "events"}:
         raise from_invalid_input(InvalidInput(WEBHOOK_FIELD, raw, "must be an object {url, events}"))
+    s = ctx.settings
     try:
-        url = check_webhook_url(raw.get("url"), allow_private=ctx.settings.webhook_allow_private)
+        url = await ctx.webhook_resolver.check_webhook_url(
+            raw.get("url"), tenant=tenant, timeout_s=s.webhook_dns_timeout_s, allow_private=s.webhook_allow_private
+        )
         return url, check_events(raw.get("events"), allowed=allowed)
     except InvalidInput as e:
         raise from_invalid_input(e) from None
-
-
-def _with_webhook(ctx: ApiContext, tenant: str, body: dict[str, Any]) -> JobRequest:
-    """The request's webhook (its URL resolved: private addresses are refused) and row, checked."""
-    webhook = webhook_of(ctx, body.pop(WEBHOOK_FIELD, None), allowed=tuple(JOB_EVENTS.values()))
-    parsed = parse_api_rows([(1, body)])
-    if not parsed.rows:
-        _refuse(ctx, tenant, parsed)
-    return JobRequest(tenant, parsed.rows[0], webhook)
 
 
 def _refuse(ctx: ApiContext, tenant: str, parsed: ParsedManifest) -> NoReturn:
@@ -78,16 +79,14 @@ async def create_job(request: Request, ctx: Context, caller: CallerDep) -> Any:
     content = canonical_json(body)
 
     async def handle() -> JSONResponse:
-        # A row is checked here (pure CPU); resolving a webhook URL and looking up an invalid
-        # row's references read the network and SQL: in a thread.
+        # A row is checked here (pure CPU); a webhook URL is looked up by `webhook_of` (awaited);
+        # looking up an invalid row's references reads SQL: in a thread.
         fields = dict(body)
-        if WEBHOOK_FIELD in fields:
-            job = await run_in_threadpool(_with_webhook, ctx, caller.tenant, fields)
-        else:
-            parsed = parse_api_rows([(1, fields)])
-            if not parsed.rows:
-                await run_in_threadpool(_refuse, ctx, caller.tenant, parsed)
-            job = JobRequest(caller.tenant, parsed.rows[0])
+        webhook = await webhook_of(ctx, caller.tenant, fields.pop(WEBHOOK_FIELD, None), allowed=JOB_EVENT_NAMES)
+        parsed = parse_api_rows([(1, fields)])
+        if not parsed.rows:
+            await run_in_threadpool(_refuse, ctx, caller.tenant, parsed)
+        job = JobRequest(caller.tenant, parsed.rows[0], webhook)
         job_id = await job_groups(request).submit(job)
         return JSONResponse({"id": job_id, "status": "queued", "client_id": job.row.client_id}, status_code=202)
 

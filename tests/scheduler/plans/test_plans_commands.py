@@ -79,7 +79,10 @@ def test_apply_creates_then_leaves_alone_then_updates(
         "plan nightly: unchanged",
         "plan nightly: updated",
     ]
-    assert outs[0].rstrip().endswith("T02:00:00+01:00")  # next slot, in the plan's zone
+    first, secret = outs[0].splitlines()
+    assert first.endswith("T02:00:00+01:00")  # next slot, in the plan's zone
+    assert secret.startswith("webhook signing secret of new tenant default (shown once): whsec_")
+    assert "whsec_" not in outs[1] + outs[2]  # the tenant exists: its secret is not shown again
     show = ipab(env, monkeypatch, "plans", "show", "nightly").out
     assert 'set: {"steps": 3}' in show and "lane: scheduled" in show and "catch_up: latest" in show
 
