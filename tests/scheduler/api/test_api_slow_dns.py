@@ -11,11 +11,16 @@ import json
 import pytest
 
 from tests.scheduler.api.slow_dns_scenario import BATCHES, DNS_TIMEOUT_S, JOBS
-from tests.scheduler.webhooks.netns import run_isolated
+from tests.scheduler.webhooks.netns import GLIBC_ATTEMPTS, GLIBC_TIMEOUT_S, run_isolated
 
 pytestmark = pytest.mark.slow
-# Beyond the DNS timeout, what a slow request may take on a loaded two-core machine.
-ANSWER_MARGIN_S = 1.5
+# Bounds over what the same probe took on the quiet server just before (`*_quiet_max_s`): a
+# shared two-core machine adds its own noise to every request, flood or not.
+HEALTHZ_BOUND_S = 0.5
+OTHER_TENANT_BOUND_S = 1.0
+# Beyond the DNS timeout, what a slow request may take with 65 at once; still far below the
+# C library's own give-up time, GLIBC_TIMEOUT_S * GLIBC_ATTEMPTS.
+ANSWER_MARGIN_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +33,14 @@ def flood() -> dict[str, object]:
 
 def test_healthz_answers_at_once_while_webhook_hosts_hang_in_dns(flood: dict[str, object]) -> None:
     assert flood["healthz_count"] >= 3, flood  # type: ignore[operator]
-    assert flood["healthz_max_s"] < 0.5, flood  # type: ignore[operator]
+    assert flood["healthz_max_s"] < HEALTHZ_BOUND_S + flood["healthz_quiet_max_s"], flood  # type: ignore[operator]
 
 
 def test_another_tenant_lists_and_submits_with_a_webhook_at_once_meanwhile(flood: dict[str, object]) -> None:
     assert flood["other_list_statuses"] == [200], flood
     assert flood["other_job_statuses"] == [202], flood
-    assert flood["other_list_max_s"] < 1.0, flood  # type: ignore[operator]
-    assert flood["other_job_max_s"] < 1.0, flood  # type: ignore[operator]
+    for probe in ("other_list", "other_job"):
+        assert flood[f"{probe}_max_s"] < OTHER_TENANT_BOUND_S + flood[f"{probe}_quiet_max_s"], flood  # type: ignore[operator]
 
 
 def test_each_hanging_webhook_url_is_refused_with_422_within_the_dns_timeout(flood: dict[str, object]) -> None:
@@ -46,4 +51,4 @@ def test_each_hanging_webhook_url_is_refused_with_422_within_the_dns_timeout(flo
         assert answer["fields"] == ["webhook.url"], answer
         assert f"did not resolve in {DNS_TIMEOUT_S:g} s" in str(answer["detail"]), answer
     slowest = max(float(a["elapsed_s"]) for a in slow)  # type: ignore[arg-type]
-    assert slowest < DNS_TIMEOUT_S + ANSWER_MARGIN_S, slowest
+    assert slowest < DNS_TIMEOUT_S + ANSWER_MARGIN_S < GLIBC_TIMEOUT_S * GLIBC_ATTEMPTS, slowest

@@ -27,8 +27,10 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
-# glibc's own wait per query: the C library gives up on a silent server after this long.
-GLIBC_TIMEOUT_S = 3
+# glibc's own wait per query, and its tries: the C library gives up on a silent server after
+# about GLIBC_TIMEOUT_S * GLIBC_ATTEMPTS seconds (its defaults, 5 s and 2).
+GLIBC_TIMEOUT_S = 5
+GLIBC_ATTEMPTS = 2
 SILENT_NAME = "hooks.silent.test"
 
 
@@ -59,7 +61,7 @@ def _isolate_network() -> None:
 def _point_resolver_at_loopback() -> None:
     folder = Path(tempfile.mkdtemp(prefix="ipab-netns-"))
     conf = folder / "resolv.conf"
-    conf.write_text(f"nameserver 127.0.0.1\noptions timeout:{GLIBC_TIMEOUT_S} attempts:1\n")
+    conf.write_text(f"nameserver 127.0.0.1\noptions timeout:{GLIBC_TIMEOUT_S} attempts:{GLIBC_ATTEMPTS}\n")
     subprocess.run(["mount", "--bind", str(conf), "/etc/resolv.conf"], check=True)
 
 
