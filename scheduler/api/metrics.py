@@ -9,6 +9,9 @@ network, as its labels name tenants and model sets).
   oldest per model set, lane and tenant (`ipab_jobs_queued`, `ipab_jobs_queued_oldest_age_seconds`;
   a scaler reads these: they count what the dispatcher has not yet moved to Redis), running
   jobs per model set, and the webhook outbox backlog.
+- Usage per tenant, read at scrape time with the backlog from the usage rollup (counters: they
+  only grow): `ipab_tenant_gpu_seconds_total` (billed), `ipab_tenant_lost_gpu_seconds_total`,
+  `ipab_tenant_images_total`, and `ipab_quota_refusals_total{tenant, quota}`.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from typing import Final
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from scheduler.usage.quotas import refusals
+from scheduler.usage.report import tenant_totals
 from shared.db import Batch, Job, JobStatus, WebhookMessage, utcnow
 
 SCRAPE_CACHE_S: Final = 5.0
@@ -42,6 +47,8 @@ class Backlog:
     queued: list[tuple[str, str, str, int, float]]  # model set, lane, tenant, count, oldest age (s)
     running: list[tuple[str, int]]  # model set, count
     outbox: int  # webhook messages neither delivered nor given up
+    usage: list[tuple[str, float, float, int]] = field(default_factory=list)  # tenant, GPU-s, lost GPU-s, images
+    refusals: list[tuple[str, str, int]] = field(default_factory=list)  # tenant, quota, submissions refused
 
 
 def read_backlog(sessions: sessionmaker[Session]) -> Backlog:
@@ -69,7 +76,9 @@ def read_backlog(sessions: sessionmaker[Session]) -> Backlog:
         ]
         running = [(m, int(n)) for m, n in session.execute(running_q).tuples()]
         outbox = int(session.scalar(outbox_q) or 0)
-    return Backlog(queued=queued, running=running, outbox=outbox)
+        usage = tenant_totals(session=session)
+        refused = refusals(session=session)
+    return Backlog(queued=queued, running=running, outbox=outbox, usage=usage, refusals=refused)
 
 
 @dataclass(eq=False)  # the registry keys collectors by identity
@@ -106,10 +115,29 @@ class BacklogCollector(Collector):
         outbox = GaugeMetricFamily("ipab_webhook_outbox_backlog", "Webhook messages not yet delivered")
         outbox.add_metric([], backlog.outbox)
         yield from (queued, oldest, running, outbox)
+        yield from usage_families(backlog)
 
     def describe(self) -> Iterator[Metric]:
         """Nothing: describing would read SQL when the collector is registered."""
         return iter(())
+
+
+def usage_families(backlog: Backlog) -> Iterator[Metric]:
+    """Per tenant: billed and lost GPU-seconds and images, all time (counters read from the usage
+    rollup), and submissions refused per quota."""
+    names = (
+        ("ipab_tenant_gpu_seconds", "GPU-seconds billed (the attempts that ended jobs)"),
+        ("ipab_tenant_lost_gpu_seconds", "GPU-seconds of attempts killed, taken over or failed (not billed)"),
+        ("ipab_tenant_images", "Images made"),
+    )
+    families = [CounterMetricFamily(name, doc, labels=["tenant"]) for name, doc in names]
+    for tenant, *values in backlog.usage:
+        for family, value in zip(families, values, strict=True):
+            family.add_metric([tenant], value)
+    refused = CounterMetricFamily("ipab_quota_refusals", "Submissions a quota refused", labels=["tenant", "quota"])
+    for tenant, quota, count in backlog.refusals:
+        refused.add_metric([tenant, quota], count)
+    yield from (*families, refused)
 
 
 @dataclass

@@ -46,6 +46,22 @@ class JobCreated(BaseModel):
     client_id: str | None = None
 
 
+class JobMetrics(BaseModel):
+    """What a job used (`metrics`, as Replicate names it): what is billed, what was lost, and the times."""
+
+    gpu_seconds: float | None = Field(
+        default=None, description="device seconds of the attempt that ended it (its share of a batched call); billed"
+    )
+    lost_gpu_seconds: float = Field(default=0.0, description="of attempts killed, taken over or failed; not billed")
+    queue_seconds: float | None = Field(default=None, description="from submission to the start of its last attempt")
+    total_seconds: float | None = Field(default=None, description="from submission to its end")
+    images: int = 0
+    steps: int | None = Field(default=None, description="denoising steps run (fewer for a canceled job)")
+    pixel_steps: int | None = Field(default=None, description="width x height x steps: the same on every card")
+    model_set: str | None = None
+    device: str | None = None
+
+
 class JobOut(BaseModel):
     """A job as GET /v1/jobs/{id} shows it."""
 
@@ -59,6 +75,7 @@ class JobOut(BaseModel):
     lane: str | None = None
     attempts: int
     error: dict[str, Any] | None
+    metrics: JobMetrics | None = None
     params: dict[str, Any]
     references: list[str]
     output_sha256: str | None

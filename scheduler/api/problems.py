@@ -8,7 +8,9 @@ it, FastAPI's validation errors, Starlette's HTTP errors and anything unexpected
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from fastapi import FastAPI, Request
@@ -16,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import InvalidInput, NotFound, TransientError
+from shared.errors import InvalidInput, NotFound, QuotaExceeded, TransientError
 
 log = logging.getLogger(__name__)
 PROBLEM_TYPE: Final = "application/problem+json"
@@ -58,6 +60,7 @@ class ApiProblem(Exception):
         errors: Sequence[Mapping[str, Any]] = (),
         headers: Mapping[str, str] | None = None,
         kind: str | None = None,
+        extensions: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -65,6 +68,7 @@ class ApiProblem(Exception):
         self.errors = list(errors)
         self.headers = dict(headers or {})
         self.kind = kind
+        self.extensions = dict(extensions or {})  # RFC 9457 extension members of this problem type
 
 
 def field_error(field: str, value: Any, reason: str) -> dict[str, Any]:
@@ -98,7 +102,24 @@ def problem_response(request: Request, problem: ApiProblem) -> JSONResponse:
     }
     if problem.errors:
         body["errors"] = problem.errors
+    body.update(problem.extensions)
     return JSONResponse(body, status_code=problem.status, headers=problem.headers, media_type=PROBLEM_TYPE)
+
+
+def quota_problem(e: QuotaExceeded) -> ApiProblem:
+    """429 `quota-exceeded`: the quota, its limit, what is used, what was asked, when it resets
+    (members of the problem, and Retry-After until then)."""
+    retry_after_s = max(1, math.ceil((e.resets_at - datetime.now(UTC).replace(tzinfo=None)).total_seconds()))
+    members = {
+        "tenant": e.tenant,
+        "quota": e.quota,
+        "limit": e.limit,
+        "used": e.used,
+        "requested": e.requested,
+        "resets_at": e.resets_at.isoformat() + "Z",
+    }
+    headers = {"Retry-After": str(retry_after_s)}
+    return ApiProblem(429, str(e), headers=headers, kind="quota-exceeded", extensions=members)
 
 
 def _validation_problem(errors: Sequence[Any]) -> ApiProblem:
@@ -133,6 +154,10 @@ def install_problem_handlers(app: FastAPI) -> None:
         assert isinstance(exc, NotFound)
         return problem_response(request, not_found(exc.kind, exc.ref))
 
+    async def on_quota(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, QuotaExceeded)
+        return problem_response(request, quota_problem(exc))
+
     async def on_transient(request: Request, exc: Exception) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
         return problem_response(request, ApiProblem(503, str(exc), headers=headers, kind="unavailable"))
@@ -145,5 +170,6 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(NotFound, on_not_found)
+    app.add_exception_handler(QuotaExceeded, on_quota)
     app.add_exception_handler(TransientError, on_transient)
     app.add_exception_handler(Exception, on_anything)

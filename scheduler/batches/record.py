@@ -150,6 +150,7 @@ def results_line(record: JobRecord, *, store: ObjectStore, audience: Audience) -
         "cache_stats": record.cache_stats,
         "provenance": record.provenance,
         "error": record.error,
+        "metrics": record.metrics,
     }
     return line if audience is Audience.OPERATOR else {k: v for k, v in line.items() if k not in OPERATOR_FIELDS}
 

@@ -168,3 +168,18 @@ def report_csv(report: UsageReport) -> str:
     for row in report.rows:
         writer.writerow(row_json(row, by))
     return out.getvalue()
+
+
+def tenant_totals(*, session: Session) -> list[tuple[str, float, float, int]]:
+    """(tenant, billed GPU-seconds, lost GPU-seconds, images) of every tenant, all time: the
+    operator's counters (`ipab_tenant_gpu_seconds_total`...), read at scrape time."""
+    r = UsageRollup
+    stmt = (
+        select(r.tenant, func.sum(r.gpu_s), func.sum(r.lost_gpu_s), func.sum(r.images))
+        .group_by(r.tenant)
+        .order_by(r.tenant)
+    )
+    return [
+        (tenant, float(gpu_s or 0.0), float(lost_s or 0.0), int(images or 0))
+        for tenant, gpu_s, lost_s, images in session.execute(stmt).tuples()
+    ]
