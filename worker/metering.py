@@ -59,6 +59,16 @@ class Meter:
             if steps_run is not None:
                 self.steps_run = steps_run
 
+    def _end(self, call: _Call, elapsed_s: float, *, steps_run: int | None) -> None:
+        """The call ended after `elapsed_s`: this job's share of it, if it was still in it."""
+        with self._lock:
+            if self._call is not call:
+                return
+            self._done_s += elapsed_s / call.jobs
+            self._call = None
+            if steps_run is not None:
+                self.steps_run = steps_run
+
 
 @contextmanager
 def pipeline_call(meters: Sequence[Meter], *, steps: int) -> Iterator[None]:
@@ -75,7 +85,7 @@ def pipeline_call(meters: Sequence[Meter], *, steps: int) -> Iterator[None]:
         yield
         finished = True
     finally:
-        metrics.device_busy(time.perf_counter() - call.started_s)
+        elapsed_s = time.perf_counter() - call.started_s  # once: the shares add up to it exactly
+        metrics.device_busy(elapsed_s)
         for meter in meters:
-            if meter._call is call:
-                meter.leave(steps_run=steps if finished else None)
+            meter._end(call, elapsed_s, steps_run=steps if finished else None)
