@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Final, NamedTuple
 
+from bench import startup
 from bench.api import worst
 
 OVERHEAD_GOAL: Final = 1.05
@@ -70,6 +71,7 @@ def goals(results: dict[str, Any]) -> list[Goal]:
             out.append(Goal(name, target, why, None))
     out += _fairness_goals(results)
     out += _api_goals(results)
+    out += _startup_goals(results)
     e, _ = _part(results, "embed")
     if e and "redis_p50_ok" in e:
         target = f"<= {e.get('goal_redis_p50_ms')} ms"
@@ -354,6 +356,29 @@ def render_markdown(results: dict[str, Any], *, command: str) -> str:
         _fairness(results.get("fairness") or {"skipped": "not run"}, _control_rate(results)),
         _batching(results.get("batching") or {"skipped": "not run"}),
         _api(results.get("api") or {"skipped": "not run"}),
+        _startup(results.get("startup") or {"skipped": "not run"}),
     ):
         parts += ["", *section]
     return "\n".join(parts) + "\n"
+
+
+# CLI start-up (bench/startup.py): its rows, apart from the sections above.
+
+
+def _startup_goals(results: dict[str, Any]) -> list[Goal]:
+    s, why = _part(results, "startup")
+    out = []
+    for label, goal in startup.GOALS.items():
+        name, target = f"CLI start-up: `{label}` / `{startup.BASELINE}`", f"<= {goal:.1f}x"
+        if not s:
+            out.append(Goal(name, target, why, None))
+            continue
+        ratio = s["commands"][label]["over_baseline"]
+        out.append(_goal(name, target, f"{_num(ratio)}x", ratio <= goal))
+    return out
+
+
+def _startup(s: dict[str, Any]) -> Iterator[str]:
+    yield "## 9. CLI start-up (fresh processes, interleaved)"
+    yield ""
+    yield _failed(s) or s.get("markdown", "(no table)")

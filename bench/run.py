@@ -25,7 +25,7 @@ from bench.common import REPO, log, machine_info, postgres_available
 from bench.report import render_markdown, summary_lines
 
 BENCHMARKS_MD: Final = REPO / "BENCHMARKS.md"
-ALL: Final = ("overhead", "submit", "control", "embed", "fairness", "batching", "api")
+ALL: Final = ("overhead", "submit", "control", "embed", "fairness", "batching", "api", "startup")
 
 
 def _guarded(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -69,6 +69,16 @@ def _batching(jobs: int) -> dict[str, Any]:
     return figures
 
 
+def _startup(repetitions: int) -> dict[str, Any]:
+    from bench import startup
+
+    figures = startup.run(repetitions=repetitions)
+    figures["markdown"] = startup.to_markdown(figures)
+    ratios = ", ".join(f"{label} {c['over_baseline']:.2f}x" for label, c in figures["commands"].items())
+    log(f"startup against {figures['baseline']}: {ratios}")
+    return figures
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """Every selected benchmark, one after another, in this process (each starts its own services)."""
     from bench import control_plane, fairness, overhead, submit_throughput
@@ -96,6 +106,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         results["batching"] = _guarded("batching", lambda: _batching(args.batching_jobs))
     if "api" in only:
         results["api"] = _guarded("api", lambda: _api(args.api_requests))
+    if "startup" in only:  # ipab's start-up against celery --help, interleaved, same run
+        results["startup"] = _guarded("startup", lambda: _startup(args.startup_repetitions))
     if args.gpu_json:
         results["gpu"] = json.loads(Path(args.gpu_json).read_text())
     results["total_s"] = time.perf_counter() - t0
@@ -112,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--embed-samples", type=int, default=200)
     parser.add_argument("--batching-jobs", type=int, default=16, help="tiny-model jobs per batch size")
     parser.add_argument("--api-requests", type=int, default=800, help="requests per measurement of the API bench")
+    parser.add_argument("--startup-repetitions", type=int, default=15, help="timed runs of each start-up command")
     parser.add_argument("--fairness-jobs", type=int, default=20_000, help="bulk backlog of the fairness benchmark")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--gpu-json", default=None, help="figures of `python -m bench.gpu --out` to include")

@@ -3,7 +3,14 @@
 This module is neutral ground: the control plane (`scheduler`) always registers its
 commands; the worker's (`ipab worker`, `generate`, `models`) are registered only when the
 worker extra (torch, diffusers, transformers) is installed. Without it they stop with one
-line saying what to install. Command modules must not import torch at import time.
+line saying what to install.
+
+A command line starts like one: building the parser and printing help load only light
+modules. Command modules import at their top only what their parsers need (the standard
+library and light `shared` modules: statuses, lanes, errors); each command imports what it
+runs when it runs (SQLAlchemy, Redis, boto3, pydantic settings, rich, PIL, torch), and this
+module recognises a service's errors without importing its library
+(`tests/scheduler/cli/test_startup_imports.py`; `bench/startup.py` times it against Celery).
 """
 
 from __future__ import annotations
@@ -15,14 +22,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
-import botocore.exceptions
-import redis
-import sqlalchemy.exc
-
 from shared.errors import IpabError
 from shared.logs import configure_logging
 from shared.redact import mask_text, mask_url
-from shared.settings import load_settings
 
 # Each module defines `register(subparsers)`, adding parsers whose `func` takes the args.
 CONTROL_PLANE_MODULES: Final = (
@@ -40,11 +42,13 @@ CONTROL_PLANE_MODULES: Final = (
 WORKER_MODULES: Final = ("worker.commands", "worker.serve")
 WORKER_COMMANDS: Final = ("worker", "generate", "models", "reproduce")
 WORKER_EXTRA_MODULES: Final = ("torch", "diffusers", "transformers")
+# The failures of a service that no command translated: (module, its error classes, the setting, the service).
+# Looked up in `sys.modules`, never imported: nothing heavy loads before a command needs it, and a
+# library that was never loaded raised nothing.
 SERVICE_ERRORS: Final = (
-    sqlalchemy.exc.SQLAlchemyError,
-    redis.RedisError,
-    botocore.exceptions.BotoCoreError,
-    botocore.exceptions.ClientError,
+    ("sqlalchemy.exc", ("SQLAlchemyError",), "database_url", "the database"),
+    ("redis.exceptions", ("RedisError",), "redis_url", "Redis"),
+    ("botocore.exceptions", ("BotoCoreError", "ClientError"), "s3_endpoint_url", "the object store"),
 )
 WORKER_EXTRA_HINT: Final = "install the worker extra: pip install 'ipab[worker]' (torch, diffusers, transformers)"
 
@@ -101,30 +105,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IpabError as e:
         print(f"ipab: error: {mask_text(str(e))}", file=sys.stderr)
         return 2
-    except SERVICE_ERRORS as e:  # the last guard: a service failure is one line, never a traceback
-        print(f"ipab: error: {service_error_line(e)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # the last guard: a service failure is one line, never a traceback
+        if service_of(e) is None:
+            raise
+        print(f"ipab: error: {service_error_line(e)}", file=sys.stderr)
+        return 2
     return code
 
 
 def _log_format() -> str:
     """IPAB_LOG_FORMAT; text while the settings are invalid (the command then reports them in one line)."""
+    from shared.settings import load_settings
+
     try:
         return load_settings().log_format
     except IpabError:
         return "text"
 
 
+def service_of(error: BaseException) -> tuple[str, str] | None:
+    """(setting, service) of the database, Redis or S3 failure `error` is; None for any other error."""
+    for module_name, class_names, field, what in SERVICE_ERRORS:
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(error, tuple(getattr(module, name) for name in class_names)):
+            return field, what
+    return None
+
+
 def service_error_line(error: BaseException) -> str:
     """One line for a database, Redis or S3 failure no command translated: the variable, its masked value, the fix."""
-    if isinstance(error, sqlalchemy.exc.SQLAlchemyError):
-        field, what = "database_url", "the database"
-    elif isinstance(error, redis.RedisError):
-        field, what = "redis_url", "Redis"
-    else:
-        field, what = "s3_endpoint_url", "the object store"
+    from shared.settings import load_settings
+
+    field, what = service_of(error) or ("s3_endpoint_url", "the object store")
     name = f"IPAB_{field.upper()}"
     try:
         shown = mask_url(getattr(load_settings(), field))

@@ -10,11 +10,13 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
-
-import redis
+from typing import TYPE_CHECKING, Final
 
 from shared.keys import STATS_KEY
+
+if TYPE_CHECKING:
+    # Only types at import: `ipab status` sums a batch's counters (`sum_stats_json`) without Redis.
+    import redis
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ def fleet_stats_key(prefix: str) -> str:
 
 def record_fleet_stats(client: redis.Redis, *, prefix: str, stats: CacheStats) -> None:
     """Add one call's counters to the fleet-wide hash; a Redis failure only logs (counters are best effort)."""
+    import redis  # loaded already by `client`'s own module: a dictionary look-up
+
     key = fleet_stats_key(prefix)
     pipe = client.pipeline(transaction=False)
     for name, value in dataclasses.asdict(stats).items():

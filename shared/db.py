@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import re
 import threading
 import uuid
 import weakref
@@ -36,14 +37,17 @@ from sqlalchemy import (
     event,
     exc,
     false,
+    inspect,
     text,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.dml import Insert
 
 from shared.errors import DatabaseUnavailable
+from shared.job_status import DEFAULT_TENANT as DEFAULT_TENANT
+from shared.job_status import TERMINAL as TERMINAL
+from shared.job_status import JobStatus as JobStatus
 from shared.redact import mask_text, mask_url
 
 MIGRATIONS_DIR: Final = Path(__file__).with_name("migrations")
@@ -58,21 +62,6 @@ PG_VALUES_ROWS: Final = 64  # up to this many new jobs go in one INSERT ... VALU
 SQL_CONNECT_TIMEOUT_S: Final = 5
 # Any constant works; it only has to be the same in every process that migrates.
 PG_MIGRATION_LOCK_ID: Final = 0x1BAB_0001
-# The tenant of CLI submissions without `--tenant`, and of batches made before tenants existed.
-DEFAULT_TENANT: Final = "default"
-
-
-class JobStatus(StrEnum):
-    """Where a job is in its life; stored as its value in `jobs.status`."""
-
-    queued = "queued"  # committed; its message is (or will be, by the reconciler) in Redis
-    running = "running"  # claimed by a worker holding a lease
-    succeeded = "succeeded"  # output uploaded and recorded; final
-    failed = "failed"  # permanent error or out of attempts; final (the dead-letter list)
-    canceled = "canceled"  # canceled before or while running; final
-
-
-TERMINAL: Final = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
 
 
 def utcnow() -> datetime:
@@ -459,10 +448,15 @@ def insert_ignoring_duplicates(model: type[Base], *, dialect: str, unique: Seque
     """
     # preserve_rowcount: callers read `rowcount` to learn whether their row went in, and
     # psycopg reports -1 for an INSERT .. ON CONFLICT unless SQLAlchemy is asked to keep it.
+    # Each dialect imported here, where it is used: a command on SQLite loads no PostgreSQL code.
     if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
         stmt: Insert = postgresql.insert(model).on_conflict_do_nothing(index_elements=list(unique))
         return stmt.execution_options(preserve_rowcount=True)
     if dialect == "sqlite":
+        from sqlalchemy.dialects import sqlite
+
         stmt = sqlite.insert(model).on_conflict_do_nothing(index_elements=list(unique))
         return stmt.execution_options(preserve_rowcount=True)
     raise ValueError(f"database dialect {dialect!r} is not supported; use SQLite or PostgreSQL")
@@ -617,12 +611,57 @@ _ensured_lock = threading.Lock()
 
 
 def ensure_database(url: str) -> None:
-    """Upgrade the database at `url` once per process, on first use (the CLI calls this itself)."""
+    """Upgrade the database at `url` once per process, on first use (the CLI calls this itself).
+
+    A database already at the head costs one query and no Alembic (whose import and script
+    loading were a third of a short command's start-up); any other is upgraded by Alembic.
+    """
     with _ensured_lock:
         if url in _ensured:
             return
         # Alembic logs each step at INFO; on every command's first use that is noise.
         logging.getLogger("alembic").setLevel(logging.WARNING)
         with database_errors(url):
-            upgrade_database(url)
+            if not _at_head(url):
+                upgrade_database(url)
         _ensured.add(url)
+
+
+# `revision: str = "0007"` and `down_revision: str | None = "0006"` as every migration file writes them.
+_REVISION_LINE: Final = re.compile(r"""^(revision|down_revision)\b[^=\n]*=\s*(None|"[^"\n]*"|'[^'\n]*')\s*$""", re.M)
+
+
+def migration_heads() -> frozenset[str] | None:
+    """The head revisions of the migrations folder, read from the files without Alembic.
+
+    None when a file does not state its revision and its one parent plainly (a merge, say):
+    then only Alembic can tell, and `ensure_database` lets it.
+    """
+    revisions, parents = set(), set()
+    for path in sorted((MIGRATIONS_DIR / "versions").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        found: dict[str, list[str]] = {"revision": [], "down_revision": []}
+        for name, value in _REVISION_LINE.findall(path.read_text(encoding="utf-8")):
+            found[name].append(value)
+        if len(found["revision"]) != 1 or len(found["down_revision"]) != 1 or found["revision"][0] == "None":
+            return None
+        revisions.add(found["revision"][0][1:-1])
+        if found["down_revision"][0] != "None":
+            parents.add(found["down_revision"][0][1:-1])
+    return frozenset(revisions - parents) or None
+
+
+def _at_head(url: str) -> bool:
+    """Whether the database's Alembic version is the migrations' head (False for a fresh database)."""
+    heads = migration_heads()
+    if heads is None:
+        return False
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return False
+            return set(conn.execute(text("SELECT version_num FROM alembic_version")).scalars()) == heads
+    finally:
+        engine.dispose()

@@ -9,8 +9,6 @@ import sys
 from typing import Any
 
 from shared import keys
-from shared.model_set import read_model_set
-from shared.settings import load_settings, require_model_set
 
 
 def register(subparsers: Any) -> None:
@@ -24,6 +22,8 @@ def register(subparsers: Any) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from shared.model_set import read_model_set
+    from shared.settings import load_settings, require_model_set
     from worker import observe
     from worker.preflight import check_dependencies
     from worker.tasks import EXIT_START_FAILED, make_worker_app, start_failed

@@ -9,9 +9,9 @@ from typing import Final
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.db import TERMINAL, Job, JobStatus
+from shared.db import TERMINAL, Job
+from shared.job_status import STATUSES as STATUSES
 
-STATUSES: Final = tuple(s.value for s in JobStatus)
 TIME_FIELDS: Final = ("encode_s", "denoise_s", "upload_s")
 _TERMINAL_VALUES: Final = frozenset(s.value for s in TERMINAL)
 

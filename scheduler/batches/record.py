@@ -14,14 +14,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from scheduler.batches.counts import TIME_FIELDS
 from shared.db import Job, JobStatus
-from shared.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from shared.storage import ObjectStore  # only its type: `ipab status` and `batches` load no S3 client
 
 RECORDS_CHUNK: Final = 1000  # rows fetched at a time when a batch's records are streamed
 # Columns a record carries as they are stored.

@@ -1,7 +1,8 @@
 """Batch commands: `ipab db upgrade`, `submit`, `status`, `results`, `batches`.
 
 Each command applies pending migrations itself first (`ensure_database`), so a fresh
-database needs no separate `ipab db upgrade`.
+database needs no separate `ipab db upgrade`. Each imports what it runs when it runs: the
+parsers (and `ipab --help`) load no database, S3 or Redis code.
 """
 
 from __future__ import annotations
@@ -10,30 +11,22 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
-
-from scheduler.batches.counts import STATUSES, Tally, count_batch, count_jobs, done_of
-from scheduler.batches.record import RECORDS_CHUNK, Audience, batch_records, iso_utc, results_line
-from scheduler.cli import api_client
 from scheduler.cli.common import API_HELP, batch_arg, database, read_batch
 from scheduler.cli.grid import add_max_rows, grid_summary
-from scheduler.cli.watch import watch_counts
-from scheduler.submission.grid import is_grid
-from scheduler.submission.manifest import parse_defaults
-from scheduler.submission.submit import SubmitResult, submit_manifest
-from scheduler.terminal_progress import Reporter
-from shared.cache_stats import sum_stats_json
-from shared.db import DEFAULT_TENANT, Batch, Job, JobStatus, ensure_database, upgrade_database, utcnow
 from shared.dispatch.policy import DEFAULT_LANE, LANES
-from shared.dispatch.position import Forecast, dispatched_depth, forecast_batch
 from shared.errors import ManifestInvalid
-from shared.jobs import transaction
+from shared.job_status import DEFAULT_TENANT, STATUSES, JobStatus
 from shared.redact import mask_url
-from shared.settings import load_settings
-from shared.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from scheduler.batches.counts import Tally
+    from scheduler.submission.submit import SubmitResult
+    from shared.db import Batch
+    from shared.dispatch.position import Forecast
 
 WATCH_INTERVAL_S: Final = 1.0
 BAR_WIDTH: Final = 30
@@ -44,6 +37,9 @@ BAR_WIDTH: Final = 30
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Apply every pending migration."""
+    from shared.db import upgrade_database
+    from shared.settings import load_settings
+
     settings = load_settings()
     upgrade_database(settings.database_url)
     shown = mask_url(settings.database_url)
@@ -79,7 +75,17 @@ def _print_submit(result: SubmitResult) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     """Validate a manifest and submit its jobs; the batch id alone on the last line."""
     if args.api:
+        from scheduler.cli import api_client
+
         return api_client.cmd_submit(args)
+    from scheduler.submission.grid import is_grid
+    from scheduler.submission.manifest import parse_defaults
+    from scheduler.submission.submit import submit_manifest
+    from scheduler.terminal_progress import Reporter
+    from shared.db import ensure_database
+    from shared.settings import load_settings
+    from shared.storage import ObjectStore
+
     settings = load_settings()
     ensure_database(settings.database_url)
     ObjectStore.from_settings(settings).ensure_bucket()  # a fresh object store works at once
@@ -114,6 +120,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cache_totals(*, session: Session, batch_id: str) -> dict[str, int | float]:
     """The embedding cache counters of a batch's jobs, summed (hits and misses per level, encodes)."""
+    from sqlalchemy import select
+
+    from scheduler.batches.record import RECORDS_CHUNK
+    from shared.cache_stats import sum_stats_json
+    from shared.db import Job
+
     stmt = select(Job.cache_stats).where(Job.batch_id == batch_id, Job.cache_stats.is_not(None))
     return sum_stats_json(session.scalars(stmt.execution_options(yield_per=RECORDS_CHUNK)))
 
@@ -142,6 +154,8 @@ def _print_status(batch: Batch, tally: Tally) -> None:
 
 def progress_line(counts: dict[str, int]) -> str:
     """`[#####-----] 10/20 done (succeeded 9, failed 1, running 2, queued 8)`."""
+    from scheduler.batches.counts import done_of
+
     total = sum(counts.values())
     done = done_of(counts)
     filled = BAR_WIDTH * done // total if total else BAR_WIDTH
@@ -150,6 +164,11 @@ def progress_line(counts: dict[str, int]) -> str:
 
 
 def _watch(sessions: sessionmaker[Session], batch_id: str, interval_s: float) -> dict[str, int]:
+    from scheduler.batches.counts import count_batch
+    from scheduler.cli.watch import watch_counts
+    from scheduler.terminal_progress import Reporter
+    from shared.jobs import transaction
+
     def poll() -> dict[str, int]:
         with transaction(sessions) as session:
             return count_batch(session=session, batch_id=batch_id).counts
@@ -160,7 +179,13 @@ def _watch(sessions: sessionmaker[Session], batch_id: str, interval_s: float) ->
 def cmd_status(args: argparse.Namespace) -> int:
     """Counts per status and time spent; with --watch, a progress bar until every job is final."""
     if args.api:
+        from scheduler.cli import api_client
+
         return api_client.cmd_status(args)
+    from scheduler.batches.counts import count_batch
+    from shared.jobs import transaction
+    from shared.settings import load_settings
+
     with database(load_settings()) as sessions:
         batch = read_batch(sessions, args.batch)
         if args.watch:
@@ -177,6 +202,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _forecast(sessions: sessionmaker[Session], batch: Batch) -> Forecast | None:
     """Where the batch's last queued job stands in the policy's order (see shared/dispatch/position.py)."""
+    from shared.db import utcnow
+    from shared.dispatch.position import dispatched_depth, forecast_batch
+    from shared.settings import load_settings
+
     settings = load_settings()
     return forecast_batch(
         sessions=sessions,
@@ -200,7 +229,14 @@ def _print_forecast(forecast: Forecast | None) -> None:
 def cmd_results(args: argparse.Namespace) -> int:
     """One JSON line per job of the batch (in manifest order), optionally only those with --status."""
     if args.api:
+        from scheduler.cli import api_client
+
         return api_client.cmd_results(args)
+    from scheduler.batches.record import Audience, batch_records, results_line
+    from shared.jobs import transaction
+    from shared.settings import load_settings
+    from shared.storage import ObjectStore
+
     settings = load_settings()
     store = ObjectStore.from_settings(settings)
     with database(settings) as sessions, transaction(sessions) as session:
@@ -220,6 +256,14 @@ def printable(text: str) -> str:
 
 def cmd_batches(args: argparse.Namespace) -> int:
     """Every batch, oldest first, with its jobs counted per status."""
+    from sqlalchemy import select
+
+    from scheduler.batches.counts import Tally, count_jobs
+    from scheduler.batches.record import iso_utc
+    from shared.db import Batch
+    from shared.jobs import transaction
+    from shared.settings import load_settings
+
     with database(load_settings()) as sessions, transaction(sessions) as session:
         batches = session.scalars(select(Batch).order_by(Batch.created_at, Batch.name)).all()
         tallies = count_jobs(session=session)

@@ -9,12 +9,6 @@ import argparse
 import json
 from typing import Any
 
-import redis
-
-from shared.cache_stats import format_stats_table, read_fleet_stats
-from shared.redis_conn import connect_redis, redis_unreachable
-from shared.settings import load_settings
-
 
 def register(subparsers: Any) -> None:
     """Add `ipab cache stats`."""
@@ -26,6 +20,12 @@ def register(subparsers: Any) -> None:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    import redis
+
+    from shared.cache_stats import format_stats_table, read_fleet_stats
+    from shared.redis_conn import connect_redis, redis_unreachable
+    from shared.settings import load_settings
+
     settings = load_settings()
     client = connect_redis(settings.redis_url)
     try:

@@ -6,15 +6,17 @@ import argparse
 from typing import Any
 
 from scheduler.cli.common import database, read_batch
-from scheduler.export.run import FORMATS, export_batch
-from scheduler.export.writer import parse_size_bytes
-from scheduler.terminal_progress import Reporter
-from shared.settings import load_settings
-from shared.storage import ObjectStore
+from scheduler.export.formats import FORMATS
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export the batch's succeeded jobs that the output does not hold yet; a summary line on stdout."""
+    from scheduler.export.run import export_batch
+    from scheduler.export.writer import parse_size_bytes
+    from scheduler.terminal_progress import Reporter
+    from shared.settings import load_settings
+    from shared.storage import ObjectStore
+
     shard_size_bytes = parse_size_bytes(args.shard_size)
     settings = load_settings()
     store = ObjectStore.from_settings(settings)

@@ -7,14 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.cli.common import database, read_batch
-from scheduler.gallery.build import write_gallery
-from scheduler.terminal_progress import Reporter
-from shared.settings import load_settings
-from shared.storage import ObjectStore
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
     """Write the gallery; its path alone on stdout."""
+    from scheduler.gallery.build import write_gallery
+    from scheduler.terminal_progress import Reporter
+    from shared.settings import load_settings
+    from shared.storage import ObjectStore
+
     settings = load_settings()
     store = ObjectStore.from_settings(settings)
     with database(settings) as sessions:

@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scheduler.submission.grid import DEFAULT_MAX_ROWS, axis_sizes, check_row_count, expand_lines, read_grid
+from scheduler.submission.defaults import DEFAULT_MAX_ROWS
 
 
 def grid_summary(path: Path, *, max_rows: int) -> str:
     """`grid g.toml: prompt 2 x seed 4 = 8 rows` (refused over `max_rows`, before any row is built)."""
+    from scheduler.submission.grid import axis_sizes, check_row_count, read_grid
+
     grid = read_grid(path)
     count = check_row_count(grid, max_rows=max_rows)
     sizes = " x ".join(f"{name} {size}" for name, size in axis_sizes(grid))
@@ -20,6 +22,8 @@ def grid_summary(path: Path, *, max_rows: int) -> str:
 
 def cmd_expand(args: argparse.Namespace) -> int:
     """Print every row of the grid as one JSON line (with its cell `id`); the count goes to stderr."""
+    from scheduler.submission.grid import expand_lines
+
     path = Path(args.grid)
     print(grid_summary(path, max_rows=args.max_rows), file=sys.stderr)
     for line in expand_lines(path, max_rows=args.max_rows):

@@ -6,10 +6,7 @@ import argparse
 from typing import Any
 
 from scheduler.cli.common import database
-from scheduler.tenants import create_key, list_keys, restrict_lanes, revoke_key
 from shared.errors import InvalidInput
-from shared.jobs import transaction
-from shared.settings import load_settings
 
 
 def _when(value: Any) -> str:
@@ -18,6 +15,10 @@ def _when(value: Any) -> str:
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     """Create a key (and the tenant, with its webhook secret, if new); the key alone on the last line."""
+    from scheduler.tenants import create_key, restrict_lanes
+    from shared.jobs import transaction
+    from shared.settings import load_settings
+
     with database(load_settings()) as sessions, transaction(sessions) as session:
         new = create_key(session=session, tenant=args.tenant, admin=args.admin)
         if args.lanes is not None:
@@ -34,6 +35,10 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     """Every key: id, tenant, admin, created, revoked (never the key)."""
+    from scheduler.tenants import list_keys
+    from shared.jobs import transaction
+    from shared.settings import load_settings
+
     with database(load_settings()) as sessions, transaction(sessions) as session:
         keys = list_keys(session=session)
         print("\t".join(["id", "tenant", "admin", "created_at", "revoked_at"]))
@@ -45,6 +50,10 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     """Revoke a key by id; it stops working at once."""
+    from scheduler.tenants import revoke_key
+    from shared.jobs import transaction
+    from shared.settings import load_settings
+
     with database(load_settings()) as sessions, transaction(sessions) as session:
         if not revoke_key(session=session, key_id=args.key_id):
             raise InvalidInput("ID", args.key_id, "no unrevoked key has this id; `ipab keys list` shows them")

@@ -1,4 +1,7 @@
-"""Operator commands on live batches: `ipab cancel`, `retry`, `pause`, `resume`, `reconcile`."""
+"""Operator commands on live batches: `ipab cancel`, `retry`, `pause`, `resume`, `reconcile`.
+
+Each imports what it runs when it runs: the parsers load no database or Redis code.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +10,17 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import redis
-from sqlalchemy.orm import Session, sessionmaker
-
-from scheduler.batches.actions import cancel, retry_failed, set_paused, wake
 from scheduler.cli.common import database, read_batch
 from scheduler.cli.stopping import stop_on_signals
-from shared.dispatch.dispatcher import queued_model_sets, run_dispatcher
 from shared.errors import TransientError
-from shared.jobs import transaction
-from shared.reconcile import reconcile_once, run_reconciler
-from shared.redis_conn import connect_redis, require_redis
-from shared.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    import redis
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from shared.settings import Settings
 
 MODEL_SET_REFRESH_S: Final = 5.0
 
@@ -50,12 +50,18 @@ def register(subparsers: Any) -> None:
 
 
 def _redis(settings: Settings) -> redis.Redis:
+    from shared.redis_conn import connect_redis, require_redis
+
     # Checked before any SQL change: `retry --failed` must not half-happen when Redis is away.
     require_redis(settings.redis_url)
     return connect_redis(settings.redis_url)
 
 
 def _cancel(args: argparse.Namespace) -> int:
+    from scheduler.batches.actions import cancel
+    from shared.jobs import transaction
+    from shared.settings import load_settings
+
     with database(load_settings()) as sessions:
         batch = read_batch(sessions, args.batch)
         with transaction(sessions) as session:
@@ -65,6 +71,9 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
+    from scheduler.batches.actions import retry_failed, wake
+    from shared.settings import load_settings
+
     settings = load_settings()
     redis_client = _redis(settings)
     with database(settings) as sessions:
@@ -76,6 +85,9 @@ def _retry(args: argparse.Namespace) -> int:
 
 
 def _set_paused(args: argparse.Namespace, *, paused: bool) -> int:
+    from scheduler.batches.actions import set_paused, wake
+    from shared.settings import load_settings
+
     settings = load_settings()
     with database(settings) as sessions:
         batch = read_batch(sessions, args.batch)
@@ -99,6 +111,8 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _model_sets_with_work(sessions: sessionmaker[Session]) -> Callable[[], list[str]]:
     """The model sets that have queued jobs (read at most every few seconds by the dispatch loop)."""
+    from shared.dispatch.dispatcher import queued_model_sets
+
     cache: dict[str, Any] = {"at": 0.0, "names": []}
 
     def names() -> list[str]:
@@ -110,6 +124,10 @@ def _model_sets_with_work(sessions: sessionmaker[Session]) -> Callable[[], list[
 
 
 def _reconcile(args: argparse.Namespace) -> int:
+    from shared.dispatch.dispatcher import run_dispatcher
+    from shared.reconcile import reconcile_once, run_reconciler
+    from shared.settings import load_settings
+
     settings = load_settings()
     redis_client = _redis(settings)
     with database(settings) as sessions:

@@ -1,6 +1,7 @@
 """`ipab plans apply|list|show|history|run|pause|resume|delete` and `ipab beat`.
 
-Times are shown in each plan's own time zone, ISO 8601 with the offset.
+Times are shown in each plan's own time zone, ISO 8601 with the offset. Each command imports
+what it runs when it runs: the parsers load no SQL, cron or S3 code.
 """
 
 from __future__ import annotations
@@ -10,26 +11,27 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
-
-from sqlalchemy.orm import Session, sessionmaker
+from typing import TYPE_CHECKING, Any, Final
 
 from scheduler.cli.common import database
 from scheduler.cli.stopping import stop_on_signals
-from scheduler.plans import views
-from scheduler.plans.beat import DEFAULT_INTERVAL_S, run_beat
-from scheduler.plans.planfile import PlanInvalid, PlanSpec, read_plan_file
-from scheduler.plans.runner import SlotContext, SlotOutcome
-from shared.db import utcnow
+from scheduler.plans.defaults import DEFAULT_INTERVAL_S, HISTORY_LIMIT
 from shared.errors import InvalidInput
-from shared.settings import load_settings
-from shared.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from scheduler.plans.planfile import PlanSpec
+    from scheduler.plans.runner import SlotContext, SlotOutcome
 
 # ipab plans apply
 
 
 def _read_all(paths: Sequence[str]) -> tuple[list[PlanSpec], list[str]]:
     """Every valid plan, and a `file: field: reason` line per problem of the others."""
+    from scheduler.plans.planfile import PlanInvalid, read_plan_file
+    from shared.settings import load_settings
+
     settings = load_settings()
     specs, problems = [], []
     for raw in paths:
@@ -47,6 +49,10 @@ def _read_all(paths: Sequence[str]) -> tuple[list[PlanSpec], list[str]]:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """Create or update plans from files; every file is validated first, and any problem applies none."""
+    from scheduler.plans import views
+    from shared.db import utcnow
+    from shared.settings import load_settings
+
     specs, problems = _read_all(args.files)
     if problems:
         print("\n".join(problems), file=sys.stderr)
@@ -78,6 +84,10 @@ def _cell(value: Any) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Every plan: state, schedule, next slot (in its zone), last slot with its status and counts."""
+    from scheduler.plans import views
+    from shared.db import utcnow
+    from shared.settings import load_settings
+
     with database(load_settings()) as sessions:
         plans = views.list_plans(sessions=sessions, now=utcnow())
     print("\t".join(LIST_COLUMNS))
@@ -88,6 +98,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """One plan's settings and its next slots."""
+    from scheduler.plans import views
+    from shared.db import utcnow
+    from shared.settings import load_settings
+
     with database(load_settings()) as sessions:
         details = views.show_plan(sessions=sessions, name=args.name, now=utcnow())
     details["schedule"] = f"{details['schedule']} ({details.pop('timezone')})"
@@ -97,6 +111,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """The plan's slots, newest first: when, kind, status, batch, counts, and why (skipped, failed, caught up)."""
+    from scheduler.plans import views
+    from shared.settings import load_settings
+
     with database(load_settings()) as sessions:
         slots = views.plan_history(sessions=sessions, name=args.name, limit=args.limit)
     print("\t".join(HISTORY_COLUMNS))
@@ -123,6 +140,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     """An extra run now, as its own slot (`<plan>@<now>`); the batch id alone on the last line."""
     if not args.now:
         raise InvalidInput("--now", None, "is required: `ipab plans run NAME --now` runs the plan once, now")
+    from scheduler.plans import views
+    from scheduler.plans.runner import SlotContext
+    from shared.db import utcnow
+    from shared.settings import load_settings
+    from shared.storage import ObjectStore
+
     settings = load_settings()
     ObjectStore.from_settings(settings).ensure_bucket()
     with database(settings) as sessions:
@@ -131,6 +154,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _set_enabled(name: str, enabled: bool) -> int:
+    from scheduler.plans import views
+    from shared.db import utcnow
+    from shared.settings import load_settings
+
     with database(load_settings()) as sessions:
         changed = views.set_plan_enabled(sessions=sessions, name=name, enabled=enabled, now=utcnow())
     state = "resumed (slots after now run)" if enabled else "paused"
@@ -150,6 +177,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     """Delete the plan and its slot history; its batches and their jobs stay."""
+    from scheduler.plans import views
+    from shared.settings import load_settings
+
     with database(load_settings()) as sessions:
         slots = views.delete_named_plan(sessions=sessions, name=args.name)
     print(f"plan {args.name}: deleted with {slots} slot record(s); its batches stay")
@@ -161,11 +191,19 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def beat_context(sessions: sessionmaker[Session]) -> SlotContext:
     """The beat's context on the real clock."""
+    from scheduler.plans.runner import SlotContext
+    from shared.db import utcnow
+    from shared.settings import load_settings
+
     return SlotContext(settings=load_settings(), sessions=sessions, now=utcnow)
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
     """Turn due slots into batches until interrupted; run as many replicas as you like."""
+    from scheduler.plans.beat import run_beat
+    from shared.settings import load_settings
+    from shared.storage import ObjectStore
+
     settings = load_settings()
     ObjectStore.from_settings(settings).ensure_bucket()
     with database(settings) as sessions:
@@ -197,7 +235,7 @@ def register(subparsers: Any) -> None:
     sub = _plans_parser(subparsers)
     history = sub.add_parser("history", help="each slot: batch, counts, skipped or failed and why")
     history.add_argument("name", metavar="NAME")
-    history.add_argument("--limit", type=int, default=views.HISTORY_LIMIT, help="newest slots shown")
+    history.add_argument("--limit", type=int, default=HISTORY_LIMIT, help="newest slots shown")
     history.set_defaults(func=cmd_history)
     run = sub.add_parser("run", help="an extra run now, as its own slot")
     run.add_argument("name", metavar="NAME")

@@ -25,8 +25,7 @@ WRITERS: Final[dict[str, Callable[..., Writer]]] = {
     "imagefolder": ImageFolderWriter,
     "webdataset": WebDatasetWriter,
     "parquet": ParquetWriter,
-}
-FORMATS: Final = tuple(WRITERS)
+}  # one per name of `scheduler.export.formats.FORMATS`
 
 
 @dataclass(frozen=True)

@@ -5,5 +5,6 @@
 - `store`: the plans and their slot rows in SQL.
 - `runner`: one slot into one batch (or a skipped or failed slot row, with the reason).
 - `beat`: the `ipab beat` loop, which finds the due slots of every plan.
+- `defaults`: the defaults that the commands' parsers show, light to import.
 - `commands`: `ipab plans ...` and `ipab beat`.
 """

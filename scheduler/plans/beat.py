@@ -31,7 +31,6 @@ from shared.errors import TransientError
 from shared.jobs import transaction
 
 log = logging.getLogger(__name__)
-DEFAULT_INTERVAL_S: Final = 5.0
 # catch_up = none: a slot this late still runs (a beat restarting, a slow pass); later, skipped.
 ON_TIME_S: Final = 300.0
 MAX_CATCH_UP_SLOTS: Final = 1000

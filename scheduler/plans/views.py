@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.batches.counts import count_batch, count_jobs
 from scheduler.plans import store
+from scheduler.plans.defaults import HISTORY_LIMIT
 from scheduler.plans.planfile import PlanSpec
 from scheduler.plans.runner import SlotContext, SlotOutcome, run_slot
 from scheduler.plans.slots import local_iso, next_slot, slots_after
@@ -24,7 +25,6 @@ from scheduler.tenants import ensure_tenant
 from shared.db import Batch, Plan, PlanSlot
 from shared.jobs import transaction
 
-HISTORY_LIMIT: Final = 50
 SHOW_NEXT_SLOTS: Final = 3
 
 

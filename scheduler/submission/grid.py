@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from scheduler.submission.defaults import DEFAULT_MAX_ROWS
 from scheduler.submission.manifest import COLUMNS, ID_FIELD, REFERENCE_FIELD, ParsedManifest, Problem, parse_rows
 from shared.errors import InvalidInput
 
 GRID_SUFFIX: Final = ".toml"
-DEFAULT_MAX_ROWS: Final = 1_000_000
 CELL_ID_PREFIX: Final = "cell-"
 CELL_ID_HEX_CHARS: Final = 24
 TOP_LEVEL_KEYS: Final = ("batch", "zip", "fixed", "axes")

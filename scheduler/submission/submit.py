@@ -22,7 +22,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.batches.actions import wake
-from scheduler.submission.grid import DEFAULT_MAX_ROWS, grid_batch_name, is_grid, parse_grid
+from scheduler.submission.defaults import DEFAULT_MAX_ROWS
+from scheduler.submission.grid import grid_batch_name, is_grid, parse_grid
 from scheduler.submission.manifest import ManifestRow, ParsedManifest, Problem, check_lane, parse_manifest
 from scheduler.submission.references import (
     ReferenceFile,

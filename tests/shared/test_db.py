@@ -9,7 +9,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from shared.db import (
@@ -22,6 +22,7 @@ from shared.db import (
     ensure_database,
     make_engine,
     make_session_factory,
+    migration_heads,
     new_id,
     serialized_writes,
     upgrade_database,
@@ -183,3 +184,26 @@ def test_sqlite_writers_of_one_process_take_turns_and_all_commit(database_url: s
     if engine.dialect.name == "sqlite":
         assert most_inside[0] == 1
     engine.dispose()
+
+
+def test_the_heads_read_from_the_migration_files_are_alembics() -> None:
+    assert migration_heads() == frozenset(ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads())
+
+
+def test_a_database_at_the_head_is_not_migrated_again_and_one_behind_it_is(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upgrade_database(database_url)
+    upgrades: list[str] = []
+    monkeypatch.setattr("shared.db.upgrade_database", upgrades.append)
+    monkeypatch.setattr("shared.db._ensured", set())
+    ensure_database(database_url)
+    assert upgrades == []  # at the head: one query, and Alembic is never loaded
+
+    engine = make_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0001'"))
+    engine.dispose()
+    monkeypatch.setattr("shared.db._ensured", set())
+    ensure_database(database_url)
+    assert upgrades == [database_url]

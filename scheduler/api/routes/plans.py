@@ -19,10 +19,10 @@ from scheduler.api.context import AdminDep, ApiContext, Context
 from scheduler.api.idempotency import idempotent
 from scheduler.api.models import PlanApplied, PlanDeleted, PlanListed, PlanOut, PlanRun, PlanSlotOut, PlanToggled
 from scheduler.api.problems import ApiProblem, field_error, shown
+from scheduler.plans.defaults import HISTORY_LIMIT
 from scheduler.plans.planfile import PlanInvalid, read_plan_text
 from scheduler.plans.runner import SlotContext
 from scheduler.plans.views import (
-    HISTORY_LIMIT,
     apply_specs,
     delete_named_plan,
     list_plans,
