@@ -71,6 +71,7 @@ def goals(results: dict[str, Any]) -> list[Goal]:
             out.append(Goal(name, target, why, None))
     out += _fairness_goals(results)
     out += _api_goals(results)
+    out += _fast_set_goals(results)
     out += _startup_goals(results)
     e, _ = _part(results, "embed")
     if e and "redis_p50_ok" in e:
@@ -316,6 +317,7 @@ def gpu_section(g: dict[str, Any] | None) -> Iterator[str]:
         )
     yield ""
     yield from _worker_path(g.get("worker_path"))
+    yield from _fast_set_gpu(g.get("fast_set"))
 
 
 def _worker_path(w: dict[str, Any] | None) -> Iterator[str]:
@@ -357,6 +359,7 @@ def render_markdown(results: dict[str, Any], *, command: str) -> str:
         _batching(results.get("batching") or {"skipped": "not run"}),
         _api(results.get("api") or {"skipped": "not run"}),
         _startup(results.get("startup") or {"skipped": "not run"}),
+        _fast_sets(results.get("fast_sets") or {"skipped": "not run"}),
     ):
         parts += ["", *section]
     return "\n".join(parts) + "\n"
@@ -382,3 +385,38 @@ def _startup(s: dict[str, Any]) -> Iterator[str]:
     yield "## 9. CLI start-up (fresh processes, interleaved)"
     yield ""
     yield _failed(s) or s.get("markdown", "(no table)")
+
+
+# Fast model sets (bench/fast_sets.py; bench/gpu.py's `fast_set`): a section of their own.
+
+FAST_GOAL: Final = 5.0  # images/s of a 4-step set over the 30-step default set
+
+
+def _fast_set_goals(results: dict[str, Any]) -> list[Goal]:
+    f, why = _part(results, "fast_sets")
+    name, target = "fast set (4 steps, no CFG) / default set (30 steps, CFG), tiny model", f">= {FAST_GOAL:g}x images/s"
+    if not f:
+        return [Goal(name, target, why, None)]
+    return [_goal(name, target, f"{_num(f['fast_over_default'])}x", f["fast_over_default"] >= FAST_GOAL)]
+
+
+def _fast_sets(f: dict[str, Any]) -> Iterator[str]:
+    yield "## 10. Fast model sets (tiny model, CPU)"
+    yield ""
+    yield _failed(f) or f.get("markdown", "(no table)")
+
+
+def _fast_set_gpu(f: dict[str, Any] | None) -> Iterator[str]:
+    """The fast set on the GPU sweep's pipeline: a LoRA fused in, TCD, 4 steps, no guidance."""
+    if not f:
+        return
+    yield ""
+    if "images_per_s" not in f:
+        yield f"Fast set (LoRA fused, TCD, 4 steps, guidance 0): {f.get('error') or f.get('skipped')}."
+        return
+    yield (
+        f"Fast set: a rank-{f['lora_rank']} LoRA fused in at load ({_num(f['fuse_s'], 1)} s), {f['scheduler']}, "
+        f"{f['steps']} steps, guidance {f['guidance_scale']:g}, batch {f['batch']}: {_num(f['images_per_s'], 2)} "
+        f"images/s against {_num(f['default_images_per_s'], 2)} for `{f['default']}`: "
+        f"**{_num(f['fast_over_default'])}x** (goal >= {FAST_GOAL:g}x)."
+    )
