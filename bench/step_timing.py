@@ -89,8 +89,12 @@ def _one_job(w: _Worker, m: JobMessage, clock: _Clock) -> None:
         "claim_sql",
         lambda: claim_job(sessions=w.sessions, job_id=m.job_id, worker_host=w.host, lease_s=60, max_attempts=3),
     )
-    prefix = w.settings.redis_prefix
-    clock.time("forget_queued_redis", lambda: forget_queued(redis_client=w.redis, prefix=prefix, job_id=m.job_id))
+    prefix, name = w.settings.redis_prefix, w.renderer.name
+    # As the runner does: the same round trip signals the dispatcher that the queue has room.
+    clock.time(
+        "forget_queued_redis",
+        lambda: forget_queued(redis_client=w.redis, prefix=prefix, job_id=m.job_id, model_set=name),
+    )
     lease = clock.time(
         "lease_thread",
         lambda: Lease(

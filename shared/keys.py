@@ -20,6 +20,7 @@ EMBED_LOCK_KEY: Final = "emb-lock:{cache_key}"  # single-flight lock for one enc
 RECONCILER_LOCK_KEY: Final = "reconciler-lock"  # only one reconciler runs at a time
 DISPATCH_LOCK_KEY: Final = "dispatch-lock:{model_set}"  # only one dispatcher per model set works at a time
 DISPATCH_WAKE_KEY: Final = "dispatch-wake:{model_set}"  # bumped by submissions: the dispatcher re-reads SQL
+DISPATCH_SIGNAL_KEY: Final = "dispatch-signal:{model_set}"  # the list an idle dispatcher blocks on (BLPOP)
 STATS_KEY: Final = "stats:{name}"  # fleet-wide counters (hash)
 PROGRESS_KEY: Final = "progress:{job_id}"  # a running job's denoising step (JSON, expires)
 

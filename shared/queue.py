@@ -15,6 +15,7 @@ from typing import Final
 import redis
 
 from shared import keys
+from shared.dispatch.wake import push_signal
 from shared.errors import QueueUnavailable
 from shared.wire import render_envelopes
 
@@ -42,9 +43,17 @@ def enqueue_serialized(
         raise QueueUnavailable(f"cannot enqueue on Redis ({e}); the reconciler will enqueue these jobs") from e
 
 
-def forget_queued(*, redis_client: redis.Redis, prefix: str, job_id: str) -> None:
-    """A worker took the job: its message is no longer waiting in Redis."""
-    redis_client.srem(prefix + keys.QUEUED_SET, job_id)
+def forget_queued(*, redis_client: redis.Redis, prefix: str, job_id: str, model_set: str | None = None) -> None:
+    """A worker took the job: its message is no longer waiting in Redis.
+
+    With `model_set`, the same round trip tells that model set's dispatcher that its queue has
+    room (`shared.dispatch.wake`): it sleeps until then instead of polling the queue's depth.
+    """
+    pipe = redis_client.pipeline(transaction=False)
+    pipe.srem(prefix + keys.QUEUED_SET, job_id)
+    if model_set is not None:
+        push_signal(pipe, prefix=prefix, model_set=model_set)
+    pipe.execute()
 
 
 def missing_from_queue(*, redis_client: redis.Redis, prefix: str, job_ids: Sequence[str]) -> list[str]:

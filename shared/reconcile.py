@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import keys
 from shared.db import Batch, Job, JobStatus
 from shared.db_clock import server_now
+from shared.dispatch.wake import wake_dispatcher
 from shared.errors import TransientError
 from shared.jobs import expire_leases, transaction, undispatch
 from shared.queue import missing_from_queue
@@ -94,7 +95,7 @@ def reconcile_once(
     if report.requeued_expired:
         woken.update(_model_sets_of(sessions=sessions, job_ids=report.requeued_expired))
     for model_set in sorted(woken):
-        redis_client.incr(settings.redis_prefix + keys.DISPATCH_WAKE_KEY.format(model_set=model_set))
+        wake_dispatcher(redis_client=redis_client, settings=settings, model_set=model_set)
     if report.requeued_expired or report.failed_lost or report.reenqueued:
         log.info(
             "reconciler: %d lease(s) expired, %d failed after %d attempts, %d re-enqueued",
@@ -106,11 +107,16 @@ def reconcile_once(
     return report
 
 
-# Extend the lock only while it is still ours, in one step: a GET then a PEXPIRE would let a
-# holder that stalled past its lease extend the lock of the process that took it over.
-_EXTEND_IF_HELD: Final = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"
-)
+# Take the lock if free, or extend it only while it is still ours, in one step: a GET then a
+# PEXPIRE would let a holder that stalled past its lease extend the lock of the process that
+# took it over. One script is one round trip for a holder renewing (a dispatcher, every round).
+_HOLD: Final = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 _RELEASE_IF_HELD: Final = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"
 )
@@ -119,12 +125,10 @@ _RELEASE_IF_HELD: Final = (
 def hold_lock(*, redis_client: redis.Redis, key: str, holder: str, ttl_ms: int) -> bool:
     """Take the fleet-wide reconciler lock if free, or extend it if `holder` has it; True if held.
 
-    Both are atomic in Redis (SET NX PX, then a compare-and-extend script), so at most one
-    holder exists at any moment, however the contenders' calls interleave.
+    One script, atomic in Redis, so at most one holder exists at any moment, however the
+    contenders' calls interleave.
     """
-    if redis_client.set(key, holder, nx=True, px=ttl_ms):
-        return True
-    return bool(redis_client.eval(_EXTEND_IF_HELD, 1, key, holder, ttl_ms))
+    return bool(redis_client.eval(_HOLD, 1, key, holder, ttl_ms))
 
 
 def release_lock(*, redis_client: redis.Redis, key: str, holder: str) -> bool:

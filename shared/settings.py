@@ -99,7 +99,6 @@ class Settings(BaseSettings):
     dispatch_depth: int = (
         DEFAULT_DISPATCH_DEPTH  # messages waiting in Redis per model set; more: throughput, fewer: priority
     )
-    dispatch_poll_s: float = 0.02  # how often an idle dispatcher looks at the queue's depth
     dispatch_rescan_s: float = 2.0  # the backlog is re-read from SQL at least this often
     dispatch_lock_s: float = 5.0  # a dead dispatcher's lock lapses after this long
 

@@ -187,7 +187,10 @@ def _not_claimed(ctx: WorkerContext, job_id: str) -> str:
 
 def _forget(ctx: WorkerContext, job_id: str) -> None:
     try:
-        forget_queued(redis_client=ctx.redis, prefix=ctx.settings.redis_prefix, job_id=job_id)
+        # The queue has room now: the same round trip wakes the dispatcher to top it up.
+        forget_queued(
+            redis_client=ctx.redis, prefix=ctx.settings.redis_prefix, job_id=job_id, model_set=ctx.renderer.name
+        )
     except Exception as e:  # Redis down: the reconciler's set is gone anyway.
         log.warning("could not update the queued set for %s: %s", job_id, e)
 

@@ -12,12 +12,17 @@ No loss: the row is marked before the push. If the dispatcher dies between the t
 `enqueued_at`) and it is dispatched again. A flushed Redis loses only the shallow queue, which
 the reconciler hands back the same way. One dispatcher per model set works at a time (a Redis
 lock that lapses when its holder dies, as the reconciler's); any worker can take over.
+
+Between rounds a dispatcher sleeps in a blocking Redis call until a submission or a worker
+that took a message signals it (`shared.dispatch.wake`), its lock needs renewing, or its
+backlog is due for a re-read: it runs beside the render, and must not wake to poll.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +39,8 @@ from shared.db import Batch, Job, JobStatus, utcnow
 from shared.db_clock import server_now
 from shared.dispatch.holds import starts_left
 from shared.dispatch.policy import Policy
+from shared.dispatch.wake import wait_for_signal, wake_key
+from shared.dispatch.wake import wake_dispatcher as wake_dispatcher  # its callers import it from here
 from shared.errors import TransientError
 from shared.jobs import transaction
 from shared.queue import enqueue_serialized
@@ -47,6 +54,10 @@ FETCH_CHUNK: Final = 256  # undispatched jobs read per (lane, tenant) at a time
 MAX_ROUND: Final = 5000  # jobs handed to Redis in one round at most (a deep queue fills over a few)
 MARK_CHUNK: Final = 1000  # job ids per UPDATE
 STANDBY_CHECKS: Final = 5  # lock checks per IPAB_DISPATCH_LOCK_S by a replica that holds none
+RENEWALS: Final = 3  # lock renewals per IPAB_DISPATCH_LOCK_S by an idle holder
+# After a failed round (Redis or SQL away) the next comes sooner than the timers', the pause
+# doubling from the first to the last.
+FAILED_PAUSE_S: Final = (0.05, 2.0)
 # A burst of submissions (each bumps the wake counter) re-reads the backlog at most this often.
 MIN_RESCAN_S: Final = 0.05
 Key = tuple[str, str]  # (lane, tenant)
@@ -160,6 +171,9 @@ class Dispatcher:
     _starts_left: dict[str, int] = field(default_factory=dict)
     _rescanned_at: float = 0.0
     _wake_stamp: bytes | None = None
+    _rescan_deferred: bool = False  # woken too soon after a re-read: re-read once MIN_RESCAN_S has passed
+    _more: bool = False  # the last round left room it may fill at once (a capped round, canceled jobs)
+    _full: bool = False  # the last round found the queue full: nothing is due until a worker takes a message
 
     @classmethod
     def from_settings(
@@ -206,15 +220,13 @@ class Dispatcher:
         pipe.llen(self.queue)
         pipe.get(wake_key(self.settings, self.model_set))
         depth, wake_stamp = pipe.execute()
-        room = min(self.settings.dispatch_depth - int(depth), MAX_ROUND)
-        if room <= 0:
-            return 0
-        since_s = time.monotonic() - self._rescanned_at
-        woken = wake_stamp != self._wake_stamp and since_s >= MIN_RESCAN_S
-        if woken or since_s >= self.settings.dispatch_rescan_s:
-            self._wake_stamp = wake_stamp
-            self.rescan()
-        chosen = self._choose(room)
+        room = self.settings.dispatch_depth - int(depth)
+        self._more = self._rescan_deferred = False
+        self._full = room <= 0
+        if self._full:
+            return 0  # a wake is kept in the stamp: the first round with room re-reads SQL
+        self._rescan_if_due(wake_stamp)
+        chosen = self._choose(min(room, MAX_ROUND))
         if not chosen:
             return 0
         marked = mark_dispatched(sessions=self.sessions, job_ids=[w.job_id for w in chosen])
@@ -227,7 +239,33 @@ class Dispatcher:
             enqueue_serialized(
                 redis_client=self.redis_client, queue=self.queue, messages=texts, prefix=self.settings.redis_prefix
             )
+        self._more = len(chosen) == MAX_ROUND or len(texts) < len(chosen)  # capped, or some canceled meanwhile
         return len(texts)
+
+    def _rescan_if_due(self, wake_stamp: bytes | None) -> None:
+        """Re-read SQL when woken (at most every MIN_RESCAN_S: a burst of submissions) or when due."""
+        since_s = time.monotonic() - self._rescanned_at
+        woken = wake_stamp != self._wake_stamp
+        if (woken and since_s >= MIN_RESCAN_S) or since_s >= self.settings.dispatch_rescan_s:
+            self._wake_stamp = wake_stamp
+            self.rescan()
+        else:
+            self._rescan_deferred = woken
+
+    def idle_s(self) -> float:
+        """How long this dispatcher may sleep without a signal: 0 while the queue has room that
+        its last round could not fill, then until its deferred or periodic re-read of SQL;
+        with the queue full, until a worker takes a message (the loop renews its lock meanwhile).
+
+        A round that filled the queue, or took every job it knew of, needs no second look: the
+        next signal (a worker took a message, new work) or timer brings one.
+        """
+        if self._full:
+            return math.inf
+        if self._more:
+            return 0.0
+        due_s = MIN_RESCAN_S if self._rescan_deferred else self.settings.dispatch_rescan_s
+        return max(due_s - (time.monotonic() - self._rescanned_at), 0.0)
 
     def _choose(self, room: int) -> list[Waiting]:
         chosen: list[Waiting] = []
@@ -252,24 +290,6 @@ class Dispatcher:
         return taken
 
 
-def wake_key(settings: Settings, model_set: str) -> str:
-    """The Redis counter that submissions bump so the dispatcher re-reads its backlog at once."""
-    return settings.redis_prefix + keys.DISPATCH_WAKE_KEY.format(model_set=model_set)
-
-
-def wake_dispatcher(*, redis_client: redis.Redis, settings: Settings, model_set: str) -> bool:
-    """Tell the model set's dispatcher that new work is waiting; False when Redis does not answer.
-
-    Best effort: the dispatcher rescans SQL every IPAB_DISPATCH_RESCAN_S anyway.
-    """
-    try:
-        redis_client.incr(wake_key(settings, model_set))
-    except redis.RedisError as e:
-        log.warning("could not wake the dispatcher of %s (it rescans every few seconds): %s", model_set, e)
-        return False
-    return True
-
-
 def run_dispatcher(
     *,
     sessions: sessionmaker[Session],
@@ -281,58 +301,94 @@ def run_dispatcher(
     """Dispatch for each model set while holding its lock, until `stop` is set.
 
     Every worker may run this loop; the per-model-set lock makes one of them work, and a
-    holder that dies lets the lock lapse after a few seconds so another takes over.
+    holder that dies lets the lock lapse after a few seconds so another takes over. The
+    holder sleeps between rounds until it is signalled or due (`_Loop.wait`); a replica that
+    holds no lock only asks a few times per lock lifetime whether it lapsed.
     """
-    me = f"{time.time_ns()}-{threading.get_ident()}"
-    ttl_ms = int(max(settings.dispatch_lock_s, 1.0) * 1000)
-    dispatchers: dict[str, Dispatcher] = {}
+    loop = _Loop(sessions=sessions, redis_client=redis_client, settings=settings)
     while not stop.is_set():
-        moved = 0
-        for name in model_sets():
-            moved += _round(
-                name, dispatchers, me=me, ttl_ms=ttl_ms, sessions=sessions, redis_client=redis_client, settings=settings
-            )
-        if moved:
-            continue
-        # A replica that holds no lock only needs to notice when one lapses: it asks a few times
-        # per lock lifetime instead of at every poll (four idle replicas cost Redis and CPU).
-        stop.wait(settings.dispatch_poll_s if dispatchers else settings.dispatch_lock_s / STANDBY_CHECKS)
-    for name in dispatchers:
-        _release(redis_client, settings, name, me)
+        loop.run_round(model_sets())
+        loop.wait(stop)
+    loop.release_all()
 
 
-def _round(
-    name: str,
-    dispatchers: dict[str, Dispatcher],
-    *,
-    me: str,
-    ttl_ms: int,
-    sessions: sessionmaker[Session],
-    redis_client: redis.Redis,
-    settings: Settings,
-) -> int:
-    lock_key = settings.redis_prefix + keys.DISPATCH_LOCK_KEY.format(model_set=name)
-    try:
-        if not hold_lock(redis_client=redis_client, key=lock_key, holder=me, ttl_ms=ttl_ms):
-            dispatchers.pop(name, None)  # another holds it: start fresh if we take over later
-            return 0
-        dispatcher = dispatchers.get(name)
+@dataclass
+class _Loop:
+    """One `run_dispatcher` loop: the model sets whose lock it holds, and when to look again."""
+
+    sessions: sessionmaker[Session]
+    redis_client: redis.Redis
+    settings: Settings
+    me: str = field(default_factory=lambda: f"{time.time_ns()}-{threading.get_ident()}")
+    dispatchers: dict[str, Dispatcher] = field(default_factory=dict)
+    standby: bool = False  # some model set's lock is another's: look again before it may lapse
+    failures: int = 0  # rounds failed in a row
+
+    def run_round(self, names: Sequence[str]) -> None:
+        """One round over the model sets: each one's lock taken or renewed, its queue topped up."""
+        failed = False
+        self.standby = False
+        for name in names:
+            try:
+                self._round(name)
+            except (TransientError, redis.RedisError) as e:
+                log.warning("dispatch round for %s skipped: %s", name, e)
+                failed = True
+            except Exception:
+                log.exception("dispatch round for %s failed; trying again", name)
+                failed = True
+        self.failures = self.failures + 1 if failed else 0
+
+    def _round(self, name: str) -> None:
+        if not hold_lock(redis_client=self.redis_client, key=self._lock_key(name), holder=self.me, ttl_ms=self._ttl_ms):
+            self.dispatchers.pop(name, None)  # another holds it: start fresh if we take over later
+            self.standby = True
+            return
+        dispatcher = self.dispatchers.get(name)
         if dispatcher is None:
             dispatcher = Dispatcher.from_settings(
-                sessions=sessions, redis_client=redis_client, settings=settings, model_set=name
+                sessions=self.sessions, redis_client=self.redis_client, settings=self.settings, model_set=name
             )
-            dispatchers[name] = dispatcher
-        return dispatcher.dispatch_once()
-    except (TransientError, redis.RedisError) as e:
-        log.warning("dispatch round for %s skipped: %s", name, e)
-        time.sleep(settings.dispatch_poll_s)
-    except Exception:
-        log.exception("dispatch round for %s failed; trying again", name)
-        time.sleep(settings.dispatch_poll_s)
-    return 0
+            self.dispatchers[name] = dispatcher
+        dispatcher.dispatch_once()
 
+    def wait(self, stop: threading.Event) -> None:
+        """Sleep until there may be work: a signal, a lock to renew or to look at, a re-read due,
+        a failed round to try again."""
+        timeout_s = self._timeout_s()
+        if timeout_s <= 0:
+            return  # a dispatcher has more to do now
+        if not self.dispatchers:
+            stop.wait(timeout_s)
+            return
+        try:
+            wait_for_signal(
+                redis_client=self.redis_client,
+                prefix=self.settings.redis_prefix,
+                model_sets=list(self.dispatchers),
+                timeout_s=timeout_s,
+            )
+        except redis.RedisError as e:
+            log.warning("dispatcher: cannot wait on Redis (%s); looking again in %.1f s", e, timeout_s)
+            stop.wait(timeout_s)
 
-def _release(redis_client: redis.Redis, settings: Settings, name: str, me: str) -> None:
-    lock_key = settings.redis_prefix + keys.DISPATCH_LOCK_KEY.format(model_set=name)
-    with contextlib.suppress(redis.RedisError):
-        release_lock(redis_client=redis_client, key=lock_key, holder=me)
+    def _timeout_s(self) -> float:
+        lock_s = self.settings.dispatch_lock_s
+        timeout_s = lock_s / STANDBY_CHECKS if self.standby else lock_s / RENEWALS
+        if self.failures:  # soon after a first failure, then less and less often
+            first_s, last_s = FAILED_PAUSE_S
+            timeout_s = min(timeout_s, first_s * 2 ** min(self.failures - 1, 16), last_s)
+        return min([timeout_s, *(d.idle_s() for d in self.dispatchers.values())])
+
+    def release_all(self) -> None:
+        """A clean stop hands every lock over at once, not after it lapses."""
+        for name in self.dispatchers:
+            with contextlib.suppress(redis.RedisError):
+                release_lock(redis_client=self.redis_client, key=self._lock_key(name), holder=self.me)
+
+    def _lock_key(self, name: str) -> str:
+        return self.settings.redis_prefix + keys.DISPATCH_LOCK_KEY.format(model_set=name)
+
+    @property
+    def _ttl_ms(self) -> int:
+        return int(max(self.settings.dispatch_lock_s, 1.0) * 1000)

@@ -95,7 +95,6 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "lane_weights": [("fast=50", "fast"), ("bulk=0", "bulk"), ("bulk", "bulk"), ('{"bulk": "x"}', "x")],
     "tenant_weights": [("a=-1", "-1"), ("a=inf", "inf"), ("=3", "=3")],
     "dispatch_depth": [("0", "0"), ("deep", "deep")],
-    "dispatch_poll_s": [("0", "0")],
     "dispatch_rescan_s": [("inf", "inf")],
     "dispatch_lock_s": [("-1", "-1")],
     "api_max_queued_jobs": [("0", "0")],
