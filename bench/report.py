@@ -68,6 +68,7 @@ def goals(results: dict[str, Any]) -> list[Goal]:
     out += _api_goals(results)
     out += _fast_set_goals(results)
     out += _startup_goals(results)
+    out += _usage_goals(results)
     e, _ = _part(results, "embed")
     if e and "redis_p50_ok" in e:
         target = f"<= {e.get('goal_redis_p50_ms')} ms"
@@ -385,6 +386,7 @@ def render_markdown(results: dict[str, Any], *, command: str) -> str:
         _api(results.get("api") or {"skipped": "not run"}),
         _startup(results.get("startup") or {"skipped": "not run"}),
         _fast_sets(results.get("fast_sets") or {"skipped": "not run"}),
+        _usage(results.get("usage") or {"skipped": "not run"}),
     ):
         parts += ["", *section]
     return "\n".join(parts) + "\n"
@@ -423,6 +425,23 @@ def _fast_set_goals(results: dict[str, Any]) -> list[Goal]:
     if not f:
         return [Goal(name, target, why, None)]
     return [_goal(name, target, f"{_num(f['fast_over_default'])}x", f["fast_over_default"] >= FAST_GOAL)]
+
+
+# Usage reports (bench/usage.py): a section of their own.
+
+
+def _usage_goals(results: dict[str, Any]) -> list[Goal]:
+    u, why = _part(results, "usage")
+    name, target = "usage report, 1M jobs and the rollup of 100M (worst report, worst database)", "< 1 s"
+    if not u:
+        return [Goal(name, target, why, None)]
+    return [_goal(name, target, f"{_num(u['worst_s'], 3)} s", u["worst_s"] < u["goal_s"])]
+
+
+def _usage(u: dict[str, Any]) -> Iterator[str]:
+    yield "## 11. Usage reports (the rollup, 1M jobs)"
+    yield ""
+    yield _failed(u) or u.get("markdown", "(no table)")
 
 
 def _fast_sets(f: dict[str, Any]) -> Iterator[str]:

@@ -25,7 +25,7 @@ from bench.common import REPO, log, machine_info, postgres_available
 from bench.report import render_markdown, summary_lines
 
 BENCHMARKS_MD: Final = REPO / "BENCHMARKS.md"
-ALL: Final = ("overhead", "submit", "control", "embed", "fairness", "batching", "api", "startup", "fast")
+ALL: Final = ("overhead", "submit", "control", "embed", "fairness", "batching", "api", "startup", "fast", "usage")
 
 
 def _guarded(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -88,6 +88,15 @@ def _fast_sets(rows: int) -> dict[str, Any]:
     return figures
 
 
+def _usage(jobs: int) -> dict[str, Any]:
+    from bench import usage
+
+    figures = usage.run(jobs=jobs)
+    figures["markdown"] = usage.to_markdown(figures)
+    log(f"usage reports: worst {figures['worst_s']:.3f} s over {jobs:,} jobs and the rollup of 100x")
+    return figures
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """Every selected benchmark, one after another, in this process (each starts its own services)."""
     from bench import control_plane, fairness, overhead, submit_throughput
@@ -119,6 +128,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         results["startup"] = _guarded("startup", lambda: _startup(args.startup_repetitions))
     if "fast" in only:  # the tiny fast set against the default set, same rows, same run
         results["fast_sets"] = _guarded("fast_sets", lambda: _fast_sets(args.fast_rows))
+    if "usage" in only:  # usage reports over 1M jobs' rollup (and the rollup of 100x as many)
+        results["usage"] = _guarded("usage", lambda: _usage(args.usage_jobs))
     if args.gpu_json:
         results["gpu"] = json.loads(Path(args.gpu_json).read_text())
     results["total_s"] = time.perf_counter() - t0
@@ -138,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--startup-repetitions", type=int, default=15, help="timed runs of each start-up command")
     parser.add_argument("--fairness-jobs", type=int, default=20_000, help="bulk backlog of the fairness benchmark")
     parser.add_argument("--fast-rows", type=int, default=8, help="tiny-model rows for each set of the fast-set bench")
+    parser.add_argument("--usage-jobs", type=int, default=1_000_000, help="finished jobs for the usage-report bench")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--gpu-json", default=None, help="figures of `python -m bench.gpu --out` to include")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")

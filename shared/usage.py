@@ -31,7 +31,6 @@ from shared.db import Batch, Job, JobStatus, UsageRollup
 from shared.db_clock import server_now
 
 ROLLUP_KEY: Final = ("tenant", "day", "batch_id", "lane")
-SUMMED: Final = ("jobs", "images", "gpu_s", "lost_gpu_s", "pixel_steps", "queue_s", "total_s")
 _ROLLUP: Final = cast(Table, UsageRollup.__table__)
 
 
