@@ -4,7 +4,9 @@ What every `ipab status` in a loop, every script and every CI step pays before t
 does anything. Each command is a fresh process, started as a user starts it (the console
 scripts beside this Python); the four run interleaved, one of each and again, REPETITIONS
 times after one warm-up round, so that a change in the machine's load touches all of them
-alike. Reported: each command's median, and its ratio to `celery --help`'s median.
+alike. Reported: each command's median wall time and its ratio to `celery --help`'s median
+(the goals), and the median CPU time (user + system) with its ratio: on a busy machine the
+wall times stretch with the load, the CPU times much less.
 
 `ipab status` and `ipab batches` read a real batch of JOBS finished jobs in a SQLite file
 made for the run; no Redis or S3 is needed (a batch with no queued job has no forecast).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -77,24 +80,31 @@ def _write_batch(database_url: str) -> None:
         engine.dispose()
 
 
-def _time_once(argv: list[str], env: dict[str, str], cwd: Path) -> float:
-    t0 = time.perf_counter()
+def _cpu_s() -> float:
+    """User and system seconds of this process's finished children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _time_once(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one run of `argv`."""
+    cpu_before_s, t0 = _cpu_s(), time.perf_counter()
     done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
-    elapsed_s = time.perf_counter() - t0
+    elapsed_s, cpu_s = time.perf_counter() - t0, _cpu_s() - cpu_before_s
     if done.returncode != 0:
         raise RuntimeError(f"`{' '.join(argv)}` exited {done.returncode}: {done.stderr.strip()[-500:]}")
-    return elapsed_s
+    return elapsed_s, cpu_s
 
 
-def _measure(env: dict[str, str], cwd: Path, repetitions: int) -> dict[str, list[float]]:
-    """Seconds per run of each command, the commands interleaved; the first round (warm-up) dropped."""
+def _measure(env: dict[str, str], cwd: Path, repetitions: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds per run of each command, the commands interleaved; the warm-up round dropped."""
     argvs = {label: [_script(argv[0]), *argv[1:]] for label, argv in COMMANDS.items()}
-    runs: dict[str, list[float]] = {label: [] for label in COMMANDS}
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label in COMMANDS}
     for round_number in range(repetitions + 1):
         for label, argv in argvs.items():
-            elapsed_s = _time_once(argv, env, cwd)
+            timed = _time_once(argv, env, cwd)
             if round_number:
-                runs[label].append(elapsed_s)
+                runs[label].append(timed)
     return runs
 
 
@@ -107,12 +117,16 @@ def run(*, repetitions: int = 15) -> dict[str, Any]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("IPAB_")}
         env["IPAB_DATABASE_URL"] = database_url
         runs = _measure(env, workdir, repetitions)
-    medians = {label: statistics.median(seconds) for label, seconds in runs.items()}
+    walls = {label: [wall for wall, _ in timed] for label, timed in runs.items()}
+    cpus = {label: statistics.median(cpu for _, cpu in timed) for label, timed in runs.items()}
+    medians = {label: statistics.median(seconds) for label, seconds in walls.items()}
     commands = {
         label: {
             "median_s": medians[label],
-            "min_s": min(runs[label]),
+            "min_s": min(walls[label]),
             "over_baseline": medians[label] / medians[BASELINE],
+            "cpu_s": cpus[label],
+            "cpu_over_baseline": cpus[label] / cpus[BASELINE],
             "goal": GOALS.get(label),
         }
         for label in COMMANDS
@@ -126,14 +140,13 @@ def to_markdown(figures: dict[str, Any]) -> str:
         f"Each command a fresh process, the four interleaved, {figures['repetitions']} runs each after a warm-up "
         f"round; `ipab status` and `ipab batches` on a SQLite batch of {figures['jobs']} jobs.",
         "",
-        f"| command | median ms | fastest ms | / {BASELINE} | goal |",
-        "| --- | ---: | ---: | ---: | --- |",
+        f"| command | median ms | fastest ms | / {BASELINE} | goal | CPU ms | CPU / {BASELINE} |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for label, c in figures["commands"].items():
         goal = "" if c["goal"] is None else f"<= {c['goal']:.1f}x"
-        lines.append(
-            f"| `{label}` | {1000 * c['median_s']:.0f} | {1000 * c['min_s']:.0f} | {c['over_baseline']:.2f}x | {goal} |"
-        )
+        wall = f"{1000 * c['median_s']:.0f} | {1000 * c['min_s']:.0f} | {c['over_baseline']:.2f}x | {goal}"
+        lines.append(f"| `{label}` | {wall} | {1000 * c['cpu_s']:.0f} | {c['cpu_over_baseline']:.2f}x |")
     return "\n".join(lines)
 
 

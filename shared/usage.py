@@ -24,7 +24,6 @@ from datetime import date, datetime, time, timedelta
 from typing import Any, Final, cast
 
 from sqlalchemy import ColumnElement, Integer, Table, bindparam, case, func, literal, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from shared.db import Batch, Job, JobStatus, UsageRollup
@@ -79,6 +78,9 @@ def _rollup_upsert(
     dialect: str, *, day: ColumnElement[Any], sums: dict[str, ColumnElement[Any]], where: Any, grouped: bool = True
 ) -> Any:
     """INSERT INTO usage_rollup SELECT <the jobs' sums per key> ... ON CONFLICT add them to the row there."""
+    # The dialects imported here, where they are used: a command on SQLite loads no PostgreSQL code.
+    from sqlalchemy.dialects import postgresql, sqlite
+
     keys = [Batch.tenant, day, Job.batch_id, Job.lane, Batch.model_set]
     rows = (
         select(*keys, *sums.values())
