@@ -38,6 +38,7 @@ CONTROL_PLANE_MODULES: Final = (
     "scheduler.cli.serve_api",
     "scheduler.cli.plans",
     "scheduler.cli.usage",
+    "scheduler.cli.retention",
 )
 WORKER_MODULES: Final = ("worker.commands", "worker.serve")
 WORKER_COMMANDS: Final = ("worker", "generate", "models", "reproduce")

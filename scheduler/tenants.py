@@ -140,6 +140,30 @@ def tenant_lanes(*, session: Session, tenant: str) -> frozenset[str] | None:
     return frozenset(lanes.split(",")) if lanes else None
 
 
+@dataclass(frozen=True)
+class TenantDefaults:
+    """What a submission of the tenant starts from: the lanes it may use, the retention of its jobs' objects."""
+
+    lanes: frozenset[str] | None  # None: every lane
+    expires_after_s: int | None  # None: the fleet's (IPAB_RETENTION_OUTPUTS_S); FOREVER (0): kept for ever
+
+
+def tenant_defaults(*, session: Session, tenant: str) -> TenantDefaults:
+    """The tenant's lanes and default retention, in one query (none set, or no tenant row: the fleet's)."""
+    row = session.execute(select(Tenant.lanes, Tenant.expires_after_s).where(Tenant.name == tenant)).one_or_none()
+    if row is None:
+        return TenantDefaults(lanes=None, expires_after_s=None)
+    return TenantDefaults(
+        lanes=frozenset(row.lanes.split(",")) if row.lanes else None, expires_after_s=row.expires_after_s
+    )
+
+
+def set_retention(*, session: Session, tenant: str, expires_after_s: int | None) -> None:
+    """Set the tenant's default retention (FOREVER: kept for ever; None: the fleet's), creating the tenant if needed."""
+    ensure_tenant(session=session, name=tenant)
+    session.execute(update(Tenant).where(Tenant.name == tenant).values(expires_after_s=expires_after_s))
+
+
 def restrict_lanes(*, session: Session, tenant: str, lanes: Sequence[str] | None) -> None:
     """Hold `tenant` to `lanes` (None or empty: every lane), creating the tenant if needed."""
     ensure_tenant(session=session, name=tenant)

@@ -100,6 +100,12 @@ class Batch(Base):
     tenant: Mapped[str] = mapped_column(String(100), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT, index=True)
     # A paused batch's queued jobs are not dispatched (nor claimed); its running ones finish.
     paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Its deletion was asked for (`ipab delete`, DELETE /v1/batches/{id}): the janitor removes the
+    # row once its jobs are gone; a submission into it meanwhile keeps it (clears this).
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Its jobs whose objects the janitor removed. Once it reaches `job_count` (which only
+    # submissions raise), nothing of the batch is kept: its references protect nothing.
+    removed_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class ReferenceImage(Base):
@@ -114,6 +120,9 @@ class ReferenceImage(Base):
     height: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Set (committed) by the janitor before it deletes the objects of an image no job uses any
+    # more; a submission that finds it set checks the objects and clears it (shared/janitor/references.py).
+    removing_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
 
 
 class Job(Base):
@@ -127,6 +136,24 @@ class Job(Base):
         # The dispatcher walks a batch's queued jobs of one lane in FIFO order on this index.
         Index("ix_jobs_batch_id_status_lane_queued_at_line", "batch_id", "status", "lane", "queued_at", "line"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
+        # What finished lately (a model set's throughput, for every queue forecast): without it,
+        # that count read every finished row of the model set. Finished rows only: an insert adds nothing.
+        Index(
+            "ix_jobs_status_finished_at",
+            "status",
+            "finished_at",
+            postgresql_where=text("finished_at IS NOT NULL"),
+            sqlite_where=text("finished_at IS NOT NULL"),
+        ),
+        # The janitor's three scans (expired and kept, being removed, removed and past the metadata's
+        # retention), on the rows that expire at all: jobs kept for ever add nothing to it.
+        Index(
+            "ix_jobs_data_state_expires_at",
+            "data_state",
+            "expires_at",
+            postgresql_where=text("expires_at IS NOT NULL"),
+            sqlite_where=text("expires_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -179,6 +206,29 @@ class Job(Base):
     pixel_steps: Mapped[int | None] = mapped_column(BigInteger)
     queue_s: Mapped[float | None] = mapped_column(Float)
     total_s: Mapped[float | None] = mapped_column(Float)
+    # Data lifecycle (shared/retention.py, shared/janitor/): how long its objects are kept once it
+    # finishes (NULL: for ever); when they expire (set as it finishes, or by a deletion); what the
+    # janitor did with them (`DataState`; NULL: kept) and when; when its deletion was asked for.
+    expires_after_s: Mapped[int | None] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    data_state: Mapped[str | None] = mapped_column(String(16))
+    data_removed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class BatchReference(Base):
+    """A reference image that jobs of a batch use: what keeps `refs/<sha256>` (shared by content) alive.
+
+    Written with the jobs by every submission whose references are not a tenant's uploads
+    (those are kept while their tenant holds them, `tenant_references`). The janitor removes
+    a reference only when no tenant holds it and no batch that uses it has a job whose
+    objects are kept.
+    """
+
+    __tablename__ = "batch_references"
+
+    batch_id: Mapped[str] = mapped_column(String(36), ForeignKey("batches.id"), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), ForeignKey("reference_images.sha256"), primary_key=True, index=True)
 
 
 class Tenant(Base):
@@ -192,6 +242,8 @@ class Tenant(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     # The lanes this tenant may submit to, comma-separated; NULL: every lane.
     lanes: Mapped[str | None] = mapped_column(String(100))
+    # The retention of its jobs' objects when a submission names none (0: for ever); NULL: the fleet's.
+    expires_after_s: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class ApiKey(Base):
@@ -465,16 +517,23 @@ def insert_ignoring_duplicates(model: type[Base], *, dialect: str, unique: Seque
 # The columns `insert_new_jobs` writes, in the order of its row tuples.
 NEW_JOB_COLUMNS: Final = ("id", "line", "client_id", "dedupe_key", "spec", "seed", "lane")
 # `enqueued_at` stays NULL: a new job waits for the dispatcher (shared/dispatch) to admit it.
-_INSERTED_COLUMNS: Final = (*NEW_JOB_COLUMNS, "batch_id", "status", "attempts", "queued_at")
+_INSERTED_COLUMNS: Final = (*NEW_JOB_COLUMNS, "batch_id", "status", "attempts", "queued_at", "expires_after_s")
 # SQLite page cache during a bulk insert: the jobs indexes are keyed by random ids, and
 # with the default 2 MiB cache a 100k-row insert spends most of its time re-reading pages.
 SQLITE_BULK_CACHE_KIB: Final = 131_072
 
 
 def insert_new_jobs(
-    session: Session, *, batch_id: str, queued_at: datetime, rows: Sequence[tuple[Any, ...]]
+    session: Session,
+    *,
+    batch_id: str,
+    queued_at: datetime,
+    rows: Sequence[tuple[Any, ...]],
+    expires_after_s: int | None = None,
 ) -> set[str]:
     """Insert queued jobs (tuples in NEW_JOB_COLUMNS order) in the session's transaction.
+
+    Every row gets `expires_after_s`, the retention of its objects (None: for ever).
 
     Rows whose (batch_id, dedupe_key) already exists, inserted by a concurrent submission,
     are skipped. Returns the ids actually inserted. The rows go through the DBAPI cursor
@@ -485,10 +544,10 @@ def insert_new_jobs(
         return set()
     dialect = session.get_bind().dialect
     driver = session.connection().connection.driver_connection
-    fixed = (batch_id, JobStatus.queued.value, 0, queued_at)
+    fixed = (batch_id, JobStatus.queued.value, 0, queued_at, expires_after_s)
     if dialect.name == "sqlite":
         stamp = DateTime().bind_processor(dialect)
-        fixed = (*fixed[:3], stamp(queued_at) if stamp else queued_at)
+        fixed = (*fixed[:3], stamp(queued_at) if stamp else queued_at, expires_after_s)
         return _insert_sqlite(driver, [(*row, *fixed) for row in rows])
     if dialect.name == "postgresql":
         return _insert_postgres(driver, rows, fixed=fixed)

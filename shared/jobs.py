@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Float, Table, and_, bindparam, exists, or_, select, update
+from sqlalchemy import Float, Table, and_, bindparam, case, exists, null, or_, select, update
 from sqlalchemy.exc import InterfaceError as SqlInterfaceError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -70,6 +70,19 @@ def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
 _JOBS = cast(Table, Job.__table__)
 _BATCHES = cast(Table, Batch.__table__)
 _C = _JOBS.c
+
+
+def expiry_on_finish() -> Any:
+    """`jobs.expires_at` of a job that reaches a final status now: its retention from now (the
+    server's clock; NULL when kept for ever). A job whose deletion was asked for keeps the
+    expiry its deletion gave it: it finished, and goes at once."""
+    return case(
+        (_C.deleted_at.is_not(None), _C.expires_at),
+        (_C.expires_after_s.is_(None), null()),
+        else_=server_now(_C.expires_after_s),
+    )
+
+
 _FENCE = and_(_C.id == bindparam("p_id"), _C.attempts == bindparam("p_attempt"), _C.status == JobStatus.running.value)
 _LEASE_S = bindparam("p_lease_s", type_=Float())
 _CLAIM = (
@@ -127,6 +140,7 @@ _FINISH = (
     .values(
         status=JobStatus.succeeded.value,
         finished_at=server_now(),
+        expires_at=expiry_on_finish(),
         lease_expires_at=None,
         error_type=None,
         error_message=None,
@@ -224,6 +238,7 @@ def fail_job(
         .values(
             status=JobStatus.failed.value,
             finished_at=server_now(),
+            expires_at=expiry_on_finish(),
             lease_expires_at=None,
             error_type=error_type,
             error_message=message[:2000],
@@ -259,6 +274,7 @@ def release_job(
             values: dict[str, Any] = {
                 "status": JobStatus.failed.value,
                 "finished_at": server_now(),
+                "expires_at": expiry_on_finish(),
                 "error_type": error_type,
                 "error_message": f"{message[:1800]} (after {max_attempts} attempts)",
             }
@@ -289,6 +305,7 @@ def expire_leases(*, sessions: sessionmaker[Session], max_attempts: int) -> tupl
                 .values(
                     status=JobStatus.failed.value,
                     finished_at=now,
+                    expires_at=expiry_on_finish(),
                     lease_expires_at=None,
                     error_type="WorkerLost",
                     error_message=f"worker lost {max_attempts} times",

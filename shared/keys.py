@@ -12,6 +12,8 @@ from typing import Final
 REF_KEY: Final = "refs/{sha256}.{ext}"
 OUTPUT_KEY: Final = "outputs/{batch_id}/{job_id}.{attempt}.png"
 EMBEDDING_KEY: Final = "embeddings/{encoder}/{sha256}.safetensors"
+OUTPUTS_PREFIX: Final = "outputs/{batch_id}/"  # every attempt's output of a batch's jobs
+EMBEDDINGS_PREFIX: Final = "embeddings/"  # one folder per image encoder
 
 # Redis keys, each under the settings' `redis_prefix`.
 QUEUED_SET: Final = "queued"  # job ids whose message is in Redis (the outbox's mirror)
@@ -21,6 +23,8 @@ RECONCILER_LOCK_KEY: Final = "reconciler-lock"  # only one reconciler runs at a 
 DISPATCH_LOCK_KEY: Final = "dispatch-lock:{model_set}"  # only one dispatcher per model set works at a time
 DISPATCH_WAKE_KEY: Final = "dispatch-wake:{model_set}"  # bumped by submissions: the dispatcher re-reads SQL
 DISPATCH_SIGNAL_KEY: Final = "dispatch-signal:{model_set}"  # the list an idle dispatcher blocks on (BLPOP)
+JANITOR_LOCK_KEY: Final = "janitor-lock"  # only one janitor works at a time
+JANITOR_SIGNAL_KEY: Final = "janitor-signal"  # the list an idle janitor blocks on (BLPOP): a deletion was asked
 STATS_KEY: Final = "stats:{name}"  # fleet-wide counters (hash)
 PROGRESS_KEY: Final = "progress:{job_id}"  # a running job's denoising step (JSON, expires)
 
@@ -38,6 +42,11 @@ def output_key(batch_id: str, job_id: str, attempt: int) -> str:
     The job's row records the key of the attempt that finished (`jobs.output_key`).
     """
     return OUTPUT_KEY.format(batch_id=batch_id, job_id=job_id, attempt=attempt)
+
+
+def outputs_prefix(batch_id: str) -> str:
+    """Where every attempt of every job of a batch writes: `outputs/<batch>/`."""
+    return OUTPUTS_PREFIX.format(batch_id=batch_id)
 
 
 def embedding_key(encoder: str, sha256: str) -> str:

@@ -18,6 +18,9 @@ from urllib.parse import SplitResult, urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from shared.errors import InvalidInput
+from shared.retention import FOREVER, parse_duration
+
 SQL_BACKENDS: Final = ("sqlite", "postgresql")
 REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 S3_SCHEMES: Final = ("http", "https")
@@ -32,6 +35,24 @@ def check_seconds(value: float, *, allow_zero: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = "at least 0" if allow_zero else "greater than 0"
         raise ValueError(f"must be a finite number of seconds {bound}")
+    return value
+
+
+def parse_retention(value: Any) -> Any:
+    """A retention setting from text (`7d`, `12h`, `1y`, seconds; `never`: None), in seconds."""
+    if value is None or not isinstance(value, str | int) or isinstance(value, bool):
+        return value
+    try:
+        seconds = parse_duration(value)
+    except InvalidInput as e:
+        raise ValueError(e.allowed) from None
+    return None if seconds == FOREVER else seconds
+
+
+def check_rate(value: float) -> float:
+    """A rate: a finite number per second, at least 0 (0 turns off what it limits)."""
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a finite number per second, at least 0 (0 turns the limit off)")
     return value
 
 

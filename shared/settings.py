@@ -21,6 +21,8 @@ ENV_PREFIX = "IPAB_"
 # A list setting written as a JSON list, or as items joined by commas or colons.
 TextList = Annotated[list[str], NoDecode, BeforeValidator(checks.split_list)]
 PathList = Annotated[list[Path], NoDecode, BeforeValidator(checks.split_list)]
+# A retention written as people write it (`7d`, `12h`, `1y`, seconds), or `never` (None).
+Retention = Annotated[int | None, BeforeValidator(checks.parse_retention)]
 # Weights written as a JSON object, or as `name=weight` items joined by commas.
 Weights = Annotated[dict[str, float], NoDecode, BeforeValidator(checks.split_weights)]
 # Durations that may be 0; every other `*_s` setting must be greater than 0.
@@ -101,6 +103,12 @@ class Settings(BaseSettings):
     )
     dispatch_rescan_s: float = 2.0  # the backlog is re-read from SQL at least this often
     dispatch_lock_s: float = 5.0  # a dead dispatcher's lock lapses after this long
+
+    # Data lifecycle (shared/retention.py, shared/janitor/): unset, everything is kept for ever.
+    retention_outputs_s: Retention = None  # a job's objects, counted from when it finishes (tenants, jobs may say)
+    retention_metadata_s: Retention = None  # a job's row, counted from the expiry of its objects
+    janitor_interval_s: float = 60.0  # how often the janitor looks for expired data (a deletion wakes it)
+    janitor_batch: int = 500  # jobs (or references) one janitor step handles: one S3 call, short transactions
 
     # The HTTP API (`ipab api`) and its webhooks.
     api_max_queued_jobs: int = 100_000  # per tenant; a POST that would pass it gets 429

@@ -8,7 +8,7 @@ caller retries with backoff, so boto3's own retries are kept few and its timeout
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from shared.settings import Settings
 
 CONNECT_TIMEOUT_S = 3.0
+DELETE_CHUNK = 1000  # keys per DeleteObjects request, S3's limit
 READ_TIMEOUT_S = 10.0
 BOTO_MAX_ATTEMPTS = 2
 # Used only against a custom endpoint when no AWS credentials are configured: a local
@@ -223,6 +224,51 @@ class ObjectStore:
         """Remove `key`; removing a missing key is not an error."""
         with self._translated("delete", key):
             self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove `keys`, up to `DELETE_CHUNK` per request (S3 DeleteObjects); missing keys are not an error."""
+        for start in range(0, len(keys), DELETE_CHUNK):
+            chunk = list(keys[start : start + DELETE_CHUNK])
+            with self._translated(f"delete {len(chunk)} object(s) from"):
+                response = self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True}
+                )
+            errors = response.get("Errors", [])
+            if errors:
+                first = errors[0]
+                raise StorageUnavailable(
+                    f"object store at {self.where} refused to delete {len(errors)} object(s), the first "
+                    f"{self.uri(first.get('Key', '?'))}: {first.get('Code', '?')} ({first.get('Message', '')}); "
+                    "check the AWS credentials' delete permission on IPAB_S3_BUCKET"
+                )
+
+    def size_of(self, key: str) -> int | None:
+        """The size in bytes of the object at `key`, or None if there is none."""
+        try:
+            with self._translated("inspect", key):
+                response = self._client.head_object(Bucket=self.bucket, Key=key)
+        except ObjectMissing:
+            return None
+        return int(response.get("ContentLength", 0))
+
+    def list_sizes(self, prefix: str) -> dict[str, int]:
+        """Every key under `prefix` with its size in bytes."""
+        found: dict[str, int] = {}
+        with self._translated(f"list {prefix!r} in"):
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                found.update((item["Key"], int(item.get("Size", 0))) for item in page.get("Contents", []))
+        return found
+
+    def list_folders(self, prefix: str) -> list[str]:
+        """The names of the "folders" right under `prefix` (the parts up to the next `/`), sorted."""
+        names: set[str] = set()
+        with self._translated(f"list {prefix!r} in"):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, Delimiter="/"
+            )
+            for page in pages:
+                names.update(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
+        return sorted(names)
 
     def list_keys(self, prefix: str = "") -> list[str]:
         """Every key under `prefix`, sorted."""

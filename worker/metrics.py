@@ -24,6 +24,8 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from shared.cache_stats import CacheStats
+from shared.janitor.loop import JanitorReport
+from shared.janitor.metrics import JanitorMetrics
 from shared.jobs import JobResult
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class WorkerMetrics:
             "ipab_embedding_cache_lookups", "Embedding cache lookups", ["level", "result"], registry=r
         )
         self.batch_size = Gauge("ipab_render_batch_size", "Jobs in the last job's pipeline call", ms, registry=r)
+        self.janitor = JanitorMetrics(r)  # counted by the worker whose janitor holds the fleet's lock
         # Once per pipeline call, however many jobs share it: the sum of the jobs' `gpu_s` (metering).
         self.device_busy_seconds = Counter(
             "ipab_device_busy_seconds", "Time the device spent in pipeline calls", ms, registry=r
@@ -140,3 +143,9 @@ def cache_used(stats: CacheStats) -> None:
             count = getattr(stats, f"{level}_{counter}")
             if count:
                 m.cache_lookups.labels(level, result).inc(count)
+
+
+def janitor_observed(report: JanitorReport | None) -> None:
+    """Count a janitor pass of this worker (None: another process holds the janitor's lock)."""
+    if (m := _Installed.metrics) is not None:
+        m.janitor.observe(report)

@@ -65,6 +65,14 @@ def load_record(sessions: sessionmaker[Session], job_id: str) -> JobRecord:
             raise InvalidInput("JOB_ID", job_id, "no such job; `ipab results BATCH` lists a batch's job ids")
         if job.status != JobStatus.succeeded.value or not job.output_key or not job.output_sha256:
             raise InvalidInput("JOB_ID", job_id, f"is {job.status}; only a succeeded job can be reproduced")
+        if job.data_state is not None:
+            when = f"at {job.data_removed_at.isoformat()}Z " if job.data_removed_at else ""
+            raise InvalidInput(
+                "JOB_ID",
+                job_id,
+                f"had its output removed {when}(its retention expired, or it was deleted): there is no image to "
+                "compare with; `ipab generate` renders its parameters again without the check",
+            )
         return JobRecord(
             job_id=job.id,
             spec=parse_spec(json.loads(job.spec)),

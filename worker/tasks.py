@@ -27,10 +27,12 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from shared import keys
 from shared.celery_app import make_celery
 from shared.dispatch.dispatcher import run_dispatcher
+from shared.janitor.loop import run_janitor
 from shared.model_set import read_model_set
 from shared.reconcile import run_reconciler
 from shared.settings import Settings, require_model_set
 from shared.wire import RENDER_TASK
+from worker import metrics
 from worker.poison import install_poison_guard
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,8 @@ def _start_process(settings: Settings) -> None:
     # The control loops: each runs in every worker, and a Redis lock lets one of them work.
     clients = {"sessions": ctx.sessions, "redis_client": ctx.redis, "settings": settings, "stop": _Process.stop}
     threading.Thread(target=run_reconciler, kwargs=clients, name="reconciler", daemon=True).start()
+    janitor = {**clients, "store": ctx.store, "observe": metrics.janitor_observed}
+    threading.Thread(target=run_janitor, kwargs=janitor, name="janitor", daemon=True).start()
     model_set = ctx.renderer.name
     threading.Thread(
         target=run_dispatcher, kwargs={**clients, "model_sets": lambda: [model_set]}, name="dispatcher", daemon=True

@@ -17,7 +17,7 @@ from scheduler.api.idempotency import delete_expired
 from scheduler.api.job_groups import JobGroups
 from scheduler.api.metrics import install_metrics
 from scheduler.api.problems import install_problem_handlers
-from scheduler.api.routes import batches, health, jobs, plans, references, usage
+from scheduler.api.routes import batches, health, jobs, plans, references, tenants, usage
 from scheduler.webhooks.delivery import WebhookDelivery
 from shared.settings import Settings
 
@@ -102,7 +102,7 @@ def create_app(settings: Settings, *, dispatcher: bool = True) -> FastAPI:
     app.state.job_groups = JobGroups(ctx)
     install_problem_handlers(app)
     install_metrics(app, ctx.sessions)
-    for module in (health, references, jobs, batches, plans, usage):
+    for module in (health, references, jobs, batches, plans, usage, tenants):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit_bytes=settings.api_max_body_bytes)
     return app

@@ -36,6 +36,11 @@ class JobIn(BaseModel):
     webhook: dict[str, Any] | None = Field(
         default=None, description="{url, events}: where to POST this job's events (all job events by default)"
     )
+    expires_after: str | int | None = Field(
+        default=None,
+        description="how long its image is kept once it finishes: 1h, 7d, 30d (1h to 3650d), seconds, or never; "
+        "default: the tenant's retention, else the fleet's",
+    )
 
 
 class JobCreated(BaseModel):
@@ -83,8 +88,29 @@ class JobOut(BaseModel):
     timings: dict[str, Any] = Field(
         description="queued_at, started_at, finished_at (ISO 8601 UTC); denoise_s, upload_s (seconds)"
     )
+    expires_at: str | None = Field(
+        default=None, description="when its image expires (ISO 8601 UTC); null: kept for ever, or not finished"
+    )
+    data_removed_at: str | None = Field(
+        default=None, description="when its image was removed (expired or deleted); null while it is kept"
+    )
     image_url: str | None
     image_url_expires_s: float | None
+
+
+class JobDeleted(BaseModel):
+    """202 to DELETE /v1/jobs/{id} and /v1/batches/{id}: the deletion is under way (then: 404)."""
+
+    id: str
+    status: Literal["deleting"]
+
+
+class TenantRetention(BaseModel):
+    """A tenant's default retention of its images, as GET and PUT /v1/tenants/{name}/retention show it."""
+
+    tenant: str
+    expires_after: str | None = Field(description="its own (7d, 30d, never...); null: the fleet's")
+    fleet_expires_after: str = Field(description="the fleet's (IPAB_RETENTION_OUTPUTS_S); never when unset")
 
 
 class BatchCreated(BaseModel):
@@ -109,6 +135,7 @@ class BatchOut(BaseModel):
     eta_s: float | None
     paused: bool = False
     queue_position: int | None = None  # of its last queued job, by the lane policy
+    expires_at: str | None = None  # when its last image expires, once every job has an expiry
 
 
 class PlanOut(BaseModel):

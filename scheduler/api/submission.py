@@ -17,7 +17,15 @@ from sqlalchemy.orm import Session
 
 from scheduler.api.context import ApiContext
 from scheduler.api.problems import ApiProblem, field_error
-from scheduler.submission.manifest import ID_FIELD, LANE_FIELD, REFERENCE_FIELD, ParsedManifest, Problem, parse_rows
+from scheduler.submission.manifest import (
+    EXPIRES_FIELD,
+    ID_FIELD,
+    LANE_FIELD,
+    REFERENCE_FIELD,
+    ParsedManifest,
+    Problem,
+    parse_rows,
+)
 from scheduler.submission.references import ReferenceFile, ReferenceResolver
 from scheduler.submission.submit import AfterInsert, SubmitResult, submit_rows
 from shared.db import Batch, Job, JobStatus, ReferenceImage, TenantReference
@@ -27,7 +35,7 @@ from shared.spec import PARAM_FIELDS
 
 REFERENCES_FIELD: Final = "references"
 WEBHOOK_FIELD: Final = "webhook"
-ROW_FIELDS: Final = (REFERENCES_FIELD, *PARAM_FIELDS, LANE_FIELD, ID_FIELD)
+ROW_FIELDS: Final = (REFERENCES_FIELD, *PARAM_FIELDS, LANE_FIELD, EXPIRES_FIELD, ID_FIELD)
 REFERENCE_ID: Final = re.compile(r"[0-9a-f]{64}")
 RETRY_AFTER_FULL_S: Final = 30
 
@@ -166,9 +174,10 @@ def submit_api_rows(
     after_insert: AfterInsert | None = None,
     lane: str = DEFAULT_LANE,
     stored_line: int | None = None,
+    expires_after_s: int | None = None,
 ) -> SubmitResult:
     """Check the cap, resolve reference ids, and submit through the one submit path (rows without a
-    `lane` go in `lane`; `stored_line` as `submit_rows` takes it)."""
+    `lane` go in `lane`; `stored_line` and `expires_after_s` as `submit_rows` takes them)."""
     ids = [ref for row in parsed.rows for ref in row.references]
     ids += [ref for refs in parsed.unchecked_references.values() for ref in refs]
     check_capacity(ctx, tenant, len(parsed.rows))
@@ -186,6 +195,7 @@ def submit_api_rows(
         redis_client=ctx.redis,
         lane=lane,
         stored_line=stored_line,
+        expires_after_s=expires_after_s,
         one_transaction=True,  # the references are stored and known: checking them reads nothing
     )
     ctx.queued_counts.update(tenant, lambda queued: queued + result.added)

@@ -51,7 +51,7 @@ def batch_forecast(ctx: ApiContext, *, batch: Batch) -> Forecast | None:
 
 
 def _image(ctx: ApiContext, record: JobRecord) -> dict[str, Any]:
-    if record.status != JobStatus.succeeded.value or not record.output_key:
+    if record.status != JobStatus.succeeded.value or not record.output_key or record.data_removed:
         return {"image_url": None, "image_url_expires_s": None}
     expiry_s = ctx.settings.api_image_url_expiry_s
     return {"image_url": ctx.store.presigned_url(record.output_key, expiry_s=expiry_s), "image_url_expires_s": expiry_s}
@@ -82,6 +82,8 @@ def job_view(ctx: ApiContext, *, job: Job, batch: Batch) -> dict[str, Any]:
         "output_sha256": record.output_sha256,
         "output_bytes": record.output_bytes,
         "timings": timings_for(record, Audience.TENANT),
+        "expires_at": record.expires_at,
+        "data_removed_at": record.data_removed_at,
         **_image(ctx, record),
     }
 
@@ -113,7 +115,7 @@ def batch_view(
         eta_s = round(max(eta_s or 0.0, forecast.eta_s), 1)
     return {
         "id": batch.id,
-        "status": batch_status(counts),
+        "status": "deleting" if batch.deleted_at is not None else batch_status(counts),
         "model_set": batch.model_set,
         "created_at": iso_utc(batch.created_at),
         "counts": counts,
@@ -122,4 +124,5 @@ def batch_view(
         "eta_s": eta_s,
         "paused": batch.paused,
         "queue_position": forecast.position if forecast else None,
+        "expires_at": iso_utc(tally.expires_at),
     }

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from scheduler.batches.events import outbox_job_events
 from shared.db import Batch, Job, JobStatus, utcnow
 from shared.dispatch.dispatcher import wake_dispatcher
-from shared.jobs import LIVE, transaction
+from shared.jobs import LIVE, expiry_on_finish, transaction
 from shared.settings import Settings
 from shared.usage import RESET_USAGE, roll_up_ended
 
@@ -36,7 +36,9 @@ def cancel(*, session: Session, batch_id: str, job_ids: Sequence[str] | None = N
     stmt = (
         update(Job)
         .where(*where)
-        .values(status=JobStatus.canceled.value, finished_at=utcnow(), lease_expires_at=None)
+        .values(
+            status=JobStatus.canceled.value, finished_at=utcnow(), expires_at=expiry_on_finish(), lease_expires_at=None
+        )
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
@@ -50,20 +52,30 @@ def cancel(*, session: Session, batch_id: str, job_ids: Sequence[str] | None = N
 
 
 def retry_failed(*, sessions: sessionmaker[Session], batch_id: str) -> list[str]:
-    """Put a batch's failed jobs back in the queue with a fresh budget of attempts; returns their ids."""
-    failed = (Job.batch_id == batch_id, Job.status == JobStatus.failed.value)
+    """Put a batch's failed jobs back in the queue with a fresh budget of attempts; returns their ids.
+
+    Not those whose data the janitor removed or whose deletion was asked for: their reference
+    images may be gone, and they are going.
+    """
+    failed = (
+        Job.batch_id == batch_id,
+        Job.status == JobStatus.failed.value,
+        Job.data_state.is_(None),
+        Job.deleted_at.is_(None),
+    )
     with transaction(sessions) as session:
         ids = list(session.scalars(select(Job.id).where(*failed)).all())
         if ids:
             session.execute(
                 update(Job)
-                .where(Job.id.in_(ids), Job.status == JobStatus.failed.value)
+                .where(Job.id.in_(ids), *failed)
                 .values(
                     status=JobStatus.queued.value,
                     attempt_floor=Job.attempts,
                     enqueued_at=None,
                     queued_at=utcnow(),
                     finished_at=None,
+                    expires_at=None,
                     error_type=None,
                     error_message=None,
                     # A fresh run, metered afresh: the failed run's usage is in the rollup already.

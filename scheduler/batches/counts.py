@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Final
 
 from sqlalchemy import func, select
@@ -22,6 +23,13 @@ class Tally:
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIME_FIELDS, 0.0))
+    expiring: int = 0  # jobs with an expiry (finished, and not kept for ever)
+    latest_expiry: datetime | None = None  # the last of their expiries
+
+    @property
+    def expires_at(self) -> datetime | None:
+        """When the batch's last objects expire: known once every job has an expiry; None otherwise."""
+        return self.latest_expiry if self.total and self.expiring == self.total else None
 
     @property
     def total(self) -> int:
@@ -51,14 +59,18 @@ def done_of(counts: Mapping[str, int]) -> int:
 def count_jobs(*, session: Session, batch_ids: Sequence[str] | None = None) -> dict[str, Tally]:
     """A `Tally` per batch of `batch_ids` (each present, zeros for an empty one); every batch with jobs when None."""
     sums = [func.sum(getattr(Job, name)) for name in TIME_FIELDS]
-    stmt = select(Job.batch_id, Job.status, func.count(), *sums).group_by(Job.batch_id, Job.status)
+    expiries = (func.count(Job.expires_at), func.max(Job.expires_at))
+    stmt = select(Job.batch_id, Job.status, func.count(), *expiries, *sums).group_by(Job.batch_id, Job.status)
     tallies: dict[str, Tally] = {}
     if batch_ids is not None:
         tallies = {batch_id: Tally() for batch_id in batch_ids}
         stmt = stmt.where(Job.batch_id.in_(list(batch_ids)))
-    for batch_id, status, count, *seconds in session.execute(stmt).tuples():
+    for batch_id, status, count, expiring, latest, *seconds in session.execute(stmt).tuples():
         tally = tallies.setdefault(batch_id, Tally())
         tally.counts[status] = count
+        tally.expiring += expiring
+        if latest is not None and (tally.latest_expiry is None or latest > tally.latest_expiry):
+            tally.latest_expiry = latest
         for name, value in zip(TIME_FIELDS, seconds, strict=True):
             tally.seconds[name] += value or 0.0
     return tallies

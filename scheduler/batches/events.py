@@ -20,7 +20,7 @@ from typing import Any, Final
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from scheduler.batches.counts import count_jobs
+from scheduler.batches.counts import Tally, count_jobs
 from scheduler.batches.record import JobRecord, iso_utc, job_record
 from shared.db import TERMINAL, Batch, Job, WebhookMessage, WebhookSubscription, insert_ignoring_duplicates, utcnow
 
@@ -40,7 +40,13 @@ def webhook_data(record: JobRecord) -> dict[str, Any]:
         "output_sha256": record.output_sha256,
         "error": record.error,
         "metrics": record.metrics,
+        "expires_at": record.expires_at,
     }
+
+
+def batch_data(batch_id: str, tally: Tally) -> dict[str, Any]:
+    """What a `batch.completed` event says about its batch: its counts, and when its objects expire."""
+    return {"id": batch_id, "counts": tally.present(), "expires_at": iso_utc(tally.expires_at)}
 
 
 def _message(sub: WebhookSubscription, event: str, data: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -108,9 +114,6 @@ def outbox_batch_events(*, session: Session) -> int:
     now = utcnow()
     found = session.execute(stmt).tuples().all()
     tallies = count_jobs(session=session, batch_ids=[batch.id for _, batch in found])
-    messages = [
-        _message(sub, BATCH_COMPLETED, {"id": batch.id, "counts": tallies[batch.id].present()}, now)
-        for sub, batch in found
-    ]
+    messages = [_message(sub, BATCH_COMPLETED, batch_data(batch.id, tallies[batch.id]), now) for sub, batch in found]
     _add_messages(session, messages, [sub.subject_id for sub, _ in found], now)
     return len(messages)

@@ -62,12 +62,19 @@ class JobRecord:
     cache_stats: dict[str, Any] | None
     provenance: dict[str, Any] | None  # weight sha256s, model_hash, versions, device, dtype; None before 0006
     error: dict[str, Any] | None  # {"type", "message"} of a failed job
+    expires_at: str | None  # when its objects expire (ISO 8601 UTC); None: kept for ever, or not finished
+    data_removed_at: str | None  # when the janitor removed its objects; None: they are kept
     metrics: dict[str, Any] = field(default_factory=dict)  # what it used (`usage_metrics`)
 
     @property
     def prompt(self) -> str:
         """The job's prompt."""
         return str(self.params["prompt"])
+
+    @property
+    def data_removed(self) -> bool:
+        """Whether its objects are gone (expired or deleted): its output is no longer there."""
+        return self.data_removed_at is not None
 
 
 def usage_metrics(job: Job, provenance: dict[str, Any] | None) -> dict[str, Any]:
@@ -104,6 +111,9 @@ def job_record(job: Job) -> JobRecord:
         cache_stats=json.loads(job.cache_stats) if job.cache_stats else None,
         provenance=provenance,
         error=None if job.error_type is None else {"type": job.error_type, "message": job.error_message},
+        expires_at=iso_utc(job.expires_at),
+        # Being removed reads as removed: its objects may be partly gone already.
+        data_removed_at=iso_utc(job.data_removed_at) if job.data_removed_at else _removing(job),
         metrics=usage_metrics(job, provenance),
         **{name: getattr(job, name) for name in COLUMNS},
     )
@@ -131,6 +141,16 @@ def timings_for(record: JobRecord, audience: Audience) -> dict[str, Any]:
     return {name: value for name, value in record.timings.items() if name not in OPERATOR_TIMINGS}
 
 
+def _removing(job: Job) -> str | None:
+    """The expiry of a job whose objects the janitor is removing now, else None."""
+    return iso_utc(job.expires_at) if job.data_state is not None else None
+
+
+def output_uri(record: JobRecord, store: ObjectStore) -> str | None:
+    """Where the job's output is: None when it has none, or when it was removed (never a broken link)."""
+    return store.uri(record.output_key) if record.output_key and not record.data_removed else None
+
+
 def results_line(record: JobRecord, *, store: ObjectStore, audience: Audience) -> dict[str, Any]:
     """One job as the JSON object `ipab results` prints (OPERATOR) and the API streams (TENANT)."""
     line = {
@@ -139,7 +159,7 @@ def results_line(record: JobRecord, *, store: ObjectStore, audience: Audience) -
         "line": record.line,
         "id": record.client_id,
         "status": record.status,
-        "output_uri": store.uri(record.output_key) if record.output_key else None,
+        "output_uri": output_uri(record, store),
         "output_sha256": record.output_sha256,
         "output_bytes": record.output_bytes,
         **record.params,
@@ -152,6 +172,8 @@ def results_line(record: JobRecord, *, store: ObjectStore, audience: Audience) -
         "cache_stats": record.cache_stats,
         "provenance": record.provenance,
         "error": record.error,
+        "expires_at": record.expires_at,
+        "data_removed_at": record.data_removed_at,
         "metrics": record.metrics,
     }
     return line if audience is Audience.OPERATOR else {k: v for k, v in line.items() if k not in OPERATOR_FIELDS}

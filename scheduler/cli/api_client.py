@@ -143,15 +143,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
     client = client_from(args)
     rows, _ = _api_rows(client, Path(args.manifest), parse_defaults(args.set))
     body = "\n".join(json.dumps(row, ensure_ascii=False) for row in rows).encode()
-    query = "?skip_invalid=true" if args.skip_invalid else ""
+    params = {"skip_invalid": "true"} if args.skip_invalid else {}
+    if getattr(args, "expires_after", None) is not None:
+        params["expires_after"] = args.expires_after
+    query = "?" + urllib.parse.urlencode(params) if params else ""
     try:
         created = client.json("POST", "/v1/batches" + query, body=body, content_type="application/jsonl")
     except ApiError as e:
         print(f"ipab: error: {e}", file=sys.stderr)
         print("nothing submitted. Fix the rows, or pass --skip-invalid", file=sys.stderr)
         return 2
-    for problem in created.get("invalid", []):
+    for problem in created.get("invalid", []):  # the server lists the first 100 and counts the rest
         print(f"line {problem['line']}: {problem['field']}: {problem['reason']}", file=sys.stderr)
+    if created.get("invalid_count", 0) > len(created.get("invalid", [])):
+        more = created["invalid_count"] - len(created["invalid"])
+        print(f"... and {more} more problem(s) not listed", file=sys.stderr)
     print(f"batch {created['id']}: {created['added']} job(s) added")
     print(created["id"])
     return 0

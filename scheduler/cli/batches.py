@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from scheduler.cli.common import API_HELP, batch_arg, database, read_batch
 from scheduler.cli.grid import add_max_rows, grid_summary
+from scheduler.cli.retention import duration_arg, expires_after_s
 from shared.dispatch.policy import DEFAULT_LANE, LANES
 from shared.errors import ManifestInvalid
 from shared.job_status import DEFAULT_TENANT, STATUSES, JobStatus
@@ -104,6 +105,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             model_set_name=args.model_set,
             tenant=args.tenant,
             lane=args.lane,
+            expires_after_s=expires_after_s(args.expires_after),
         )
     except ManifestInvalid as e:
         for line, field_name, reason in e.problems:
@@ -295,6 +297,13 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--tenant", default=DEFAULT_TENANT, help="tenant the batch belongs to (default: default)")
     submit.add_argument(
         "--lane", default=DEFAULT_LANE, choices=LANES, help="lane of rows that name none (default: bulk)"
+    )
+    submit.add_argument(
+        "--expires-after",
+        type=duration_arg,
+        metavar="DURATION",
+        help="keep the images of rows that name no expires_after this long once done: 1h, 7d, 30d (up to 3650d) "
+        "or never (default: the tenant's retention, else IPAB_RETENTION_OUTPUTS_S)",
     )
     submit.add_argument("--api", metavar="URL", help=API_HELP)
     submit.set_defaults(func=cmd_submit)

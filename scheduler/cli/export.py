@@ -33,6 +33,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             progress=Reporter(),
         )
     failed = "" if report.failed is None else f"; {report.failed} failed job(s) listed in errors.jsonl"
+    if report.removed:
+        failed += f"; {report.removed} job(s) skipped: their images were removed (expired or deleted)"
     print(f"exported {report.added} new job(s) to {report.where} as {args.format} ({report.total} in all){failed}")
     return 0
 

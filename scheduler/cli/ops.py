@@ -43,8 +43,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--loop",
         action="store_true",
-        help="keep reconciling every IPAB_RECONCILE_INTERVAL_S and dispatch every model set's queued jobs "
-        "(the control loops that workers otherwise run; set IPAB_RECONCILE_IN_WORKERS=false on them)",
+        help="keep reconciling every IPAB_RECONCILE_INTERVAL_S, dispatch every model set's queued jobs and run "
+        "the janitor (the control loops that workers otherwise run; set IPAB_RECONCILE_IN_WORKERS=false on them)",
     )
     p.set_defaults(func=_reconcile)
 
@@ -123,6 +123,28 @@ def _model_sets_with_work(sessions: sessionmaker[Session]) -> Callable[[], list[
     return names
 
 
+def _start_janitor(clients: dict[str, Any], stop: threading.Event) -> None:
+    """The janitor's loop beside the reconciler, its metrics on IPAB_METRICS_PORT when set."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from shared.janitor.loop import run_janitor
+    from shared.janitor.metrics import JanitorMetrics
+    from shared.storage import ObjectStore
+
+    settings: Settings = clients["settings"]
+    registry = CollectorRegistry()
+    metrics = JanitorMetrics(registry)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, registry=registry)
+    janitor = threading.Thread(
+        target=run_janitor,
+        kwargs={**clients, "store": ObjectStore.from_settings(settings), "stop": stop, "observe": metrics.observe},
+        name="janitor",
+        daemon=True,
+    )
+    janitor.start()
+
+
 def _reconcile(args: argparse.Namespace) -> int:
     from shared.dispatch.dispatcher import run_dispatcher
     from shared.reconcile import reconcile_once, run_reconciler
@@ -141,6 +163,7 @@ def _reconcile(args: argparse.Namespace) -> int:
                 daemon=True,
             )
             dispatcher.start()
+            _start_janitor(clients, stop)
             run_reconciler(sessions=sessions, redis_client=redis_client, settings=settings, stop=stop)
             return 0
         report = reconcile_once(sessions=sessions, redis_client=redis_client, settings=settings)

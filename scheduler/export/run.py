@@ -36,6 +36,7 @@ class ExportReport:
     added: int
     total: int
     failed: int | None
+    removed: int = 0  # succeeded jobs skipped: their images were removed (expired or deleted)
 
 
 def write_errors(dest: Destination, sessions: sessionmaker[Session], *, batch_id: str, store: ObjectStore) -> int:
@@ -53,10 +54,11 @@ def _write_samples(
     store: ObjectStore,
     *,
     stage: Stage,
+    removed: set[str],
 ) -> int:
     added = 0
     samples = pending_samples(
-        sessions, batch_id=batch.id, model_set=batch.model_set, store=store, exported=state.exported
+        sessions, batch_id=batch.id, model_set=batch.model_set, store=store, exported=state.exported, removed=removed
     )
     with writer:
         for sample in samples:
@@ -85,10 +87,11 @@ def export_batch(
     writer = WRITERS[format_name](dest, state, shard_size_bytes=shard_size_bytes)  # parquet: pyarrow checked here
     # 2. Count, then write the new samples (PNGs fetched and checked against SQL's sha256).
     total = count_pending(sessions, batch_id=batch.id, exported=state.exported)
+    removed: set[str] = set()
     with progress.stage(f"export {format_name}", total=total) as stage:
-        added = _write_samples(writer, state, sessions, batch, store, stage=stage)
+        added = _write_samples(writer, state, sessions, batch, store, stage=stage, removed=removed)
     # 3. The failed jobs, as they are now.
     failed = write_errors(dest, sessions, batch_id=batch.id, store=store) if include_failed else None
     # 4. The state, last: a run stopped before this point is repeated, never skipped.
     save_state(dest, state)
-    return ExportReport(dest.describe(), added, len(state.exported), failed)
+    return ExportReport(dest.describe(), added, len(state.exported), failed, len(removed))

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.batches.record import Audience, job_record, results_line
 from shared.db import Job, JobStatus
-from shared.errors import IpabError
+from shared.errors import IpabError, ObjectMissing
 from shared.jobs import transaction
 from shared.storage import ObjectStore
 
@@ -64,6 +64,7 @@ COLUMNS: Final = (
     "model_set",
     *PROVENANCE_COLUMNS,
     "finished_at",
+    "expires_at",  # when the image expires in the object store (null: kept for ever); the export's copy stays
 )
 
 
@@ -102,6 +103,7 @@ def export_columns(record: dict[str, Any], *, model_set: str) -> dict[str, Any]:
         "model_set": model_set,
         **provenance_columns(record.get("provenance")),
         "finished_at": record["timings"]["finished_at"],
+        "expires_at": record["expires_at"],
     }
     return {name: flat[name] for name in COLUMNS}
 
@@ -123,9 +125,10 @@ def provenance_columns(provenance: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def count_pending(sessions: sessionmaker[Session], *, batch_id: str, exported: set[str]) -> int:
-    """How many succeeded jobs of the batch are not in the export yet."""
+    """How many succeeded jobs of the batch whose image is kept are not in the export yet."""
+    kept = (Job.batch_id == batch_id, Job.status == JobStatus.succeeded.value, Job.data_state.is_(None))
     with transaction(sessions) as session:
-        ids = session.scalars(select(Job.id).where(Job.batch_id == batch_id, Job.status == JobStatus.succeeded.value))
+        ids = session.scalars(select(Job.id).where(*kept))
         return sum(1 for job_id in ids if job_id not in exported)
 
 
@@ -151,8 +154,14 @@ def failed_records(sessions: sessionmaker[Session], *, batch_id: str, store: Obj
         yield from (record for _, record in page)
 
 
-def _fetch(store: ObjectStore, key: str, record: dict[str, Any]) -> bytes:
-    data = store.get(key)
+def _fetch(store: ObjectStore, key: str, record: dict[str, Any]) -> bytes | None:
+    """The job's PNG, checked; None when its image was removed (the record says so, or it is gone)."""
+    if record["data_removed_at"] is not None:
+        return None
+    try:
+        data = store.get(key)
+    except ObjectMissing:  # expired or deleted since the page was read
+        return None
     if hashlib.sha256(data).hexdigest() != record["output_sha256"]:
         raise OutputMismatch(
             f"{store.uri(key)} (job {record['job_id']}) does not have the sha256 {record['output_sha256']} "
@@ -162,12 +171,25 @@ def _fetch(store: ObjectStore, key: str, record: dict[str, Any]) -> bytes:
 
 
 def pending_samples(
-    sessions: sessionmaker[Session], *, batch_id: str, model_set: str, store: ObjectStore, exported: set[str]
+    sessions: sessionmaker[Session],
+    *,
+    batch_id: str,
+    model_set: str,
+    store: ObjectStore,
+    exported: set[str],
+    removed: set[str] | None = None,
 ) -> Iterator[Sample]:
-    """The batch's succeeded jobs that are not in `exported`, with their PNGs, in manifest order."""
-    fetch: Callable[[tuple[Any, dict[str, Any]]], bytes] = lambda item: _fetch(store, item[0], item[1])  # noqa: E731
+    """The batch's succeeded jobs that are not in `exported`, with their PNGs, in manifest order.
+
+    Jobs whose image was removed (expired or deleted) are skipped; their ids go in `removed`.
+    """
+    fetch: Callable[[tuple[Any, dict[str, Any]]], bytes | None] = lambda item: _fetch(store, item[0], item[1])  # noqa: E731
     with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
         for page in _pages(sessions, batch_id, JobStatus.succeeded.value, store):
             new = [item for item in page if item[1]["job_id"] not in exported]
             for (_, record), png in zip(new, pool.map(fetch, new), strict=True):
+                if png is None:
+                    if removed is not None:
+                        removed.add(record["job_id"])
+                    continue
                 yield Sample(record["job_id"], png, export_columns(record, model_set=model_set))

@@ -120,9 +120,16 @@ def _shown(value: Any) -> str:
     return json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
 
 
+def _output(card: JobRecord, src: str | None) -> str:
+    if card.data_removed:  # said, not a broken image: it expired or was deleted
+        when = _esc(card.data_removed_at or "")
+        return f'<div class="output missing removed">output removed {when} (expired or deleted)</div>'
+    return _img(src, "output", "output") if card.output_key else '<div class="output missing">no output</div>'
+
+
 def card_html(card: JobRecord, *, output_src: str | None, reference_srcs: Sequence[str | None]) -> str:
-    """One job's card (every text escaped)."""
-    image = _img(output_src, "output", "output") if card.output_key else '<div class="output missing">no output</div>'
+    """One job's card (every text escaped); a removed output is said to be removed."""
+    image = _output(card, output_src)
     pairs = zip(card.references, reference_srcs, strict=True)
     refs = "".join(_img(src, f"reference {sha[:12]}", "ref") for (sha, _), src in pairs)
     shown = {name: card.params.get(name) for name in PARAM_NAMES}
@@ -158,7 +165,10 @@ def render_cards(cards: Sequence[JobRecord], *, image_src: ImageSource, progress
     """Each card's HTML, thumbnails fetched and made by a few threads at a time."""
 
     def one(card: JobRecord) -> str:
-        output_src = image_src(card.output_key, card.job_id, OUTPUT_THUMB_PX) if card.output_key else None
+        removed = card.data_removed  # nothing to fetch: the card says so
+        output_src = (
+            image_src(card.output_key, card.job_id, OUTPUT_THUMB_PX) if card.output_key and not removed else None
+        )
         refs = [image_src(key, f"ref-{sha}", REFERENCE_THUMB_PX) for sha, key in card.references]
         return card_html(card, output_src=output_src, reference_srcs=refs)
 

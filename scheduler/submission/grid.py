@@ -2,6 +2,7 @@
 
 ```toml
 batch = "portraits-v1"              # optional; default: the file's name without .toml
+expires_after = "30d"               # optional: how long the outputs are kept (shared/retention.py)
 zip = [["prompts", "negative_prompts"]]   # optional: axes walked together, not crossed
 
 [fixed]                             # every row gets these
@@ -16,7 +17,7 @@ seeds = 4                           # seeds 0..3; or a list, or {count = 4, star
 ip_adapter_scale = [0.4, 0.8, "style"]
 ```
 
-Each row's `id` is a hash of its cell (every field value of the row), so submitting the
+Each row's `id` is a hash of its cell (every field value of the row but its retention), so submitting the
 grid again, or a grown grid, adds only the new cells. Rows are counted before any is
 built: a grid over `DEFAULT_MAX_ROWS` is refused unless the caller raises the limit.
 """
@@ -34,13 +35,21 @@ from pathlib import Path
 from typing import Any, Final
 
 from scheduler.submission.defaults import DEFAULT_MAX_ROWS
-from scheduler.submission.manifest import COLUMNS, ID_FIELD, REFERENCE_FIELD, ParsedManifest, Problem, parse_rows
+from scheduler.submission.manifest import (
+    COLUMNS,
+    EXPIRES_FIELD,
+    ID_FIELD,
+    REFERENCE_FIELD,
+    ParsedManifest,
+    Problem,
+    parse_rows,
+)
 from shared.errors import InvalidInput
 
 GRID_SUFFIX: Final = ".toml"
 CELL_ID_PREFIX: Final = "cell-"
 CELL_ID_HEX_CHARS: Final = 24
-TOP_LEVEL_KEYS: Final = ("batch", "zip", "fixed", "axes")
+TOP_LEVEL_KEYS: Final = ("batch", EXPIRES_FIELD, "zip", "fixed", "axes")
 # Axis names may be plural; each names one manifest column.
 AXIS_ALIASES: Final = {"prompts": "prompt", "negative_prompts": "negative_prompt", "references": REFERENCE_FIELD}
 SEEDS_AXIS: Final = "seeds"
@@ -79,8 +88,12 @@ class Grid:
 
 
 def cell_id(row: Mapping[str, Any]) -> str:
-    """`cell-<24 hex>`: the sha256 of the row's values as canonical JSON (order of keys ignored)."""
-    canonical = json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """`cell-<24 hex>`: the sha256 of the row's values as canonical JSON (order of keys ignored).
+
+    Its retention is not part of it: a grid submitted again with another `expires_after` is the same cells.
+    """
+    cell = {name: value for name, value in row.items() if name != EXPIRES_FIELD}
+    canonical = json.dumps(cell, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return CELL_ID_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()[:CELL_ID_HEX_CHARS]
 
 
@@ -185,7 +198,10 @@ def read_grid(path: Path) -> Grid:
     if batch is not None and not isinstance(batch, str):
         raise _bad(source, "batch", batch, "must be a string (the batch name)")
     axes = _axes(source, doc.get("axes"))
-    return Grid(source, batch, axes, _groups(source, doc.get("zip"), axes), _fixed(source, doc.get("fixed"), axes))
+    fixed = _fixed(source, doc.get("fixed"), axes)
+    if EXPIRES_FIELD in doc:  # the grid's retention: every row's, checked with the rows
+        fixed.setdefault(EXPIRES_FIELD, doc[EXPIRES_FIELD])
+    return Grid(source, batch, axes, _groups(source, doc.get("zip"), axes), fixed)
 
 
 def check_row_count(grid: Grid, *, max_rows: int) -> int:

@@ -21,12 +21,15 @@ from typing import Any, Final, NamedTuple
 
 from shared.dispatch.policy import LANES
 from shared.errors import InvalidInput
+from shared.retention import parse_duration
 from shared.spec import MAX_REFERENCES, PARAM_FIELDS, SEED_LIMIT, GenerationParams, check_text, parse_params
 
 REFERENCE_FIELD: Final = "reference"
 ID_FIELD: Final = "id"
 LANE_FIELD: Final = "lane"  # scheduling, not generation: not part of the job spec nor of its identity
-COLUMNS: Final = (REFERENCE_FIELD, *PARAM_FIELDS, LANE_FIELD, ID_FIELD)
+EXPIRES_FIELD: Final = "expires_after"  # the retention of the job's outputs (shared.retention): not its identity
+COLUMNS: Final = (REFERENCE_FIELD, *PARAM_FIELDS, LANE_FIELD, EXPIRES_FIELD, ID_FIELD)
+NOT_IDENTITY: Final = frozenset({LANE_FIELD, EXPIRES_FIELD})  # a row sent again with another of these is the same job
 REQUIRED_COLUMNS: Final = (REFERENCE_FIELD, "prompt")
 INT_FIELDS: Final = frozenset({"seed", "width", "height", "steps"})
 FLOAT_FIELDS: Final = frozenset({"guidance_scale"})
@@ -57,6 +60,7 @@ class ManifestRow:
     client_id: str | None
     dedupe_key: str
     lane: str | None = None  # None: the submission's lane
+    expires_after_s: int | None = None  # None: the submission's retention; FOREVER (0): kept for ever
     # The parameters the row (or the submission's defaults) gave itself; a model set's [defaults] fill the
     # others (`scheduler.submission.set_rules`). A row built elsewhere gave all: nothing is filled.
     explicit: frozenset[str] = frozenset(PARAM_FIELDS)
@@ -287,14 +291,15 @@ class _RowBuilder:
         refs = self._references(line, raw, problems)
         client_id = self._client_id(line, raw, problems)
         lane = _lane(line, raw.get(LANE_FIELD), problems)
+        expires_after_s = _expires_after(line, raw.get(EXPIRES_FIELD), problems)
         params = self._params(line, {k: v for k, v in raw.items() if k in PARAM_FIELDS}, problems)
         if problems or params is None:
             if refs:
                 self.unchecked_references[line] = refs
             return problems
-        identity = {k: v for k, v in raw.items() if k != LANE_FIELD}
+        identity = {k: v for k, v in raw.items() if k not in NOT_IDENTITY}
         dedupe_key = self._dedupe_key(identity, client_id)
-        return ManifestRow(line, params, refs, client_id, dedupe_key, lane, explicit=_given(raw))
+        return ManifestRow(line, params, refs, client_id, dedupe_key, lane, expires_after_s, explicit=_given(raw))
 
     def _references(self, line: int, raw: Mapping[str, Any], problems: list[Problem]) -> tuple[str, ...]:
         if REFERENCE_FIELD not in raw:
@@ -358,6 +363,16 @@ def _lane(line: int, value: Any, problems: list[Problem]) -> str | None:
         return None
     try:
         return check_lane(value)
+    except InvalidInput as e:
+        problems.append(problem_from(line, e))
+        return None
+
+
+def _expires_after(line: int, value: Any, problems: list[Problem]) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, field=EXPIRES_FIELD)
     except InvalidInput as e:
         problems.append(problem_from(line, e))
         return None

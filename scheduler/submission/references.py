@@ -26,6 +26,7 @@ from scheduler.submission.manifest import REFERENCE_FIELD, Problem, problem_from
 from shared.db import ReferenceImage, insert_ignoring_duplicates, utcnow
 from shared.errors import InvalidInput, ObjectMissing, ObjectTooLarge
 from shared.images import MAX_REFERENCE_BYTES, decode_reference, sniff_format
+from shared.janitor.references import claim_references
 from shared.keys import ref_key
 from shared.spec import Reference
 from shared.storage import ObjectStore, parse_uri
@@ -256,8 +257,11 @@ class UploadReport:
 def upload_references(files: Iterable[ReferenceFile], *, resolver: ReferenceResolver, session: Session) -> UploadReport:
     """Upload each image unless its object exists, then record all in `reference_images` (idempotent).
 
-    Images the resolver knows to be recorded already (`resolver.recorded`) are skipped
-    without a HEAD: a row is recorded only after its object was stored.
+    Images the resolver knows to be recorded already (`resolver.recorded`: a tenant's uploads,
+    which the janitor keeps while the tenant holds them) are skipped without a HEAD: a row is
+    recorded only after its object was stored. The others are claimed in the session's
+    transaction (`shared.janitor.references.claim_references`): the janitor cannot remove them
+    until it commits, and those it was removing are checked and uploaded again.
     """
     every = {f.sha256: f for f in files}
     distinct = [f for sha256, f in every.items() if sha256 not in resolver.recorded]
@@ -275,8 +279,12 @@ def upload_references(files: Iterable[ReferenceFile], *, resolver: ReferenceReso
         return UploadReport(uploaded=0, already_stored=len(every))
     # boto3 clients are thread-safe; many distinct images upload in parallel.
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
-        uploaded = sum(pool.map(upload, distinct))
+        done = dict(zip((f.sha256 for f in distinct), pool.map(upload, distinct), strict=True))
+    # The janitor may have been removing some of them since the HEADs above: held now, looked at again.
+    again = claim_references(session, list(done))
+    done.update((f.sha256, upload(f) or done[f.sha256]) for f in distinct if f.sha256 in again)
     record_references(distinct, session=session)
+    uploaded = sum(done.values())
     return UploadReport(uploaded=uploaded, already_stored=len(every) - uploaded)
 
 

@@ -33,7 +33,7 @@ from scheduler.submission.references import (
     upload_references,
 )
 from scheduler.submission.set_rules import apply_set_rules, set_rules_for
-from scheduler.tenants import check_tenant_name, tenant_lanes
+from scheduler.tenants import check_tenant_name, tenant_defaults
 from scheduler.terminal_progress import SILENT, Reporter
 from scheduler.usage.quotas import check_quotas, record_refusal
 from shared.db import (
@@ -51,11 +51,13 @@ from shared.db import (
 )
 from shared.dispatch.policy import DEFAULT_LANE
 from shared.errors import InvalidInput, ManifestInvalid, QuotaExceeded
+from shared.janitor.references import link_references
 from shared.jobs import transaction
 from shared.keys import render_queue
 from shared.model_set import read_model_set
 from shared.model_set_rules import NO_RULES, SetRules
 from shared.redis_conn import connect_redis
+from shared.retention import resolve_retention
 from shared.settings import Settings
 from shared.spec import JobSpec, Reference, check_batch_name
 from shared.storage import ObjectStore
@@ -158,7 +160,7 @@ def _job_rows(
     """Rows for `insert_new_jobs` (NEW_JOB_COLUMNS): a fresh id, the line, keys, spec JSON, seed, lane.
 
     The spec JSON is `JobSpec.to_text()`, made once per row: SQL stores it and the
-    message carries the same text (`_enqueue`).
+    message carries the same text (`_enqueue`). In the order of `plan_rows`.
     """
     references: dict[tuple[ReferenceFile, ...], tuple[Reference, ...]] = {}
     rows = []
@@ -170,11 +172,28 @@ def _job_rows(
     return rows
 
 
-def _insert_jobs(session: Session, batch: Batch, rows: Sequence[tuple[Any, ...]], *, line: int | None) -> set[str]:
-    """Insert the job rows (each with `line` when given), skipping those already in the batch; the ids inserted."""
+def _insert_jobs(
+    session: Session,
+    batch: Batch,
+    rows: Sequence[tuple[Any, ...]],
+    *,
+    line: int | None,
+    retentions: Sequence[int | None],
+) -> set[str]:
+    """Insert the job rows (each with `line` when given, and its retention), skipping those already in
+    the batch; the ids inserted. A batch whose deletion was asked for is kept by new jobs."""
     stored = rows if line is None else [(row[0], line, *row[2:]) for row in rows]
-    inserted = insert_new_jobs(session, batch_id=batch.id, queued_at=utcnow(), rows=stored)
-    session.execute(update(Batch).where(Batch.id == batch.id).values(job_count=Batch.job_count + len(inserted)))
+    by_retention: dict[int | None, list[tuple[Any, ...]]] = {}
+    for row, retention in zip(stored, retentions, strict=True):
+        by_retention.setdefault(retention, []).append(row)
+    queued_at = utcnow()
+    inserted: set[str] = set()
+    for retention, group in by_retention.items():
+        inserted |= insert_new_jobs(
+            session, batch_id=batch.id, queued_at=queued_at, rows=group, expires_after_s=retention
+        )
+    kept = {"deleted_at": None} if inserted else {}
+    session.execute(update(Batch).where(Batch.id == batch.id).values(job_count=Batch.job_count + len(inserted), **kept))
     return inserted
 
 
@@ -214,6 +233,7 @@ class _Request:
     rules: SetRules = NO_RULES  # the model set's [defaults] and [limits] (set_rules)
     redis_client: redis.Redis | None = None  # the API's pooled client; None: one per submission
     stored_line: int | None = None  # the line every job records; None: its row's
+    expires_after_s: int | None = None  # for rows that name none; None: the tenant's, else the fleet's
     # Plan and write in one transaction: for a resolver that does no I/O (references stored already).
     one_transaction: bool = False
 
@@ -231,6 +251,7 @@ class _Plan:
     problems: list[Problem]
     skipped_existing: int
     batch: Batch | None = None  # found while planning, in the writing transaction (one_transaction)
+    tenant_expires_after_s: int | None = None  # the tenant's default retention, read with its lanes
 
 
 @dataclass
@@ -240,6 +261,7 @@ class _NewRows:
     rows: list[ManifestRow]
     lane_problems: list[Problem]
     batch: Batch | None  # as found by these reads
+    tenant_expires_after_s: int | None = None
 
 
 def _new_rows(request: _Request, session: Session, parsed: ParsedManifest) -> _NewRows:
@@ -249,13 +271,13 @@ def _new_rows(request: _Request, session: Session, parsed: ParsedManifest) -> _N
     _check_model_set(batch, request.model_set)
     _check_tenant(batch, request.tenant)
     existing = _existing_keys(session, batch, [row.dedupe_key for row in parsed.rows])
-    allowed = tenant_lanes(session=session, tenant=request.tenant)
+    defaults = tenant_defaults(session=session, tenant=request.tenant)
     new_rows = [row for row in parsed.rows if row.dedupe_key not in existing]
-    lane_problems = _lane_problems(new_rows, default=request.lane, allowed=allowed, tenant=request.tenant)
+    lane_problems = _lane_problems(new_rows, default=request.lane, allowed=defaults.lanes, tenant=request.tenant)
     if lane_problems:
         refused = {p.line for p in lane_problems}
         new_rows = [row for row in new_rows if row.line not in refused]
-    return _NewRows(new_rows, lane_problems, batch)
+    return _NewRows(new_rows, lane_problems, batch, defaults.expires_after_s)
 
 
 def _plan(new: _NewRows, parsed: ParsedManifest, resolver: ReferenceResolver) -> _Plan:
@@ -265,7 +287,8 @@ def _plan(new: _NewRows, parsed: ParsedManifest, resolver: ReferenceResolver) ->
     files_by_line, ref_problems = resolve_rows(to_check, resolver=resolver)
     rows = [(row, files_by_line[row.line]) for row in new.rows if row.line in files_by_line]
     problems = sorted(parsed.problems + ref_problems + new.lane_problems, key=lambda p: p.line)
-    return _Plan(rows, problems, len(parsed.rows) - len(new.rows) - len(new.lane_problems), new.batch)
+    skipped = len(parsed.rows) - len(new.rows) - len(new.lane_problems)
+    return _Plan(rows, problems, skipped, new.batch, new.tenant_expires_after_s)
 
 
 def _lane_problems(
@@ -298,8 +321,13 @@ def _write(
     check_quotas(session=session, tenant=request.tenant, adding=len(plan.rows))
     with request.progress.stage("insert", total=len(plan.rows)) as stage:
         rows = _job_rows(plan.rows, lane=request.lane)
-        inserted = _insert_jobs(session, batch, rows, line=request.stored_line)
+        defaults = (request.expires_after_s, plan.tenant_expires_after_s, request.settings.retention_outputs_s)
+        retentions = [resolve_retention(row.expires_after_s, *defaults) for row, _ in plan.rows]
+        inserted = _insert_jobs(session, batch, rows, line=request.stored_line, retentions=retentions)
         stage.update(len(plan.rows))
+    if inserted:  # what keeps their reference images (a tenant's uploads are kept while it holds them)
+        shas = {f.sha256 for _, files in plan.rows for f in files} - resolver.recorded
+        link_references(session, batch_id=batch.id, shas=sorted(shas))
     job_ids = {row[1]: row[0] for row in rows if row[0] in inserted}
     if request.after_insert is not None:
         request.after_insert(session, batch.id, job_ids)
@@ -366,6 +394,7 @@ def submit_manifest(
     max_grid_rows: int = DEFAULT_MAX_ROWS,
     progress: Reporter = SILENT,
     lane: str = DEFAULT_LANE,
+    expires_after_s: int | None = None,
 ) -> SubmitResult:
     """Validate a manifest, store its references, insert its new jobs and enqueue them.
 
@@ -373,13 +402,16 @@ def submit_manifest(
     unless `skip_invalid`: then the valid rows are submitted and the problems returned.
     Without `batch_name` the batch is named after the manifest and a hash of its content.
     A grid `.toml` (`scheduler.submission.grid`) gives its cells as rows (at most `max_grid_rows`)
-    and names the batch after its `batch` key or its file name.
+    and names the batch after its `batch` key or its file name. Rows that name no
+    `expires_after` get `expires_after_s` (None: the tenant's retention, else the fleet's).
     """
     model_set = resolve_model_set_name(model_set_name, settings)
     rules = set_rules_for(model_set_name, model_set, settings)
     grid = is_grid(path)
     name = batch_name or (grid_batch_name(path) if grid else default_batch_name(path))
-    request = _Request(settings, name, model_set, tenant, progress=progress, lane=lane, rules=rules)
+    request = _Request(
+        settings, name, model_set, tenant, progress=progress, lane=lane, expires_after_s=expires_after_s, rules=rules
+    )
     # 1. Read and validate every row (columns, ids, parameters).
     parsed = (
         parse_grid(path, defaults=defaults, max_rows=max_grid_rows) if grid else parse_manifest(path, defaults=defaults)
@@ -412,6 +444,7 @@ def submit_rows(
     redis_client: redis.Redis | None = None,
     stored_line: int | None = None,
     one_transaction: bool = False,
+    expires_after_s: int | None = None,
 ) -> SubmitResult:
     """Submit rows already read and validated (`scheduler.submission.manifest.parse_rows`): the HTTP API's path.
 
@@ -421,6 +454,7 @@ def submit_rows(
     `stored_line`, every job records that line (rows gathered from several requests). With
     `one_transaction`, for a resolver that reads nothing (the API's stored references), the
     rows are checked and written in one transaction: fewer round trips to the database.
+    `expires_after_s` is the retention of rows that name none (as `submit_manifest` takes it).
     """
     request = _Request(
         settings,
@@ -432,6 +466,7 @@ def submit_rows(
         redis_client=redis_client,
         stored_line=stored_line,
         one_transaction=one_transaction,
+        expires_after_s=expires_after_s,
         rules=set_rules_for(None, model_set, settings),
     )
     return _counted(sessions, lambda: _submit(request, sessions, parsed, resolver, skip_invalid=skip_invalid))

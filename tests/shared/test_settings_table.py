@@ -112,6 +112,10 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "webhook_retry_max_s": [("nan", "nan")],
     "webhook_give_up_s": [("0", "0")],
     "api_key": [(f"{SECRET} x", "'***'")],  # a secret: refused, never shown
+    "retention_outputs_s": [("7x", "7x"), ("10m", "10m"), ("9999d", "9999d")],
+    "retention_metadata_s": [("-1d", "-1d"), ("soon", "soon")],
+    "janitor_interval_s": [("0", "0"), ("inf", "inf")],
+    "janitor_batch": [("0", "0"), ("many", "many")],
 }
 
 

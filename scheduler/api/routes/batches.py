@@ -15,26 +15,30 @@ from starlette.concurrency import run_in_threadpool
 from scheduler.api.bodies import JSONL_TYPES, MULTIPART, media_type, read_body, read_multipart_file, unsupported
 from scheduler.api.context import ApiContext, CallerDep, Context
 from scheduler.api.idempotency import idempotent
-from scheduler.api.models import BatchCreated, BatchOut
+from scheduler.api.models import BatchCreated, BatchOut, JobDeleted
 from scheduler.api.problems import from_invalid_input, invalid
 from scheduler.api.routes.jobs import webhook_of
 from scheduler.api.submission import api_field, parse_api_rows, problems_of, submit_api_rows
 from scheduler.api.views import batch_forecast, batch_view
 from scheduler.batches.actions import cancel, retry_failed, set_paused, wake
 from scheduler.batches.counts import STATUSES, count_batch, count_jobs
+from scheduler.batches.deletion import request_batch_deletion
 from scheduler.batches.events import BATCH_COMPLETED
 from scheduler.batches.lookup import find_batch
 from scheduler.batches.record import Audience, batch_records, results_line
 from scheduler.gallery.build import render_gallery
-from scheduler.submission.manifest import read_jsonl_bytes
+from scheduler.submission.manifest import EXPIRES_FIELD, read_jsonl_bytes
 from scheduler.webhooks.addresses import MAX_URL_CHARS
 from scheduler.webhooks.subscriptions import subscribe
 from shared.db import Batch, new_id
 from shared.dispatch.policy import DEFAULT_LANE, Lane
 from shared.errors import InvalidInput, ManifestInvalid
+from shared.janitor.loop import wake_janitor
 from shared.jobs import transaction
+from shared.retention import parse_duration
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
+MAX_DURATION_CHARS: Final = 40
 MAX_LIST: Final = 1000
 # The gallery page is inline CSS, inline script and data: images: nothing else may load or run.
 GALLERY_HEADERS: Final = {
@@ -75,6 +79,7 @@ def _create(
     skip_invalid: bool,
     webhook: tuple[str, list[str]] | None,
     lane: str = DEFAULT_LANE,
+    expires_after_s: int | None = None,
 ) -> dict[str, Any]:
     parsed = parse_api_rows(read_jsonl_bytes(data))
     batch_id: list[str] = []
@@ -99,6 +104,7 @@ def _create(
             batch_name=f"{tenant}/{new_id()}",
             skip_invalid=skip_invalid,
             after_insert=after_insert,
+            expires_after_s=expires_after_s,
             lane=lane,
         )
     except ManifestInvalid as e:
@@ -117,8 +123,12 @@ async def create_batch(
     skip_invalid: bool = False,
     webhook_url: Annotated[str | None, Query(max_length=MAX_URL_CHARS)] = None,
     lane: Annotated[Lane, Query()] = DEFAULT_LANE,
+    expires_after: Annotated[str | None, Query(max_length=MAX_DURATION_CHARS)] = None,
 ) -> Any:
     """Submit a JSONL batch (rows as POST /v1/jobs takes them), in `lane` (default bulk) unless a row names one.
+
+    `expires_after` (1h, 7d, 30d ... 3650d, or never): how long the images of rows that name none are
+    kept once their job finishes; default: the tenant's retention, else the fleet's.
 
     Every bad row is reported as `line N: field: reason`, and nothing is submitted unless `skip_invalid`.
     """
@@ -129,13 +139,24 @@ async def create_batch(
             ctx, caller.tenant, {"url": webhook_url, "events": [BATCH_COMPLETED]}, allowed=(BATCH_COMPLETED,)
         )
     )
+    expires_after_s = None if expires_after is None else _retention(expires_after)
     data = await _rows_body(request, ctx)
 
     async def handle() -> JSONResponse:
-        created = await run_in_threadpool(_create, ctx, caller.tenant, data, skip_invalid, webhook, lane)
+        created = await run_in_threadpool(
+            _create, ctx, caller.tenant, data, skip_invalid, webhook, lane, expires_after_s
+        )
         return JSONResponse(created, status_code=202)
 
     return await idempotent(request, ctx, tenant=caller.tenant, content=data, handle=handle)
+
+
+def _retention(value: str) -> int:
+    """`expires_after` in seconds (FOREVER for never); 422 naming it otherwise."""
+    try:
+        return parse_duration(value, field=EXPIRES_FIELD)
+    except InvalidInput as e:
+        raise from_invalid_input(e) from None
 
 
 def _list(ctx: ApiContext, tenant: str, limit: int) -> list[dict[str, Any]]:
@@ -263,3 +284,20 @@ async def retry_batch(batch_id: str, request: Request, ctx: Context, caller: Cal
         return JSONResponse(await run_in_threadpool(_retry, ctx, caller.tenant, batch_id))
 
     return await idempotent(request, ctx, tenant=caller.tenant, content=b"", handle=handle)
+
+
+def _delete(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
+    with transaction(ctx.sessions) as session:
+        batch = find_batch(session=session, ref=batch_id, tenant=tenant)
+        request_batch_deletion(session=session, batch_id=batch.id)
+    wake_janitor(redis_client=ctx.redis, prefix=ctx.settings.redis_prefix)
+    return {"id": batch.id, "status": "deleting"}
+
+
+@router.delete("/{batch_id}", status_code=202, response_model=JobDeleted)
+async def delete_batch(batch_id: str, ctx: Context, caller: CallerDep) -> Any:
+    """Delete the batch: its queued jobs are canceled, every job's image and record go, then the batch.
+
+    202 while under way (a running job goes once it finishes); asking again is harmless; once done, 404.
+    """
+    return JSONResponse(await run_in_threadpool(_delete, ctx, caller.tenant, batch_id), status_code=202)

@@ -12,17 +12,19 @@ from scheduler.api.bodies import read_json_object
 from scheduler.api.context import ApiContext, CallerDep, Context
 from scheduler.api.idempotency import canonical_json, idempotent
 from scheduler.api.job_groups import JobGroups, JobRequest
-from scheduler.api.models import JobCreated, JobIn, JobOut, openapi_body
+from scheduler.api.models import JobCreated, JobDeleted, JobIn, JobOut, openapi_body
 from scheduler.api.problems import ApiProblem, field_error, from_invalid_input
 from scheduler.api.submission import WEBHOOK_FIELD, api_batch_name, parse_api_rows, problems_of, submit_api_rows
 from scheduler.api.views import job_view
 from scheduler.batches.actions import cancel
+from scheduler.batches.deletion import request_job_deletion
 from scheduler.batches.events import JOB_EVENTS
 from scheduler.batches.lookup import find_job
 from scheduler.submission.manifest import ParsedManifest
 from scheduler.webhooks.subscriptions import check_events
 from shared.dispatch.policy import INTERACTIVE_LANE
 from shared.errors import InvalidInput, ManifestInvalid
+from shared.janitor.loop import wake_janitor
 from shared.jobs import transaction
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -113,8 +115,11 @@ async def get_job(job_id: str, ctx: Context, caller: CallerDep) -> Any:
 
 @router.get("/{job_id}/image", status_code=307, response_class=RedirectResponse)
 async def get_job_image(job_id: str, ctx: Context, caller: CallerDep) -> Any:
-    """Redirect (307) to the job's image at its presigned URL; 409 while it has none."""
+    """Redirect (307) to the job's image at its presigned URL; 409 while it has none; 410 once it was removed."""
     view = await run_in_threadpool(_read, ctx, caller.tenant, job_id)
+    if view["data_removed_at"] is not None:
+        detail = f"the image of job {job_id} was removed at {view['data_removed_at']} (it expired, or was deleted)"
+        raise ApiProblem(410, detail, errors=[field_error("id", job_id, detail)], kind="data-removed")
     if view["image_url"] is None:
         detail = f"job {job_id} is {view['status']}: only a succeeded job has an image"
         raise ApiProblem(409, detail, errors=[field_error("id", job_id, detail)], kind="no-image")
@@ -136,3 +141,20 @@ async def cancel_job(job_id: str, request: Request, ctx: Context, caller: Caller
         return JSONResponse(await run_in_threadpool(_cancel, ctx, caller.tenant, job_id))
 
     return await idempotent(request, ctx, tenant=caller.tenant, content=b"", handle=handle)
+
+
+def _delete(ctx: ApiContext, tenant: str, job_id: str) -> dict[str, Any]:
+    with transaction(ctx.sessions) as session:
+        job, _ = find_job(session=session, tenant=tenant, job_id=job_id)
+        request_job_deletion(session=session, job_id=job.id)
+    wake_janitor(redis_client=ctx.redis, prefix=ctx.settings.redis_prefix)
+    return {"id": job_id, "status": "deleting"}
+
+
+@router.delete("/{job_id}", status_code=202, response_model=JobDeleted)
+async def delete_job(job_id: str, ctx: Context, caller: CallerDep) -> Any:
+    """Delete the job: canceled if queued, its image and its record removed (a running job, once it finishes).
+
+    202 while under way; asking again is harmless; once done, 404.
+    """
+    return JSONResponse(await run_in_threadpool(_delete, ctx, caller.tenant, job_id), status_code=202)

@@ -1,0 +1,271 @@
+"""Deletion on request: of a job, of a batch, of a whole tenant.
+
+A job's or a batch's deletion is asked for in one transaction and carried out by the janitor
+(`shared.janitor`), which the face wakes: queued jobs are canceled, every job gets `deleted_at`
+and an expiry of now, and the janitor removes their objects, then their rows (then the batch's
+row, once empty). A running job is left to finish first: its worker is never raced. Asking
+again changes nothing; once done, the job or batch is not found.
+
+A tenant's purge (`ipab tenants delete NAME --purge`) is carried out at once, by the command,
+with the janitor's own steps: every row, object, Redis entry, key, webhook secret, outbox row,
+idempotency record and plan of the tenant goes; an image (and its embeddings) stays only while
+another tenant holds it or a batch of another tenant uses it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import redis
+from sqlalchemy import Table, delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import keys
+from shared.db import (
+    ApiKey,
+    Base,
+    Batch,
+    Job,
+    JobStatus,
+    Plan,
+    PlanSlot,
+    ReferenceImage,
+    Tenant,
+    TenantReference,
+)
+from shared.db_clock import server_now
+from shared.janitor.outputs import forget_in_redis, purge_deleted_batches, remove_due
+from shared.janitor.references import mark_unused, remove_marked
+from shared.jobs import expiry_on_finish, transaction
+from shared.settings import Settings
+from shared.storage import ObjectStore
+
+TENANT_COLUMN: Final = "tenant"  # every table with this column holds rows of that tenant
+SCAN_COUNT: Final = 1000
+MAX_STEPS: Final = 100_000  # a purge's janitor steps at most (each is bounded): never a loop without end
+
+
+def _delete(model: type[Base] | Table) -> Any:
+    return delete(model).execution_options(synchronize_session=False)
+
+
+def _mark_deleted(session: Session, job_filter: Any, *, stop_running: bool) -> int:
+    """Cancel the live jobs `job_filter` selects (queued ones only, unless `stop_running`), and mark every
+    one deleted with an expiry of now (a running one keeps running; it expires as it finishes)."""
+    live = [JobStatus.queued.value, *([JobStatus.running.value] if stop_running else [])]
+    session.execute(
+        update(Job)
+        .where(job_filter, Job.status.in_(live))
+        .values(
+            status=JobStatus.canceled.value,
+            finished_at=server_now(),
+            expires_at=expiry_on_finish(),
+            lease_expires_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    result = session.execute(
+        update(Job)
+        .where(job_filter, Job.deleted_at.is_(None))
+        .values(deleted_at=server_now(), expires_at=server_now())
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0))
+
+
+def request_job_deletion(*, session: Session, job_id: str) -> int:
+    """Ask for a job's deletion (see the module); how many jobs were newly marked (0: asked already)."""
+    return _mark_deleted(session, Job.id == job_id, stop_running=False)
+
+
+def request_batch_deletion(*, session: Session, batch_id: str) -> int:
+    """Ask for a batch's deletion with all its jobs; how many jobs were newly marked."""
+    marked = _mark_deleted(session, Job.batch_id == batch_id, stop_running=False)
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.deleted_at.is_(None))
+        .values(deleted_at=server_now())
+        .execution_options(synchronize_session=False)
+    )
+    return marked
+
+
+@dataclass
+class TenantPurge:
+    """What a tenant's purge did."""
+
+    tenant: str
+    batches: int = 0
+    jobs: int = 0
+    objects_deleted: int = 0
+    bytes_deleted: int = 0
+    images_removed: int = 0
+    images_kept: int = 0  # held or used by another tenant too
+    rows: dict[str, int] = field(default_factory=dict)  # rows deleted per table, the tenant-wide ones
+
+
+def _tenant_batches(tenant: str) -> Any:
+    return select(Batch.id).where(Batch.tenant == tenant).scalar_subquery()
+
+
+def _stop_new_work(session: Session, tenant: str) -> tuple[int, bool]:
+    """Keys and plans go first (nothing new arrives); every job is canceled and marked deleted.
+    Returns (jobs marked, whether some were running)."""
+    session.execute(_delete(ApiKey).where(ApiKey.tenant == tenant))
+    plans = select(Plan.id).where(Plan.tenant == tenant).scalar_subquery()
+    session.execute(_delete(PlanSlot).where(PlanSlot.plan_id.in_(plans)))
+    session.execute(_delete(Plan).where(Plan.tenant == tenant))
+    in_tenant = Job.batch_id.in_(_tenant_batches(tenant))
+    running = session.scalar(select(Job.id).where(in_tenant, Job.status == JobStatus.running.value).limit(1))
+    marked = _mark_deleted(session, in_tenant, stop_running=True)
+    session.execute(
+        update(Batch)
+        .where(Batch.tenant == tenant, Batch.deleted_at.is_(None))
+        .values(deleted_at=server_now())
+        .execution_options(synchronize_session=False)
+    )
+    return marked, running is not None
+
+
+def _tenant_tables() -> list[Table]:
+    """Every table with a `tenant` column, children before the tables they refer to."""
+    return [t for t in reversed(Base.metadata.sorted_tables) if TENANT_COLUMN in t.c and t.name != "batches"]
+
+
+def _drop_tenant_rows(session: Session, tenant: str, report: TenantPurge) -> list[str]:
+    """The tenant's rows in every table that names it, and its own row; the images it held."""
+    held = list(session.scalars(select(TenantReference.sha256).where(TenantReference.tenant == tenant)))
+    for table in _tenant_tables():
+        result = session.execute(_delete(table).where(table.c[TENANT_COLUMN] == tenant))
+        report.rows[table.name] = int(getattr(result, "rowcount", 0))
+    session.execute(_delete(Tenant).where(Tenant.name == tenant))
+    return held
+
+
+def _until_done(step: Callable[[], bool]) -> None:
+    for _ in range(MAX_STEPS):
+        if not step():
+            return
+
+
+def _remove_jobs(c: _Purge) -> None:
+    in_tenant = Job.batch_id.in_(_tenant_batches(c.tenant))
+
+    def step() -> bool:
+        done = remove_due(
+            sessions=c.sessions, store=c.store, redis_client=c.redis, prefix=c.prefix, limit=c.limit, only=in_tenant
+        )
+        c.report.jobs += done.jobs
+        c.report.objects_deleted += done.objects
+        c.report.bytes_deleted += done.bytes
+        return done.jobs > 0
+
+    _until_done(step)
+
+
+def _remove_batches(c: _Purge) -> None:
+    def step() -> bool:
+        batches, objects, size, more = purge_deleted_batches(
+            sessions=c.sessions, store=c.store, limit=c.limit, only=Batch.tenant == c.tenant
+        )
+        c.report.batches += batches
+        c.report.objects_deleted += objects
+        c.report.bytes_deleted += size
+        return more
+
+    _until_done(step)
+
+
+def _remove_images(c: _Purge, shas: Sequence[str]) -> None:
+    def step() -> bool:
+        done = remove_marked(sessions=c.sessions, store=c.store, redis_client=c.redis, prefix=c.prefix, limit=c.limit)
+        c.report.images_removed += done.images
+        c.report.objects_deleted += done.objects
+        c.report.bytes_deleted += done.bytes
+        return done.more
+
+    _until_done(step)
+    with transaction(c.sessions) as session:
+        c.report.images_kept = len(
+            list(session.scalars(select(ReferenceImage.sha256).where(ReferenceImage.sha256.in_(list(shas)))))
+        )
+
+
+def _forget_redis(c: _Purge, job_ids: Sequence[str], batch_ids: Sequence[str]) -> None:
+    """What Redis may hold of the tenant: its jobs' entries, keys named after it, its messages in the queues."""
+    forget_in_redis(c.redis, prefix=c.prefix, job_ids=job_ids)
+    needles = {*job_ids, *batch_ids}
+    for raw in c.redis.scan_iter(match=c.prefix + "*", count=SCAN_COUNT):
+        name = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        parts = set(name[len(c.prefix) :].split(":"))
+        if c.tenant in parts or parts & needles:
+            c.redis.delete(raw)
+    for model_set in c.model_sets:
+        queue = keys.render_queue(model_set)
+        for message in c.redis.lrange(queue, 0, -1):
+            text = message.decode(errors="replace") if isinstance(message, bytes) else str(message)
+            if any(job_id in text for job_id in job_ids):
+                c.redis.lrem(queue, 0, text)
+
+
+@dataclass
+class _Purge:
+    """One purge's clients and report."""
+
+    tenant: str
+    sessions: sessionmaker[Session]
+    store: ObjectStore
+    redis: redis.Redis
+    settings: Settings
+    report: TenantPurge
+    model_sets: list[str] = field(default_factory=list)
+
+    @property
+    def prefix(self) -> str:
+        """The Redis prefix."""
+        return self.settings.redis_prefix
+
+    @property
+    def limit(self) -> int:
+        """Jobs or images per step."""
+        return self.settings.janitor_batch
+
+
+def purge_tenant(
+    *,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    redis_client: redis.Redis,
+    settings: Settings,
+    tenant: str,
+    on_wait: Callable[[float], None] = lambda _s: None,
+) -> TenantPurge:
+    """Delete everything of `tenant` (see the module). Running it again finishes a purge that was stopped.
+
+    When jobs of the tenant were running, waits IPAB_LEASE_S (`on_wait` is told first) for
+    their workers to notice the cancel and stop writing.
+    """
+    c = _Purge(tenant, sessions, store, redis_client, settings, TenantPurge(tenant))
+    # 1. Nothing new: keys and plans go, jobs are canceled and marked deleted.
+    with transaction(sessions) as session:
+        batch_ids = list(session.scalars(select(Batch.id).where(Batch.tenant == tenant)))
+        job_ids = list(session.scalars(select(Job.id).where(Job.batch_id.in_(batch_ids)))) if batch_ids else []
+        c.model_sets = sorted(set(session.scalars(select(Batch.model_set).where(Batch.tenant == tenant))))
+        _, running = _stop_new_work(session, tenant)
+    if running:
+        on_wait(settings.lease_s)
+        time.sleep(settings.lease_s)
+    # 2. The janitor's steps, on the tenant's jobs and batches: objects, then rows.
+    _remove_jobs(c)
+    _remove_batches(c)
+    # 3. The tenant's rows everywhere else; the images it held are checked like any other.
+    with transaction(sessions) as session:
+        held = _drop_tenant_rows(session, tenant, c.report)
+        mark_unused(session, held)
+    _remove_images(c, held)
+    # 4. Redis.
+    _forget_redis(c, job_ids, batch_ids)
+    return c.report
