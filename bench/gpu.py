@@ -17,6 +17,13 @@ cost the same compute as the real ones. 1024x1024, 30 steps, classifier-free gui
   steps and guidance, submitted with `submit_manifest` after one warm-up job. It runs after
   the eager configurations and before the compiled ones, only when the time budget holds its
   estimate (else `skipped` says why); a failure is recorded as `error` with the worker's log.
+- fast set (`fast_set` in the JSON): a random LoRA of the public distilled LoRAs' size (rank 64 on
+  the UNet's attention projections) written as a safetensors file and fused into the same pipeline by
+  ipab's own loader (`worker.loras.fuse_loras`, as `Renderer.load` does for a model set's `loras`),
+  then the fast set's settings (TCD, 4 steps, guidance 0: one UNet pass a step) at the largest batch,
+  eager, against the default set's eager figure at that batch: `fast_over_default` in images/s.
+  Random weights render noise either way; what is measured is the cost of 4 single passes
+  against 30 double ones. It runs after the worker path (whose weights stay the plain base's).
 
 Reported per configuration: s/image, images/s, images/min, peak GPU memory, achieved TFLOP/s and
 utilisation against the FLOPs per image counted with `torch.utils.flop_counter` (one
@@ -172,6 +179,12 @@ ADAPTER_TOKENS: Final = 4  # ip-adapter_sdxl: ImageProjModel, 4 tokens per image
 ADAPTER_SEED: Final = 0  # the adapter's own generator: drawn again, it gives the same weights to write out
 GUIDANCE_SCALE: Final = 5.0
 COMPILE_RESERVE_S: Final = 150.0
+# The fast set, as `ipab models download --preset tcd` writes it (worker/download.py).
+FAST_DEFAULTS: Final[dict[str, Any]] = {"scheduler": "tcd", "steps": 4, "guidance_scale": 0.0}
+FAST_OPTIONS: Final[dict[str, Any]] = {"eta": 0.3}
+FAST_LORA_RANK: Final = 64  # the size class of h1t/TCD-SDXL-LoRA and lcm-lora-sdxl (about 400 MB in fp16)
+SMOKE_LORA_RANK: Final = 4
+LORA_TARGETS: Final = (".to_q", ".to_k", ".to_v", ".to_out.0")
 
 # --- tiny configs for --smoke (same structure, small widths) ----------------------------------------
 
@@ -566,6 +579,81 @@ class _Sweep:
         return {**entry, "pipeline_s_per_image": pipeline["s_per_image"], **figures}
 
 
+# --- the fast set: a LoRA fused in by ipab's loader, TCD, 4 steps, no guidance ---------------------------
+
+
+def random_lora(unet: Any, *, rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A random LoRA for the UNet's attention projections, in the diffusers/PEFT layout (`unet.<module>.lora_A`)."""
+    gen = torch.Generator().manual_seed(ADAPTER_SEED + 1)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(LORA_TARGETS) and ".processor." not in name:
+            down = torch.randn(rank, module.in_features, generator=gen) / module.in_features**0.5
+            up = torch.randn(module.out_features, rank, generator=gen) * 0.02
+            state[f"unet.{name}.lora_A.weight"] = down.to(dtype).contiguous()
+            state[f"unet.{name}.lora_B.weight"] = up.to(dtype).contiguous()
+    return state
+
+
+def fast_renderer(pipe: Any, plan: Plan, folder: Path) -> tuple[Any, float]:
+    """The fast set around `pipe`: its LoRA written out and fused in by `worker.loras`; (renderer, fuse seconds)."""
+    from safetensors.torch import save_file
+
+    from shared.model_set import LoraFile
+    from shared.model_set_rules import parse_rules
+    from worker.loras import fuse_loras
+
+    lora = folder / "loras" / "bench-random-lora.safetensors"
+    lora.parent.mkdir(parents=True, exist_ok=True)
+    rank = SMOKE_LORA_RANK if plan.smoke else FAST_LORA_RANK
+    save_file(random_lora(pipe.unet, rank=rank, dtype=plan.dtype), str(lora))
+    renderer = make_renderer(pipe)
+    rules = parse_rules({**FAST_DEFAULTS, **FAST_OPTIONS}, {"steps": [2, 8]})
+    config = dataclasses.replace(renderer.config, name="bench-gpu-fast", loras=(LoraFile(lora),), rules=rules)
+    _sync(plan)
+    t0 = time.perf_counter()
+    fuse_loras(pipe, config)
+    _sync(plan)
+    renderer.config, renderer.name = config, config.name
+    return renderer, time.perf_counter() - t0
+
+
+def _fast_call(renderer: Any, plan: Plan, batch: int) -> Callable[[int], Any]:
+    from shared.spec import parse_params
+
+    embeds = [renderer.encode([_reference(i)])[0] for i in range(2)]
+
+    def call(i: int) -> Any:
+        rows = [{"prompt": f"a photo of a cat, variation {i * batch + j}", "seed": i * batch + j} for j in range(batch)]
+        size = {"width": plan.size_px, "height": plan.size_px}
+        items = [(parse_params({**FAST_DEFAULTS, **row, **size}), [embeds[k % 2]]) for k, row in enumerate(rows)]
+        return renderer.generate_batch(items)
+
+    return call
+
+
+def run_fast_set(sweep: _Sweep, pipe: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fast set at the largest batch, eager, next to the default set's eager figure at that batch."""
+    plan, batch = sweep.plan, max(sweep.plan.batches)
+    default_name = _ipab_name(batch, plan.dtype, compiled=False)
+    entry: dict[str, Any] = {"batch": batch, "lora_rank": SMOKE_LORA_RANK if plan.smoke else FAST_LORA_RANK}
+    entry |= {**FAST_DEFAULTS, **FAST_OPTIONS, "default": default_name}
+    default = next((r for r in results if r["name"] == default_name and "s_per_image" in r), None)
+    if default is None:
+        return {**entry, "skipped": f"no figure of {default_name} to compare with"}
+    if sweep.left_s() < 0:
+        return {**entry, "skipped": f"time budget of {sweep.budget_s:.0f} s spent"}
+    try:
+        with tempfile.TemporaryDirectory(prefix="ipab-bench-fast-") as scratch:
+            renderer, entry["fuse_s"] = fast_renderer(pipe, plan, Path(scratch))
+        entry.update(_time(plan, batch, _fast_call(renderer, plan, batch)))
+    except Exception as e:  # the sweep's other figures must survive
+        return {**entry, "error": f"{type(e).__name__}: {e}"[:1000]}
+    entry["default_images_per_s"] = default["images_per_s"]
+    entry["fast_over_default"] = entry["images_per_s"] / default["images_per_s"]
+    return entry
+
+
 # --- the worker path: the same weights through the whole system -------------------------------------
 
 # Writing ~11 GB of fp16 weights (10-20 s), the worker's start and model load (~30 s), a warm-up job.
@@ -697,8 +785,9 @@ def run(plan: Plan, *, budget_s: float) -> dict[str, Any]:
 
     1. Stock diffusers (the anchor) and ipab eager, in the plan's dtype.
     2. The worker path on that pipeline (it is compared with step 1's figures).
-    3. ipab compiled, same pipeline.
-    4. ipab again, eager and compiled, in each of `plan.other_dtypes` (a pipeline rebuilt in it).
+    3. The fast set: a LoRA fused into that pipeline, TCD, 4 steps, no guidance (against step 1's).
+    4. ipab compiled, same pipeline (the LoRA fused in costs nothing per step).
+    5. ipab again, eager and compiled, in each of `plan.other_dtypes` (a pipeline rebuilt in it).
     """
     t_start = time.perf_counter()
     pipe = build_pipeline(plan)
@@ -708,6 +797,7 @@ def run(plan: Plan, *, budget_s: float) -> dict[str, Any]:
     sweep = _Sweep(plan=plan, t_start=t_start, budget_s=budget_s, flops=flops, peak=_peak_tflops(plan))
     results = sweep.measure(pipe, _configs(pipe, renderer, plan, compiled=False, baseline=True))
     worker = sweep.worker_path(pipe, results)
+    fast = run_fast_set(sweep, pipe, results)
     results += sweep.measure(pipe, _configs(pipe, renderer, plan, compiled=True))
     del pipe, renderer
     for dtype in plan.other_dtypes:
@@ -731,6 +821,7 @@ def run(plan: Plan, *, budget_s: float) -> dict[str, Any]:
         "versions": _versions(),
         "configs": results,
         "worker_path": worker,
+        "fast_set": fast,
     }
 
 
