@@ -267,11 +267,14 @@ def release_job(
     `gpu_s`: what the attempt used (lost, not billed).
     """
     with transaction(sessions) as session:
-        job = session.execute(select(Job.attempts, Job.attempt_floor).where(_fenced(job_id, attempt))).one_or_none()
+        held = select(Job.attempts, Job.attempt_floor, Job.deleted_at).where(_fenced(job_id, attempt))
+        job = session.execute(held).one_or_none()
         if job is None:
             return ""
-        if job.attempts - job.attempt_floor >= max_attempts:
-            values: dict[str, Any] = {
+        if job.deleted_at is not None:  # its deletion was asked for while it ran: it ends here, not queued again
+            values: dict[str, Any] = {"status": JobStatus.canceled.value, "finished_at": server_now()}
+        elif job.attempts - job.attempt_floor >= max_attempts:
+            values = {
                 "status": JobStatus.failed.value,
                 "finished_at": server_now(),
                 "expires_at": expiry_on_finish(),
@@ -282,22 +285,25 @@ def release_job(
             values = {"status": JobStatus.queued.value, "enqueued_at": None, "worker_host": None}
         lost = _attempt_lost(gpu_s)
         session.execute(_update().where(_fenced(job_id, attempt)).values(lease_expires_at=None, **values, **lost))
-        if values["status"] == JobStatus.failed.value:
+        if values["status"] != JobStatus.queued.value:
             roll_up_job(session, job_id)
         return str(values["status"])
 
 
 def expire_leases(*, sessions: sessionmaker[Session], max_attempts: int) -> tuple[list[str], list[str]]:
-    """Jobs whose worker stopped renewing: back to queued, or failed after `max_attempts`.
+    """Jobs whose worker stopped renewing: back to queued, or failed after `max_attempts`; those
+    whose deletion was asked for while they ran are canceled instead (they are going).
 
     Returns (requeued ids, failed ids).
     """
     now = server_now()
     expired = and_(Job.status == JobStatus.running.value, Job.lease_expires_at < now)
     spent = (Job.attempts - Job.attempt_floor) >= max_attempts
+    deleted = Job.deleted_at.is_not(None)
     with transaction(sessions) as session:
-        failed = list(session.scalars(select(Job.id).where(expired, spent)).all())
-        requeued = list(session.scalars(select(Job.id).where(expired, ~spent)).all())
+        _cancel_deleted(session, and_(expired, deleted), now)
+        failed = list(session.scalars(select(Job.id).where(expired, spent, ~deleted)).all())
+        requeued = list(session.scalars(select(Job.id).where(expired, ~spent, ~deleted)).all())
         if failed:
             stmt = (
                 _update()
@@ -324,6 +330,20 @@ def expire_leases(*, sessions: sessionmaker[Session], max_attempts: int) -> tupl
                 .values(_attempt_lost(None))
             )
     return requeued, failed
+
+
+def _cancel_deleted(session: Session, where: Any, now: Any) -> None:
+    """Deleted jobs whose lease expired: canceled (their expiry stays the deletion's), counted as they end."""
+    stmt = (
+        _update()
+        .where(where)
+        .values(status=JobStatus.canceled.value, finished_at=now, lease_expires_at=None)
+        .values(_attempt_lost(None))
+        .returning(Job.id)
+    )
+    ended = list(session.execute(stmt).scalars())
+    if ended:
+        roll_up_ended(session, Job.id.in_(ended))
 
 
 def record_left_attempt(

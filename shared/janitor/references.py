@@ -75,9 +75,10 @@ def claim_references(session: Session, shas: Sequence[str]) -> set[str]:
             stmt = select(_RI.sha256, _RI.removing_at).where(_RI.sha256.in_(chunk)).with_for_update(key_share=True)
             rows = session.execute(stmt).all()
             present.update(sha for sha, _ in rows)
-            marked.update(sha for sha, at in rows if at is not None)
-            if marked:
-                session.execute(update(_RI).where(_RI.sha256.in_(sorted(marked))).values(removing_at=None))
+            found = sorted(sha for sha, at in rows if at is not None)
+            if found:
+                session.execute(update(_RI).where(_RI.sha256.in_(found)).values(removing_at=None))
+            marked.update(found)
         else:  # SQLite: the first write takes the database's lock, so the read after it is the truth
             cleared = update(_RI).where(_RI.sha256.in_(chunk), _RI.removing_at.is_not(None))
             marked.update(session.scalars(cleared.values(removing_at=None).returning(_RI.sha256)))

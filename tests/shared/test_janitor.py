@@ -277,3 +277,32 @@ def test_the_loop_sleeps_until_a_deletion_wakes_it_and_counts_what_it_deleted(wo
     assert registry.get_sample_value("ipab_janitor_jobs_removed_total") == 2
     assert registry.get_sample_value("ipab_janitor_lag_seconds") == 0.0
     assert world.redis.get(world.settings.redis_prefix + keys.JANITOR_LOCK_KEY) is None  # handed over on stop
+
+
+def test_a_deleted_job_whose_worker_lets_go_is_canceled_not_queued_again(world: World) -> None:
+    from shared.jobs import expire_leases, release_job
+
+    _, (lost, released) = world.batch("b", jobs=2, status=JobStatus.queued.value)
+    attempts = {
+        job_id: claim_job(sessions=world.sessions, job_id=job_id, worker_host="gpu", lease_s=60, max_attempts=3)
+        for job_id in (lost, released)
+    }
+    with transaction(world.sessions) as session:
+        now = utcnow()
+        session.execute(update(Job).values(deleted_at=now, expires_at=now))
+        session.execute(update(Job).where(Job.id == lost).values(lease_expires_at=now - timedelta(minutes=1)))
+
+    requeued, failed = expire_leases(sessions=world.sessions, max_attempts=3)
+    outcome = release_job(
+        sessions=world.sessions,
+        job_id=released,
+        attempt=attempts[released] or 0,
+        max_attempts=3,
+        error_type="StorageUnavailable",
+        message="S3 away",
+    )
+
+    assert (requeued, failed, outcome) == ([], [], "canceled")
+    assert {getattr(world.job(j), "status", None) for j in (lost, released)} == {"canceled"}
+    world.sweep()
+    assert world.job(lost) is None and world.job(released) is None
