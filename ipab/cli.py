@@ -3,14 +3,7 @@
 This module is neutral ground: the control plane (`scheduler`) always registers its
 commands; the worker's (`ipab worker`, `generate`, `models`) are registered only when the
 worker extra (torch, diffusers, transformers) is installed. Without it they stop with one
-line saying what to install.
-
-A command line starts like one: building the parser and printing help load only light
-modules. Command modules import at their top only what their parsers need (the standard
-library and light `shared` modules: statuses, lanes, errors); each command imports what it
-runs when it runs (SQLAlchemy, Redis, boto3, pydantic settings, rich, PIL, torch), and this
-module recognises a service's errors without importing its library
-(`tests/scheduler/cli/test_startup_imports.py`; `bench/startup.py` times it against Celery).
+line saying what to install. Command modules must not import torch at import time.
 """
 
 from __future__ import annotations
@@ -25,6 +18,13 @@ from typing import Any, Final
 from shared.errors import IpabError
 from shared.logs import configure_logging
 from shared.redact import mask_text, mask_url
+
+# Start-up: building the parser and printing help load only light modules (the docstring above
+# is `ipab --help`'s description, so this is said here). Command modules import at their top
+# only what their parsers need (the standard library, light `shared` modules: statuses, lanes,
+# errors); each command imports what it runs when it runs (SQLAlchemy, Redis, boto3, pydantic
+# settings, rich, PIL, torch), and `service_of` recognises a service's errors without importing
+# its library. Held by tests/scheduler/cli/test_startup_imports.py; timed by bench/startup.py.
 
 # Each module defines `register(subparsers)`, adding parsers whose `func` takes the args.
 CONTROL_PLANE_MODULES: Final = (
