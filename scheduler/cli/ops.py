@@ -150,11 +150,12 @@ def _reconcile(args: argparse.Namespace) -> int:
     from shared.reconcile import reconcile_once, run_reconciler
     from shared.settings import load_settings
 
+    # Before the imports and connections: a SIGTERM during start-up must still end the loop cleanly.
+    stop = stop_on_signals() if args.loop else threading.Event()
     settings = load_settings()
     redis_client = _redis(settings)
     with database(settings) as sessions:
         if args.loop:
-            stop = stop_on_signals()
             clients: dict[str, Any] = {"sessions": sessions, "redis_client": redis_client, "settings": settings}
             dispatcher = threading.Thread(
                 target=run_dispatcher,

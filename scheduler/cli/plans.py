@@ -200,6 +200,7 @@ def beat_context(sessions: sessionmaker[Session]) -> SlotContext:
 
 def cmd_beat(args: argparse.Namespace) -> int:
     """Turn due slots into batches until interrupted; run as many replicas as you like."""
+    stop = stop_on_signals()  # first: a SIGTERM during start-up must still end the beat cleanly
     from scheduler.plans.beat import run_beat
     from shared.settings import load_settings
     from shared.storage import ObjectStore
@@ -207,7 +208,7 @@ def cmd_beat(args: argparse.Namespace) -> int:
     settings = load_settings()
     ObjectStore.from_settings(settings).ensure_bucket()
     with database(settings) as sessions:
-        run_beat(beat_context(sessions), interval_s=args.interval, stop=stop_on_signals(), passes=args.passes)
+        run_beat(beat_context(sessions), interval_s=args.interval, stop=stop, passes=args.passes)
     return 0
 
 
