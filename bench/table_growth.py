@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -283,6 +284,7 @@ def run(*, rows: int = 10_000_000, small: int = 10_000) -> dict[str, Any]:
             return _run(settings, rows=rows, small=small)
     finally:
         redis_server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _model_set(workdir: Path) -> Path:
