@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -158,6 +159,34 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         env[f"{ENV_PREFIX}{name.upper()}"] = str(text)
     env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra})
     return env
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_api(settings: Settings, log_path: Path, **extra_env: str) -> tuple[subprocess.Popen[bytes], str]:
+    """An `ipab api` process on `settings` and a free port, once its /readyz answers: (process, base URL)."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ipab.cli", "api", "--port", str(port)],
+        env=settings_env(settings, **extra_env),
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError(f"ipab api did not start: {log_tail(log_path)}")
 
 
 def log_tail(path: Path, chars: int = 3000) -> str:

@@ -66,9 +66,9 @@ def goals(results: dict[str, Any]) -> list[Goal]:
             out.append(Goal(name, target, why, None))
     out += _fairness_goals(results)
     out += _api_goals(results)
-    out += _fast_set_goals(results)
     out += _startup_goals(results)
     out += _usage_goals(results)
+    out += _fast_set_goals(results)
     e, _ = _part(results, "embed")
     if e and "redis_p50_ok" in e:
         target = f"<= {e.get('goal_redis_p50_ms')} ms"
@@ -432,10 +432,13 @@ def _fast_set_goals(results: dict[str, Any]) -> list[Goal]:
 
 def _usage_goals(results: dict[str, Any]) -> list[Goal]:
     u, why = _part(results, "usage")
-    name, target = "usage report, 1M jobs and the rollup of 100M (worst report, worst database)", "< 1 s"
+    names = {
+        "worst_s": "usage report over 1M jobs (worst report, worst database)",
+        "scaled_tenant_worst_s": "a tenant's usage report over the rollup of 100M jobs (worst database)",
+    }
     if not u:
-        return [Goal(name, target, why, None)]
-    return [_goal(name, target, f"{_num(u['worst_s'], 3)} s", u["worst_s"] < u["goal_s"])]
+        return [Goal(name, "< 1 s", why, None) for name in names.values()]
+    return [_goal(name, "< 1 s", f"{_num(u[key], 3)} s", u[key] < u["goal_s"]) for key, name in names.items()]
 
 
 def _usage(u: dict[str, Any]) -> Iterator[str]:

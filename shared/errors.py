@@ -7,7 +7,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
+
+# How many problems an error lists: past it they are counted, not listed, so that the answer
+# to a file of a million bad rows stays a screenful (and the error itself stays small).
+MAX_LISTED_PROBLEMS: Final = 100
 
 
 class IpabError(Exception):
@@ -38,12 +42,29 @@ class InvalidInput(PermanentError):
 
 
 class ManifestInvalid(PermanentError):
-    """Raised when manifest rows are invalid; carries every (line, field, reason) found."""
+    """Raised when manifest rows are invalid; carries every (line, field, reason) found.
 
-    def __init__(self, problems: list[tuple[int, str, str]]) -> None:
+    `stopped_after`: reading stopped after this line, at MAX_LISTED_PROBLEMS problems; the
+    lines after it were not checked (None: every line was).
+    """
+
+    def __init__(self, problems: list[tuple[int, str, str]], *, stopped_after: int | None = None) -> None:
         self.problems = problems
-        lines = [f"line {line}: {field}: {reason}" for line, field, reason in problems]
+        self.stopped_after = stopped_after
+        lines = [f"line {line}: {field}: {reason}" for line, field, reason in problems[:MAX_LISTED_PROBLEMS]]
+        if len(problems) > MAX_LISTED_PROBLEMS:
+            lines.append(f"... and {len(problems) - MAX_LISTED_PROBLEMS} more")
+        if stopped_after is not None:
+            lines.append(f"the lines after line {stopped_after} were not checked")
         super().__init__(f"{len(problems)} invalid row(s):\n" + "\n".join(lines))
+
+
+class TooManyRows(InvalidInput):
+    """Raised when a manifest or batch holds more than `limit` rows; the rows past the limit are never read."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__("rows", f"more than {limit}", f"at most {limit} rows per batch; split it into several")
 
 
 class ModelSetError(PermanentError):
@@ -101,6 +122,22 @@ class ObjectTooLarge(PermanentError):
         self.size_bytes = size_bytes
         self.max_bytes = max_bytes
         super().__init__(f"{uri} holds {size_bytes} bytes, more than the {max_bytes} allowed")
+
+
+class CapReached(IpabError):
+    """Raised when what a tenant adds would pass one of its caps (`scheduler.batches.limits`);
+    nothing was added: retry once some of what it holds is gone (its queued jobs have run)."""
+
+    def __init__(
+        self, *, tenant: str, cap: str, setting: str, held: int, adding: int, maximum: int, lines: tuple[int, ...] = ()
+    ) -> None:
+        self.tenant, self.cap, self.setting = tenant, cap, setting
+        self.held, self.adding, self.maximum = held, adding, maximum
+        self.lines = lines  # the rows refused, when the others were admitted (a group of requests)
+        super().__init__(
+            f"tenant {tenant!r} has {held} {cap}; adding {adding} would pass the cap of {maximum} ({setting}); "
+            "retry when some have run"
+        )
 
 
 class QuotaExceeded(IpabError):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Final
 
 import redis
+import redis.asyncio
+import redis.asyncio.retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -38,6 +40,8 @@ GLANCE: Final = RedisProfile(connect_timeout_s=2.0, reply_timeout_s=2.0)
 API: Final = RedisProfile(connect_timeout_s=5.0, reply_timeout_s=5.0, health_check_interval_s=30.0)
 # A worker's client, kept for hours: replies may carry embeddings; idle connections are checked.
 WORKER: Final = RedisProfile(connect_timeout_s=5.0, reply_timeout_s=10.0, health_check_interval_s=30.0)
+# A check made before every API request (the rate limit): a Redis slower than this counts as down.
+LIMITER: Final = RedisProfile(connect_timeout_s=0.5, reply_timeout_s=0.5)
 
 
 def connect_redis(url: str, *, profile: RedisProfile = COMMAND) -> redis.Redis:
@@ -48,6 +52,18 @@ def connect_redis(url: str, *, profile: RedisProfile = COMMAND) -> redis.Redis:
         socket_timeout=profile.reply_timeout_s,
         health_check_interval=profile.health_check_interval_s,
         retry=Retry(NoBackoff(), 0),
+    )
+
+
+def connect_async_redis(url: str, *, profile: RedisProfile) -> redis.asyncio.Redis:
+    """An asyncio client for `url` with the profile's timeouts, that does not retry by itself:
+    for what an event loop awaits on every request, where a blocking call would stall them all."""
+    return redis.asyncio.Redis.from_url(
+        url,
+        socket_connect_timeout=profile.connect_timeout_s,
+        socket_timeout=profile.reply_timeout_s,
+        health_check_interval=profile.health_check_interval_s,
+        retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
     )
 
 

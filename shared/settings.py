@@ -29,10 +29,11 @@ Weights = Annotated[dict[str, float], NoDecode, BeforeValidator(checks.split_wei
 ZERO_ALLOWED_S = frozenset({"requeue_grace_s"})
 MIN_IDEMPOTENCY_TTL_S = 24 * 3600.0
 # Settings whose values are secrets: never shown, even when refused.
-SECRET_FIELDS = frozenset({"api_key"})
+SECRET_FIELDS = frozenset({"api_key", "metrics_token"})
 # Smallest value of each whole-number setting.
 MINIMUM_COUNTS = {"max_attempts": 1, "transient_retries": 0, "cache_lru_bytes": 0, "batch_wait_ms": 0}
 MINIMUM_COUNTS["metrics_port"] = 0  # 0 turns a worker's /metrics off
+MINIMUM_COUNTS["api_metrics_port"] = 0  # 0: the API serves /metrics on no port of its own
 MAX_PORT = 65535  # the largest TCP port
 # Without IPAB_DISPATCH_DEPTH, the queue is kept at least this deep, and at least one batch deep.
 DEFAULT_DISPATCH_DEPTH = 4
@@ -113,6 +114,11 @@ class Settings(BaseSettings):
     # The HTTP API (`ipab api`) and its webhooks.
     api_max_queued_jobs: int = 100_000  # per tenant; a POST that would pass it gets 429
     api_max_body_bytes: int = 64 * 1024 * 1024  # per request; past it, 413
+    api_max_batch_rows: int = 100_000  # rows per POST /v1/batches; past it, 413 before the rest is read
+    # Per-tenant request rate (scheduler/api/rate_limit.py): a token bucket in Redis, refilled at
+    # `api_rate_per_s` tokens a second (0: no limit) and holding at most `api_rate_burst`; past it, 429.
+    api_rate_per_s: float = 50.0
+    api_rate_burst: int = 100
     api_image_url_expiry_s: float = 3600.0  # presigned `image_url`s
     idempotency_ttl_s: float = 48 * 3600.0  # Idempotency-Key records are kept this long (>= 24 h)
     webhook_allow_private: bool = False  # deliver to loopback/private addresses (tests, one host)
@@ -125,7 +131,12 @@ class Settings(BaseSettings):
     api_key: str | None = None  # the key `ipab submit/status/results --api URL` sends
 
     # Operations: Prometheus, Celery's own monitoring, log lines.
-    metrics_port: int = 0  # a worker serves /metrics on this port (0: off); the API serves it on its own port
+    metrics_port: int = 0  # a worker serves /metrics on this port (0: off)
+    # The API's /metrics names tenants: it is never on the API's port without a key. It is served
+    # on a port of its own (`api_metrics_port`; 0: none), and/or on the API's port to the bearer
+    # of `metrics_token` (unset: not there at all).
+    api_metrics_port: int = 0
+    metrics_token: str | None = None
     celery_events: bool = True  # task events + remote control: `celery inspect`, Flower
     log_format: Literal["text", "json"] = "text"  # json: one object per line, job fields on job lines
 
@@ -134,6 +145,8 @@ class Settings(BaseSettings):
     def _check_units(cls, value: Any, info: ValidationInfo) -> Any:
         # Units in names: every `*_s` is a finite duration, every count has a minimum.
         name = info.field_name or ""
+        if name.endswith("_per_s") and isinstance(value, int | float):  # a rate, not a duration
+            return checks.check_rate(float(value))
         if name.endswith("_s") and isinstance(value, int | float):
             checks.check_seconds(float(value), allow_zero=name in ZERO_ALLOWED_S)
             return value
@@ -150,14 +163,15 @@ class Settings(BaseSettings):
     _region = field_validator("s3_region")(checks.check_region)
     _roots = field_validator("reference_roots")(checks.check_folders)
     _api_key = field_validator("api_key")(checks.check_token)
+    _metrics_token = field_validator("metrics_token")(checks.check_token)
     _model_set = field_validator("model_set")(checks.check_model_set_path)
     _tenant_weights = field_validator("tenant_weights")(checks.check_weights)
 
-    @field_validator("metrics_port")
+    @field_validator("metrics_port", "api_metrics_port")
     @classmethod
     def _check_port(cls, port: int) -> int:
         if port > MAX_PORT:
-            raise ValueError(f"is not a TCP port (0 turns metrics off, else 1..{MAX_PORT})")
+            raise ValueError(f"is not a TCP port (0: no metrics port, else 1..{MAX_PORT})")
         return port
 
     @field_validator("lane_weights")

@@ -41,22 +41,24 @@ def too_large(limit_bytes: int) -> ApiProblem:
     return ApiProblem(413, f"the body is larger than {limit_bytes} bytes", errors=[error], kind="too-large")
 
 
-async def read_body(request: Request, *, limit_bytes: int) -> bytes:
-    """The whole body, refused with 413 once it passes `limit_bytes` (declared or streamed)."""
+async def read_body(request: Request, *, limit_bytes: int) -> bytearray:
+    """The whole body, refused with 413 once it passes `limit_bytes` (declared or streamed).
+
+    A bytearray filled in place as the chunks arrive: joining a list of chunks held the
+    body twice at the end (128 MiB for a 64 MiB batch), and the join ran on the event loop.
+    """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit_bytes:
         raise too_large(limit_bytes)
-    chunks: list[bytes] = []
-    size = 0
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit_bytes:
+        if len(body) + len(chunk) > limit_bytes:
             raise too_large(limit_bytes)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+    return body
 
 
-def parse_json_object(data: bytes) -> dict[str, Any]:
+def parse_json_object(data: bytes | bytearray) -> dict[str, Any]:
     """The body as one JSON object; 400 naming why it is not one (bad JSON, bad UTF-8, too deep, not an object)."""
     try:
         value = json.loads(data)

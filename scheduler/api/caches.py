@@ -2,9 +2,9 @@
 
 What each cache may serve stale, and for how long, is part of the API's contract (README,
 "HTTP API"): a revoked key keeps working for at most `AUTH_CACHE_S` on a server that used
-it just before; a tenant's queued-jobs count may be `QUEUED_COUNT_CACHE_S` old when a POST
-is far enough below the cap (a POST that would pass it always recounts). A tenant's
-reference ids never change once uploaded, so that cache only bounds memory.
+it just before. A tenant's reference ids never change once uploaded, so that cache only
+bounds memory. A tenant's queued-jobs count is never cached: a cap checked on a count read
+before the insert let concurrent POSTs pass it (`scheduler.batches.limits`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 AUTH_CACHE_S: Final = 5.0  # a revoked key stops working within this many seconds
-QUEUED_COUNT_CACHE_S: Final = 1.0
 REFERENCE_CACHE_S: Final = 600.0
 MAX_ENTRIES: Final = 10_000
 

@@ -15,8 +15,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from scheduler.api.caches import AUTH_CACHE_S, QUEUED_COUNT_CACHE_S, REFERENCE_CACHE_S, ExpiringCache
+from scheduler.api.caches import AUTH_CACHE_S, REFERENCE_CACHE_S, ExpiringCache
 from scheduler.api.problems import ApiProblem
+from scheduler.api.rate_limit import RateLimiter
 from scheduler.submission.references import ReferenceFile
 from scheduler.submission.submit import resolve_model_set_name
 from scheduler.tenants import Caller, find_caller, hash_key, reserved_tenant_hint
@@ -45,14 +46,17 @@ class ApiContext:
     _model_set: list[str] = field(default_factory=list)
     # key sha256 -> caller: a revoked key works on for at most `ttl_s` (AUTH_CACHE_S).
     callers: ExpiringCache[str, Caller] = field(default_factory=lambda: ExpiringCache(ttl_s=AUTH_CACHE_S))
-    # tenant -> queued jobs, as counted at most QUEUED_COUNT_CACHE_S ago plus what this process added since.
-    queued_counts: ExpiringCache[str, int] = field(default_factory=lambda: ExpiringCache(ttl_s=QUEUED_COUNT_CACHE_S))
     # (tenant, sha256) -> the stored reference image: uploaded references never change.
     references: ExpiringCache[tuple[str, str], ReferenceFile] = field(
         default_factory=lambda: ExpiringCache(ttl_s=REFERENCE_CACHE_S)
     )
     # Webhook hosts are looked up in threads of their own, a few per tenant (see its module).
     webhook_resolver: Resolver = field(default_factory=Resolver)
+    # Each tenant's request rate (IPAB_API_RATE_PER_S), checked with its key on every request.
+    limiter: RateLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limiter = RateLimiter(self.settings)
 
     @classmethod
     def build(cls, settings: Settings) -> ApiContext:
@@ -110,10 +114,12 @@ async def _caller_of(ctx: ApiContext, key: str) -> Caller | None:
 
 
 async def get_caller(
+    request: Request,
     ctx: Annotated[ApiContext, Depends(get_context)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Caller:
-    """The tenant behind the request's Bearer key; 401 for a missing, malformed, unknown or revoked key.
+    """The tenant behind the request's Bearer key; 401 for a missing, malformed, unknown or revoked key;
+    429 past the tenant's request rate (every authenticated route goes through here).
 
     403 for a key of a reserved tenant (made before the name was reserved): `default` would
     see and cancel what the operator submits from the CLI.
@@ -129,6 +135,7 @@ async def get_caller(
     reserved = reserved_tenant_hint(caller.tenant)
     if reserved is not None:
         raise ApiProblem(403, reserved, kind="forbidden")
+    await ctx.limiter.check(caller.tenant, getattr(request.scope.get("route"), "path", ""))
     return caller
 
 

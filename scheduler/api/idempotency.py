@@ -35,6 +35,7 @@ KEY_PATTERN: Final = re.compile(r"[\x21-\x7e]{1,255}")
 WAIT_S: Final = 10.0  # how long a duplicate waits for the first request's response
 POLL_S: Final = 0.05
 STALE_CLAIM_S: Final = 120.0  # a claim without a response this old belongs to a dead request
+HASH_INLINE_BYTES: Final = 64 * 1024  # larger contents are hashed off the event loop
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,18 @@ class Replay:
     body: str
 
 
-def fingerprint(request: Request, content: bytes) -> str:
+def fingerprint(request: Request, content: bytes | bytearray) -> str:
     """What makes two requests 'the same': method, path, query and the (parsed, canonical) content."""
-    head = f"{request.method} {request.url.path}?{request.url.query}\n".encode()
-    return hashlib.sha256(head + content).hexdigest()
+    digest = hashlib.sha256(f"{request.method} {request.url.path}?{request.url.query}\n".encode())
+    digest.update(content)  # not `head + content`: a copy of a body of up to IPAB_API_MAX_BODY_BYTES
+    return digest.hexdigest()
+
+
+async def _fingerprint(request: Request, content: bytes | bytearray) -> str:
+    # 64 MiB take the event loop ~0.1 s to hash: a large body is hashed in a thread.
+    if len(content) <= HASH_INLINE_BYTES:
+        return fingerprint(request, content)
+    return await run_in_threadpool(fingerprint, request, content)
 
 
 def canonical_json(value: object) -> bytes:
@@ -141,14 +150,14 @@ async def idempotent(
     ctx: ApiContext,
     *,
     tenant: str,
-    content: bytes,
+    content: bytes | bytearray,
     handle: Callable[[], Awaitable[JSONResponse]],
 ) -> Response:
     """Run `handle` once per (tenant, Idempotency-Key); replay its response to repeats of the same request."""
     key = _key_of(request)
     if key is None:
         return await handle()
-    claimed = await _claim_or_wait(ctx, tenant, key, fingerprint(request, content))
+    claimed = await _claim_or_wait(ctx, tenant, key, await _fingerprint(request, content))
     if isinstance(claimed, Replay):
         headers = {"Idempotent-Replayed": "true"}
         return Response(claimed.body, status_code=claimed.status_code, headers=headers, media_type="application/json")

@@ -29,8 +29,8 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.context import ApiContext
-from scheduler.api.problems import ApiProblem, field_error, from_invalid_input
-from scheduler.api.submission import api_batch_name, check_capacity, problems_of, submit_api_rows
+from scheduler.api.problems import ApiProblem, cap_problem, field_error, from_invalid_input
+from scheduler.api.submission import api_batch_name, problems_of, submit_api_rows
 from scheduler.submission.manifest import ManifestRow, ParsedManifest, Problem
 from scheduler.webhooks.subscriptions import subscribe
 from shared.db import Batch, Job
@@ -114,24 +114,14 @@ def _fill(outcomes: list[Outcome | None], indexes: Sequence[int], outcome: Outco
 def _write_tenant(
     ctx: ApiContext, tenant: str, requests: Mapping[int, JobRequest], outcomes: list[Outcome | None]
 ) -> None:
-    # 1. The tenant's cap, request by request: those past it get 429, the rest go on.
-    admitted: dict[int, JobRequest] = {}
-    for index, request in requests.items():
-        try:
-            check_capacity(ctx, tenant, len(admitted) + 1)
-        except ApiProblem as e:
-            outcomes[index] = e
-        else:
-            admitted[index] = request
-    if not admitted:
-        return
-    # 2. One submission of every admitted row; a row's line is its place in the group.
-    lines = {line: index for line, index in enumerate(admitted, start=1)}
-    rows = [_numbered(admitted[index].row, line) for line, index in lines.items()]
+    # 1. One submission of every row; a row's line is its place in the group. The tenant's cap
+    #    is counted under its lock in the transaction that inserts: the first rows that fit go in.
+    lines = {line: index for line, index in enumerate(requests, start=1)}
+    rows = [_numbered(requests[index].row, line) for line, index in lines.items()]
 
     def subscribe_webhooks(session: Session, _batch_id: str, job_ids: Mapping[int, str]) -> None:
         for line, job_id in job_ids.items():
-            webhook = admitted[lines[line]].webhook
+            webhook = requests[lines[line]].webhook
             if webhook is not None:
                 subscribe(
                     session=session, subject_id=job_id, kind="job", tenant=tenant, url=webhook[0], events=webhook[1]
@@ -147,21 +137,25 @@ def _write_tenant(
             after_insert=subscribe_webhooks,
             lane=INTERACTIVE_LANE,  # a single API job is interactive unless its `lane` says otherwise
             stored_line=STORED_LINE,
+            admit_partly=True,  # those past the cap get 429, the others go on
         )
-        problems, created = result.invalid, result.job_ids
+        problems, created, over_cap = result.invalid, result.job_ids, result.over_cap
     except ManifestInvalid as e:  # every row was refused
-        problems, created = [Problem(*p) for p in e.problems], {}
-    # 3. Each request's answer: its problems, its job, or the job that already has its `id`.
+        problems, created, over_cap = [Problem(*p) for p in e.problems], {}, None
+    # 2. Each request's answer: its problems, its job, the cap, or the job that already has its `id`.
     by_line: dict[int, list[Problem]] = defaultdict(list)
     for problem in problems:
         by_line[problem.line].append(problem)
+    refused = set(over_cap.lines) if over_cap is not None else set()
     for line, index in lines.items():
         if by_line[line]:
             outcomes[index] = problems_of([p._replace(line=STORED_LINE) for p in by_line[line]], with_lines=False)
         elif line in created:
             outcomes[index] = created[line]
+        elif over_cap is not None and line in refused:
+            outcomes[index] = cap_problem(over_cap)
         else:
-            outcomes[index] = duplicate_id(ctx, tenant, admitted[index].row.client_id)
+            outcomes[index] = duplicate_id(ctx, tenant, requests[index].row.client_id)
 
 
 def _numbered(row: ManifestRow, line: int) -> ManifestRow:

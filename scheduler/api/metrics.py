@@ -1,5 +1,7 @@
-"""Prometheus metrics of the API, served at `GET /metrics` (no key: keep it off the public
-network, as its labels name tenants and model sets).
+"""Prometheus metrics of the API. Their labels name tenants and model sets, so they are never
+served on the API's port to anyone: on a port of their own (IPAB_API_METRICS_PORT, `MetricsPort`,
+for a scraper inside the cluster), and/or at `GET /metrics` on the API's port to the bearer of
+IPAB_METRICS_TOKEN; with neither set, nowhere (404 saying how to turn them on).
 
 - Requests: `ipab_api_requests_total{method, route, status}` and
   `ipab_api_request_duration_seconds{method, route}`, by route template (`/v1/jobs/{job_id}`),
@@ -16,28 +18,38 @@ network, as its labels name tenants and model sets).
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Annotated, Final
+from wsgiref.simple_server import WSGIServer
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Header, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from scheduler.api.context import BEARER
+from scheduler.api.problems import ApiProblem
 from scheduler.usage.quotas import refusals
 from scheduler.usage.report import tenant_totals
 from shared.db import Batch, Job, JobStatus, WebhookMessage, utcnow
+from shared.errors import SettingsError
 
 SCRAPE_CACHE_S: Final = 5.0
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UNMATCHED_ROUTE: Final = "unmatched"
 BACKLOG_LABELS: Final = ["model_set", "lane", "tenant"]
+METRICS_OFF: Final = (
+    "GET /metrics is not served on the API's port without a key: its labels name every tenant. Set "
+    "IPAB_API_METRICS_PORT to serve it on a port of its own, or IPAB_METRICS_TOKEN to serve it here to its bearer"
+)
 
 
 @dataclass(frozen=True)
@@ -194,13 +206,52 @@ class RequestMetrics:
             )
 
 
-def install_metrics(app: FastAPI, sessions: sessionmaker[Session]) -> ApiMetrics:
-    """Count every request, and serve `GET /metrics`."""
+def check_scraper(token: str | None, authorization: str | None) -> None:
+    """Let the bearer of `token` (IPAB_METRICS_TOKEN) through; 404 when none is set, 401 for anyone else."""
+    if token is None:
+        raise ApiProblem(404, METRICS_OFF, kind="metrics-off")
+    match = BEARER.fullmatch((authorization or "").strip())
+    if match is None or not hmac.compare_digest(match.group(1).encode(), token.encode()):
+        detail = "GET /metrics needs `Authorization: Bearer <the IPAB_METRICS_TOKEN of this server>`"
+        raise ApiProblem(401, detail, headers={"WWW-Authenticate": "Bearer"}, kind="unauthorized")
+
+
+def install_metrics(app: FastAPI, sessions: sessionmaker[Session], *, token: str | None) -> ApiMetrics:
+    """Count every request, and serve `GET /metrics` to the bearer of `token` (none: to nobody)."""
     metrics = ApiMetrics(sessions)
     app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
-    def scrape() -> Response:
+    def scrape(authorization: Annotated[str | None, Header()] = None) -> Response:
+        check_scraper(token, authorization)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return metrics
+
+
+@dataclass
+class MetricsPort:
+    """The API's metrics on a port of their own (IPAB_API_METRICS_PORT), served by prometheus_client
+    in a thread, no key asked: keep the port inside the cluster (the Service does not expose it)."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @classmethod
+    def open(cls, metrics: ApiMetrics, *, host: str, port: int) -> MetricsPort | None:
+        """Serve `metrics` on host:port; None when `port` is 0 (no metrics port)."""
+        if port == 0:
+            return None
+        try:
+            server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+        except OSError as e:
+            raise SettingsError(
+                f"IPAB_API_METRICS_PORT={port}: cannot listen on {host}:{port} ({e.strerror}); choose a free port"
+            ) from e
+        return cls(server, thread)
+
+    def close(self) -> None:
+        """Stop serving and free the port."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)

@@ -119,7 +119,8 @@ class BatchCreated(BaseModel):
     id: str
     status: str
     added: int
-    invalid: list[dict[str, Any]]
+    invalid: list[dict[str, Any]] = Field(description="the first 100 problems of the rows skipped (skip_invalid)")
+    invalid_count: int = Field(description="how many problems the skipped rows had in all")
 
 
 class BatchOut(BaseModel):

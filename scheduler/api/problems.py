@@ -18,13 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import InvalidInput, NotFound, QuotaExceeded, TransientError
+from shared.errors import CapReached, InvalidInput, NotFound, QuotaExceeded, TransientError
 
 log = logging.getLogger(__name__)
 PROBLEM_TYPE: Final = "application/problem+json"
 TYPE_BASE: Final = "https://ipab.dev/problems/"
 MAX_VALUE_CHARS: Final = 200
 RETRY_AFTER_UNAVAILABLE_S: Final = 5
+RETRY_AFTER_FULL_S: Final = 30  # a tenant at its queued-jobs cap: some of its jobs run meanwhile
 TITLES: Final = {
     400: "Bad request",
     401: "Unauthorized",
@@ -106,6 +107,12 @@ def problem_response(request: Request, problem: ApiProblem) -> JSONResponse:
     return JSONResponse(body, status_code=problem.status, headers=problem.headers, media_type=PROBLEM_TYPE)
 
 
+def cap_problem(e: CapReached) -> ApiProblem:
+    """429 with Retry-After for a tenant's cap, with its numbers (held, adding, maximum) and setting."""
+    error = field_error(e.cap, e.held, f"adding {e.adding} would pass the cap of {e.maximum} ({e.setting})")
+    return ApiProblem(429, str(e), errors=[error], headers={"Retry-After": str(RETRY_AFTER_FULL_S)}, kind="queue-full")
+
+
 def quota_problem(e: QuotaExceeded) -> ApiProblem:
     """429 `quota-exceeded`: the quota, its limit, what is used, what was asked, when it resets
     (members of the problem, and Retry-After until then)."""
@@ -131,6 +138,11 @@ def _validation_problem(errors: Sequence[Any]) -> ApiProblem:
         return ApiProblem(400, "the body is not valid JSON", errors=found, kind="bad-json")
     first = found[0] if found else field_error("body", None, "is invalid")
     return ApiProblem(422, f"{first['field']}: {first['reason']} (got {first['value']!r})", errors=found)
+
+
+async def _on_cap(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CapReached)
+    return problem_response(request, cap_problem(exc))
 
 
 def install_problem_handlers(app: FastAPI) -> None:
@@ -171,5 +183,6 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(NotFound, on_not_found)
     app.add_exception_handler(QuotaExceeded, on_quota)
+    app.add_exception_handler(CapReached, _on_cap)
     app.add_exception_handler(TransientError, on_transient)
     app.add_exception_handler(Exception, on_anything)

@@ -12,11 +12,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from scheduler.api.context import ApiContext
 from scheduler.api.problems import ApiProblem, field_error
+from scheduler.batches.limits import queued_jobs_cap, refusal
 from scheduler.submission.manifest import (
     EXPIRES_FIELD,
     ID_FIELD,
@@ -28,8 +29,9 @@ from scheduler.submission.manifest import (
 )
 from scheduler.submission.references import ReferenceFile, ReferenceResolver
 from scheduler.submission.submit import AfterInsert, SubmitResult, submit_rows
-from shared.db import Batch, Job, JobStatus, ReferenceImage, TenantReference
+from shared.db import ReferenceImage, TenantReference
 from shared.dispatch.policy import DEFAULT_LANE
+from shared.errors import MAX_LISTED_PROBLEMS
 from shared.jobs import transaction
 from shared.spec import PARAM_FIELDS
 
@@ -37,7 +39,6 @@ REFERENCES_FIELD: Final = "references"
 WEBHOOK_FIELD: Final = "webhook"
 ROW_FIELDS: Final = (REFERENCES_FIELD, *PARAM_FIELDS, LANE_FIELD, EXPIRES_FIELD, ID_FIELD)
 REFERENCE_ID: Final = re.compile(r"[0-9a-f]{64}")
-RETRY_AFTER_FULL_S: Final = 30
 
 
 def api_batch_name(tenant: str) -> str:
@@ -60,12 +61,38 @@ def to_manifest_row(line: int, raw: Mapping[str, Any]) -> Mapping[str, Any] | Pr
     return row
 
 
-def problems_of(problems: Sequence[tuple[int, str, str]], *, with_lines: bool) -> ApiProblem:
-    """422 listing every bad field (`line N: field: reason` for batches)."""
-    named = [(line, api_field(field), reason) for line, field, reason in problems]
+def problems_of(
+    problems: Sequence[tuple[int, str, str]],
+    *,
+    with_lines: bool,
+    stopped_after: int | None = None,
+    lines_after: int = 0,
+) -> ApiProblem:
+    """422 listing the bad fields (`line N: field: reason` for batches), at most MAX_LISTED_PROBLEMS.
+
+    Past the cap they are counted, not listed: an answer listing every problem of a large
+    body was larger than the body (1 GB for 64 MiB). With `stopped_after`, the body was read
+    up to that line only; `lines_after` lines after it were not checked.
+    """
+    listed = problems[:MAX_LISTED_PROBLEMS]
+    named = [(line, api_field(field), reason) for line, field, reason in listed]
     errors = [{**field_error(field, None, reason), "line": line} for line, field, reason in named]
     texts = [f"{'line ' + str(line) + ': ' if with_lines else ''}{field}: {reason}" for line, field, reason in named]
-    return ApiProblem(422, "; ".join(texts[:20]), errors=errors, kind="invalid-rows")
+    detail = _summary(problems, len(listed), stopped_after, lines_after) + "; ".join(texts[:20])
+    return ApiProblem(422, detail, errors=errors, kind="invalid-rows")
+
+
+def _summary(problems: Sequence[tuple[int, str, str]], listed: int, stopped_after: int | None, lines_after: int) -> str:
+    if stopped_after is not None:
+        return (
+            f"{len(problems)} problems in lines 1 to {stopped_after}, where reading stopped: the {lines_after} more "
+            f"line(s) after it were not checked, and nothing was submitted; the first {listed} problems are listed. "
+            "Fix them and send the batch again: "
+        )
+    if len(problems) > listed:
+        rows = len({line for line, _, _ in problems})
+        return f"{len(problems)} problems in {rows} rows; the first {listed} problems are listed: "
+    return ""
 
 
 def api_field(name: str) -> str:
@@ -77,11 +104,21 @@ def _renamed(problem: Problem) -> Problem:
     return problem._replace(field=api_field(problem.field))
 
 
-def parse_api_rows(raw_rows: Iterable[tuple[int, Mapping[str, Any] | Problem]]) -> ParsedManifest:
-    """Validate API rows with the manifest's validator; problems name `references`, not `reference`."""
-    converted = [(line, row if isinstance(row, Problem) else to_manifest_row(line, row)) for line, row in raw_rows]
-    parsed = parse_rows(converted, source="the request")
-    return ParsedManifest(parsed.rows, [_renamed(p) for p in parsed.problems], parsed.unchecked_references)
+def parse_api_rows(
+    raw_rows: Iterable[tuple[int, Mapping[str, Any] | Problem]],
+    *,
+    max_rows: int | None = None,
+    max_problems: int | None = None,
+) -> ParsedManifest:
+    """Validate API rows with the manifest's validator; problems name `references`, not `reference`.
+
+    Rows are converted as the validator reads them (a generator, not a list), so that its caps
+    (`parse_rows`' `max_rows`, `max_problems`) stop the reading of the body too.
+    """
+    converted = ((line, row if isinstance(row, Problem) else to_manifest_row(line, row)) for line, row in raw_rows)
+    parsed = parse_rows(converted, source="the request", max_rows=max_rows, max_problems=max_problems)
+    problems = [_renamed(p) for p in parsed.problems]
+    return ParsedManifest(parsed.rows, problems, parsed.unchecked_references, parsed.stopped_after)
 
 
 class StoredReferenceResolver(ReferenceResolver):
@@ -140,28 +177,15 @@ def _known_references(ctx: ApiContext, tenant: str, ids: Iterable[str]) -> dict[
     return known
 
 
-def queued_jobs(*, session: Session, tenant: str) -> int:
-    """How many of the tenant's jobs are queued."""
-    stmt = (
-        select(func.count())
-        .select_from(Job)
-        .join(Batch, Batch.id == Job.batch_id)
-        .where(Batch.tenant == tenant, Job.status == JobStatus.queued.value)
-    )
-    return int(session.scalar(stmt) or 0)
-
-
-def check_capacity(ctx: ApiContext, tenant: str, adding: int) -> None:
-    """429 when `adding` jobs would pass the tenant's cap; below it, a recent count serves."""
-    cap = ctx.settings.api_max_queued_jobs
-    queued = ctx.queued_counts.get(tenant)
-    if queued is None or queued + adding > cap:  # a refusal is always from a fresh count
-        with transaction(ctx.sessions) as session:
-            queued = queued_jobs(session=session, tenant=tenant)
-        ctx.queued_counts.put(tenant, queued)
-    if queued + adding > cap:
-        detail = f"tenant {tenant!r} has {queued} queued job(s); adding {adding} would pass the cap of {cap}"
-        raise ApiProblem(429, detail, headers={"Retry-After": str(RETRY_AFTER_FULL_S)}, kind="queue-full")
+def refuse_when_full(ctx: ApiContext, tenant: str, *, adding: int) -> None:
+    """CapReached when the tenant's queued jobs fill its cap already: a batch (of about `adding`
+    rows: its lines) is then refused before its body is parsed, which takes seconds for 100k
+    rows. A hint, read without the lock: the count that decides is the submit path's."""
+    cap = queued_jobs_cap(ctx.settings.api_max_queued_jobs)
+    with transaction(ctx.sessions) as session:
+        held = cap.count(session, tenant)
+    if held >= cap.maximum:
+        raise refusal(tenant=tenant, cap=cap, held=held, adding=adding)
 
 
 def submit_api_rows(
@@ -175,14 +199,15 @@ def submit_api_rows(
     lane: str = DEFAULT_LANE,
     stored_line: int | None = None,
     expires_after_s: int | None = None,
+    admit_partly: bool = False,
 ) -> SubmitResult:
-    """Check the cap, resolve reference ids, and submit through the one submit path (rows without a
-    `lane` go in `lane`; `stored_line` and `expires_after_s` as `submit_rows` takes them)."""
+    """Resolve reference ids and submit through the one submit path, within the tenant's queued-jobs
+    cap (rows without a `lane` go in `lane`; `stored_line`, `expires_after_s` and `admit_partly` as
+    `submit_rows` takes them). Past the cap, CapReached, and nothing is written."""
     ids = [ref for row in parsed.rows for ref in row.references]
     ids += [ref for refs in parsed.unchecked_references.values() for ref in refs]
-    check_capacity(ctx, tenant, len(parsed.rows))
     known = _known_references(ctx, tenant, ids)
-    result = submit_rows(
+    return submit_rows(
         settings=ctx.settings,
         sessions=ctx.sessions,
         parsed=parsed,
@@ -197,6 +222,6 @@ def submit_api_rows(
         stored_line=stored_line,
         expires_after_s=expires_after_s,
         one_transaction=True,  # the references are stored and known: checking them reads nothing
+        cap=queued_jobs_cap(ctx.settings.api_max_queued_jobs),
+        admit_partly=admit_partly,
     )
-    ctx.queued_counts.update(tenant, lambda queued: queued + result.added)
-    return result

@@ -9,4 +9,7 @@ webhooks) reads and steers batches and jobs through it, so each concept exists o
 - `events`: the outbox of job and batch events, written in the transaction that changes a
   status (or found by the delivery loop's scan for changes made by workers);
 - `actions`: cancel (with its outbox rows), retry, pause, resume, and waking the dispatcher.
+- `limits`: a tenant's caps, counted under its lock in the transaction that adds to them
+  (`lock_tenant`: an advisory lock on PostgreSQL, the write lock on SQLite), so they hold
+  under concurrency.
 """

@@ -172,9 +172,9 @@ def results_line(record: JobRecord, *, store: ObjectStore, audience: Audience) -
         "cache_stats": record.cache_stats,
         "provenance": record.provenance,
         "error": record.error,
+        "metrics": record.metrics,
         "expires_at": record.expires_at,
         "data_removed_at": record.data_removed_at,
-        "metrics": record.metrics,
     }
     return line if audience is Audience.OPERATOR else {k: v for k, v in line.items() if k not in OPERATOR_FIELDS}
 

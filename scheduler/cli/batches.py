@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -17,7 +18,7 @@ from scheduler.cli.common import API_HELP, batch_arg, database, read_batch
 from scheduler.cli.grid import add_max_rows, grid_summary
 from scheduler.cli.retention import duration_arg, expires_after_s
 from shared.dispatch.policy import DEFAULT_LANE, LANES
-from shared.errors import ManifestInvalid
+from shared.errors import MAX_LISTED_PROBLEMS, ManifestInvalid
 from shared.job_status import DEFAULT_TENANT, STATUSES, JobStatus
 from shared.redact import mask_url
 
@@ -51,9 +52,19 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 # ipab submit
 
 
-def _print_submit(result: SubmitResult) -> None:
-    for line, field_name, reason in result.invalid:
+def print_problems(problems: Sequence[tuple[int, str, str]]) -> None:
+    """The first MAX_LISTED_PROBLEMS problems on stderr, one a line, then how many more there are:
+    a manifest of a million bad rows prints a screenful, not a million lines."""
+    for line, field_name, reason in problems[:MAX_LISTED_PROBLEMS]:
         print(f"line {line}: {field_name}: {reason}", file=sys.stderr)
+    if len(problems) > MAX_LISTED_PROBLEMS:
+        rows = len({p[0] for p in problems})
+        more = len(problems) - MAX_LISTED_PROBLEMS
+        print(f"... and {more} more problem(s) not listed ({len(problems)} in {rows} rows)", file=sys.stderr)
+
+
+def _print_submit(result: SubmitResult) -> None:
+    print_problems(result.invalid)
     skipped = f", {result.invalid_rows} invalid row(s) skipped" if result.invalid else ""
     print(
         f"batch {result.batch_name}: {result.added} job(s) added, "
@@ -108,8 +119,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             expires_after_s=expires_after_s(args.expires_after),
         )
     except ManifestInvalid as e:
-        for line, field_name, reason in e.problems:
-            print(f"line {line}: {field_name}: {reason}", file=sys.stderr)
+        print_problems(e.problems)
+        if e.stopped_after is not None:
+            print(f"reading stopped at line {e.stopped_after}: the lines after it were not checked", file=sys.stderr)
         rows = len({p[0] for p in e.problems})
         print(f"{rows} invalid row(s); nothing submitted. Fix them, or pass --skip-invalid", file=sys.stderr)
         return 2

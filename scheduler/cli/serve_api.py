@@ -17,7 +17,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     from scheduler.api.app import create_app
     from shared.settings import load_settings
 
-    app = create_app(load_settings())
+    app = create_app(load_settings(), metrics_host=args.host)  # IPAB_API_METRICS_PORT on the same address
     # What start-up built (modules, the app, its routes and models) lives as long as the
     # process: out of the collector's sight, a full collection scans only what requests
     # made. Before this, each one stalled every request in flight for about 100 ms.

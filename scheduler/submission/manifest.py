@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 from shared.dispatch.policy import LANES
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, TooManyRows
 from shared.retention import parse_duration
 from shared.spec import MAX_REFERENCES, PARAM_FIELDS, SEED_LIMIT, GenerationParams, check_text, parse_params
 
@@ -71,12 +71,15 @@ class ParsedManifest:
     """The valid rows of a manifest and the problems of the others (sorted by line).
 
     `unchecked_references` holds the references of invalid rows (by line), so that their
-    files can be checked too and every problem of a row reported at once.
+    files can be checked too and every problem of a row reported at once. `stopped_after`:
+    reading stopped after this line at the problem cap (`parse_rows`' `max_problems`), and
+    the lines after it were never read; None when every line was.
     """
 
     rows: list[ManifestRow]
     problems: list[Problem]
     unchecked_references: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    stopped_after: int | None = None
 
 
 def problem_from(line: int, e: InvalidInput, *, prefix: str = "") -> Problem:
@@ -150,9 +153,30 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def _read_jsonl(text: str) -> Iterator[tuple[int, Mapping[str, Any] | Problem]]:
+def _text_lines(text: str) -> Iterator[tuple[int, str]]:
     # Not splitlines(): it also splits at U+2028 and friends, which JSON strings may hold.
-    for number, line in enumerate(text.split("\n"), start=1):
+    return enumerate(text.split("\n"), start=1)
+
+
+def _byte_lines(data: bytes | bytearray) -> Iterator[tuple[int, str]]:
+    """The lines of `data` decoded one at a time, as `_text_lines(_decode(data))` gives them.
+
+    For a request body: decoding it whole, then splitting it, held two more copies of it
+    (four times its size once one character is outside Latin-1), and all of it was decoded
+    even when reading stops at the first rows. Splitting the bytes at b"\n" splits the text
+    at the same places: in UTF-8 no other character holds that byte.
+    """
+    start, number = (3 if data.startswith(b"\xef\xbb\xbf") else 0), 0
+    while start <= len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        number += 1
+        yield number, data[start:end].decode("utf-8", errors="surrogateescape")
+        start = end + 1
+
+
+def _read_jsonl(lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, Mapping[str, Any] | Problem]]:
+    for number, line in lines:
         if not line.strip():
             continue
         not_utf8 = _not_utf8(number, line)
@@ -227,7 +251,7 @@ def read_raw_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | Problem
     is_jsonl = path.suffix.lower() in JSONL_SUFFIXES or (
         path.suffix.lower() != ".csv" and text.lstrip().startswith("{")
     )
-    yield from (_read_jsonl(text) if is_jsonl else _read_csv(text))
+    yield from (_read_jsonl(_text_lines(text)) if is_jsonl else _read_csv(text))
 
 
 # 2. One row: references as written, client id, parameters, seed, dedupe key.
@@ -281,7 +305,7 @@ class _RowBuilder:
     def __init__(self, defaults: Mapping[str, Any]) -> None:
         self.defaults = dict(defaults)
         self.client_lines: dict[str, int] = {}
-        self.occurrences: Counter[str] = Counter()
+        self.occurrences: Counter[bytes] = Counter()  # sha256 of a row's canonical text -> times seen
         self.unchecked_references: dict[int, tuple[str, ...]] = {}
 
     def build(self, line: int, raw_row: Mapping[str, Any]) -> ManifestRow | list[Problem]:
@@ -342,8 +366,9 @@ class _RowBuilder:
         # The n-th copy of an identical unseeded row is its own job, but the same n-th
         # copy submitted again is not a new one.
         canonical = canonical_row(raw)
-        self.occurrences[canonical] += 1
-        return _sha256(f"{canonical}\0{self.occurrences[canonical]}")
+        seen = hashlib.sha256(canonical.encode()).digest()  # not the text: 100k rows kept 70 MiB of it
+        self.occurrences[seen] += 1
+        return _sha256(f"{canonical}\0{self.occurrences[seen]}")
 
 
 def _given(raw: Mapping[str, Any]) -> frozenset[str]:
@@ -378,19 +403,24 @@ def _expires_after(line: int, value: Any, problems: list[Problem]) -> int | None
         return None
 
 
-def read_jsonl_bytes(data: bytes) -> Iterator[tuple[int, Mapping[str, Any] | Problem]]:
-    """The rows of a JSONL document (an HTTP body) with their lines, as `read_raw_rows` gives them."""
-    return _read_jsonl(_decode(data))
+def read_jsonl_bytes(data: bytes | bytearray) -> Iterator[tuple[int, Mapping[str, Any] | Problem]]:
+    """The rows of a JSONL document (an HTTP body) with their lines, as `read_raw_rows` gives them;
+    each line is decoded and parsed only when it is asked for."""
+    return _read_jsonl(_byte_lines(data))
 
 
-def parse_manifest(path: Path, *, defaults: Mapping[str, Any] | None = None) -> ParsedManifest:
+def parse_manifest(
+    path: Path, *, defaults: Mapping[str, Any] | None = None, max_problems: int | None = None
+) -> ParsedManifest:
     """Read and validate every row of the manifest at `path`, applying `defaults` (row values win).
 
-    Problems are collected for every row, never raised one at a time. An empty manifest is
-    one problem (line 1). References are checked as written here; whether the files exist
-    and decode is `scheduler.submission.references`' job.
+    Problems are collected for every row, never raised one at a time (up to `max_problems`:
+    then reading stops, as `parse_rows` says). An empty manifest is one problem (line 1).
+    References are checked as written here; whether the files exist and decode is
+    `scheduler.submission.references`' job.
     """
-    return parse_rows(read_raw_rows(path), defaults=defaults, source=repr(str(path)))
+    source = repr(str(path))
+    return parse_rows(read_raw_rows(path), defaults=defaults, source=source, max_problems=max_problems)
 
 
 def parse_rows(
@@ -398,20 +428,33 @@ def parse_rows(
     *,
     defaults: Mapping[str, Any] | None = None,
     source: str = "the manifest",
+    max_rows: int | None = None,
+    max_problems: int | None = None,
 ) -> ParsedManifest:
-    """Validate rows read from a manifest or an HTTP request: the one validator of every job row."""
+    """Validate rows read from a manifest or an HTTP request: the one validator of every job row.
+
+    Rows are read one at a time, so the caps bound the work, not only the answer: with
+    `max_rows`, the row past it raises `TooManyRows` before it is parsed; with `max_problems`,
+    reading stops after the line that brings the problems to it (`stopped_after` says which),
+    and a body of a million bad lines costs what its first few do.
+    """
     builder = _RowBuilder(defaults or {})
     rows: list[ManifestRow] = []
     problems: list[Problem] = []
-    for line, raw in raw_rows:
-        if isinstance(raw, Problem):
-            problems.append(raw)
-            continue
-        built = builder.build(line, raw)
+    remaining = iter(raw_rows)
+    stopped_after = None
+    for count, (line, raw) in enumerate(remaining, start=1):
+        if max_rows is not None and count > max_rows:
+            raise TooManyRows(max_rows)
+        built = raw if isinstance(raw, Problem) else builder.build(line, raw)
         if isinstance(built, ManifestRow):
             rows.append(built)
         else:
-            problems.extend(built)
+            problems.extend([built] if isinstance(built, Problem) else built)
+        if max_problems is not None and len(problems) >= max_problems:
+            stopped_after = line if next(remaining, None) is not None else None
+            break
     if not rows and not problems:
         problems.append(Problem(1, "manifest", f"{source} has no rows; give one JSON object or CSV row per job"))
-    return ParsedManifest(rows, sorted(problems, key=lambda p: p.line), builder.unchecked_references)
+    ordered = sorted(problems, key=lambda p: p.line)
+    return ParsedManifest(rows, ordered, builder.unchecked_references, stopped_after)

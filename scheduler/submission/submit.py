@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.batches.actions import wake
+from scheduler.batches.limits import TenantCap, held_under_lock, refusal
 from scheduler.submission.defaults import DEFAULT_MAX_ROWS
 from scheduler.submission.grid import grid_batch_name, is_grid, parse_grid
 from scheduler.submission.manifest import ManifestRow, ParsedManifest, Problem, check_lane, parse_manifest
@@ -50,7 +51,7 @@ from shared.db import (
     utcnow,
 )
 from shared.dispatch.policy import DEFAULT_LANE
-from shared.errors import InvalidInput, ManifestInvalid, QuotaExceeded
+from shared.errors import MAX_LISTED_PROBLEMS, CapReached, InvalidInput, ManifestInvalid, QuotaExceeded
 from shared.janitor.references import link_references
 from shared.jobs import transaction
 from shared.keys import render_queue
@@ -81,6 +82,7 @@ class SubmitResult:
     references_uploaded: int = 0
     references_stored: int = 0
     job_ids: dict[int, str] = field(default_factory=dict)  # row line -> the job inserted for it
+    over_cap: CapReached | None = None  # with `admit_partly`: the rows the tenant's cap refused (its `lines`)
 
     @property
     def invalid_rows(self) -> int:
@@ -236,6 +238,10 @@ class _Request:
     expires_after_s: int | None = None  # for rows that name none; None: the tenant's, else the fleet's
     # Plan and write in one transaction: for a resolver that does no I/O (references stored already).
     one_transaction: bool = False
+    # Counted under the tenant's lock in the writing transaction; past it, CapReached (all rows),
+    # or, with `admit_partly`, the first rows that fit go in and the others are `over_cap`.
+    cap: TenantCap | None = None
+    admit_partly: bool = False
 
     def __post_init__(self) -> None:
         check_batch_name(self.batch_name)  # refused before anything is read or written
@@ -252,6 +258,7 @@ class _Plan:
     skipped_existing: int
     batch: Batch | None = None  # found while planning, in the writing transaction (one_transaction)
     tenant_expires_after_s: int | None = None  # the tenant's default retention, read with its lanes
+    over_cap: CapReached | None = None  # the rows the tenant's cap refused (`_Request.admit_partly`)
 
 
 @dataclass
@@ -317,7 +324,8 @@ def _write(
         batch = _get_or_create_batch(
             session, name=request.batch_name, model_set=request.model_set, tenant=request.tenant
         )
-    # The tenant's quotas: its lock is held from here to the commit, so the count and the insert are one step.
+    # The tenant's cap and quotas: its lock is held from here to the commit, so the count and the insert are one step.
+    _within_cap(request, session, plan)
     check_quotas(session=session, tenant=request.tenant, adding=len(plan.rows))
     with request.progress.stage("insert", total=len(plan.rows)) as stage:
         rows = _job_rows(plan.rows, lane=request.lane)
@@ -334,6 +342,23 @@ def _write(
     return batch.id, job_ids, report
 
 
+def _within_cap(request: _Request, session: Session, plan: _Plan) -> None:
+    """Keep the plan's rows within the tenant's cap, counted under its lock (`scheduler.batches.limits`):
+    all of them, or CapReached; with `admit_partly`, the first that fit, the rest in `plan.over_cap`."""
+    cap = request.cap
+    if cap is None or not plan.rows:
+        return
+    held = held_under_lock(session=session, tenant=request.tenant, cap=cap)
+    room = max(0, cap.maximum - held)
+    if len(plan.rows) <= room:
+        return
+    if not request.admit_partly:
+        raise refusal(tenant=request.tenant, cap=cap, held=held, adding=len(plan.rows))
+    refused = tuple(row.line for row, _ in plan.rows[room:])
+    plan.over_cap = refusal(tenant=request.tenant, cap=cap, held=held + room, adding=1, lines=refused)
+    plan.rows = plan.rows[:room]
+
+
 def _refuse_invalid(plan: _Plan, *, skip_invalid: bool) -> None:
     # 4. All or nothing, unless told to skip the invalid rows.
     if plan.problems and (not skip_invalid or not (plan.rows or plan.skipped_existing)):
@@ -348,6 +373,8 @@ def _submit(
     *,
     skip_invalid: bool,
 ) -> SubmitResult:
+    if parsed.stopped_after is not None:  # reading stopped at the problem cap: the rest is unchecked
+        raise ManifestInvalid(list(parsed.problems), stopped_after=parsed.stopped_after)
     parsed = apply_set_rules(parsed, request.rules, model_set=request.model_set)
     if request.one_transaction:  # references known already: plan and write in one transaction
         with serialized_writes(sessions), transaction(sessions) as session:
@@ -379,6 +406,7 @@ def _submit(
         references_uploaded=report.uploaded,
         references_stored=report.already_stored,
         job_ids=inserted,
+        over_cap=plan.over_cap,
     )
 
 
@@ -414,7 +442,10 @@ def submit_manifest(
     )
     # 1. Read and validate every row (columns, ids, parameters).
     parsed = (
-        parse_grid(path, defaults=defaults, max_rows=max_grid_rows) if grid else parse_manifest(path, defaults=defaults)
+        parse_grid(path, defaults=defaults, max_rows=max_grid_rows)
+        if grid
+        # Without --skip-invalid nothing is submitted past a problem: reading stops at the listing's cap.
+        else parse_manifest(path, defaults=defaults, max_problems=None if skip_invalid else MAX_LISTED_PROBLEMS)
     )
     store = ObjectStore.from_settings(settings)
     resolver = ReferenceResolver(
@@ -445,6 +476,8 @@ def submit_rows(
     stored_line: int | None = None,
     one_transaction: bool = False,
     expires_after_s: int | None = None,
+    cap: TenantCap | None = None,
+    admit_partly: bool = False,
 ) -> SubmitResult:
     """Submit rows already read and validated (`scheduler.submission.manifest.parse_rows`): the HTTP API's path.
 
@@ -455,6 +488,9 @@ def submit_rows(
     `one_transaction`, for a resolver that reads nothing (the API's stored references), the
     rows are checked and written in one transaction: fewer round trips to the database.
     `expires_after_s` is the retention of rows that name none (as `submit_manifest` takes it).
+    `cap` is counted under the tenant's lock in the transaction that inserts: past it, CapReached
+    and nothing is written; with `admit_partly`, the first rows that fit are written and the
+    others are in the result's `over_cap`.
     """
     request = _Request(
         settings,
@@ -466,8 +502,10 @@ def submit_rows(
         redis_client=redis_client,
         stored_line=stored_line,
         one_transaction=one_transaction,
-        expires_after_s=expires_after_s,
         rules=set_rules_for(None, model_set, settings),
+        expires_after_s=expires_after_s,
+        cap=cap,
+        admit_partly=admit_partly,
     )
     return _counted(sessions, lambda: _submit(request, sessions, parsed, resolver, skip_invalid=skip_invalid))
 

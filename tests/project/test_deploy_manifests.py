@@ -70,6 +70,19 @@ def test_workers_take_one_gpu_each_and_scale_to_zero_on_their_queue() -> None:
         assert lists == [f"ipab.render.{model_set}"]
 
 
+def test_the_apis_metrics_are_scraped_on_their_own_port_which_its_service_does_not_expose() -> None:
+    (api,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "ipab-api"]
+    (container,) = api["spec"]["template"]["spec"]["containers"]
+    port = {e["name"]: e["value"] for e in container["env"]}["IPAB_API_METRICS_PORT"]
+    annotations = api["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == port and annotations["prometheus.io/path"] == "/metrics"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == int(port) != ports["http"]
+    assert container["command"][container["command"].index("--port") + 1] == str(ports["http"])
+    (service,) = [s for s in by_kind("Service") if s["metadata"]["name"] == "ipab-api"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]  # the metrics port stays in the cluster
+
+
 def test_the_control_loops_run_outside_the_workers() -> None:
     commands = [c["command"] for d in by_kind("Deployment") for c in d["spec"]["template"]["spec"]["containers"]]
     assert ["ipab", "reconcile", "--loop"] in commands

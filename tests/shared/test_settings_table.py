@@ -99,6 +99,11 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "dispatch_lock_s": [("-1", "-1")],
     "api_max_queued_jobs": [("0", "0")],
     "api_max_body_bytes": [("-1", "-1")],
+    "api_max_batch_rows": [("0", "0"), ("many", "many")],
+    "api_rate_per_s": [("-1", "-1"), ("inf", "inf"), ("fast", "fast")],
+    "api_rate_burst": [("0", "0"), ("1.5", "1.5")],
+    "api_metrics_port": [("-1", "-1"), ("70000", "70000")],
+    "metrics_token": [(f"{SECRET} x", "'***'")],  # a secret: refused, never shown
     "metrics_port": [("-1", "-1"), ("70000", "70000"), ("http", "http")],
     "celery_events": [("perhaps", "perhaps")],
     "log_format": [("xml", "xml")],

@@ -131,6 +131,8 @@ def test_every_text_of_a_card_is_escaped() -> None:
         cache_stats=None,
         provenance=None,
         error={"type": "InvalidInput", "message": "<b>bad</b>"},
+        expires_at=None,
+        data_removed_at=None,
     )
 
     html = card_html(card, output_src=None, reference_srcs=['" onerror="alert(3)'])

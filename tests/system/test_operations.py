@@ -55,9 +55,18 @@ def total(samples: dict[str, float], name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def api(system_settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path) -> Iterator[Api]:
-    """A real `ipab api` process on the test's settings."""
-    env = {**os.environ, **settings_env(system_settings), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def metrics_port() -> int:
+    """The port the API serves its metrics on (IPAB_API_METRICS_PORT), as deploy/kubernetes/api.yaml does."""
+    return free_port()
+
+
+@pytest.fixture
+def api(
+    system_settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path, metrics_port: int
+) -> Iterator[Api]:
+    """A real `ipab api` process on the test's settings, its metrics on `metrics_port`."""
+    settings = system_settings.model_copy(update={"api_metrics_port": metrics_port})
+    env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     server = Api(env, tmp_path / "api.log")
     server.start()
     yield server
@@ -74,14 +83,16 @@ def submit_over_http(api: Api, settings: Settings) -> list[str]:
 
 
 def test_metrics_move_by_the_jobs_of_a_real_batch_and_celery_sees_the_worker(
-    api: Api, system_settings: Settings, workers: Workers, tmp_path: Path
+    api: Api, metrics_port: int, system_settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
-    before = scrape(api.url + "/metrics")
+    api_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    assert httpx.get(api.url + "/metrics").status_code == 404  # never on the API's own port without a key
+    before = scrape(api_metrics)
     job_ids = submit_over_http(api, system_settings)
     # The API: every POST counted once; the backlog read from SQL at scrape time (once the
     # reading cached by the first scrape is stale).
     time.sleep(SCRAPE_CACHE_S + 0.5)
-    queued = scrape(api.url + "/metrics")
+    queued = scrape(api_metrics)
     posts = total(queued, "ipab_api_requests_total", method="POST", route="/v1/jobs", status="202")
     assert posts - total(before, "ipab_api_requests_total", method="POST", route="/v1/jobs") == JOBS
     assert total(queued, "ipab_jobs_queued", tenant="acme") == JOBS
@@ -101,7 +112,7 @@ def test_metrics_move_by_the_jobs_of_a_real_batch_and_celery_sees_the_worker(
     assert total(done, "ipab_embedding_cache_lookups_total", level="lru") == JOBS  # one reference each
     assert total(done, "ipab_render_batch_size") >= 1
     time.sleep(SCRAPE_CACHE_S + 0.5)
-    after = scrape(api.url + "/metrics")
+    after = scrape(api_metrics)
     assert total(after, "ipab_jobs_queued", tenant="acme") == 0
     assert_celery_pings_the_worker(workers)
     assert_job_lines_carry_their_fields(workers, job_ids)

@@ -13,12 +13,13 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.bodies import JSONL_TYPES, MULTIPART, media_type, read_body, read_multipart_file, unsupported
+from scheduler.api.collector import collector_paused
 from scheduler.api.context import ApiContext, CallerDep, Context
 from scheduler.api.idempotency import idempotent
 from scheduler.api.models import BatchCreated, BatchOut, JobDeleted
-from scheduler.api.problems import from_invalid_input, invalid
+from scheduler.api.problems import ApiProblem, field_error, from_invalid_input, invalid
 from scheduler.api.routes.jobs import webhook_of
-from scheduler.api.submission import api_field, parse_api_rows, problems_of, submit_api_rows
+from scheduler.api.submission import api_field, parse_api_rows, problems_of, refuse_when_full, submit_api_rows
 from scheduler.api.views import batch_forecast, batch_view
 from scheduler.batches.actions import cancel, retry_failed, set_paused, wake
 from scheduler.batches.counts import STATUSES, count_batch, count_jobs
@@ -27,12 +28,13 @@ from scheduler.batches.events import BATCH_COMPLETED
 from scheduler.batches.lookup import find_batch
 from scheduler.batches.record import Audience, batch_records, results_line
 from scheduler.gallery.build import render_gallery
-from scheduler.submission.manifest import EXPIRES_FIELD, read_jsonl_bytes
+from scheduler.submission.manifest import EXPIRES_FIELD, ParsedManifest, read_jsonl_bytes
+from scheduler.submission.submit import SubmitResult
 from scheduler.webhooks.addresses import MAX_URL_CHARS
 from scheduler.webhooks.subscriptions import subscribe
 from shared.db import Batch, new_id
 from shared.dispatch.policy import DEFAULT_LANE, Lane
-from shared.errors import InvalidInput, ManifestInvalid
+from shared.errors import MAX_LISTED_PROBLEMS, InvalidInput, ManifestInvalid, TooManyRows
 from shared.janitor.loop import wake_janitor
 from shared.jobs import transaction
 from shared.retention import parse_duration
@@ -61,7 +63,7 @@ JSONL_BODY: Final = {
 }
 
 
-async def _rows_body(request: Request, ctx: ApiContext) -> bytes:
+async def _rows_body(request: Request, ctx: ApiContext) -> bytes | bytearray:
     limit = ctx.settings.api_max_body_bytes
     kind = media_type(request)
     if kind in JSONL_TYPES:
@@ -72,16 +74,39 @@ async def _rows_body(request: Request, ctx: ApiContext) -> bytes:
     raise unsupported(request, "application/jsonl, or multipart/form-data with a `file`")
 
 
+def too_many_rows(limit: int) -> ApiProblem:
+    """413 naming the row limit and its setting."""
+    reason = f"holds more than {limit} rows (IPAB_API_MAX_BATCH_ROWS); split it into batches of at most {limit}"
+    return ApiProblem(413, f"the batch {reason}", errors=[field_error("body", None, reason)], kind="too-many-rows")
+
+
+def _parse(ctx: ApiContext, data: bytes | bytearray) -> ParsedManifest:
+    """The body's rows, read one line at a time up to the row cap (413 past it) and the problem cap."""
+    try:
+        return parse_api_rows(
+            read_jsonl_bytes(data), max_rows=ctx.settings.api_max_batch_rows, max_problems=MAX_LISTED_PROBLEMS
+        )
+    except TooManyRows as e:
+        raise too_many_rows(e.limit) from None
+
+
+def _line_count(data: bytes | bytearray) -> int:
+    """How many lines `data` holds, blank ones included (C speed: the body is not split)."""
+    return data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+
+
+@collector_paused()  # its rows are a million objects: no full collection walks them (see the module)
 def _create(
     ctx: ApiContext,
     tenant: str,
-    data: bytes,
+    data: bytes | bytearray,
     skip_invalid: bool,
     webhook: tuple[str, list[str]] | None,
     lane: str = DEFAULT_LANE,
     expires_after_s: int | None = None,
 ) -> dict[str, Any]:
-    parsed = parse_api_rows(read_jsonl_bytes(data))
+    refuse_when_full(ctx, tenant, adding=_line_count(data))  # before its body is parsed
+    parsed = _parse(ctx, data)
     batch_id: list[str] = []
 
     def after_insert(session: Session, inserted_batch: str, _job_ids: Mapping[int, str]) -> None:
@@ -108,11 +133,25 @@ def _create(
             lane=lane,
         )
     except ManifestInvalid as e:
-        raise problems_of(e.problems, with_lines=True) from None
+        lines_after = _line_count(data) - (e.stopped_after or 0)
+        raise problems_of(e.problems, with_lines=True, stopped_after=e.stopped_after, lines_after=lines_after) from None
     except InvalidInput as e:
         raise from_invalid_input(e) from None
-    invalid_rows = [{"line": p.line, "field": api_field(p.field), "reason": p.reason} for p in result.invalid]
-    return {"id": result.batch_id, "status": "in_progress", "added": result.added, "invalid": invalid_rows}
+    return _created(result)
+
+
+def _created(result: SubmitResult) -> dict[str, Any]:
+    """The 202's body: the first MAX_LISTED_PROBLEMS problems of the rows skipped, and how many in all."""
+    listed = result.invalid[:MAX_LISTED_PROBLEMS]
+    invalid = [{"line": p.line, "field": api_field(p.field), "reason": p.reason} for p in listed]
+    count = len(result.invalid)
+    return {
+        "id": result.batch_id,
+        "status": "in_progress",
+        "added": result.added,
+        "invalid": invalid,
+        "invalid_count": count,
+    }
 
 
 @router.post("", status_code=202, response_model=BatchCreated, openapi_extra=JSONL_BODY)
@@ -131,6 +170,8 @@ async def create_batch(
     kept once their job finishes; default: the tenant's retention, else the fleet's.
 
     Every bad row is reported as `line N: field: reason`, and nothing is submitted unless `skip_invalid`.
+    At most IPAB_API_MAX_BATCH_ROWS rows (413 past them). At most 100 problems are listed; reading
+    stops at the line that brings them to 100, and then nothing is submitted, even with `skip_invalid`.
     """
     webhook = (
         None

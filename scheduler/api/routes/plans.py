@@ -70,7 +70,7 @@ def _refused(e: PlanInvalid) -> ApiProblem:
     return ApiProblem(422, f"the plan is refused: {detail}", errors=errors, kind="invalid-plan")
 
 
-def _text_of(data: bytes) -> str:
+def _text_of(data: bytes | bytearray) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

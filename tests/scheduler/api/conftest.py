@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,6 +17,7 @@ from scheduler.tenants import create_key
 from shared.db import ensure_database, make_engine, make_session_factory
 from shared.jobs import transaction
 from shared.settings import Settings
+from tests.scheduler.api.served import ServedApi
 
 
 def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 64) -> bytes:
@@ -77,3 +80,22 @@ def admin(api_settings: Settings) -> dict[str, str]:
     """Authorization headers of an admin key (tenant ops)."""
     key, _ = make_key(api_settings, "ops", admin=True)
     return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def serve(
+    api_settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
+) -> Iterator[Callable[..., ServedApi]]:
+    """`serve(**setting_updates)` starts a real `ipab api` process on the test's settings; killed at the end."""
+    started: list[ServedApi] = []
+
+    def start(**updates: Any) -> ServedApi:
+        settings = api_settings.model_copy(update=updates)
+        env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        server = ServedApi(env, tmp_path / f"api-{len(started)}.log")
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,148 @@
+"""Per-tenant request rate limits: a token bucket per tenant in Redis, checked with every key.
+
+Every authenticated request takes tokens from its tenant's bucket, which holds at most
+IPAB_API_RATE_BURST and refills at IPAB_API_RATE_PER_S. One Lua script reads, refills and
+takes in one round trip, atomically, on Redis's own clock, so every API process (on any
+host) shares one bucket per tenant. A request that finds too few tokens takes none and is
+refused with 429 and `Retry-After`: the seconds until enough are back. Routes that cost the
+server many times a lookup cost as many tokens (`ROUTE_COSTS`), so a tenant cannot make
+the server work harder just by choosing them.
+
+A refusal is answered after min(its wait, REFUSAL_DELAY_S): it costs the event loop nothing
+meanwhile, and a client that ignores Retry-After and asks again at once gets one refusal per
+connection per that delay, instead of making the server answer a thousand a second (measured:
+16 such connections, answered at once, slowed another tenant's requests more than the
+unlimited flood of galleries they replaced). A refused tenant is remembered in process until
+its tokens are due back, so those refusals cost no Redis call either.
+
+A limit must not become an outage: when Redis cannot be reached, every request is served
+(fail open) and one warning is logged; for `OUTAGE_PAUSE_S` after a failure the limiter does
+not ask Redis at all, so no request waits out a timeout. The client is asyncio's: the check
+runs on the event loop and never blocks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import redis
+import redis.asyncio
+
+from scheduler.api.problems import ApiProblem
+from shared.keys import RATE_BUCKET_KEY
+from shared.redis_conn import LIMITER, connect_async_redis
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Tokens per request by route template; any other route costs 1. Server CPU measured on one
+# `ipab api` process, a batch of 20 jobs: a GET of a job 7 ms; its gallery 47 ms (a card per
+# job, thumbnails read from S3); its results 9 ms (a line per job, a presigned URL each). Both
+# grow with the batch, and one price must cover large batches too: at the default rate a
+# tenant gets a gallery a second (a page for a person: plenty) and 5 results streams. A refusal
+# costs 0.6 ms (1.6 ms before refusals were remembered in process).
+ROUTE_COSTS: Final = {
+    "/v1/batches/{batch_id}/gallery": 50,
+    "/v1/batches/{batch_id}/results": 10,
+}
+OUTAGE_PAUSE_S: Final = 5.0
+REFUSAL_DELAY_S: Final = 1.0
+MAX_REMEMBERED: Final = 10_000  # refusals remembered in process (tenant, cost) before the expired are dropped
+# KEYS[1] the bucket; ARGV rate (tokens/s), burst, cost. Returns {1, 0} when taken, else
+# {0, milliseconds until `cost` tokens are back}. A refusal writes nothing.
+TAKE_LUA: Final = """
+local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at_ms')
+local tokens = tonumber(state[1]) or burst
+local at_ms = tonumber(state[2]) or now_ms
+tokens = math.min(burst, tokens + math.max(0, now_ms - at_ms) * rate / 1000)
+if tokens < cost then
+  return {0, math.ceil((cost - tokens) * 1000 / rate)}
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - cost), 'at_ms', tostring(now_ms))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+return {1, 0}
+"""
+
+
+@dataclass
+class RateLimiter:
+    """The API process's limiter: one asyncio Redis client per event loop, made at first use."""
+
+    settings: Settings
+    _client: redis.asyncio.Redis | None = field(default=None, init=False)
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
+    _script: Any = field(default=None, init=False)  # redis.commands.core.AsyncScript
+    _paused_until_s: float = field(default=0.0, init=False)
+    # (tenant, cost) -> when its tokens are back (monotonic s): until then it is refused from
+    # memory, so a client that ignores Retry-After costs one Redis call per wait, not per request.
+    _refused_until_s: dict[tuple[str, int], float] = field(default_factory=dict, init=False)
+
+    def cost_of(self, route_path: str) -> int:
+        """The tokens a request of `route_path` takes (never more than a full bucket)."""
+        return min(ROUTE_COSTS.get(route_path, 1), self.settings.api_rate_burst)
+
+    async def wait_s(self, tenant: str, cost: int) -> float | None:
+        """None: the request may go on (tokens taken, or no limit, or Redis away); else the seconds
+        until its tokens are back."""
+        rate, now_s = self.settings.api_rate_per_s, time.monotonic()
+        if rate <= 0:
+            return None
+        if now_s < (until_s := self._refused_until_s.get((tenant, cost), 0.0)):
+            return until_s - now_s  # tokens come back no sooner: other processes can only take more
+        if now_s < self._paused_until_s:
+            return None
+        key = self.settings.redis_prefix + RATE_BUCKET_KEY.format(tenant=tenant)
+        try:
+            taken, wait_ms = await self._take_script()(keys=[key], args=[rate, self.settings.api_rate_burst, cost])
+        except (redis.RedisError, OSError) as e:  # OSError: timeouts and refused connections too
+            self._paused_until_s = time.monotonic() + OUTAGE_PAUSE_S
+            log.warning("rate limits are off for %.0f s: Redis cannot be reached (%s)", OUTAGE_PAUSE_S, e)
+            return None
+        if taken:
+            return None
+        self._remember(tenant, cost, now_s + int(wait_ms) / 1000)
+        return int(wait_ms) / 1000
+
+    def _remember(self, tenant: str, cost: int, until_s: float) -> None:
+        if len(self._refused_until_s) >= MAX_REMEMBERED:
+            now_s = time.monotonic()
+            self._refused_until_s = {k: t for k, t in self._refused_until_s.items() if t > now_s}
+        self._refused_until_s[(tenant, cost)] = until_s
+
+    async def check(self, tenant: str, route_path: str) -> None:
+        """Take the request's tokens from the tenant's bucket; 429 with Retry-After when too few are left."""
+        cost = self.cost_of(route_path)
+        wait_s = await self.wait_s(tenant, cost)
+        if wait_s is not None:
+            await asyncio.sleep(min(wait_s, REFUSAL_DELAY_S))
+            raise self._refusal(tenant, cost, wait_s)
+
+    def _refusal(self, tenant: str, cost: int, wait_s: float) -> ApiProblem:
+        rate, burst = self.settings.api_rate_per_s, self.settings.api_rate_burst
+        retry_s = max(1, math.ceil(wait_s))
+        detail = (
+            f"tenant {tenant!r} is past its rate limit of {rate:g} request(s)/s with a burst of {burst} "
+            f"(IPAB_API_RATE_PER_S, IPAB_API_RATE_BURST); this request costs {cost} token(s): retry after {retry_s} s"
+        )
+        return ApiProblem(429, detail, headers={"Retry-After": str(retry_s)}, kind="rate-limited")
+
+    def _take_script(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:  # a client's connections belong to one loop
+            self._client = connect_async_redis(self.settings.redis_url, profile=LIMITER)
+            self._loop, self._script = loop, self._client.register_script(TAKE_LUA)
+        return self._script
+
+    async def aclose(self) -> None:
+        """Close the client (in the loop that made it)."""
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._client.aclose()
+        self._client = self._loop = self._script = None

@@ -1,0 +1,141 @@
+"""Per-tenant request rate limits (a token bucket in a real Redis): a tenant past its burst gets
+429 with Retry-After, another tenant is served as if alone, and a Redis outage refuses nobody."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from devkit import services
+from devkit.flood import Flood
+from scheduler.api.app import create_app
+from scheduler.api.rate_limit import ROUTE_COSTS
+from shared.settings import Settings
+from tests.scheduler.api.conftest import png_bytes
+from tests.scheduler.api.served import ServedApi
+from tests.scheduler.api.test_api import JOB, assert_problem, upload
+
+JSONL: Final = {"content-type": "application/jsonl"}
+GALLERY: Final = "/v1/batches/{batch_id}/gallery"
+
+
+@pytest.fixture
+def limited(api_settings: Settings) -> Callable[..., TestClient]:
+    """`limited(rate, burst)`: a TestClient on an app whose tenants get `rate` requests/s, `burst` at once."""
+    clients: list[TestClient] = []
+
+    def make(rate: float, burst: int, **updates: Any) -> TestClient:
+        settings = api_settings.model_copy(update={"api_rate_per_s": rate, "api_rate_burst": burst, **updates})
+        client = TestClient(create_app(settings, dispatcher=False), raise_server_exceptions=False)
+        clients.append(client.__enter__())
+        return client
+
+    yield make  # type: ignore[misc]
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def test_a_tenant_past_its_burst_gets_429_with_retry_after_while_another_is_served(
+    limited: Callable[..., TestClient], alice: dict[str, str], bob: dict[str, str]
+) -> None:
+    client = limited(0.5, 5)
+    answers = [client.get("/v1/batches", headers=alice) for _ in range(7)]
+    assert [r.status_code for r in answers] == [200] * 5 + [429] * 2
+    refused = answers[-1]
+    assert_problem(refused, 429, "alice", "0.5 request(s)/s", "burst of 5", "IPAB_API_RATE_PER_S")
+    assert refused.json()["type"].endswith("/rate-limited")
+    assert 1 <= int(refused.headers["retry-after"]) <= 2
+    assert [client.get("/v1/batches", headers=bob).status_code for _ in range(5)] == [200] * 5
+    assert client.get("/v1/batches").status_code == 401  # no key: refused before any bucket is touched
+    assert client.get("/healthz").status_code == 200  # no key needed, no limit
+
+
+def test_tokens_come_back_at_the_rate(limited: Callable[..., TestClient], alice: dict[str, str]) -> None:
+    client = limited(5.0, 2)
+    assert [client.get("/v1/batches", headers=alice).status_code for _ in range(3)] == [200, 200, 429]
+    time.sleep(0.3)  # 1.5 tokens at 5/s
+    assert client.get("/v1/batches", headers=alice).status_code == 200
+
+
+def test_the_gallery_and_results_cost_more_than_one_request(
+    limited: Callable[..., TestClient], alice: dict[str, str]
+) -> None:
+    cost = ROUTE_COSTS[GALLERY]
+    assert cost > 1 and ROUTE_COSTS["/v1/batches/{batch_id}/results"] > 1
+    client = limited(0.01, 2 * cost + 2)
+    ref = upload(client, alice)  # 1 token
+    batch = client.post("/v1/batches", headers={**alice, **JSONL}, content=json.dumps({**JOB, "references": [ref]}))
+    assert batch.status_code == 202  # 2 tokens
+    gallery = f"/v1/batches/{batch.json()['id']}/gallery"
+    assert [client.get(gallery, headers=alice).status_code for _ in range(3)] == [200, 200, 429]
+
+
+def test_every_priced_route_exists(client: TestClient) -> None:
+    assert set(ROUTE_COSTS) <= set(client.get("/openapi.json").json()["paths"])
+
+
+def test_a_redis_outage_refuses_nobody(
+    api_settings: Settings, alice: dict[str, str], bob: dict[str, str], private_redis: services.Service
+) -> None:
+    settings = api_settings.model_copy(
+        update={"redis_url": private_redis.url, "api_rate_per_s": 0.01, "api_rate_burst": 2}
+    )
+    with TestClient(create_app(settings, dispatcher=False), raise_server_exceptions=False) as client:
+        assert [client.get("/v1/batches", headers=alice).status_code for _ in range(3)] == [200, 200, 429]
+        private_redis.stop()
+        t0 = time.perf_counter()
+        assert [client.get("/v1/batches", headers=bob).status_code for _ in range(5)] == [200] * 5  # past his burst
+        assert time.perf_counter() - t0 < 5  # no request waits out a timeout each
+        assert client.get("/v1/batches", headers=alice).status_code == 429  # her tokens are not back: still known
+
+
+def test_the_limit_is_off_at_rate_zero(limited: Callable[..., TestClient], alice: dict[str, str]) -> None:
+    client = limited(0, 1)
+    assert [client.get("/v1/batches", headers=alice).status_code for _ in range(5)] == [200] * 5
+
+
+def calm_latencies(url: str, headers: dict[str, str], job_id: str, count: int) -> list[float]:
+    latencies = []
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+        for _ in range(count):
+            t0 = time.perf_counter()
+            assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
+def test_a_flooding_tenant_is_refused_and_the_other_is_served_about_as_fast_as_alone(
+    serve: Callable[..., ServedApi], alice: dict[str, str], bob: dict[str, str]
+) -> None:
+    """Alice floods her gallery from 16 connections of another process, ignoring Retry-After; bob's
+    GETs, measured alone and beside the flood in turns, all succeed and keep about their speed."""
+    server = serve()  # the default limits
+    files = {"file": ("a.png", png_bytes(), "image/png")}
+    refs = {
+        who: httpx.post(server.url + "/v1/references", headers=h, files=files).json()["id"]
+        for who, h in (("alice", alice), ("bob", bob))
+    }
+    rows = "\n".join(json.dumps({**JOB, "references": [refs["alice"]], "seed": i}) for i in range(20))
+    batch = httpx.post(server.url + "/v1/batches", headers={**alice, **JSONL}, content=rows, timeout=60).json()["id"]
+    job = httpx.post(server.url + "/v1/jobs", headers=bob, json={**JOB, "references": [refs["bob"]]}).json()["id"]
+    alone: list[float] = []
+    beside: list[float] = []
+    flood = Flood(server.url, alice, f"/v1/batches/{batch}/gallery").start()
+    try:
+        for _ in range(3):
+            alone += calm_latencies(server.url, bob, job, 40)
+            flood.resume()
+            beside += calm_latencies(server.url, bob, job, 40)
+            flood.pause()
+    finally:
+        statuses = flood.stop()
+    assert statuses.get(429, 0) > 2 * statuses.get(200, 0) > 0, statuses
+    alone_ms, beside_ms = 1000 * statistics.median(alone), 1000 * statistics.median(beside)
+    assert beside_ms < 3 * alone_ms + 20, (alone_ms, beside_ms)
