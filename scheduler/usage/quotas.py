@@ -1,10 +1,11 @@
 """Quotas: per tenant, images and GPU-seconds per UTC day and month, and jobs running at once.
 
 Checked where jobs are written (`scheduler.submission.submit`), in the transaction that
-writes them, under the tenant's lock: its `tenant_quotas` row, taken with SELECT ... FOR
-UPDATE on PostgreSQL and with an UPDATE of it on SQLite (which takes the database's write
-lock). The count and the insert are then one step: a tenant's concurrent submissions take
-turns, so none passes a limit, on either database, from any number of processes.
+writes them, under the tenant's lock: the one lock of every per-tenant limit,
+`scheduler.batches.limits.lock_tenant` (an advisory lock on PostgreSQL, the write lock on
+SQLite), which the queued-jobs cap takes too. The count and the insert are then one step: a
+tenant's concurrent submissions take turns, so none passes a limit, on either database, from
+any number of processes.
 
 What counts:
 - images: the images made in the window (`usage_rollup`) plus the tenant's jobs queued or
@@ -28,6 +29,7 @@ from typing import Any, Final
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from scheduler.batches.limits import lock_tenant
 from shared.db import Batch, Job, QuotaRefusal, TenantQuota, UsageRollup, insert_ignoring_duplicates, utcnow
 from shared.dispatch.holds import jobs_in_flight
 from shared.errors import InvalidInput, QuotaExceeded
@@ -155,21 +157,9 @@ def read_used(*, session: Session, tenant: str, now: datetime) -> Used:
 
 
 def _locked_quotas(session: Session, tenant: str) -> Quotas | None:
-    """The tenant's quotas, holding its lock until the transaction ends (None, and no lock: no quotas)."""
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = select(TenantQuota).where(TenantQuota.tenant == tenant).with_for_update()
-        row = session.scalars(stmt).one_or_none()
-        return None if row is None else _quotas(row)
-    # SQLite: a write takes the database's write lock for the rest of the transaction, so the
-    # counts read after it are the latest, and no other writer commits before this one does.
-    stmt_sqlite = (
-        update(TenantQuota)
-        .where(TenantQuota.tenant == tenant)
-        .values(tenant=TenantQuota.tenant)
-        .returning(*(getattr(TenantQuota, name) for name in QUOTAS))
-    )
-    found = session.execute(stmt_sqlite).one_or_none()
-    return None if found is None else Quotas(*found)
+    """The tenant's quotas, read under its lock, held until the transaction ends."""
+    lock_tenant(session=session, tenant=tenant)
+    return get_quotas(session=session, tenant=tenant)
 
 
 def refusal(quotas: Quotas, used: Used, *, tenant: str, adding: int, now: datetime) -> QuotaExceeded | None:
