@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import ensure_database, make_engine, make_session_factory
 from shared.model_set import read_model_set
+from shared.redis_conn import WORKER, connect_redis
 from shared.settings import Settings, require_model_set
 from shared.spec import DEFAULTS
 from shared.storage import ObjectStore
@@ -47,7 +48,7 @@ def build_context(settings: Settings) -> WorkerContext:
     """Load the model set and connect to SQL, Redis and S3 (once per worker process)."""
     ensure_database(settings.database_url)
     sessions = make_session_factory(make_engine(settings.database_url))
-    redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30)
+    redis_client = connect_redis(settings.redis_url, profile=WORKER)
     store = ObjectStore.from_settings(settings)
     store.ensure_bucket()
     renderer = Renderer.load(

@@ -15,6 +15,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.db import ensure_database
 from shared.errors import DatabaseUnavailable, QueueUnavailable
+from shared.redis_conn import PING, connect_redis
 from shared.retry import retry_per_settings
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -32,7 +33,7 @@ def check_database(settings: Settings) -> None:
 
 def check_redis(settings: Settings) -> None:
     """PING the Redis that carries the queues."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = connect_redis(settings.redis_url, profile=PING)
     try:
         client.ping()
     except redis.RedisError as e:

@@ -20,6 +20,8 @@ import redis
 from celery.signals import task_received, worker_ready
 from celery.worker import state
 
+from shared.redis_conn import PING, connect_redis
+
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +58,7 @@ class ConsumerWatchdog:
         return sum(int(client.llen(q)) for q in self._queues)
 
     def _watch(self) -> None:
-        client = redis.Redis.from_url(self._redis_url, socket_timeout=5)
+        client = connect_redis(self._redis_url, profile=PING)
         while not self._stop.wait(min(5.0, self._stall_s / 2)):
             try:
                 waiting = self._waiting(client)
