@@ -25,7 +25,19 @@ from bench.common import REPO, log, machine_info, postgres_available
 from bench.report import render_markdown, summary_lines
 
 BENCHMARKS_MD: Final = REPO / "BENCHMARKS.md"
-ALL: Final = ("overhead", "submit", "control", "embed", "fairness", "batching", "api", "startup", "fast", "usage")
+ALL: Final = (
+    "overhead",
+    "submit",
+    "control",
+    "embed",
+    "fairness",
+    "batching",
+    "api",
+    "startup",
+    "fast",
+    "usage",
+    "isolation",
+)
 
 
 def _guarded(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -97,6 +109,17 @@ def _usage(jobs: int) -> dict[str, Any]:
     return figures
 
 
+def _isolation(phase_s: float) -> dict[str, Any]:
+    """Two tenants, one hostile (bench/two_tenants.py), in a loopback-only namespace where it can."""
+    from bench import two_tenants
+
+    figures = two_tenants.run(two_tenants.Options(phase_s=phase_s))
+    figures["markdown"] = two_tenants.to_markdown(figures)
+    p99, webhooks = figures["p99_ratio"], figures["webhook_median_ratio"]
+    log(f"isolation: calm beside hostile / alone: p99 {p99:.2f}x, webhook delay {webhooks:.2f}x")
+    return figures
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """Every selected benchmark, one after another, in this process (each starts its own services)."""
     from bench import control_plane, fairness, overhead, submit_throughput
@@ -130,6 +153,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         results["fast_sets"] = _guarded("fast_sets", lambda: _fast_sets(args.fast_rows))
     if "usage" in only:  # usage reports over 1M jobs' rollup (and the rollup of 100x as many)
         results["usage"] = _guarded("usage", lambda: _usage(args.usage_jobs))
+    if "isolation" in only:  # calm tenant alone and beside a hostile one, same API process
+        results["isolation"] = _guarded("isolation", lambda: _isolation(args.isolation_phase_s))
     if args.gpu_json:
         results["gpu"] = json.loads(Path(args.gpu_json).read_text())
     results["total_s"] = time.perf_counter() - t0
@@ -150,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fairness-jobs", type=int, default=20_000, help="bulk backlog of the fairness benchmark")
     parser.add_argument("--fast-rows", type=int, default=8, help="tiny-model rows for each set of the fast-set bench")
     parser.add_argument("--usage-jobs", type=int, default=1_000_000, help="finished jobs for the usage-report bench")
+    parser.add_argument("--isolation-phase-s", type=float, default=20.0, help="each phase of the isolation bench")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--gpu-json", default=None, help="figures of `python -m bench.gpu --out` to include")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")

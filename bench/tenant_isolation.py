@@ -13,7 +13,9 @@ Each measurement runs on a fresh `ipab api` process (its peak RSS, VmHWM, is the
   rounds of 50 each): calm's p50 alone and beside, and flood's answers by status; with the
   rate limit at its defaults and turned off (IPAB_API_RATE_PER_S=0).
 
-Run: `python -m bench.tenant_isolation [--hostile-mib 64] [--rows 100000] [--database sqlite|postgres]`.
+Run: `python -m bench.tenant_isolation [--hostile-mib 64] [--rows 100000] [--database sqlite|postgres]`;
+`--combined` runs only the two-tenant scenario of `bench/two_tenants.py` instead (one hostile
+tenant attacking every way at once beside a calm one: p99 latency, webhook delay, peak memory).
 """
 
 from __future__ import annotations
@@ -58,14 +60,16 @@ SMALL: Final = {"steps": 2, "width": 64, "height": 64}
 JSONL: Final = {"content-type": "application/jsonl"}
 
 
-def _status_kib(pid: int, field: str) -> int:
+def status_kib(pid: int, field: str) -> int:
+    """A field of /proc/<pid>/status in KiB (VmHWM: the process's peak resident memory)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
-def _keys(settings: Settings, *tenants: str) -> dict[str, dict[str, str]]:
+def tenant_keys(settings: Settings, *tenants: str) -> dict[str, dict[str, str]]:
+    """A new key for each tenant (the database made if need be): their Authorization headers."""
     ensure_database(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
@@ -77,7 +81,8 @@ def _keys(settings: Settings, *tenants: str) -> dict[str, dict[str, str]]:
 
 
 @contextmanager
-def _api(settings: Settings, workdir: Path, name: str) -> Iterator[tuple[int, str]]:
+def api_process(settings: Settings, workdir: Path, name: str) -> Iterator[tuple[int, str]]:
+    """A fresh `ipab api` process on `settings`, its log `<name>.log` in `workdir`: (pid, base URL)."""
     proc, url = start_api(settings, workdir / f"{name}.log", OMP_NUM_THREADS="1")
     try:
         yield proc.pid, url
@@ -88,7 +93,7 @@ def _api(settings: Settings, workdir: Path, name: str) -> Iterator[tuple[int, st
 
 def _post_batch(pid: int, url: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:
     """POST `body` to /v1/batches while /healthz is polled; time, answer, healthz, peak RSS."""
-    peak_before = _status_kib(pid, "VmHWM") * 1024
+    peak_before = status_kib(pid, "VmHWM") * 1024
     probe = Probe(url, "/healthz", HEALTHZ_EVERY_S).start()
     try:
         t0 = time.perf_counter()
@@ -103,14 +108,15 @@ def _post_batch(pid: int, url: str, headers: dict[str, str], body: bytes) -> dic
         "answer_bytes": len(response.content),
         "answer_start": response.text[:300],
         "peak_rss_before_mib": peak_before / MIB,
-        "peak_rss_after_mib": _status_kib(pid, "VmHWM") * 1024 / MIB,
+        "peak_rss_after_mib": status_kib(pid, "VmHWM") * 1024 / MIB,
         "healthz_p50_ms": 1000 * statistics.median(healthz) if healthz else None,
         "healthz_max_ms": 1000 * max(healthz) if healthz else None,
         "healthz_polls": len(healthz),
     }
 
 
-def _upload(url: str, headers: dict[str, str], png: bytes) -> str:
+def upload(url: str, headers: dict[str, str], png: bytes) -> str:
+    """POST a reference image; its id."""
     response = httpx.post(url + "/v1/references", headers=headers, files={"file": ("a.png", png)}, timeout=60)
     assert response.status_code == 201, response.text
     return str(response.json()["id"])
@@ -127,13 +133,13 @@ def _valid_body(ref: str, rows: int, target_bytes: int) -> bytes:
 def _batches(settings: Settings, workdir: Path, png: bytes, *, hostile_mib: int, rows: int, max_mib: int) -> Any:
     figures: dict[str, Any] = {}
     hostile = b'{"prompt":1}\n' * (hostile_mib * MIB // 13)
-    headers = _keys(settings, "hostile")["hostile"]
-    with _api(settings, workdir, "api-hostile") as (pid, url):
+    headers = tenant_keys(settings, "hostile")["hostile"]
+    with api_process(settings, workdir, "api-hostile") as (pid, url):
         figures["hostile"] = _post_batch(pid, url, headers, hostile)
     log(f"hostile: {json.dumps(figures['hostile'])}")
     del hostile
-    with _api(settings, workdir, "api-max") as (pid, url):
-        body = _valid_body(_upload(url, headers, png), rows, max_mib * MIB)
+    with api_process(settings, workdir, "api-max") as (pid, url):
+        body = _valid_body(upload(url, headers, png), rows, max_mib * MIB)
         figures["max_batch"] = {"rows": rows, **_post_batch(pid, url, headers, body)}
     log(f"max batch: {json.dumps(figures['max_batch'])}")
     return figures
@@ -151,9 +157,9 @@ def _calm_latencies(url: str, headers: dict[str, str], job_id: str, statuses: Co
 
 def _neighbour(settings: Settings, workdir: Path, png: bytes, name: str) -> dict[str, Any]:
     """Calm's latency alone and beside the flood, measured in turns (ROUNDS of each)."""
-    keys = _keys(settings, "calm", "flood")
-    with _api(settings, workdir, f"api-{name}") as (_pid, url):
-        calm_ref, flood_ref = _upload(url, keys["calm"], png), _upload(url, keys["flood"], png)
+    keys = tenant_keys(settings, "calm", "flood")
+    with api_process(settings, workdir, f"api-{name}") as (_pid, url):
+        calm_ref, flood_ref = upload(url, keys["calm"], png), upload(url, keys["flood"], png)
         job = httpx.post(url + "/v1/jobs", headers=keys["calm"], json={"references": [calm_ref], "prompt": "p"})
         rows = "\n".join(
             json.dumps({"references": [flood_ref], "prompt": f"p{i}", **SMALL}) for i in range(FLOOD_BATCH_ROWS)
@@ -218,7 +224,16 @@ def main() -> None:
     parser.add_argument("--max-batch-mib", type=int, default=60)
     parser.add_argument("--skip-batches", action="store_true", help="only the neighbour measurement")
     parser.add_argument("--database", choices=["sqlite", "postgres"], action="append")
-    print(json.dumps(run(parser.parse_args()), indent=2))
+    parser.add_argument("--combined", action="store_true", help="only the two-tenant scenario (bench/two_tenants.py)")
+    args = parser.parse_args()
+    if args.combined:
+        from bench import two_tenants  # imports this module's helpers
+
+        figures = two_tenants.run(two_tenants.Options())
+        print(json.dumps(figures, indent=2))
+        print(two_tenants.to_markdown(figures))
+        return
+    print(json.dumps(run(args), indent=2))
 
 
 if __name__ == "__main__":

@@ -23,22 +23,22 @@ from typing import Any, Final
 
 import httpx
 
-_SPAWN: Final = multiprocessing.get_context("spawn")  # no forked copy of the caller's threads and sockets
+SPAWN: Final = multiprocessing.get_context("spawn")  # no forked copy of the caller's threads and sockets
 WAIT_S: Final = 120.0
 
 
 @dataclass
-class _Shared:
-    """What the flood's process and its owner share."""
+class Shared:
+    """What a load process (a flood's, a probe's, `devkit.hostile`'s) and its owner share."""
 
-    go: Event = field(default_factory=_SPAWN.Event)  # clients send while it is set
-    stop: Event = field(default_factory=_SPAWN.Event)
-    sent: Synchronized[int] = field(default_factory=lambda: _SPAWN.Value("i", 0))
-    in_flight: Synchronized[int] = field(default_factory=lambda: _SPAWN.Value("i", 0))
-    out: Queue[Any] = field(default_factory=_SPAWN.Queue)
+    go: Event = field(default_factory=SPAWN.Event)  # clients send while it is set
+    stop: Event = field(default_factory=SPAWN.Event)
+    sent: Synchronized[int] = field(default_factory=lambda: SPAWN.Value("i", 0))
+    in_flight: Synchronized[int] = field(default_factory=lambda: SPAWN.Value("i", 0))
+    out: Queue[Any] = field(default_factory=SPAWN.Queue)
 
 
-def _client(url: str, headers: dict[str, str], path: str, shared: _Shared, statuses: Counter[int]) -> None:
+def _client(url: str, headers: dict[str, str], path: str, shared: Shared, statuses: Counter[int]) -> None:
     with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
         while not shared.stop.is_set():
             if not shared.go.wait(0.1):
@@ -53,7 +53,7 @@ def _client(url: str, headers: dict[str, str], path: str, shared: _Shared, statu
                 shared.sent.value += 1
 
 
-def _flood(url: str, headers: dict[str, str], path: str, clients: int, shared: _Shared) -> None:
+def _flood(url: str, headers: dict[str, str], path: str, clients: int, shared: Shared) -> None:
     counters = [Counter[int]() for _ in range(clients)]
     threads = [threading.Thread(target=_client, args=(url, headers, path, shared, c)) for c in counters]
     for thread in threads:
@@ -63,7 +63,8 @@ def _flood(url: str, headers: dict[str, str], path: str, clients: int, shared: _
     shared.out.put(dict(sum(counters, Counter[int]())))
 
 
-def _wait_until(condition: Any, what: str, process: BaseProcess | None) -> None:
+def wait_until(condition: Any, what: str, process: BaseProcess | None) -> None:
+    """Return once `condition()` holds; raise if the load process ended or WAIT_S passed first."""
     deadline = time.monotonic() + WAIT_S
     while not condition():
         if process is not None and not process.is_alive():
@@ -82,13 +83,19 @@ class Flood:
     headers: dict[str, str]
     path: str
     clients: int = 16
-    _shared: _Shared = field(default_factory=_Shared, init=False)
+    _shared: Shared = field(default_factory=Shared, init=False)
     _process: BaseProcess | None = field(default=None, init=False)
+
+    @property
+    def pid(self) -> int:
+        """Its process's id (once started)."""
+        assert self._process is not None and self._process.pid is not None, "start() it first"
+        return self._process.pid
 
     def start(self) -> Flood:
         """Start the flood's process, paused."""
         args = (self.url, self.headers, self.path, self.clients, self._shared)
-        self._process = _SPAWN.Process(target=_flood, args=args, daemon=True)
+        self._process = SPAWN.Process(target=_flood, args=args, daemon=True)
         self._process.start()
         return self
 
@@ -96,12 +103,12 @@ class Flood:
         """Flood, and return once its requests are coming (every client has sent some)."""
         start = self._shared.sent.value
         self._shared.go.set()
-        _wait_until(lambda: self._shared.sent.value >= start + 2 * self.clients, "start sending", self._process)
+        wait_until(lambda: self._shared.sent.value >= start + 2 * self.clients, "start sending", self._process)
 
     def pause(self) -> None:
         """Stop sending, and return once no request of the flood is in flight."""
         self._shared.go.clear()
-        _wait_until(lambda: self._shared.in_flight.value == 0, "drain", self._process)
+        wait_until(lambda: self._shared.in_flight.value == 0, "drain", self._process)
 
     def stop(self) -> dict[int, int]:
         """End the flood's process; how many answers of each status it got."""
@@ -113,7 +120,7 @@ class Flood:
         return statuses
 
 
-def _probe(url: str, path: str, every_s: float, shared: _Shared) -> None:
+def _probe(url: str, path: str, every_s: float, shared: Shared) -> None:
     latencies: list[float] = []
     with httpx.Client(base_url=url, timeout=120) as http:
         while not shared.stop.is_set():
@@ -134,15 +141,15 @@ class Probe:
     url: str
     path: str = "/healthz"
     every_s: float = 0.01
-    _shared: _Shared = field(default_factory=_Shared, init=False)
+    _shared: Shared = field(default_factory=Shared, init=False)
     _process: BaseProcess | None = field(default=None, init=False)
 
     def start(self) -> Probe:
         """Start probing, and return once the first answer came."""
-        self._process = _SPAWN.Process(target=_probe, args=(self.url, self.path, self.every_s, self._shared))
+        self._process = SPAWN.Process(target=_probe, args=(self.url, self.path, self.every_s, self._shared))
         self._process.daemon = True
         self._process.start()
-        _wait_until(lambda: self._shared.sent.value > 0, "answer", self._process)
+        wait_until(lambda: self._shared.sent.value > 0, "answer", self._process)
         return self
 
     def stop(self) -> list[float]:
