@@ -7,9 +7,17 @@ of N jobs is submitted; jobs/s is measured two ways:
 - steady state: (N - 1) / (last `finished_at` - first `finished_at`) from the job rows;
 - end to end: N / (all terminal - submit call started), submission included.
 
-Where the time goes: CPU seconds that each process family (workers, Redis, SeaweedFS,
-PostgreSQL) spent during the run, per job; and one job's steps timed in-process
-(claim SQL, queued-set update, lease thread, cache hit, PNG, S3 put, finish SQL).
+Where the time goes: CPU time (`/proc/<pid>/stat`) that each process family
+spent during the run, per job. The central services are what a fleet shares, whatever its
+size: the SQL server (the backends connected to this run's database), Redis, and the control
+loops (dispatcher, reconciler, janitor), which run here in one `ipab reconcile --loop`
+process (the workers run with IPAB_RECONCILE_IN_WORKERS=false) so that their CPU is counted
+apart from the workers'. The workers' CPU runs on each GPU host and grows with the fleet.
+From the central CPU per job: the fleet one central core carries, in GPUs, at 1 and 4 s per
+image (1 core / central CPU per job x seconds per image). Also per job: every Redis command
+(`INFO commandstats`), the SQL transactions committed (`pg_stat_database`), and on
+PostgreSQL the statement census of `bench.job_cost`; and one job's worker steps timed
+in-process (claim SQL, queued-set update, lease thread, cache hit, PNG, S3 put, finish SQL).
 
 Run alone: `python -m bench.control_plane --jobs 3000 --workers 4 [--database postgres]`.
 """
@@ -20,14 +28,17 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import redis
 
+from bench import job_cost
 from bench.common import (
+    REPO,
     Database,
     Services,
     bench_settings,
@@ -52,7 +63,9 @@ from shared.settings import Settings
 NULL_MODEL_SET: Final = "bench-null"
 ROW_FIELDS: Final = {"width": 64, "height": 64, "steps": 1}
 WARMUP_JOBS: Final = 40
-CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+CENTRAL: Final = ("postgres", "redis", "control")  # what the whole fleet shares
+SECONDS_PER_IMAGE: Final = (1.0, 4.0)
+NS_PER_TICK: Final = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
 def write_null_model_set(folder: Path) -> Path:
@@ -64,46 +77,102 @@ def write_null_model_set(folder: Path) -> Path:
     return path
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (0 if it is gone)."""
+def _cpu_ns(pid: int) -> int:
+    """User + system CPU nanoseconds of one process, all its threads, the ended ones too (0 if it is gone).
+
+    Clock ticks (`/proc/<pid>/stat`): `schedstat`'s nanoseconds count the main thread only,
+    and the dispatcher, the reconciler and a worker's publisher are threads.
+    """
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return 0
+    return (int(fields[11]) + int(fields[12])) * NS_PER_TICK
 
 
-def _pids_by_family(worker_pgids: Sequence[int], svc: Services) -> dict[str, list[int]]:
-    """Live pids of the worker process groups, Redis, SeaweedFS and any PostgreSQL backends."""
-    families: dict[str, list[int]] = {"workers": [], "redis": [svc.redis.process.pid], "s3": [svc.s3.process.pid]}
-    families["postgres"] = []
+def _database_pids(database_url: str) -> list[int]:
+    """The PostgreSQL server processes working for this run's database (backends, autovacuum)."""
+    if not database_url.startswith("postgresql"):
+        return []
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    with psycopg.connect(host=url.host, port=url.port, user=url.username, dbname=url.database) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def _pids_by_family(groups: Mapping[str, Sequence[int]], svc: Services, database_url: str) -> dict[str, list[int]]:
+    """Live pids of each process group family (workers, control), Redis, SeaweedFS and this database's backends."""
+    families: dict[str, list[int]] = {name: [] for name in groups}
+    families.update(redis=[svc.redis.process.pid], s3=[svc.s3.process.pid], postgres=_database_pids(database_url))
+    family_of = {pgid: name for name, pgids in groups.items() for pgid in pgids}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-        except OSError:
+            pgid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2])
+        except (OSError, IndexError, ValueError):
             continue
-        pid, comm, rest = int(entry.name), stat.split("(", 1)[1].rsplit(")", 1)[0], stat.rsplit(")", 1)[1].split()
-        if int(rest[2]) in worker_pgids:
-            families["workers"].append(pid)
-        elif comm.startswith("postgres"):
-            families["postgres"].append(pid)
+        if pgid in family_of:
+            families[family_of[pgid]].append(int(entry.name))
     return families
 
 
-def _cpu_snapshot(worker_pgids: Sequence[int], svc: Services) -> dict[int, tuple[str, float]]:
-    return {pid: (family, _cpu_s(pid)) for family, pids in _pids_by_family(worker_pgids, svc).items() for pid in pids}
+def _cpu_snapshot(groups: Mapping[str, Sequence[int]], svc: Services, database_url: str) -> dict[int, tuple[str, int]]:
+    families = _pids_by_family(groups, svc, database_url)
+    return {pid: (family, _cpu_ns(pid)) for family, pids in families.items() for pid in pids}
 
 
 def _cpu_per_job_ms(
-    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], jobs: int
+    before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]], jobs: int
 ) -> dict[str, float]:
-    """CPU milliseconds per job by process family, between two snapshots."""
+    """CPU milliseconds per job by process family, between two snapshots; `central` sums CENTRAL."""
     spent: dict[str, float] = {}
-    for pid, (family, cpu_s) in after.items():
-        spent[family] = spent.get(family, 0.0) + cpu_s - before.get(pid, (family, 0.0))[1]
-    return {family: 1000 * s / jobs for family, s in spent.items()}
+    for pid, (family, cpu_ns) in after.items():
+        spent[family] = spent.get(family, 0.0) + cpu_ns - before.get(pid, (family, 0))[1]
+    per_job = {family: ns / 1e6 / jobs for family, ns in spent.items()}
+    per_job["central"] = sum(per_job.get(family, 0.0) for family in CENTRAL)
+    return per_job
+
+
+def fleet_per_central_core(central_ms_per_job: float) -> dict[str, float]:
+    """GPUs one central core keeps busy at each of SECONDS_PER_IMAGE: (1 s / central CPU per job) x s per image."""
+    jobs_per_core_s = 1000 / max(central_ms_per_job, 1e-9)
+    return {f"{s:g}": jobs_per_core_s * s for s in SECONDS_PER_IMAGE}
+
+
+def _redis_commands(client: redis.Redis) -> dict[str, tuple[int, int]]:
+    """(calls, server microseconds) of each Redis command so far."""
+    stats: dict[str, Any] = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for name, v in stats.items()}
+
+
+def _redis_per_job(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], jobs: int) -> dict[str, Any]:
+    """Calls per job and server µs per call of each Redis command between two readings."""
+    out: dict[str, Any] = {}
+    for name, (calls, usec) in after.items():
+        calls0, usec0 = before.get(name, (0, 0))
+        if calls > calls0:
+            out[name] = {"calls_per_job": (calls - calls0) / jobs, "us_per_call": (usec - usec0) / (calls - calls0)}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["calls_per_job"]))
+
+
+def _commits(database_url: str) -> int | None:
+    """Transactions committed in this run's PostgreSQL database so far (None on SQLite)."""
+    if not database_url.startswith("postgresql"):
+        return None
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    with psycopg.connect(host=url.host, port=url.port, user=url.username, dbname=url.database) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()").fetchone()
+    return int(row[0]) if row else None
 
 
 def _wait_for_consumers(settings: Settings, count: int, *, timeout_s: float = 60) -> None:
@@ -125,20 +194,30 @@ def _submit(settings: Settings, manifest: Path, batch: str) -> str:
 
 
 def _run_batch(
-    settings: Settings, svc: Services, procs: Sequence[subprocess.Popen[bytes]], manifest: Path, jobs: int
+    settings: Settings,
+    svc: Services,
+    procs: Sequence[subprocess.Popen[bytes]],
+    control: subprocess.Popen[bytes],
+    manifest: Path,
+    jobs: int,
 ) -> dict[str, Any]:
     sessions = sessions_for(settings)
-    pgids = [p.pid for p in procs]
-    before = _cpu_snapshot(pgids, svc)
+    client = redis.Redis.from_url(settings.redis_url)
+    groups = {"workers": [p.pid for p in procs], "control": [control.pid]}
+    commits0, commands0 = _commits(settings.database_url), _redis_commands(client)
+    before = _cpu_snapshot(groups, svc, settings.database_url)
     t0 = time.perf_counter()
     batch_id = _submit(settings, manifest, "control-plane")
     submit_s = time.perf_counter() - t0
-    counts = wait_for_batch(sessions, batch_id, timeout_s=600, procs=procs, poll_s=0.05)
+    counts = wait_for_batch(sessions, batch_id, timeout_s=600, procs=[*procs, control], poll_s=0.05)
     wall_s = time.perf_counter() - t0
-    after = _cpu_snapshot(pgids, svc)
+    after = _cpu_snapshot(groups, svc, settings.database_url)
+    commits1, commands1 = _commits(settings.database_url), _redis_commands(client)
+    client.close()
     rows = job_rows(sessions, batch_id)
     finished = [r.finished_at.timestamp() for r in rows if r.finished_at]
     steady = steady_state_s_per_job(finished)
+    cpu = _cpu_per_job_ms(before, after, jobs)
     return {
         "jobs": jobs,
         "counts": counts,
@@ -147,15 +226,33 @@ def _run_batch(
         "end_to_end_jobs_per_s": jobs / wall_s,
         "steady_state_jobs_per_s": 1 / steady,
         "upload_s_mean": sum(r.upload_s or 0 for r in rows) / max(1, len(rows)),
-        "cpu_ms_per_job": _cpu_per_job_ms(before, after, jobs),
+        "cpu_ms_per_job": cpu,
+        "fleet_per_central_core": fleet_per_central_core(cpu["central"]),
+        "redis_commands_per_job": _redis_per_job(commands0, commands1, jobs),
+        "sql_commits_per_job": (commits1 - commits0) / jobs if commits0 is not None and commits1 else None,
     }
+
+
+def _start_control_loops(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`ipab reconcile --loop` (dispatcher, reconciler, janitor) in its own process group."""
+    with log_path.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ipab.cli", "reconcile", "--loop"],
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _one_database(svc: Services, kind: Database, *, jobs: int, workers: int) -> dict[str, Any]:
     model_set = write_null_model_set(svc.workdir / f"null-{kind}")
     refs = write_references(svc.workdir / "refs", 3)
     with private_database(kind, svc.workdir) as url:
-        settings = bench_settings(svc, url, model_set=model_set, heartbeat_s=10.0, lease_s=60.0)
+        settings = bench_settings(
+            svc, url, model_set=model_set, heartbeat_s=10.0, lease_s=60.0, reconcile_in_workers=False
+        )
         warm = write_manifest(svc.workdir / f"warm-{kind}.jsonl", refs, rows=WARMUP_JOBS, fields=ROW_FIELDS)
         manifest = write_manifest(svc.workdir / f"jobs-{kind}.jsonl", refs, rows=jobs, fields=ROW_FIELDS)
         env = settings_env(settings, OMP_NUM_THREADS="1")
@@ -163,19 +260,27 @@ def _one_database(svc: Services, kind: Database, *, jobs: int, workers: int) -> 
             start_worker(env, svc.workdir / f"null-worker-{kind}-{i}.log", module="bench.null_worker")
             for i in range(workers)
         ]
+        control = _start_control_loops(env, svc.workdir / f"control-{kind}.log")
         try:
             _wait_for_consumers(settings, workers)
             wait_for_batch(sessions_for(settings), _submit(settings, warm, "warm-up"), timeout_s=120, procs=procs)
             log(f"control plane: {workers} null workers up on {kind}; {jobs} jobs ...")
-            figures = _run_batch(settings, svc, procs, manifest, jobs)
+            figures = _run_batch(settings, svc, procs, control, manifest, jobs)
         except Exception as e:
             raise RuntimeError(
                 f"control plane on {kind} failed: {e}\n{log_tail(svc.workdir / f'null-worker-{kind}-0.log')}"
             ) from e
         finally:
-            stop_workers(procs)
-        log(f"control plane: {kind}: {figures['steady_state_jobs_per_s']:.0f} jobs/s steady state")
+            stop_workers([*procs, control])
+        cpu = figures["cpu_ms_per_job"]
+        log(
+            f"control plane: {kind}: {figures['steady_state_jobs_per_s']:.0f} jobs/s steady state; central CPU "
+            f"{cpu['central']:.3f} ms per job (SQL {cpu.get('postgres', 0):.3f}, Redis {cpu['redis']:.3f}, "
+            f"control loops {cpu['control']:.3f}), workers {cpu['workers']:.2f}"
+        )
         figures["steps_ms"] = time_steps(settings, refs)
+        if kind == "postgres":
+            figures["census"] = job_cost.census(settings, svc.redis.process.pid, refs)
     return figures
 
 

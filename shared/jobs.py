@@ -28,7 +28,7 @@ from sqlalchemy.sql.functions import coalesce
 from shared.db import TERMINAL, Batch, Job, JobStatus
 from shared.db_clock import elapsed_s, server_now
 from shared.errors import DatabaseUnavailable
-from shared.usage import AttemptUsage, roll_up_ended, roll_up_job, roll_up_late
+from shared.usage import AttemptUsage, finish_and_roll_up, roll_up_ended, roll_up_job, roll_up_late
 
 LIVE = (JobStatus.queued.value, JobStatus.running.value)
 _ENDED = frozenset(s.value for s in TERMINAL)
@@ -202,14 +202,21 @@ def renew_lease(
         return _changed(session.execute(_RENEW, params)) == 1
 
 
+# PostgreSQL: the finish and its rollup in one statement (`shared.usage.finish_and_roll_up`).
+_FINISH_AND_ROLL_UP = finish_and_roll_up(_FINISH)
+
+
 def finish_job(*, sessions: sessionmaker[Session], job_id: str, attempt: int, result: JobResult) -> bool:
-    """Mark the job succeeded, only if this attempt still holds it."""
+    """Mark the job succeeded, only if this attempt still holds it; counted in the rollup with it
+    (a fenced-out attempt adds nothing)."""
     params: dict[str, Any] = {"p_id": job_id, "p_attempt": attempt}
     params.update({f"p_{name}": getattr(result, name) for name in _RESULT_FIELDS})
     with transaction(sessions) as session:
+        if session.get_bind().dialect.name == "postgresql":
+            return session.execute(_FINISH_AND_ROLL_UP, params).first() is not None
         if _changed(session.execute(_FINISH, params)) != 1:
             return False
-        roll_up_job(session, job_id)  # counted with the finish: a fenced-out attempt adds nothing
+        roll_up_job(session, job_id)
         return True
 
 

@@ -109,7 +109,7 @@ def reconcile_once(
 
 # Take the lock if free, or extend it only while it is still ours, in one step: a GET then a
 # PEXPIRE would let a holder that stalled past its lease extend the lock of the process that
-# took it over. One script is one round trip for a holder renewing (a dispatcher, every round).
+# took it over. One script is one round trip for a holder renewing (a dispatcher, a few times per lock lifetime).
 _HOLD: Final = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end

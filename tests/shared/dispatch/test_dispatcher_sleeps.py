@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -22,9 +21,8 @@ from scheduler.submission.submit import submit_manifest
 from shared import keys
 from shared.db import ensure_database, make_engine, make_session_factory
 from shared.dispatch import dispatcher as dispatcher_module
-from shared.dispatch.dispatcher import run_dispatcher, wake_dispatcher
+from shared.dispatch.dispatcher import _Loop, run_dispatcher, wake_dispatcher
 from shared.queue import forget_queued
-from shared.reconcile import hold_lock
 from shared.settings import Settings
 from shared.wire import decode_render_envelope
 from tests.scheduler.submission.submit_helpers import write_jsonl
@@ -47,14 +45,16 @@ def wake_settings(settings: Settings, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def lock_checks(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The times at which any dispatch loop checked its lock: once per wake-up and model set."""
+    """The times at which any dispatch loop woke up for a round (and looked at its lock, in Redis
+    or, renewed a moment ago, in memory): once per wake-up and model set."""
     checks: list[float] = []
+    hold = _Loop._hold
 
-    def counting(**kwargs: Any) -> bool:
+    def counting(self: _Loop, name: str) -> bool:
         checks.append(time.monotonic())
-        return hold_lock(**kwargs)
+        return hold(self, name)
 
-    monkeypatch.setattr("shared.dispatch.dispatcher.hold_lock", counting)
+    monkeypatch.setattr(_Loop, "_hold", counting)
     return checks
 
 

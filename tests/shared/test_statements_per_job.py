@@ -1,0 +1,97 @@
+"""What one job costs PostgreSQL, counted: the central database carries every job of the fleet,
+so a statement or a transaction added to a job's path is a cost that grows with the fleet
+(bench/job_cost.py measures it; BENCHMARKS.md section 3). These counts may only go down."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import (
+    Batch,
+    Job,
+    UsageRollup,
+    ensure_database,
+    insert_new_jobs,
+    make_engine,
+    make_session_factory,
+    new_id,
+    utcnow,
+)
+from shared.dispatch.dispatcher import mark_dispatched
+from shared.jobs import JobResult, claim_job, finish_job
+
+
+def _jobs(url: str, count: int) -> tuple[sessionmaker[Session], list[str]]:
+    ensure_database(url)
+    sessions = make_session_factory(make_engine(url))
+    with sessions.begin() as session:
+        batch = Batch(id=new_id(), name=f"b-{new_id()[:8]}", model_set="tiny", job_count=0, tenant="acme")
+        session.add(batch)
+        session.flush()
+        rows = [(new_id(), i, None, f"k{i}", "{}", i, "bulk") for i in range(count)]
+        insert_new_jobs(session, batch_id=batch.id, queued_at=utcnow(), rows=rows)
+    return sessions, [r[0] for r in rows]
+
+
+@contextmanager
+def _counted(sessions: sessionmaker[Session]) -> Iterator[Counter[str]]:
+    """Statements sent (by first word) and commits, while the block runs."""
+    counts: Counter[str] = Counter()
+    engine = sessions.kw["bind"]
+
+    def statement(_conn: Any, _cursor: Any, sql: str, *_: Any) -> None:
+        counts[sql.split(None, 1)[0].upper()] += 1
+
+    def commit(_conn: Any) -> None:
+        counts["commits"] += 1
+
+    event.listen(engine, "before_cursor_execute", statement)
+    event.listen(engine, "commit", commit)
+    try:
+        yield counts
+    finally:
+        event.remove(engine, "before_cursor_execute", statement)
+        event.remove(engine, "commit", commit)
+
+
+def _result() -> JobResult:
+    return JobResult(
+        output_key="k", output_sha256="0" * 64, output_bytes=1, encode_s=0, denoise_s=0, upload_s=0, gpu_s=0.5
+    )
+
+
+def test_a_job_costs_postgresql_three_transactions_of_one_statement_each(postgres_url: str) -> None:
+    sessions, (job_id,) = _jobs(postgres_url, 1)
+    with _counted(sessions) as dispatched:
+        assert mark_dispatched(sessions=sessions, job_ids=[job_id]) == {job_id}
+    with _counted(sessions) as claimed:
+        attempt = claim_job(sessions=sessions, job_id=job_id, worker_host="w", lease_s=30, max_attempts=3)
+    assert attempt == 1
+    with _counted(sessions) as finished:
+        assert finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=_result())
+    # The mark's one UPDATE, its commit not waiting for the WAL flush (SET LOCAL).
+    assert dispatched == Counter({"UPDATE": 1, "SET": 1, "commits": 1})
+    assert claimed == Counter({"UPDATE": 1, "commits": 1})
+    # The finish and its usage rollup: one statement (WITH ... UPDATE ... INSERT ... ON CONFLICT).
+    assert finished == Counter({"WITH": 1, "commits": 1})
+    with sessions() as session:
+        rollup = session.scalars(select(UsageRollup)).one()
+        assert (rollup.jobs, rollup.images, rollup.gpu_s) == (1, 1, 0.5)
+        assert session.scalars(select(Job.status).where(Job.id == job_id)).one() == "succeeded"
+
+
+def test_a_fenced_out_finish_in_one_statement_changes_nothing(postgres_url: str) -> None:
+    sessions, (job_id,) = _jobs(postgres_url, 1)
+    attempt = claim_job(sessions=sessions, job_id=job_id, worker_host="w", lease_s=30, max_attempts=3)
+    assert attempt == 1
+    assert not finish_job(sessions=sessions, job_id=job_id, attempt=attempt + 1, result=_result())
+    assert finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=_result())
+    assert not finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=_result())  # a replay
+    with sessions() as session:
+        assert session.scalars(select(UsageRollup.jobs)).all() == [1]
