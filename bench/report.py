@@ -71,6 +71,7 @@ def goals(results: dict[str, Any]) -> list[Goal]:
     out += _startup_goals(results)
     out += _usage_goals(results)
     out += _fast_set_goals(results)
+    out += _isolation_goals(results)
     e, _ = _part(results, "embed")
     if e and "redis_p50_ok" in e:
         target = f"<= {e.get('goal_redis_p50_ms')} ms"
@@ -437,6 +438,7 @@ def render_markdown(results: dict[str, Any], *, command: str) -> str:
         _startup(results.get("startup") or {"skipped": "not run"}),
         _fast_sets(results.get("fast_sets") or {"skipped": "not run"}),
         _usage(results.get("usage") or {"skipped": "not run"}),
+        _isolation(results.get("isolation") or {"skipped": "not run"}),
     ):
         parts += ["", *section]
     return "\n".join(parts) + "\n"
@@ -517,3 +519,29 @@ def _fast_set_gpu(f: dict[str, Any] | None) -> Iterator[str]:
         f"images/s against {_num(f['default_images_per_s'], 2)} for `{f['default']}`: "
         f"**{_num(f['fast_over_default'])}x** (goal >= {FAST_GOAL:g}x)."
     )
+
+
+# Two tenants, one hostile (bench/two_tenants.py): a section of its own.
+
+ISOLATION_GOAL: Final = 2.0  # calm's figure beside the hostile tenant over alone
+
+
+def _isolation_goals(results: dict[str, Any]) -> list[Goal]:
+    i, why = _part(results, "isolation")
+    names = {
+        "p99_ratio": "calm p99 beside hostile / alone",
+        "webhook_median_ratio": "calm webhook delay beside hostile / alone",
+    }
+    target = f"<= {ISOLATION_GOAL:g}x"
+    if not i:
+        return [Goal(name, target, why, None) for name in names.values()]
+    return [
+        _goal(name, target, f"{_num(i[key])}x", i[key] is not None and i[key] <= ISOLATION_GOAL)
+        for key, name in names.items()
+    ]
+
+
+def _isolation(i: dict[str, Any]) -> Iterator[str]:
+    yield "## 13. Two tenants, one hostile (one API process, SQLite)"
+    yield ""
+    yield _failed(i) or i.get("markdown", "(no table)")
