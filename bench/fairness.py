@@ -9,6 +9,10 @@ job is pushed to Redis in submission order at once, which is what a single Celer
 
 - interactive start delay: started_at - queued_at of each probe (p95); a probe that has not
   started when the window ends counts as its FIFO estimate (jobs ahead / throughput).
+- the same through the CLI (policy mode): probes submitted by `ipab submit --lane interactive`
+  subprocesses. `queued_at` is stamped in the transaction that inserts the job, so the delay
+  runs from the submission's commit (its wake of the dispatcher included), not from the
+  command's start: the CLI's own start-up is not the dispatcher's delay.
 - tenant b's share: b's starts over all starts from b's submission until b's jobs are done
   (or the window ends).
 - throughput: jobs finished per second over the window, policy / FIFO.
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -50,6 +56,7 @@ from shared.settings import Settings
 ROW_FIELDS: Final = {"width": 64, "height": 64, "steps": 1}
 FIFO_DEPTH: Final = 10**9
 PROBES: Final = 8
+CLI_PROBES: Final = 4  # `ipab submit --lane interactive` processes, policy mode only
 TENANT_B_JOBS: Final = 200
 
 
@@ -64,6 +71,21 @@ def _probe_delays(settings: Settings, manifest: Path, *, probes: int, spacing_s:
     ids = []
     for i in range(probes):
         ids.append(_submit(settings, manifest, f"probe-{i}", lane="interactive", tenant="c"))
+        time.sleep(spacing_s)
+    return ids
+
+
+def _cli_probes(settings: Settings, manifest: Path, *, probes: int, spacing_s: float, workdir: Path) -> list[str]:
+    """Interactive probes submitted by `ipab submit --lane interactive`, one process each; their batch ids."""
+    env = settings_env(settings)
+    ids = []
+    for i in range(probes):
+        command = [sys.executable, "-m", "ipab.cli", "submit", str(manifest), "--batch", f"cli-probe-{i}"]
+        command += ["--lane", "interactive", "--tenant", "c", "--model-set", NULL_MODEL_SET]
+        done = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"`ipab submit` exited {done.returncode}: {done.stderr[-2000:]}")
+        ids.append(done.stdout.strip().splitlines()[-1])  # the batch id alone on the last line
         time.sleep(spacing_s)
     return ids
 
@@ -112,10 +134,20 @@ def _one_mode(svc: Services, mode: str, args: argparse.Namespace, refs: list[Pat
             time.sleep(2.0)  # the backlog is draining
             t0 = _db_now(settings)
             _submit(settings, small, "tenant-b", tenant="b")
-            probe_ids = _probe_delays(settings, probe, probes=PROBES, spacing_s=args.window_s / (PROBES + 2))
-            time.sleep(args.window_s / (PROBES + 2))
+            spacing_s = args.window_s / (PROBES + 2)
+            probe_ids = _probe_delays(settings, probe, probes=PROBES, spacing_s=spacing_s)
+            cli_ids = (
+                []
+                if mode == "fifo"
+                else _cli_probes(settings, probe, probes=CLI_PROBES, spacing_s=0.5, workdir=svc.workdir)
+            )
+            time.sleep(spacing_s)
             t1 = _db_now(settings)
-            return _measure(settings, t0, t1, probe_ids)
+            figures = _measure(settings, t0, t1, probe_ids)
+            if cli_ids:
+                figures["cli_probe_delays_s"] = _delays(settings, cli_ids, rate=figures["throughput_jobs_per_s"])
+                figures["cli_probe_delay_p95_s"] = _p95(figures["cli_probe_delays_s"])
+            return figures
         finally:
             stop_workers(procs)
 
@@ -129,6 +161,23 @@ def _db_now(settings: Settings) -> Any:
 def _measure(settings: Settings, t0: Any, t1: Any, probe_ids: list[str]) -> dict[str, Any]:
     rate = _finished_per_s(settings, t0, t1)
     starts = _starts(settings)
+    delays = _delays(settings, probe_ids, rate=rate)
+    window = [s for s in starts if t0 <= s[2] < t1]
+    b_done_at = max((s[2] for s in window if s[3] == "b"), default=t1)
+    contested = [s for s in window if s[2] <= b_done_at]
+    b_share = sum(1 for s in contested if s[3] == "b") / max(len(contested), 1)
+    return {
+        "throughput_jobs_per_s": rate,
+        "probe_delays_s": delays,
+        "probe_delay_p95_s": _p95(delays),
+        "tenant_b_share": b_share,
+        "tenant_b_started": sum(1 for s in window if s[3] == "b"),
+        "window_starts": len(window),
+    }
+
+
+def _delays(settings: Settings, probe_ids: list[str], *, rate: float) -> list[float]:
+    """started_at - queued_at of each probe batch's job; one not started yet: jobs ahead / `rate`."""
     delays = []
     with sessions_for(settings)() as session:
         for batch_id in probe_ids:
@@ -142,18 +191,7 @@ def _measure(settings: Settings, t0: Any, t1: Any, probe_ids: list[str]) -> dict
                     select(func.count()).where(Job.status == JobStatus.queued.value, Job.queued_at < queued_at)
                 )
                 delays.append(float(ahead or 0) / max(rate, 1e-9))
-    window = [s for s in starts if t0 <= s[2] < t1]
-    b_done_at = max((s[2] for s in window if s[3] == "b"), default=t1)
-    contested = [s for s in window if s[2] <= b_done_at]
-    b_share = sum(1 for s in contested if s[3] == "b") / max(len(contested), 1)
-    return {
-        "throughput_jobs_per_s": rate,
-        "probe_delays_s": delays,
-        "probe_delay_p95_s": _p95(delays),
-        "tenant_b_share": b_share,
-        "tenant_b_started": sum(1 for s in window if s[3] == "b"),
-        "window_starts": len(window),
-    }
+    return delays
 
 
 def _p95(values: list[float]) -> float:
@@ -228,6 +266,12 @@ def to_markdown(figures: dict[str, Any], *, control_jobs_per_s: float | None) ->
             "<= 2 job durations",
         ),
         (
+            "interactive start delay via `ipab submit --lane interactive`, p95 (from its commit)",
+            _cli_delay_text(policy, job_s),
+            "n/a",
+            "<= 2 job durations",
+        ),
+        (
             "tenant b's share of starts while it has work",
             f"{policy['tenant_b_share']:.0%}",
             f"{fifo['tenant_b_share']:.0%}",
@@ -250,6 +294,13 @@ def to_markdown(figures: dict[str, Any], *, control_jobs_per_s: float | None) ->
         "section 3's steady state (SQLite) from this run.",
     ]
     return "\n".join(lines)
+
+
+def _cli_delay_text(policy: dict[str, Any], job_s: float) -> str:
+    delay_s = policy.get("cli_probe_delay_p95_s")
+    if delay_s is None:
+        return "not measured"
+    return f"{delay_s:.2f} s ({delay_s / job_s:.1f} job durations)"
 
 
 def main() -> None:
