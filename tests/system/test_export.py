@@ -16,9 +16,7 @@ import pytest
 
 from shared.db import Job, JobStatus
 from shared.storage import ObjectStore
-from tests.system.dataset_batch import PROMPTS, DatasetBatch, dataset_batch, sha256_of
-
-__all__ = ["dataset_batch"]  # the session fixture, imported so that pytest finds it
+from tests.system.dataset_batch import PROMPTS, DatasetBatch, sha256_of
 
 pytestmark = pytest.mark.slow
 

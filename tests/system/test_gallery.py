@@ -18,10 +18,8 @@ from scheduler.batches.record import JobRecord
 from scheduler.gallery.build import card_html, render_gallery
 from shared.db import Batch, JobStatus, make_engine, make_session_factory
 from shared.storage import ObjectStore
-from tests.system.dataset_batch import DatasetBatch, dataset_batch
+from tests.system.dataset_batch import DatasetBatch
 from tests.system.helpers import REPO
-
-__all__ = ["dataset_batch"]  # the session fixture, imported so that pytest finds it
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
