@@ -1,19 +1,28 @@
 """Every bad setting and every unreachable service: exit 2, ONE line naming the variable, no hang.
 
 One table over every `IPAB_*` setting (a setting added without a row fails
-`test_every_setting_has_a_row`) and over the commands. Each case runs `ipab` in a
-subprocess with only its own `IPAB_*` variables, in a fresh folder; the cases run in
-parallel, so the whole table takes seconds. Secrets in URLs must never be printed.
+`test_every_setting_has_a_row`) and over the commands. Each case runs `ipab` with only its
+own `IPAB_*` variables, in a fresh folder. Secrets in URLs must never be printed.
+
+Where a case runs: the first case of each command, every `worker` case (a regression there
+would start a worker) and every service case (timed) run the console entry in a subprocess,
+in parallel, as a user runs it. The other settings cases call `ipab.cli.main` in this process,
+one after another, with the environment, folder, stdout, stderr and root log handler of the
+case: a subprocess would prove nothing more for them, and costs a Python start-up and the
+command's imports each (about 100 of them took 2-6 minutes of the suite on 2 cores).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,12 +222,20 @@ def service_cases(refused: int, hung: int) -> list[Case]:
     return cases
 
 
-def run_case(case: Case, folder: Path) -> Outcome:
-    """`ipab <command>` in `folder` with only the case's `IPAB_*` variables."""
+def _prepare(folder: Path) -> None:
     folder.mkdir(parents=True)
     (folder / "rows.jsonl").write_text('{"reference": "a.png", "prompt": "p"}\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    env.update(case.env)
+
+
+def _env_of(case: Case, base: Mapping[str, str]) -> dict[str, str]:
+    """`base` without any `IPAB_*` variable, plus the case's."""
+    return {**{k: v for k, v in base.items() if not k.startswith(ENV_PREFIX)}, **case.env}
+
+
+def run_case(case: Case, folder: Path, base_env: Mapping[str, str]) -> Outcome:
+    """`ipab <command>` in a subprocess in `folder` with only the case's `IPAB_*` variables."""
+    _prepare(folder)
+    env = _env_of(case, base_env)
     entry = ["-c", TIMED_MAIN] if case.timed else ["-m", "ipab.cli"]
     done = subprocess.run(
         [sys.executable, *entry, *COMMANDS[case.command]],
@@ -230,6 +247,45 @@ def run_case(case: Case, folder: Path) -> Outcome:
     )
     elapsed = folder / "elapsed_s"
     return Outcome(done.returncode, done.stdout, done.stderr, float(elapsed.read_text()) if elapsed.exists() else 0.0)
+
+
+def run_case_in_process(case: Case, folder: Path) -> Outcome:
+    """`ipab.cli.main` of the case's command in this process, with the case's environment, in
+    `folder`, its output captured and its own root log handler (as in a fresh process); all put
+    back afterwards. Not thread-safe (the environment and folder are the process's)."""
+    from ipab import cli
+
+    _prepare(folder)
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(_env_of(case, saved_env))
+        os.chdir(folder)
+        root.handlers = []  # so that the command's logging goes to its stderr, as in a process of its own
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(COMMANDS[case.command]))
+            except SystemExit as e:  # argparse, and commands that exit
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        root.handlers, root.level = saved_handlers, saved_level
+    return Outcome(code, out.getvalue(), err.getvalue(), 0.0)
+
+
+def in_subprocess(cases: list[Case]) -> list[bool]:
+    """Which cases run as a subprocess: the timed, the worker's, and the first of each command."""
+    seen: set[str] = set()
+    chosen = []
+    for case in cases:
+        chosen.append(case.timed or case.command == "worker" or case.command not in seen)
+        seen.add(case.command)
+    return chosen
 
 
 def problems_of(case: Case, outcome: Outcome) -> list[str]:
@@ -252,11 +308,23 @@ def problems_of(case: Case, outcome: Outcome) -> list[str]:
 
 
 def run_table(cases: list[Case], tmp_path: Path) -> None:
-    """Run every case in parallel; fail once, listing every case that went wrong."""
+    """Run every case (subprocesses in parallel, the others in process meanwhile); fail once,
+    listing every case that went wrong."""
+    base_env = dict(os.environ)  # read once: the in-process cases change os.environ meanwhile
+    where = in_subprocess(cases)
+    outcomes: list[Outcome | None] = [None] * len(cases)
     with ThreadPoolExecutor(max_workers=6) as pool:
-        outcomes = list(pool.map(lambda ic: run_case(ic[1], tmp_path / f"c{ic[0]}"), enumerate(cases)))
+        futures = {
+            i: pool.submit(run_case, case, tmp_path / f"c{i}", base_env) for i, case in enumerate(cases) if where[i]
+        }
+        for i, case in enumerate(cases):
+            if not where[i]:
+                outcomes[i] = run_case_in_process(case, tmp_path / f"c{i}")
+        for i, future in futures.items():
+            outcomes[i] = future.result()
     failures = []
     for case, outcome in zip(cases, outcomes, strict=True):
+        assert outcome is not None
         problems = problems_of(case, outcome)
         if problems:
             failures.append(f"{case.name}: {', '.join(problems)}\n    stderr: {outcome.err.strip()[-600:]}")
