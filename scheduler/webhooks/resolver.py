@@ -80,45 +80,47 @@ class Resolver:
             if not running:
                 self._running.pop(tenant, None)
 
+    def _slot(self, url: str, tenant: str, timeout_s: float, remaining_s: float) -> tuple[Answer | None, list[Answer]]:
+        """`_start` for `url`'s host; timed out when the tenant has no slot free and no time is left."""
+        answer, busy = self._start(tenant, *split_host(url))
+        if answer is None and remaining_s <= 0:
+            raise _timed_out(url, timeout_s)
+        return answer, busy
+
     def addresses(self, url: str, *, tenant: str, timeout_s: float) -> list[IPAddress]:
         """The addresses of `url`'s host, waiting at most `timeout_s` (blocking: for threads)."""
-        host, port = split_host(url)
-        numeric = numeric_addresses(host, port)
+        numeric = numeric_addresses(*split_host(url))
         if numeric is not None:
             return numeric
         deadline = time.monotonic() + timeout_s
         while True:
-            answer, busy = self._start(tenant, host, port)
+            answer, busy = self._slot(url, tenant, timeout_s, deadline - time.monotonic())
             remaining = max(0.0, deadline - time.monotonic())
-            if answer is not None:
-                try:
-                    return answer.result(timeout=remaining)
-                except concurrent.futures.TimeoutError:
-                    answer.cancel()  # a look-up still queued need not run
-                    raise _timed_out(url, timeout_s) from None
-            if remaining <= 0:
-                raise _timed_out(url, timeout_s)
-            concurrent.futures.wait(busy, timeout=remaining, return_when=concurrent.futures.FIRST_COMPLETED)
+            if answer is None:
+                concurrent.futures.wait(busy, timeout=remaining, return_when=concurrent.futures.FIRST_COMPLETED)
+                continue
+            try:
+                return answer.result(timeout=remaining)
+            except concurrent.futures.TimeoutError:
+                answer.cancel()  # a look-up still queued need not run
+                raise _timed_out(url, timeout_s) from None
 
     async def addresses_async(self, url: str, *, tenant: str, timeout_s: float) -> list[IPAddress]:
         """`addresses`, awaited: the event loop goes on while the look-up runs."""
-        host, port = split_host(url)
-        numeric = numeric_addresses(host, port)
+        numeric = numeric_addresses(*split_host(url))
         if numeric is not None:
             return numeric
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            answer, busy = self._start(tenant, host, port)
-            remaining = max(0.0, deadline - loop.time())
-            if answer is not None:
-                try:
-                    return await asyncio.wait_for(asyncio.wrap_future(answer), remaining)
-                except TimeoutError:
-                    raise _timed_out(url, timeout_s) from None
-            if remaining <= 0:
-                raise _timed_out(url, timeout_s)
-            await _any_done(busy, timeout_s=remaining)
+            answer, busy = self._slot(url, tenant, timeout_s, deadline - loop.time())
+            if answer is None:
+                await _any_done(busy, timeout_s=max(0.0, deadline - loop.time()))
+                continue
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(answer), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise _timed_out(url, timeout_s) from None
 
     def public_address(self, url: str, *, tenant: str, timeout_s: float, allow_private: bool) -> tuple[str, int, str]:
         """(host, port, the address to connect to) of a webhook URL; `InvalidInput` for a refused or silent one."""
