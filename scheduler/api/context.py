@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.caches import AUTH_CACHE_S, REFERENCE_CACHE_S, ExpiringCache
+from scheduler.api.heavy_gate import HeavyGate
 from scheduler.api.problems import ApiProblem
 from scheduler.api.rate_limit import RateLimiter
 from scheduler.submission.references import ReferenceFile
@@ -54,6 +55,8 @@ class ApiContext:
     webhook_resolver: Resolver = field(default_factory=Resolver)
     # Each tenant's request rate (IPAB_API_RATE_PER_S), checked with its key on every request.
     limiter: RateLimiter = field(init=False)
+    # One large-body request (a batch, an upload, a plan) in flight per tenant (see its module).
+    heavy: HeavyGate = field(default_factory=HeavyGate)
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.settings)

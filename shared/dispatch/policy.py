@@ -12,7 +12,7 @@ is deterministic.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal, get_args
 
@@ -82,17 +82,24 @@ class Policy:
 
         `caps`: how many more starts a held tenant may have (its concurrency cap, `shared.dispatch.holds`);
         a tenant at its cap is skipped as if it had no work, in every lane, and the others proceed.
-        Used to plan a dispatch round and to compute queue positions; consumes the counts and caps it
-        is given only in its own copies, but advances this policy's virtual times.
+        Used to plan a dispatch round; consumes the counts and caps it is given only in its own
+        copies, but advances this policy's virtual times.
         """
+        return list(self.starts(counts, limit, caps=caps))
+
+    def starts(
+        self, counts: Mapping[tuple[str, str], int], limit: int, *, caps: Mapping[str, int] | None = None
+    ) -> Iterator[tuple[str, str]]:
+        """`order`, one start at a time, as it is asked for: a queue position stops at its job's start
+        (the whole order of a 99,000-job backlog of another tenant took 0.45 s of the API's CPU, and
+        its GIL, for every GET of a job queued beside it)."""
         room = dict(caps or {})
         left = {key: n for key, n in counts.items() if n > 0 and room.get(key[1], 1) > 0}
-        starts: list[tuple[str, str]] = []
-        while left and len(starts) < limit:
-            nxt = self.next_start(lambda: _by_lane(left))
+        for _ in range(limit):
+            nxt = self.next_start(lambda: _by_lane(left)) if left else None
             if nxt is None:
-                break
-            starts.append(nxt)
+                return
+            yield nxt
             left[nxt] -= 1
             if not left[nxt]:
                 del left[nxt]
@@ -102,7 +109,6 @@ class Policy:
                 if room[tenant] <= 0:  # at its cap: none of its lanes starts another
                     for key in [key for key in left if key[1] == tenant]:
                         del left[key]
-        return starts
 
 
 def _by_lane(counts: Mapping[tuple[str, str], int]) -> dict[str, list[str]]:

@@ -40,7 +40,7 @@ class Forecast:
 def starts_before(*, policy: Policy, counts: dict[Key, int], key: Key, ahead_in_key: int) -> int:
     """How many starts come before the (`ahead_in_key`+1)-th job of `key`, in policy order."""
     seen = 0
-    for index, start in enumerate(policy.order(counts, SIMULATE_MAX)):
+    for index, start in enumerate(policy.starts(counts, SIMULATE_MAX)):  # stops at the job: see `starts`
         if start == key:
             if seen == ahead_in_key:
                 return index

@@ -42,6 +42,7 @@ from shared.retention import parse_duration
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 MAX_DURATION_CHARS: Final = 40
 MAX_LIST: Final = 1000
+COUNT_SLICE_BYTES: Final = 1024 * 1024  # about 1 ms of counting newlines (see `_line_count`)
 # The gallery page is inline CSS, inline script and data: images: nothing else may load or run.
 GALLERY_HEADERS: Final = {
     "Content-Security-Policy": (
@@ -91,8 +92,14 @@ def _parse(ctx: ApiContext, data: bytes | bytearray) -> ParsedManifest:
 
 
 def _line_count(data: bytes | bytearray) -> int:
-    """How many lines `data` holds, blank ones included (C speed: the body is not split)."""
-    return data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+    """How many lines `data` holds, blank ones included (C speed: the body is not split).
+
+    Counted a slice at a time: one count of a 32 MiB body held the GIL for 42 ms, and every
+    other request of the process waited for it; between slices other threads get their turn.
+    """
+    slices = range(0, len(data), COUNT_SLICE_BYTES)
+    newlines = sum(data.count(b"\n", start, start + COUNT_SLICE_BYTES) for start in slices)
+    return newlines + (0 if data.endswith(b"\n") else 1)
 
 
 @collector_paused()  # its rows are a million objects: no full collection walks them (see the module)
@@ -105,7 +112,8 @@ def _create(
     lane: str = DEFAULT_LANE,
     expires_after_s: int | None = None,
 ) -> dict[str, Any]:
-    refuse_when_full(ctx, tenant, adding=_line_count(data))  # before its body is parsed
+    lines = _line_count(data)
+    refuse_when_full(ctx, tenant, adding=lines)  # before its body is parsed
     parsed = _parse(ctx, data)
     batch_id: list[str] = []
 
@@ -133,7 +141,7 @@ def _create(
             lane=lane,
         )
     except ManifestInvalid as e:
-        lines_after = _line_count(data) - (e.stopped_after or 0)
+        lines_after = lines - (e.stopped_after or 0)
         raise problems_of(e.problems, with_lines=True, stopped_after=e.stopped_after, lines_after=lines_after) from None
     except InvalidInput as e:
         raise from_invalid_input(e) from None
@@ -173,23 +181,24 @@ async def create_batch(
     At most IPAB_API_MAX_BATCH_ROWS rows (413 past them). At most 100 problems are listed; reading
     stops at the line that brings them to 100, and then nothing is submitted, even with `skip_invalid`.
     """
-    webhook = (
-        None
-        if webhook_url is None
-        else await webhook_of(
-            ctx, caller.tenant, {"url": webhook_url, "events": [BATCH_COMPLETED]}, allowed=(BATCH_COMPLETED,)
+    async with ctx.heavy.slot(tenant=caller.tenant, route="POST /v1/batches"):
+        webhook = (
+            None
+            if webhook_url is None
+            else await webhook_of(
+                ctx, caller.tenant, {"url": webhook_url, "events": [BATCH_COMPLETED]}, allowed=(BATCH_COMPLETED,)
+            )
         )
-    )
-    expires_after_s = None if expires_after is None else _retention(expires_after)
-    data = await _rows_body(request, ctx)
+        expires_after_s = None if expires_after is None else _retention(expires_after)
+        data = await _rows_body(request, ctx)
 
-    async def handle() -> JSONResponse:
-        created = await run_in_threadpool(
-            _create, ctx, caller.tenant, data, skip_invalid, webhook, lane, expires_after_s
-        )
-        return JSONResponse(created, status_code=202)
+        async def handle() -> JSONResponse:
+            created = await run_in_threadpool(
+                _create, ctx, caller.tenant, data, skip_invalid, webhook, lane, expires_after_s
+            )
+            return JSONResponse(created, status_code=202)
 
-    return await idempotent(request, ctx, tenant=caller.tenant, content=data, handle=handle)
+        return await idempotent(request, ctx, tenant=caller.tenant, content=data, handle=handle)
 
 
 def _retention(value: str) -> int:

@@ -96,14 +96,15 @@ async def apply_plan(request: Request, ctx: Context, caller: AdminDep) -> Any:
     """
     if media_type(request) not in TOML_TYPES:
         raise unsupported(request, "application/toml or text/plain (a plan file's text)")
-    data = await read_body(request, limit_bytes=MAX_PLAN_BYTES)
-    text = _text_of(data)
+    async with ctx.heavy.slot(tenant=caller.tenant, route="POST /v1/plans"):
+        data = await read_body(request, limit_bytes=MAX_PLAN_BYTES)
+        text = _text_of(data)
 
-    async def handle() -> JSONResponse:
-        applied = await run_in_threadpool(_apply, ctx, text, caller.key_id)
-        return JSONResponse(applied, status_code=201 if applied["change"] == "created" else 200)
+        async def handle() -> JSONResponse:
+            applied = await run_in_threadpool(_apply, ctx, text, caller.key_id)
+            return JSONResponse(applied, status_code=201 if applied["change"] == "created" else 200)
 
-    return await idempotent(request, ctx, tenant=caller.tenant, content=data, handle=handle)
+        return await idempotent(request, ctx, tenant=caller.tenant, content=data, handle=handle)
 
 
 @router.get("", response_model=list[PlanListed])

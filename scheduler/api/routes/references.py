@@ -66,13 +66,13 @@ def _store(ctx: ApiContext, tenant: str, data: bytes) -> dict[str, Any]:
 @router.post("", status_code=201, summary="Upload a reference image (multipart `file`)")
 async def create_reference(request: Request, ctx: Context, caller: CallerDep) -> Any:
     """Store the image under `refs/<sha256>.<ext>` once; its id is its sha256."""
-    limit = MAX_REFERENCE_BYTES
-    data, _ = await read_multipart_file(request, field=FILE_FIELD, limit_bytes=limit)
+    async with ctx.heavy.slot(tenant=caller.tenant, route="POST /v1/references"):
+        data, _ = await read_multipart_file(request, field=FILE_FIELD, limit_bytes=MAX_REFERENCE_BYTES)
 
-    async def handle() -> JSONResponse:
-        return JSONResponse(await run_in_threadpool(_store, ctx, caller.tenant, data), status_code=201)
+        async def handle() -> JSONResponse:
+            return JSONResponse(await run_in_threadpool(_store, ctx, caller.tenant, data), status_code=201)
 
-    return await idempotent(request, ctx, tenant=caller.tenant, content=data, handle=handle)
+        return await idempotent(request, ctx, tenant=caller.tenant, content=data, handle=handle)
 
 
 def _get(ctx: ApiContext, tenant: str, ref_id: str) -> dict[str, Any]:

@@ -97,7 +97,7 @@ def test_concurrent_batches_never_pass_the_cap(capped: Settings, serve: Callable
     answers = at_once([post(i) for i in range(8)])
     assert [r.status_code for r in answers].count(202) == 1, [r.text for r in answers]
     for r in answers:
-        if r.status_code != 202:
+        if r.status_code != 202 and not r.json()["type"].endswith("/busy"):  # one batch per tenant per process
             assert_refused_for_the_cap(r)
             assert f"has {CAP} queued" in r.json()["detail"] and f"adding {CAP}" in r.json()["detail"]
     assert queued(capped, "alice") == CAP

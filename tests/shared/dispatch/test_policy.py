@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import pytest
 
 from shared.dispatch.policy import DEFAULT_LANE_WEIGHTS, Policy
+from shared.dispatch.position import starts_before
 
 BIG = 10**6
 
@@ -67,3 +70,22 @@ def test_no_backlogged_lane_waits_longer_than_its_stride() -> None:
 def test_the_order_is_deterministic() -> None:
     counts = {("interactive", "x"): 7, ("bulk", "y"): 50, ("bulk", "z"): 50, ("scheduled", "x"): 9}
     assert Policy().order(counts, 100) == Policy().order(counts, 100)
+
+
+@dataclass
+class CountingPolicy(Policy):
+    """A Policy that counts the starts it simulates."""
+
+    simulated: int = 0
+
+    def next_start(self, backlog: Callable[[], Mapping[str, Iterable[str]]]) -> tuple[str, str] | None:
+        self.simulated += 1
+        return super().next_start(backlog)
+
+
+def test_a_queue_position_simulates_the_starts_up_to_its_job_not_another_tenants_whole_backlog() -> None:
+    counts = {("bulk", "hostile"): 99_000, ("interactive", "calm"): 1, ("bulk", "calm"): 3}
+    policy = CountingPolicy()
+    assert starts_before(policy=policy, counts=counts, key=("interactive", "calm"), ahead_in_key=0) == 0
+    assert policy.simulated == 1  # the whole order was 50,000 starts: 0.45 s of the API's CPU per GET
+    assert Policy().order(counts, 20) == list(Policy().starts(counts, 20))
