@@ -11,7 +11,14 @@ wall times stretch with the load, the CPU times much less.
 `ipab status` and `ipab batches` read a real batch of JOBS finished jobs in a SQLite file
 made for the run; no Redis or S3 is needed (a batch with no queued job has no forecast).
 
-Run alone: `python -m bench.startup [--repetitions 15]`.
+Bytecode: each command reads its modules' compiled bytecode, as an installed package does (pip
+compiles it at install; an editable install writes it at the first run). The children run with
+PYTHONPYCACHEPREFIX in the run's folder and without PYTHONDONTWRITEBYTECODE, so the warm-up round
+writes the cache for every command alike and the work tree gets no `__pycache__`. With
+`--no-bytecode`, every run compiles the modules it does not find compiled (this project's, under
+PYTHONDONTWRITEBYTECODE=1): the ratio then counts compiling ipab's source, not starting it.
+
+Run alone: `python -m bench.startup [--repetitions 15] [--no-bytecode]`.
 """
 
 from __future__ import annotations
@@ -108,15 +115,23 @@ def _measure(env: dict[str, str], cwd: Path, repetitions: int) -> dict[str, list
     return runs
 
 
-def run(*, repetitions: int = 15) -> dict[str, Any]:
+def _environment(workdir: Path, database_url: str, *, bytecode: bool) -> dict[str, str]:
+    """The commands' environment: no IPAB_* but the database; with `bytecode`, a bytecode cache in `workdir`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPAB_")}
+    env["IPAB_DATABASE_URL"] = database_url
+    if bytecode:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(workdir / "pycache")
+    return env
+
+
+def run(*, repetitions: int = 15, bytecode: bool = True) -> dict[str, Any]:
     """Median seconds of each command and its ratio to `celery --help`, measured in this one run."""
     with tempfile.TemporaryDirectory(prefix="ipab-startup-") as folder:
         workdir = Path(folder)
         database_url = f"sqlite:///{workdir / 'startup.db'}"
         _write_batch(database_url)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IPAB_")}
-        env["IPAB_DATABASE_URL"] = database_url
-        runs = _measure(env, workdir, repetitions)
+        runs = _measure(_environment(workdir, database_url, bytecode=bytecode), workdir, repetitions)
     walls = {label: [wall for wall, _ in timed] for label, timed in runs.items()}
     cpus = {label: statistics.median(cpu for _, cpu in timed) for label, timed in runs.items()}
     medians = {label: statistics.median(seconds) for label, seconds in walls.items()}
@@ -131,14 +146,15 @@ def run(*, repetitions: int = 15) -> dict[str, Any]:
         }
         for label in COMMANDS
     }
-    return {"repetitions": repetitions, "jobs": JOBS, "baseline": BASELINE, "commands": commands}
+    return {"repetitions": repetitions, "jobs": JOBS, "bytecode": bytecode, "baseline": BASELINE, "commands": commands}
 
 
 def to_markdown(figures: dict[str, Any]) -> str:
     """The section's table for BENCHMARKS.md."""
     lines = [
         f"Each command a fresh process, the four interleaved, {figures['repetitions']} runs each after a warm-up "
-        f"round; `ipab status` and `ipab batches` on a SQLite batch of {figures['jobs']} jobs.",
+        f"round; `ipab status` and `ipab batches` on a SQLite batch of {figures['jobs']} jobs; "
+        + ("modules read from their compiled bytecode." if figures["bytecode"] else "no bytecode cache written."),
         "",
         f"| command | median ms | fastest ms | / {BASELINE} | goal | CPU ms | CPU / {BASELINE} |",
         "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
@@ -154,7 +170,9 @@ def main() -> None:
     """Command line: print the figures as JSON, then the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repetitions", type=int, default=15, help="timed runs of each command")
-    figures = run(repetitions=parser.parse_args().repetitions)
+    parser.add_argument("--no-bytecode", action="store_true", help="write no bytecode cache (see above)")
+    args = parser.parse_args()
+    figures = run(repetitions=args.repetitions, bytecode=not args.no_bytecode)
     print(json.dumps(figures, indent=2))
     print(to_markdown(figures))
 

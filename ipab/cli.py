@@ -9,10 +9,15 @@ line saying what to install. Command modules must not import torch at import tim
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import importlib
 import importlib.util
+import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Final
 
 from shared.errors import IpabError
@@ -25,6 +30,16 @@ from shared.redact import mask_text, mask_url
 # errors); each command imports what it runs when it runs (SQLAlchemy, Redis, boto3, pydantic
 # settings, rich, PIL, torch), and `service_of` recognises a service's errors without importing
 # its library. Held by tests/scheduler/cli/test_startup_imports.py; timed by bench/startup.py.
+
+# The cyclic garbage collector is paused while a command starts: its imports make some 75k objects
+# that live as long as the process (SQLAlchemy's and pydantic's classes, the models, the settings'
+# schema), and the collector walked them over and over while they were made, and once more at exit:
+# a quarter of the CPU of `ipab status`. Reference counting still frees everything else. The pause
+# ends when the command returns or after STARTUP_GC_PAUSE_S, whichever comes first, so a
+# long-running command (a worker, the API, a loop) collects as usual after its start; a child
+# forked during the pause collects. When `main` is the program (no `argv` given), what exists when
+# the pause ends is frozen (`gc.freeze`): never walked again, by the collection at exit neither.
+STARTUP_GC_PAUSE_S: Final = 1.0
 
 # Each module defines `register(subparsers)`, adding parsers whose `func` takes the args.
 CONTROL_PLANE_MODULES: Final = (
@@ -94,8 +109,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_gc_pause_on = False  # True while `_gc_paused` holds the collector off (a flag: no lock to hold at a fork)
+
+
+def _collect_in_child() -> None:
+    global _gc_pause_on
+    if _gc_pause_on:  # forked during the pause: the timer that ends it stayed in the parent
+        _gc_pause_on = False
+        gc.enable()
+
+
+os.register_at_fork(after_in_child=_collect_in_child)
+
+
+def _end_gc_pause(*, freeze: bool) -> None:
+    global _gc_pause_on
+    if not _gc_pause_on:  # ended already: by the timer, or by the block's end
+        return
+    _gc_pause_on = False
+    if freeze:
+        gc.freeze()
+    gc.enable()
+
+
+@contextmanager
+def _gc_paused(seconds: float, *, freeze: bool) -> Iterator[None]:
+    """The cyclic garbage collector off in this block, for `seconds` at most (see STARTUP_GC_PAUSE_S);
+    with `freeze`, the objects that exist when the pause ends are frozen."""
+    if not gc.isenabled():  # someone else turned it off: theirs to turn on
+        yield
+        return
+    global _gc_pause_on
+    end = functools.partial(_end_gc_pause, freeze=freeze)
+    gc.disable()
+    _gc_pause_on = True
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        end()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `ipab` console script; returns the exit status."""
+    """Entry point of the `ipab` console script; returns the exit status.
+
+    Without `argv` (the console script, `python -m ipab.cli`), it is the program: the process ends
+    with it. In-process callers pass `argv`.
+    """
+    with _gc_paused(STARTUP_GC_PAUSE_S, freeze=argv is None):
+        return _run(argv)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "takes_any_arguments", False):

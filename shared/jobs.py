@@ -14,6 +14,7 @@ heartbeat keeps renewing still expires.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -202,8 +203,12 @@ def renew_lease(
         return _changed(session.execute(_RENEW, params)) == 1
 
 
-# PostgreSQL: the finish and its rollup in one statement (`shared.usage.finish_and_roll_up`).
-_FINISH_AND_ROLL_UP = finish_and_roll_up(_FINISH)
+@functools.cache
+def _finish_and_roll_up() -> Any:
+    """PostgreSQL: the finish and its rollup in one statement (`shared.usage.finish_and_roll_up`),
+    built once, at the first finish on PostgreSQL: it loads the PostgreSQL dialect, which a command
+    on SQLite must not pay for (tests/scheduler/cli/test_startup_imports.py)."""
+    return finish_and_roll_up(_FINISH)
 
 
 def finish_job(*, sessions: sessionmaker[Session], job_id: str, attempt: int, result: JobResult) -> bool:
@@ -213,7 +218,7 @@ def finish_job(*, sessions: sessionmaker[Session], job_id: str, attempt: int, re
     params.update({f"p_{name}": getattr(result, name) for name in _RESULT_FIELDS})
     with transaction(sessions) as session:
         if session.get_bind().dialect.name == "postgresql":
-            return session.execute(_FINISH_AND_ROLL_UP, params).first() is not None
+            return session.execute(_finish_and_roll_up(), params).first() is not None
         if _changed(session.execute(_FINISH, params)) != 1:
             return False
         roll_up_job(session, job_id)

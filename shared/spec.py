@@ -14,9 +14,11 @@ import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, cast, get_args
+from typing import Any, Final, cast
 
 from shared.errors import InvalidInput
+from shared.scheduler_names import SCHEDULERS as SCHEDULERS
+from shared.scheduler_names import Scheduler as Scheduler
 
 SEED_LIMIT: Final = 2**63
 MIN_SIDE_PX: Final = 64
@@ -33,12 +35,6 @@ MAX_BATCH_NAME_CHARS: Final = 200  # the width of `batches.name`
 _CONTROL_CHARS: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 # Built once: `json.dumps(separators=...)` builds a new encoder on every call.
 _COMPACT: Final = json.JSONEncoder(separators=(",", ":"))
-
-# The one list of scheduler names (the API's schema uses this type). `tcd` and `lcm` are for
-# step-distilled sets (TCD-LoRA, LCM-LoRA); `euler_trailing` is Euler with trailing timestep
-# spacing, as SDXL-Lightning needs.
-Scheduler = Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "tcd", "lcm", "euler_trailing"]
-SCHEDULERS: Final[tuple[str, ...]] = get_args(Scheduler)
 
 # Per-block scales as diffusers' `set_ip_adapter_scale` takes them: the number of
 # attention layers in each SDXL transformer block that carries cross-attention.

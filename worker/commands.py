@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from shared.errors import InvalidInput
-from shared.model_set_rules import NO_RULES, SetRules
-from shared.spec import SCHEDULERS, SEED_LIMIT, GenerationParams, parse_params
-from worker.download import PRESETS
+from shared.scheduler_names import SCHEDULERS
 
 if TYPE_CHECKING:
     from shared.model_set import ModelSetConfig
+    from shared.model_set_rules import SetRules
     from shared.settings import Settings
+    from shared.spec import GenerationParams
     from shared.storage import ObjectStore
     from worker.provenance import ModelSetHashes
     from worker.reproduce import JobRecord, Outcome
+
+# The choices of `--preset`, light for the parser: `worker.download.PRESETS` holds what each one
+# downloads (tests/scheduler/cli/test_startup_imports.py holds the two to the same names).
+PRESET_NAMES: Final = ("tcd", "lcm", "lightning-4step", "lightning-8step")
 
 
 def register(subparsers: Any) -> None:
@@ -42,7 +45,7 @@ def register(subparsers: Any) -> None:
     download.add_argument("--skip-base", action="store_true", help="only adapters and encoders")
     download.add_argument(
         "--preset",
-        choices=tuple(PRESETS),
+        choices=PRESET_NAMES,
         help="a step-distilled set: its LoRA, scheduler, 4 or 8 steps, no guidance (model-set-PRESET.toml)",
     )
     download.set_defaults(func=cmd_download)
@@ -100,9 +103,14 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def generation_params(args: argparse.Namespace, *, rules: SetRules = NO_RULES) -> GenerationParams:
+def generation_params(args: argparse.Namespace, *, rules: SetRules | None = None) -> GenerationParams:
     """The job's parameters from the command line, validated by the one validator (`parse_params`);
     what the command line leaves out comes from the model set's `[defaults]` (`rules`)."""
+    import secrets
+
+    from shared.spec import SEED_LIMIT, parse_params
+
+    defaults = {} if rules is None else rules.defaults
     raw: dict[str, Any] = {
         "prompt": args.prompt,
         "seed": secrets.randbelow(SEED_LIMIT) if args.seed is None else args.seed,
@@ -112,7 +120,7 @@ def generation_params(args: argparse.Namespace, *, rules: SetRules = NO_RULES) -
             raw[name] = getattr(args, name)
     if args.ip_adapter_scale is not None:
         raw["ip_adapter_scale"] = _adapter_scale_arg(args.ip_adapter_scale)
-    return parse_params({**rules.defaults, **raw})
+    return parse_params({**defaults, **raw})
 
 
 def _adapter_scale_arg(text: str) -> Any:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from typing import Any
-
-from shared import keys
 
 
 def register(subparsers: Any) -> None:
@@ -22,6 +19,9 @@ def register(subparsers: Any) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    import socket
+
+    from shared import keys
     from shared.model_set import read_model_set
     from shared.settings import load_settings, require_model_set
     from worker import observe

@@ -9,8 +9,10 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, select, text
+from sqlalchemy import Dialect, Index, inspect, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.schema import CreateIndex
 
 from shared.db import (
     TERMINAL,
@@ -52,6 +54,36 @@ def test_migrations_build_exactly_the_orm_schema(database_url: str) -> None:
     engine.dispose()
     assert {"batches", "jobs", "reference_images", "alembic_version"} <= tables
     assert {"ix_jobs_batch_id_status_lane_queued_at_line", "ix_jobs_status_lease_expires_at"} <= indexes
+
+
+PARTIAL_INDEXES = {
+    "ix_jobs_status_finished_at": "WHERE finished_at IS NOT NULL",
+    "ix_jobs_data_state_expires_at": "WHERE expires_at IS NOT NULL",
+}
+
+
+def _jobs_index(name: str) -> Index:
+    return next(ix for ix in Job.__table__.indexes if ix.name == name)
+
+
+@pytest.mark.parametrize("dialect", [postgresql.dialect(), sqlite.dialect()], ids=["postgresql", "sqlite"])
+def test_the_models_partial_indexes_are_partial_on_postgresql_and_sqlite(dialect: Dialect) -> None:
+    for name, where in PARTIAL_INDEXES.items():
+        ddl = str(CreateIndex(_jobs_index(name)).compile(dialect=dialect))
+
+        assert ddl.startswith(f"CREATE INDEX {name} ON jobs (") and ddl.endswith(f") {where}")
+
+
+def test_migrations_make_the_partial_indexes_the_models_declare(sqlite_url: str) -> None:
+    # compare_metadata does not compare an index's WHERE: the migrated index's own SQL does.
+    upgrade_database(sqlite_url)
+    engine = make_engine(sqlite_url)
+    with engine.connect() as conn:
+        stored = dict(conn.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'index'")).tuples().all())
+        declared = {name: str(CreateIndex(_jobs_index(name)).compile(conn)) for name in PARTIAL_INDEXES}
+    engine.dispose()
+
+    assert {name: stored[name] for name in PARTIAL_INDEXES} == declared
 
 
 def test_a_job_row_keeps_the_largest_seed_and_gets_its_defaults(database_url: str) -> None:

@@ -7,14 +7,17 @@ here, where before it only made every `ipab` call slower.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from ipab import cli
 from shared.db import Batch, Job, JobStatus, ensure_database, make_engine, make_session_factory
 
 REPO = Path(__file__).resolve().parents[3]
@@ -24,12 +27,22 @@ DENIED = (
     *("boto3", "botocore", "fastapi", "starlette", "uvicorn"),
     *("torch", "diffusers", "transformers", "pyarrow", "PIL"),
 )
-# Nor, for the help, anything a command loads: the database, Redis, the settings, the progress bars.
-DENIED_FOR_HELP = (*DENIED, "sqlalchemy", "alembic", "redis", "celery", "pydantic", "pydantic_settings", "rich")
-# A status read of a database at the head: no migration tool, no Redis (no queued job), no bars.
-DENIED_FOR_STATUS = (*DENIED, "alembic", "redis", "rich")
+# Nor, for the help, anything a command loads: the database, Redis, the settings, the progress bars,
+# the job spec and the model sets (the worker's parsers name their choices from light modules).
+DENIED_FOR_HELP = (
+    *DENIED,
+    *("sqlalchemy", "alembic", "redis", "celery", "pydantic", "pydantic_settings", "rich"),
+    *("shared.spec", "shared.model_set", "shared.model_set_rules", "worker.download"),
+)
+# A status read of a SQLite database at the head: no migration tool, no Redis (no queued job), no
+# bars, no PostgreSQL dialect (a partial index declared with `postgresql_where=` loaded it), no job spec.
+DENIED_FOR_STATUS = (
+    *DENIED,
+    *("alembic", "redis", "rich", "sqlalchemy.dialects.postgresql"),
+    *("shared.spec", "shared.model_set", "worker.download"),
+)
 
-# `ipab ARGV` in this interpreter; then the top-level packages it loaded, as JSON, into the file OUT.
+# `ipab ARGV` in this interpreter; then the modules it loaded, as JSON, into the file OUT.
 PROBE = """
 import json, sys
 from ipab import cli
@@ -40,7 +53,7 @@ try:
 except SystemExit as e:  # --help exits from argparse
     code = e.code
 with open(out, "w") as f:
-    json.dump({"code": code, "packages": sorted({name.split(".")[0] for name in sys.modules})}, f)
+    json.dump({"code": code, "modules": sorted(sys.modules)}, f)
 """
 
 
@@ -59,9 +72,10 @@ def run_probe(tmp_path: Path, database_url: str, *argv: str) -> Probe:
 
 
 def loaded_of(found: dict[str, object], denied: tuple[str, ...]) -> list[str]:
-    packages = found["packages"]
-    assert isinstance(packages, list)
-    return sorted(set(packages) & set(denied))
+    """The denied modules (or packages: a denied name covers its submodules) that were loaded."""
+    modules = found["modules"]
+    assert isinstance(modules, list)
+    return sorted({name for name in denied for module in modules if f"{module}.".startswith(f"{name}.")})
 
 
 def add_batch(database_url: str, name: str) -> None:
@@ -98,6 +112,15 @@ def test_a_status_read_loads_no_object_store_http_or_gpu_library(tmp_path: Path,
     assert loaded_of(found, DENIED_FOR_STATUS) == []
 
 
+def test_the_batch_list_loads_what_a_status_read_loads(tmp_path: Path, sqlite_url: str) -> None:
+    add_batch(sqlite_url, "nightly")
+
+    done, found = run_probe(tmp_path, sqlite_url, "batches")
+
+    assert found["code"] == 0 and "nightly" in done.stdout
+    assert loaded_of(found, DENIED_FOR_STATUS) == []
+
+
 def test_a_status_of_a_missing_batch_fails_in_one_line_and_stays_light(tmp_path: Path, sqlite_url: str) -> None:
     done, found = run_probe(tmp_path, sqlite_url, "status", "no-such-batch")  # a fresh database: migrated first
 
@@ -111,6 +134,8 @@ def test_the_parsers_light_choices_are_what_the_commands_accept() -> None:
     from scheduler.export.formats import FORMATS
     from scheduler.export.run import WRITERS
     from shared import db, job_status
+    from worker.commands import PRESET_NAMES
+    from worker.download import PRESETS
 
     assert tuple(WRITERS) == FORMATS
     assert (db.JobStatus, db.TERMINAL, db.DEFAULT_TENANT) == (
@@ -119,3 +144,29 @@ def test_the_parsers_light_choices_are_what_the_commands_accept() -> None:
         job_status.DEFAULT_TENANT,
     )
     assert tuple(status.value for status in db.JobStatus) == job_status.STATUSES
+    assert tuple(PRESETS) == PRESET_NAMES
+
+
+def test_a_command_in_process_leaves_the_collector_on_and_nothing_frozen() -> None:
+    frozen = gc.get_freeze_count()
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
+def test_the_start_up_pause_of_the_collector_ends_on_time_and_in_a_forked_child() -> None:
+    with cli._gc_paused(30.0, freeze=False):
+        assert not gc.isenabled()
+        pid = os.fork()
+        if pid == 0:  # the child: the collector must be on without the parent's timer
+            os._exit(0 if gc.isenabled() else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and gc.isenabled()
+
+    with cli._gc_paused(0.05, freeze=False):
+        deadline = time.monotonic() + 10
+        while not gc.isenabled() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gc.isenabled()  # a long-running command collects after its start
