@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import func, select
 
 from scheduler.api.app import create_app
 from scheduler.tenants import create_key
-from shared.db import ensure_database, make_engine, make_session_factory
+from shared.db import Job, ensure_database, make_engine, make_session_factory
 from shared.jobs import transaction
 from shared.settings import Settings
 from tests.scheduler.api.served import ServedApi
@@ -25,6 +26,35 @@ def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 64) -> by
     out = io.BytesIO()
     Image.new("RGB", (size, size), color).save(out, format="PNG")
     return out.getvalue()
+
+
+JOB: dict[str, Any] = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}  # a small valid job
+
+
+def upload(client: TestClient, headers: dict[str, str], color: tuple[int, int, int] = (1, 2, 3)) -> str:
+    """Upload a small PNG as `headers`' tenant; its reference id."""
+    r = client.post("/v1/references", headers=headers, files={"file": ("a.png", png_bytes(color), "image/png")})
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def job_count(settings: Settings) -> int:
+    """How many jobs the test's database holds."""
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            return int(session.scalar(select(func.count()).select_from(Job)) or 0)
+    finally:
+        engine.dispose()
+
+
+def assert_problem(r: Any, status: int, *words: str) -> None:
+    """`r` is a problem+json of `status` whose text holds every one of `words` (any case)."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
+    text = r.text.lower()
+    for word in words:
+        assert word.lower() in text, (word, r.json())
 
 
 def make_key(settings: Settings, tenant: str, *, admin: bool = False) -> tuple[str, str | None]:

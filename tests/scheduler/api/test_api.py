@@ -9,39 +9,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
 
 from ipab.cli import main
 from scheduler.api.app import create_app
 from scheduler.api.caches import AUTH_CACHE_S
-from shared.db import Job, make_engine, make_session_factory
 from shared.settings import Settings
-from tests.scheduler.api.conftest import png_bytes
-
-JOB = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
-
-
-def upload(client: TestClient, headers: dict[str, str], color: tuple[int, int, int] = (1, 2, 3)) -> str:
-    r = client.post("/v1/references", headers=headers, files={"file": ("a.png", png_bytes(color), "image/png")})
-    assert r.status_code == 201, r.text
-    return str(r.json()["id"])
-
-
-def job_count(settings: Settings) -> int:
-    engine = make_engine(settings.database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            return int(session.scalar(select(func.count()).select_from(Job)) or 0)
-    finally:
-        engine.dispose()
-
-
-def assert_problem(r: Any, status: int, *words: str) -> None:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
-    text = r.text.lower()
-    for word in words:
-        assert word.lower() in text, (word, r.json())
+from tests.scheduler.api.conftest import JOB, assert_problem, job_count, upload
 
 
 def test_keys_create_prints_the_key_alone_on_its_last_line_once_and_revoke_stops_it_within_the_auth_cache(

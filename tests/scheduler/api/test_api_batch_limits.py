@@ -18,8 +18,8 @@ from devkit.flood import Probe
 from scheduler.api.app import create_app
 from shared.errors import MAX_LISTED_PROBLEMS
 from shared.settings import Settings
+from tests.scheduler.api.conftest import JOB, assert_problem, job_count, upload
 from tests.scheduler.api.served import ServedApi
-from tests.scheduler.api.test_api import JOB, assert_problem, job_count, upload
 
 MIB: Final = 1024 * 1024
 JSONL: Final = {"content-type": "application/jsonl"}

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from shared.db import Job, make_engine, make_session_factory
 from shared.settings import Settings
-from tests.scheduler.api.test_api import assert_problem, upload
+from tests.scheduler.api.conftest import assert_problem, upload
 
 LEAKY_ERROR = "cannot reach redis://:s3cret-pass@redis.internal:6379/0"
 

@@ -15,9 +15,8 @@ import httpx
 
 from scheduler.api.heavy_gate import WAIT_S
 from shared.settings import Settings
-from tests.scheduler.api.conftest import make_key, png_bytes
+from tests.scheduler.api.conftest import JOB, make_key, png_bytes
 from tests.scheduler.api.served import ServedApi
-from tests.scheduler.api.test_api import JOB
 
 JSONL: Final = {"content-type": "application/jsonl"}
 

@@ -26,8 +26,7 @@ from scheduler.submission.submit import submit_rows
 from shared.db import Batch, Job, WebhookSubscription, new_id, utcnow
 from shared.jobs import transaction
 from shared.settings import Settings
-from tests.scheduler.api.conftest import make_key
-from tests.scheduler.api.test_api import JOB, assert_problem, job_count, upload
+from tests.scheduler.api.conftest import JOB, assert_problem, job_count, make_key, upload
 
 HOOK = ("http://127.0.0.1:9/hook", [JOB_EVENTS["succeeded"]])
 

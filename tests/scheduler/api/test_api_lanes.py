@@ -7,7 +7,7 @@ from sqlalchemy import select, update
 
 from shared.db import Job, Tenant, make_engine, make_session_factory
 from shared.settings import Settings
-from tests.scheduler.api.test_api import JOB, assert_problem, upload
+from tests.scheduler.api.conftest import JOB, assert_problem, upload
 
 
 def lanes(settings: Settings) -> dict[str, str]:

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.api.app import create_app
 from shared.settings import Settings
+from tests.scheduler.api.conftest import JOB, assert_problem, upload
 from tests.scheduler.api.served import free_port
-from tests.scheduler.api.test_api import JOB, assert_problem, upload
 
 TOKEN: Final = "metrics-token-for-tests-0123456789"
 SCRAPER: Final = {"Authorization": f"Bearer {TOKEN}"}

@@ -10,8 +10,7 @@ from fastapi.testclient import TestClient
 from devkit import services
 from scheduler.api.app import create_app
 from shared.settings import Settings
-from tests.scheduler.api.conftest import make_key
-from tests.scheduler.api.test_api import JOB, assert_problem, job_count, upload
+from tests.scheduler.api.conftest import JOB, assert_problem, job_count, make_key, upload
 
 
 def test_sql_down_answers_every_concurrent_post_503_and_they_succeed_once_it_is_back(

@@ -10,8 +10,7 @@ from fastapi.testclient import TestClient
 
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.scheduler.api.conftest import png_bytes
-from tests.scheduler.api.test_api import assert_problem
+from tests.scheduler.api.conftest import assert_problem, png_bytes
 
 TOML = {"content-type": "application/toml"}
 

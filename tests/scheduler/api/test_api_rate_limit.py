@@ -18,9 +18,8 @@ from devkit.flood import Flood
 from scheduler.api.app import create_app
 from scheduler.api.rate_limit import ROUTE_COSTS
 from shared.settings import Settings
-from tests.scheduler.api.conftest import png_bytes
+from tests.scheduler.api.conftest import JOB, assert_problem, png_bytes, upload
 from tests.scheduler.api.served import ServedApi
-from tests.scheduler.api.test_api import JOB, assert_problem, upload
 
 JSONL: Final = {"content-type": "application/jsonl"}
 GALLERY: Final = "/v1/batches/{batch_id}/gallery"

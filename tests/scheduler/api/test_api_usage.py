@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from shared.db import UsageRollup, make_engine, make_session_factory
 from shared.jobs import transaction
 from shared.settings import Settings
-from tests.scheduler.api.test_api import JOB, assert_problem, upload
+from tests.scheduler.api.conftest import JOB, assert_problem, upload
 
 JSONL: Final = {"content-type": "application/jsonl"}
 
