@@ -15,6 +15,22 @@ import pytest
 from shared.settings import Settings
 
 
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (the SigCgt mask of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
+    return False
+
+
+def wait_until_it_catches_sigterm(proc: subprocess.Popen[str], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not catches(proc.pid, signal.SIGTERM):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, f"no SIGTERM handler after {timeout_s} s"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("argv", [("reconcile", "--loop"), ("beat", "--interval", "1")])
 def test_a_control_loop_exits_zero_soon_after_sigterm(
     argv: tuple[str, ...], settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
@@ -24,7 +40,8 @@ def test_a_control_loop_exits_zero_soon_after_sigterm(
     proc = subprocess.Popen(
         [sys.executable, "-m", "ipab.cli", *argv], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
     )
-    time.sleep(4)  # up and looping
+    wait_until_it_catches_sigterm(proc)  # its first line ran (a fixed sleep was too short on a loaded machine)
+    time.sleep(2)  # and past start-up, looping
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
