@@ -34,6 +34,8 @@ SECRET_FIELDS = frozenset({"api_key", "metrics_token"})
 MINIMUM_COUNTS = {"max_attempts": 1, "transient_retries": 0, "cache_lru_bytes": 0, "batch_wait_ms": 0}
 MINIMUM_COUNTS["metrics_port"] = 0  # 0 turns a worker's /metrics off
 MINIMUM_COUNTS["api_metrics_port"] = 0  # 0: the API serves /metrics on no port of its own
+MINIMUM_COUNTS["api_batch_processes"] = 0  # 0: batches are parsed in the API process itself
+MINIMUM_COUNTS["api_batch_process_min_bytes"] = 0  # 0: every batch goes to a batch process
 MAX_PORT = 65535  # the largest TCP port
 # Without IPAB_DISPATCH_DEPTH, the queue is kept at least this deep, and at least one batch deep.
 DEFAULT_DISPATCH_DEPTH = 4
@@ -115,6 +117,10 @@ class Settings(BaseSettings):
     api_max_queued_jobs: int = 100_000  # per tenant; a POST that would pass it gets 429
     api_max_body_bytes: int = 64 * 1024 * 1024  # per request; past it, 413
     api_max_batch_rows: int = 100_000  # rows per POST /v1/batches; past it, 413 before the rest is read
+    # Batch bodies of at least `api_batch_process_min_bytes` are parsed, validated and submitted in
+    # one of `api_batch_processes` child processes (scheduler/api/batch_processes.py; 0: in the API's).
+    api_batch_processes: int = 2
+    api_batch_process_min_bytes: int = 1024 * 1024
     # Per-tenant request rate (scheduler/api/rate_limit.py): a token bucket in Redis, refilled at
     # `api_rate_per_s` tokens a second (0: no limit) and holding at most `api_rate_burst`; past it, 429.
     api_rate_per_s: float = 50.0

@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from scheduler.api.batch_processes import BatchProcesses
 from scheduler.api.caches import AUTH_CACHE_S, REFERENCE_CACHE_S, ExpiringCache
 from scheduler.api.heavy_gate import HeavyGate
 from scheduler.api.problems import ApiProblem
@@ -57,14 +58,19 @@ class ApiContext:
     limiter: RateLimiter = field(init=False)
     # One large-body request (a batch, an upload, a plan) in flight per tenant (see its module).
     heavy: HeavyGate = field(default_factory=HeavyGate)
+    # Large batch bodies are handled in child processes, started at the first (see its module).
+    batch_processes: BatchProcesses = field(init=False)
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.settings)
+        self.batch_processes = BatchProcesses(self.settings)
 
     @classmethod
-    def build(cls, settings: Settings) -> ApiContext:
-        """Migrate the database, then connect to it, the object store and Redis (once)."""
-        ensure_database(settings.database_url)
+    def build(cls, settings: Settings, *, migrate: bool = True) -> ApiContext:
+        """Migrate the database (unless `migrate` is False: a batch process's parent did), then connect
+        to it, the object store and Redis (once)."""
+        if migrate:
+            ensure_database(settings.database_url)
         engine = make_engine(settings.database_url)
         client = connect_redis(settings.redis_url, profile=API)
         store = ObjectStore.from_settings(settings)
@@ -80,7 +86,8 @@ class ApiContext:
         return self._model_set[0]
 
     def close(self) -> None:
-        """Release the connections."""
+        """Stop the batch processes; release the connections."""
+        self.batch_processes.close()
         self.redis.close()
         self.engine.dispose()
         self.webhook_resolver.close()

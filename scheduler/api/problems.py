@@ -71,6 +71,23 @@ class ApiProblem(Exception):
         self.kind = kind
         self.extensions = dict(extensions or {})  # RFC 9457 extension members of this problem type
 
+    def as_data(self) -> dict[str, Any]:
+        """The problem as plain data (JSON types only), to cross a process boundary; `from_data` reads it."""
+        fields = ("status", "detail", "errors", "headers", "kind", "extensions")
+        return {name: getattr(self, name) for name in fields}
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> ApiProblem:
+        """The problem `as_data` wrote."""
+        return cls(
+            data["status"],
+            data["detail"],
+            errors=data["errors"],
+            headers=data["headers"],
+            kind=data["kind"],
+            extensions=data["extensions"],
+        )
+
 
 def field_error(field: str, value: Any, reason: str) -> dict[str, Any]:
     """One entry of a problem's `errors`."""
@@ -129,6 +146,27 @@ def quota_problem(e: QuotaExceeded) -> ApiProblem:
     return ApiProblem(429, str(e), headers=headers, kind="quota-exceeded", extensions=members)
 
 
+def transient_problem(e: TransientError) -> ApiProblem:
+    """503 with Retry-After: a service (SQL, Redis, S3) did not answer; nothing was done."""
+    headers = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
+    return ApiProblem(503, str(e), headers=headers, kind="unavailable")
+
+
+def known_problem(e: Exception) -> ApiProblem | None:
+    """The problem the handlers answer `e` with, for every error but the unexpected (None)."""
+    if isinstance(e, ApiProblem):
+        return e
+    if isinstance(e, NotFound):
+        return not_found(e.kind, e.ref)
+    if isinstance(e, QuotaExceeded):
+        return quota_problem(e)
+    if isinstance(e, CapReached):
+        return cap_problem(e)
+    if isinstance(e, TransientError):
+        return transient_problem(e)
+    return None
+
+
 def _validation_problem(errors: Sequence[Any]) -> ApiProblem:
     found = []
     for err in errors:
@@ -171,8 +209,8 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem_response(request, quota_problem(exc))
 
     async def on_transient(request: Request, exc: Exception) -> JSONResponse:
-        headers = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
-        return problem_response(request, ApiProblem(503, str(exc), headers=headers, kind="unavailable"))
+        assert isinstance(exc, TransientError)
+        return problem_response(request, transient_problem(exc))
 
     async def on_anything(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)

@@ -109,6 +109,8 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "api_max_queued_jobs": [("0", "0")],
     "api_max_body_bytes": [("-1", "-1")],
     "api_max_batch_rows": [("0", "0"), ("many", "many")],
+    "api_batch_processes": [("-1", "-1"), ("two", "two")],
+    "api_batch_process_min_bytes": [("-1", "-1"), ("1MiB", "1MiB")],
     "api_rate_per_s": [("-1", "-1"), ("inf", "inf"), ("fast", "fast")],
     "api_rate_burst": [("0", "0"), ("1.5", "1.5")],
     "api_metrics_port": [("-1", "-1"), ("70000", "70000")],

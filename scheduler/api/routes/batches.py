@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from scheduler.api.batch_create import BatchRequest
+from scheduler.api.batch_create import create_batch as create_batch_rows
 from scheduler.api.bodies import JSONL_TYPES, MULTIPART, media_type, read_body, read_multipart_file, unsupported
-from scheduler.api.collector import collector_paused
 from scheduler.api.context import ApiContext, CallerDep, Context
 from scheduler.api.idempotency import idempotent
 from scheduler.api.models import BatchCreated, BatchOut, JobDeleted
-from scheduler.api.problems import ApiProblem, field_error, from_invalid_input, invalid
+from scheduler.api.problems import from_invalid_input, invalid
 from scheduler.api.routes.jobs import webhook_of
-from scheduler.api.submission import api_field, parse_api_rows, problems_of, refuse_when_full, submit_api_rows
 from scheduler.api.views import batch_forecast, batch_view
 from scheduler.batches.actions import cancel, retry_failed, set_paused, wake
 from scheduler.batches.counts import STATUSES, count_batch, count_jobs
@@ -28,13 +27,11 @@ from scheduler.batches.events import BATCH_COMPLETED
 from scheduler.batches.lookup import find_batch
 from scheduler.batches.record import Audience, batch_records, results_line
 from scheduler.gallery.build import render_gallery
-from scheduler.submission.manifest import EXPIRES_FIELD, ParsedManifest, read_jsonl_bytes
-from scheduler.submission.submit import SubmitResult
+from scheduler.submission.manifest import EXPIRES_FIELD
 from scheduler.webhooks.addresses import MAX_URL_CHARS
-from scheduler.webhooks.subscriptions import subscribe
-from shared.db import Batch, new_id
+from shared.db import Batch
 from shared.dispatch.policy import DEFAULT_LANE, Lane
-from shared.errors import MAX_LISTED_PROBLEMS, InvalidInput, ManifestInvalid, TooManyRows
+from shared.errors import InvalidInput
 from shared.janitor.loop import wake_janitor
 from shared.jobs import transaction
 from shared.retention import parse_duration
@@ -42,7 +39,6 @@ from shared.retention import parse_duration
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 MAX_DURATION_CHARS: Final = 40
 MAX_LIST: Final = 1000
-COUNT_SLICE_BYTES: Final = 1024 * 1024  # about 1 ms of counting newlines (see `_line_count`)
 # The gallery page is inline CSS, inline script and data: images: nothing else may load or run.
 GALLERY_HEADERS: Final = {
     "Content-Security-Policy": (
@@ -75,93 +71,6 @@ async def _rows_body(request: Request, ctx: ApiContext) -> bytes | bytearray:
     raise unsupported(request, "application/jsonl, or multipart/form-data with a `file`")
 
 
-def too_many_rows(limit: int) -> ApiProblem:
-    """413 naming the row limit and its setting."""
-    reason = f"holds more than {limit} rows (IPAB_API_MAX_BATCH_ROWS); split it into batches of at most {limit}"
-    return ApiProblem(413, f"the batch {reason}", errors=[field_error("body", None, reason)], kind="too-many-rows")
-
-
-def _parse(ctx: ApiContext, data: bytes | bytearray) -> ParsedManifest:
-    """The body's rows, read one line at a time up to the row cap (413 past it) and the problem cap."""
-    try:
-        return parse_api_rows(
-            read_jsonl_bytes(data), max_rows=ctx.settings.api_max_batch_rows, max_problems=MAX_LISTED_PROBLEMS
-        )
-    except TooManyRows as e:
-        raise too_many_rows(e.limit) from None
-
-
-def _line_count(data: bytes | bytearray) -> int:
-    """How many lines `data` holds, blank ones included (C speed: the body is not split).
-
-    Counted a slice at a time: one count of a 32 MiB body held the GIL for 42 ms, and every
-    other request of the process waited for it; between slices other threads get their turn.
-    """
-    slices = range(0, len(data), COUNT_SLICE_BYTES)
-    newlines = sum(data.count(b"\n", start, start + COUNT_SLICE_BYTES) for start in slices)
-    return newlines + (0 if data.endswith(b"\n") else 1)
-
-
-@collector_paused()  # its rows are a million objects: no full collection walks them (see the module)
-def _create(
-    ctx: ApiContext,
-    tenant: str,
-    data: bytes | bytearray,
-    skip_invalid: bool,
-    webhook: tuple[str, list[str]] | None,
-    lane: str = DEFAULT_LANE,
-    expires_after_s: int | None = None,
-) -> dict[str, Any]:
-    lines = _line_count(data)
-    refuse_when_full(ctx, tenant, adding=lines)  # before its body is parsed
-    parsed = _parse(ctx, data)
-    batch_id: list[str] = []
-
-    def after_insert(session: Session, inserted_batch: str, _job_ids: Mapping[int, str]) -> None:
-        batch_id.append(inserted_batch)
-        if webhook is not None:
-            subscribe(
-                session=session,
-                subject_id=inserted_batch,
-                kind="batch",
-                tenant=tenant,
-                url=webhook[0],
-                events=webhook[1],
-            )
-
-    try:
-        result = submit_api_rows(
-            ctx,
-            tenant=tenant,
-            parsed=parsed,
-            batch_name=f"{tenant}/{new_id()}",
-            skip_invalid=skip_invalid,
-            after_insert=after_insert,
-            expires_after_s=expires_after_s,
-            lane=lane,
-        )
-    except ManifestInvalid as e:
-        lines_after = lines - (e.stopped_after or 0)
-        raise problems_of(e.problems, with_lines=True, stopped_after=e.stopped_after, lines_after=lines_after) from None
-    except InvalidInput as e:
-        raise from_invalid_input(e) from None
-    return _created(result)
-
-
-def _created(result: SubmitResult) -> dict[str, Any]:
-    """The 202's body: the first MAX_LISTED_PROBLEMS problems of the rows skipped, and how many in all."""
-    listed = result.invalid[:MAX_LISTED_PROBLEMS]
-    invalid = [{"line": p.line, "field": api_field(p.field), "reason": p.reason} for p in listed]
-    count = len(result.invalid)
-    return {
-        "id": result.batch_id,
-        "status": "in_progress",
-        "added": result.added,
-        "invalid": invalid,
-        "invalid_count": count,
-    }
-
-
 @router.post("", status_code=202, response_model=BatchCreated, openapi_extra=JSONL_BODY)
 async def create_batch(
     request: Request,
@@ -192,10 +101,13 @@ async def create_batch(
         expires_after_s = None if expires_after is None else _retention(expires_after)
         data = await _rows_body(request, ctx)
 
+        batch = BatchRequest(caller.tenant, data, skip_invalid, webhook, lane, expires_after_s)
+
         async def handle() -> JSONResponse:
-            created = await run_in_threadpool(
-                _create, ctx, caller.tenant, data, skip_invalid, webhook, lane, expires_after_s
-            )
+            if ctx.batch_processes.takes(len(data)):  # its CPU and GIL are then another process's
+                created = await ctx.batch_processes.create(batch)
+            else:
+                created = await run_in_threadpool(create_batch_rows, ctx, batch)
             return JSONResponse(created, status_code=202)
 
         return await idempotent(request, ctx, tenant=caller.tenant, content=data, handle=handle)

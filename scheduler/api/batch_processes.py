@@ -1,0 +1,163 @@
+"""Large POST /v1/batches bodies are parsed, validated and submitted in child processes.
+
+A batch of 99,000 rows costs about 11 s of CPU. In the API process that CPU holds the GIL,
+and every request of every tenant waits for it between its own steps: measured
+(bench/two_tenants.py), another tenant's GET of a job went from 11 to 39 ms (p50) beside
+one. So a body of at least IPAB_API_BATCH_PROCESS_MIN_BYTES goes to one of
+IPAB_API_BATCH_PROCESSES child processes (spawned, not forked: the API process has threads),
+and the API process only waits for the answer on its event loop. Small bodies stay in the
+API process, where they cost less than the trip.
+
+Each child builds its own context once (SQL engine, Redis client, object store; it does not
+migrate: the API process did), and runs the same `create_batch` as the API process would.
+What crosses the boundary is plain data: the request (`BatchRequest`), and back the 202's
+body or the problem the route answers (`ApiProblem.as_data`), so every answer is the one
+the API process would have given. The body itself goes through a temporary file, written
+in a thread: pickled, a 64 MiB body cost the API process 128 MiB more (the pickle's buffer
+grows by doubling), and its copy held the GIL.
+
+A child that dies (OOM-killed, SIGKILL) breaks the pool: the requests it held get 503
+(`unavailable`, Retry-After; a batch is written in one transaction, so theirs were not
+written unless it died in the moment after the commit) and the pool is built again for the
+next ones. The processes
+start at the first large batch, not with the API, and stop when the API does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import tempfile
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from scheduler.api.problems import RETRY_AFTER_UNAVAILABLE_S, ApiProblem, known_problem
+from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from scheduler.api.batch_create import BatchRequest
+    from scheduler.api.context import ApiContext
+
+log = logging.getLogger(__name__)
+CREATED: Final = "created"
+PROBLEM: Final = "problem"
+
+# The child's context, built once by `_start_child` (a child process serves one API process).
+_CHILD: list[ApiContext] = []
+
+
+def _start_child(settings: Settings) -> None:
+    """Build the child's context; Ctrl-C is the API's to handle (it stops the pool)."""
+    from scheduler.api.context import ApiContext  # (context.py imports this module)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _CHILD.append(ApiContext.build(settings, migrate=False))
+
+
+def _create_in_child(request: BatchRequest) -> tuple[str, dict[str, Any]]:
+    """(CREATED, the 202's body) or (PROBLEM, the problem as data); an unexpected error is raised."""
+    from scheduler.api.batch_create import create_batch  # (it imports context.py, which imports this module)
+
+    if request.body_path is not None:
+        request = dataclasses.replace(request, data=Path(request.body_path).read_bytes(), body_path=None)
+    try:
+        return CREATED, create_batch(_CHILD[0], request)
+    except Exception as e:
+        problem = known_problem(e)
+        if problem is None:
+            raise
+        return PROBLEM, problem.as_data()
+
+
+def _spill(data: bytes | bytearray) -> str:
+    """A temporary file holding `data` (written in one call: no copy); its path."""
+    fd, path = tempfile.mkstemp(prefix="ipab-batch-", suffix=".jsonl")
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    return path
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def died(processes: int) -> ApiProblem:
+    """503 for the requests of a batch process that died (their batches were almost surely not written)."""
+    detail = (
+        f"the batch process handling this batch (IPAB_API_BATCH_PROCESSES={processes}) stopped before answering "
+        "(out of memory, or killed): send the batch again. A batch is written in one transaction: unless "
+        "GET /v1/batches shows it, nothing of it was submitted"
+    )
+    headers = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
+    return ApiProblem(503, detail, headers=headers, kind="unavailable")
+
+
+class BatchProcesses:
+    """The API process's pool of batch processes, started at the first large batch (event loop only)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.processes = settings.api_batch_processes
+        self._pool: ProcessPoolExecutor | None = None
+
+    def takes(self, size_bytes: int) -> bool:
+        """Whether a body of `size_bytes` goes to a batch process (else it is handled in the API's)."""
+        return self.processes > 0 and size_bytes >= self.settings.api_batch_process_min_bytes
+
+    def _current(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_child,
+                initargs=(self.settings,),
+            )
+        return self._pool
+
+    def _discard(self, pool: ProcessPoolExecutor) -> None:
+        """Drop a broken pool (once, whichever of its requests sees it first); the next call builds another."""
+        if self._pool is pool:
+            self._pool = None
+            log.warning("a batch process died; starting new ones for the next batches")
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    async def create(self, request: BatchRequest) -> dict[str, Any]:
+        """`create_batch` in a batch process: the 202's body; its ApiProblem, or 503 if the process died."""
+        path = await asyncio.to_thread(_spill, request.data)
+        try:
+            pool, future = self._submit(dataclasses.replace(request, data=b"", body_path=path))
+        except BaseException:
+            _remove(path)
+            raise
+        future.add_done_callback(lambda _: _remove(path))  # answered, failed or canceled: read by then, or never
+        try:
+            outcome, body = await asyncio.wrap_future(future)
+        except BrokenProcessPool:
+            self._discard(pool)
+            raise died(self.processes) from None
+        if outcome == PROBLEM:
+            raise ApiProblem.from_data(body)
+        return body
+
+    def _submit(self, request: BatchRequest) -> tuple[ProcessPoolExecutor, Future[tuple[str, dict[str, Any]]]]:
+        pool = self._current()
+        try:
+            return pool, pool.submit(_create_in_child, request)
+        except BrokenProcessPool:  # it broke between batches: this request lost nothing, try a new pool
+            self._discard(pool)
+            pool = self._current()
+            return pool, pool.submit(_create_in_child, request)
+
+    def close(self) -> None:
+        """Stop the processes (a batch in progress is left to finish first)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

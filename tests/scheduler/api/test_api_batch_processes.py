@@ -1,0 +1,112 @@
+"""Large batches are handled in batch processes (scheduler/api/batch_processes.py): every answer is the
+one the API process gives itself, and a batch process that dies costs its request a 503, not the API."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Final
+
+import pytest
+from fastapi.testclient import TestClient
+
+from scheduler.api.app import create_app
+from shared.settings import Settings
+from tests.scheduler.api.conftest import JOB, assert_problem, job_count, upload
+
+JSONL: Final = {"content-type": "application/jsonl"}
+CHILD_START_S: Final = 60.0  # a spawned batch process imports the API's modules: seconds on a loaded machine
+
+
+def rows_body(ref: str, rows: int, **fields: Any) -> str:
+    return "\n".join(json.dumps({**JOB, "references": [ref], "seed": i, **fields}) for i in range(rows)) + "\n"
+
+
+@pytest.fixture
+def in_children(api_settings: Settings) -> Settings:
+    """Every batch goes to one batch process."""
+    return api_settings.model_copy(update={"api_batch_processes": 1, "api_batch_process_min_bytes": 0})
+
+
+@pytest.fixture
+def child_client(in_children: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(in_children, dispatcher=False), raise_server_exceptions=False) as c:
+        yield c
+
+
+def _answers(client: TestClient, headers: dict[str, str], ref: str) -> list[tuple[int, Any, str | None]]:
+    """(status, body less the batch id, Retry-After) of a 202, a 422 of invalid rows, a 413, a 429 queue-full."""
+    bodies = [
+        ("?skip_invalid=true", rows_body(ref, 3) + '{"prompt": 1}\n'),
+        ("", '{"prompt": 1}\n' * 150),
+        ("", rows_body(ref, 201)),  # past api_max_batch_rows
+        ("", rows_body(ref, 5, lane="nowhere")),
+        ("", rows_body(ref, 5)),  # past api_max_queued_jobs
+    ]
+    answers = []
+    for query, body in bodies:
+        r = client.post(f"/v1/batches{query}", headers={**headers, **JSONL}, content=body)
+        answer = r.json()
+        if r.status_code == 202:
+            answer.pop("id")
+        answers.append((r.status_code, answer, r.headers.get("retry-after")))
+    return answers
+
+
+def test_a_batch_process_gives_every_answer_the_api_process_gives(
+    api_settings: Settings, in_children: Settings, alice: dict[str, str], bob: dict[str, str]
+) -> None:
+    limits = {"api_max_batch_rows": 200, "api_max_queued_jobs": 4}
+    answers = []
+    for settings, headers in ((api_settings, alice), (in_children, bob)):
+        app = create_app(settings.model_copy(update=limits), dispatcher=False)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            answers.append(_answers(client, headers, upload(client, headers)))
+    in_process, in_child = answers
+    assert [status for status, _, _ in in_child] == [202, 422, 413, 422, 429]
+    assert json.dumps(in_child).replace("bob", "alice") == json.dumps(in_process)  # the tenant's name aside
+    assert job_count(api_settings) == 6  # three rows each
+
+
+def _post_in_thread(client: TestClient, headers: dict[str, str], body: str) -> tuple[threading.Thread, list[Any]]:
+    got: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: got.append(client.post("/v1/batches", headers={**headers, **JSONL}, content=body))
+    )
+    thread.start()
+    return thread, got
+
+
+def test_a_batch_process_killed_mid_batch_answers_503_and_the_next_batch_is_served(
+    child_client: TestClient, alice: dict[str, str], api_settings: Settings
+) -> None:
+    ref = upload(child_client, alice)
+    first = child_client.post("/v1/batches", headers={**alice, **JSONL}, content=rows_body(ref, 2))
+    assert first.status_code == 202, first.text  # the batch process is up
+    (child,) = multiprocessing.active_children()
+    thread, got = _post_in_thread(child_client, alice, rows_body(ref, 20_000))
+    time.sleep(0.5)
+    os.kill(child.pid or 0, signal.SIGKILL)
+    thread.join(timeout=CHILD_START_S)
+    (r,) = got
+    assert_problem(r, 503, "stopped before answering", "send the batch again", "IPAB_API_BATCH_PROCESSES=1")
+    assert r.headers["retry-after"] == "5"
+    assert child_client.get("/healthz").status_code == 200
+    again = child_client.post("/v1/batches", headers={**alice, **JSONL}, content=rows_body(ref, 3))
+    assert again.status_code == 202, again.text
+    assert job_count(api_settings) == 5
+    assert [p.pid for p in multiprocessing.active_children()] != [child.pid]
+
+
+def test_small_batches_stay_in_the_api_process(api_settings: Settings, alice: dict[str, str]) -> None:
+    settings = api_settings.model_copy(update={"api_batch_processes": 1, "api_batch_process_min_bytes": 1 << 20})
+    with TestClient(create_app(settings, dispatcher=False), raise_server_exceptions=False) as client:
+        ref = upload(client, alice)
+        r = client.post("/v1/batches", headers={**alice, **JSONL}, content=rows_body(ref, 2))
+        assert r.status_code == 202, r.text
+        assert multiprocessing.active_children() == []
