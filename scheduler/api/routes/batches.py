@@ -90,15 +90,17 @@ async def create_batch(
     At most IPAB_API_MAX_BATCH_ROWS rows (413 past them). At most 100 problems are listed; reading
     stops at the line that brings them to 100, and then nothing is submitted, even with `skip_invalid`.
     """
-    async with ctx.heavy.slot(tenant=caller.tenant, route="POST /v1/batches"):
-        webhook = (
-            None
-            if webhook_url is None
-            else await webhook_of(
-                ctx, caller.tenant, {"url": webhook_url, "events": [BATCH_COMPLETED]}, allowed=(BATCH_COMPLETED,)
-            )
+    # The query's checks come before the tenant's large-body slot: a webhook host's look-up may
+    # wait out IPAB_WEBHOOK_DNS_TIMEOUT_S, and it reads no body (the look-ups have their own limit).
+    webhook = (
+        None
+        if webhook_url is None
+        else await webhook_of(
+            ctx, caller.tenant, {"url": webhook_url, "events": [BATCH_COMPLETED]}, allowed=(BATCH_COMPLETED,)
         )
-        expires_after_s = None if expires_after is None else _retention(expires_after)
+    )
+    expires_after_s = None if expires_after is None else _retention(expires_after)
+    async with ctx.heavy.slot(tenant=caller.tenant, route="POST /v1/batches"):
         data = await _rows_body(request, ctx)
 
         batch = BatchRequest(caller.tenant, data, skip_invalid, webhook, lane, expires_after_s)
