@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -167,3 +167,15 @@ async def idempotent(
     finally:
         await run_in_threadpool(_finish, ctx, tenant, key, response)
     return response
+
+
+async def idempotent_action(
+    request: Request, ctx: ApiContext, *, tenant: str, content: bytes, action: Callable[[], dict[str, Any]]
+) -> Response:
+    """`idempotent` for an action on a batch or job (cancel, pause, retry...): `action` runs in a
+    thread, and its view is the 200 answer, replayed to repeats of the same request."""
+
+    async def handle() -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(action))
+
+    return await idempotent(request, ctx, tenant=tenant, content=content, handle=handle)

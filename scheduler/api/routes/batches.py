@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import partial
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Query, Request
@@ -15,7 +16,7 @@ from scheduler.api.batch_create import BatchRequest
 from scheduler.api.batch_create import create_batch as create_batch_rows
 from scheduler.api.bodies import JSONL_TYPES, MULTIPART, media_type, read_body, read_multipart_file, unsupported
 from scheduler.api.context import ApiContext, CallerDep, Context
-from scheduler.api.idempotency import idempotent
+from scheduler.api.idempotency import idempotent, idempotent_action
 from scheduler.api.models import BatchCreated, BatchOut, JobDeleted
 from scheduler.api.problems import from_invalid_input, invalid
 from scheduler.api.routes.jobs import webhook_of
@@ -197,11 +198,8 @@ def _cancel(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
 @router.post("/{batch_id}/cancel", response_model=BatchOut)
 async def cancel_batch(batch_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
     """Cancel every queued and running job of the batch."""
-
-    async def handle() -> JSONResponse:
-        return JSONResponse(await run_in_threadpool(_cancel, ctx, caller.tenant, batch_id))
-
-    return await idempotent(request, ctx, tenant=caller.tenant, content=b"", handle=handle)
+    action = partial(_cancel, ctx, caller.tenant, batch_id)
+    return await idempotent_action(request, ctx, tenant=caller.tenant, content=b"", action=action)
 
 
 def _retry(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
@@ -223,31 +221,22 @@ def _pause(ctx: ApiContext, tenant: str, batch_id: str, *, paused: bool) -> dict
 @router.post("/{batch_id}/pause", response_model=BatchOut)
 async def pause_batch(batch_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
     """Queued jobs of the batch do not start until it is resumed; running ones finish."""
-
-    async def handle() -> JSONResponse:
-        return JSONResponse(await run_in_threadpool(lambda: _pause(ctx, caller.tenant, batch_id, paused=True)))
-
-    return await idempotent(request, ctx, tenant=caller.tenant, content=b"pause", handle=handle)
+    action = partial(_pause, ctx, caller.tenant, batch_id, paused=True)
+    return await idempotent_action(request, ctx, tenant=caller.tenant, content=b"pause", action=action)
 
 
 @router.post("/{batch_id}/resume", response_model=BatchOut)
 async def resume_batch(batch_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
     """The batch's queued jobs start again, in their lane's turn."""
-
-    async def handle() -> JSONResponse:
-        return JSONResponse(await run_in_threadpool(lambda: _pause(ctx, caller.tenant, batch_id, paused=False)))
-
-    return await idempotent(request, ctx, tenant=caller.tenant, content=b"resume", handle=handle)
+    action = partial(_pause, ctx, caller.tenant, batch_id, paused=False)
+    return await idempotent_action(request, ctx, tenant=caller.tenant, content=b"resume", action=action)
 
 
 @router.post("/{batch_id}/retry", response_model=BatchOut)
 async def retry_batch(batch_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
     """Re-queue the batch's failed jobs."""
-
-    async def handle() -> JSONResponse:
-        return JSONResponse(await run_in_threadpool(_retry, ctx, caller.tenant, batch_id))
-
-    return await idempotent(request, ctx, tenant=caller.tenant, content=b"", handle=handle)
+    action = partial(_retry, ctx, caller.tenant, batch_id)
+    return await idempotent_action(request, ctx, tenant=caller.tenant, content=b"", action=action)
 
 
 def _delete(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:

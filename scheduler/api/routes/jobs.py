@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Final, NoReturn
 
 from fastapi import APIRouter, Request
@@ -10,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.bodies import read_json_object
 from scheduler.api.context import ApiContext, CallerDep, Context
-from scheduler.api.idempotency import canonical_json, idempotent
+from scheduler.api.idempotency import canonical_json, idempotent, idempotent_action
 from scheduler.api.job_groups import JobGroups, JobRequest
 from scheduler.api.models import JobCreated, JobDeleted, JobIn, JobOut, openapi_body
 from scheduler.api.problems import ApiProblem, field_error, from_invalid_input
@@ -136,11 +137,8 @@ def _cancel(ctx: ApiContext, tenant: str, job_id: str) -> dict[str, Any]:
 @router.post("/{job_id}/cancel", response_model=JobOut)
 async def cancel_job(job_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
     """Cancel a queued or running job (a running one stops within IPAB_HEARTBEAT_S); final jobs stay as they are."""
-
-    async def handle() -> JSONResponse:
-        return JSONResponse(await run_in_threadpool(_cancel, ctx, caller.tenant, job_id))
-
-    return await idempotent(request, ctx, tenant=caller.tenant, content=b"", handle=handle)
+    action = partial(_cancel, ctx, caller.tenant, job_id)
+    return await idempotent_action(request, ctx, tenant=caller.tenant, content=b"", action=action)
 
 
 def _delete(ctx: ApiContext, tenant: str, job_id: str) -> dict[str, Any]:
