@@ -18,7 +18,7 @@ import pytest
 
 from shared.settings import Settings
 from tests.scheduler.api.conftest import make_key
-from tests.system.test_api_system import Api
+from tests.scheduler.api.served import ServedApi
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_no_generated_request_gets_a_server_error(
     model_set.write_text('name = "tiny"\nbase = "b"\nip_adapter = "a.safetensors"\nimage_encoder = "e"\n')
     settings = settings.model_copy(update={"model_set": model_set})
     key, _ = make_key(settings, "fuzz")
-    server = Api({**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1"}, tmp_path / "api.log")
+    server = ServedApi({**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1"}, tmp_path / "api.log")
     server.start()
     try:
         run = subprocess.run(
@@ -54,7 +54,7 @@ def test_no_generated_request_gets_a_server_error(
             timeout=BUDGET_S + 120,
         )
     finally:
-        server.kill()
+        server.stop()
     log = (tmp_path / "api.log").read_text()
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert UNEXPECTED not in log, log[-6000:]

@@ -6,7 +6,6 @@ import hashlib
 import http.server
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,44 +25,10 @@ from scheduler.webhooks.signing import verify
 from shared.db import Job, make_engine, make_session_factory
 from shared.settings import Settings
 from tests.scheduler.api.conftest import make_key, png_bytes
-from tests.system.helpers import REPO, Workers
+from tests.scheduler.api.served import ServedApi
+from tests.system.helpers import Workers
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Api:
-    """A real `ipab api` process."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log = env, log
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "ipab.cli", "api", "--port", str(self.port)]
-        self.proc = subprocess.Popen(
-            cmd, env=self.env, cwd=REPO, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        pytest.fail(f"ipab api did not start\n{self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 @pytest.fixture
@@ -83,11 +48,11 @@ def api_env(
 
 
 @pytest.fixture
-def api(api_env: tuple[Settings, dict[str, str]], tmp_path: Path) -> Iterator[Api]:
-    server = Api(api_env[1], tmp_path / "api.log")
+def api(api_env: tuple[Settings, dict[str, str]], tmp_path: Path) -> Iterator[ServedApi]:
+    server = ServedApi(api_env[1], tmp_path / "api.log")
     server.start()
     yield server
-    server.kill()
+    server.stop()
 
 
 class Receiver:
@@ -134,7 +99,7 @@ def wait_done(client: httpx.Client, path: str, timeout_s: float = 300) -> dict[s
 
 
 def test_upload_submit_poll_and_download_over_http_match_sql(
-    api: Api, api_env: tuple[Settings, dict[str, str]], workers: Workers
+    api: ServedApi, api_env: tuple[Settings, dict[str, str]], workers: Workers
 ) -> None:
     settings, _ = api_env
     key, secret = make_key(settings, "acme")
@@ -172,7 +137,7 @@ def test_upload_submit_poll_and_download_over_http_match_sql(
 
 
 def test_a_failing_receiver_gets_the_same_message_id_until_it_accepts(
-    api: Api, api_env: tuple[Settings, dict[str, str]]
+    api: ServedApi, api_env: tuple[Settings, dict[str, str]]
 ) -> None:
     settings, _ = api_env
     key, secret = make_key(settings, "acme")
@@ -190,7 +155,7 @@ def test_a_failing_receiver_gets_the_same_message_id_until_it_accepts(
     assert json.loads(hooks.got[0][1])["type"] == "job.canceled"
 
 
-def test_killing_the_api_mid_delivery_loses_no_event(api: Api, api_env: tuple[Settings, dict[str, str]]) -> None:
+def test_killing_the_api_mid_delivery_loses_no_event(api: ServedApi, api_env: tuple[Settings, dict[str, str]]) -> None:
     settings, _ = api_env
     key, _ = make_key(settings, "acme")
     hooks = Receiver(hang_first=True)
@@ -199,7 +164,7 @@ def test_killing_the_api_mid_delivery_loses_no_event(api: Api, api_env: tuple[Se
     job = client.post("/v1/jobs", json={"references": [ref], "prompt": "x", "webhook": {"url": hooks.url}}).json()
     client.post(f"/v1/jobs/{job['id']}/cancel")
     hooks.wait(1)  # the first delivery hangs in the receiver ...
-    api.kill()  # ... and the API dies under it
+    api.stop()  # ... and the API dies under it
     api.start()  # a new process picks the message up once its claim expires
     hooks.wait(2, timeout_s=90)
     assert hooks.got[0][0]["webhook-id"] == hooks.got[1][0]["webhook-id"]
@@ -212,7 +177,7 @@ def closed_port() -> int:
 
 
 def test_submit_status_and_results_go_through_the_api_alone(
-    api: Api, api_env: tuple[Settings, dict[str, str]], tmp_path: Path
+    api: ServedApi, api_env: tuple[Settings, dict[str, str]], tmp_path: Path
 ) -> None:
     settings, _ = api_env
     key, _ = make_key(settings, "cli")

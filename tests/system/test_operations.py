@@ -20,8 +20,8 @@ from scheduler.api.metrics import SCRAPE_CACHE_S
 from shared.db import Job, make_engine, make_session_factory
 from shared.settings import Settings
 from tests.scheduler.api.conftest import make_key, png_bytes
+from tests.scheduler.api.served import ServedApi, free_port
 from tests.system.helpers import REPO, Workers, wait_for_batch
-from tests.system.test_api_system import Api, free_port
 from tests.system.test_end_to_end import submit, write_manifest
 
 pytestmark = pytest.mark.slow
@@ -63,17 +63,17 @@ def metrics_port() -> int:
 @pytest.fixture
 def api(
     system_settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path, metrics_port: int
-) -> Iterator[Api]:
+) -> Iterator[ServedApi]:
     """A real `ipab api` process on the test's settings, its metrics on `metrics_port`."""
     settings = system_settings.model_copy(update={"api_metrics_port": metrics_port})
     env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    server = Api(env, tmp_path / "api.log")
+    server = ServedApi(env, tmp_path / "api.log")
     server.start()
     yield server
-    server.kill()
+    server.stop()
 
 
-def submit_over_http(api: Api, settings: Settings) -> list[str]:
+def submit_over_http(api: ServedApi, settings: Settings) -> list[str]:
     key, _ = make_key(settings, "acme")
     client = httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
     ref = client.post("/v1/references", files={"file": ("a.png", png_bytes(), "image/png")}).json()["id"]
@@ -83,7 +83,7 @@ def submit_over_http(api: Api, settings: Settings) -> list[str]:
 
 
 def test_metrics_move_by_the_jobs_of_a_real_batch_and_celery_sees_the_worker(
-    api: Api, metrics_port: int, system_settings: Settings, workers: Workers, tmp_path: Path
+    api: ServedApi, metrics_port: int, system_settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     api_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
     assert httpx.get(api.url + "/metrics").status_code == 404  # never on the API's own port without a key
