@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from model_helpers import job, reference_image
 
 from shared.model_set import read_model_set
+from tests.model.conftest import job, reference_image
 from worker.pipeline import Renderer
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from model_helpers import job, png_bytes, reference_image
 
 from ipab.cli import main
 from shared.errors import InvalidInput
 from shared.spec import parse_params
+from tests.model.conftest import job, png_bytes, reference_image
 
 # (what is wrong, the parameter override, the `ipab generate` flags, the field the error names)
 CASES = [

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from model_helpers import job, reference_image
 from PIL import Image
 
 from devkit.__main__ import main as devkit_main
 from ipab.cli import main
 from shared.model_set import read_model_set
+from tests.model.conftest import job, reference_image
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from model_helpers import job, reference_image
 
 from shared.model_set import read_model_set
+from tests.model.conftest import job, reference_image
 
 Renderers = Callable[[str], Any]
 TOLERANCE = 1e-4

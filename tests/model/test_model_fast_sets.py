@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from model_helpers import job, png_bytes, reference_image
 from PIL import Image
 from redis import Redis
 
@@ -25,6 +24,7 @@ from scheduler.export.samples import provenance_columns
 from shared.errors import ObjectMissing
 from shared.model_set import LoraFile, read_model_set
 from shared.spec import JobSpec, Reference
+from tests.model.conftest import job, png_bytes, reference_image
 from worker.png import encode_png
 from worker.provenance import Provenance, model_set_hashes, setting_differences
 from worker.reproduce import JobRecord, compare_pngs, render_again

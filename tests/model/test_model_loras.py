@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from model_helpers import job, reference_image
 from safetensors.torch import load_file, save_file
 
 from shared.errors import InvalidInput, ModelSetError
 from shared.model_set import read_model_set, write_model_set
+from tests.model.conftest import job, reference_image
 
 Renderers = Callable[[str], Any]
 FAST = {"scheduler": "tcd", "guidance_scale": 0.0}  # the tiny fast set's defaults (steps 4 as job())

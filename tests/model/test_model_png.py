@@ -8,9 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from model_helpers import job, reference_image
 from PIL import Image
 
+from tests.model.conftest import job, reference_image
 from worker.png import encode_png, parameters_text
 
 

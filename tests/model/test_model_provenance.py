@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from model_helpers import job
 from PIL import Image
 
 from shared.model_set import read_model_set
+from tests.model.conftest import job
 from worker import provenance as prov
 from worker.png import encode_png
 from worker.provenance import Provenance, compare_files, model_set_hashes

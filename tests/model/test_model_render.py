@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from model_helpers import job, reference_image
 
 from shared.errors import IncompatibleEncoder, JobCanceled, ModelSetError
 from shared.model_set import read_model_set, write_model_set
+from tests.model.conftest import job, reference_image
 
 Renderers = Callable[[str], Any]
 VARIANTS = ("ip-adapter_sdxl", "ip-adapter_sdxl_vit-h", "ip-adapter-plus_sdxl_vit-h", "ip-adapter-plus-face_sdxl_vit-h")
