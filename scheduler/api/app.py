@@ -10,62 +10,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scheduler.api.context import ApiContext
 from scheduler.api.idempotency import delete_expired
 from scheduler.api.job_groups import JobGroups
 from scheduler.api.metrics import MetricsPort, install_metrics
+from scheduler.api.middleware import BodyLimit
 from scheduler.api.problems import install_problem_handlers
 from scheduler.api.routes import batches, health, jobs, plans, references, tenants, usage
 from scheduler.webhooks.delivery import WebhookDelivery
 from shared.settings import Settings
 
 CLEANUP_EVERY_PASSES = 600
-
-
-class BodyLimit:
-    """Refuse (413 problem) any request body past `limit_bytes`, declared or streamed."""
-
-    def __init__(self, app: ASGIApp, *, limit_bytes: int) -> None:
-        self.app = app
-        self.limit_bytes = limit_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit_bytes:
-            await self._refuse(send)
-            return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit_bytes:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(send)
-
-    async def _refuse(self, send: Send) -> None:
-        body = (
-            b'{"type":"https://ipab.dev/problems/too-large","title":"Content too large","status":413,'
-            b'"detail":"the body is larger than %d bytes"}' % self.limit_bytes
-        )
-        headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    """Raised inside the app when the streamed body passes the limit."""
 
 
 def _dispatch_loop(ctx: ApiContext, stop: threading.Event) -> None:

@@ -18,7 +18,7 @@ from scheduler.api.context import ApiContext
 from scheduler.api.problems import ApiProblem, field_error, from_invalid_input
 from scheduler.api.submission import api_field, parse_api_rows, problems_of, refuse_when_full, submit_api_rows
 from scheduler.submission.manifest import ParsedManifest, read_jsonl_bytes
-from scheduler.submission.submit import SubmitResult
+from scheduler.submission.submit import RowOptions, SubmitResult
 from scheduler.webhooks.subscriptions import subscribe
 from shared.db import new_id
 from shared.dispatch.policy import DEFAULT_LANE
@@ -80,16 +80,14 @@ def create_batch(ctx: ApiContext, request: BatchRequest) -> dict[str, Any]:
     refuse_when_full(ctx, request.tenant, adding=lines)  # before its body is parsed
     parsed = _parse(ctx, request.data)
     try:
-        result = submit_api_rows(
-            ctx,
+        options = RowOptions(
             tenant=request.tenant,
-            parsed=parsed,
-            batch_name=f"{request.tenant}/{new_id()}",
             skip_invalid=request.skip_invalid,
             after_insert=lambda session, batch_id, _job_ids: _subscribe(session, batch_id, request),
             expires_after_s=request.expires_after_s,
             lane=request.lane,
         )
+        result = submit_api_rows(ctx, parsed=parsed, batch_name=f"{request.tenant}/{new_id()}", options=options)
     except ManifestInvalid as e:
         lines_after = lines - (e.stopped_after or 0)
         raise problems_of(e.problems, with_lines=True, stopped_after=e.stopped_after, lines_after=lines_after) from None

@@ -170,10 +170,11 @@ async def idempotent(
 
 
 async def idempotent_action(
-    request: Request, ctx: ApiContext, *, tenant: str, content: bytes, action: Callable[[], dict[str, Any]]
+    request: Request, ctx: ApiContext, tenant: str, action: Callable[[], dict[str, Any]], *, content: bytes = b""
 ) -> Response:
     """`idempotent` for an action on a batch or job (cancel, pause, retry...): `action` runs in a
-    thread, and its view is the 200 answer, replayed to repeats of the same request."""
+    thread, and its view is the 200 answer, replayed to repeats of the same request (`content`
+    tells apart actions that share a path)."""
 
     async def handle() -> JSONResponse:
         return JSONResponse(await run_in_threadpool(action))

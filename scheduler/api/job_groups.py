@@ -32,6 +32,7 @@ from scheduler.api.context import ApiContext
 from scheduler.api.problems import ApiProblem, cap_problem, field_error, from_invalid_input
 from scheduler.api.submission import api_batch_name, problems_of, submit_api_rows
 from scheduler.submission.manifest import ManifestRow, ParsedManifest, Problem
+from scheduler.submission.submit import RowOptions
 from scheduler.webhooks.subscriptions import subscribe
 from shared.db import Batch, Job
 from shared.dispatch.policy import INTERACTIVE_LANE
@@ -128,17 +129,16 @@ def _write_tenant(
                 )
 
     try:
-        result = submit_api_rows(
-            ctx,
+        options = RowOptions(
             tenant=tenant,
-            parsed=ParsedManifest(rows, []),
-            batch_name=api_batch_name(tenant),
             skip_invalid=True,  # one request's bad row is its own 422, not the group's
             after_insert=subscribe_webhooks,
             lane=INTERACTIVE_LANE,  # a single API job is interactive unless its `lane` says otherwise
             stored_line=STORED_LINE,
             admit_partly=True,  # those past the cap get 429, the others go on
         )
+        parsed = ParsedManifest(rows, [])
+        result = submit_api_rows(ctx, parsed=parsed, batch_name=api_batch_name(tenant), options=options)
         problems, created, over_cap = result.invalid, result.job_ids, result.over_cap
     except ManifestInvalid as e:  # every row was refused
         problems, created, over_cap = [Problem(*p) for p in e.problems], {}, None

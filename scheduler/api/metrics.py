@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scheduler.api.context import BEARER
+from scheduler.api.middleware import HttpMiddleware
 from scheduler.api.problems import ApiProblem
 from scheduler.usage.quotas import refusals
 from scheduler.usage.report import tenant_totals
@@ -173,21 +174,14 @@ class ApiMetrics:
         self.latency.labels(method, route).observe(duration_s)
 
 
-class RequestMetrics:
-    """ASGI middleware counting every answered request by method, route and status.
-
-    Plain ASGI, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs each
-    request in a task group of its own and streams the response through a queue.
-    """
+class RequestMetrics(HttpMiddleware):
+    """ASGI middleware counting every answered request by method, route and status."""
 
     def __init__(self, app: ASGIApp, *, metrics: ApiMetrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         start_s = time.perf_counter()
         status = 500  # what a request that raised is answered with (ServerErrorMiddleware)
 

@@ -28,9 +28,8 @@ from scheduler.submission.manifest import (
     parse_rows,
 )
 from scheduler.submission.references import ReferenceFile, ReferenceResolver
-from scheduler.submission.submit import AfterInsert, SubmitResult, submit_rows
+from scheduler.submission.submit import RowOptions, SubmitResult, submit_rows
 from shared.db import ReferenceImage, TenantReference
-from shared.dispatch.policy import DEFAULT_LANE
 from shared.errors import MAX_LISTED_PROBLEMS
 from shared.jobs import transaction
 from shared.spec import PARAM_FIELDS
@@ -188,22 +187,10 @@ def refuse_when_full(ctx: ApiContext, tenant: str, *, adding: int) -> None:
         raise refusal(tenant=tenant, cap=cap, held=held, adding=adding)
 
 
-def submit_api_rows(
-    ctx: ApiContext,
-    *,
-    tenant: str,
-    parsed: ParsedManifest,
-    batch_name: str,
-    skip_invalid: bool,
-    after_insert: AfterInsert | None = None,
-    lane: str = DEFAULT_LANE,
-    stored_line: int | None = None,
-    expires_after_s: int | None = None,
-    admit_partly: bool = False,
-) -> SubmitResult:
+def submit_api_rows(ctx: ApiContext, *, parsed: ParsedManifest, batch_name: str, options: RowOptions) -> SubmitResult:
     """Resolve reference ids and submit through the one submit path, within the tenant's queued-jobs
-    cap (rows without a `lane` go in `lane`; `stored_line`, `expires_after_s` and `admit_partly` as
-    `submit_rows` takes them). Past the cap, CapReached, and nothing is written."""
+    cap. Past the cap, CapReached, and nothing is written (unless `options.admit_partly`)."""
+    tenant = options.tenant
     ids = [ref for row in parsed.rows for ref in row.references]
     ids += [ref for refs in parsed.unchecked_references.values() for ref in refs]
     known = _known_references(ctx, tenant, ids)
@@ -214,14 +201,8 @@ def submit_api_rows(
         resolver=StoredReferenceResolver(ctx=ctx, known=known),
         batch_name=batch_name,
         model_set=ctx.model_set(),
-        tenant=tenant,
-        skip_invalid=skip_invalid,
-        after_insert=after_insert,
+        options=options,
         redis_client=ctx.redis,
-        lane=lane,
-        stored_line=stored_line,
-        expires_after_s=expires_after_s,
         one_transaction=True,  # the references are stored and known: checking them reads nothing
         cap=queued_jobs_cap(ctx.settings.api_max_queued_jobs),
-        admit_partly=admit_partly,
     )

@@ -30,18 +30,12 @@ SCAN_LIMIT: Final = 500
 _TERMINAL_VALUES: Final = [s.value for s in TERMINAL]
 
 
+WEBHOOK_FIELDS: Final = ("client_id", "batch_id", "status", "output_sha256", "error", "metrics", "expires_at")
+
+
 def webhook_data(record: JobRecord) -> dict[str, Any]:
-    """What a job event says about its job."""
-    return {
-        "id": record.job_id,
-        "client_id": record.client_id,
-        "batch_id": record.batch_id,
-        "status": record.status,
-        "output_sha256": record.output_sha256,
-        "error": record.error,
-        "metrics": record.metrics,
-        "expires_at": record.expires_at,
-    }
+    """What a job event says about its job: its id and the record's WEBHOOK_FIELDS."""
+    return {"id": record.job_id, **{name: getattr(record, name) for name in WEBHOOK_FIELDS}}
 
 
 def batch_data(batch_id: str, tally: Tally) -> dict[str, Any]:

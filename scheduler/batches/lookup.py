@@ -6,11 +6,17 @@ exactly like one that does not exist (`NotFound` either way).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from sqlalchemy import or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import Batch, Job
 from shared.errors import NotFound
+from shared.jobs import transaction
+
+T = TypeVar("T")
 
 
 def find_batch(*, session: Session, ref: str, tenant: str | None = None) -> Batch:
@@ -34,3 +40,17 @@ def find_job(*, session: Session, job_id: str, tenant: str | None = None) -> tup
     if row is None:
         raise NotFound("job", job_id)
     return row[0], row[1]
+
+
+def on_batch(sessions: sessionmaker[Session], *, ref: str, tenant: str | None, act: Callable[[Session, Batch], T]) -> T:
+    """`act(session, batch)` on the batch `ref` names, found as `find_batch` finds it, in one transaction."""
+    with transaction(sessions) as session:
+        return act(session, find_batch(session=session, ref=ref, tenant=tenant))
+
+
+def on_job(
+    sessions: sessionmaker[Session], *, job_id: str, tenant: str | None, act: Callable[[Session, Job, Batch], T]
+) -> T:
+    """`act(session, job, batch)` on the job, found as `find_job` finds it, in one transaction."""
+    with transaction(sessions) as session:
+        return act(session, *find_job(session=session, job_id=job_id, tenant=tenant))

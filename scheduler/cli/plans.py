@@ -212,36 +212,34 @@ def cmd_beat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plans_parser(subparsers: Any) -> Any:
+def _plans_parser(subparsers: Any) -> dict[str, Any]:
+    """`ipab plans ACTION`; the parsers of the actions that take a plan's NAME, by action."""
     plans = subparsers.add_parser("plans", help="nightly render plans: a manifest on a cron schedule")
     sub = plans.add_subparsers(dest="plans_command", required=True, metavar="ACTION")
     apply = sub.add_parser("apply", help="create or update plans from plan files (TOML); all or none")
     apply.add_argument("files", nargs="+", metavar="FILE")
     apply.set_defaults(func=cmd_apply)
     sub.add_parser("list", help="every plan: next slot, last slot and its counts").set_defaults(func=cmd_list)
+    named: dict[str, Any] = {}
     for name, func, text in (
         ("show", cmd_show, "a plan's settings and next slots"),
         ("pause", cmd_pause, "stop running a plan's slots"),
         ("resume", cmd_resume, "run a plan's slots again, from now on"),
         ("delete", cmd_delete, "delete a plan and its slot history (its batches stay)"),
+        ("history", cmd_history, "each slot: batch, counts, skipped or failed and why"),
+        ("run", cmd_run, "an extra run now, as its own slot"),
     ):
-        p = sub.add_parser(name, help=text)
+        named[name] = p = sub.add_parser(name, help=text)
         p.add_argument("name", metavar="NAME")
         p.set_defaults(func=func)
-    return sub
+    return named
 
 
 def register(subparsers: Any) -> None:
     """Add `ipab plans ...` and `ipab beat` to the `ipab` parser."""
-    sub = _plans_parser(subparsers)
-    history = sub.add_parser("history", help="each slot: batch, counts, skipped or failed and why")
-    history.add_argument("name", metavar="NAME")
-    history.add_argument("--limit", type=int, default=HISTORY_LIMIT, help="newest slots shown")
-    history.set_defaults(func=cmd_history)
-    run = sub.add_parser("run", help="an extra run now, as its own slot")
-    run.add_argument("name", metavar="NAME")
-    run.add_argument("--now", action="store_true", help="run now (required)")
-    run.set_defaults(func=cmd_run)
+    named = _plans_parser(subparsers)
+    named["history"].add_argument("--limit", type=int, default=HISTORY_LIMIT, help="newest slots shown")
+    named["run"].add_argument("--now", action="store_true", help="run now (required)")
     beat = subparsers.add_parser("beat", help="turn due plan slots into batches (any number of replicas)")
     beat.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_S, help="seconds between passes")
     beat.add_argument("--passes", type=int, help="stop after this many passes (default: run until stopped)")

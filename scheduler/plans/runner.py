@@ -31,7 +31,7 @@ from scheduler.plans import store
 from scheduler.plans.manifests import read_plan_rows
 from scheduler.plans.planfile import reads_local_files
 from scheduler.plans.slots import local_iso
-from scheduler.submission.submit import AfterInsert, submit_rows
+from scheduler.submission.submit import AfterInsert, RowOptions, submit_rows
 from scheduler.webhooks.subscriptions import subscribe
 from shared.db import Batch, Plan, PlanSlotStatus
 from shared.errors import ManifestInvalid, PermanentError, QuotaExceeded
@@ -146,8 +146,7 @@ def _submit(ctx: SlotContext, plan: Plan, slot_at: datetime, *, kind: str, note:
         resolver=rows.resolver,
         batch_name=name,
         model_set=plan.model_set,
-        tenant=plan.tenant,
-        after_insert=_claim(ctx, plan, slot_at, kind=kind, note=note),
+        options=RowOptions(tenant=plan.tenant, after_insert=_claim(ctx, plan, slot_at, kind=kind, note=note)),
     )
     return SlotOutcome(PlanSlotStatus.submitted.value, name, result.batch_id, note, result.added)
 

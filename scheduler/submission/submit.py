@@ -14,6 +14,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -460,6 +461,19 @@ def submit_manifest(
         engine.dispose()
 
 
+@dataclass(frozen=True)
+class RowOptions:
+    """How `submit_rows` treats its rows: whose they are, where rows that name no lane go, and so on."""
+
+    tenant: str = DEFAULT_TENANT
+    lane: str = DEFAULT_LANE  # for rows that do not name one
+    skip_invalid: bool = False  # submit the valid rows and return the problems (else nothing is written)
+    after_insert: AfterInsert | None = None  # runs in the transaction of the jobs
+    stored_line: int | None = None  # the line every job records (rows gathered from several requests)
+    expires_after_s: int | None = None  # for rows that name none (as `submit_manifest` takes it)
+    admit_partly: bool = False  # past `cap`, the first rows that fit go in, the others are `over_cap`
+
+
 def submit_rows(
     *,
     settings: Settings,
@@ -468,46 +482,38 @@ def submit_rows(
     resolver: ReferenceResolver,
     batch_name: str,
     model_set: str,
-    tenant: str = DEFAULT_TENANT,
-    skip_invalid: bool = False,
-    after_insert: AfterInsert | None = None,
-    lane: str = DEFAULT_LANE,
+    options: RowOptions = RowOptions(),
     redis_client: redis.Redis | None = None,
-    stored_line: int | None = None,
     one_transaction: bool = False,
-    expires_after_s: int | None = None,
     cap: TenantCap | None = None,
-    admit_partly: bool = False,
 ) -> SubmitResult:
     """Submit rows already read and validated (`scheduler.submission.manifest.parse_rows`): the HTTP API's path.
 
     The same steps as `submit_manifest` from step 2 on; `resolver` turns each row's
-    references into stored images, `after_insert` runs in the transaction of the jobs;
-    `redis_client`, when given, is used (not closed) to wake the dispatcher. With
-    `stored_line`, every job records that line (rows gathered from several requests). With
-    `one_transaction`, for a resolver that reads nothing (the API's stored references), the
-    rows are checked and written in one transaction: fewer round trips to the database.
-    `expires_after_s` is the retention of rows that name none (as `submit_manifest` takes it).
-    `cap` is counted under the tenant's lock in the transaction that inserts: past it, CapReached
-    and nothing is written; with `admit_partly`, the first rows that fit are written and the
-    others are in the result's `over_cap`.
+    references into stored images; `options` as RowOptions says. `redis_client`, when given,
+    is used (not closed) to wake the dispatcher. With `one_transaction`, for a resolver that
+    reads nothing (the API's stored references), the rows are checked and written in one
+    transaction: fewer round trips to the database. `cap` is counted under the tenant's lock
+    in the transaction that inserts: past it, CapReached and nothing is written (unless
+    `options.admit_partly`).
     """
     request = _Request(
         settings,
         batch_name,
         model_set,
-        tenant,
-        after_insert,
-        lane=lane,
+        options.tenant,
+        options.after_insert,
+        lane=options.lane,
         redis_client=redis_client,
-        stored_line=stored_line,
+        stored_line=options.stored_line,
         one_transaction=one_transaction,
         rules=set_rules_for(None, model_set, settings),
-        expires_after_s=expires_after_s,
+        expires_after_s=options.expires_after_s,
         cap=cap,
-        admit_partly=admit_partly,
+        admit_partly=options.admit_partly,
     )
-    return _counted(sessions, lambda: _submit(request, sessions, parsed, resolver, skip_invalid=skip_invalid))
+    submit = partial(_submit, request, sessions, parsed, resolver, skip_invalid=options.skip_invalid)
+    return _counted(sessions, submit)
 
 
 def _counted(sessions: sessionmaker[Session], submit: Callable[[], SubmitResult]) -> SubmitResult:

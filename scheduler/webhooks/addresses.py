@@ -24,40 +24,41 @@ MAX_URL_CHARS: Final = 2000
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _V4, _V6 = ipaddress.IPv4Network, ipaddress.IPv6Network
 
-# Never a webhook's destination: (network, what it is), most specific first where they nest.
-REFUSED_V4: Final = (
-    (_V4("0.0.0.0/8"), "a 'this network' address"),
-    (_V4("10.0.0.0/8"), "a private address"),
-    (_V4("100.64.0.0/10"), "a shared (carrier-grade NAT) address"),
-    (_V4("127.0.0.0/8"), "a loopback address"),
-    (_V4("169.254.0.0/16"), "a link-local address (cloud metadata lives here)"),
-    (_V4("172.16.0.0/12"), "a private address"),
-    (_V4("192.0.0.0/24"), "an IETF protocol assignments address"),
-    (_V4("192.0.2.0/24"), "a documentation address"),
-    (_V4("192.88.99.0/24"), "a 6to4 relay anycast address"),
-    (_V4("192.168.0.0/16"), "a private address"),
-    (_V4("198.18.0.0/15"), "a benchmarking address"),
-    (_V4("198.51.100.0/24"), "a documentation address"),
-    (_V4("203.0.113.0/24"), "a documentation address"),
-    (_V4("224.0.0.0/4"), "a multicast address"),
-    (_V4("255.255.255.255/32"), "the broadcast address"),
-    (_V4("240.0.0.0/4"), "a reserved address"),
-)
-REFUSED_V6: Final = (
-    (_V6("::/128"), "the unspecified address"),
-    (_V6("::1/128"), "the loopback address"),
-    (_V6("64:ff9b:1::/48"), "a local-use NAT64 address (RFC 8215), not globally reachable"),
-    (_V6("100::/64"), "a discard-only address"),
-    (_V6("2001:2::/48"), "a benchmarking address"),
-    (_V6("2001:10::/28"), "an ORCHID address"),
-    (_V6("2001:20::/28"), "an ORCHIDv2 address"),
-    (_V6("2001:db8::/32"), "a documentation address"),
-    (_V6("3fff::/20"), "a documentation address"),
-    (_V6("fc00::/7"), "a unique local (private) address"),
-    (_V6("fe80::/10"), "a link-local address"),
-    (_V6("fec0::/10"), "a site-local address"),
-    (_V6("ff00::/8"), "a multicast address"),
-)
+# Never a webhook's destination: the network, then what it is; most specific first where they nest.
+_REFUSED_TABLE: Final = """
+0.0.0.0/8           a 'this network' address
+10.0.0.0/8          a private address
+100.64.0.0/10       a shared (carrier-grade NAT) address
+127.0.0.0/8         a loopback address
+169.254.0.0/16      a link-local address (cloud metadata lives here)
+172.16.0.0/12       a private address
+192.0.0.0/24        an IETF protocol assignments address
+192.0.2.0/24        a documentation address
+192.88.99.0/24      a 6to4 relay anycast address
+192.168.0.0/16      a private address
+198.18.0.0/15       a benchmarking address
+198.51.100.0/24     a documentation address
+203.0.113.0/24      a documentation address
+224.0.0.0/4         a multicast address
+255.255.255.255/32  the broadcast address
+240.0.0.0/4         a reserved address
+::/128              the unspecified address
+::1/128             the loopback address
+64:ff9b:1::/48      a local-use NAT64 address (RFC 8215), not globally reachable
+100::/64            a discard-only address
+2001:2::/48         a benchmarking address
+2001:10::/28        an ORCHID address
+2001:20::/28        an ORCHIDv2 address
+2001:db8::/32       a documentation address
+3fff::/20           a documentation address
+fc00::/7            a unique local (private) address
+fe80::/10           a link-local address
+fec0::/10           a site-local address
+ff00::/8            a multicast address
+"""
+_REFUSED = [line.split(None, 1) for line in _REFUSED_TABLE.strip().splitlines()]
+REFUSED_V4: Final = tuple((_V4(cidr), what) for cidr, what in _REFUSED if ":" not in cidr)
+REFUSED_V6: Final = tuple((_V6(cidr), what) for cidr, what in _REFUSED if ":" in cidr)
 # IPv6 forms that carry an IPv4 address, and whether the form itself may be a destination:
 # mapped, NAT64 and 6to4 reach the IPv4 host they embed; the others are deprecated or
 # reach a tunnel, so they are refused whatever they embed.

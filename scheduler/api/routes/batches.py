@@ -10,6 +10,7 @@ from typing import Annotated, Any, Final
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.batch_create import BatchRequest
@@ -25,7 +26,7 @@ from scheduler.batches.actions import cancel, retry_failed, set_paused, wake
 from scheduler.batches.counts import STATUSES, count_batch, count_jobs
 from scheduler.batches.deletion import request_batch_deletion
 from scheduler.batches.events import BATCH_COMPLETED
-from scheduler.batches.lookup import find_batch
+from scheduler.batches.lookup import find_batch, on_batch
 from scheduler.batches.record import Audience, batch_records, results_line
 from scheduler.gallery.build import render_gallery
 from scheduler.submission.manifest import EXPIRES_FIELD
@@ -142,8 +143,7 @@ async def list_batches(ctx: Context, caller: CallerDep, limit: Annotated[int, Qu
 
 
 def _batch(ctx: ApiContext, tenant: str, batch_id: str) -> Batch:
-    with transaction(ctx.sessions) as session:
-        return find_batch(session=session, ref=batch_id, tenant=tenant)
+    return on_batch(ctx.sessions, ref=batch_id, tenant=tenant, act=lambda _, batch: batch)
 
 
 def _read(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
@@ -189,17 +189,14 @@ async def get_gallery(batch_id: str, ctx: Context, caller: CallerDep) -> Any:
 
 
 def _cancel(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
-    with transaction(ctx.sessions) as session:
-        batch = find_batch(session=session, ref=batch_id, tenant=tenant)
-        cancel(session=session, batch_id=batch.id)
+    on_batch(ctx.sessions, ref=batch_id, tenant=tenant, act=lambda s, batch: cancel(session=s, batch_id=batch.id))
     return _read(ctx, tenant, batch_id)
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchOut)
 async def cancel_batch(batch_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
     """Cancel every queued and running job of the batch."""
-    action = partial(_cancel, ctx, caller.tenant, batch_id)
-    return await idempotent_action(request, ctx, tenant=caller.tenant, content=b"", action=action)
+    return await idempotent_action(request, ctx, caller.tenant, partial(_cancel, ctx, caller.tenant, batch_id))
 
 
 def _retry(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
@@ -222,29 +219,30 @@ def _pause(ctx: ApiContext, tenant: str, batch_id: str, *, paused: bool) -> dict
 async def pause_batch(batch_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
     """Queued jobs of the batch do not start until it is resumed; running ones finish."""
     action = partial(_pause, ctx, caller.tenant, batch_id, paused=True)
-    return await idempotent_action(request, ctx, tenant=caller.tenant, content=b"pause", action=action)
+    return await idempotent_action(request, ctx, caller.tenant, action, content=b"pause")
 
 
 @router.post("/{batch_id}/resume", response_model=BatchOut)
 async def resume_batch(batch_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
     """The batch's queued jobs start again, in their lane's turn."""
     action = partial(_pause, ctx, caller.tenant, batch_id, paused=False)
-    return await idempotent_action(request, ctx, tenant=caller.tenant, content=b"resume", action=action)
+    return await idempotent_action(request, ctx, caller.tenant, action, content=b"resume")
 
 
 @router.post("/{batch_id}/retry", response_model=BatchOut)
 async def retry_batch(batch_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
     """Re-queue the batch's failed jobs."""
-    action = partial(_retry, ctx, caller.tenant, batch_id)
-    return await idempotent_action(request, ctx, tenant=caller.tenant, content=b"", action=action)
+    return await idempotent_action(request, ctx, caller.tenant, partial(_retry, ctx, caller.tenant, batch_id))
 
 
 def _delete(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
-    with transaction(ctx.sessions) as session:
-        batch = find_batch(session=session, ref=batch_id, tenant=tenant)
+    def ask(session: Session, batch: Batch) -> str:
         request_batch_deletion(session=session, batch_id=batch.id)
+        return batch.id
+
+    found = on_batch(ctx.sessions, ref=batch_id, tenant=tenant, act=ask)
     wake_janitor(redis_client=ctx.redis, prefix=ctx.settings.redis_prefix)
-    return {"id": batch.id, "status": "deleting"}
+    return {"id": found, "status": "deleting"}
 
 
 @router.delete("/{batch_id}", status_code=202, response_model=JobDeleted)

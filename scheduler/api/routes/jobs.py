@@ -7,6 +7,7 @@ from typing import Any, Final, NoReturn
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.bodies import read_json_object
@@ -20,13 +21,14 @@ from scheduler.api.views import job_view
 from scheduler.batches.actions import cancel
 from scheduler.batches.deletion import request_job_deletion
 from scheduler.batches.events import JOB_EVENTS
-from scheduler.batches.lookup import find_job
+from scheduler.batches.lookup import on_job
 from scheduler.submission.manifest import ParsedManifest
+from scheduler.submission.submit import RowOptions
 from scheduler.webhooks.subscriptions import check_events
+from shared.db import Batch, Job
 from shared.dispatch.policy import INTERACTIVE_LANE
 from shared.errors import InvalidInput, ManifestInvalid
 from shared.janitor.loop import wake_janitor
-from shared.jobs import transaction
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_JOB_BODY_BYTES: Final = 256 * 1024
@@ -60,14 +62,8 @@ def _refuse(ctx: ApiContext, tenant: str, parsed: ParsedManifest) -> NoReturn:
     """422 with every problem of an invalid row, those of its references included: it goes down
     the submit path, which writes nothing for it and raises them all."""
     try:
-        submit_api_rows(
-            ctx,
-            tenant=tenant,
-            parsed=parsed,
-            batch_name=api_batch_name(tenant),
-            skip_invalid=False,
-            lane=INTERACTIVE_LANE,
-        )
+        options = RowOptions(tenant=tenant, lane=INTERACTIVE_LANE)
+        submit_api_rows(ctx, parsed=parsed, batch_name=api_batch_name(tenant), options=options)
     except ManifestInvalid as e:
         raise problems_of(e.problems, with_lines=False) from None
     except InvalidInput as e:
@@ -102,10 +98,12 @@ def job_groups(request: Request) -> JobGroups:
     return groups
 
 
+def _view(ctx: ApiContext, _: Session, job: Job, batch: Batch) -> dict[str, Any]:
+    return job_view(ctx, job=job, batch=batch)
+
+
 def _read(ctx: ApiContext, tenant: str, job_id: str) -> dict[str, Any]:
-    with transaction(ctx.sessions) as session:
-        job, batch = find_job(session=session, tenant=tenant, job_id=job_id)
-        return job_view(ctx, job=job, batch=batch)
+    return on_job(ctx.sessions, job_id=job_id, tenant=tenant, act=partial(_view, ctx))
 
 
 @router.get("/{job_id}", response_model=JobOut)
@@ -128,23 +126,21 @@ async def get_job_image(job_id: str, ctx: Context, caller: CallerDep) -> Any:
 
 
 def _cancel(ctx: ApiContext, tenant: str, job_id: str) -> dict[str, Any]:
-    with transaction(ctx.sessions) as session:
-        job, batch = find_job(session=session, tenant=tenant, job_id=job_id)
+    def cancel_one(session: Session, job: Job, batch: Batch) -> None:
         cancel(session=session, batch_id=batch.id, job_ids=[job.id])
+
+    on_job(ctx.sessions, job_id=job_id, tenant=tenant, act=cancel_one)
     return _read(ctx, tenant, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
 async def cancel_job(job_id: str, request: Request, ctx: Context, caller: CallerDep) -> Any:
     """Cancel a queued or running job (a running one stops within IPAB_HEARTBEAT_S); final jobs stay as they are."""
-    action = partial(_cancel, ctx, caller.tenant, job_id)
-    return await idempotent_action(request, ctx, tenant=caller.tenant, content=b"", action=action)
+    return await idempotent_action(request, ctx, caller.tenant, partial(_cancel, ctx, caller.tenant, job_id))
 
 
 def _delete(ctx: ApiContext, tenant: str, job_id: str) -> dict[str, Any]:
-    with transaction(ctx.sessions) as session:
-        job, _ = find_job(session=session, tenant=tenant, job_id=job_id)
-        request_job_deletion(session=session, job_id=job.id)
+    on_job(ctx.sessions, job_id=job_id, tenant=tenant, act=lambda s, *_: request_job_deletion(session=s, job_id=job_id))
     wake_janitor(redis_client=ctx.redis, prefix=ctx.settings.redis_prefix)
     return {"id": job_id, "status": "deleting"}
 

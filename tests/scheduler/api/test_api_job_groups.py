@@ -22,7 +22,7 @@ from scheduler.api.submission import (
     tenant_references,
 )
 from scheduler.batches.events import JOB_EVENTS
-from scheduler.submission.submit import submit_rows
+from scheduler.submission.submit import RowOptions, submit_rows
 from shared.db import Batch, Job, WebhookSubscription, new_id, utcnow
 from shared.jobs import transaction
 from shared.settings import Settings
@@ -171,6 +171,6 @@ def test_rows_of_other_submissions_keep_their_content_keys(ctx: ApiContext, clie
         resolver=StoredReferenceResolver(ctx=ctx, known={ref: reference_file(ctx, images[ref])}),
         batch_name=batch.name,
         model_set=ctx.model_set(),
-        tenant="alice",
+        options=RowOptions(tenant="alice"),
     )
     assert (again.added, again.skipped_existing) == (0, 2)
