@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any, Final, NamedTuple
 
 from bench import startup
@@ -442,6 +442,81 @@ def render_markdown(results: dict[str, Any], *, command: str) -> str:
     ):
         parts += ["", *section]
     return "\n".join(parts) + "\n"
+
+
+# What a run did not measure: kept from the BENCHMARKS.md before it.
+
+# The section each part of `bench.run` writes, by its heading's number.
+SECTION_PARTS: Final = {
+    "1": "overhead",
+    "2": "submit",
+    "3": "control",
+    "4": "embed",
+    "5": "gpu",
+    "6": "fairness",
+    "7": "batching",
+    "8": "api",
+    "9": "startup",
+    "10": "fast_sets",
+    "11": "usage",
+    "13": "isolation",
+}
+KEPT_NOTE: Final = "(Kept from the previous BENCHMARKS.md: the run that wrote this file did not measure it.)"
+EARLIER: Final = " (earlier run)"
+
+
+def _sections(markdown: str) -> dict[str, str]:
+    """`## N. ...` sections of a BENCHMARKS.md by N, each with its heading; "" holds what comes before."""
+    out: dict[str, str] = {}
+    for i, chunk in enumerate(markdown.split("\n## ")):
+        key = "" if i == 0 else chunk.split(None, 1)[0].rstrip(".")
+        out[key] = chunk if i == 0 else "## " + chunk
+    return out
+
+
+def _goal_rows(markdown: str) -> dict[str, list[str]]:
+    """The goals table's rows by goal name: their cells."""
+    rows = {}
+    for line in _sections(markdown).get("Goals", "").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0] not in ("goal", "---"):
+            rows[cells[0]] = cells
+    return rows
+
+
+def carry_over(new: str, previous: str, *, ran: Collection[str]) -> str:
+    """`new` (this run's BENCHMARKS.md), with what the run did not measure taken from `previous`.
+
+    A section whose part did not run (`--only`), or that comes from a run of its own (table
+    growth), is kept as it was, marked as kept; a goal this run did not measure keeps its
+    earlier figure and verdict, marked `(earlier run)`. A part that ran and failed says so.
+    """
+    old, fresh = _sections(previous), _sections(new)
+    earlier = _goal_rows(previous)
+    lines = []
+    for line in fresh.get("Goals", "").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        was = earlier.get(cells[0]) if len(cells) == 4 and cells[3] == _verdict(None) else None
+        if was is not None and was[3] != _verdict(None):
+            measured = was[2] if was[2].endswith(EARLIER) else was[2] + EARLIER
+            line = f"| {cells[0]} | {was[1]} | {measured} | {was[3]} |"
+        lines.append(line)
+    named = set(_goal_rows(new))
+    for name, was in earlier.items():  # goals of runs of their own (table growth) and of retired parts
+        if name not in named and was[3] != _verdict(None):
+            measured = was[2] if was[2].endswith(EARLIER) else was[2] + EARLIER
+            lines.append(f"| {name} | {was[1]} | {measured} | {was[3]} |")
+    fresh["Goals"] = "\n".join(lines)
+    for key, text in old.items():
+        part = SECTION_PARTS.get(key)
+        if key in ("", "Goals") or (part is not None and part in ran):
+            continue
+        body = text.rstrip("\n")
+        if KEPT_NOTE not in body:
+            body += "\n\n" + KEPT_NOTE
+        fresh[key] = body + "\n"
+    order = sorted((k for k in fresh if k not in ("", "Goals")), key=lambda k: int(k) if k.isdigit() else 999)
+    return "\n".join(fresh[k].rstrip("\n") + "\n" for k in ["", "Goals", *order])
 
 
 # CLI start-up (bench/startup.py): its rows, apart from the sections above.

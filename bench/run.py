@@ -4,7 +4,10 @@
                         [--only overhead,submit,control,embed,fairness] [--gpu-json gpu.json] [--json out.json]
     python -m bench.run --from-json out.json [--gpu-json gpu.json]   # rewrite BENCHMARKS.md only
 
-All ratios in BENCHMARKS.md come from one run on one machine; absolute figures depend on
+What a run does not measure (parts left out with `--only`, benches with runs of their own such
+as `bench.table_growth`, the GPU section without `--gpu-json`) is kept from the BENCHMARKS.md
+before it, marked as kept, goals with `(earlier run)`. All other ratios in BENCHMARKS.md come
+from one run on one machine; absolute figures depend on
 the machine and on what else runs on it (the load average at the start is recorded).
 A benchmark that fails is reported as failed; the others still run.
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.common import REPO, log, machine_info, postgres_available
-from bench.report import render_markdown, summary_lines
+from bench.report import carry_over, render_markdown, summary_lines
 
 BENCHMARKS_MD: Final = REPO / "BENCHMARKS.md"
 ALL: Final = (
@@ -194,7 +197,9 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     if not args.no_write:
-        BENCHMARKS_MD.write_text(render_markdown(results, command=_command(args)))
+        previous = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
+        markdown = render_markdown(results, command=_command(args))
+        BENCHMARKS_MD.write_text(carry_over(markdown, previous, ran=set(results)))
         log(f"wrote {BENCHMARKS_MD}")
 
 

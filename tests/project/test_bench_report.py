@@ -1,0 +1,59 @@
+"""`make bench --only ...` and benches run on their own keep what the run did not measure (bench.report.carry_over)."""
+
+from __future__ import annotations
+
+from bench.report import EARLIER, KEPT_NOTE, carry_over
+
+
+def _file(goals: list[str], sections: dict[str, str]) -> str:
+    parts = ["# ipab benchmarks", "", "- Date: DATE", "", "## Goals", "", "| goal | target | measured | verdict |"]
+    parts += ["| --- | --- | ---: | --- |", *goals]
+    for heading, body in sections.items():
+        parts += ["", f"## {heading}", "", body]
+    return "\n".join(parts) + "\n"
+
+
+PREVIOUS = _file(
+    [
+        "| overhead | <= 1.05 | 1.004 | met |",
+        "| control jobs/s | >= 500 | 151 jobs/s | **missed** |",
+        "| claim at 10M rows | <= 1.5x | 1.37x | met |",
+    ],
+    {
+        "1. System overhead": "old overhead table",
+        "3. Control-plane capacity": "old control table",
+        "12. Table growth": "growth table from its own run",
+    },
+)
+# A run of `--only overhead`: the control section and goal say "not run", table growth is not written.
+NEW = _file(
+    [
+        "| overhead | <= 1.05 | 1.010 | met |",
+        "| control jobs/s | >= 500 | not run | not measured |",
+    ],
+    {"1. System overhead": "new overhead table", "3. Control-plane capacity": "Not run."},
+).replace("DATE", "today")
+
+
+def test_a_partial_run_keeps_every_other_section_and_goal_marked_as_kept() -> None:
+    out = carry_over(NEW, PREVIOUS, ran={"overhead"})
+    assert "- Date: today" in out
+    assert "new overhead table" in out and "old overhead table" not in out
+    assert "old control table" in out and "Not run." not in out
+    assert "growth table from its own run" in out
+    assert out.count(KEPT_NOTE) == 2  # control and table growth, not the overhead that ran
+    assert "| overhead | <= 1.05 | 1.010 | met |" in out
+    assert f"| control jobs/s | >= 500 | 151 jobs/s{EARLIER} | **missed** |" in out
+    assert f"| claim at 10M rows | <= 1.5x | 1.37x{EARLIER} | met |" in out
+    assert out.index("## 1.") < out.index("## 3.") < out.index("## 12.")
+
+
+def test_a_section_that_ran_replaces_the_kept_one_and_keeping_twice_marks_once() -> None:
+    once = carry_over(NEW, PREVIOUS, ran={"overhead"})
+    twice = carry_over(NEW, once, ran={"overhead"})
+    assert twice.count(KEPT_NOTE) == 2 and twice.count(EARLIER) == 2
+    control = NEW.replace("Not run.", "new control table").replace("not run | not measured", "480 jobs/s | **missed**")
+    rerun = carry_over(control, twice, ran={"overhead", "control"})
+    assert "new control table" in rerun and "old control table" not in rerun
+    assert "| control jobs/s | >= 500 | 480 jobs/s | **missed** |" in rerun
+    assert rerun.count(KEPT_NOTE) == 1  # table growth only
