@@ -31,7 +31,7 @@ from shared.db import (
     utcnow,
 )
 from shared.spec import SEED_LIMIT
-from tests.scheduler.submission.submit_helpers import run_ipab
+from tests.scheduler.submission.conftest import run_ipab
 
 HEAD = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 

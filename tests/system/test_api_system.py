@@ -26,7 +26,7 @@ from shared.db import Job, make_engine, make_session_factory
 from shared.settings import Settings
 from tests.scheduler.api.conftest import make_key, png_bytes
 from tests.scheduler.api.served import ServedApi
-from tests.system.helpers import Workers
+from tests.system.conftest import Workers
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from devkit.services import Service
 from shared import keys
@@ -27,30 +27,22 @@ from shared.db import Job, JobStatus, make_engine, make_session_factory
 from shared.model_set import read_model_set
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.system.helpers import Workers, wait_for_batch, worker_pool
-from tests.system.test_end_to_end import submit, write_manifest
+from tests.system.conftest import (
+    Workers,
+    count_status,
+    ipab,
+    submit,
+    wait_for_batch,
+    wait_until,
+    worker_pool,
+    write_manifest,
+)
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 JOBS = 30
 # A cancel test's batch: `ipab cancel` starts a Python process (a second or two) while the
 # workers go on; at batch 4 a fast machine ran 30 tiny jobs in that time and left none to cancel.
 CANCEL_JOBS = 150
-
-
-def count_status(settings: Settings, batch_id: str, status: JobStatus) -> int:
-    sessions = make_session_factory(make_engine(settings.database_url))
-    with sessions() as session:
-        return int(
-            session.scalar(select(func.count()).where(Job.batch_id == batch_id, Job.status == status.value)) or 0
-        )
-
-
-def wait_until(predicate: Callable[[], bool], *, timeout_s: float = 120, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def assert_each_job_ended_once(
@@ -200,7 +192,6 @@ def test_cancel_mid_batch_stops_queued_and_running_jobs(
     workers.start()
     batch_id = start_batch(system_settings, workers, tmp_path, "cancel", rows=CANCEL_JOBS)
     wait_until(lambda: count_status(system_settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
-    from tests.system.test_end_to_end import ipab
 
     done = ipab(workers.env, "cancel", batch_id, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -263,7 +254,6 @@ def test_batched_flushall_mid_batch_loses_nothing(
 def test_batched_cancel_mid_batch_stops_queued_and_running_jobs(
     batched_settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
 ) -> None:
-    from tests.system.test_end_to_end import ipab
 
     with worker_pool(batched_settings, settings_env, tmp_path) as pool:
         pool.start()

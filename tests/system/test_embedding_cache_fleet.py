@@ -12,7 +12,7 @@ from sqlalchemy import select
 from devkit.demo import write_reference_photos
 from shared.db import Job, JobStatus, make_engine, make_session_factory
 from shared.settings import Settings
-from tests.system.helpers import Workers, wait_for_batch
+from tests.system.conftest import Workers, ipab, wait_for_batch
 
 pytestmark = pytest.mark.slow
 JOBS = 200
@@ -48,7 +48,6 @@ def cache_totals(settings: Settings, batch_id: str) -> dict[str, int]:
 def test_200_jobs_over_5_images_on_2_workers_encode_each_image_once(
     system_settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
-    from tests.system.test_end_to_end import ipab
 
     def run_batch(name: str) -> dict[str, int]:
         manifest = write_five_reference_manifest(tmp_path, f"{name}.jsonl")

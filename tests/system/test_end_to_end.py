@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,40 +11,13 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from devkit.demo import write_reference_photos
 from shared import keys
 from shared.db import Job, JobStatus, make_engine, make_session_factory
 from shared.model_set import read_model_set
 from shared.settings import Settings
 from shared.spec import parse_spec
 from shared.storage import ObjectStore
-from tests.system.helpers import Workers, wait_for_batch, worker_pool
-
-SIZE = {"width": 64, "height": 64, "steps": 4}
-
-
-def write_manifest(folder: Path, rows: int) -> Path:
-    refs = write_reference_photos(folder / "refs")
-    lines = [
-        {"reference": str(refs[i % 3]), "prompt": f"prompt number {i}", "seed": 100 + i, "guidance_scale": 5.0}
-        for i in range(rows)
-    ]
-    path = folder / "manifest.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
-
-
-def ipab(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ipab.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
-    )
-
-
-def submit(workers: Workers, manifest: Path, batch: str) -> str:
-    sets = [a for k, v in SIZE.items() for a in ("--set", f"{k}={v}")]
-    done = ipab(workers.env, "submit", str(manifest), "--batch", batch, *sets, cwd=manifest.parent)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()[-1]
+from tests.system.conftest import Workers, submit, wait_for_batch, worker_pool, write_manifest
 
 
 def run_batch_end_to_end(settings: Settings, workers: Workers, tmp_path: Path) -> None:

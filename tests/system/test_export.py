@@ -16,7 +16,7 @@ import pytest
 
 from shared.db import Job, JobStatus
 from shared.storage import ObjectStore
-from tests.system.dataset_batch import PROMPTS, DatasetBatch, sha256_of
+from tests.system.conftest import PROMPTS, DatasetBatch, sha256_of
 
 pytestmark = pytest.mark.slow
 

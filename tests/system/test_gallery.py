@@ -18,8 +18,7 @@ from scheduler.batches.record import JobRecord
 from scheduler.gallery.build import card_html, render_gallery
 from shared.db import Batch, JobStatus, make_engine, make_session_factory
 from shared.storage import ObjectStore
-from tests.system.dataset_batch import DatasetBatch
-from tests.system.helpers import REPO
+from tests.system.conftest import REPO, DatasetBatch
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

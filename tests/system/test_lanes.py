@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from shared.db import Batch, Job, JobStatus, make_engine, make_session_factory
 from shared.settings import Settings
-from tests.system.helpers import REPO, Workers, wait_for_batch, worker_pool
+from tests.system.conftest import REPO, Workers, wait_for_batch, worker_pool
 
 SIZE = {"width": 64, "height": 64, "steps": 2}
 

@@ -21,10 +21,7 @@ from devkit.demo import write_reference_photos
 from devkit.services import free_port
 from shared.db import Job, JobStatus, UsageRollup, make_engine, make_session_factory
 from shared.settings import Settings
-from tests.system.helpers import Workers, wait_for_batch, worker_pool
-from tests.system.test_chaos import count_status, wait_until
-from tests.system.test_end_to_end import ipab
-from tests.system.test_operations import scrape, total
+from tests.system.conftest import Workers, count_status, ipab, scrape, total, wait_for_batch, wait_until, worker_pool
 
 pytestmark = [pytest.mark.slow]
 # Renders long enough that heartbeats see them (the busy time is then mostly rendering).

@@ -21,37 +21,11 @@ from shared.db import Job, make_engine, make_session_factory
 from shared.settings import Settings
 from tests.scheduler.api.conftest import make_key, png_bytes
 from tests.scheduler.api.served import ServedApi, free_port
-from tests.system.helpers import REPO, Workers, wait_for_batch
-from tests.system.test_end_to_end import submit, write_manifest
+from tests.system.conftest import REPO, Workers, scrape, submit, total, wait_for_batch, write_manifest
 
 pytestmark = pytest.mark.slow
 JOBS = 6
 SMALL = {"steps": 2, "width": 64, "height": 64}
-
-
-def scrape(url: str, timeout_s: float = 180) -> dict[str, float]:
-    """`name{labels}` -> value of every sample at `url` (retried until it answers)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            text = httpx.get(url, timeout=5).raise_for_status().text
-            break
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
-def total(samples: dict[str, float], name: str, **labels: str) -> float:
-    """The sum of `name`'s samples whose labels include `labels`."""
-    wanted = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(v for k, v in samples.items() if k.split("{")[0] == name and all(w in k for w in wanted))
 
 
 @pytest.fixture

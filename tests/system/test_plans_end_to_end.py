@@ -14,7 +14,7 @@ from shared.db import Job, JobStatus, utcnow
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.scheduler.plans.plans_helpers import Clock, apply, plan_context, slots, write_manifest, write_plan
-from tests.system.helpers import REPO, Workers, wait_for_batch
+from tests.system.conftest import REPO, Workers, wait_for_batch
 
 
 def test_a_plan_due_now_renders_its_batch_through_a_real_worker(

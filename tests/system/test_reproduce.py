@@ -12,8 +12,7 @@ from sqlalchemy import select
 from shared.db import Job, JobStatus, make_engine, make_session_factory
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.system.helpers import Workers, wait_for_batch
-from tests.system.test_end_to_end import ipab, submit, write_manifest
+from tests.system.conftest import Workers, ipab, submit, wait_for_batch, write_manifest
 
 ADAPTER = "IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors"
 

@@ -15,9 +15,8 @@ from shared import keys
 from shared.db import Job, make_engine, make_session_factory
 from shared.model_set import read_model_set
 from shared.settings import Settings
-from tests.scheduler.submission.submit_helpers import dispatch_all
-from tests.system.helpers import Workers
-from tests.system.test_end_to_end import submit, write_manifest
+from tests.scheduler.submission.conftest import dispatch_all
+from tests.system.conftest import Workers, submit, write_manifest
 
 pytestmark = [pytest.mark.slow]
 JOBS = 3

@@ -16,7 +16,7 @@ from shared.db import Job, WebhookMessage, make_engine, make_session_factory, ut
 from shared.jobs import transaction
 from shared.settings import Settings
 from tests.scheduler.api.conftest import png_bytes
-from tests.scheduler.submission.submit_helpers import run_ipab
+from tests.scheduler.submission.conftest import run_ipab
 
 PROVENANCE = {"model_set": "tiny", "device_name": "NVIDIA H200", "device": "cuda:0"}
 USAGE = {"gpu_s": 1.25, "lost_gpu_s": 0.5, "steps_run": 4, "pixel_steps": 64 * 64 * 4, "queue_s": 2.0, "total_s": 4.5}

@@ -16,7 +16,7 @@ from shared.db import Job, WebhookMessage, make_engine, make_session_factory, ut
 from shared.jobs import transaction
 from shared.settings import Settings
 from tests.scheduler.api.conftest import png_bytes
-from tests.scheduler.submission.submit_helpers import run_ipab
+from tests.scheduler.submission.conftest import run_ipab
 
 DONE = {
     "status": "succeeded",

@@ -22,7 +22,7 @@ from shared.jobs import JobResult, claim_job, finish_job, transaction
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.scheduler.api.conftest import make_key, png_bytes
-from tests.scheduler.submission.submit_helpers import dispatch_all, run_ipab, write_jsonl
+from tests.scheduler.submission.conftest import dispatch_all, run_ipab, write_jsonl
 
 ENCODER = "vit-h-plain"
 

@@ -17,7 +17,7 @@ from PIL import Image
 from shared.db import Batch, UsageRollup, ensure_database, make_engine, make_session_factory
 from shared.jobs import transaction
 from shared.settings import Settings
-from tests.scheduler.submission.submit_helpers import Run, run_ipab
+from tests.scheduler.submission.conftest import Run, run_ipab
 
 MODULES: Final = ("scheduler.cli.batches", "scheduler.cli.usage")
 DAY1, DAY2 = date(2026, 12, 1), date(2026, 12, 2)

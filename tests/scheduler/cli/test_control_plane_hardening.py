@@ -26,7 +26,7 @@ from shared.redact import mask_text
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.conftest import unique_name
-from tests.scheduler.submission.submit_helpers import Run, load_jobs, run_ipab, write_jsonl, write_photos
+from tests.scheduler.submission.conftest import Run, load_jobs, run_ipab, write_jsonl, write_photos
 
 MODEL_SET = "tiny-hardening"
 SECRET_FILE = b"PGPASSWORD=TopSecret\n"

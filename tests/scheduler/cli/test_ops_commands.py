@@ -12,7 +12,7 @@ from sqlalchemy import update
 from scheduler.submission.submit import submit_manifest
 from shared.db import Job, JobStatus, make_engine, make_session_factory
 from shared.settings import Settings
-from tests.scheduler.submission.submit_helpers import Run, load_jobs, queue_length, run_ipab, write_jsonl, write_photos
+from tests.scheduler.submission.conftest import Run, load_jobs, queue_length, run_ipab, write_jsonl, write_photos
 
 MODEL_SET = "tiny-ops"
 

@@ -19,7 +19,7 @@ from scheduler.tenants import RESERVED_TENANTS
 from shared.db import ApiKey, Job, Tenant, make_engine, make_session_factory
 from shared.settings import Settings
 from tests.scheduler.plans.plans_helpers import plan_fields, write_manifest, write_plan
-from tests.scheduler.submission.submit_helpers import Run, run_ipab, write_jsonl
+from tests.scheduler.submission.conftest import Run, run_ipab, write_jsonl
 
 MODULES = ("scheduler.cli.batches", "scheduler.cli.keys", "scheduler.cli.plans")
 UNOWNABLE = ("Acme", "bad name", "-lead", "a" * 101)

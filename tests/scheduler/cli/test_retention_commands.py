@@ -14,7 +14,7 @@ from shared.db import Job, make_engine, make_session_factory, utcnow
 from shared.jobs import transaction
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.scheduler.submission.submit_helpers import Run, load_jobs, run_ipab, write_jsonl, write_photos
+from tests.scheduler.submission.conftest import Run, load_jobs, run_ipab, write_jsonl, write_photos
 
 MODULES = ("scheduler.cli.batches", "scheduler.cli.retention")
 

@@ -12,7 +12,7 @@ from sqlalchemy import update
 from scheduler.terminal_progress import Reporter, rate_text
 from shared.db import Job, make_engine, make_session_factory
 from shared.settings import Settings
-from tests.scheduler.submission.submit_helpers import run_ipab, write_jsonl, write_photos
+from tests.scheduler.submission.conftest import run_ipab, write_jsonl, write_photos
 
 
 class Terminal(io.StringIO):

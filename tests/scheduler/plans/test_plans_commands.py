@@ -14,7 +14,7 @@ from shared.settings import Settings
 from tests.conftest import settings_env
 from tests.project.test_control_plane_install import NO_GPU_STACK, REPO
 from tests.scheduler.plans.plans_helpers import plan_fields, write_manifest, write_plan
-from tests.scheduler.submission.submit_helpers import Run, run_ipab
+from tests.scheduler.submission.conftest import Run, run_ipab
 
 MODULES = ("scheduler.cli.plans",)
 

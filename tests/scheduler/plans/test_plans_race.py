@@ -28,7 +28,7 @@ from tests.scheduler.plans.plans_helpers import (
     write_manifest,
     write_plan,
 )
-from tests.scheduler.submission.submit_helpers import queue_length
+from tests.scheduler.submission.conftest import queue_length
 
 REPO = Path(__file__).resolve().parents[3]
 START = datetime(2026, 1, 1, 0, 0)

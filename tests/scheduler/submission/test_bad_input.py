@@ -29,7 +29,7 @@ from shared.images import decode_reference
 from shared.keys import ref_key
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.scheduler.submission.submit_helpers import (
+from tests.scheduler.submission.conftest import (
     Run,
     count_rows,
     load_jobs,

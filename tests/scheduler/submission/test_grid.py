@@ -11,7 +11,7 @@ import pytest
 from scheduler.submission.grid import cell_id, expand_lines, parse_grid, read_grid
 from shared.errors import InvalidInput
 from shared.settings import Settings
-from tests.scheduler.submission.submit_helpers import Run, load_jobs, queue_length, run_ipab, write_photos
+from tests.scheduler.submission.conftest import Run, load_jobs, queue_length, run_ipab, write_photos
 
 MODEL_SET = "tiny-test"
 GRID = """

@@ -9,7 +9,7 @@ import pytest
 
 from scheduler.submission.manifest import Problem, parse_defaults, parse_manifest
 from shared.errors import InvalidInput
-from tests.scheduler.submission.submit_helpers import write_csv, write_jsonl
+from tests.scheduler.submission.conftest import write_csv, write_jsonl
 
 
 def test_jsonl_and_csv_rows_with_equal_values_are_equal_jobs(tmp_path: Path) -> None:

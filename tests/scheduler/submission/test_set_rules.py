@@ -18,7 +18,7 @@ from shared.model_set import read_model_set, write_model_set
 from shared.model_set_rules import NO_RULES
 from shared.settings import Settings
 from tests.scheduler.api.conftest import make_key, png_bytes
-from tests.scheduler.submission.submit_helpers import Run, load_jobs, run_ipab, write_jsonl, write_photos
+from tests.scheduler.submission.conftest import Run, load_jobs, run_ipab, write_jsonl, write_photos
 
 FAST_SET = "tiny-fast-rules"
 FAST = {

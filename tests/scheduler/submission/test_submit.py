@@ -17,7 +17,7 @@ from shared.errors import InvalidInput, ManifestInvalid
 from shared.reconcile import reconcile_once
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.scheduler.submission.submit_helpers import (
+from tests.scheduler.submission.conftest import (
     Run,
     count_rows,
     load_jobs,

@@ -11,7 +11,7 @@ import pytest
 
 from shared.errors import MAX_LISTED_PROBLEMS
 from shared.settings import Settings
-from tests.scheduler.submission.submit_helpers import Run, run_ipab, write_jsonl
+from tests.scheduler.submission.conftest import Run, run_ipab, write_jsonl
 
 ROWS = 300  # two problems each: no reference, a number as prompt
 

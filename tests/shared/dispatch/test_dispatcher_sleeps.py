@@ -25,7 +25,7 @@ from shared.dispatch.dispatcher import _Loop, run_dispatcher, wake_dispatcher
 from shared.queue import forget_queued
 from shared.settings import Settings
 from shared.wire import decode_render_envelope
-from tests.scheduler.submission.submit_helpers import write_jsonl
+from tests.scheduler.submission.conftest import write_jsonl
 
 MODEL_SET = "tiny-wakes"
 QUEUE = keys.render_queue(MODEL_SET)

@@ -20,7 +20,7 @@ from shared.jobs import transaction
 from shared.keys import render_queue
 from shared.settings import Settings
 from shared.wire import decode_render_envelope
-from tests.scheduler.submission.submit_helpers import dispatch_all
+from tests.scheduler.submission.conftest import dispatch_all
 
 MODEL_SET: Final = "tiny-holds"
 

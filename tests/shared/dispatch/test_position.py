@@ -10,7 +10,7 @@ from scheduler.submission.submit import submit_manifest
 from shared.db import Job, make_engine, make_session_factory, utcnow
 from shared.dispatch.position import forecast_batch, forecast_job
 from shared.settings import Settings
-from tests.scheduler.submission.submit_helpers import queue_length, write_jsonl
+from tests.scheduler.submission.conftest import queue_length, write_jsonl
 
 MODEL_SET = "tiny-position"
 
@@ -64,7 +64,7 @@ def test_two_tenants_share_a_lane_so_the_small_tenants_batch_ends_early(settings
 def test_a_deep_round_hands_every_job_to_redis_exactly_once(settings: Settings, tmp_path: Path) -> None:
     import redis
 
-    from tests.scheduler.submission.submit_helpers import dispatch_all
+    from tests.scheduler.submission.conftest import dispatch_all
 
     settings = settings.model_copy(update={"reference_roots": [tmp_path]})
     _submit(settings, tmp_path, "many", 700)  # more than a fetch (256) per round

@@ -1,4 +1,5 @@
-"""Helpers for the submit tests: real photos on disk, manifests, and `ipab` run in-process."""
+"""The submit tests' helpers, imported by tests across the tree: real photos on disk, manifests, `ipab` run
+in-process, the dispatcher run until it has fed Redis everything, and rows read back."""
 
 from __future__ import annotations
 
