@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from devkit import services
 from shared.settings import ENV_PREFIX, Settings
 from shared.storage import ObjectStore
 
+REPO = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = services.POSTGRES_ADMIN_URL
 REDIS_DATABASES = 4096  # start_redis configures this many
 TEST_AWS_ENV = {
@@ -231,3 +234,45 @@ def private_postgres() -> Iterator[services.Service]:
     yield service
     service.stop()
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- A host without the GPU stack ---------------------------------------------------------------------
+
+GPU_STACK = ("torch", "diffusers", "transformers", "accelerate", "safetensors")
+
+# Run `ipab` with an import hook that makes the GPU stack unimportable, as on a host without it.
+NO_GPU_STACK = f"""
+import sys
+
+class _NoGpuStack:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {GPU_STACK!r}:
+            raise ImportError(f"{{name}} is not installed here (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, _NoGpuStack())
+from ipab.cli import main
+code = main(sys.argv[1:])
+assert not any(m.split(".")[0] in {GPU_STACK!r} for m in sys.modules), "a GPU module was imported"
+sys.exit(code)
+"""
+
+
+@pytest.fixture
+def ipab_without_gpu_stack(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`run(env, *argv)`: `ipab ARGV` in a subprocess with `env` (the repository on PYTHONPATH), in the test's
+    folder, where importing torch, diffusers, transformers, accelerate or safetensors raises."""
+    script = tmp_path / "ipab_without_gpu_stack.py"
+    script.write_text(NO_GPU_STACK)
+
+    def run(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(script), *argv],
+            env=env | {"PYTHONPATH": str(REPO)},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    return run

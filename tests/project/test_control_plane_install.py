@@ -18,41 +18,21 @@ from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 EXPORT_FORMAT = "parquet" if importlib.util.find_spec("pyarrow") else "imagefolder"
-BLOCKED = ("torch", "diffusers", "transformers", "accelerate", "safetensors")
-
-# Run `ipab` with an import hook that makes the GPU stack unimportable, as on a host without it.
-NO_GPU_STACK = f"""
-import sys
-
-class _NoGpuStack:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {BLOCKED!r}:
-            raise ImportError(f"{{name}} is not installed here (blocked by the test)")
-        return None
-
-sys.meta_path.insert(0, _NoGpuStack())
-from ipab.cli import main
-code = main(sys.argv[1:])
-assert not any(m.split(".")[0] in {BLOCKED!r} for m in sys.modules), "a GPU module was imported"
-sys.exit(code)
-"""
 
 
 @pytest.fixture
 def light_ipab(
-    settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
+    settings: Settings,
+    settings_env: Callable[[Settings], dict[str, str]],
+    ipab_without_gpu_stack: Callable[..., subprocess.CompletedProcess[str]],
+    tmp_path: Path,
 ) -> Callable[..., subprocess.CompletedProcess[str]]:
     """`run(*argv)`: `ipab ARGV` in a subprocess where importing torch, diffusers or transformers raises."""
-    script = tmp_path / "ipab_without_gpu_stack.py"
-    script.write_text(NO_GPU_STACK)
     env = {k: v for k, v in os.environ.items() if not k.startswith("IPAB_")}
     env.update(settings_env(settings.model_copy(update={"reference_roots": [tmp_path]})))
-    env["PYTHONPATH"] = str(REPO)
 
     def run(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, str(script), *argv], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
-        )
+        return ipab_without_gpu_stack(env, *argv)
 
     return run
 

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from shared.db import Job, JobStatus, utcnow
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.scheduler.plans.plans_helpers import Clock, apply, plan_context, slots, write_manifest, write_plan
+from tests.scheduler.plans.conftest import Clock, apply, plan_context, slots, write_manifest, write_plan
 from tests.system.conftest import REPO, Workers, wait_for_batch
 
 

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from scheduler.tenants import RESERVED_TENANTS
 from shared.db import ApiKey, Job, Tenant, make_engine, make_session_factory
 from shared.settings import Settings
-from tests.scheduler.plans.plans_helpers import plan_fields, write_manifest, write_plan
+from tests.scheduler.plans.conftest import plan_fields, write_manifest, write_plan
 from tests.scheduler.submission.conftest import Run, run_ipab, write_jsonl
 
 MODULES = ("scheduler.cli.batches", "scheduler.cli.keys", "scheduler.cli.plans")

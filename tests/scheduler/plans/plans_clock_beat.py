@@ -2,9 +2,10 @@
 
 `python -m tests.scheduler.plans.plans_clock_beat CLOCK_FILE INTERVAL_S`, with the `IPAB_*` settings in the
 environment. CLOCK_FILE holds a naive UTC ISO 8601 time that the test replaces atomically
-(`tests.scheduler.plans.plans_helpers.write_clock`). Once its database is ready the process creates
+(`write_clock` in this folder's conftest.py). Once its database is ready the process creates
 `CLOCK_FILE.<pid>.ready`. SIGTERM stops it after the pass under way. The real `ipab beat`
-has no such clock: its `now` is the system's.
+has no such clock: its `now` is the system's. It stays a module, not a conftest fixture: tests run it as
+a process of its own.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from scheduler.plans.runner import SlotContext, run_slot
 from shared.db import Job, Plan, WebhookSubscription
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.scheduler.plans.plans_helpers import (
+from tests.scheduler.plans.conftest import (
     Clock,
     apply,
     batch_names,

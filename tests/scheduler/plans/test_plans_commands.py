@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,7 @@ import pytest
 
 from shared.settings import Settings
 from tests.conftest import settings_env
-from tests.project.test_control_plane_install import NO_GPU_STACK, REPO
-from tests.scheduler.plans.plans_helpers import plan_fields, write_manifest, write_plan
+from tests.scheduler.plans.conftest import plan_fields, write_manifest, write_plan
 from tests.scheduler.submission.conftest import Run, run_ipab
 
 MODULES = ("scheduler.cli.plans",)
@@ -123,9 +122,9 @@ def test_a_bad_set_table_names_the_field(settings: Settings, monkeypatch: pytest
     assert f"{bad}: set.seeds: is 2: is not a job field; allowed: reference, prompt" in run.err
 
 
-def test_plans_and_beat_run_where_torch_cannot_be_imported(settings: Settings, tmp_path: Path) -> None:
-    script = tmp_path / "ipab_without_gpu_stack.py"
-    script.write_text(NO_GPU_STACK)
+def test_plans_and_beat_run_where_torch_cannot_be_imported(
+    settings: Settings, ipab_without_gpu_stack: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IPAB_")} | settings_env(settings)
     write_manifest(tmp_path)
     write_plan(tmp_path, **plan_fields())
@@ -135,12 +134,5 @@ def test_plans_and_beat_run_where_torch_cannot_be_imported(settings: Settings, t
         ["beat", "--passes", "1"],
         ["plans", "history", "nightly"],
     ):
-        done = subprocess.run(
-            [sys.executable, str(script), *argv],
-            env=env | {"PYTHONPATH": str(REPO)},
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = ipab_without_gpu_stack(env, *argv)
         assert done.returncode == 0, (argv, done.stderr)

@@ -9,7 +9,7 @@ from pathlib import Path
 from scheduler.usage.quotas import set_quotas
 from shared.jobs import transaction
 from shared.settings import Settings
-from tests.scheduler.plans.plans_helpers import (
+from tests.scheduler.plans.conftest import (
     Clock,
     apply,
     batch_names,

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from shared.db import PlanSlot
 from shared.settings import Settings
 from tests.conftest import settings_env
-from tests.scheduler.plans.plans_helpers import (
+from tests.scheduler.plans.conftest import (
     MODEL_SET,
     Clock,
     apply,

@@ -1,4 +1,5 @@
-"""Helpers for the plan tests: plan files, a manual clock, and reading slots and batches back."""
+"""The plan tests' helpers, imported by plan tests across the tree: plan files, a manual clock, and reading
+slots and batches back."""
 
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ def jobs_per_batch(sessions: sessionmaker[Session]) -> dict[str, int]:
 
 
 def write_clock(path: Path, at: datetime) -> None:
-    """Set the file clock of `tests/plans_clock_beat.py` (atomically: a reader never sees half a time)."""
+    """Set the file clock of `plans_clock_beat.py` (atomically: a reader never sees half a time)."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(at.isoformat())
     os.replace(tmp, path)
