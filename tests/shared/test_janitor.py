@@ -3,7 +3,7 @@ a janitor killed midway is finished by the next, and a running job is never expi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 
 import pytest
@@ -15,16 +15,8 @@ from shared.db import Batch, BatchReference, Job, JobStatus, Plan, PlanSlot, Ref
 from shared.janitor.references import claim_references, mark_unused
 from shared.jobs import JobResult, claim_job, finish_job, transaction
 from shared.retention import DataState
-from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.shared.janitor_helpers import ENCODER, PNG_BYTES, World, world_on
-
-
-@pytest.fixture
-def world(settings: Settings, database_url: str, object_store: ObjectStore, redis_url: str) -> Iterator[World]:
-    """The test's world on SQLite and on PostgreSQL."""
-    with world_on(settings, database_url, object_store, redis_url) as w:
-        yield w
+from tests.shared.conftest import ENCODER, PNG_BYTES, World
 
 
 def _embedding_copies(world: World) -> list[bytes]:

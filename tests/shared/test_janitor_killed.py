@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import func, select
@@ -17,8 +17,7 @@ from shared import keys
 from shared.db import Job
 from shared.retention import DataState
 from shared.settings import Settings
-from shared.storage import ObjectStore
-from tests.shared.janitor_helpers import World, world_on
+from tests.shared.conftest import World
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 JOBS = 1200
@@ -26,11 +25,10 @@ STEP = 40  # jobs per janitor step: many steps, so the kill lands inside the wor
 
 
 @pytest.fixture
-def world(settings: Settings, database_url: str, object_store: ObjectStore, redis_url: str) -> Iterator[World]:
-    """The janitor's world on SQLite and PostgreSQL, with small steps."""
-    with world_on(settings, database_url, object_store, redis_url) as w:
-        w.settings = w.settings.model_copy(update={"janitor_batch": STEP})
-        yield w
+def world(world: World) -> World:
+    """The janitor's world (conftest.py's, on SQLite and PostgreSQL), with small steps."""
+    world.settings = world.settings.model_copy(update={"janitor_batch": STEP})
+    return world
 
 
 def _states(world: World) -> dict[str | None, int]:

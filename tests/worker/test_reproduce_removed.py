@@ -10,7 +10,7 @@ import pytest
 from shared.errors import InvalidInput
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.shared.janitor_helpers import World, world_on
+from tests.shared.conftest import World, world_on
 from worker.reproduce import load_record
 
 

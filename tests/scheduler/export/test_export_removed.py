@@ -14,7 +14,7 @@ from scheduler.gallery.build import write_gallery
 from shared.db import Batch
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.shared.janitor_helpers import World, world_on
+from tests.shared.conftest import World, world_on
 
 
 @pytest.fixture

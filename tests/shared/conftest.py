@@ -1,4 +1,7 @@
-"""A small world for the janitor's tests: SQL rows, S3 objects and Redis keys as the real parts write them."""
+"""A small world for the janitor's tests: SQL rows, S3 objects and Redis keys as the real parts write them.
+
+The `world` fixture serves this folder's tests; tests elsewhere (exports, reproduce) import `World` and
+`world_on` for a world on their own database."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import pytest
 import redis
 from PIL import Image
 from sqlalchemy import select, update
@@ -166,3 +170,10 @@ def world_on(settings: Settings, database_url: str, store: ObjectStore, redis_ur
 def now_plus(seconds: float) -> datetime:
     """UTC now (naive, as stored) plus `seconds`."""
     return utcnow() + timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def world(settings: Settings, database_url: str, object_store: ObjectStore, redis_url: str) -> Iterator[World]:
+    """The test's world on SQLite and on PostgreSQL."""
+    with world_on(settings, database_url, object_store, redis_url) as w:
+        yield w
