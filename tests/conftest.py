@@ -276,3 +276,30 @@ def ipab_without_gpu_stack(tmp_path: Path) -> Callable[..., subprocess.Completed
         )
 
     return run
+
+
+# --- A loopback-only network namespace ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def run_isolated() -> Callable[..., dict[str, Any]]:
+    """`run_isolated(module, *args, timeout_s=...)`: `module.main(args)` run in a network namespace that
+    has loopback only, with a DNS server that never answers; its result.
+
+    Tests of DNS, address filtering and SSRF must never send a packet past loopback. The namespace
+    is `devkit.netns`'s (the benchmarks use it too): `lo` up and checked to be the only interface,
+    a resolv.conf naming 127.0.0.1 bind-mounted over /etc/resolv.conf, and a UDP socket on
+    127.0.0.1:53 that answers no query. A machine that refuses namespaces skips the test; a
+    scenario that fails fails it.
+    """
+    from devkit import netns
+
+    def run(module: str, *args: str, timeout_s: float) -> dict[str, Any]:
+        try:
+            return netns.run_isolated(module, *args, timeout_s=timeout_s)
+        except netns.NamespaceRefused as e:
+            pytest.skip(f"cannot create a network namespace here: {e}")
+        except RuntimeError as e:
+            pytest.fail(str(e))
+
+    return run

@@ -1,8 +1,10 @@
-"""Fixtures for API tests: an app on the test's services (in process), tenants with keys, an image."""
+"""Fixtures for API tests: an app on the test's services (in process), tenants with keys, an image; and the
+helpers API tests share: uploads, problem checks, a job request, plan files and manifests in S3."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,10 +16,13 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from scheduler.api.app import create_app
+from scheduler.api.job_groups import JobRequest
+from scheduler.api.submission import parse_api_rows
 from scheduler.tenants import create_key
 from shared.db import Job, ensure_database, make_engine, make_session_factory
 from shared.jobs import transaction
 from shared.settings import Settings
+from shared.storage import ObjectStore
 from tests.scheduler.api.served import ServedApi
 
 
@@ -67,6 +72,32 @@ def make_key(settings: Settings, tenant: str, *, admin: bool = False) -> tuple[s
     finally:
         engine.dispose()
     return new.key, new.webhook_secret
+
+
+def job_request(tenant: str, webhook: tuple[str, list[str]] | None = None, **fields: Any) -> JobRequest:
+    """A parsed POST /v1/jobs request of `tenant`: JOB with `fields`, and `webhook` (url, events) if given."""
+    parsed = parse_api_rows([(1, {**JOB, **fields})])
+    assert parsed.rows, parsed.problems
+    return JobRequest(tenant, parsed.rows[0], webhook)
+
+
+TOML = {"content-type": "application/toml"}  # the headers of a plan file's body
+
+
+def put_manifest(settings: Settings, rows: int = 2) -> str:
+    """A JSONL manifest and its reference image in the test bucket; the manifest's s3:// URI."""
+    store = ObjectStore.from_settings(settings)
+    store.put("plans/ref.png", png_bytes(), content_type="image/png")
+    reference = store.uri("plans/ref.png")
+    lines = [{"reference": reference, "prompt": f"prompt {i}", "seed": i, "steps": 2} for i in range(rows)]
+    store.put("plans/rows.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
+    return store.uri("plans/rows.jsonl")
+
+
+def plan_toml(**fields: Any) -> str:
+    """A plan file's text (every value a TOML basic string, a JSON string)."""
+    values = {"name": "nightly", "schedule": "0 2 * * *", "timezone": "Europe/Berlin", "tenant": "alice"} | fields
+    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
 
 
 @pytest.fixture

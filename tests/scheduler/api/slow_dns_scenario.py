@@ -1,11 +1,12 @@
 """A real `ipab api` while one tenant floods it with webhook URLs whose DNS never answers.
 
-Run by `test_api_slow_dns.py` inside a loopback-only namespace (`tests/scheduler/webhooks/netns.py`):
+Run by `test_api_slow_dns.py` inside a loopback-only namespace (the `run_isolated` fixture):
 Redis, SeaweedFS, SQLite and the API all run in there. Tenant `slow` sends BATCHES batch
 submissions and JOBS job submissions naming a silent host; meanwhile `/healthz`, tenant
 `other`'s batch list and its job with a webhook on `localhost` (answered by /etc/hosts) are
 timed, each by its own loop, until every slow request has its answer; and, for comparison,
-for QUIET_S before the flood, on the same loaded machine.
+for QUIET_S before the flood, on the same loaded machine. It stays a module, not a fixture: the
+namespace's own Python process imports it and runs its `main`.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from typing import Any
 import httpx
 
 from devkit import services
+from devkit.netns import REPO, SILENT_NAME
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.conftest import TEST_AWS_ENV, settings_env
 from tests.scheduler.api.conftest import make_key, png_bytes
-from tests.scheduler.webhooks.netns import REPO, SILENT_NAME
 
 BATCHES = 20
 JOBS = 45

@@ -17,9 +17,8 @@ from scheduler.api.job_groups import write_group
 from scheduler.api.problems import ApiProblem
 from shared.db import Batch, Job, JobStatus, make_engine, make_session_factory
 from shared.settings import Settings
-from tests.scheduler.api.conftest import JOB, make_key, png_bytes
+from tests.scheduler.api.conftest import JOB, job_request, make_key, png_bytes
 from tests.scheduler.api.served import ServedApi
-from tests.scheduler.api.test_api_job_groups import job_request
 
 CAP: Final = 10
 JSONL: Final = {"content-type": "application/jsonl"}

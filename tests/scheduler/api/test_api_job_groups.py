@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from scheduler.api.context import ApiContext
-from scheduler.api.job_groups import JobRequest, write_group
+from scheduler.api.job_groups import write_group
 from scheduler.api.problems import ApiProblem
 from scheduler.api.submission import (
     StoredReferenceResolver,
@@ -26,7 +26,7 @@ from scheduler.submission.submit import RowOptions, submit_rows
 from shared.db import Batch, Job, WebhookSubscription, new_id, utcnow
 from shared.jobs import transaction
 from shared.settings import Settings
-from tests.scheduler.api.conftest import JOB, assert_problem, job_count, make_key, upload
+from tests.scheduler.api.conftest import JOB, assert_problem, job_count, job_request, make_key, upload
 
 HOOK = ("http://127.0.0.1:9/hook", [JOB_EVENTS["succeeded"]])
 
@@ -36,12 +36,6 @@ def ctx(api_settings: Settings) -> Iterator[ApiContext]:
     context = ApiContext.build(api_settings)
     yield context
     context.close()
-
-
-def job_request(tenant: str, webhook: tuple[str, list[str]] | None = None, **fields: Any) -> JobRequest:
-    parsed = parse_api_rows([(1, {**JOB, **fields})])
-    assert parsed.rows, parsed.problems
-    return JobRequest(tenant, parsed.rows[0], webhook)
 
 
 def jobs_of(ctx: ApiContext, tenant: str) -> list[Job]:

@@ -3,32 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from shared.settings import Settings
-from shared.storage import ObjectStore
-from tests.scheduler.api.conftest import assert_problem, png_bytes
-
-TOML = {"content-type": "application/toml"}
-
-
-def put_manifest(settings: Settings, rows: int = 2) -> str:
-    """A JSONL manifest and its reference image in the test bucket; the manifest's s3:// URI."""
-    store = ObjectStore.from_settings(settings)
-    store.put("plans/ref.png", png_bytes(), content_type="image/png")
-    reference = store.uri("plans/ref.png")
-    lines = [{"reference": reference, "prompt": f"prompt {i}", "seed": i, "steps": 2} for i in range(rows)]
-    store.put("plans/rows.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
-    return store.uri("plans/rows.jsonl")
-
-
-def plan_toml(**fields: Any) -> str:
-    """A plan file's text (every value a TOML basic string, a JSON string)."""
-    values = {"name": "nightly", "schedule": "0 2 * * *", "timezone": "Europe/Berlin", "tenant": "alice"} | fields
-    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+from tests.scheduler.api.conftest import TOML, assert_problem, plan_toml, put_manifest
 
 
 def test_an_admin_applies_lists_shows_runs_pauses_resumes_and_deletes_a_plan(

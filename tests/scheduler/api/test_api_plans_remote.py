@@ -14,8 +14,7 @@ from fastapi.testclient import TestClient
 
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.scheduler.api.conftest import assert_problem, png_bytes
-from tests.scheduler.api.test_api_plans import TOML, plan_toml, put_manifest
+from tests.scheduler.api.conftest import TOML, assert_problem, plan_toml, png_bytes, put_manifest
 
 REMOTE_ONLY = "must be an s3:// uri"
 

@@ -7,11 +7,13 @@ namespace whose only DNS server never answers; see it for what is sent and timed
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
+from devkit.netns import GLIBC_ATTEMPTS, GLIBC_TIMEOUT_S
 from tests.scheduler.api.slow_dns_scenario import BATCHES, DNS_TIMEOUT_S, JOBS
-from tests.scheduler.webhooks.netns import GLIBC_ATTEMPTS, GLIBC_TIMEOUT_S, run_isolated
 
 pytestmark = pytest.mark.slow
 # Bounds over what the same probe took on the quiet server just before (`*_quiet_max_s`): a
@@ -24,7 +26,7 @@ ANSWER_MARGIN_S = 2.0
 
 
 @pytest.fixture(scope="module")
-def flood() -> dict[str, object]:
+def flood(run_isolated: Callable[..., dict[str, Any]]) -> dict[str, object]:
     """The scenario's figures (it runs once for the module's tests)."""
     result = run_isolated("tests.scheduler.api.slow_dns_scenario", timeout_s=420)
     print(json.dumps({k: v for k, v in result.items() if k != "slow"}, indent=1))

@@ -18,7 +18,7 @@ from scheduler.tenants import ensure_tenant
 from shared.db import WebhookMessage, utcnow
 from shared.jobs import transaction
 from shared.settings import Settings
-from tests.scheduler.webhooks.receivers import Receiver, add_messages, delivering, receiver, sessions_of
+from tests.scheduler.webhooks.conftest import Receiver, add_messages, delivering, receiver, sessions_of
 
 pytestmark = pytest.mark.slow
 DEAD_MESSAGES = 24

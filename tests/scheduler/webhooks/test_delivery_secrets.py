@@ -12,7 +12,7 @@ from scheduler.webhooks.signing import verify
 from shared.db import utcnow
 from shared.jobs import transaction
 from shared.settings import Settings
-from tests.scheduler.webhooks.receivers import add_messages, delivering, message, receiver, sessions_of
+from tests.scheduler.webhooks.conftest import add_messages, delivering, message, receiver, sessions_of
 
 
 @pytest.fixture

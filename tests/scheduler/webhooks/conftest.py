@@ -1,4 +1,4 @@
-"""Helpers for delivery tests: a local webhook receiver, outbox rows, and the delivery loop in a thread.
+"""The delivery tests' helpers: a local webhook receiver, outbox rows, and the delivery loop in a thread.
 
 The receiver listens on 127.0.0.1 (a port of the test's own): `/dead/...` reads the request
 and never answers until the receiver closes; any other path answers 204 at once and
