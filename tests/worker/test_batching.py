@@ -10,50 +10,32 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
-import torch
 from PIL import Image
 from sqlalchemy import update
-from test_runner import FakeRenderer, add_job, cancel_jobs, fake_context, job_row
 
 from shared import keys
 from shared.db import Job
 from shared.db_clock import server_now
-from shared.queue import enqueue_serialized
 from shared.reconcile import reconcile_once
 from shared.settings import Settings
 from shared.spec import JobSpec, Reference
 from shared.storage import ObjectStore
 from shared.wire import JobMessage
+from tests.worker.conftest import (
+    BATCH_SIZE,
+    BatchingFakeRenderer,
+    _queue,
+    _run,
+    add_job,
+    cancel_jobs,
+    fake_context,
+    job_row,
+)
 from worker.batching import BatchCollector
 from worker.context import WorkerContext
-from worker.runner import run_job
-
-BATCH_SIZE = 4
-
-
-class BatchingFakeRenderer(FakeRenderer):
-    """The fake model with `generate_batch`; records the size of every pipeline call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[int] = []
-        self.bad_seed: int | None = None  # a call holding this seed fails as a whole
-
-    def generate(
-        self, params: Any, embeds: Sequence[torch.Tensor], *, on_step: Callable[[int], None] | None = None
-    ) -> Image.Image:
-        image: Image.Image = self.generate_batch([(params, embeds)], on_step=on_step)[0]
-        return image
-
-    def generate_batch(self, items: Sequence[Any], *, on_step: Callable[[int], None] | None = None) -> list[Any]:
-        self.calls.append(len(items))
-        if self.bad_seed in {params.seed for params, _ in items}:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return [super(BatchingFakeRenderer, self).generate(p, e, on_step=on_step) for p, e in items]
 
 
 @pytest.fixture
@@ -62,19 +44,6 @@ def ctx(settings: Settings, object_store: ObjectStore) -> Iterator[WorkerContext
     context = fake_context(settings, object_store, BatchingFakeRenderer())
     yield context
     context.close()
-
-
-def _queue(ctx: WorkerContext, messages: Sequence[JobMessage]) -> None:
-    """Put messages on the worker's queue as the dispatcher does (oldest first out)."""
-    queue = keys.render_queue(ctx.renderer.name)
-    texts = [(m.job_id, m.to_text()) for m in messages]
-    enqueue_serialized(redis_client=ctx.redis, queue=queue, messages=texts, prefix=ctx.settings.redis_prefix)
-
-
-def _run(ctx: WorkerContext, message: JobMessage) -> str:
-    outcome = run_job(ctx, message.to_json())
-    assert ctx.publisher.drain(timeout_s=30)
-    return outcome
 
 
 def _waiting(ctx: WorkerContext) -> int:

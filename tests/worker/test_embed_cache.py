@@ -7,172 +7,33 @@ share it; `tests/worker/test_embed_cache_integration.py` runs the same paths aga
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-import multiprocessing
-import os
 import uuid
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from redis import Redis
 
 from shared.cache_stats import CacheStats, read_fleet_stats, sum_stats_json
-from shared.errors import InvalidInput, ObjectMissing, SettingsError, StorageUnavailable
+from shared.errors import InvalidInput, SettingsError
+from tests.worker.conftest import (
+    PLAIN_SHAPE,
+    PLUS_SHAPE,
+    DirStore,
+    FakeEncoder,
+    make_cache,
+    png_bytes,
+    ref,
+    run_workers,
+)
 from worker.embedding import (
     ByteLru,
-    EmbeddingCache,
-    Encoder,
     EncoderIdentity,
     pack_entry,
     unpack_entry,
 )
-
-PLAIN_SHAPE = (16,)
-PLUS_SHAPE = (5, 8)
-
-
-# --- parts -----------------------------------------------------------------------------------
-
-
-def png_bytes(seed: int, size_px: int = 24) -> bytes:
-    """A small noise PNG, different for each seed."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (size_px, size_px, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def ref(data: bytes, calls: list[str] | None = None) -> tuple[str, Callable[[], bytes]]:
-    """A (sha256, loader) ref; the loader notes each call in `calls`."""
-    sha = hashlib.sha256(data).hexdigest()
-
-    def load() -> bytes:
-        if calls is not None:
-            calls.append(sha)
-        return data
-
-    return sha, load
-
-
-class FakeEncoder:
-    """Deterministic stand-in for the CLIP image encoder: a tensor drawn from the pixels' hash.
-
-    Counts the images it encodes in `calls`, and in Redis when given a counter key, so that
-    several processes can be counted together. `die_in_encode` exits the process mid-encode.
-    """
-
-    def __init__(
-        self,
-        *,
-        kind: str = "image_embeds",
-        dtype: torch.dtype = torch.float16,
-        encoder_id: str = "fake-clip",
-        redis_url: str | None = None,
-        counter_key: str | None = None,
-        encode_delay_s: float = 0.0,
-        die_in_encode: bool = False,
-    ) -> None:
-        self.encoder_id = encoder_id
-        self.embed_kind = kind
-        self.dtype = dtype
-        self.calls = 0
-        self._counter = (Redis.from_url(redis_url), counter_key) if redis_url and counter_key else None
-        self._delay_s = encode_delay_s
-        self._die = die_in_encode
-
-    def encode(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        """One tensor per image, the same for the same pixels in every process."""
-        if self._counter is not None:
-            client, key = self._counter
-            client.incrby(key, len(images))
-        if self._die:
-            os._exit(17)  # the lock holder dies without releasing anything
-        if self._delay_s:
-            import time
-
-            time.sleep(self._delay_s)  # widen the window in which other workers miss too
-        self.calls += len(images)
-        return [self.expected(im) for im in images]
-
-    def expected(self, image: Image.Image) -> torch.Tensor:
-        """What `encode` returns for `image`."""
-        seed = int.from_bytes(hashlib.sha256(image.tobytes()).digest()[:8], "little")
-        shape = PLAIN_SHAPE if self.embed_kind == "image_embeds" else PLUS_SHAPE
-        return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.dtype)
-
-    def expected_for(self, data: bytes) -> torch.Tensor:
-        """What `encode` returns for the image in `data`."""
-        return self.expected(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-class DirStore:
-    """The `ObjectStore` methods the cache uses, on a directory (shared by spawned processes)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.unavailable = False
-        self.puts: list[str] = []
-
-    def _path(self, key: str) -> Path:
-        return self.root / key
-
-    def _check(self) -> None:
-        if self.unavailable:
-            raise StorageUnavailable("object store at test unreachable")
-
-    def get(self, key: str) -> bytes:
-        """The bytes at `key`, `ObjectMissing` if none."""
-        self._check()
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise ObjectMissing(f"s3://test/{key} does not exist") from None
-
-    def put(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None, content_type: str = "x") -> None:
-        """Write `data` at `key`."""
-        self._check()
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-        self.puts.append(key)
-
-    def delete(self, key: str) -> None:
-        """Remove `key` if there."""
-        self._check()
-        self._path(key).unlink(missing_ok=True)
-
-    def exists(self, key: str) -> bool:
-        """Whether `key` is stored."""
-        return self._path(key).exists()
-
-
-def make_cache(
-    redis_url: str, store: Any, encoder: Encoder | Callable[[], Encoder], prefix: str, **overrides: Any
-) -> EmbeddingCache:
-    """A cache with test-sized limits; `overrides` replaces any constructor argument."""
-    args: dict[str, Any] = {
-        "redis": Redis.from_url(redis_url),
-        "store": store,
-        "encoder": encoder,
-        "prefix": prefix,
-        "lru_bytes": 1 << 20,
-        "redis_ttl_s": 600,
-        "lock_ttl_s": 10.0,
-        "wait_s": 30.0,
-    }
-    args.update(overrides)
-    return EmbeddingCache(**args)
-
 
 # --- fixtures --------------------------------------------------------------------------------
 
@@ -610,64 +471,6 @@ def test_ipab_cache_stats_prints_the_fleet_counters(
 
 
 # --- several processes -------------------------------------------------------------------------
-
-
-StoreSpec = str | tuple[str, str]  # a DirStore folder, or (S3 endpoint, bucket): picklable for spawn
-
-
-def build_store(spec: StoreSpec) -> Any:
-    """The store a spec names, built inside the process that uses it."""
-    if isinstance(spec, str):
-        return DirStore(Path(spec))
-    from shared.storage import ObjectStore
-
-    return ObjectStore(endpoint_url=spec[0], bucket=spec[1], region="us-east-1")
-
-
-def _worker_get(
-    redis_url: str,
-    spec: StoreSpec,
-    prefix: str,
-    data: bytes,
-    barrier: Any,
-    die: bool,
-    wait_for_lock: bool,
-    results: Any,
-) -> None:
-    """One worker process: build a cache, wait for the others (and for a lock if told), get the embedding."""
-    import time
-
-    counter = prefix + "encoded"
-    encoder = FakeEncoder(redis_url=redis_url, counter_key=counter, encode_delay_s=0.3, die_in_encode=die)
-    cache = make_cache(redis_url, build_store(spec), encoder, prefix, lock_ttl_s=LOCK_TTL_S)
-    sha = ref(data)[0]
-    barrier.wait()
-    while wait_for_lock and not Redis.from_url(redis_url).exists(cache.lock_key(sha)):
-        time.sleep(0.01)  # start only once the doomed worker holds the lock
-    (got,), stats = cache.get([ref(data)])
-    results.put((torch.equal(got, encoder.expected_for(data)), stats.encodes, stats.wait_s))
-
-
-LOCK_TTL_S = 3.0
-
-
-def run_workers(
-    redis_url: str, spec: StoreSpec, prefix: str, data: bytes, *, count: int, doomed: bool
-) -> tuple[list[tuple[bool, int, float]], list[int | None]]:
-    """Start `count` workers (plus one that dies holding the lock if `doomed`); their results and exit codes."""
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(count + doomed), ctx.Queue()
-    roles = [(False, doomed)] * count + ([(True, False)] if doomed else [])
-    procs = [
-        ctx.Process(target=_worker_get, args=(redis_url, spec, prefix, data, barrier, die, wait, results))
-        for die, wait in roles
-    ]
-    for p in procs:
-        p.start()
-    out = [results.get(timeout=120) for _ in range(count)]
-    for p in procs:
-        p.join(timeout=60)
-    return out, [p.exitcode for p in procs]
 
 
 @pytest.mark.slow

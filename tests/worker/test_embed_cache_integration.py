@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from redis import Redis
-from test_embed_cache import FakeEncoder, make_cache, png_bytes, ref, run_workers
 
 from devkit.services import Service
 from shared.spec import parse_params
 from shared.storage import ObjectStore
+from tests.worker.conftest import FakeEncoder, make_cache, png_bytes, ref, run_workers
 from worker.embedding import unpack_entry
 
 

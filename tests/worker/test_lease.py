@@ -11,11 +11,11 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
-from test_runner import cancel_jobs
 
 from shared import db
 from shared.db import Batch, Job, ensure_database, insert_new_jobs, make_engine, make_session_factory, new_id, utcnow
 from shared.jobs import claim_job, expire_leases, renew_lease
+from tests.worker.conftest import cancel_jobs
 from worker.lease import Lease
 
 SKEW = timedelta(minutes=10)

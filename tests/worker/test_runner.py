@@ -7,94 +7,26 @@ errors, out-of-memory, bounded attempts and `ipab retry`.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 import torch
 from PIL import Image
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import update
 
-from scheduler.batches.actions import cancel, retry_failed
+from scheduler.batches.actions import retry_failed
 from shared import keys
-from shared.db import Batch, Job, ensure_database, make_engine, make_session_factory
+from shared.db import Job
 from shared.errors import JobCanceled
-from shared.jobs import JobResult, claim_job, expire_leases, finish_job, transaction
+from shared.jobs import JobResult, claim_job, expire_leases, finish_job
 from shared.settings import Settings
-from shared.spec import JobSpec, Reference, parse_params
 from shared.storage import ObjectStore
-from shared.wire import JobMessage
+from tests.worker.conftest import FakeRenderer, _png, add_job, cancel_jobs, fake_context, job_row
 from worker.context import WorkerContext
-from worker.embedding import EmbeddingCache
-from worker.publisher import Publisher
 from worker.runner import run_job
-
-
-def cancel_jobs(*, sessions: sessionmaker[Session], batch_id: str, job_ids: list[str] | None = None) -> int:
-    """Cancel as `ipab cancel` does (the batch layer's action, in its own transaction); returns how many."""
-    with transaction(sessions) as session:
-        return len(cancel(session=session, batch_id=batch_id, job_ids=job_ids))
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-REF_PNG = _png(Image.new("RGB", (32, 32), (200, 30, 30)))
-
-
-class FakeRenderer:
-    """Renderer's interface; `generate` runs `steps` steps, calling on_step, then returns a flat image."""
-
-    name = "fake"
-    encoder_id = "fake-encoder"
-    embed_kind = "image_embeds"
-    dtype = torch.float32
-    embed_shape = (4,)
-
-    def __init__(self) -> None:
-        self.fail_with: BaseException | None = None
-        self.step_delay_s = 0.0
-
-    def encode(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        return [torch.ones(4) for _ in images]
-
-    def generate(
-        self, params: Any, embeds: Sequence[torch.Tensor], *, on_step: Callable[[int], None] | None = None
-    ) -> Image.Image:
-        if self.fail_with is not None:
-            raise self.fail_with
-        for step in range(params.steps):
-            time.sleep(self.step_delay_s)
-            if on_step is not None:
-                on_step(step)
-        return Image.new("RGB", (params.width, params.height), (params.seed % 256, 0, 0))
-
-
-def fake_context(settings: Settings, store: ObjectStore, renderer: FakeRenderer) -> WorkerContext:
-    """A worker context on real SQL, Redis and S3 with a fake renderer (close it after)."""
-    ensure_database(settings.database_url)
-    sessions = make_session_factory(make_engine(settings.database_url))
-    client = redis.Redis.from_url(settings.redis_url)
-    cache = EmbeddingCache.from_settings(settings, redis=client, store=store, encoder=renderer)
-    return WorkerContext(
-        settings=settings,
-        sessions=sessions,
-        redis=client,
-        store=store,
-        renderer=renderer,  # type: ignore[arg-type]
-        cache=cache,
-        publisher=Publisher(settings=settings, sessions=sessions, store=store),
-        host="test-host",
-    )
 
 
 @pytest.fixture
@@ -102,38 +34,6 @@ def ctx(settings: Settings, object_store: ObjectStore) -> Iterator[WorkerContext
     context = fake_context(settings, object_store, FakeRenderer())
     yield context
     context.close()
-
-
-def add_job(ctx: WorkerContext, *, steps: int = 2, seed: int = 7) -> JobMessage:
-    """A committed, queued job row (as `ipab submit` leaves it) and its message."""
-    sha = hashlib.sha256(REF_PNG).hexdigest()
-    ref = Reference(sha256=sha, key=keys.ref_key(sha, "png"))
-    ctx.store.put(ref.key, REF_PNG)
-    params = parse_params({"prompt": "p", "seed": seed, "width": 64, "height": 64, "steps": steps})
-    spec = JobSpec(params=params, references=(ref,))
-    with ctx.sessions.begin() as session:
-        batch = session.scalars(select(Batch).where(Batch.name == "b")).one_or_none()
-        if batch is None:
-            batch = Batch(name="b", model_set="fake")
-            session.add(batch)
-            session.flush()
-        job_id = str(uuid.uuid4())
-        session.add(
-            Job(
-                id=job_id,
-                batch_id=batch.id,
-                line=1,
-                dedupe_key=job_id.replace("-", ""),
-                spec=json.dumps(spec.to_json()),
-                seed=seed,
-            )
-        )
-    return JobMessage(job_id=job_id, batch_id=batch.id, spec=spec)
-
-
-def job_row(ctx: WorkerContext, job_id: str) -> Job:
-    with ctx.sessions() as session:
-        return session.scalars(select(Job).where(Job.id == job_id)).one()
 
 
 def run_and_publish(ctx: WorkerContext, raw: Any) -> str:

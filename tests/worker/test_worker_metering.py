@@ -10,13 +10,21 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
-from test_batching import BATCH_SIZE, BatchingFakeRenderer, _queue, _run
-from test_runner import add_job, cancel_jobs, fake_context, job_row
 
 from shared.db import UsageRollup
 from shared.errors import GpuOutOfMemory
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from tests.worker.conftest import (
+    BATCH_SIZE,
+    BatchingFakeRenderer,
+    _queue,
+    _run,
+    add_job,
+    cancel_jobs,
+    fake_context,
+    job_row,
+)
 from worker import metrics
 from worker.context import WorkerContext
 
