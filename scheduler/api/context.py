@@ -25,6 +25,7 @@ from scheduler.submission.submit import resolve_model_set_name
 from scheduler.tenants import Caller, find_caller, hash_key, reserved_tenant_hint
 from scheduler.webhooks.resolver import Resolver
 from shared.db import ensure_database, make_engine, make_session_factory
+from shared.dispatch.position import BacklogSnapshots
 from shared.errors import IpabError
 from shared.jobs import transaction
 from shared.redis_conn import API, connect_redis
@@ -60,10 +61,13 @@ class ApiContext:
     heavy: HeavyGate = field(default_factory=HeavyGate)
     # Large batch bodies are handled in child processes, started at the first (see its module).
     batch_processes: BatchProcesses = field(init=False)
+    # Every queue position's backlog counts of all tenants, read at most once a second (see its module).
+    backlog: BacklogSnapshots = field(init=False)
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.settings)
         self.batch_processes = BatchProcesses(self.settings)
+        self.backlog = BacklogSnapshots(self.sessions)
 
     @classmethod
     def build(cls, settings: Settings, *, migrate: bool = True) -> ApiContext:

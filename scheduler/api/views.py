@@ -35,6 +35,7 @@ def _forecast_inputs(ctx: ApiContext, batch: Batch) -> dict[str, Any]:
         "settings": ctx.settings,
         "dispatched": dispatched_now(ctx, batch.model_set),
         "now": utcnow(),
+        "backlog": ctx.backlog.counts,  # a snapshot shared by every forecast, a second or two old at most
     }
 
 

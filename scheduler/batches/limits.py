@@ -66,13 +66,13 @@ def lock_tenant(*, session: Session, tenant: str) -> None:
 
 
 def queued_jobs(session: Session, tenant: str) -> int:
-    """How many of the tenant's jobs are queued (an index range per batch of the tenant)."""
-    stmt = (
-        select(func.count())
-        .select_from(Job)
-        .join(Batch, Batch.id == Job.batch_id)
-        .where(Batch.tenant == tenant, Job.status == JobStatus.queued.value)
-    )
+    """How many of the tenant's jobs are queued: an index range per batch of the tenant.
+
+    Not a join: SQLite walked the status index of the join, every queued job of every tenant
+    (50 ms for a tenant with one job beside another's 99,000, on every submission).
+    """
+    batches = select(Batch.id).where(Batch.tenant == tenant)
+    stmt = select(func.count()).select_from(Job).where(Job.batch_id.in_(batches), Job.status == JobStatus.queued.value)
     return int(session.scalar(stmt) or 0)
 
 
