@@ -220,23 +220,25 @@ def _phases(
     figures["hostile"] = {**hostile.stop(), "gallery_flood": {"statuses": flood.stop()}}
     figures["dead_endpoint_connections"] = dead.accepted
     figures["peak_rss_mib"]["after_beside"] = status_kib(pid, "VmHWM") / 1024
-    figures["peak_rss_mib"]["batch_process_after_beside"] = _children_peak_kib(pid) / 1024
+    figures["peak_rss_mib"]["batch_process_after_beside"] = _children_kib(pid, "VmHWM") / 1024
     log(f"two tenants, calm beside hostile: {json.dumps(figures['beside'])}")
     figures["alone_after"] = calm()
     log(f"two tenants, calm alone after: {json.dumps(figures['alone_after'])}")
+    figures["peak_rss_mib"]["batch_process_idle_after"] = _children_kib(pid, "VmRSS") / 1024
     return {**figures, **ratios(figures)}
 
 
-def _children_peak_kib(pid: int) -> int:
-    """The largest peak RSS (VmHWM, KiB) among the processes `pid` started: its batch processes; 0 if none."""
+def _children_kib(pid: int, field: str) -> int:
+    """The largest `field` of /proc/PID/status (VmHWM: peak RSS, VmRSS: RSS now; KiB) among the processes
+    `pid` started: its batch processes; 0 if none."""
     peaks = [0]
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
             fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
         except OSError:  # it ended meanwhile
             continue
-        if fields.get("PPid", "").strip() == str(pid) and "VmHWM" in fields:
-            peaks.append(int(fields["VmHWM"].split()[0]))
+        if fields.get("PPid", "").strip() == str(pid) and field in fields:
+            peaks.append(int(fields[field].split()[0]))
     return max(peaks)
 
 
@@ -286,7 +288,8 @@ def to_markdown(f: dict[str, Any]) -> str:
         "",
         f"API peak RSS (VmHWM): {_num(rss['start'], 0)} MiB after set-up, {_num(rss['after_alone'], 0)} MiB after "
         f"calm alone, **{_num(rss['after_beside'], 0)} MiB** after the hostile phase; its largest batch process "
-        f"(IPAB_API_BATCH_PROCESSES), {_num(rss['batch_process_after_beside'], 0)} MiB.",
+        f"(IPAB_API_BATCH_PROCESSES), {_num(rss['batch_process_after_beside'], 0)} MiB at its peak, "
+        f"{_num(rss.get('batch_process_idle_after'), 0)} MiB idle at the end.",
         "",
         f"Hostile's answers by status: {answers}. Slow DNS: {f.get('slow_dns', 'in a loopback-only namespace')}.",
     ]

@@ -21,6 +21,13 @@ A child that dies (OOM-killed, SIGKILL) breaks the pool: the requests it held ge
 written unless it died in the moment after the commit) and the pool is built again for the
 next ones. The processes
 start at the first large batch, not with the API, and stop when the API does.
+
+The children run at a lower CPU priority (nice BATCH_PROCESS_NICE): a batch of 99,000 rows
+keeps one busy for seconds, and on a machine with few cores the API process, whose requests
+each need a few milliseconds, then waited for a core behind it (measured, bench/two_tenants.py).
+
+A body that cannot be written to the temporary directory (TMPDIR unwritable, or full) is a
+503 that names it, not a 500.
 """
 
 from __future__ import annotations
@@ -48,16 +55,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CREATED: Final = "created"
 PROBLEM: Final = "problem"
+BATCH_PROCESS_NICE: Final = 10  # added to the API's nice value in each batch process (see the module)
 
 # The child's context, built once by `_start_child` (a child process serves one API process).
 _CHILD: list[ApiContext] = []
 
 
 def _start_child(settings: Settings) -> None:
-    """Build the child's context; Ctrl-C is the API's to handle (it stops the pool)."""
+    """Build the child's context, at a lower CPU priority; Ctrl-C is the API's to handle (it stops the pool)."""
     from scheduler.api.context import ApiContext  # (context.py imports this module)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(BATCH_PROCESS_NICE)
     _CHILD.append(ApiContext.build(settings, migrate=False))
 
 
@@ -77,16 +86,33 @@ def _create_in_child(request: BatchRequest) -> tuple[str, dict[str, Any]]:
 
 
 def _spill(data: bytes | bytearray) -> str:
-    """A temporary file holding `data` (written in one call: no copy); its path."""
+    """A temporary file holding `data` (written in one call: no copy); its path. OSError when the
+    temporary directory takes no file or not all of it (nothing is left behind then)."""
     fd, path = tempfile.mkstemp(prefix="ipab-batch-", suffix=".jsonl")
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+    except BaseException:
+        _remove(path)
+        raise
     return path
 
 
 def _remove(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def no_temporary_file() -> ApiProblem:
+    """503 for a body that could not be written to the temporary directory: the operator's to fix
+    (the directory and the error are in the API's log, not in the answer)."""
+    detail = (
+        "this server cannot write batch bodies to its temporary directory (not writable, or full): "
+        "its operator must make TMPDIR writable, with room for the largest body (IPAB_API_MAX_BODY_BYTES), "
+        "or handle batches in the API process (IPAB_API_BATCH_PROCESSES=0). Nothing of this batch was submitted"
+    )
+    headers = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
+    return ApiProblem(503, detail, headers=headers, kind="unavailable")
 
 
 def died(processes: int) -> ApiProblem:
@@ -131,7 +157,11 @@ class BatchProcesses:
 
     async def create(self, request: BatchRequest) -> dict[str, Any]:
         """`create_batch` in a batch process: the 202's body; its ApiProblem, or 503 if the process died."""
-        path = await asyncio.to_thread(_spill, request.data)
+        try:
+            path = await asyncio.to_thread(_spill, request.data)
+        except OSError as e:
+            log.error("cannot write a batch body to the temporary directory %s (TMPDIR): %s", tempfile.gettempdir(), e)
+            raise no_temporary_file() from None
         try:
             pool, future = self._submit(dataclasses.replace(request, data=b"", body_path=path))
         except BaseException:
