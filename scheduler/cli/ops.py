@@ -58,15 +58,18 @@ def _redis(settings: Settings) -> redis.Redis:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    from scheduler.batches.actions import cancel
+    from scheduler.batches.actions import cancel, cancel_batch
     from shared.jobs import transaction
     from shared.settings import load_settings
 
     with database(load_settings()) as sessions:
         batch = read_batch(sessions, args.batch)
-        with transaction(sessions) as session:
-            canceled = cancel(session=session, batch_id=batch.id, job_ids=args.job)
-    print(f"canceled {len(canceled)} job(s) of batch {batch.name}; running ones stop within IPAB_HEARTBEAT_S")
+        if args.job is None:  # the whole batch, in chunks (other writers are not held up)
+            canceled = cancel_batch(sessions=sessions, batch_id=batch.id)
+        else:
+            with transaction(sessions) as session:
+                canceled = len(cancel(session=session, batch_id=batch.id, job_ids=args.job))
+    print(f"canceled {canceled} job(s) of batch {batch.name}; running ones stop within IPAB_HEARTBEAT_S")
     return 0
 
 

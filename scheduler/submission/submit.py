@@ -317,6 +317,10 @@ def _write(
     request: _Request, session: Session, plan: _Plan, resolver: ReferenceResolver
 ) -> tuple[str, dict[int, str], UploadReport]:
     """Upload the references, then insert the batch and the new jobs, in the session's transaction."""
+    # The rows are built before the first write: SQLite's write lock is held from there to the commit.
+    rows = _job_rows(plan.rows, lane=request.lane)
+    defaults = (request.expires_after_s, plan.tenant_expires_after_s, request.settings.retention_outputs_s)
+    retentions = [resolve_retention(row.expires_after_s, *defaults) for row, _ in plan.rows]
     with request.progress.stage("upload references", total=None) as stage:
         report = upload_references((f for _, fs in plan.rows for f in fs), resolver=resolver, session=session)
         stage.update(report.uploaded + report.already_stored)
@@ -326,12 +330,10 @@ def _write(
             session, name=request.batch_name, model_set=request.model_set, tenant=request.tenant
         )
     # The tenant's cap and quotas: its lock is held from here to the commit, so the count and the insert are one step.
-    _within_cap(request, session, plan)
+    _within_cap(request, session, plan)  # with `admit_partly`, only the first rows may stay
     check_quotas(session=session, tenant=request.tenant, adding=len(plan.rows))
+    rows, retentions = rows[: len(plan.rows)], retentions[: len(plan.rows)]
     with request.progress.stage("insert", total=len(plan.rows)) as stage:
-        rows = _job_rows(plan.rows, lane=request.lane)
-        defaults = (request.expires_after_s, plan.tenant_expires_after_s, request.settings.retention_outputs_s)
-        retentions = [resolve_retention(row.expires_after_s, *defaults) for row, _ in plan.rows]
         inserted = _insert_jobs(session, batch, rows, line=request.stored_line, retentions=retentions)
         stage.update(len(plan.rows))
     if inserted:  # what keeps their reference images (a tenant's uploads are kept while it holds them)

@@ -29,8 +29,8 @@ from typing import Any, Final
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from scheduler.batches.limits import lock_tenant
-from shared.db import Batch, Job, QuotaRefusal, TenantQuota, UsageRollup, insert_ignoring_duplicates, utcnow
+from scheduler.batches.limits import count_tenant_jobs, lock_tenant
+from shared.db import QuotaRefusal, TenantQuota, UsageRollup, insert_ignoring_duplicates, utcnow
 from shared.dispatch.holds import jobs_in_flight
 from shared.errors import InvalidInput, QuotaExceeded
 from shared.jobs import LIVE, transaction
@@ -127,13 +127,7 @@ class Used:
 def read_used(*, session: Session, tenant: str, now: datetime) -> Used:
     """The tenant's live jobs and its images and GPU-seconds of today and this month, in one statement
     (one snapshot: a job that ends meanwhile is counted live or made, never both nor neither)."""
-    live = (
-        select(func.count())
-        .select_from(Job)
-        .join(Batch, Batch.id == Job.batch_id)
-        .where(Batch.tenant == tenant, Job.status.in_(LIVE))
-        .scalar_subquery()
-    )
+    live = count_tenant_jobs(tenant, LIVE).scalar_subquery()
 
     def summed(column: Any, window: str) -> Any:
         since = window_start(window, now)

@@ -22,7 +22,8 @@ from scheduler.api.models import BatchCreated, BatchOut, JobDeleted
 from scheduler.api.problems import from_invalid_input, invalid
 from scheduler.api.routes.jobs import webhook_of
 from scheduler.api.views import batch_forecast, batch_view
-from scheduler.batches.actions import cancel, retry_failed, set_paused, wake
+from scheduler.batches import actions
+from scheduler.batches.actions import retry_failed, set_paused, wake
 from scheduler.batches.counts import STATUSES, count_batch, count_jobs
 from scheduler.batches.deletion import request_batch_deletion
 from scheduler.batches.events import BATCH_COMPLETED
@@ -189,7 +190,7 @@ async def get_gallery(batch_id: str, ctx: Context, caller: CallerDep) -> Any:
 
 
 def _cancel(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
-    on_batch(ctx.sessions, ref=batch_id, tenant=tenant, act=lambda s, batch: cancel(session=s, batch_id=batch.id))
+    actions.cancel_batch(sessions=ctx.sessions, batch_id=_batch(ctx, tenant, batch_id).id)  # in chunks: see it
     return _read(ctx, tenant, batch_id)
 
 
