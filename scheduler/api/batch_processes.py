@@ -19,8 +19,10 @@ grows by doubling), and its copy held the GIL.
 A child that dies (OOM-killed, SIGKILL) breaks the pool: the requests it held get 503
 (`unavailable`, Retry-After; a batch is written in one transaction, so theirs were not
 written unless it died in the moment after the commit) and the pool is built again for the
-next ones. The processes
-start at the first large batch, not with the API, and stop when the API does.
+next ones. The processes start at the first large batch, not with the API, and stop when the
+API does, or after IDLE_STOP_S without a large batch: a batch of 99,000 rows leaves a child
+holding hundreds of MiB that its allocator keeps (measured: 477-809 MiB idle after the
+two-tenant bench), and the API pod's memory limit counts them.
 
 The children run at a lower CPU priority (nice BATCH_PROCESS_NICE): a batch of 99,000 rows
 keeps one busy for seconds, and on a machine with few cores the API process, whose requests
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 CREATED: Final = "created"
 PROBLEM: Final = "problem"
 BATCH_PROCESS_NICE: Final = 10  # added to the API's nice value in each batch process (see the module)
+IDLE_STOP_S: Final = 30.0  # batch processes with no batch this long stop; the next large batch starts others
 
 # The child's context, built once by `_start_child` (a child process serves one API process).
 _CHILD: list[ApiContext] = []
@@ -133,6 +136,8 @@ class BatchProcesses:
         self.settings = settings
         self.processes = settings.api_batch_processes
         self._pool: ProcessPoolExecutor | None = None
+        self._in_flight = 0  # batches sent to the pool and not answered yet
+        self._idle: asyncio.TimerHandle | None = None  # stops the pool once IDLE_STOP_S pass with none
 
     def takes(self, size_bytes: int) -> bool:
         """Whether a body of `size_bytes` goes to a batch process (else it is handled in the API's)."""
@@ -157,6 +162,25 @@ class BatchProcesses:
 
     async def create(self, request: BatchRequest) -> dict[str, Any]:
         """`create_batch` in a batch process: the 202's body; its ApiProblem, or 503 if the process died."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        self._in_flight += 1
+        try:
+            return await self._create(request)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._pool is not None:
+                self._idle = asyncio.get_running_loop().call_later(IDLE_STOP_S, self._stop_idle)
+
+    def _stop_idle(self) -> None:
+        """Stop an idle pool: its processes exit and give their memory back (the next batch starts others)."""
+        self._idle = None
+        if self._in_flight == 0 and self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=False)
+
+    async def _create(self, request: BatchRequest) -> dict[str, Any]:
         try:
             path = await asyncio.to_thread(_spill, request.data)
         except OSError as e:
@@ -188,6 +212,9 @@ class BatchProcesses:
 
     def close(self) -> None:
         """Stop the processes (a batch in progress is left to finish first)."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -15,6 +15,7 @@ from typing import Any, Final
 import pytest
 from fastapi.testclient import TestClient
 
+import scheduler.api.batch_processes as batch_processes
 from scheduler.api.app import create_app
 from shared.settings import Settings
 from tests.scheduler.api.conftest import JOB, assert_problem, job_count, upload
@@ -110,3 +111,21 @@ def test_small_batches_stay_in_the_api_process(api_settings: Settings, alice: di
         r = client.post("/v1/batches", headers={**alice, **JSONL}, content=rows_body(ref, 2))
         assert r.status_code == 202, r.text
         assert multiprocessing.active_children() == []
+
+
+def test_idle_batch_processes_stop_and_the_next_large_batch_starts_others(
+    in_children: Settings, alice: dict[str, str], api_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch_processes, "IDLE_STOP_S", 0.5)
+    with TestClient(create_app(in_children, dispatcher=False), raise_server_exceptions=False) as client:
+        ref = upload(client, alice)
+        first = client.post("/v1/batches", headers={**alice, **JSONL}, content=rows_body(ref, 2))
+        assert first.status_code == 202, first.text
+        (child,) = multiprocessing.active_children()
+        child.join(timeout=CHILD_START_S)  # it exits by itself once idle: its memory goes back
+        assert not child.is_alive()
+        assert multiprocessing.active_children() == []
+        again = client.post("/v1/batches", headers={**alice, **JSONL}, content=rows_body(ref, 3))
+        assert again.status_code == 202, again.text
+        assert [p.pid for p in multiprocessing.active_children()] not in ([], [child.pid])
+    assert job_count(api_settings) == 5
