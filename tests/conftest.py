@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 from devkit import services
+from shared.db import make_engine, make_session_factory, upgrade_database
 from shared.settings import ENV_PREFIX, Settings
 from shared.storage import ObjectStore
 
@@ -157,6 +159,15 @@ def database_url(request: pytest.FixtureRequest) -> str:
     """Runs the test twice: on a SQLite file and on a fresh PostgreSQL database."""
     url: str = request.getfixturevalue(f"{request.param}_url")
     return url
+
+
+@pytest.fixture
+def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions on `database_url`, migrated to the newest schema (a test module may narrow `database_url`)."""
+    upgrade_database(database_url)
+    engine = make_engine(database_url)
+    yield make_session_factory(engine)
+    engine.dispose()
 
 
 # --- Settings ----------------------------------------------------------------------------------------

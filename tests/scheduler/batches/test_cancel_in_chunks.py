@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,9 +23,6 @@ from shared.db import (
     Tenant,
     UsageRollup,
     WebhookMessage,
-    make_engine,
-    make_session_factory,
-    upgrade_database,
     utcnow,
 )
 from shared.jobs import transaction
@@ -66,14 +63,6 @@ def _batch(sessions: sessionmaker[Session], batch_id: str = "big") -> str:
             subscribe(session=session, subject_id=row["id"], kind="job", tenant="t", url=HOOK, events=["job.canceled"])
         subscribe(session=session, subject_id=batch_id, kind="batch", tenant="t", url=HOOK, events=["batch.completed"])
     return batch_id
-
-
-@pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    upgrade_database(database_url)
-    engine = make_engine(database_url)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def _outcome(sessions: sessionmaker[Session], batch_id: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -16,7 +16,7 @@ from sqlalchemy import event, insert, select, text, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.batches.limits import queued_jobs
-from shared.db import Batch, Job, Tenant, make_engine, make_session_factory, upgrade_database, utcnow
+from shared.db import Batch, Job, Tenant, utcnow
 from shared.dispatch.dispatcher import Key, backlog_counts
 from shared.dispatch.position import BacklogSnapshots, _ahead_in_key, forecast_job
 from shared.jobs import transaction
@@ -26,11 +26,9 @@ STATUS_INDEX = "ix_jobs_status_lease_expires_at"  # every queued job of every te
 
 
 @pytest.fixture
-def sessions(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
-    upgrade_database(sqlite_url)
-    engine = make_engine(sqlite_url)
-    yield make_session_factory(engine)
-    engine.dispose()
+def database_url(sqlite_url: str) -> str:
+    """SQLite only: the query plans these tests read are SQLite's (the root conftest's `sessions` use it)."""
+    return sqlite_url
 
 
 def _add_batch(
