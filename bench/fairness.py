@@ -1,11 +1,13 @@
 """Lanes and fair share against plain FIFO, on null workers with a fixed job length.
 
-    python -m bench.fairness [--workers 4] [--bulk-jobs 20000] [--render-ms 50] [--window-s 30]
+    python -m bench.fairness [--workers 4] [--bulk-jobs 20000] [--render-ms 50] [--window-s 30] [--policy-only]
 
 Each mode gets fresh SQL and Redis keys on the same private services, and the same load:
 tenant a's bulk backlog (`--bulk-jobs`), then, while it drains, interactive probe jobs one at
 a time and tenant b's 200 bulk jobs. FIFO is the dispatcher with an unbounded depth: every
-job is pushed to Redis in submission order at once, which is what a single Celery queue does.
+job is pushed to Redis in submission order at once, which is what a single Celery queue does;
+a single queue has no lanes, so there the probes are plain jobs (lane bulk: an interactive
+message would go in at the queue's consumer end, `shared.dispatch.front`).
 
 - interactive start delay: started_at - queued_at of each probe (p95); a probe that has not
   started when the window ends counts as its FIFO estimate (jobs ahead / throughput).
@@ -13,6 +15,8 @@ job is pushed to Redis in submission order at once, which is what a single Celer
   subprocesses. `queued_at` is stamped in the transaction that inserts the job, so the delay
   runs from the submission's commit (its wake of the dispatcher included), not from the
   command's start: the CLI's own start-up is not the dispatcher's delay.
+- where each probe's delay went (`probe_stages_s`, `cli_probe_stages_s`): [commit to push into
+  Redis (the dispatcher's reaction: wake, re-read, mark), push to start (the queue)], in s.
 - tenant b's share: b's starts over all starts from b's submission until b's jobs are done
   (or the window ends).
 - throughput: jobs finished per second over the window, policy / FIFO.
@@ -56,7 +60,7 @@ from shared.settings import Settings
 ROW_FIELDS: Final = {"width": 64, "height": 64, "steps": 1}
 FIFO_DEPTH: Final = 10**9
 PROBES: Final = 8
-CLI_PROBES: Final = 4  # `ipab submit --lane interactive` processes, policy mode only
+CLI_PROBES: Final = 8  # `ipab submit --lane interactive` processes, policy mode only (a p95 of 4 was their worst)
 TENANT_B_JOBS: Final = 200
 
 
@@ -67,10 +71,10 @@ def _submit(settings: Settings, manifest: Path, batch: str, **options: Any) -> s
     return result.batch_id
 
 
-def _probe_delays(settings: Settings, manifest: Path, *, probes: int, spacing_s: float) -> list[str]:
+def _probe_delays(settings: Settings, manifest: Path, *, probes: int, spacing_s: float, lane: str) -> list[str]:
     ids = []
     for i in range(probes):
-        ids.append(_submit(settings, manifest, f"probe-{i}", lane="interactive", tenant="c"))
+        ids.append(_submit(settings, manifest, f"probe-{i}", lane=lane, tenant="c"))
         time.sleep(spacing_s)
     return ids
 
@@ -135,7 +139,8 @@ def _one_mode(svc: Services, mode: str, args: argparse.Namespace, refs: list[Pat
             t0 = _db_now(settings)
             _submit(settings, small, "tenant-b", tenant="b")
             spacing_s = args.window_s / (PROBES + 2)
-            probe_ids = _probe_delays(settings, probe, probes=PROBES, spacing_s=spacing_s)
+            lane = "bulk" if mode == "fifo" else "interactive"  # one Celery queue has no lanes
+            probe_ids = _probe_delays(settings, probe, probes=PROBES, spacing_s=spacing_s, lane=lane)
             cli_ids = (
                 []
                 if mode == "fifo"
@@ -147,6 +152,8 @@ def _one_mode(svc: Services, mode: str, args: argparse.Namespace, refs: list[Pat
             if cli_ids:
                 figures["cli_probe_delays_s"] = _delays(settings, cli_ids, rate=figures["throughput_jobs_per_s"])
                 figures["cli_probe_delay_p95_s"] = _p95(figures["cli_probe_delays_s"])
+                figures["cli_probe_stages_s"] = _stages(settings, cli_ids)
+            figures["probe_stages_s"] = _stages(settings, probe_ids)
             return figures
         finally:
             stop_workers(procs)
@@ -194,6 +201,21 @@ def _delays(settings: Settings, probe_ids: list[str], *, rate: float) -> list[fl
     return delays
 
 
+def _stages(settings: Settings, batch_ids: list[str]) -> list[list[float | None]]:
+    """Where each probe's delay went: [commit to its push into Redis (the dispatcher's reaction),
+    push to start (the queue)]; None for a stage not reached."""
+    stages: list[list[float | None]] = []
+    with sessions_for(settings)() as session:
+        for batch_id in batch_ids:
+            queued_at, enqueued_at, started_at = session.execute(
+                select(Job.queued_at, Job.enqueued_at, Job.started_at).where(Job.batch_id == batch_id)
+            ).one()
+            pushed_s = (enqueued_at - queued_at).total_seconds() if enqueued_at else None
+            waited_s = (started_at - enqueued_at).total_seconds() if started_at and enqueued_at else None
+            stages.append([pushed_s, waited_s])
+    return stages
+
+
 def _p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))] if ordered else float("nan")
@@ -234,22 +256,31 @@ def _drain(client: redis.Redis, queue: str, stop: threading.Event) -> None:
 
 
 def run(
-    *, workers: int = 4, bulk_jobs: int = 20_000, render_ms: int = 50, window_s: float = 30.0, depth: int | None = None
+    *,
+    workers: int = 4,
+    bulk_jobs: int = 20_000,
+    render_ms: int = 50,
+    window_s: float = 30.0,
+    depth: int | None = None,
+    policy_only: bool = False,
 ) -> dict[str, Any]:
-    """Both modes and the dispatcher's capacity, in one run (`depth`: the policy's IPAB_DISPATCH_DEPTH)."""
+    """Both modes and the dispatcher's capacity, in one run (`depth`: the policy's IPAB_DISPATCH_DEPTH);
+    `policy_only`: the policy mode alone (a quicker look at its delays, no ratios)."""
     depth = depth or Settings.model_fields["dispatch_depth"].default
     args = argparse.Namespace(workers=workers, bulk_jobs=bulk_jobs, render_ms=render_ms, window_s=window_s, depth=depth)
     results: dict[str, Any] = {"workers": workers, "bulk_jobs": bulk_jobs, "render_ms": render_ms, "depth": depth}
+    results["job_s"] = render_ms / 1000
     with private_services() as svc:
         refs = write_references(svc.workdir / "refs", 3)
-        for mode in ("fifo", "policy"):
+        for mode in ("policy",) if policy_only else ("fifo", "policy"):
             log(f"fairness: {mode}, {workers} null workers, {bulk_jobs} bulk jobs of {render_ms} ms ...")
             results[mode] = _one_mode(svc, mode, args, refs)
+        if policy_only:
+            return results
         log("fairness: dispatcher capacity ...")
         results["dispatcher"] = dispatcher_capacity(svc, refs, jobs=min(bulk_jobs, 10_000))
     policy, fifo = results["policy"], results["fifo"]
     results["throughput_ratio"] = policy["throughput_jobs_per_s"] / max(fifo["throughput_jobs_per_s"], 1e-9)
-    results["job_s"] = render_ms / 1000
     return results
 
 
@@ -313,6 +344,7 @@ def main() -> None:
     parser.add_argument(
         "--depth", type=int, default=None, help="the policy's IPAB_DISPATCH_DEPTH (default: its default)"
     )
+    parser.add_argument("--policy-only", action="store_true", help="skip FIFO and the capacity run (no ratios)")
     args = parser.parse_args()
     figures = run(
         workers=args.workers,
@@ -320,9 +352,11 @@ def main() -> None:
         render_ms=args.render_ms,
         window_s=args.window_s,
         depth=args.depth,
+        policy_only=args.policy_only,
     )
     print(json.dumps(figures, indent=2, default=str))
-    print(to_markdown(figures, control_jobs_per_s=None))
+    if not args.policy_only:
+        print(to_markdown(figures, control_jobs_per_s=None))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ for each job, a dispatcher round (the real `Dispatcher`, as a worker's taking of
 wakes it), the worker's take of the message (RPOP, standing for Celery's BRPOP), its claim,
 the queued-set update and the finish; then one reconciler pass. Around each step it reads:
 
-- the SQL statements the step sent (SQLAlchemy's cursor events) and the transactions it ended;
+- the SQL statements the step sent (SQLAlchemy's cursor events) and the transactions it ended
+  (a COMMIT, or a statement run in autocommit, which is its own transaction);
 - the CPU the database's backends spent (`/proc/<pid>/schedstat`, nanoseconds, of every
   backend connected to this benchmark's private database);
 - the CPU the Redis server spent (its schedstat).
@@ -99,9 +100,11 @@ class _Census:
         event.listen(engine, "before_cursor_execute", self._statement)
         event.listen(engine, "commit", self._commit)
 
-    def _statement(self, _conn: Any, _cursor: Any, sql: str, *_: Any) -> None:
+    def _statement(self, conn: Any, _cursor: Any, sql: str, *_: Any) -> None:
         if self.tally.step:
             self.tally.statements[self.tally.step][statement_label(sql)] += 1
+            if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+                self.tally.commits[self.tally.step] += 1  # a statement in autocommit is its own transaction
 
     def _commit(self, _conn: Any) -> None:
         if self.tally.step:

@@ -5,7 +5,8 @@ each model set's Celery queue shallow (`IPAB_DISPATCH_DEPTH` messages): whenever
 fewer, it asks the policy (`shared.dispatch.policy`) which (lane, tenant) starts next, takes
 that key's oldest undispatched job (FIFO within a tenant's lane), marks it dispatched in SQL
 and pushes its message. A job that reaches a worker is never more than the queue's depth
-behind one that arrived later in a higher lane.
+behind one that arrived later in a higher lane, and an interactive job waits behind no message
+of another lane: its message goes in at the end the workers take from (`shared.dispatch.front`).
 
 No loss: the row is marked before the push. If the dispatcher dies between the two, the job is
 `queued`, marked and absent from Redis's `queued` set: the reconciler hands it back (clears
@@ -31,18 +32,19 @@ from datetime import datetime
 from typing import Final, cast
 
 import redis
-from sqlalchemy import Table, bindparam, func, literal, select, text, tuple_, update
+from sqlalchemy import Table, bindparam, func, literal, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import keys
 from shared.db import Batch, Job, JobStatus, utcnow
 from shared.db_clock import server_now
+from shared.dispatch.front import FRONT_LANES, QueueFront
 from shared.dispatch.holds import starts_left
 from shared.dispatch.policy import Policy
 from shared.dispatch.wake import wait_for_signal, wake_key
 from shared.dispatch.wake import wake_dispatcher as wake_dispatcher  # its callers import it from here
 from shared.errors import TransientError
-from shared.jobs import transaction
+from shared.jobs import autocommit, dialect_of, transaction
 from shared.queue import enqueue_serialized
 from shared.reconcile import hold_lock, release_lock
 from shared.settings import Settings
@@ -61,7 +63,6 @@ FAILED_PAUSE_S: Final = (0.05, 2.0)
 # A burst of submissions (each bumps the wake counter) re-reads the backlog at most this often.
 MIN_RESCAN_S: Final = 0.05
 Key = tuple[str, str]  # (lane, tenant)
-_ASYNC_COMMIT: Final = text("SET LOCAL synchronous_commit TO OFF")
 # Built once (a Core UPDATE, the ids an expanding parameter): a round marks about one job per
 # message a worker took, and building the statement cost the dispatcher more than running it.
 _JOBS: Final = cast(Table, Job.__table__)
@@ -75,6 +76,12 @@ _MARK: Final = (
     .values(enqueued_at=server_now())
     .returning(_JOBS.c.id)
 )
+# PostgreSQL: the same statement, and its commit does not wait for the WAL flush (see
+# `mark_dispatched`). `set_config(..., true)` is SET LOCAL as a function: run in autocommit, the
+# statement is its own transaction, so the setting ends with it, and no BEGIN, SET and COMMIT
+# round trips surround it.
+_ASYNC_COMMIT: Final = select(func.set_config("synchronous_commit", "off", True)).scalar_subquery()
+_MARK_ASYNC: Final = _MARK.where(_ASYNC_COMMIT.is_not(None))
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class Waiting:
     spec: str
     queued_at: datetime
     line: int
+    lane: str
 
 
 def backlog(*, sessions: sessionmaker[Session], model_set: str) -> dict[Key, list[tuple[str, int]]]:
@@ -148,25 +156,26 @@ def next_waiting(
         stmt = stmt.where(tuple_(Job.queued_at, Job.line) > tuple_(literal(after.queued_at), literal(after.line)))
     with transaction(sessions) as session:
         return [
-            Waiting(job_id=r[0], batch_id=r[1], spec=r[2], queued_at=r[3], line=r[4]) for r in session.execute(stmt)
+            Waiting(job_id=r[0], batch_id=r[1], spec=r[2], queued_at=r[3], line=r[4], lane=lane)
+            for r in session.execute(stmt)
         ]
 
 
 def mark_dispatched(*, sessions: sessionmaker[Session], job_ids: Sequence[str]) -> set[str]:
     """Stamp `enqueued_at` (server time) on those still queued and undispatched; returns their ids.
 
-    On PostgreSQL the commit does not wait for its WAL flush (`synchronous_commit` off for this
-    transaction alone): the flush was two thirds of the server's CPU for a mark. A crash can
-    lose only marks that no later commit flushed, i.e. of jobs not claimed yet: they are
-    dispatched again, and the claim (durable, fenced) lets one delivery run them.
+    On PostgreSQL each chunk is one statement in autocommit whose commit does not wait for its
+    WAL flush (`synchronous_commit` off for its transaction alone): the flush was two thirds of
+    the server's CPU for a mark. A crash can lose only marks that no later commit flushed, i.e.
+    of jobs not claimed yet: they are dispatched again, and the claim (durable, fenced) lets
+    one delivery run them.
     """
     marked: set[str] = set()
-    with transaction(sessions) as session:
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(_ASYNC_COMMIT)
+    mark = _MARK_ASYNC if dialect_of(sessions) == "postgresql" else _MARK
+    with autocommit(sessions) as session:  # each chunk stands alone: a mark without its push is handed back
         for start in range(0, len(job_ids), MARK_CHUNK):
             chunk = list(job_ids[start : start + MARK_CHUNK])
-            marked.update(session.execute(_MARK, {"p_ids": chunk}).scalars())
+            marked.update(session.execute(mark, {"p_ids": chunk}).scalars())
     return marked
 
 
@@ -190,6 +199,7 @@ class Dispatcher:
     _rescan_deferred: bool = False  # woken too soon after a re-read: re-read once MIN_RESCAN_S has passed
     _more: bool = False  # the last round left room it may fill at once (a capped round, canceled jobs)
     _full: bool = False  # the last round found the queue full: nothing is due until a worker takes a message
+    _front: QueueFront | None = None  # pushes the urgent lanes' messages (made at the first)
 
     @classmethod
     def from_settings(
@@ -246,17 +256,28 @@ class Dispatcher:
         if not chosen:
             return 0
         marked = mark_dispatched(sessions=self.sessions, job_ids=[w.job_id for w in chosen])
-        texts = [
-            (w.job_id, message_text(job_id=w.job_id, batch_id=w.batch_id, spec_json=w.spec))
-            for w in chosen
-            if w.job_id in marked
-        ]
-        if texts:
+        sent = [w for w in chosen if w.job_id in marked]
+        self._push(sent)
+        self._more = len(chosen) == MAX_ROUND or len(sent) < len(chosen)  # capped, or some canceled meanwhile
+        return len(sent)
+
+    def _push(self, sent: Sequence[Waiting]) -> None:
+        """The messages of `sent` (in policy order): urgent lanes' at the queue's consumer end
+        (`shared.dispatch.front`), the others at its far end."""
+        urgent: list[tuple[str, str]] = []
+        others: list[tuple[str, str]] = []
+        for w in sent:
+            text = message_text(job_id=w.job_id, batch_id=w.batch_id, spec_json=w.spec)
+            (urgent if w.lane in FRONT_LANES else others).append((w.job_id, text))
+        if urgent:
+            if self._front is None:
+                prefix = self.settings.redis_prefix
+                self._front = QueueFront(redis_client=self.redis_client, queue=self.queue, prefix=prefix)
+            self._front.push(urgent)
+        if others:
             enqueue_serialized(
-                redis_client=self.redis_client, queue=self.queue, messages=texts, prefix=self.settings.redis_prefix
+                redis_client=self.redis_client, queue=self.queue, messages=others, prefix=self.settings.redis_prefix
             )
-        self._more = len(chosen) == MAX_ROUND or len(texts) < len(chosen)  # capped, or some canceled meanwhile
-        return len(texts)
 
     def _rescan_if_due(self, wake_stamp: bytes | None) -> None:
         """Re-read SQL when woken (at most every MIN_RESCAN_S: a burst of submissions) or when due."""

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import event, select
+import pytest
+from sqlalchemy import event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import (
@@ -41,12 +42,15 @@ def _jobs(url: str, count: int) -> tuple[sessionmaker[Session], list[str]]:
 
 @contextmanager
 def _counted(sessions: sessionmaker[Session]) -> Iterator[Counter[str]]:
-    """Statements sent (by first word) and commits, while the block runs."""
+    """Statements sent (by first word), COMMITs sent, and statements run in autocommit (each its
+    own transaction, with no BEGIN or COMMIT round trip), while the block runs."""
     counts: Counter[str] = Counter()
     engine = sessions.kw["bind"]
 
-    def statement(_conn: Any, _cursor: Any, sql: str, *_: Any) -> None:
+    def statement(conn: Any, _cursor: Any, sql: str, *_: Any) -> None:
         counts[sql.split(None, 1)[0].upper()] += 1
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            counts["autocommit"] += 1
 
     def commit(_conn: Any) -> None:
         counts["commits"] += 1
@@ -66,7 +70,7 @@ def _result() -> JobResult:
     )
 
 
-def test_a_job_costs_postgresql_three_transactions_of_one_statement_each(postgres_url: str) -> None:
+def test_a_job_costs_postgresql_three_statements_each_its_own_transaction(postgres_url: str) -> None:
     sessions, (job_id,) = _jobs(postgres_url, 1)
     with _counted(sessions) as dispatched:
         assert mark_dispatched(sessions=sessions, job_ids=[job_id]) == {job_id}
@@ -75,11 +79,12 @@ def test_a_job_costs_postgresql_three_transactions_of_one_statement_each(postgre
     assert attempt == 1
     with _counted(sessions) as finished:
         assert finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=_result())
-    # The mark's one UPDATE, its commit not waiting for the WAL flush (SET LOCAL).
-    assert dispatched == Counter({"UPDATE": 1, "SET": 1, "commits": 1})
-    assert claimed == Counter({"UPDATE": 1, "commits": 1})
+    # Each in autocommit: no BEGIN, no COMMIT. The mark's one UPDATE turns its own commit's wait
+    # for the WAL flush off (set_config, as SET LOCAL would: see the next test).
+    assert dispatched == Counter({"UPDATE": 1, "autocommit": 1})
+    assert claimed == Counter({"UPDATE": 1, "autocommit": 1})
     # The finish and its usage rollup: one statement (WITH ... UPDATE ... INSERT ... ON CONFLICT).
-    assert finished == Counter({"WITH": 1, "commits": 1})
+    assert finished == Counter({"WITH": 1, "autocommit": 1})
     with sessions() as session:
         rollup = session.scalars(select(UsageRollup)).one()
         assert (rollup.jobs, rollup.images, rollup.gpu_s) == (1, 1, 0.5)
@@ -95,3 +100,30 @@ def test_a_fenced_out_finish_in_one_statement_changes_nothing(postgres_url: str)
     assert not finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=_result())  # a replay
     with sessions() as session:
         assert session.scalars(select(UsageRollup.jobs)).all() == [1]
+
+
+def test_the_marks_asynchronous_commit_ends_with_it_on_the_connection_a_claim_uses_next(postgres_url: str) -> None:
+    # A finish (or a claim) that ran with `synchronous_commit` off could be lost in a crash.
+    sessions, job_ids = _jobs(postgres_url, 2)
+
+    def connection_setting() -> tuple[int, str]:
+        with sessions() as session:  # the pool's one connection, the one the mark used
+            row = session.execute(text("SELECT pg_backend_pid(), current_setting('synchronous_commit')")).one()
+        return int(row[0]), str(row[1])
+
+    backend, _ = connection_setting()
+    assert mark_dispatched(sessions=sessions, job_ids=job_ids) == set(job_ids)
+    assert connection_setting() == (backend, "on")
+    attempt = claim_job(sessions=sessions, job_id=job_ids[0], worker_host="w", lease_s=30, max_attempts=3)
+    assert attempt == 1 and connection_setting() == (backend, "on")
+
+
+def test_a_connection_that_ran_in_autocommit_goes_back_to_the_pool_transactional(postgres_url: str) -> None:
+    # The pool's next user (a cancel, a submission) must get BEGIN ... COMMIT, all or nothing.
+    sessions, (job_id,) = _jobs(postgres_url, 1)
+    assert claim_job(sessions=sessions, job_id=job_id, worker_host="w", lease_s=30, max_attempts=3) == 1
+    with pytest.raises(RuntimeError), sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(worker_host="changed"))
+        raise RuntimeError("the transaction fails after its first statement")
+    with sessions() as session:
+        assert session.scalars(select(Job.worker_host).where(Job.id == job_id)).one() == "w"
