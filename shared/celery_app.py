@@ -6,9 +6,10 @@
 - soft time limit < hard time limit < Redis visibility timeout: Redis never redelivers a
   running job by itself; an expired lease (the reconciler) is what re-runs a lost job.
 - Results go to SQL, not to a Celery result backend.
-- Task events and remote control follow IPAB_CELERY_EVENTS (on by default), so that
-  `celery -A ipab.celery_cli:app inspect active` and Flower see the workers; they ride on
-  Redis fanout channels beside the queues and never touch a job's message.
+- Remote control is on, so `celery -A ipab.celery_cli:app inspect active` sees the workers;
+  task events (Flower) follow IPAB_CELERY_EVENTS, off by default as in Celery: they cost three
+  Redis PUBLISH per job, a fifth of the central Redis CPU per job (bench/control_plane.py).
+  Both ride on Redis fanout channels beside the queues and never touch a job's message.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_hijack_root_logger=False,
-        # IPAB_CELERY_EVENTS: task events and remote control, for `celery inspect` and Flower.
+        # IPAB_CELERY_EVENTS: task events, for Flower; remote control (`celery inspect`) is always on.
         worker_send_task_events=settings.celery_events,
         task_send_sent_event=False,  # the scheduler does not send through Celery (shared/wire.py)
-        worker_enable_remote_control=settings.celery_events,
+        worker_enable_remote_control=True,
         enable_utc=True,
     )
     return app
