@@ -29,6 +29,7 @@ Run: `python -m bench.two_tenants [--phase-s 20] [--max-rows 100000]` (or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -208,6 +209,7 @@ def _phases(
         return {**figures, "api_cpu_share": (cpu_s(pid) - cpu_before) / (time.monotonic() - t0)}
 
     figures: dict[str, Any] = {"options": options.__dict__, "peak_rss_mib": {}}
+    _settled(pid)
     figures["peak_rss_mib"]["start"] = status_kib(pid, "VmHWM") / 1024
     figures["alone"] = calm()
     log(f"two tenants, calm alone: {json.dumps(figures['alone'])}")
@@ -228,18 +230,42 @@ def _phases(
     return {**figures, **ratios(figures)}
 
 
-def _children_kib(pid: int, field: str) -> int:
-    """The largest `field` of /proc/PID/status (VmHWM: peak RSS, VmRSS: RSS now; KiB) among the processes
-    `pid` started: its batch processes; 0 if none."""
-    peaks = [0]
+def _children(pid: int) -> dict[int, dict[str, str]]:
+    """/proc/CHILD/status fields of the processes `pid` started (its batch processes), by pid."""
+    found = {}
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
             fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
         except OSError:  # it ended meanwhile
             continue
-        if fields.get("PPid", "").strip() == str(pid) and field in fields:
-            peaks.append(int(fields[field].split()[0]))
-    return max(peaks)
+        if fields.get("PPid", "").strip() == str(pid):
+            found[int(status.parent.name)] = fields
+    return found
+
+
+def _children_kib(pid: int, field: str) -> int:
+    """The largest `field` of /proc/PID/status (VmHWM: peak RSS, VmRSS: RSS now; KiB) among the processes
+    `pid` started: its batch processes; 0 if none."""
+    return max([0, *(int(f[field].split()[0]) for f in _children(pid).values() if field in f)])
+
+
+def _settled(pid: int, *, quiet_share: float = 0.05, timeout_s: float = 60.0) -> None:
+    """Wait until the API process and its batch processes (started with it) use under `quiet_share`
+    of a core over a second: calm's first phase must not time their start-up."""
+    deadline = time.monotonic() + timeout_s
+
+    def used() -> float:
+        total = cpu_s(pid)
+        for child in _children(pid):
+            with contextlib.suppress(OSError):
+                total += cpu_s(child)
+        return total
+
+    while time.monotonic() < deadline:
+        before = used()
+        time.sleep(1.0)
+        if used() - before < quiet_share:
+            return
 
 
 def ratios(figures: dict[str, Any]) -> dict[str, Any]:

@@ -19,10 +19,13 @@ grows by doubling), and its copy held the GIL.
 A child that dies (OOM-killed, SIGKILL) breaks the pool: the requests it held get 503
 (`unavailable`, Retry-After; a batch is written in one transaction, so theirs were not
 written unless it died in the moment after the commit) and the pool is built again for the
-next ones. The processes start at the first large batch, not with the API, and stop when the
-API does, or after IDLE_STOP_S without a large batch: a batch of 99,000 rows leaves a child
-holding hundreds of MiB that its allocator keeps (measured: 477-809 MiB idle after the
-two-tenant bench), and the API pod's memory limit counts them.
+next ones. `ipab api` starts the processes with the API (`start`): started at the first large
+batch, they cost it their start-up (imports, clients), which doubled a 10,000-row batch's time
+(bench/api.py). They stop when the API does. A batch of 99,000 rows leaves a child holding
+hundreds of MiB that its allocator keeps (measured: 477-809 MiB idle after the two-tenant
+bench), which the API pod's memory limit counts: a pool one of whose processes holds more than
+RECYCLE_RSS_BYTES after a batch is replaced after IDLE_STOP_S without a large batch (by fresh
+processes at once where `start` started it, else at the next large batch).
 
 The children run at a lower CPU priority (nice BATCH_PROCESS_NICE): a batch of 99,000 rows
 keeps one busy for seconds, and on a machine with few cores the API process, whose requests
@@ -58,7 +61,8 @@ log = logging.getLogger(__name__)
 CREATED: Final = "created"
 PROBLEM: Final = "problem"
 BATCH_PROCESS_NICE: Final = 10  # added to the API's nice value in each batch process (see the module)
-IDLE_STOP_S: Final = 30.0  # batch processes with no batch this long stop; the next large batch starts others
+IDLE_STOP_S: Final = 30.0  # a swollen pool (see RECYCLE_RSS_BYTES) with no batch this long is replaced
+RECYCLE_RSS_BYTES: Final = 512 * 1024 * 1024  # a batch process left holding more than this is swollen
 
 # The child's context, built once by `_start_child` (a child process serves one API process).
 _CHILD: list[ApiContext] = []
@@ -73,19 +77,34 @@ def _start_child(settings: Settings) -> None:
     _CHILD.append(ApiContext.build(settings, migrate=False))
 
 
-def _create_in_child(request: BatchRequest) -> tuple[str, dict[str, Any]]:
-    """(CREATED, the 202's body) or (PROBLEM, the problem as data); an unexpected error is raised."""
+def _ready() -> None:
+    """Nothing: one per process makes the pool start them all (`BatchProcesses.start`)."""
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (from /proc; 0 where there is none)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _create_in_child(request: BatchRequest) -> tuple[str, dict[str, Any], int]:
+    """(CREATED, the 202's body) or (PROBLEM, the problem as data), with the process's resident
+    memory afterwards; an unexpected error is raised."""
     from scheduler.api.batch_create import create_batch  # (it imports context.py, which imports this module)
 
     if request.body_path is not None:
         request = dataclasses.replace(request, data=Path(request.body_path).read_bytes(), body_path=None)
     try:
-        return CREATED, create_batch(_CHILD[0], request)
+        outcome, body = CREATED, create_batch(_CHILD[0], request)
     except Exception as e:
         problem = known_problem(e)
         if problem is None:
             raise
-        return PROBLEM, problem.as_data()
+        outcome, body = PROBLEM, problem.as_data()
+    return outcome, body, _rss_bytes()
 
 
 def _spill(data: bytes | bytearray) -> str:
@@ -137,7 +156,18 @@ class BatchProcesses:
         self.processes = settings.api_batch_processes
         self._pool: ProcessPoolExecutor | None = None
         self._in_flight = 0  # batches sent to the pool and not answered yet
-        self._idle: asyncio.TimerHandle | None = None  # stops the pool once IDLE_STOP_S pass with none
+        self._idle: asyncio.TimerHandle | None = None  # replaces a swollen pool once IDLE_STOP_S pass with none
+        self._swollen = False  # a process of the pool holds more than RECYCLE_RSS_BYTES
+        self._started = False  # `start` was called: a replaced pool is started at once too
+
+    def start(self) -> None:
+        """Start the processes now (`ipab api`), so that the first large batch does not wait for them."""
+        if self.processes <= 0:
+            return
+        self._started = True
+        pool = self._current()
+        for _ in range(self.processes):
+            pool.submit(_ready)
 
     def takes(self, size_bytes: int) -> bool:
         """Whether a body of `size_bytes` goes to a batch process (else it is handled in the API's)."""
@@ -156,7 +186,7 @@ class BatchProcesses:
     def _discard(self, pool: ProcessPoolExecutor) -> None:
         """Drop a broken pool (once, whichever of its requests sees it first); the next call builds another."""
         if self._pool is pool:
-            self._pool = None
+            self._pool, self._swollen = None, False
             log.warning("a batch process died; starting new ones for the next batches")
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -170,15 +200,17 @@ class BatchProcesses:
             return await self._create(request)
         finally:
             self._in_flight -= 1
-            if self._in_flight == 0 and self._pool is not None:
-                self._idle = asyncio.get_running_loop().call_later(IDLE_STOP_S, self._stop_idle)
+            if self._in_flight == 0 and self._swollen and self._pool is not None:
+                self._idle = asyncio.get_running_loop().call_later(IDLE_STOP_S, self._replace_idle)
 
-    def _stop_idle(self) -> None:
-        """Stop an idle pool: its processes exit and give their memory back (the next batch starts others)."""
+    def _replace_idle(self) -> None:
+        """Stop an idle swollen pool, so its processes give their memory back; start another if `start`ed."""
         self._idle = None
         if self._in_flight == 0 and self._pool is not None:
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._swollen = self._pool, None, False
             pool.shutdown(wait=False)
+            if self._started:
+                self.start()
 
     async def _create(self, request: BatchRequest) -> dict[str, Any]:
         try:
@@ -193,15 +225,16 @@ class BatchProcesses:
             raise
         future.add_done_callback(lambda _: _remove(path))  # answered, failed or canceled: read by then, or never
         try:
-            outcome, body = await asyncio.wrap_future(future)
+            outcome, body, rss_bytes = await asyncio.wrap_future(future)
         except BrokenProcessPool:
             self._discard(pool)
             raise died(self.processes) from None
+        self._swollen = self._swollen or rss_bytes > RECYCLE_RSS_BYTES
         if outcome == PROBLEM:
             raise ApiProblem.from_data(body)
         return body
 
-    def _submit(self, request: BatchRequest) -> tuple[ProcessPoolExecutor, Future[tuple[str, dict[str, Any]]]]:
+    def _submit(self, request: BatchRequest) -> tuple[ProcessPoolExecutor, Future[tuple[str, dict[str, Any], int]]]:
         pool = self._current()
         try:
             return pool, pool.submit(_create_in_child, request)

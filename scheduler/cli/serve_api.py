@@ -24,6 +24,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     from shared.settings import load_settings
 
     app = create_app(load_settings(), metrics_host=args.host)  # IPAB_API_METRICS_PORT on the same address
+    app.state.ctx.batch_processes.start()  # ready for the first large batch (scheduler/api/batch_processes.py)
     # What start-up built (modules, the app, its routes and models) lives as long as the
     # process: out of the collector's sight, a full collection scans only what requests
     # made. Before this, each one stalled every request in flight for about 100 ms.

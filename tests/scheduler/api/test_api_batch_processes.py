@@ -113,19 +113,49 @@ def test_small_batches_stay_in_the_api_process(api_settings: Settings, alice: di
         assert multiprocessing.active_children() == []
 
 
-def test_idle_batch_processes_stop_and_the_next_large_batch_starts_others(
+def _post(client: TestClient, headers: dict[str, str], ref: str, rows: int) -> None:
+    r = client.post("/v1/batches", headers={**headers, **JSONL}, content=rows_body(ref, rows))
+    assert r.status_code == 202, r.text
+
+
+def test_a_batch_process_left_swollen_is_replaced_once_idle(
     in_children: Settings, alice: dict[str, str], api_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(batch_processes, "IDLE_STOP_S", 0.5)
+    monkeypatch.setattr(batch_processes, "RECYCLE_RSS_BYTES", 0)  # every batch leaves its process swollen
     with TestClient(create_app(in_children, dispatcher=False), raise_server_exceptions=False) as client:
         ref = upload(client, alice)
-        first = client.post("/v1/batches", headers={**alice, **JSONL}, content=rows_body(ref, 2))
-        assert first.status_code == 202, first.text
+        _post(client, alice, ref, 2)
         (child,) = multiprocessing.active_children()
         child.join(timeout=CHILD_START_S)  # it exits by itself once idle: its memory goes back
         assert not child.is_alive()
-        assert multiprocessing.active_children() == []
-        again = client.post("/v1/batches", headers={**alice, **JSONL}, content=rows_body(ref, 3))
-        assert again.status_code == 202, again.text
+        assert multiprocessing.active_children() == []  # started by a batch: the next batch starts others
+        _post(client, alice, ref, 3)
         assert [p.pid for p in multiprocessing.active_children()] not in ([], [child.pid])
     assert job_count(api_settings) == 5
+
+
+def _children(count: int) -> list[multiprocessing.process.BaseProcess]:
+    deadline = time.monotonic() + CHILD_START_S
+    while len(children := multiprocessing.active_children()) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return children
+
+
+def test_started_batch_processes_wait_for_the_first_batch_and_stay_while_small(
+    in_children: Settings, alice: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch_processes, "IDLE_STOP_S", 0.2)
+    app = create_app(in_children, dispatcher=False)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        app.state.ctx.batch_processes.start()  # as `ipab api` does
+        (child,) = _children(1)  # up before any batch
+        ref = upload(client, alice)
+        _post(client, alice, ref, 2)
+        time.sleep(1.0)  # five idle periods: a process that stayed small is kept
+        assert [p.pid for p in multiprocessing.active_children()] == [child.pid]
+        monkeypatch.setattr(batch_processes, "RECYCLE_RSS_BYTES", 0)
+        _post(client, alice, ref, 2)
+        child.join(timeout=CHILD_START_S)  # swollen: replaced once idle, by a process started at once
+        (fresh,) = _children(1)
+        assert not child.is_alive() and fresh.pid != child.pid
