@@ -11,11 +11,12 @@ import multiprocessing
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import redis
 import torch
 from PIL import Image
@@ -47,13 +48,13 @@ def cancel_jobs(*, sessions: sessionmaker[Session], batch_id: str, job_ids: list
         return len(cancel(session=session, batch_id=batch_id, job_ids=job_ids))
 
 
-def _png(image: Image.Image) -> bytes:
+def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-REF_PNG = _png(Image.new("RGB", (32, 32), (200, 30, 30)))
+REF_PNG = encode_png(Image.new("RGB", (32, 32), (200, 30, 30)))
 
 
 class FakeRenderer:
@@ -158,14 +159,14 @@ class BatchingFakeRenderer(FakeRenderer):
         return [super(BatchingFakeRenderer, self).generate(p, e, on_step=on_step) for p, e in items]
 
 
-def _queue(ctx: WorkerContext, messages: Sequence[JobMessage]) -> None:
+def queue_messages(ctx: WorkerContext, messages: Sequence[JobMessage]) -> None:
     """Put messages on the worker's queue as the dispatcher does (oldest first out)."""
     queue = keys.render_queue(ctx.renderer.name)
     texts = [(m.job_id, m.to_text()) for m in messages]
     enqueue_serialized(redis_client=ctx.redis, queue=queue, messages=texts, prefix=ctx.settings.redis_prefix)
 
 
-def _run(ctx: WorkerContext, message: JobMessage) -> str:
+def run_published(ctx: WorkerContext, message: JobMessage) -> str:
     outcome = run_job(ctx, message.to_json())
     assert ctx.publisher.drain(timeout_s=30)
     return outcome
@@ -366,3 +367,11 @@ def run_workers(
     for p in procs:
         p.join(timeout=60)
     return out, [p.exitcode for p in procs]
+
+
+@pytest.fixture
+def ctx(settings: Settings, object_store: ObjectStore) -> Iterator[WorkerContext]:
+    """A worker context on FakeRenderer (modules that need another renderer or settings define their own)."""
+    context = fake_context(settings, object_store, FakeRenderer())
+    yield context
+    context.close()

@@ -27,12 +27,12 @@ from shared.wire import JobMessage
 from tests.worker.conftest import (
     BATCH_SIZE,
     BatchingFakeRenderer,
-    _queue,
-    _run,
     add_job,
     cancel_jobs,
     fake_context,
     job_row,
+    queue_messages,
+    run_published,
 )
 from worker.batching import BatchCollector
 from worker.context import WorkerContext
@@ -52,8 +52,8 @@ def _waiting(ctx: WorkerContext) -> int:
 
 def test_compatible_queued_jobs_render_in_one_call_each_with_its_own_output(ctx: WorkerContext) -> None:
     first, *rest = [add_job(ctx, seed=10 + i) for i in range(BATCH_SIZE)]
-    _queue(ctx, rest)
-    assert _run(ctx, first) == "rendered"
+    queue_messages(ctx, rest)
+    assert run_published(ctx, first) == "rendered"
     assert ctx.renderer.calls == [BATCH_SIZE]  # type: ignore[attr-defined]
     assert _waiting(ctx) == 0
     for message in (first, *rest):
@@ -69,7 +69,7 @@ def test_compatible_queued_jobs_render_in_one_call_each_with_its_own_output(ctx:
 def test_a_job_alone_records_a_batch_of_one_after_waiting_at_most_the_wait(ctx: WorkerContext) -> None:
     message = add_job(ctx)
     t0 = time.monotonic()
-    assert _run(ctx, message) == "rendered"
+    assert run_published(ctx, message) == "rendered"
     assert time.monotonic() - t0 < 5.0
     assert job_row(ctx, message.job_id).render_batch_size == 1
 
@@ -78,8 +78,8 @@ def test_an_incompatible_message_stays_in_the_queue_in_its_place(ctx: WorkerCont
     first = add_job(ctx, seed=1)
     other = add_job(ctx, seed=2, steps=3)  # different steps: cannot share the call
     same = add_job(ctx, seed=3)
-    _queue(ctx, [other, same])
-    assert _run(ctx, first) == "rendered"
+    queue_messages(ctx, [other, same])
+    assert run_published(ctx, first) == "rendered"
     assert ctx.renderer.calls == [2]  # type: ignore[attr-defined]
     assert job_row(ctx, same.job_id).render_batch_size == 2
     assert job_row(ctx, other.job_id).status == "queued"
@@ -92,8 +92,8 @@ def test_a_job_whose_reference_cannot_be_read_fails_alone(ctx: WorkerContext) ->
     base = add_job(ctx, seed=3)
     missing = Reference(sha256="0" * 64, key=keys.ref_key("0" * 64, "png"))  # never uploaded
     bad = JobMessage(job_id=base.job_id, batch_id=base.batch_id, spec=JobSpec(base.spec.params, (missing,)))
-    _queue(ctx, [bad, fine])
-    assert _run(ctx, first) == "rendered"
+    queue_messages(ctx, [bad, fine])
+    assert run_published(ctx, first) == "rendered"
     assert job_row(ctx, bad.job_id).status == "failed"
     for message in (first, fine):
         job = job_row(ctx, message.job_id)
@@ -103,8 +103,8 @@ def test_a_job_whose_reference_cannot_be_read_fails_alone(ctx: WorkerContext) ->
 def test_a_call_that_fails_as_a_whole_reruns_its_jobs_alone_and_only_the_bad_one_fails(ctx: WorkerContext) -> None:
     first, bad, fine = add_job(ctx, seed=1), add_job(ctx, seed=13), add_job(ctx, seed=3)
     ctx.renderer.bad_seed = 13  # type: ignore[attr-defined]
-    _queue(ctx, [bad, fine])
-    assert _run(ctx, first) == "rendered"
+    queue_messages(ctx, [bad, fine])
+    assert run_published(ctx, first) == "rendered"
     assert ctx.renderer.calls == [3, 1, 1, 1]  # type: ignore[attr-defined]
     assert job_row(ctx, bad.job_id).error_type == "GpuOutOfMemory"
     for message in (first, fine):
@@ -115,12 +115,12 @@ def test_a_call_that_fails_as_a_whole_reruns_its_jobs_alone_and_only_the_bad_one
 def test_a_canceled_job_leaves_the_call_at_a_step_and_the_others_go_on(ctx: WorkerContext) -> None:
     first, doomed, fine = (add_job(ctx, seed=s, steps=30) for s in (1, 2, 3))
     ctx.renderer.step_delay_s = 0.1  # type: ignore[attr-defined]
-    _queue(ctx, [doomed, fine])
+    queue_messages(ctx, [doomed, fine])
     timer = threading.Timer(
         1.0, lambda: cancel_jobs(sessions=ctx.sessions, batch_id=doomed.batch_id, job_ids=[doomed.job_id])
     )
     timer.start()
-    assert _run(ctx, first) == "rendered"
+    assert run_published(ctx, first) == "rendered"
     assert job_row(ctx, doomed.job_id).status == "canceled"
     assert ctx.store.list_keys(f"outputs/{doomed.batch_id}/{doomed.job_id}") == []
     for message in (first, fine):
@@ -131,11 +131,11 @@ def test_a_canceled_job_leaves_the_call_at_a_step_and_the_others_go_on(ctx: Work
 def test_when_every_job_of_the_call_is_canceled_the_call_stops(ctx: WorkerContext) -> None:
     first, second = add_job(ctx, seed=1, steps=40), add_job(ctx, seed=2, steps=40)
     ctx.renderer.step_delay_s = 0.1  # type: ignore[attr-defined]
-    _queue(ctx, [second])
+    queue_messages(ctx, [second])
     timer = threading.Timer(1.0, lambda: cancel_jobs(sessions=ctx.sessions, batch_id=first.batch_id))
     timer.start()
     t0 = time.monotonic()
-    assert _run(ctx, first) == "canceled"
+    assert run_published(ctx, first) == "canceled"
     assert time.monotonic() - t0 < 3.5  # within a heartbeat, not after 40 steps
     assert {job_row(ctx, m.job_id).status for m in (first, second)} == {"canceled"}
 
@@ -143,7 +143,7 @@ def test_when_every_job_of_the_call_is_canceled_the_call_stops(ctx: WorkerContex
 def test_a_message_taken_for_a_batch_but_never_claimed_is_handed_back(ctx: WorkerContext) -> None:
     """A worker killed between taking a message and claiming its job loses nothing."""
     first, taken = add_job(ctx, seed=1), add_job(ctx, seed=2)
-    _queue(ctx, [taken])
+    queue_messages(ctx, [taken])
     with ctx.sessions.begin() as session:  # dispatched a while ago, as the dispatcher marks it
         session.execute(update(Job).where(Job.id == taken.job_id).values(enqueued_at=server_now(-60.0)))
     collector = BatchCollector(

@@ -6,23 +6,12 @@ fleet: a job that ends before the API could show a step sends none.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from shared.settings import Settings
 from shared.step_progress import read_step
-from shared.storage import ObjectStore
-from tests.worker.conftest import FakeRenderer, add_job, fake_context, job_row
+from tests.worker.conftest import add_job, job_row
 from worker import runner
 from worker.context import WorkerContext
-
-
-@pytest.fixture
-def ctx(settings: Settings, object_store: ObjectStore) -> Iterator[WorkerContext]:
-    context = fake_context(settings, object_store, FakeRenderer())
-    yield context
-    context.close()
 
 
 def test_a_job_that_ends_within_the_progress_interval_notes_no_step(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,18 +21,9 @@ from shared import keys
 from shared.db import Job
 from shared.errors import JobCanceled
 from shared.jobs import JobResult, claim_job, expire_leases, finish_job
-from shared.settings import Settings
-from shared.storage import ObjectStore
-from tests.worker.conftest import FakeRenderer, _png, add_job, cancel_jobs, fake_context, job_row
+from tests.worker.conftest import add_job, cancel_jobs, encode_png, job_row
 from worker.context import WorkerContext
 from worker.runner import run_job
-
-
-@pytest.fixture
-def ctx(settings: Settings, object_store: ObjectStore) -> Iterator[WorkerContext]:
-    context = fake_context(settings, object_store, FakeRenderer())
-    yield context
-    context.close()
 
 
 def run_and_publish(ctx: WorkerContext, raw: Any) -> str:
@@ -194,7 +184,7 @@ def test_a_late_upload_from_an_expired_attempt_leaves_the_winners_output(ctx: Wo
         lease = Lease(
             sessions=ctx.sessions, job_id=message.job_id, attempt=number, lease_s=60, heartbeat_s=1, max_lease_s=600
         )
-        png = _png(Image.new("RGB", (8, 8), (color, 0, 0)))  # the two attempts' bytes differ
+        png = encode_png(Image.new("RGB", (8, 8), (color, 0, 0)))  # the two attempts' bytes differ
         rendered = Rendered(png=png, seed=7, encode_s=0, denoise_s=0, cache_stats="{}")
         return Publication(job_id=message.job_id, batch_id=message.batch_id, lease=lease, rendered=rendered)
 

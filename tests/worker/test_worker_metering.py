@@ -18,12 +18,12 @@ from shared.storage import ObjectStore
 from tests.worker.conftest import (
     BATCH_SIZE,
     BatchingFakeRenderer,
-    _queue,
-    _run,
     add_job,
     cancel_jobs,
     fake_context,
     job_row,
+    queue_messages,
+    run_published,
 )
 from worker import metrics
 from worker.context import WorkerContext
@@ -58,8 +58,8 @@ def _rollup(ctx: WorkerContext) -> Any:
 def test_a_call_of_four_jobs_charges_each_a_quarter_and_they_sum_to_the_busy_time(ctx: WorkerContext) -> None:
     ctx.renderer.step_delay_s = 0.02  # type: ignore[attr-defined]
     first, *rest = [add_job(ctx, seed=10 + i, steps=10) for i in range(BATCH_SIZE)]
-    _queue(ctx, rest)
-    assert _run(ctx, first) == "rendered"
+    queue_messages(ctx, rest)
+    assert run_published(ctx, first) == "rendered"
     assert ctx.renderer.calls == [BATCH_SIZE]  # type: ignore[attr-defined]
 
     jobs = [job_row(ctx, m.job_id) for m in (first, *rest)]
@@ -76,12 +76,12 @@ def test_a_call_of_four_jobs_charges_each_a_quarter_and_they_sum_to_the_busy_tim
 def test_a_job_canceled_in_a_call_is_billed_the_steps_it_ran_and_the_others_theirs(ctx: WorkerContext) -> None:
     first, doomed, fine = (add_job(ctx, seed=s, steps=30) for s in (1, 2, 3))
     ctx.renderer.step_delay_s = 0.05  # type: ignore[attr-defined]
-    _queue(ctx, [doomed, fine])
+    queue_messages(ctx, [doomed, fine])
     cancel = threading.Timer(
         1.0, lambda: cancel_jobs(sessions=ctx.sessions, batch_id=doomed.batch_id, job_ids=[doomed.job_id])
     )
     cancel.start()
-    assert _run(ctx, first) == "rendered"
+    assert run_published(ctx, first) == "rendered"
 
     gone = job_row(ctx, doomed.job_id)
     assert gone.status == "canceled"
@@ -107,7 +107,7 @@ def test_a_failed_attempts_seconds_are_lost_not_billed(settings: Settings, objec
     try:
         context.renderer.step_delay_s = 0.02  # type: ignore[attr-defined]
         message = add_job(context, steps=5)
-        assert _run(context, message) == "failed"
+        assert run_published(context, message) == "failed"
         job = job_row(context, message.job_id)
         assert (job.status, job.gpu_s) == ("failed", None)
         assert job.lost_gpu_s >= 5 * 0.02
