@@ -28,6 +28,7 @@ HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 3.0
+KILL_WAIT_S = 10.0  # for the rest of a killed process group to be gone
 PROBE_BUCKET = "ipab-probe"
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -131,6 +132,10 @@ class Service:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
+        # The others of the group die a moment later; until they have, a restart found its port
+        # still taken (a postmaster's children), and refused to start.
+        with contextlib.suppress(TimeoutError):
+            _retry_until(lambda: _group_gone(self.process.pid), timeout_s=KILL_WAIT_S)
 
     def start(self, *, timeout_s: float = START_TIMEOUT_S) -> None:
         """(Re)start the process with the same command, ports and folder; returns once it answers."""
@@ -204,6 +209,15 @@ def _spawn(argv: list[str], *, workdir: Path, log_path: Path, user: str | None) 
             user=user,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
+
+
+def _group_gone(pgid: int) -> None:
+    """Return once no process of group `pgid` is left (zombies aside); TimeoutError while one is."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                raise TimeoutError(f"process {stat.parent.name} of group {pgid} is still running")
 
 
 def _check_port_free(name: str, port: int) -> None:
