@@ -210,6 +210,9 @@ def test_cancel_mid_batch_stops_queued_and_running_jobs(
 
 # The same faults with micro-batching on: a worker holds up to four jobs of one pipeline call.
 BATCHED = {"batch_size": 4, "dispatch_depth": 8, "batch_wait_ms": 50}
+# At batch 4 a quiet machine ran JOBS tiny jobs between two looks for a running call, and left
+# none running to kill: a longer batch keeps calls running while the test looks.
+BATCHED_JOBS = CANCEL_JOBS
 
 
 @pytest.fixture
@@ -222,14 +225,14 @@ def test_batched_worker_killed_mid_call_loses_nothing(
 ) -> None:
     with worker_pool(batched_settings, settings_env, tmp_path) as pool:
         first = pool.start()
-        batch_id = start_batch(batched_settings, pool, tmp_path, "kill-batched")
+        batch_id = start_batch(batched_settings, pool, tmp_path, "kill-batched", rows=BATCHED_JOBS)
         wait_until(lambda: count_status(batched_settings, batch_id, JobStatus.succeeded) >= 4, what="first results")
         wait_until(lambda: bool(running_ids(batched_settings, batch_id)), what="a running call")
         pool.kill(first)
         pool.start()
         wait_for_batch(batched_settings, batch_id, workers=pool)
     # The killed worker held at most one call of four and one publishing batch of four.
-    jobs = assert_each_job_ended_once(batched_settings, batch_id, max_reruns=8)
+    jobs = assert_each_job_ended_once(batched_settings, batch_id, max_reruns=8, rows=BATCHED_JOBS)
     assert max(j.attempts for j in jobs) >= 2
     assert max(j.render_batch_size or 0 for j in jobs) > 1  # calls really held several jobs
 
@@ -243,12 +246,12 @@ def test_batched_flushall_mid_batch_loses_nothing(
     settings = batched_settings.model_copy(update={"redis_url": private_redis.url})
     with worker_pool(settings, settings_env, tmp_path) as pool:
         pool.start()
-        batch_id = start_batch(settings, pool, tmp_path, "flush-batched")
+        batch_id = start_batch(settings, pool, tmp_path, "flush-batched", rows=BATCHED_JOBS)
         wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 4, what="first results")
         wait_until(lambda: bool(running_ids(settings, batch_id)), what="a running call")
         redis.Redis.from_url(settings.redis_url).flushall()
         wait_for_batch(settings, batch_id, workers=pool)
-    assert_each_job_ended_once(settings, batch_id, max_reruns=4)
+    assert_each_job_ended_once(settings, batch_id, max_reruns=4, rows=BATCHED_JOBS)
 
 
 def test_batched_cancel_mid_batch_stops_queued_and_running_jobs(
