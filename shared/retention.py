@@ -29,6 +29,7 @@ UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 36
 NEVER_WORDS: Final = frozenset({"never", "forever", "for ever"})
 _DURATION: Final = re.compile(r"([0-9]+)\s*([smhdwy]?)")
 HINT: Final = "write a duration such as 1h, 7d or 30d (from 1h to 3650d), or never (kept for ever)"
+MAX_DIGITS: Final = 12  # more is past 3650d in any unit (and int() of 4,301 digits raises ValueError)
 
 
 class DataState(StrEnum):
@@ -52,9 +53,14 @@ def parse_duration(value: Any, *, field: str = FIELD) -> int:
     match = _DURATION.fullmatch(text)
     if match is None:
         raise InvalidInput(field, value, HINT)
-    seconds = int(match.group(1)) * UNIT_S[match.group(2) or "s"]
+    digits, unit = match.group(1).lstrip("0") or "0", match.group(2) or "s"
+    if len(digits) > MAX_DIGITS:
+        raise InvalidInput(field, value, f"is longer than 3650d; {HINT}")
+    seconds = int(digits) * UNIT_S[unit]
     if not MIN_RETENTION_S <= seconds <= MAX_RETENTION_S:
-        raise InvalidInput(field, value, f"is {format_duration(seconds)}, outside 1h .. 3650d; {HINT}")
+        # 0 is shown as written (`0d`), not as `never`: it is no retention at all, not a refusal to expire.
+        shown = format_duration(seconds) if seconds else f"0{unit}"
+        raise InvalidInput(field, value, f"is {shown}, outside 1h .. 3650d; {HINT}")
     return seconds
 
 

@@ -34,6 +34,8 @@ def test_a_retention_is_read_as_people_write_it(text: str | int, seconds: int) -
     [
         ("30m", "is 30m, outside 1h .. 3650d"),  # too short: gone before most clients fetch it
         ("11y", "is 11y, outside 1h .. 3650d"),
+        ("0", "is 0s, outside 1h .. 3650d"),  # no retention at all: not shown as `never`, which it is not
+        ("0d", "is 0d, outside 1h .. 3650d"),
         ("7x", "write a duration such as 1h, 7d or 30d"),
         ("-1d", "write a duration such as 1h, 7d or 30d"),
         ("1.5d", "write a duration such as 1h, 7d or 30d"),
@@ -47,6 +49,15 @@ def test_a_bad_retention_names_the_field_shows_the_value_and_says_the_fix(value:
         parse_duration(value, field="--expires-after")
     message = str(caught.value)
     assert message.startswith(f"`--expires-after` is {value!r}") and shown in message and "never" in message
+
+
+def test_a_retention_of_thousands_of_digits_is_refused_as_too_long_not_a_crash() -> None:
+    # int() of more than 4,300 digits raises ValueError: the API answered 500, the CLI a traceback.
+    for text in ("9" * 5000, "9" * 5000 + "d", "1" + "0" * 20):
+        with pytest.raises(InvalidInput) as caught:
+            parse_duration(text)
+        assert "is longer than 3650d" in str(caught.value) and len(str(caught.value)) < 400
+    assert parse_duration("0" * 30 + "7d") == 7 * 86400  # leading zeros are no digits of its size
 
 
 def test_retentions_are_shown_in_the_largest_whole_unit() -> None:
