@@ -149,7 +149,15 @@ class QuotaExceeded(IpabError):
     """
 
     def __init__(
-        self, *, tenant: str, quota: str, limit: float, used: float, requested: int, resets_at: datetime
+        self,
+        *,
+        tenant: str,
+        quota: str,
+        limit: float,
+        used: float,
+        requested: int,
+        resets_at: datetime,
+        lines: tuple[int, ...] = (),
     ) -> None:
         self.tenant = tenant
         self.quota = quota
@@ -157,6 +165,7 @@ class QuotaExceeded(IpabError):
         self.used = used
         self.requested = requested
         self.resets_at = resets_at
+        self.lines = lines  # the rows refused, each a request of its own, when the others were admitted
         unit = "GPU-seconds" if quota.startswith("gpu_s") else "images"
         super().__init__(
             f"tenant {tenant!r} is at its quota {quota} = {limit:g} {unit}: {used:g} used, {requested} more asked; "

@@ -9,7 +9,8 @@ the groups grow by themselves, with no timer to wait on. PostgreSQL's group comm
 same idea one level down.
 
 Each request still gets its own answer: its job id, or the problem of its own row (an
-unknown reference, a lane its tenant may not use, a cap reached, an `id` already taken).
+unknown reference, a lane its tenant may not use, a cap reached, a quota passed, an `id`
+already taken).
 A failure of the whole write (the database down) reaches every request of the group.
 """
 
@@ -29,7 +30,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.context import ApiContext
-from scheduler.api.problems import ApiProblem, cap_problem, field_error, from_invalid_input
+from scheduler.api.problems import ApiProblem, cap_problem, field_error, from_invalid_input, quota_problem
 from scheduler.api.submission import api_batch_name, problems_of, submit_api_rows
 from scheduler.submission.manifest import ManifestRow, ParsedManifest, Problem
 from scheduler.submission.submit import RowOptions
@@ -135,18 +136,19 @@ def _write_tenant(
             after_insert=subscribe_webhooks,
             lane=INTERACTIVE_LANE,  # a single API job is interactive unless its `lane` says otherwise
             stored_line=STORED_LINE,
-            admit_partly=True,  # those past the cap get 429, the others go on
+            admit_partly=True,  # those past the cap or a quota get 429, the others go on
         )
         parsed = ParsedManifest(rows, [])
         result = submit_api_rows(ctx, parsed=parsed, batch_name=api_batch_name(tenant), options=options)
-        problems, created, over_cap = result.invalid, result.job_ids, result.over_cap
+        problems, created, over_cap, over_quota = result.invalid, result.job_ids, result.over_cap, result.over_quota
     except ManifestInvalid as e:  # every row was refused
-        problems, created, over_cap = [Problem(*p) for p in e.problems], {}, None
-    # 2. Each request's answer: its problems, its job, the cap, or the job that already has its `id`.
+        problems, created, over_cap, over_quota = [Problem(*p) for p in e.problems], {}, None, None
+    # 2. Each request's answer: its problems, its job, the cap, a quota, or the job that already has its `id`.
     by_line: dict[int, list[Problem]] = defaultdict(list)
     for problem in problems:
         by_line[problem.line].append(problem)
     refused = set(over_cap.lines) if over_cap is not None else set()
+    over = set(over_quota.lines) if over_quota is not None else set()
     for line, index in lines.items():
         if by_line[line]:
             outcomes[index] = problems_of([p._replace(line=STORED_LINE) for p in by_line[line]], with_lines=False)
@@ -154,6 +156,8 @@ def _write_tenant(
             outcomes[index] = created[line]
         elif over_cap is not None and line in refused:
             outcomes[index] = cap_problem(over_cap)
+        elif over_quota is not None and line in over:
+            outcomes[index] = quota_problem(over_quota)
         else:
             outcomes[index] = duplicate_id(ctx, tenant, requests[index].row.client_id)
 

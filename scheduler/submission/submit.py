@@ -37,7 +37,7 @@ from scheduler.submission.references import (
 from scheduler.submission.set_rules import apply_set_rules, set_rules_for
 from scheduler.tenants import check_tenant_name, tenant_defaults
 from scheduler.terminal_progress import SILENT, Reporter
-from scheduler.usage.quotas import check_quotas, record_refusal
+from scheduler.usage.quotas import admit_within_quotas, check_quotas, record_refusal
 from shared.db import (
     DEFAULT_TENANT,
     Batch,
@@ -84,6 +84,7 @@ class SubmitResult:
     references_stored: int = 0
     job_ids: dict[int, str] = field(default_factory=dict)  # row line -> the job inserted for it
     over_cap: CapReached | None = None  # with `admit_partly`: the rows the tenant's cap refused (its `lines`)
+    over_quota: QuotaExceeded | None = None  # with `admit_partly`: the rows its quotas refused (its `lines`)
 
     @property
     def invalid_rows(self) -> int:
@@ -260,6 +261,7 @@ class _Plan:
     batch: Batch | None = None  # found while planning, in the writing transaction (one_transaction)
     tenant_expires_after_s: int | None = None  # the tenant's default retention, read with its lanes
     over_cap: CapReached | None = None  # the rows the tenant's cap refused (`_Request.admit_partly`)
+    over_quota: QuotaExceeded | None = None  # the rows the tenant's quotas refused (`_Request.admit_partly`)
 
 
 @dataclass
@@ -331,7 +333,7 @@ def _write(
         )
     # The tenant's cap and quotas: its lock is held from here to the commit, so the count and the insert are one step.
     _within_cap(request, session, plan)  # with `admit_partly`, only the first rows may stay
-    check_quotas(session=session, tenant=request.tenant, adding=len(plan.rows))
+    _within_quotas(request, session, plan)  # likewise
     rows, retentions = rows[: len(plan.rows)], retentions[: len(plan.rows)]
     with request.progress.stage("insert", total=len(plan.rows)) as stage:
         inserted = _insert_jobs(session, batch, rows, line=request.stored_line, retentions=retentions)
@@ -343,6 +345,18 @@ def _write(
     if request.after_insert is not None:
         request.after_insert(session, batch.id, job_ids)
     return batch.id, job_ids, report
+
+
+def _within_quotas(request: _Request, session: Session, plan: _Plan) -> None:
+    """Keep the plan's rows within the tenant's quotas (`scheduler.usage.quotas`, under its lock):
+    all of them, or QuotaExceeded; with `admit_partly` (each row a request of its own), the first
+    that fit, the rest in `plan.over_quota`."""
+    if not request.admit_partly:
+        check_quotas(session=session, tenant=request.tenant, adding=len(plan.rows))
+        return
+    lines = [row.line for row, _ in plan.rows]
+    fits, plan.over_quota = admit_within_quotas(session=session, tenant=request.tenant, lines=lines)
+    plan.rows = plan.rows[:fits]
 
 
 def _within_cap(request: _Request, session: Session, plan: _Plan) -> None:
@@ -410,6 +424,7 @@ def _submit(
         references_stored=report.already_stored,
         job_ids=inserted,
         over_cap=plan.over_cap,
+        over_quota=plan.over_quota,
     )
 
 
@@ -519,9 +534,13 @@ def submit_rows(
 
 
 def _counted(sessions: sessionmaker[Session], submit: Callable[[], SubmitResult]) -> SubmitResult:
-    """`submit()`; a quota's refusal is counted (its transaction rolled back) and raised on."""
+    """`submit()`; a quota's refusal is counted (its transaction rolled back) and raised on, and so
+    are the rows a quota refused when the others were admitted (`admit_partly`)."""
     try:
-        return submit()
+        result = submit()
     except QuotaExceeded as e:
         record_refusal(sessions=sessions, refused=e)
         raise
+    if result.over_quota is not None:  # some rows of a group, each a request of its own
+        record_refusal(sessions=sessions, refused=result.over_quota, count=len(result.over_quota.lines))
+    return result

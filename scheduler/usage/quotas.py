@@ -21,8 +21,8 @@ What counts:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any, Final
 
@@ -150,14 +150,22 @@ def read_used(*, session: Session, tenant: str, now: datetime) -> Used:
     )
 
 
-def _locked_quotas(session: Session, tenant: str) -> Quotas | None:
-    """The tenant's quotas, read under its lock, held until the transaction ends."""
+def _locked_use(session: Session, tenant: str, now: datetime | None) -> tuple[Quotas, Used, datetime] | None:
+    """Under the tenant's lock, held until the transaction ends: its quotas and what counts against
+    them now; None when it has no quota checked at submission."""
     lock_tenant(session=session, tenant=tenant)
-    return get_quotas(session=session, tenant=tenant)
+    quotas = get_quotas(session=session, tenant=tenant)
+    if quotas is None or not quotas.refuses:
+        return None
+    now = now or utcnow()
+    return quotas, read_used(session=session, tenant=tenant, now=now), now
 
 
-def refusal(quotas: Quotas, used: Used, *, tenant: str, adding: int, now: datetime) -> QuotaExceeded | None:
-    """The first quota that `adding` more jobs would pass, as the error to raise; None when all fit."""
+def refusal(
+    quotas: Quotas, used: Used, *, tenant: str, adding: int, now: datetime, lines: tuple[int, ...] = ()
+) -> QuotaExceeded | None:
+    """The first quota that `adding` more jobs (of `lines`, if only they are refused) would pass,
+    as the error to raise; None when all fit."""
     for quota in (*IMAGE_QUOTAS, *GPU_QUOTAS):
         limit = getattr(quotas, quota)
         if limit is None:
@@ -168,7 +176,13 @@ def refusal(quotas: Quotas, used: Used, *, tenant: str, adding: int, now: dateti
         if over:
             resets_at = window_reset(window_of(quota), now)
             return QuotaExceeded(
-                tenant=tenant, quota=quota, limit=limit, used=counted, requested=adding, resets_at=resets_at
+                tenant=tenant,
+                quota=quota,
+                limit=limit,
+                used=counted,
+                requested=adding,
+                resets_at=resets_at,
+                lines=lines,
             )
     return None
 
@@ -176,29 +190,51 @@ def refusal(quotas: Quotas, used: Used, *, tenant: str, adding: int, now: dateti
 def check_quotas(*, session: Session, tenant: str, adding: int, now: datetime | None = None) -> None:
     """In the transaction that writes `adding` new jobs of `tenant`: take the tenant's lock and
     raise `QuotaExceeded` if they would pass one of its quotas (nothing is written then)."""
-    if adding <= 0:
+    found = _locked_use(session, tenant, now) if adding > 0 else None
+    if found is None:
         return
-    quotas = _locked_quotas(session, tenant)
-    if quotas is None or not quotas.refuses:
-        return
-    now = now or utcnow()
-    refused = refusal(quotas, read_used(session=session, tenant=tenant, now=now), tenant=tenant, adding=adding, now=now)
+    quotas, used, now = found
+    refused = refusal(quotas, used, tenant=tenant, adding=adding, now=now)
     if refused is not None:
         raise refused
 
 
-def room(*, session: Session, tenant: str, now: datetime | None = None) -> int | None:
-    """How many jobs the tenant may submit now (None: no limit); read without the lock, a hint
-    for splitting a group of requests (`check_quotas` still decides)."""
-    quotas = get_quotas(session=session, tenant=tenant)
-    if quotas is None or not quotas.refuses:
-        return None
-    now = now or utcnow()
-    used = read_used(session=session, tenant=tenant, now=now)
+def admit_within_quotas(
+    *, session: Session, tenant: str, lines: Sequence[int], now: datetime | None = None
+) -> tuple[int, QuotaExceeded | None]:
+    """In the transaction that writes new jobs of `tenant`, one per row of `lines`, each a request
+    of its own (POST /v1/jobs written in a group): take the tenant's lock; how many of the first
+    rows fit its quotas, and the refusal of the others (its `lines`; one image asked by each, once
+    the first are queued); None when all fit."""
+    adding = len(lines)
+    found = _locked_use(session, tenant, now) if adding > 0 else None
+    if found is None:
+        return adding, None
+    quotas, used, now = found
+    fits = _room(quotas, used)
+    if fits is None or fits >= adding:
+        return adding, None
+    queued = replace(used, live=used.live + fits)  # the first `fits` are queued when the next one is refused
+    refused = refusal(quotas, queued, tenant=tenant, adding=1, now=now, lines=tuple(lines[fits:]))
+    assert refused is not None  # there was no room for one more
+    return fits, refused
+
+
+def _room(quotas: Quotas, used: Used) -> int | None:
+    """How many more jobs fit the quotas (None: no limit): none once a GPU-seconds quota is spent."""
     if any((limit := getattr(quotas, q)) is not None and used.of(q) >= limit for q in GPU_QUOTAS):
         return 0
     left = [int(limit - used.of(q)) for q in IMAGE_QUOTAS if (limit := getattr(quotas, q)) is not None]
     return max(min(left), 0) if left else None
+
+
+def room(*, session: Session, tenant: str, now: datetime | None = None) -> int | None:
+    """How many jobs the tenant may submit now (None: no limit); read without the lock, a hint
+    (`check_quotas` and `admit_within_quotas` decide)."""
+    quotas = get_quotas(session=session, tenant=tenant)
+    if quotas is None or not quotas.refuses:
+        return None
+    return _room(quotas, read_used(session=session, tenant=tenant, now=now or utcnow()))
 
 
 def quota_status(
@@ -226,8 +262,9 @@ def quota_status(
     return status
 
 
-def record_refusal(*, sessions: sessionmaker[Session], refused: QuotaExceeded) -> None:
-    """Count a refusal (for `ipab_quota_refusals_total`), in a transaction of its own: the refused one rolled back."""
+def record_refusal(*, sessions: sessionmaker[Session], refused: QuotaExceeded, count: int = 1) -> None:
+    """Count `count` refused submissions (for `ipab_quota_refusals_total`), in a transaction of its
+    own: the refused one rolled back, or wrote only the jobs that fit."""
     with transaction(sessions) as session:
         key = {"tenant": refused.tenant, "quota": refused.quota}
         dialect = session.get_bind().dialect.name
@@ -236,7 +273,7 @@ def record_refusal(*, sessions: sessionmaker[Session], refused: QuotaExceeded) -
         session.execute(
             update(QuotaRefusal)
             .where(QuotaRefusal.tenant == refused.tenant, QuotaRefusal.quota == refused.quota)
-            .values(refusals=QuotaRefusal.refusals + 1, last_refused_at=utcnow())
+            .values(refusals=QuotaRefusal.refusals + count, last_refused_at=utcnow())
         )
 
 
