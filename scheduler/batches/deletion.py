@@ -37,14 +37,35 @@ from shared.db import (
     TenantReference,
 )
 from shared.db_clock import server_now
+from shared.errors import MessageInvalid
 from shared.janitor.outputs import forget_in_redis, purge_deleted_batches, remove_due
 from shared.janitor.references import mark_unused, remove_marked
 from shared.jobs import expiry_on_finish, transaction
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from shared.wire import decode_envelope
 
 TENANT_COLUMN: Final = "tenant"  # every table with this column holds rows of that tenant
 SCAN_COUNT: Final = 1000
+# The kinds (`<kind>:...`) of the fleet's Redis keys, whose other parts name model sets, encoders,
+# counters or jobs, never a tenant: a tenant named `tiny` (a model set), `embed_cache` or `queued`
+# must not take the dispatcher's lock, the cache's counters or every tenant's queued ids with it.
+FLEET_KEY_KINDS: Final = frozenset(
+    template.split(":", 1)[0]
+    for template in (
+        keys.QUEUED_SET,
+        keys.EMBED_KEY,
+        keys.EMBED_LOCK_KEY,
+        keys.RECONCILER_LOCK_KEY,
+        keys.DISPATCH_LOCK_KEY,
+        keys.DISPATCH_WAKE_KEY,
+        keys.DISPATCH_SIGNAL_KEY,
+        keys.JANITOR_LOCK_KEY,
+        keys.JANITOR_SIGNAL_KEY,
+        keys.STATS_KEY,
+        keys.PROGRESS_KEY,
+    )
+)
 MAX_STEPS: Final = 100_000  # a purge's janitor steps at most (each is bounded): never a loop without end
 
 
@@ -194,21 +215,36 @@ def _remove_images(c: _Purge, shas: Sequence[str]) -> None:
         )
 
 
+def _names_tenant(name: str, tenant: str, ids: set[str]) -> bool:
+    """Whether a Redis key (its prefix taken off) is the tenant's: one of its jobs' or batches' ids
+    is a part of it, or the tenant is a part after the kind of a key that is not the fleet's."""
+    kind, *rest = name.split(":")
+    return bool(ids.intersection(rest)) or (kind not in FLEET_KEY_KINDS and tenant in rest)
+
+
+def _task_id(message: bytes | str) -> str:
+    """The job id of a render queue item (its task id); "" for an item that is not a job message."""
+    try:
+        return decode_envelope(message).task_id
+    except MessageInvalid:
+        return ""
+
+
 def _forget_redis(c: _Purge, job_ids: Sequence[str], batch_ids: Sequence[str]) -> None:
     """What Redis may hold of the tenant: its jobs' entries, keys named after it, its messages in the queues."""
     forget_in_redis(c.redis, prefix=c.prefix, job_ids=job_ids)
-    needles = {*job_ids, *batch_ids}
+    ids = {*job_ids, *batch_ids}
     for raw in c.redis.scan_iter(match=c.prefix + "*", count=SCAN_COUNT):
         name = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-        parts = set(name[len(c.prefix) :].split(":"))
-        if c.tenant in parts or parts & needles:
+        if _names_tenant(name[len(c.prefix) :], c.tenant, ids):
             c.redis.delete(raw)
+    wanted = set(job_ids)  # a set: a queue of thousands of items against a tenant of millions of jobs
     for model_set in c.model_sets:
         queue = keys.render_queue(model_set)
-        for message in c.redis.lrange(queue, 0, -1):
-            text = message.decode(errors="replace") if isinstance(message, bytes) else str(message)
-            if any(job_id in text for job_id in job_ids):
-                c.redis.lrem(queue, 0, text)
+        items: list[Any] = c.redis.lrange(queue, 0, -1)  # bytes, removed as they are (not decoded)
+        for message in items:
+            if _task_id(message) in wanted:
+                c.redis.lrem(queue, 0, message)
 
 
 @dataclass
