@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from datetime import date
 from typing import Any, Final
 
@@ -32,7 +33,9 @@ def _day(flag: str) -> Any:
         try:
             return date.fromisoformat(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a UTC day as YYYY-MM-DD, e.g. 2026-12-01") from None
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be a UTC day as YYYY-MM-DD, e.g. 2026-12-01, not {text!r}"
+            ) from None
 
     return parse
 
@@ -41,13 +44,17 @@ def _limit(flag: str, *, whole: bool) -> Any:
     def parse(text: str) -> int | float | None:
         if text.lower() == NO_LIMIT:
             return None
+        kind = "a whole number" if whole else "a number of seconds"
         try:
             value = int(text) if whole else float(text)
         except ValueError:
-            kind = "a whole number" if whole else "a number of seconds"
-            raise argparse.ArgumentTypeError(f"{flag} must be {kind} or `{NO_LIMIT}` (no limit)") from None
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be {kind} or `{NO_LIMIT}` (no limit), not {text!r}"
+            ) from None
+        if not math.isfinite(value):  # float() reads inf and nan
+            raise argparse.ArgumentTypeError(f"{flag} must be {kind} or `{NO_LIMIT}` (no limit), not {text!r}")
         if value < 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be 0 or more, or `{NO_LIMIT}` (no limit)")
+            raise argparse.ArgumentTypeError(f"{flag} must be 0 or more, or `{NO_LIMIT}` (no limit), not {text!r}")
         return value
 
     return parse
@@ -55,10 +62,11 @@ def _limit(flag: str, *, whole: bool) -> Any:
 
 def cmd_usage(args: argparse.Namespace) -> int:
     """Usage per day, batch, lane or model set, from the rollup: a table, JSON or CSV."""
-    from scheduler.usage.report import UsageQuery, report_csv, row_json, usage_report
+    from scheduler.usage.report import UsageQuery, check_range, report_csv, row_json, usage_report
     from shared.jobs import transaction
     from shared.settings import load_settings
 
+    check_range(args.since, args.until, names=("--since", "--until"))
     query = UsageQuery(tenant=args.tenant, since=args.since, until=args.until, by=args.by)
     with database(load_settings()) as sessions, transaction(sessions) as session:
         report = usage_report(session=session, query=query)

@@ -21,6 +21,7 @@ What counts:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
@@ -73,7 +74,7 @@ def check_limit(name: str, value: Any) -> int | float | None:
         return None
     whole = name not in GPU_QUOTAS
     valid = isinstance(value, int) if whole else isinstance(value, int | float)
-    if isinstance(value, bool) or not valid or value < 0 or value != value:
+    if isinstance(value, bool) or not valid or not math.isfinite(value) or value < 0:
         kind = "a whole number" if whole else "a number of seconds"
         raise InvalidInput(name, value, f"must be {kind}, 0 or more (none: no limit)")
     return int(value) if whole else float(value)

@@ -46,9 +46,17 @@ class UsageQuery:
 
     def __post_init__(self) -> None:
         if self.by not in GROUPS:
-            raise InvalidInput("--by", self.by, f"must be one of {', '.join(GROUPS)}")
-        if self.since and self.until and self.since > self.until:
-            raise InvalidInput("--until", self.until.isoformat(), f"is before --since {self.since.isoformat()}")
+            raise InvalidInput("by", self.by, f"must be one of {', '.join(GROUPS)}")
+        check_range(self.since, self.until)
+
+
+def check_range(since: date | None, until: date | None, *, names: tuple[str, str] = ("since", "until")) -> None:
+    """Refuse a range that ends before it starts, naming both ends as the caller calls them
+    (`names`: the API's query parameters, or the CLI's flags)."""
+    if since is not None and until is not None and since > until:
+        first, last = names
+        fix = f"give an {last} on or after {first} (both days are included), or leave one out"
+        raise InvalidInput(last, until.isoformat(), f"is before {first} {since.isoformat()}; {fix}")
 
 
 @dataclass(frozen=True)

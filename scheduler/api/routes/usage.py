@@ -32,8 +32,13 @@ class QuotasIn(BaseModel):
 
     images_per_day: int | None = Field(default=None, ge=0)
     images_per_month: int | None = Field(default=None, ge=0)
-    gpu_s_per_day: float | None = Field(default=None, ge=0, description="GPU-seconds (billed) per UTC day")
-    gpu_s_per_month: float | None = Field(default=None, ge=0, description="GPU-seconds (billed) per UTC month")
+    # Finite: `inf` would be no limit in disguise, and is not JSON when read back.
+    gpu_s_per_day: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False, description="GPU-seconds (billed) per UTC day"
+    )
+    gpu_s_per_month: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False, description="GPU-seconds (billed) per UTC month"
+    )
     max_running: int | None = Field(default=None, ge=0, description="jobs running (or dispatched) at once")
 
 
@@ -97,8 +102,11 @@ async def put_quotas(tenant: str, body: QuotasIn, ctx: Context, _caller: AdminDe
         raise ApiProblem(422, f"name at least one limit: {', '.join(QuotasIn.model_fields)}", kind="no-limit")
 
     def write() -> dict[str, Any]:
-        with transaction(ctx.sessions) as session:
-            set_quotas(session=session, tenant=name, changes=changes)
+        try:
+            with transaction(ctx.sessions) as session:
+                set_quotas(session=session, tenant=name, changes=changes)
+        except InvalidInput as e:  # the model let through what the quotas refuse
+            raise from_invalid_input(e) from None
         return _status(ctx, name)
 
     return await run_in_threadpool(write)
