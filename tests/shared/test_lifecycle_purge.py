@@ -32,17 +32,18 @@ def test_a_purge_takes_the_tenants_keys_and_messages_and_leaves_the_fleets(world
     _enqueue(world, theirs + bobs)
     p = world.settings.redis_prefix
     sha = world.images["a"]
-    fleet = {
-        p + keys.QUEUED_SET: lambda: world.redis.sadd(p + keys.QUEUED_SET, *bobs),
-        p + keys.EMBED_KEY.format(cache_key=f"{ENCODER}:{sha}"): lambda: None,  # written by world.image
-        p + keys.STATS_KEY.format(name="embed_cache"): lambda: world.redis.hset(p + "stats:embed_cache", "hits", 3),
-        p + keys.PROGRESS_KEY.format(job_id=bobs[0]): lambda: world.redis.set(p + f"progress:{bobs[0]}", b"{}"),
-        p + keys.RATE_BUCKET_KEY.format(tenant="bob"): lambda: world.redis.hset(p + "rate:bob", "tokens", 1),
-        p + keys.JANITOR_LOCK_KEY: lambda: world.redis.set(p + keys.JANITOR_LOCK_KEY, b"a-janitor"),
-        p + keys.DISPATCH_LOCK_KEY.format(model_set=MODEL_SET): lambda: world.redis.set(p + "dispatch-lock:m", b"d"),
-    }
-    for write in fleet.values():
-        write()
+    fleet = [
+        p + keys.QUEUED_SET,
+        p + keys.EMBED_KEY.format(cache_key=f"{ENCODER}:{sha}"),  # written by world.image
+        p + keys.STATS_KEY.format(name="embed_cache"),
+        p + keys.PROGRESS_KEY.format(job_id=bobs[0]),
+        p + keys.RATE_BUCKET_KEY.format(tenant="bob"),
+        p + keys.JANITOR_LOCK_KEY,
+        p + keys.DISPATCH_LOCK_KEY.format(model_set=MODEL_SET),
+    ]
+    world.redis.sadd(fleet[0], *bobs)
+    for name in fleet[2:]:
+        world.redis.set(name, b"the fleet's")
     theirs_keys = [p + keys.RATE_BUCKET_KEY.format(tenant=tenant), p + keys.PROGRESS_KEY.format(job_id=theirs[0])]
     for name in theirs_keys:
         world.redis.set(name, b"1")
