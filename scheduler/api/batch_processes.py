@@ -33,6 +33,10 @@ each need a few milliseconds, then waited for a core behind it (measured, bench/
 
 A body that cannot be written to the temporary directory (TMPDIR unwritable, or full) is a
 503 that names it, not a 500.
+
+A whole batch's cancel runs there too (`call`): a tenant's 99,000-job cancel is 99 transactions
+of outbox rows and roll-ups, seconds of Python that held the API process's GIL (about 30% of its
+samples beside the hostile tenant of bench/two_tenants.py).
 """
 
 from __future__ import annotations
@@ -45,10 +49,11 @@ import multiprocessing
 import os
 import signal
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from scheduler.api.problems import RETRY_AFTER_UNAVAILABLE_S, ApiProblem, known_problem
 from shared.settings import Settings
@@ -63,6 +68,8 @@ PROBLEM: Final = "problem"
 BATCH_PROCESS_NICE: Final = 10  # added to the API's nice value in each batch process (see the module)
 IDLE_STOP_S: Final = 30.0  # a swollen pool (see RECYCLE_RSS_BYTES) with no batch this long is replaced
 RECYCLE_RSS_BYTES: Final = 512 * 1024 * 1024  # a batch process left holding more than this is swollen
+
+T = TypeVar("T")
 
 # The child's context, built once by `_start_child` (a child process serves one API process).
 _CHILD: list[ApiContext] = []
@@ -105,6 +112,11 @@ def _create_in_child(request: BatchRequest) -> tuple[str, dict[str, Any], int]:
             raise
         outcome, body = PROBLEM, problem.as_data()
     return outcome, body, _rss_bytes()
+
+
+def _call_in_child(fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    """`fn(the child's context, *args)` (see `BatchProcesses.call`)."""
+    return fn(_CHILD[0], *args)
 
 
 def _spill(data: bytes | bytearray) -> str:
@@ -242,6 +254,25 @@ class BatchProcesses:
             self._discard(pool)
             pool = self._current()
             return pool, pool.submit(_create_in_child, request)
+
+    def call(self, ctx: ApiContext, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(context, *args)` in a batch process, waited for in the calling thread (not the event
+        loop's): for one tenant's work that would hold this process's GIL for seconds. In the calling
+        thread, on `ctx`, where no pool was started (IPAB_API_BATCH_PROCESSES=0, or an app not run by
+        `ipab api`). `fn` is a module-level function and `args` plain data (they are pickled); 503
+        when the process died before answering: `fn` must be safe to run again (a cancel converges).
+        """
+        pool = self._pool if self._started else None
+        try:
+            future = None if pool is None else pool.submit(_call_in_child, fn, args)
+        except (BrokenProcessPool, RuntimeError):  # broken earlier (the next batch replaces it), or just replaced
+            future = None
+        if future is None:
+            return fn(ctx, *args)
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise died(self.processes) from None
 
     def close(self) -> None:
         """Stop the processes (a batch in progress is left to finish first)."""

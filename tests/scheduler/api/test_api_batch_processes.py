@@ -14,9 +14,12 @@ from typing import Any, Final
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
 import scheduler.api.batch_processes as batch_processes
 from scheduler.api.app import create_app
+from shared.db import Job, make_engine, make_session_factory
+from shared.job_status import JobStatus
 from shared.settings import Settings
 from tests.scheduler.api.conftest import JOB, assert_problem, job_count, upload
 
@@ -159,3 +162,44 @@ def test_started_batch_processes_wait_for_the_first_batch_and_stay_while_small(
         child.join(timeout=CHILD_START_S)  # swollen: replaced once idle, by a process started at once
         (fresh,) = _children(1)
         assert not child.is_alive() and fresh.pid != child.pid
+
+
+def _canceled(settings: Settings, batch_id: str) -> int:
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            where = (Job.batch_id == batch_id, Job.status == JobStatus.canceled.value)
+            return int(session.scalar(select(func.count()).select_from(Job).where(*where)) or 0)
+    finally:
+        engine.dispose()
+
+
+def test_a_batch_cancel_runs_in_a_batch_process_and_converges_when_that_process_dies(
+    in_children: Settings, alice: dict[str, str], bob: dict[str, str]
+) -> None:
+    app = create_app(in_children, dispatcher=False)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        app.state.ctx.batch_processes.start()  # as `ipab api` does
+        ref = upload(client, alice)
+        created = client.post("/v1/batches", headers={**alice, **JSONL}, content=rows_body(ref, 20_000))
+        assert created.status_code == 202, created.text
+        batch_id = created.json()["id"]
+        assert client.post(f"/v1/batches/{batch_id}/cancel", headers=bob).status_code == 404  # not bob's
+        (child,) = multiprocessing.active_children()
+        got: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: got.append(client.post(f"/v1/batches/{batch_id}/cancel", headers=alice))
+        )
+        thread.start()
+        deadline = time.monotonic() + CHILD_START_S
+        while _canceled(in_children, batch_id) == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(child.pid or 0, signal.SIGKILL)  # the cancel is the batch process's: killing it stops the cancel
+        thread.join(timeout=CHILD_START_S)
+        (r,) = got
+        assert_problem(r, 503, "stopped before answering", "IPAB_API_BATCH_PROCESSES=1")
+        assert 0 < _canceled(in_children, batch_id) < 20_000  # part way: chunks of 1,000, each whole
+        again = client.post(f"/v1/batches/{batch_id}/cancel", headers=alice)  # asked again, it converges
+        assert again.status_code == 200, again.text
+        assert again.json()["counts"]["canceled"] == 20_000
+        assert _canceled(in_children, batch_id) == 20_000
