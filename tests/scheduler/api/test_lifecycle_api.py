@@ -4,10 +4,16 @@ written, is a 422 naming the field, showing the value and saying the fix, never 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
+from scheduler.batches.events import outbox_job_events
+from shared.db import Job, WebhookMessage, make_engine, make_session_factory
+from shared.jobs import JobResult, claim_job, finish_job, transaction
+from shared.settings import Settings
 from tests.scheduler.api.conftest import upload
 
 
@@ -27,3 +33,52 @@ def test_a_bad_expires_after_of_a_job_or_a_batch_row_is_a_422_that_names_it(
         detail = answer.json()["detail"]
         assert "expires_after" in detail and "1h, 7d or 30d" in detail and "is never" not in detail
         assert len(detail) < 600  # the value is shown cut short, not echoed whole
+
+
+FLEET_S = 7 * 86400
+
+
+@pytest.fixture
+def api_settings(api_settings: Settings) -> Settings:
+    """The API's settings with a fleet retention of 7 days (IPAB_RETENTION_OUTPUTS_S=7d)."""
+    return api_settings.model_copy(update={"retention_outputs_s": FLEET_S})
+
+
+def _submit(client: TestClient, headers: dict[str, str], ref: str, **fields: Any) -> str:
+    hook = {"url": "http://127.0.0.1:9/hook", "events": ["job.succeeded"]}
+    created = client.post(
+        "/v1/jobs", headers=headers, json={"prompt": "p", "references": [ref], "webhook": hook, **fields}
+    )
+    assert created.status_code == 202, created.text
+    job_id: str = created.json()["id"]
+    return job_id
+
+
+def test_the_fleets_retention_applies_unless_the_tenant_or_the_job_says_otherwise_and_webhooks_say_when(
+    client: TestClient, alice: dict[str, str], admin: dict[str, str], api_settings: Settings
+) -> None:
+    ref = upload(client, alice)
+    fleet = _submit(client, alice, ref)
+    own = _submit(client, alice, ref, expires_after="2h")
+    assert client.put("/v1/tenants/alice/retention", headers=admin, json={"expires_after": "never"}).status_code == 200
+    tenants = _submit(client, alice, ref)
+
+    engine = make_engine(api_settings.database_url)
+    sessions = make_session_factory(engine)
+    try:
+        with sessions() as session:
+            kept = dict(session.execute(select(Job.id, Job.expires_after_s)).tuples().all())
+        assert kept == {fleet: FLEET_S, own: 7200, tenants: None}
+        # Finished as a worker finishes it, its job.succeeded message carries the expiry the API shows.
+        attempt = claim_job(sessions=sessions, job_id=fleet, worker_host="gpu", lease_s=60, max_attempts=3)
+        assert attempt is not None
+        done = JobResult(output_key="k", output_sha256="ab" * 32, output_bytes=1, encode_s=0, denoise_s=1, upload_s=0)
+        assert finish_job(sessions=sessions, job_id=fleet, attempt=attempt, result=done)
+        with transaction(sessions) as session:
+            outbox_job_events(session=session)
+        with sessions() as session:
+            (payload,) = session.scalars(select(WebhookMessage.payload).where(WebhookMessage.subject_id == fleet))
+    finally:
+        engine.dispose()
+    shown = client.get(f"/v1/jobs/{fleet}", headers=alice).json()["expires_at"]
+    assert shown is not None and json.loads(payload)["data"]["expires_at"] == shown
