@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 COMPONENTS: Final = ("unet", "text_encoder", "text_encoder_2")
 # The key endings of one LoRA layer's down (A) matrix, in the layouts diffusers converts to.
-DOWN_SUFFIXES: Final = ("lora_A.weight", "lora.down.weight", "lora_down.weight")
+DOWN_SUFFIXES: Final = ("lora_A.weight", "lora.down.weight", "lora_down.weight", "lora_linear_layer.down.weight")
 
 
 def fuse_loras(pipe: Any, config: ModelSetConfig) -> None:

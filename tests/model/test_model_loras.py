@@ -3,6 +3,7 @@ kept; pickles and LoRAs that do not fit refused by name; a fast set equals plain
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,52 @@ def test_the_diffusers_and_kohya_layouts_of_one_lora_fuse_into_the_same_unet(
     default_te = renderer_for("default").pipe.text_encoder.get_submodule(q_proj).weight
     assert float((peft.text_encoder.get_submodule(q_proj).weight - default_te).abs().max().detach()) > 1e-3
     assert torch.equal(kohya.text_encoder.get_submodule(q_proj).weight, default_te)
+
+
+def _kohya_pair(stem: str, fan_in: int, fan_out: int, gen: torch.Generator, *, conv: bool = False) -> dict[str, Any]:
+    down_shape, up_shape = ((4, fan_in, 3, 3), (fan_out, 4, 1, 1)) if conv else ((4, fan_in), (fan_out, 4))
+    return {
+        f"{stem}.lora_down.weight": torch.randn(*down_shape, generator=gen) * 0.05,
+        f"{stem}.lora_up.weight": torch.randn(*up_shape, generator=gen) * 0.05,
+        f"{stem}.alpha": torch.tensor(2.0),  # alpha != rank: kohya's scaling must be applied
+    }
+
+
+def test_a_kohya_lora_with_text_encoder_attention_mlp_and_conv_layers_fuses_as_plain_diffusers_fuses_it(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    """kohya's sd-scripts train both text encoders' attention and MLP (`lora_te1_`/`lora_te2_`) and, for
+    LoCon-style files, the UNet's convolutions; diffusers converts their MLP keys to `lora_linear_layer`."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from worker.pipeline import Renderer
+
+    gen = torch.Generator().manual_seed(5)
+    state: dict[str, Any] = dict(load_file(str(tiny_dir / "loras/tiny-kohya-lora.safetensors")))
+    for te, component in (("te1", "text_encoder"), ("te2", "text_encoder_2")):
+        config = json.loads((tiny_dir / f"base/{component}/config.json").read_text())
+        width, inner = config["hidden_size"], config["intermediate_size"]
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            state |= _kohya_pair(f"lora_{te}_text_model_encoder_layers_0_self_attn_{proj}", width, width, gen)
+        state |= _kohya_pair(f"lora_{te}_text_model_encoder_layers_0_mlp_fc1", width, inner, gen)
+        state |= _kohya_pair(f"lora_{te}_text_model_encoder_layers_0_mlp_fc2", inner, width, gen)
+    state |= _kohya_pair(
+        "lora_unet_input_blocks_1_0_in_layers_2", 32, 32, gen, conv=True
+    )  # down_blocks.0.resnets.0.conv1
+    lora = _bad_lora(tmp_path / "style-kohya.safetensors", state)
+    ours = Renderer.load(read_model_set(_fast_set(tmp_path, tiny_dir, lora)), device="cpu", dtype="float32").pipe
+
+    plain = StableDiffusionXLPipeline.from_pretrained(tiny_dir / "base")
+    base_fc1 = plain.text_encoder_2.get_submodule("text_model.encoder.layers.0.mlp.fc1").weight.clone()
+    plain.load_lora_weights(str(tmp_path), weight_name=lora.name)
+    plain.fuse_lora()
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        theirs = {k.replace(".base_layer", ""): v for k, v in getattr(plain, component).state_dict().items()}
+        for name, weight in getattr(ours, component).state_dict().items():
+            if name in theirs:  # (the UNet's IP-Adapter weights are ours alone)
+                assert torch.allclose(weight, theirs[name], atol=1e-6), f"{component}.{name}"
+    fused_fc1 = ours.text_encoder_2.get_submodule("text_model.encoder.layers.0.mlp.fc1").weight
+    assert float((fused_fc1 - base_fc1).abs().max().detach()) > 1e-4  # the MLP layers were fused, not skipped
 
 
 def test_a_lora_scale_scales_what_is_fused(tmp_path: Path, tiny_dir: Path, renderer_for: Renderers) -> None:
