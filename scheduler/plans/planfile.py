@@ -31,6 +31,7 @@ from typing import Any, Final
 from scheduler.plans.manifests import manifest_location, read_plan_rows, reference_problems
 from scheduler.plans.slots import check_schedule, check_timezone
 from scheduler.submission.manifest import COLUMNS, ID_FIELD, parse_rows
+from scheduler.submission.set_rules import apply_set_rules, set_rules_for
 from scheduler.submission.submit import resolve_model_set_name
 from scheduler.tenants import check_tenant_name
 from scheduler.webhooks.addresses import check_url_form
@@ -194,9 +195,17 @@ MAX_ROW_PROBLEMS_SHOWN: Final = 20
 
 
 def _row_problems(spec: Mapping[str, Any], settings: Settings, *, local: bool) -> list[tuple[str, str]]:
-    """Problems of the manifest's rows and references, as `manifest: line N: field: reason`."""
+    """Problems of the manifest's rows and references, as `manifest: line N: field: reason`.
+
+    Rows outside the model set's [limits] are problems too, checked with the rules each slot's
+    submission applies (`set_rules_for`: IPAB_MODEL_SET's toml when it is this set).
+    """
     rows = read_plan_rows(spec["manifest"], defaults=spec["defaults"], settings=settings, local=local)
-    problems = sorted(rows.parsed.problems + reference_problems(rows), key=lambda p: p.line)
+    parsed = rows.parsed
+    if spec["model_set"] is not None:
+        rules = set_rules_for(None, spec["model_set"], settings)
+        parsed = apply_set_rules(parsed, rules, model_set=spec["model_set"])
+    problems = sorted(parsed.problems + reference_problems(rows), key=lambda p: p.line)
     shown = [("manifest", f"line {p.line}: {p.field}: {p.reason}") for p in problems[:MAX_ROW_PROBLEMS_SHOWN]]
     if len(problems) > MAX_ROW_PROBLEMS_SHOWN:
         shown.append(("manifest", f"and {len(problems) - MAX_ROW_PROBLEMS_SHOWN} more problem(s)"))

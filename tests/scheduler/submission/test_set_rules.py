@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from scheduler.api.app import create_app
+from scheduler.plans.planfile import PlanInvalid, read_plan_file
 from scheduler.submission.manifest import parse_rows
 from scheduler.submission.set_rules import apply_set_rules, set_rules_for
 from shared.model_set import read_model_set, write_model_set
 from shared.model_set_rules import NO_RULES
 from shared.settings import Settings
 from tests.scheduler.api.conftest import make_key, png_bytes
+from tests.scheduler.plans.conftest import Clock, apply, plan_context, plan_fields, run_days, write_plan
 from tests.scheduler.submission.conftest import Run, load_jobs, run_ipab, write_jsonl, write_photos
 
 FAST_SET = "tiny-fast-rules"
@@ -140,3 +143,44 @@ def test_the_api_fills_the_sets_defaults_and_refuses_a_job_past_its_limits(
     body = "\n".join(json.dumps({"references": [ref], "prompt": p, "steps": s}) for p, s in [("x", 4), ("y", 9)])
     r = client.post("/v1/batches", headers={**alice, "content-type": "application/jsonl"}, content=body)
     assert r.status_code == 422 and "line 2: steps: is 9" in r.json()["detail"]
+
+
+def test_a_grid_on_the_fast_set_gets_its_defaults_and_its_cells_past_the_limits_are_refused_by_line(
+    ipab: Callable[..., Run], settings: Settings, tmp_path: Path
+) -> None:
+    photo = str(write_photos(tmp_path / "photos")["coffee"])
+    toml = fast_toml(tmp_path)
+    grid = tmp_path / "grid.toml"
+    grid.write_text(
+        f'[fixed]\nreferences = "{photo}"\nwidth = 512\nheight = 512\n[axes]\nprompts = ["a"]\nsteps = [4, 30]\n'
+    )
+    run = ipab("submit", str(grid), "--model-set", str(toml))
+    assert run.code == 2
+    assert f"line 2: steps: is 30: must be 2 to 8 on model set {FAST_SET!r}" in run.err
+    assert load_jobs(settings) == []
+    grid.write_text(f'[fixed]\nreferences = "{photo}"\nwidth = 512\nheight = 512\n[axes]\nprompts = ["a", "b"]\n')
+    run = ipab("submit", str(grid), "--model-set", str(toml))
+    assert run.code == 0, run.err
+    params = [json.loads(job.spec)["params"] for job in load_jobs(settings)]
+    assert {(p["scheduler"], p["steps"], p["guidance_scale"]) for p in params} == {("tcd", 4, 0.0)}
+
+
+def test_a_plan_on_the_fast_set_is_refused_at_apply_for_rows_past_its_limits_and_its_slots_get_its_defaults(
+    settings: Settings, tmp_path: Path
+) -> None:
+    local = settings.model_copy(update={"model_set": fast_toml(tmp_path), "reference_roots": [tmp_path]})
+    write_photos(tmp_path / "photos")
+    rows = [{"reference": "photos/coffee.jpg", "prompt": "a"}, {"reference": "photos/coffee.jpg", "prompt": "b"}]
+    write_jsonl(tmp_path / "rows.jsonl", [*rows, {**rows[0], "steps": 30}])
+    plan = write_plan(tmp_path, **plan_fields(model_set=FAST_SET))
+    with pytest.raises(PlanInvalid, match=rf"manifest: line 3: steps: is 30: must be 2 to 8 on model set '{FAST_SET}'"):
+        read_plan_file(plan, settings=local)
+
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    clock = Clock(datetime(2026, 5, 1, 1, 0))
+    with plan_context(local, clock) as ctx:
+        apply(ctx, plan)
+        run_days(ctx, clock, 1, at=timedelta(hours=2, seconds=5))
+    params = [json.loads(job.spec)["params"] for job in load_jobs(local)]
+    assert len(params) == 2
+    assert {(p["scheduler"], p["steps"], p["guidance_scale"]) for p in params} == {("tcd", 4, 0.0)}
