@@ -190,3 +190,18 @@ def test_models_download_without_a_network_says_what_to_check(
     assert main(["models", "download", str(tmp_path), "--skip-base"]) == 2
     assert "cannot download h94/IP-Adapter/" in capsys.readouterr().err
     assert main(["models", "download", str(tmp_path), "--variant", "ip-adapter_sd15"]) == 2
+
+
+def test_the_readmes_preset_table_says_what_each_preset_writes() -> None:
+    from worker.commands import PRESET_NAMES
+    from worker.download import PRESETS
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines() if line.startswith("| `")}
+    for name in PRESET_NAMES:
+        preset, row = PRESETS[name], rows[name]
+        defaults = preset.defaults
+        assert preset.repo in row, row
+        assert f"`{defaults['scheduler']}`, {defaults['steps']}, {defaults['guidance_scale']:g}" in row, row
+        low, high = preset.limits["steps"]
+        assert (f"steps {low}-{high}" if low != high else f"steps {low}") in row, row
