@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     # `api_rate_per_s` tokens a second (0: no limit) and holding at most `api_rate_burst`; past it, 429.
     api_rate_per_s: float = 50.0
     api_rate_burst: int = 100
+    # Per-tenant bytes of large bodies (batches, uploads, plans), another bucket of the same kind:
+    # `api_body_bytes_per_s` (0: no limit), holding at most `api_body_burst_bytes` (unset: twice
+    # `api_max_body_bytes`, so two of the largest bodies go at once); past it, 429 before the body is read.
+    api_body_bytes_per_s: float = 16 * 1024 * 1024
+    api_body_burst_bytes: int = 2 * 64 * 1024 * 1024
     api_image_url_expiry_s: float = 3600.0  # presigned `image_url`s
     idempotency_ttl_s: float = 48 * 3600.0  # Idempotency-Key records are kept this long (>= 24 h)
     webhook_allow_private: bool = False  # deliver to loopback/private addresses (tests, one host)
@@ -214,6 +219,14 @@ class Settings(BaseSettings):
             )
         if self.idempotency_ttl_s < MIN_IDEMPOTENCY_TTL_S:
             raise ValueError(f"IPAB_IDEMPOTENCY_TTL_S must be at least 86400 (24 h), got {self.idempotency_ttl_s}")
+        if "api_body_burst_bytes" not in self.model_fields_set:
+            self.api_body_burst_bytes = 2 * self.api_max_body_bytes
+        if self.api_body_bytes_per_s > 0 and self.api_body_burst_bytes < self.api_max_body_bytes:
+            raise ValueError(
+                f"IPAB_API_BODY_BURST_BYTES ({self.api_body_burst_bytes}) is less than IPAB_API_MAX_BODY_BYTES "
+                f"({self.api_max_body_bytes}): a body of the largest size could never be sent; raise it to at "
+                "least that, or leave it unset (twice IPAB_API_MAX_BODY_BYTES)"
+            )
         if "dispatch_depth" not in self.model_fields_set:
             # A worker can only batch the jobs waiting in Redis: keep at least one batch there.
             self.dispatch_depth = max(DEFAULT_DISPATCH_DEPTH, self.batch_size)

@@ -58,7 +58,7 @@ class ApiContext:
     # Each tenant's request rate (IPAB_API_RATE_PER_S), checked with its key on every request.
     limiter: RateLimiter = field(init=False)
     # One large-body request (a batch, an upload, a plan) in flight per tenant (see its module).
-    heavy: HeavyGate = field(default_factory=HeavyGate)
+    heavy: HeavyGate = field(init=False)
     # Large batch bodies are handled in child processes, started at the first (see its module).
     batch_processes: BatchProcesses = field(init=False)
     # Every queue position's backlog counts of all tenants, read at most once a second (see its module).
@@ -66,6 +66,7 @@ class ApiContext:
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.settings)
+        self.heavy = HeavyGate(self.limiter)
         self.batch_processes = BatchProcesses(self.settings)
         self.backlog = BacklogSnapshots(self.sessions)
 

@@ -16,6 +16,10 @@ their bodies on its event loop, and the calm tenant's p99 went from 335 to 576 m
 bounds that to one refusal per connection per WAIT_S (as the rate limit's refusals are), and
 a client that sends two small uploads at once gets both served, one after the other.
 
+Each such body is paid for in bytes first, from the tenant's bytes bucket (`RateLimiter.check_body`,
+before the slot is taken, the body unread), or, streamed without a Content-Length, once read
+(BodyLimit counts it).
+
 The locks are the event loop's (one thread takes and frees them). They are each process's
 own: N API processes let a tenant have N such requests at once.
 """
@@ -28,7 +32,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Final
 
+from starlette.requests import Request
+
+from scheduler.api.middleware import body_bytes_read
 from scheduler.api.problems import ApiProblem
+from scheduler.api.rate_limit import RateLimiter
 
 WAIT_S: Final = 1.0
 RETRY_AFTER_S: Final = 1
@@ -39,12 +47,26 @@ GATED_ROUTES: Final = "POST /v1/batches, POST /v1/references, POST /v1/plans"
 class HeavyGate:
     """Each tenant's slot for a large-body request, and the route that holds it."""
 
+    limiter: RateLimiter
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _holders: dict[str, str] = field(default_factory=dict)
 
     @asynccontextmanager
-    async def slot(self, *, tenant: str, route: str) -> AsyncIterator[None]:
-        """Hold `tenant`'s slot while the block runs; 429 (`busy`) when another request held it for WAIT_S."""
+    async def slot(self, request: Request, *, tenant: str, route: str) -> AsyncIterator[None]:
+        """Hold `tenant`'s slot while the block runs; 429 (`busy`) when another request held it for
+        WAIT_S, 429 (`rate-limited`) when the tenant's bytes bucket cannot pay for the body."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit():
+            await self.limiter.check_body(tenant, int(declared))
+        try:
+            async with self._held(tenant=tenant, route=route):
+                yield
+        finally:
+            if not declared.isdigit():
+                await self.limiter.body_debit(tenant, body_bytes_read(request.scope))
+
+    @asynccontextmanager
+    async def _held(self, *, tenant: str, route: str) -> AsyncIterator[None]:
         lock = self._locks.setdefault(tenant, asyncio.Lock())  # a lock per tenant with a key: a few
         try:
             await asyncio.wait_for(lock.acquire(), WAIT_S)

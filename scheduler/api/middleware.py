@@ -5,7 +5,17 @@ through a queue): `HttpMiddleware`, the shape every one shares, and `BodyLimit`.
 
 from __future__ import annotations
 
+from typing import Final
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+BODY_READ_KEY: Final = "ipab.body_bytes_read"  # in the scope: [bytes of the body read so far]
+
+
+def body_bytes_read(scope: Scope) -> int:
+    """How many bytes of the request's body were read (BodyLimit counts them)."""
+    counter = scope.get(BODY_READ_KEY)
+    return int(counter[0]) if counter else 0
 
 
 class HttpMiddleware:
@@ -25,7 +35,8 @@ class HttpMiddleware:
 
 
 class BodyLimit(HttpMiddleware):
-    """Refuse (413 problem) any request body past `limit_bytes`, declared or streamed."""
+    """Refuse (413 problem) any request body past `limit_bytes`, declared or streamed; count what is
+    read (`body_bytes_read`)."""
 
     def __init__(self, app: ASGIApp, *, limit_bytes: int) -> None:
         super().__init__(app)
@@ -36,13 +47,12 @@ class BodyLimit(HttpMiddleware):
         if declared.isdigit() and int(declared) > self.limit_bytes:
             await self._refuse(send)
             return
-        seen = 0
+        seen = scope[BODY_READ_KEY] = [0]
 
         async def counted() -> Message:
-            nonlocal seen
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit_bytes:
+            seen[0] += len(message.get("body", b""))
+            if seen[0] > self.limit_bytes:
                 raise _TooLarge
             return message
 

@@ -15,6 +15,15 @@ connection per that delay, instead of making the server answer a thousand a seco
 unlimited flood of galleries they replaced). A refused tenant is remembered in process until
 its tokens are due back, so those refusals cost no Redis call either.
 
+Large bodies (batches, uploads, plans) are paid for in bytes too, from a second bucket per
+tenant (IPAB_API_BODY_BYTES_PER_S, IPAB_API_BODY_BURST_BYTES): reading, spilling and parsing a
+body costs the server by its size, and one token per request let a tenant that ignores every
+answer send 140 MB/s of 32 MiB invalid batches, read on the event loop that serves every tenant
+(bench/two_tenants.py). A declared body (Content-Length) is paid for before any of it is read,
+and refused, its body unread and its connection closed, when the bucket cannot pay; a streamed
+one (chunked) is paid for once read, and the bucket may then go into debt, which the tenant's
+next bodies wait out.
+
 A limit must not become an outage: when Redis cannot be reached, every request is served
 (fail open) and one warning is logged; for `OUTAGE_PAUSE_S` after a failure the limiter does
 not ask Redis at all, so no request waits out a timeout. The client is asyncio's: the check
@@ -34,7 +43,7 @@ import redis
 import redis.asyncio
 
 from scheduler.api.problems import ApiProblem
-from shared.keys import RATE_BUCKET_KEY
+from shared.keys import BODY_BUCKET_KEY, RATE_BUCKET_KEY
 from shared.redis_conn import LIMITER, connect_async_redis
 from shared.settings import Settings
 
@@ -70,6 +79,20 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - cost), 'at_ms', tostring
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
 return {1, 0}
 """
+# The same bucket, paying `cost` whatever it holds (down to -burst: a debt the next takes wait out).
+DEBIT_LUA: Final = """
+local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at_ms')
+local tokens = tonumber(state[1]) or burst
+local at_ms = tonumber(state[2]) or now_ms
+tokens = math.min(burst, tokens + math.max(0, now_ms - at_ms) * rate / 1000)
+redis.call('HSET', KEYS[1], 'tokens', tostring(math.max(-burst, tokens - cost)), 'at_ms', tostring(now_ms))
+redis.call('PEXPIRE', KEYS[1], math.ceil(2 * burst * 1000 / rate) + 1000)
+return 1
+"""
+MIB: Final = 1024 * 1024
 
 
 @dataclass
@@ -79,7 +102,7 @@ class RateLimiter:
     settings: Settings
     _client: redis.asyncio.Redis | None = field(default=None, init=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
-    _script: Any = field(default=None, init=False)  # redis.commands.core.AsyncScript
+    _script: tuple[Any, Any] | None = field(default=None, init=False)  # (take, debit): AsyncScripts
     _paused_until_s: float = field(default=0.0, init=False)
     # (tenant, cost) -> when its tokens are back (monotonic s): until then it is refused from
     # memory, so a client that ignores Retry-After costs one Redis call per wait, not per request.
@@ -92,24 +115,47 @@ class RateLimiter:
     async def wait_s(self, tenant: str, cost: int) -> float | None:
         """None: the request may go on (tokens taken, or no limit, or Redis away); else the seconds
         until its tokens are back."""
-        rate, now_s = self.settings.api_rate_per_s, time.monotonic()
+        rate, burst = self.settings.api_rate_per_s, self.settings.api_rate_burst
+        return await self._take(RATE_BUCKET_KEY.format(tenant=tenant), tenant, rate, burst, cost)
+
+    async def body_wait_s(self, tenant: str, size_bytes: int) -> float | None:
+        """`wait_s` for a declared body of `size_bytes`, from the tenant's bytes bucket."""
+        rate, burst = self.settings.api_body_bytes_per_s, self.settings.api_body_burst_bytes
+        cost = min(size_bytes, burst)  # larger ones are refused (413) before
+        return await self._take(BODY_BUCKET_KEY.format(tenant=tenant), "body:" + tenant, rate, burst, cost)
+
+    async def body_debit(self, tenant: str, size_bytes: int) -> None:
+        """Pay for a streamed body of `size_bytes` once read (the bucket may go into debt)."""
+        rate, burst = self.settings.api_body_bytes_per_s, self.settings.api_body_burst_bytes
+        if rate <= 0 or size_bytes <= 0 or time.monotonic() < self._paused_until_s:
+            return
+        key = self.settings.redis_prefix + BODY_BUCKET_KEY.format(tenant=tenant)
+        try:
+            await self._scripts()[1](keys=[key], args=[rate, burst, size_bytes])
+        except (redis.RedisError, OSError) as e:
+            self._pause(e)
+
+    async def _take(self, key: str, who: str, rate: float, burst: int, cost: int) -> float | None:
+        now_s = time.monotonic()
         if rate <= 0:
             return None
-        if now_s < (until_s := self._refused_until_s.get((tenant, cost), 0.0)):
+        if now_s < (until_s := self._refused_until_s.get((who, cost), 0.0)):
             return until_s - now_s  # tokens come back no sooner: other processes can only take more
         if now_s < self._paused_until_s:
             return None
-        key = self.settings.redis_prefix + RATE_BUCKET_KEY.format(tenant=tenant)
         try:
-            taken, wait_ms = await self._take_script()(keys=[key], args=[rate, self.settings.api_rate_burst, cost])
+            taken, wait_ms = await self._scripts()[0](keys=[self.settings.redis_prefix + key], args=[rate, burst, cost])
         except (redis.RedisError, OSError) as e:  # OSError: timeouts and refused connections too
-            self._paused_until_s = time.monotonic() + OUTAGE_PAUSE_S
-            log.warning("rate limits are off for %.0f s: Redis cannot be reached (%s)", OUTAGE_PAUSE_S, e)
+            self._pause(e)
             return None
         if taken:
             return None
-        self._remember(tenant, cost, now_s + int(wait_ms) / 1000)
+        self._remember(who, cost, now_s + int(wait_ms) / 1000)
         return int(wait_ms) / 1000
+
+    def _pause(self, error: Exception) -> None:
+        self._paused_until_s = time.monotonic() + OUTAGE_PAUSE_S
+        log.warning("rate limits are off for %.0f s: Redis cannot be reached (%s)", OUTAGE_PAUSE_S, error)
 
     def _remember(self, tenant: str, cost: int, until_s: float) -> None:
         if len(self._refused_until_s) >= MAX_REMEMBERED:
@@ -134,11 +180,33 @@ class RateLimiter:
         )
         return ApiProblem(429, detail, headers={"Retry-After": str(retry_s)}, kind="rate-limited")
 
-    def _take_script(self) -> Any:
+    async def check_body(self, tenant: str, size_bytes: int) -> None:
+        """Pay for a declared body of `size_bytes` from the tenant's bytes bucket; 429 with Retry-After
+        and `Connection: close` (the body is never read) when it cannot pay."""
+        wait_s = await self.body_wait_s(tenant, size_bytes)
+        if wait_s is not None:
+            await asyncio.sleep(min(wait_s, REFUSAL_DELAY_S))
+            raise self._body_refusal(tenant, size_bytes, wait_s)
+
+    def _body_refusal(self, tenant: str, size_bytes: int, wait_s: float) -> ApiProblem:
+        rate, burst = self.settings.api_body_bytes_per_s, self.settings.api_body_burst_bytes
+        retry_s = max(1, math.ceil(wait_s))
+        detail = (
+            f"tenant {tenant!r} is past its rate of large bodies, {rate / MIB:g} MiB/s with a burst of "
+            f"{burst / MIB:g} MiB (IPAB_API_BODY_BYTES_PER_S, IPAB_API_BODY_BURST_BYTES); this body of "
+            f"{size_bytes} bytes was not read: retry after {retry_s} s"
+        )
+        headers = {"Retry-After": str(retry_s), "Connection": "close"}
+        return ApiProblem(429, detail, headers=headers, kind="rate-limited")
+
+    def _scripts(self) -> tuple[Any, Any]:
+        """(take, debit): the scripts on this event loop's client."""
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:  # a client's connections belong to one loop
             self._client = connect_async_redis(self.settings.redis_url, profile=LIMITER)
-            self._loop, self._script = loop, self._client.register_script(TAKE_LUA)
+            self._loop = loop
+            self._script = (self._client.register_script(TAKE_LUA), self._client.register_script(DEBIT_LUA))
+        assert self._script is not None
         return self._script
 
     async def aclose(self) -> None:

@@ -103,7 +103,7 @@ async def create_batch(
         )
     )
     expires_after_s = None if expires_after is None else _retention(expires_after)
-    async with ctx.heavy.slot(tenant=caller.tenant, route="POST /v1/batches"):
+    async with ctx.heavy.slot(request, tenant=caller.tenant, route="POST /v1/batches"):
         data = await _rows_body(request, ctx)
 
         batch = BatchRequest(caller.tenant, data, skip_invalid, webhook, lane, expires_after_s)

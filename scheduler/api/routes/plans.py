@@ -96,7 +96,7 @@ async def apply_plan(request: Request, ctx: Context, caller: AdminDep) -> Any:
     """
     if media_type(request) not in TOML_TYPES:
         raise unsupported(request, "application/toml or text/plain (a plan file's text)")
-    async with ctx.heavy.slot(tenant=caller.tenant, route="POST /v1/plans"):
+    async with ctx.heavy.slot(request, tenant=caller.tenant, route="POST /v1/plans"):
         data = await read_body(request, limit_bytes=MAX_PLAN_BYTES)
         text = _text_of(data)
 

@@ -66,7 +66,7 @@ def _store(ctx: ApiContext, tenant: str, data: bytes) -> dict[str, Any]:
 @router.post("", status_code=201, summary="Upload a reference image (multipart `file`)")
 async def create_reference(request: Request, ctx: Context, caller: CallerDep) -> Any:
     """Store the image under `refs/<sha256>.<ext>` once; its id is its sha256."""
-    async with ctx.heavy.slot(tenant=caller.tenant, route="POST /v1/references"):
+    async with ctx.heavy.slot(request, tenant=caller.tenant, route="POST /v1/references"):
         data, _ = await read_multipart_file(request, field=FILE_FIELD, limit_bytes=MAX_REFERENCE_BYTES)
 
         async def handle() -> JSONResponse:
