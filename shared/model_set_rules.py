@@ -52,6 +52,9 @@ RANGE_LIMITS: Final[dict[str, tuple[float, float]]] = {
     "height": (MIN_SIDE_PX, MAX_SIDE_PX),
 }
 LIMIT_KEYS: Final = (*RANGE_LIMITS, "scheduler")
+# field -> an example limit, for the fix an error message shows
+LIMIT_EXAMPLES: Final = {"steps": "[2, 8]", "guidance_scale": "[0.0, 2.0]", "width": "[512, 1024]"}
+LIMIT_EXAMPLES["height"] = LIMIT_EXAMPLES["width"]
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,8 @@ def _limits(table: dict[str, Any]) -> tuple[dict[str, tuple[float, float]], tupl
 
 def _range(key: str, value: Any) -> tuple[float, float]:
     lowest, highest = RANGE_LIMITS[key]
-    hint = f"must be [low, high] with {_number(lowest)} <= low <= high <= {_number(highest)}, e.g. {key} = [2, 8]"
+    bounds = f"{_number(lowest)} <= low <= high <= {_number(highest)}"
+    hint = f"must be [low, high] with {bounds}, e.g. {key} = {LIMIT_EXAMPLES[key]}"
     if not isinstance(value, list) or len(value) != 2:
         raise InvalidInput(f"limits.{key}", value, hint)
     numbers = [v for v in value if not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)]

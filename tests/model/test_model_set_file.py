@@ -162,6 +162,7 @@ def test_a_model_set_written_with_loras_defaults_and_limits_reads_back_the_same(
         ("[defaults]\nsteps = 30\n[limits]\nsteps = [2, 8]\n", "`defaults.steps` is 30: lies outside"),
         ("[limits]\nsteps = [2, 8]\n", "`limits.steps` is 30: excludes the global default steps"),
         ("[limits]\nsteps = [8, 2]\n", r"`limits.steps` is \[8, 2\]: must be \[low, high\]"),
+        ("[limits]\nguidance_scale = [0, 'x']\n", r"0 <= low <= high <= 30, e.g. guidance_scale = \[0.0, 2.0\]"),
         ("[limits]\nseed = [0, 1]\n", "`limits.seed` is .*: is not a limit"),
         ("[limits]\nscheduler = ['turbo']\n", "`limits.scheduler` is"),
         ("defaults = 3\n", "`defaults` is 3: must be a table"),
