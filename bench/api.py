@@ -125,8 +125,15 @@ def _measure(svc: Any, database_url: str, *, requests: int, rows: int) -> dict[s
     workdir = Path(tempfile.mkdtemp(dir=svc.workdir))
     model_set = workdir / "model-set.toml"
     model_set.write_text('name = "bench"\nbase = "b"\nip_adapter = "a.safetensors"\nimage_encoder = "e"\n')
-    # One tenant's 16 clients at full speed: no queued-jobs cap, no request rate limit (the overhead is measured).
-    settings = bench_settings(svc, database_url, model_set=model_set, api_max_queued_jobs=10_000_000, api_rate_per_s=0)
+    # One tenant's 16 clients at full speed: no queued-jobs cap, no request or body rate limit (overhead measured).
+    settings = bench_settings(
+        svc,
+        database_url,
+        model_set=model_set,
+        api_max_queued_jobs=10_000_000,
+        api_rate_per_s=0,
+        api_body_bytes_per_s=0,
+    )
     key = _key(settings)
     proc, url = start_api(settings, workdir / "api.log")
     try:
