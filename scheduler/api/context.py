@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.batch_processes import BatchProcesses
-from scheduler.api.caches import AUTH_CACHE_S, REFERENCE_CACHE_S, ExpiringCache
+from scheduler.api.caches import AUTH_CACHE_S, FORECAST_CACHE_S, REFERENCE_CACHE_S, ExpiringCache
 from scheduler.api.heavy_gate import HeavyGate
 from scheduler.api.problems import ApiProblem
 from scheduler.api.rate_limit import RateLimiter
@@ -25,7 +25,7 @@ from scheduler.submission.submit import resolve_model_set_name
 from scheduler.tenants import Caller, find_caller, hash_key, reserved_tenant_hint
 from scheduler.webhooks.resolver import Resolver
 from shared.db import ensure_database, make_engine, make_session_factory
-from shared.dispatch.position import BacklogSnapshots
+from shared.dispatch.position import BacklogSnapshots, Forecast
 from shared.errors import IpabError
 from shared.jobs import transaction
 from shared.redis_conn import API, connect_redis
@@ -52,6 +52,10 @@ class ApiContext:
     # (tenant, sha256) -> the stored reference image: uploaded references never change.
     references: ExpiringCache[tuple[str, str], ReferenceFile] = field(
         default_factory=lambda: ExpiringCache(ttl_s=REFERENCE_CACHE_S)
+    )
+    # ("job" or "batch", id) -> where it stands in the queue, recomputed at most once per FORECAST_CACHE_S.
+    forecasts: ExpiringCache[tuple[str, str], Forecast] = field(
+        default_factory=lambda: ExpiringCache(ttl_s=FORECAST_CACHE_S)
     )
     # Webhook hosts are looked up in threads of their own, a few per tenant (see its module).
     webhook_resolver: Resolver = field(default_factory=Resolver)

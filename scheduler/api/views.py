@@ -6,6 +6,7 @@ so another tenant's id reads exactly like an id that does not exist.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -40,15 +41,25 @@ def _forecast_inputs(ctx: ApiContext, batch: Batch) -> dict[str, Any]:
 
 
 def job_forecast(ctx: ApiContext, *, job: Job, batch: Batch) -> Forecast | None:
-    """Where a queued job stands in the lane policy's order, and when it should start."""
+    """Where a queued job stands in the lane policy's order, and when it should start (up to
+    FORECAST_CACHE_S old)."""
     if job.status != JobStatus.queued.value:
         return None
-    return forecast_job(job_id=job.id, **_forecast_inputs(ctx, batch))
+    return _cached(ctx, ("job", job.id), lambda: forecast_job(job_id=job.id, **_forecast_inputs(ctx, batch)))
 
 
 def batch_forecast(ctx: ApiContext, *, batch: Batch) -> Forecast | None:
-    """Where the batch's last queued job stands in the lane policy's order."""
-    return forecast_batch(batch_id=batch.id, **_forecast_inputs(ctx, batch))
+    """Where the batch's last queued job stands in the lane policy's order (up to FORECAST_CACHE_S old)."""
+    return _cached(ctx, ("batch", batch.id), lambda: forecast_batch(batch_id=batch.id, **_forecast_inputs(ctx, batch)))
+
+
+def _cached(ctx: ApiContext, key: tuple[str, str], forecast: Callable[[], Forecast | None]) -> Forecast | None:
+    found = ctx.forecasts.get(key)
+    if found is None:
+        found = forecast()
+        if found is not None:
+            ctx.forecasts.put(key, found)
+    return found
 
 
 def _image(ctx: ApiContext, record: JobRecord) -> dict[str, Any]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from scheduler.api.caches import ExpiringCache
+from scheduler.api.caches import FORECAST_CACHE_S, ExpiringCache
+from shared.dispatch.position import BacklogSnapshots
 from shared.storage import ObjectStore
-from tests.scheduler.api.conftest import png_bytes
+from tests.scheduler.api.conftest import png_bytes, upload
 
 JOB = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64}
 
@@ -74,3 +75,26 @@ def test_a_job_on_an_uploaded_reference_is_queued_without_asking_s3(
         r = client.post("/v1/jobs", headers=alice, json={**JOB, "references": [ref], "seed": seed})
         assert r.status_code == 202, r.text
     assert asked == []
+
+
+def test_a_queue_position_is_recomputed_at_most_once_per_forecast_ttl(
+    client: TestClient, alice: dict[str, str]
+) -> None:
+    """A client polling its queued job gets the forecast made up to FORECAST_CACHE_S ago, then a fresh one."""
+    clock = Clock()
+    ctx = client.app.state.ctx  # type: ignore[attr-defined]
+    ctx.forecasts = ExpiringCache(ttl_s=FORECAST_CACHE_S, clock=clock)
+    ctx.backlog = BacklogSnapshots(ctx.sessions, max_age_s=0.0, max_stale_s=0.0)  # counts read with every forecast
+    ref = upload(client, alice)
+    rows = "".join(f'{{"references": ["{ref}"], "prompt": "row {i}", "seed": {i}}}\n' for i in range(5))
+    batch = client.post("/v1/batches", headers={**alice, "Content-Type": "application/jsonl"}, content=rows)
+    assert batch.status_code == 202, batch.text
+    batch_url = f"/v1/batches/{batch.json()['id']}"
+    assert client.get(batch_url, headers=alice).json()["queue_position"] == 4
+    job = client.post("/v1/jobs", headers=alice, json={**JOB, "references": [ref]})  # interactive: starts first
+    assert job.status_code == 202, job.text
+    clock.now_s += FORECAST_CACHE_S * 0.9
+    assert client.get(batch_url, headers=alice).json()["queue_position"] == 4  # the forecast of a moment ago
+    clock.now_s += FORECAST_CACHE_S * 0.2
+    assert client.get(batch_url, headers=alice).json()["queue_position"] == 5  # made again: one more ahead
+    assert client.get(f"/v1/jobs/{job.json()['id']}", headers=alice).json()["queue_position"] == 0
