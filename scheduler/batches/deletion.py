@@ -1,10 +1,14 @@
 """Deletion on request: of a job, of a batch, of a whole tenant.
 
-A job's or a batch's deletion is asked for in one transaction and carried out by the janitor
-(`shared.janitor`), which the face wakes: queued jobs are canceled, every job gets `deleted_at`
-and an expiry of now, and the janitor removes their objects, then their rows (then the batch's
-row, once empty). A running job is left to finish first: its worker is never raced. Asking
-again changes nothing; once done, the job or batch is not found.
+A job's deletion is asked for in one transaction, a batch's in two parts: its row is marked
+(`request_batch_deletion`: it reads as deleting at once), then its jobs, in chunks of a short
+transaction each (`mark_batch_jobs`, see `shared.janitor.deletions`: one transaction for 99,000
+jobs held SQLite's write lock for 3.5 s). Queued jobs are canceled (and counted in the usage
+rollup, as any cancel), every job gets `deleted_at` and an expiry of now, and the janitor
+(`shared.janitor`), which the face wakes, removes their objects, then their rows (then the
+batch's row, once empty). A running job is left to finish first: its worker is never raced. A
+marking that stopped part way goes on when asked again, or at the janitor's next pass; asking
+again changes nothing else; once done, the job or batch is not found.
 
 A tenant's purge (`ipab tenants delete NAME --purge`) is carried out at once, by the command,
 with the janitor's own steps: every row, object, Redis entry, key, webhook secret, outbox row,
@@ -38,9 +42,10 @@ from shared.db import (
 )
 from shared.db_clock import server_now
 from shared.errors import MessageInvalid
+from shared.janitor.deletions import MARK_CHUNK, MARK_PAUSE_S, mark_in_chunks, mark_jobs
 from shared.janitor.outputs import forget_in_redis, purge_deleted_batches, remove_due
 from shared.janitor.references import mark_unused, remove_marked
-from shared.jobs import expiry_on_finish, transaction
+from shared.jobs import transaction
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from shared.wire import decode_envelope
@@ -73,45 +78,29 @@ def _delete(model: type[Base] | Table) -> Any:
     return delete(model).execution_options(synchronize_session=False)
 
 
-def _mark_deleted(session: Session, job_filter: Any, *, stop_running: bool) -> int:
-    """Cancel the live jobs `job_filter` selects (queued ones only, unless `stop_running`), and mark every
-    one deleted with an expiry of now (a running one keeps running; it expires as it finishes)."""
-    live = [JobStatus.queued.value, *([JobStatus.running.value] if stop_running else [])]
-    session.execute(
-        update(Job)
-        .where(job_filter, Job.status.in_(live))
-        .values(
-            status=JobStatus.canceled.value,
-            finished_at=server_now(),
-            expires_at=expiry_on_finish(),
-            lease_expires_at=None,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    result = session.execute(
-        update(Job)
-        .where(job_filter, Job.deleted_at.is_(None))
-        .values(deleted_at=server_now(), expires_at=server_now())
-        .execution_options(synchronize_session=False)
-    )
-    return int(getattr(result, "rowcount", 0))
-
-
 def request_job_deletion(*, session: Session, job_id: str) -> int:
     """Ask for a job's deletion (see the module); how many jobs were newly marked (0: asked already)."""
-    return _mark_deleted(session, Job.id == job_id, stop_running=False)
+    return mark_jobs(session, Job.id == job_id, stop_running=False)
 
 
-def request_batch_deletion(*, session: Session, batch_id: str) -> int:
-    """Ask for a batch's deletion with all its jobs; how many jobs were newly marked."""
-    marked = _mark_deleted(session, Job.batch_id == batch_id, stop_running=False)
-    session.execute(
+def request_batch_deletion(*, session: Session, batch_id: str) -> bool:
+    """Ask for a batch's deletion, in the caller's transaction: the batch alone is marked (it reads as
+    `deleting` from now on); `mark_batch_jobs` marks its jobs, else the janitor does. False: asked already."""
+    result = session.execute(
         update(Batch)
         .where(Batch.id == batch_id, Batch.deleted_at.is_(None))
         .values(deleted_at=server_now())
         .execution_options(synchronize_session=False)
     )
-    return marked
+    return int(getattr(result, "rowcount", 0)) > 0
+
+
+def mark_batch_jobs(
+    *, sessions: sessionmaker[Session], batch_id: str, chunk: int = MARK_CHUNK, pause_s: float = MARK_PAUSE_S
+) -> int:
+    """Cancel and mark the jobs of a batch whose deletion was asked for, `chunk` per transaction (see
+    `shared.janitor.deletions`); how many were newly marked. Safe to run again: it goes on where it stopped."""
+    return mark_in_chunks(sessions=sessions, only=Batch.id == batch_id, chunk=chunk, pause_s=pause_s)
 
 
 @dataclass
@@ -132,23 +121,22 @@ def _tenant_batches(tenant: str) -> Any:
     return select(Batch.id).where(Batch.tenant == tenant).scalar_subquery()
 
 
-def _stop_new_work(session: Session, tenant: str) -> tuple[int, bool]:
-    """Keys and plans go first (nothing new arrives); every job is canceled and marked deleted.
-    Returns (jobs marked, whether some were running)."""
+def _stop_new_work(session: Session, tenant: str) -> bool:
+    """Keys and plans go first (nothing new arrives), and every batch is marked deleted (its jobs are
+    canceled and marked next, in chunks). Returns whether some jobs were running."""
     session.execute(_delete(ApiKey).where(ApiKey.tenant == tenant))
     plans = select(Plan.id).where(Plan.tenant == tenant).scalar_subquery()
     session.execute(_delete(PlanSlot).where(PlanSlot.plan_id.in_(plans)))
     session.execute(_delete(Plan).where(Plan.tenant == tenant))
     in_tenant = Job.batch_id.in_(_tenant_batches(tenant))
     running = session.scalar(select(Job.id).where(in_tenant, Job.status == JobStatus.running.value).limit(1))
-    marked = _mark_deleted(session, in_tenant, stop_running=True)
     session.execute(
         update(Batch)
         .where(Batch.tenant == tenant, Batch.deleted_at.is_(None))
         .values(deleted_at=server_now())
         .execution_options(synchronize_session=False)
     )
-    return marked, running is not None
+    return running is not None
 
 
 def _tenant_tables() -> list[Table]:
@@ -285,12 +273,13 @@ def purge_tenant(
     their workers to notice the cancel and stop writing.
     """
     c = _Purge(tenant, sessions, store, redis_client, settings, TenantPurge(tenant))
-    # 1. Nothing new: keys and plans go, jobs are canceled and marked deleted.
+    # 1. Nothing new: keys and plans go, batches are marked deleted, then their jobs canceled and marked.
     with transaction(sessions) as session:
         batch_ids = list(session.scalars(select(Batch.id).where(Batch.tenant == tenant)))
         job_ids = list(session.scalars(select(Job.id).where(Job.batch_id.in_(batch_ids)))) if batch_ids else []
         c.model_sets = sorted(set(session.scalars(select(Batch.model_set).where(Batch.tenant == tenant))))
-        _, running = _stop_new_work(session, tenant)
+        running = _stop_new_work(session, tenant)
+    mark_in_chunks(sessions=sessions, only=Batch.tenant == tenant, stop_running=True)
     if running:
         on_wait(settings.lease_s)
         time.sleep(settings.lease_s)

@@ -61,18 +61,22 @@ def _find(session: Session, ref: str) -> tuple[str, str, str]:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     """Ask for a batch's or a job's deletion; the janitor removes its images and records."""
-    from scheduler.batches.deletion import request_batch_deletion, request_job_deletion
+    from scheduler.batches.deletion import mark_batch_jobs, request_batch_deletion, request_job_deletion
     from shared.janitor.loop import wake_janitor
     from shared.jobs import transaction
     from shared.settings import load_settings
 
     settings = load_settings()
-    with database(settings) as sessions, transaction(sessions) as session:
-        kind, found_id, shown = _find(session, args.target)
-        if kind == "batch":
-            marked = request_batch_deletion(session=session, batch_id=found_id)
-        else:
-            marked = request_job_deletion(session=session, job_id=found_id)
+    with database(settings) as sessions:
+        with transaction(sessions) as session:
+            kind, found_id, shown = _find(session, args.target)
+            if kind == "batch":
+                request_batch_deletion(session=session, batch_id=found_id)
+                marked = 0
+            else:
+                marked = request_job_deletion(session=session, job_id=found_id)
+        if kind == "batch":  # in chunks, after the batch's own mark: other tenants' writes do not wait for it
+            marked = mark_batch_jobs(sessions=sessions, batch_id=found_id)
     client = _redis(settings)
     try:
         woken = wake_janitor(redis_client=client, prefix=settings.redis_prefix)

@@ -25,6 +25,7 @@ from shared import keys
 from shared.db import WebhookMessage
 from shared.db_clock import server_now
 from shared.errors import TransientError
+from shared.janitor.deletions import mark_chunk
 from shared.janitor.outputs import oldest_due_age_s, purge_deleted_batches, purge_past_retention, remove_due
 from shared.janitor.references import remove_marked, unlink_finished_batches
 from shared.jobs import transaction
@@ -43,6 +44,7 @@ MIN_LOCK_TTL_S: Final = 60.0  # a pass may outlast a short interval; the lock is
 class JanitorReport:
     """What one pass did."""
 
+    jobs_marked: int = 0  # jobs of deleted batches that their deletion had not marked yet (it stopped part way)
     jobs_removed: int = 0  # jobs whose objects are gone (marked removed, or deleted with their row)
     objects_deleted: int = 0  # recorded outputs, reference images and embeddings deleted
     bytes_deleted: int = 0  # their sizes, as recorded (outputs, images) or listed (embeddings)
@@ -55,8 +57,10 @@ class JanitorReport:
     complete: bool = True  # False: the lock was lost midway, and the pass stopped
 
     def changed(self) -> bool:
-        """Whether the pass removed anything."""
-        return any((self.jobs_removed, self.rows_purged, self.batches_purged, self.references_removed))
+        """Whether the pass marked or removed anything."""
+        return any(
+            (self.jobs_marked, self.jobs_removed, self.rows_purged, self.batches_purged, self.references_removed)
+        )
 
 
 Observer = Callable[[JanitorReport | None], None]  # None: this process does not hold the janitor's lock
@@ -90,6 +94,13 @@ class _Clients:
     def limit(self) -> int:
         """Jobs or images per step."""
         return self.settings.janitor_batch
+
+
+def _jobs_of_deleted_batches(c: _Clients, report: JanitorReport) -> None:
+    """Jobs of deleted batches not marked yet (a deletion that stopped part way): marked, so due now."""
+    marked, more = mark_chunk(sessions=c.sessions, limit=c.limit)
+    report.jobs_marked += marked
+    report.more = report.more or more
 
 
 def _objects_of_due_jobs(c: _Clients, report: JanitorReport) -> None:
@@ -143,7 +154,7 @@ def _unused_images(c: _Clients, report: JanitorReport) -> None:
     report.more = report.more or more or images.more
 
 
-STEPS: Final = (_objects_of_due_jobs, _rows_past_retention, _deleted_batches, _unused_images)
+STEPS: Final = (_jobs_of_deleted_batches, _objects_of_due_jobs, _rows_past_retention, _deleted_batches, _unused_images)
 
 
 def janitor_pass(

@@ -25,7 +25,7 @@ from scheduler.api.views import batch_forecast, batch_view
 from scheduler.batches import actions
 from scheduler.batches.actions import retry_failed, set_paused, wake
 from scheduler.batches.counts import STATUSES, count_batch, count_jobs
-from scheduler.batches.deletion import request_batch_deletion
+from scheduler.batches.deletion import mark_batch_jobs, request_batch_deletion
 from scheduler.batches.events import BATCH_COMPLETED
 from scheduler.batches.lookup import find_batch, on_batch
 from scheduler.batches.record import Audience, batch_records, results_line
@@ -242,12 +242,18 @@ async def retry_batch(batch_id: str, request: Request, ctx: Context, caller: Cal
     return await idempotent_action(request, ctx, caller.tenant, partial(_retry, ctx, caller.tenant, batch_id))
 
 
+def delete_in(ctx: ApiContext, batch_id: str) -> int:
+    """Cancel and mark the jobs of a batch being deleted on `ctx` (in chunks: see `mark_batch_jobs`); how many."""
+    return mark_batch_jobs(sessions=ctx.sessions, batch_id=batch_id)
+
+
 def _delete(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
     def ask(session: Session, batch: Batch) -> str:
         request_batch_deletion(session=session, batch_id=batch.id)
         return batch.id
 
-    found = on_batch(ctx.sessions, ref=batch_id, tenant=tenant, act=ask)
+    found = on_batch(ctx.sessions, ref=batch_id, tenant=tenant, act=ask)  # deleting from here: the janitor finishes
+    ctx.batch_processes.call(ctx, delete_in, found)  # seconds of Python for a large batch: not in this process
     wake_janitor(redis_client=ctx.redis, prefix=ctx.settings.redis_prefix)
     return {"id": found, "status": "deleting"}
 

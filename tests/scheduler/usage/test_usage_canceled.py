@@ -8,7 +8,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.batches.actions import cancel
-from scheduler.batches.deletion import request_batch_deletion
+from scheduler.batches.deletion import mark_batch_jobs, request_batch_deletion, request_job_deletion
 from scheduler.usage.report import UsageQuery, usage_report
 from shared.db import Batch, Job, ensure_database, insert_new_jobs, make_engine, make_session_factory, new_id, utcnow
 from shared.jobs import claim_job, record_left_attempt, transaction
@@ -49,15 +49,22 @@ def test_a_running_job_canceled_is_reported_with_the_steps_it_ran(database_url: 
     assert totals["gpu_seconds"] == pytest.approx(0.75) and totals["lost_gpu_seconds"] == 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler.batches.deletion._mark_deleted cancels jobs without shared.usage.roll_up_ended (issue 24 gap)",
-)
 def test_a_queued_job_canceled_by_its_deletion_keeps_its_lost_seconds_in_the_report(database_url: str) -> None:
     sessions, batch_id, (job_id,) = jobs(database_url, 1)
     with transaction(sessions) as session:  # an earlier attempt was lost: 2 s shown, not billed
         session.execute(update(Job).where(Job.id == job_id).values(lost_gpu_s=2.0))
         request_batch_deletion(session=session, batch_id=batch_id)
+    assert mark_batch_jobs(sessions=sessions, batch_id=batch_id) == 1
+
+    totals = report(sessions)
+    assert (totals["jobs"], totals["gpu_seconds"]) == (1, 0.0) and totals["lost_gpu_seconds"] == pytest.approx(2.0)
+
+
+def test_a_queued_job_deleted_alone_keeps_its_lost_seconds_in_the_report(database_url: str) -> None:
+    sessions, _, (job_id,) = jobs(database_url, 1)
+    with transaction(sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(lost_gpu_s=2.0))
+        assert request_job_deletion(session=session, job_id=job_id) == 1
 
     totals = report(sessions)
     assert (totals["jobs"], totals["gpu_seconds"]) == (1, 0.0) and totals["lost_gpu_seconds"] == pytest.approx(2.0)
