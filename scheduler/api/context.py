@@ -154,7 +154,7 @@ async def get_caller(
     reserved = reserved_tenant_hint(caller.tenant)
     if reserved is not None:
         raise ApiProblem(403, reserved, kind="forbidden")
-    await ctx.limiter.check(caller.tenant, getattr(request.scope.get("route"), "path", ""))
+    await ctx.limiter.check(caller.tenant, f"{request.method} {getattr(request.scope.get('route'), 'path', '')}")
     return caller
 
 

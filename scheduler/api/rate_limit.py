@@ -49,15 +49,23 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Tokens per request by route template; any other route costs 1. Server CPU measured on one
-# `ipab api` process, a batch of 20 jobs: a GET of a job 7 ms; its gallery 47 ms (a card per
-# job, thumbnails read from S3); its results 9 ms (a line per job, a presigned URL each). Both
-# grow with the batch, and one price must cover large batches too: at the default rate a
-# tenant gets a gallery a second (a page for a person: plenty) and 5 results streams. A refusal
-# costs 0.6 ms (1.6 ms before refusals were remembered in process).
+# Tokens per request by method and route template; any other route costs 1. Server CPU measured
+# on one `ipab api` process (bench: sequential requests, SQLite): a GET of a job 4 ms; on a batch
+# of 20 jobs, its gallery 47 ms (a card per job, thumbnails read from S3) and its results 9 ms (a
+# line per job, a presigned URL each), both growing with the batch; an upload 12 ms (3 ms for an
+# image refused from its header); a POST of a 20-row batch 17 ms; a lone POST of a job 11 ms
+# (concurrent ones are written in groups, for less). One price must cover large requests too: at
+# the default rate a tenant gets a gallery a second (a page for a person: plenty), 5 results
+# streams, 16 uploads or 12 batches. Priced at one token, image bombs refused from their headers
+# were the cheapest way for a hostile tenant to keep the API's event loop busy (bench/two_tenants.py).
+# A refusal costs 0.6 ms (1.6 ms before refusals were remembered in process).
 ROUTE_COSTS: Final = {
-    "/v1/batches/{batch_id}/gallery": 50,
-    "/v1/batches/{batch_id}/results": 10,
+    "GET /v1/batches/{batch_id}/gallery": 50,
+    "GET /v1/batches/{batch_id}/results": 10,
+    "POST /v1/references": 3,
+    "POST /v1/batches": 4,
+    "POST /v1/plans": 4,
+    "POST /v1/jobs": 2,
 }
 OUTAGE_PAUSE_S: Final = 5.0
 REFUSAL_DELAY_S: Final = 1.0
@@ -108,9 +116,9 @@ class RateLimiter:
     # memory, so a client that ignores Retry-After costs one Redis call per wait, not per request.
     _refused_until_s: dict[tuple[str, int], float] = field(default_factory=dict, init=False)
 
-    def cost_of(self, route_path: str) -> int:
-        """The tokens a request of `route_path` takes (never more than a full bucket)."""
-        return min(ROUTE_COSTS.get(route_path, 1), self.settings.api_rate_burst)
+    def cost_of(self, route: str) -> int:
+        """The tokens a request of `route` ("METHOD /template") takes (never more than a full bucket)."""
+        return min(ROUTE_COSTS.get(route, 1), self.settings.api_rate_burst)
 
     async def wait_s(self, tenant: str, cost: int) -> float | None:
         """None: the request may go on (tokens taken, or no limit, or Redis away); else the seconds
@@ -163,9 +171,10 @@ class RateLimiter:
             self._refused_until_s = {k: t for k, t in self._refused_until_s.items() if t > now_s}
         self._refused_until_s[(tenant, cost)] = until_s
 
-    async def check(self, tenant: str, route_path: str) -> None:
-        """Take the request's tokens from the tenant's bucket; 429 with Retry-After when too few are left."""
-        cost = self.cost_of(route_path)
+    async def check(self, tenant: str, route: str) -> None:
+        """Take the request's tokens (`route`: "METHOD /template") from the tenant's bucket; 429 with
+        Retry-After when too few are left."""
+        cost = self.cost_of(route)
         wait_s = await self.wait_s(tenant, cost)
         if wait_s is not None:
             await asyncio.sleep(min(wait_s, REFUSAL_DELAY_S))

@@ -67,18 +67,37 @@ def test_tokens_come_back_at_the_rate(limited: Callable[..., TestClient], alice:
 def test_the_gallery_and_results_cost_more_than_one_request(
     limited: Callable[..., TestClient], alice: dict[str, str]
 ) -> None:
-    cost = ROUTE_COSTS[GALLERY]
-    assert cost > 1 and ROUTE_COSTS["/v1/batches/{batch_id}/results"] > 1
-    client = limited(0.01, 2 * cost + 2)
-    ref = upload(client, alice)  # 1 token
+    cost = ROUTE_COSTS["GET " + GALLERY]
+    assert cost > 1 and ROUTE_COSTS["GET /v1/batches/{batch_id}/results"] > 1
+    spent = ROUTE_COSTS["POST /v1/references"] + ROUTE_COSTS["POST /v1/batches"]
+    client = limited(0.01, 2 * cost + spent)
+    ref = upload(client, alice)
     batch = client.post("/v1/batches", headers={**alice, **JSONL}, content=json.dumps({**JOB, "references": [ref]}))
-    assert batch.status_code == 202  # 2 tokens
+    assert batch.status_code == 202  # `spent` tokens so far
     gallery = f"/v1/batches/{batch.json()['id']}/gallery"
     assert [client.get(gallery, headers=alice).status_code for _ in range(3)] == [200, 200, 429]
 
 
+def test_uploads_and_submissions_cost_what_they_cost_the_server(
+    limited: Callable[..., TestClient], alice: dict[str, str]
+) -> None:
+    """An upload refused from its header (an image bomb) costs as many tokens as any upload: with a
+    burst of 10, three uploads and one lookup, not ten uploads."""
+    assert ROUTE_COSTS["POST /v1/references"] == 3 and ROUTE_COSTS["POST /v1/jobs"] == 2
+    client = limited(0.01, 10)
+    image = {"file": ("b.png", png_bytes(size=8), "image/png")}
+    answers = [client.post("/v1/references", headers=alice, files=image).status_code for _ in range(4)]
+    assert answers == [201, 201, 201, 429]
+    assert client.get("/v1/batches", headers=alice).status_code == 200  # the tenth token
+    refused = client.get("/v1/batches", headers=alice)
+    assert_problem(refused, 429, "this request costs 1 token")
+
+
 def test_every_priced_route_exists(client: TestClient) -> None:
-    assert set(ROUTE_COSTS) <= set(client.get("/openapi.json").json()["paths"])
+    paths = client.get("/openapi.json").json()["paths"]
+    for route in ROUTE_COSTS:
+        method, path = route.split(" ", 1)
+        assert method.lower() in paths.get(path, {}), route
 
 
 def test_a_redis_outage_refuses_nobody(
