@@ -49,6 +49,7 @@ import multiprocessing
 import os
 import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -168,6 +169,8 @@ class BatchProcesses:
         self.processes = settings.api_batch_processes
         self._pool: ProcessPoolExecutor | None = None
         self._in_flight = 0  # batches sent to the pool and not answered yet
+        self._busy = 0  # batches and calls sent to the pool and not answered yet (any thread: under _busy_lock)
+        self._busy_lock = threading.Lock()
         self._idle: asyncio.TimerHandle | None = None  # replaces a swollen pool once IDLE_STOP_S pass with none
         self._swollen = False  # a process of the pool holds more than RECYCLE_RSS_BYTES
         self._started = False  # `start` was called: a replaced pool is started at once too
@@ -208,9 +211,11 @@ class BatchProcesses:
             self._idle.cancel()
             self._idle = None
         self._in_flight += 1
+        self._count_busy(+1)
         try:
             return await self._create(request)
         finally:
+            self._count_busy(-1)
             self._in_flight -= 1
             if self._in_flight == 0 and self._swollen and self._pool is not None:
                 self._idle = asyncio.get_running_loop().call_later(IDLE_STOP_S, self._replace_idle)
@@ -257,22 +262,36 @@ class BatchProcesses:
 
     def call(self, ctx: ApiContext, fn: Callable[..., T], *args: Any) -> T:
         """`fn(context, *args)` in a batch process, waited for in the calling thread (not the event
-        loop's): for one tenant's work that would hold this process's GIL for seconds. In the calling
-        thread, on `ctx`, where no pool was started (IPAB_API_BATCH_PROCESSES=0, or an app not run by
-        `ipab api`). `fn` is a module-level function and `args` plain data (they are pickled); 503
-        when the process died before answering: `fn` must be safe to run again (a cancel converges).
+        loop's): for one tenant's work that would hold this process's GIL for seconds.
+
+        In the calling thread, on `ctx`, where no pool was started (IPAB_API_BATCH_PROCESSES=0, or an
+        app not run by `ipab api`), it is broken or being replaced, or every process is busy: a call
+        never waits in the pool's queue behind another tenant's batch of 99,000 rows. `fn` is a
+        module-level function and `args` plain data (they are pickled); 503 when the process died
+        before answering: `fn` must be safe to run again (a cancel converges).
         """
         pool = self._pool if self._started else None
+        if pool is None or not self._count_busy(+1, below=self.processes):
+            return fn(ctx, *args)  # no pool, or every process busy: not queued behind another tenant's batch
         try:
-            future = None if pool is None else pool.submit(_call_in_child, fn, args)
-        except (BrokenProcessPool, RuntimeError):  # broken earlier (the next batch replaces it), or just replaced
-            future = None
-        if future is None:
-            return fn(ctx, *args)
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            raise died(self.processes) from None
+            try:
+                future = pool.submit(_call_in_child, fn, args)
+            except (BrokenProcessPool, RuntimeError):  # broken earlier (the next batch replaces it), or just replaced
+                return fn(ctx, *args)
+            try:
+                return future.result()
+            except BrokenProcessPool:
+                raise died(self.processes) from None
+        finally:
+            self._count_busy(-1)
+
+    def _count_busy(self, change: int, *, below: int | None = None) -> bool:
+        """Add `change` to the work in the pool, unless that would pass `below`; whether it was added."""
+        with self._busy_lock:
+            if below is not None and self._busy + change > below:
+                return False
+            self._busy += change
+            return True
 
     def close(self) -> None:
         """Stop the processes (a batch in progress is left to finish first)."""

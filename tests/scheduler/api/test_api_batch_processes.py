@@ -203,3 +203,27 @@ def test_a_batch_cancel_runs_in_a_batch_process_and_converges_when_that_process_
         assert again.status_code == 200, again.text
         assert again.json()["counts"]["canceled"] == 20_000
         assert _canceled(in_children, batch_id) == 20_000
+
+
+def test_a_cancel_never_waits_behind_another_tenants_batch_in_a_busy_batch_process(
+    in_children: Settings, alice: dict[str, str], bob: dict[str, str]
+) -> None:
+    app = create_app(in_children, dispatcher=False)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        app.state.ctx.batch_processes.start()  # as `ipab api` does: one process
+        ref_a, ref_b = upload(client, alice), upload(client, bob)
+        small = client.post("/v1/batches", headers={**bob, **JSONL}, content=rows_body(ref_b, 3))
+        assert small.status_code == 202, small.text
+        (child,) = multiprocessing.active_children()
+        os.kill(child.pid or 0, signal.SIGSTOP)  # alice's batch will sit in the only batch process
+        try:
+            thread, got = _post_in_thread(client, alice, rows_body(ref_a, 50))
+            time.sleep(0.5)
+            canceled = client.post(f"/v1/batches/{small.json()['id']}/cancel", headers=bob)
+            assert canceled.status_code == 200, canceled.text  # in the API process: the pool was busy
+            assert canceled.json()["counts"]["canceled"] == 3
+            assert not got  # alice's batch still waits for the stopped process
+        finally:
+            os.kill(child.pid or 0, signal.SIGCONT)
+        thread.join(timeout=CHILD_START_S)
+        assert got[0].status_code == 202, got[0].text
