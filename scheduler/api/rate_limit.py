@@ -8,12 +8,14 @@ refused with 429 and `Retry-After`: the seconds until enough are back. Routes th
 server many times a lookup cost as many tokens (`ROUTE_COSTS`), so a tenant cannot make
 the server work harder just by choosing them.
 
-A refusal is answered after min(its wait, REFUSAL_DELAY_S): it costs the event loop nothing
-meanwhile, and a client that ignores Retry-After and asks again at once gets one refusal per
-connection per that delay, instead of making the server answer a thousand a second (measured:
-16 such connections, answered at once, slowed another tenant's requests more than the
-unlimited flood of galleries they replaced). A refused tenant is remembered in process until
-its tokens are due back, so those refusals cost no Redis call either.
+A refusal is answered after its wait, at least REFUSAL_MIN_DELAY_S and at most REFUSAL_DELAY_S:
+it costs the event loop nothing meanwhile, and a client that ignores Retry-After and asks again
+at once gets one refusal per connection per that delay, instead of making the server answer a
+thousand a second (measured: 16 such connections, answered at once, slowed another tenant's
+requests more than the unlimited flood of galleries they replaced; answered after their wait
+alone, which is short when a gallery's 50 tokens are nearly back, they still got 60 a second).
+A refused tenant is remembered in process until its tokens are due back, so those refusals cost
+no Redis call either.
 
 Large bodies (batches, uploads, plans) are paid for in bytes too, from a second bucket per
 tenant (IPAB_API_BODY_BYTES_PER_S, IPAB_API_BODY_BURST_BYTES): reading, spilling and parsing a
@@ -69,6 +71,7 @@ ROUTE_COSTS: Final = {
 }
 OUTAGE_PAUSE_S: Final = 5.0
 REFUSAL_DELAY_S: Final = 1.0
+REFUSAL_MIN_DELAY_S: Final = 0.5  # a refusal whose tokens are back sooner waits this long all the same
 MAX_REMEMBERED: Final = 10_000  # refusals remembered in process (tenant, cost) before the expired are dropped
 # KEYS[1] the bucket; ARGV rate (tokens/s), burst, cost. Returns {1, 0} when taken, else
 # {0, milliseconds until `cost` tokens are back}. A refusal writes nothing.
@@ -101,6 +104,11 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(2 * burst * 1000 / rate) + 1000)
 return 1
 """
 MIB: Final = 1024 * 1024
+
+
+def refusal_delay_s(wait_s: float) -> float:
+    """How long a refusal waits before it is answered: its wait, within [REFUSAL_MIN_DELAY_S, REFUSAL_DELAY_S]."""
+    return min(max(wait_s, REFUSAL_MIN_DELAY_S), REFUSAL_DELAY_S)
 
 
 @dataclass
@@ -177,7 +185,7 @@ class RateLimiter:
         cost = self.cost_of(route)
         wait_s = await self.wait_s(tenant, cost)
         if wait_s is not None:
-            await asyncio.sleep(min(wait_s, REFUSAL_DELAY_S))
+            await asyncio.sleep(refusal_delay_s(wait_s))
             raise self._refusal(tenant, cost, wait_s)
 
     def _refusal(self, tenant: str, cost: int, wait_s: float) -> ApiProblem:
@@ -194,7 +202,7 @@ class RateLimiter:
         and `Connection: close` (the body is never read) when it cannot pay."""
         wait_s = await self.body_wait_s(tenant, size_bytes)
         if wait_s is not None:
-            await asyncio.sleep(min(wait_s, REFUSAL_DELAY_S))
+            await asyncio.sleep(refusal_delay_s(wait_s))
             raise self._body_refusal(tenant, size_bytes, wait_s)
 
     def _body_refusal(self, tenant: str, size_bytes: int, wait_s: float) -> ApiProblem:

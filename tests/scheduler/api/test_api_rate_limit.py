@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from devkit import services
 from devkit.flood import Flood
 from scheduler.api.app import create_app
-from scheduler.api.rate_limit import ROUTE_COSTS
+from scheduler.api.rate_limit import ROUTE_COSTS, refusal_delay_s
 from shared.settings import Settings
 from tests.scheduler.api.conftest import JOB, assert_problem, png_bytes, upload
 from tests.scheduler.api.served import ServedApi
@@ -158,3 +158,10 @@ def test_a_flooding_tenant_is_refused_and_the_other_is_served_about_as_fast_as_a
     assert statuses.get(429, 0) > 2 * statuses.get(200, 0) > 0, statuses
     alone_ms, beside_ms = 1000 * statistics.median(alone), 1000 * statistics.median(beside)
     assert beside_ms < 3 * alone_ms + 20, (alone_ms, beside_ms)
+
+
+@pytest.mark.parametrize(("wait_s", "delay_s"), [(0.01, 0.5), (0.7, 0.7), (30.0, 1.0)])
+def test_a_refusal_is_answered_after_its_wait_within_bounds(wait_s: float, delay_s: float) -> None:
+    """A client ignoring Retry-After gets at most two refusals a second per connection, even when its
+    tokens are due back in a moment, and never waits more than a second for one."""
+    assert refusal_delay_s(wait_s) == delay_s
