@@ -181,3 +181,6 @@ class NotFound(IpabError):
         self.kind = kind
         self.ref = ref
         super().__init__(f"no {kind} has the name or id {ref!r}")
+
+    def __reduce__(self) -> tuple[type[NotFound], tuple[str, str]]:
+        return (NotFound, (self.kind, self.ref))  # pickled whole: raised in a batch process, answered in the API's

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import pickle
+import re
 import signal
 import threading
 import time
@@ -19,6 +21,7 @@ from sqlalchemy import func, select
 import scheduler.api.batch_processes as batch_processes
 from scheduler.api.app import create_app
 from shared.db import Job, make_engine, make_session_factory
+from shared.errors import NotFound
 from shared.job_status import JobStatus
 from shared.settings import Settings
 from tests.scheduler.api.conftest import JOB, assert_problem, job_count, upload
@@ -227,3 +230,33 @@ def test_a_cancel_never_waits_behind_another_tenants_batch_in_a_busy_batch_proce
             os.kill(child.pid or 0, signal.SIGCONT)
         thread.join(timeout=CHILD_START_S)
         assert got[0].status_code == 202, got[0].text
+
+
+def process_id(_ctx: Any) -> int:
+    """The pid of the process it runs in (called through BatchProcesses.call)."""
+    return os.getpid()
+
+
+def test_a_gallery_is_rendered_in_a_batch_process_as_the_api_process_would(
+    api_settings: Settings, in_children: Settings, alice: dict[str, str], bob: dict[str, str]
+) -> None:
+    pages = []
+    for settings in (api_settings, in_children):
+        app = create_app(settings, dispatcher=False)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            app.state.ctx.batch_processes.start()  # as `ipab api` does
+            ref = upload(client, alice)
+            batch = client.post("/v1/batches", headers={**alice, **JSONL}, content=rows_body(ref, 3)).json()["id"]
+            ctx = app.state.ctx
+            if settings is in_children:
+                assert ctx.batch_processes.call(ctx, process_id) != os.getpid()  # the started pool's
+            page = client.get(f"/v1/batches/{batch}/gallery", headers=alice)
+            assert page.status_code == 200, page.text
+            pages.append(re.sub(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", "ID", page.text.replace(batch, "BATCH")))
+            assert client.get(f"/v1/batches/{batch}/gallery", headers=bob).status_code == 404  # not bob's
+    assert pages[0] == pages[1]
+
+
+def test_not_found_crosses_a_process_boundary_whole() -> None:
+    error = pickle.loads(pickle.dumps(NotFound("batch", "b_1")))
+    assert (type(error), error.kind, error.ref, str(error)) == (NotFound, "batch", "b_1", str(NotFound("batch", "b_1")))
