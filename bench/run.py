@@ -112,6 +112,13 @@ def _usage(jobs: int) -> dict[str, Any]:
     return figures
 
 
+def two_tenants_phase_s() -> float:
+    """bench.two_tenants' own phase length (imported only for its default)."""
+    from bench import two_tenants
+
+    return two_tenants.Options.phase_s
+
+
 def _isolation(phase_s: float) -> dict[str, Any]:
     """Two tenants, one hostile (bench/two_tenants.py), in a loopback-only namespace where it can."""
     from bench import two_tenants
@@ -178,7 +185,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fairness-jobs", type=int, default=20_000, help="bulk backlog of the fairness benchmark")
     parser.add_argument("--fast-rows", type=int, default=8, help="tiny-model rows for each set of the fast-set bench")
     parser.add_argument("--usage-jobs", type=int, default=1_000_000, help="finished jobs for the usage-report bench")
-    parser.add_argument("--isolation-phase-s", type=float, default=20.0, help="each phase of the isolation bench")
+    parser.add_argument(
+        "--isolation-phase-s", type=float, default=two_tenants_phase_s(), help="each phase of the isolation bench"
+    )
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--gpu-json", default=None, help="figures of `python -m bench.gpu --out` to include")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
