@@ -50,6 +50,8 @@ def test_a_batch_process_runs_niced_below_the_api_process(child_client: TestClie
     (child,) = multiprocessing.active_children()
     assert child.pid is not None
     assert nice_of(child.pid) == min(19, nice_of(os.getpid()) + BATCH_PROCESS_NICE)
+    assert os.sched_getscheduler(child.pid) == os.SCHED_IDLE  # it gets the cores the API process leaves
+    assert os.sched_getscheduler(os.getpid()) == os.SCHED_OTHER
     assert nice_of(os.getpid()) == os.nice(0)  # the API process's own priority is left as it was
 
 
