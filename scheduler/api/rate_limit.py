@@ -111,6 +111,18 @@ def refusal_delay_s(wait_s: float) -> float:
     return min(max(wait_s, REFUSAL_MIN_DELAY_S), REFUSAL_DELAY_S)
 
 
+async def _refuse_while(wait_s: float | None, tenant: str, limit: str, *, close: bool = False) -> None:
+    """Nothing when `wait_s` is None; else, after `refusal_delay_s`, 429 naming the tenant and `limit`
+    (and closing the connection: `close`)."""
+    if wait_s is None:
+        return
+    await asyncio.sleep(refusal_delay_s(wait_s))
+    retry_s = max(1, math.ceil(wait_s))
+    headers = {"Retry-After": str(retry_s), **({"Connection": "close"} if close else {})}
+    detail = f"tenant {tenant!r} is past {limit}: retry after {retry_s} s"
+    raise ApiProblem(429, detail, headers=headers, kind="rate-limited")
+
+
 @dataclass
 class RateLimiter:
     """The API process's limiter: one asyncio Redis client per event loop, made at first use."""
@@ -183,38 +195,22 @@ class RateLimiter:
         """Take the request's tokens (`route`: "METHOD /template") from the tenant's bucket; 429 with
         Retry-After when too few are left."""
         cost = self.cost_of(route)
-        wait_s = await self.wait_s(tenant, cost)
-        if wait_s is not None:
-            await asyncio.sleep(refusal_delay_s(wait_s))
-            raise self._refusal(tenant, cost, wait_s)
-
-    def _refusal(self, tenant: str, cost: int, wait_s: float) -> ApiProblem:
         rate, burst = self.settings.api_rate_per_s, self.settings.api_rate_burst
-        retry_s = max(1, math.ceil(wait_s))
-        detail = (
-            f"tenant {tenant!r} is past its rate limit of {rate:g} request(s)/s with a burst of {burst} "
-            f"(IPAB_API_RATE_PER_S, IPAB_API_RATE_BURST); this request costs {cost} token(s): retry after {retry_s} s"
+        limit = (
+            f"its rate limit of {rate:g} request(s)/s with a burst of {burst} (IPAB_API_RATE_PER_S, "
+            f"IPAB_API_RATE_BURST); this request costs {cost} token(s)"
         )
-        return ApiProblem(429, detail, headers={"Retry-After": str(retry_s)}, kind="rate-limited")
+        await _refuse_while(await self.wait_s(tenant, cost), tenant, limit)
 
     async def check_body(self, tenant: str, size_bytes: int) -> None:
         """Pay for a declared body of `size_bytes` from the tenant's bytes bucket; 429 with Retry-After
         and `Connection: close` (the body is never read) when it cannot pay."""
-        wait_s = await self.body_wait_s(tenant, size_bytes)
-        if wait_s is not None:
-            await asyncio.sleep(refusal_delay_s(wait_s))
-            raise self._body_refusal(tenant, size_bytes, wait_s)
-
-    def _body_refusal(self, tenant: str, size_bytes: int, wait_s: float) -> ApiProblem:
         rate, burst = self.settings.api_body_bytes_per_s, self.settings.api_body_burst_bytes
-        retry_s = max(1, math.ceil(wait_s))
-        detail = (
-            f"tenant {tenant!r} is past its rate of large bodies, {rate / MIB:g} MiB/s with a burst of "
-            f"{burst / MIB:g} MiB (IPAB_API_BODY_BYTES_PER_S, IPAB_API_BODY_BURST_BYTES); this body of "
-            f"{size_bytes} bytes was not read: retry after {retry_s} s"
+        limit = (
+            f"its rate of large bodies, {rate / MIB:g} MiB/s with a burst of {burst / MIB:g} MiB "
+            f"(IPAB_API_BODY_BYTES_PER_S, IPAB_API_BODY_BURST_BYTES); this body of {size_bytes} bytes was not read"
         )
-        headers = {"Retry-After": str(retry_s), "Connection": "close"}
-        return ApiProblem(429, detail, headers=headers, kind="rate-limited")
+        await _refuse_while(await self.body_wait_s(tenant, size_bytes), tenant, limit, close=True)
 
     def _scripts(self) -> tuple[Any, Any]:
         """(take, debit): the scripts on this event loop's client."""
