@@ -14,7 +14,7 @@ from shared.db import Job, make_engine, make_session_factory, utcnow
 from shared.jobs import transaction
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.scheduler.submission.conftest import Run, load_jobs, run_ipab, write_jsonl, write_photos
+from tests.scheduler.submission.conftest import Run, load_jobs, run_ipab, write_csv, write_jsonl, write_photos
 
 MODULES = ("scheduler.cli.batches", "scheduler.cli.retention")
 
@@ -136,3 +136,32 @@ def test_a_tenants_retention_is_set_listed_and_taken_by_its_submissions(
     with make_session_factory(engine)() as session:
         assert session.scalar(select(Job.expires_after_s).limit(1)) == 30 * 86400  # a job keeps what it was given
     engine.dispose()
+
+
+def _csv_manifest(folder: Path, retentions: list[str]) -> Path:
+    """A CSV manifest, a row per retention (an empty cell: none named)."""
+    photo = write_photos(folder / "photos")["chelsea"]
+    rows = [[str(photo), f"p{i}", str(i), expires] for i, expires in enumerate(retentions)]
+    return write_csv(folder / "rows.csv", ["reference", "prompt", "seed", "expires_after"], rows)
+
+
+def test_a_csv_manifests_expires_after_column_gives_its_rows_their_retention(
+    cli_settings: Settings, tmp_path: Path, ipab: Callable[..., Run]
+) -> None:
+    manifest = _csv_manifest(tmp_path, ["", "never", "2h"])
+
+    run = ipab(cli_settings, "submit", str(manifest), "--model-set", "tiny", "--expires-after", "7d")
+
+    assert run.code == 0, run.err
+    assert [job.expires_after_s for job in load_jobs(cli_settings)] == [7 * 86400, None, 7200]
+
+
+def test_a_bad_expires_after_in_a_csv_manifest_is_refused_naming_its_line_field_and_value(
+    cli_settings: Settings, tmp_path: Path, ipab: Callable[..., Run]
+) -> None:
+    manifest = _csv_manifest(tmp_path, ["1d", "7 days"])  # the header is line 1: the bad row is line 3
+
+    run = ipab(cli_settings, "submit", str(manifest), "--model-set", "tiny")
+
+    assert run.code == 2 and "line 3: expires_after: is '7 days'" in run.err and "1h, 7d or 30d" in run.err, run.err
+    assert load_jobs(cli_settings) == []  # refused as a whole
