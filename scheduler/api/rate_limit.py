@@ -73,9 +73,9 @@ OUTAGE_PAUSE_S: Final = 5.0
 REFUSAL_DELAY_S: Final = 1.0
 REFUSAL_MIN_DELAY_S: Final = 0.5  # a refusal whose tokens are back sooner waits this long all the same
 MAX_REMEMBERED: Final = 10_000  # refusals remembered in process (tenant, cost) before the expired are dropped
-# KEYS[1] the bucket; ARGV rate (tokens/s), burst, cost. Returns {1, 0} when taken, else
-# {0, milliseconds until `cost` tokens are back}. A refusal writes nothing.
-TAKE_LUA: Final = """
+# KEYS[1] the bucket (hash: tokens, at_ms); ARGV rate (tokens/s), burst, cost. First the bucket as
+# it stands now: `tokens` refilled since `at_ms` on Redis's clock, at most `burst`.
+_REFILLED_LUA: Final = """
 local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -83,6 +83,11 @@ local state = redis.call('HMGET', KEYS[1], 'tokens', 'at_ms')
 local tokens = tonumber(state[1]) or burst
 local at_ms = tonumber(state[2]) or now_ms
 tokens = math.min(burst, tokens + math.max(0, now_ms - at_ms) * rate / 1000)
+"""
+# Returns {1, 0} when taken, else {0, milliseconds until `cost` tokens are back}. A refusal writes nothing.
+TAKE_LUA: Final = (
+    _REFILLED_LUA
+    + """
 if tokens < cost then
   return {0, math.ceil((cost - tokens) * 1000 / rate)}
 end
@@ -90,19 +95,16 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - cost), 'at_ms', tostring
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
 return {1, 0}
 """
+)
 # The same bucket, paying `cost` whatever it holds (down to -burst: a debt the next takes wait out).
-DEBIT_LUA: Final = """
-local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local clock = redis.call('TIME')
-local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at_ms')
-local tokens = tonumber(state[1]) or burst
-local at_ms = tonumber(state[2]) or now_ms
-tokens = math.min(burst, tokens + math.max(0, now_ms - at_ms) * rate / 1000)
+DEBIT_LUA: Final = (
+    _REFILLED_LUA
+    + """
 redis.call('HSET', KEYS[1], 'tokens', tostring(math.max(-burst, tokens - cost)), 'at_ms', tostring(now_ms))
 redis.call('PEXPIRE', KEYS[1], math.ceil(2 * burst * 1000 / rate) + 1000)
 return 1
 """
+)
 MIB: Final = 1024 * 1024
 
 

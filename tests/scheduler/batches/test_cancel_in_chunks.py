@@ -5,7 +5,6 @@ transaction of it holds more than a chunk of jobs (SQLite's write lock is free i
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -17,15 +16,14 @@ import scheduler.batches.actions as actions
 from scheduler.batches.actions import cancel, cancel_batch
 from scheduler.webhooks.subscriptions import subscribe
 from shared.db import (
-    Batch,
     Job,
     JobStatus,
     Tenant,
     UsageRollup,
     WebhookMessage,
-    utcnow,
 )
 from shared.jobs import transaction
+from tests.scheduler.batches.conftest import insert_mixed_batch
 
 JOBS = 60
 FINISHED = 5  # the first jobs already succeeded: a cancel leaves them as they are
@@ -36,29 +34,13 @@ HOOK = "https://hooks.example.com/ipab"
 def _batch(sessions: sessionmaker[Session], batch_id: str = "big") -> str:
     """A batch of JOBS jobs (FINISHED succeeded, RUNNING running, the rest queued), every job subscribed
     to `job.canceled` and the batch to `batch.completed`."""
-    now = utcnow()
     with transaction(sessions) as session:
         if session.get(Tenant, "t") is None:
             session.execute(insert(Tenant).values(name="t", webhook_secret="s"))
-        session.add(Batch(id=batch_id, name=f"t/{batch_id}", model_set="m", tenant="t", created_at=now, job_count=JOBS))
-        session.flush()
-        rows = []
-        for i in range(JOBS):
-            status = JobStatus.succeeded if i < FINISHED else JobStatus.running if i < FINISHED + RUNNING else None
-            row: dict[str, Any] = {
-                "id": f"{batch_id}-{i:03d}",
-                "batch_id": batch_id,
-                "line": i,
-                "dedupe_key": uuid.uuid4().hex,
-                "spec": json.dumps({"params": {}, "references": []}),
-                "seed": i,
-                "queued_at": now,
-                "status": (status or JobStatus.queued).value,
-            }
-            if status is JobStatus.succeeded:
-                row["finished_at"] = now
-            rows.append(row)
-        session.execute(insert(Job), rows)
+        spec = json.dumps({"params": {}, "references": []})
+        rows = insert_mixed_batch(
+            session, batch_id, name=f"t/{batch_id}", jobs=JOBS, finished=FINISHED, running=RUNNING, spec=spec
+        )
         for row in rows:
             subscribe(session=session, subject_id=row["id"], kind="job", tenant="t", url=HOOK, events=["job.canceled"])
         subscribe(session=session, subject_id=batch_id, kind="batch", tenant="t", url=HOOK, events=["batch.completed"])

@@ -6,22 +6,22 @@ janitor's next pass."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 import shared.janitor.deletions as deletions
 from scheduler.api.routes.batches import delete_in
 from scheduler.batches.deletion import mark_batch_jobs, request_batch_deletion
-from shared.db import Batch, Job, JobStatus, UsageRollup, utcnow
+from shared.db import Batch, Job, JobStatus, UsageRollup
 from shared.jobs import transaction
 from tests.scheduler.api.conftest import png_bytes
+from tests.scheduler.batches.conftest import insert_mixed_batch
 from tests.shared.conftest import World, world
 
 __all__ = ["world"]  # the janitor's test world, on SQLite and PostgreSQL
@@ -35,28 +35,11 @@ CHUNK = 10
 
 def _batch(sessions: sessionmaker[Session], batch_id: str = "big") -> str:
     """A batch of JOBS jobs: FINISHED succeeded, RUNNING running, the rest queued."""
-    now = utcnow()
     with transaction(sessions) as session:
-        session.add(Batch(id=batch_id, name=batch_id, model_set="m", tenant="t", created_at=now, job_count=JOBS))
-        session.flush()
-        rows = []
-        for i in range(JOBS):
-            status = JobStatus.succeeded if i < FINISHED else JobStatus.running if i < FINISHED + RUNNING else None
-            row: dict[str, Any] = {
-                "id": f"{batch_id}-{i:03d}",
-                "batch_id": batch_id,
-                "line": i,
-                "dedupe_key": uuid.uuid4().hex,
-                "spec": "{}",
-                "seed": i,
-                "queued_at": now,
-                "status": (status or JobStatus.queued).value,
-                "lost_gpu_s": 1.0,  # an earlier attempt was lost: shown in the usage, never billed
-            }
-            if status is JobStatus.succeeded:
-                row["finished_at"] = now
-            rows.append(row)
-        session.execute(insert(Job), rows)
+        # lost_gpu_s: an earlier attempt was lost: shown in the usage, never billed
+        insert_mixed_batch(
+            session, batch_id, name=batch_id, jobs=JOBS, finished=FINISHED, running=RUNNING, lost_gpu_s=1.0
+        )
     return batch_id
 
 
@@ -134,6 +117,18 @@ def test_asking_again_changes_nothing_once_done(sessions: sessionmaker[Session],
     assert per_transaction == [] and _outcome(sessions) == DONE  # read once, nothing to write
 
 
+def _stopped_after_first_chunk(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch, batch_id: str = "big"
+) -> Callable[[], None]:
+    """A new batch whose deletion failed in its second transaction (the first chunk committed); the
+    returned function lets markings run again."""
+    _batch(sessions, batch_id)
+    undo = _fail_after_first_chunk(monkeypatch)
+    with pytest.raises(RuntimeError):
+        _delete(sessions, batch_id)
+    return undo
+
+
 def _fail_after_first_chunk(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     """From now on, a marking's second transaction fails (and rolls back); the returned function undoes it."""
     real: Callable[..., int] = deletions.mark_jobs
@@ -152,10 +147,7 @@ def _fail_after_first_chunk(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Non
 def test_a_deletion_stopped_after_its_first_chunk_finishes_when_asked_again(
     sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _batch(sessions)
-    undo = _fail_after_first_chunk(monkeypatch)
-    with pytest.raises(RuntimeError):
-        _delete(sessions)
+    undo = _stopped_after_first_chunk(sessions, monkeypatch)
     part = _outcome(sessions)
     assert part["deleting"] and part["marked"] == CHUNK  # the first chunk committed; the second rolled back
 
@@ -165,11 +157,8 @@ def test_a_deletion_stopped_after_its_first_chunk_finishes_when_asked_again(
 
 
 def test_the_janitor_finishes_a_deletion_stopped_part_way(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    batch_id = _batch(world.sessions, "stopped")
-    undo = _fail_after_first_chunk(monkeypatch)
-    with pytest.raises(RuntimeError):
-        _delete(world.sessions, batch_id)
-    undo()
+    batch_id = "stopped"
+    _stopped_after_first_chunk(world.sessions, monkeypatch, batch_id)()
 
     reports = world.sweep(2)  # IPAB_JANITOR_BATCH is 50: the 50 jobs left are marked in the first pass
 
@@ -182,11 +171,7 @@ def test_the_janitor_finishes_a_deletion_stopped_part_way(world: World, monkeypa
 def test_a_batch_kept_by_a_submission_is_not_marked_further(
     sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _batch(sessions)
-    undo = _fail_after_first_chunk(monkeypatch)
-    with pytest.raises(RuntimeError):
-        _delete(sessions)
-    undo()
+    _stopped_after_first_chunk(sessions, monkeypatch)()
     with transaction(sessions) as session:  # as a submission into the batch does (scheduler.submission.submit)
         session.execute(update(Batch).where(Batch.id == "big").values(deleted_at=None))
 
