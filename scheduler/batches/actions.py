@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final, Protocol
 
 import redis
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.batches.events import outbox_job_events
+from scheduler.batches.limits import lock_tenant
 from shared.db import Batch, Job, JobStatus, serialized_writes, utcnow
 from shared.dispatch.dispatcher import wake_dispatcher
 from shared.jobs import LIVE, expiry_on_finish, transaction
@@ -86,11 +87,21 @@ def cancel_batch(
         time.sleep(max(pause_s, time.monotonic() - started))
 
 
-def retry_failed(*, sessions: sessionmaker[Session], batch_id: str) -> list[str]:
+class AddingCheck(Protocol):
+    """A check of the tenant's limits in the transaction that adds `adding` live jobs of `tenant`,
+    under its lock: it raises (QuotaExceeded) when they may not be added. The faces pass
+    `scheduler.usage.quotas.check_quotas`, which this layer cannot import (it sits above)."""
+
+    def __call__(self, *, session: Session, tenant: str, adding: int) -> None: ...
+
+
+def retry_failed(*, sessions: sessionmaker[Session], batch_id: str, within_quotas: AddingCheck) -> list[str]:
     """Put a batch's failed jobs back in the queue with a fresh budget of attempts; returns their ids.
 
     Not those whose data the janitor removed or whose deletion was asked for: their reference
-    images may be gone, and they are going.
+    images may be gone, and they are going. A failed job gave its image back to the tenant's
+    quota; queued again, it counts again: `within_quotas` refuses the retry, as a whole, when
+    the jobs would pass a quota (nothing is re-queued then), as it refuses a submission.
     """
     failed = (
         Job.batch_id == batch_id,
@@ -98,27 +109,38 @@ def retry_failed(*, sessions: sessionmaker[Session], batch_id: str) -> list[str]
         Job.data_state.is_(None),
         Job.deleted_at.is_(None),
     )
-    with transaction(sessions) as session:
+    with serialized_writes(sessions), transaction(sessions) as session:
+        tenant = session.scalar(select(Batch.tenant).where(Batch.id == batch_id))
+        if tenant is None:
+            return []
+        # The tenant's lock first: a concurrent retry or submission waits, and the jobs read next stay failed.
+        lock_tenant(session=session, tenant=tenant)
         ids = list(session.scalars(select(Job.id).where(*failed)).all())
         if ids:
-            session.execute(
-                update(Job)
-                .where(Job.id.in_(ids), *failed)
-                .values(
-                    status=JobStatus.queued.value,
-                    attempt_floor=Job.attempts,
-                    enqueued_at=None,
-                    queued_at=utcnow(),
-                    finished_at=None,
-                    expires_at=None,
-                    error_type=None,
-                    error_message=None,
-                    # A fresh run, metered afresh: the failed run's usage is in the rollup already.
-                    **RESET_USAGE,
-                )
-                .execution_options(synchronize_session=False)
-            )
+            within_quotas(session=session, tenant=tenant, adding=len(ids))
+            _requeue(session, ids, failed)
         return ids
+
+
+def _requeue(session: Session, ids: list[str], failed: tuple[Any, ...]) -> None:
+    """The failed jobs `ids` queued afresh: a fresh budget of attempts, no expiry, usage reset."""
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(ids), *failed)
+        .values(
+            status=JobStatus.queued.value,
+            attempt_floor=Job.attempts,
+            enqueued_at=None,
+            queued_at=utcnow(),
+            finished_at=None,
+            expires_at=None,
+            error_type=None,
+            error_message=None,
+            # A fresh run, metered afresh: the failed run's usage is in the rollup already.
+            **RESET_USAGE,
+        )
+        .execution_options(synchronize_session=False)
+    )
 
 
 def set_paused(*, sessions: sessionmaker[Session], batch_id: str, paused: bool) -> int:

@@ -1,7 +1,8 @@
 """Quotas: per tenant, images and GPU-seconds per UTC day and month, and jobs running at once.
 
-Checked where jobs are written (`scheduler.submission.submit`), in the transaction that
-writes them, under the tenant's lock: the one lock of every per-tenant limit,
+Checked where jobs are written (`scheduler.submission.submit`) or failed ones are queued
+again (`scheduler.batches.actions.retry_failed`, which the faces hand `check_quotas`), in the
+transaction that writes them, under the tenant's lock: the one lock of every per-tenant limit,
 `scheduler.batches.limits.lock_tenant` (an advisory lock on PostgreSQL, the write lock on
 SQLite), which the queued-jobs cap takes too. The count and the insert are then one step: a
 tenant's concurrent submissions take turns, so none passes a limit, on either database, from

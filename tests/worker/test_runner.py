@@ -17,6 +17,7 @@ from PIL import Image
 from sqlalchemy import update
 
 from scheduler.batches.actions import retry_failed
+from scheduler.usage.quotas import check_quotas
 from shared import keys
 from shared.db import Job
 from shared.errors import JobCanceled
@@ -119,7 +120,9 @@ def test_a_job_that_keeps_losing_its_worker_fails_after_max_attempts(ctx: Worker
     job = job_row(ctx, message.job_id)
     assert (job.status, job.error_message) == ("failed", f"worker lost {ctx.settings.max_attempts} times")
     # `ipab retry --failed` gives it a fresh budget; the attempt number (the fence) only grows.
-    assert retry_failed(sessions=ctx.sessions, batch_id=message.batch_id) == [message.job_id]
+    assert retry_failed(sessions=ctx.sessions, batch_id=message.batch_id, within_quotas=check_quotas) == [
+        message.job_id
+    ]
     assert run_and_publish(ctx, message.to_json()) == "rendered"
     job = job_row(ctx, message.job_id)
     assert (job.status, job.attempts) == ("succeeded", ctx.settings.max_attempts + 1)

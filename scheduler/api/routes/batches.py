@@ -31,6 +31,7 @@ from scheduler.batches.lookup import find_batch, on_batch
 from scheduler.batches.record import Audience, batch_records, results_line
 from scheduler.gallery.build import render_gallery
 from scheduler.submission.manifest import EXPIRES_FIELD
+from scheduler.usage.quotas import check_quotas
 from scheduler.webhooks.addresses import MAX_URL_CHARS
 from shared.db import Batch
 from shared.dispatch.policy import DEFAULT_LANE, Lane
@@ -219,7 +220,7 @@ async def cancel_batch(batch_id: str, request: Request, ctx: Context, caller: Ca
 
 def _retry(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
     batch = _batch(ctx, tenant, batch_id)
-    ids = retry_failed(sessions=ctx.sessions, batch_id=batch.id)
+    ids = retry_failed(sessions=ctx.sessions, batch_id=batch.id, within_quotas=check_quotas)
     if ids:
         wake(redis_client=ctx.redis, settings=ctx.settings, model_set=batch.model_set)
     return {**_read(ctx, tenant, batch.id), "retried": len(ids)}
