@@ -22,7 +22,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.batches.events import outbox_job_events
-from scheduler.batches.limits import lock_tenant
+from scheduler.batches.limits import TenantCap, lock_tenant, refusal
 from shared.db import Batch, Job, JobStatus, serialized_writes, utcnow
 from shared.dispatch.dispatcher import wake_dispatcher
 from shared.jobs import LIVE, expiry_on_finish, transaction
@@ -95,13 +95,16 @@ class AddingCheck(Protocol):
     def __call__(self, *, session: Session, tenant: str, adding: int) -> None: ...
 
 
-def retry_failed(*, sessions: sessionmaker[Session], batch_id: str, within_quotas: AddingCheck) -> list[str]:
+def retry_failed(
+    *, sessions: sessionmaker[Session], batch_id: str, within_quotas: AddingCheck, cap: TenantCap | None = None
+) -> list[str]:
     """Put a batch's failed jobs back in the queue with a fresh budget of attempts; returns their ids.
 
     Not those whose data the janitor removed or whose deletion was asked for: their reference
     images may be gone, and they are going. A failed job gave its image back to the tenant's
     quota; queued again, it counts again: `within_quotas` refuses the retry, as a whole, when
-    the jobs would pass a quota (nothing is re-queued then), as it refuses a submission.
+    the jobs would pass a quota (nothing is re-queued then), as it refuses a submission. So does
+    `cap` (the API's queued-jobs cap), with CapReached: queued again, they count again there too.
     """
     failed = (
         Job.batch_id == batch_id,
@@ -117,6 +120,8 @@ def retry_failed(*, sessions: sessionmaker[Session], batch_id: str, within_quota
         lock_tenant(session=session, tenant=tenant)
         ids = list(session.scalars(select(Job.id).where(*failed)).all())
         if ids:
+            if cap is not None and (held := cap.count(session, tenant)) + len(ids) > cap.maximum:
+                raise refusal(tenant=tenant, cap=cap, held=held, adding=len(ids))
             within_quotas(session=session, tenant=tenant, adding=len(ids))
             _requeue(session, ids, failed)
         return ids

@@ -74,15 +74,15 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from scheduler.batches.actions import retry_failed, wake
-    from scheduler.usage.quotas import check_quotas
+    from scheduler.batches.actions import wake
+    from scheduler.usage.quotas import retry_within_quotas
     from shared.settings import load_settings
 
     settings = load_settings()
     redis_client = _redis(settings)
     with database(settings) as sessions:
         batch = read_batch(sessions, args.batch)
-        ids = retry_failed(sessions=sessions, batch_id=batch.id, within_quotas=check_quotas)
+        ids = retry_within_quotas(sessions=sessions, batch_id=batch.id)
     wake(redis_client=redis_client, settings=settings, model_set=batch.model_set)
     print(f"re-queued {len(ids)} failed job(s) of batch {batch.name}; they start in their lane's turn")
     return 0

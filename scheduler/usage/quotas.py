@@ -31,7 +31,8 @@ from typing import Any, Final
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from scheduler.batches.limits import count_tenant_jobs, lock_tenant
+from scheduler.batches.actions import retry_failed
+from scheduler.batches.limits import TenantCap, count_tenant_jobs, lock_tenant
 from shared.db import QuotaRefusal, TenantQuota, UsageRollup, insert_ignoring_duplicates, utcnow
 from shared.dispatch.holds import jobs_in_flight
 from shared.errors import InvalidInput, QuotaExceeded
@@ -277,6 +278,16 @@ def record_refusal(*, sessions: sessionmaker[Session], refused: QuotaExceeded, c
             .where(QuotaRefusal.tenant == refused.tenant, QuotaRefusal.quota == refused.quota)
             .values(refusals=QuotaRefusal.refusals + count, last_refused_at=utcnow())
         )
+
+
+def retry_within_quotas(*, sessions: sessionmaker[Session], batch_id: str, cap: TenantCap | None = None) -> list[str]:
+    """`retry_failed` under the tenant's quotas (and `cap`); a retry a quota refuses is counted
+    in `ipab_quota_refusals_total`, as a refused submission is."""
+    try:
+        return retry_failed(sessions=sessions, batch_id=batch_id, within_quotas=check_quotas, cap=cap)
+    except QuotaExceeded as e:
+        record_refusal(sessions=sessions, refused=e)
+        raise
 
 
 def refusals(*, session: Session) -> list[tuple[str, str, int]]:

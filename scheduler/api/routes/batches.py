@@ -23,15 +23,16 @@ from scheduler.api.problems import from_invalid_input, invalid
 from scheduler.api.routes.jobs import webhook_of
 from scheduler.api.views import batch_forecast, batch_view
 from scheduler.batches import actions
-from scheduler.batches.actions import retry_failed, set_paused, wake
+from scheduler.batches.actions import set_paused, wake
 from scheduler.batches.counts import STATUSES, count_batch, count_jobs
 from scheduler.batches.deletion import mark_batch_jobs, request_batch_deletion
 from scheduler.batches.events import BATCH_COMPLETED
+from scheduler.batches.limits import queued_jobs_cap
 from scheduler.batches.lookup import find_batch, on_batch
 from scheduler.batches.record import Audience, batch_records, results_line
 from scheduler.gallery.build import render_gallery
 from scheduler.submission.manifest import EXPIRES_FIELD
-from scheduler.usage.quotas import check_quotas
+from scheduler.usage.quotas import retry_within_quotas
 from scheduler.webhooks.addresses import MAX_URL_CHARS
 from shared.db import Batch
 from shared.dispatch.policy import DEFAULT_LANE, Lane
@@ -220,7 +221,8 @@ async def cancel_batch(batch_id: str, request: Request, ctx: Context, caller: Ca
 
 def _retry(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
     batch = _batch(ctx, tenant, batch_id)
-    ids = retry_failed(sessions=ctx.sessions, batch_id=batch.id, within_quotas=check_quotas)
+    cap = queued_jobs_cap(ctx.settings.api_max_queued_jobs)  # queued again, they count again
+    ids = retry_within_quotas(sessions=ctx.sessions, batch_id=batch.id, cap=cap)
     if ids:
         wake(redis_client=ctx.redis, settings=ctx.settings, model_set=batch.model_set)
     return {**_read(ctx, tenant, batch.id), "retried": len(ids)}

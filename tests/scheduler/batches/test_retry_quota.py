@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from scheduler.api.app import create_app
 from scheduler.batches.actions import retry_failed
 from scheduler.submission.submit import submit_manifest
-from scheduler.usage.quotas import check_quotas, set_quotas
+from scheduler.usage.quotas import check_quotas, refusals, set_quotas
 from shared.db import Job, JobStatus, UsageRollup, ensure_database, make_engine, make_session_factory, utcnow
 from shared.errors import QuotaExceeded
 from shared.jobs import transaction
@@ -177,6 +177,32 @@ def test_the_api_answers_a_retry_over_a_quota_with_429_quota_exceeded(
     assert_problem(r, 429, "quota-exceeded", "images_per_day")
     assert (r.json()["quota"], r.json()["requested"]) == ("images_per_day", 3)
     assert _statuses(sessions, failed) == ["failed"] * 3
+    with sessions() as session:  # counted, as a refused submission is (ipab_quota_refusals_total)
+        assert refusals(session=session) == [(TENANT, "images_per_day", 1)]
+
+
+def test_the_api_refuses_a_retry_that_would_pass_the_queued_jobs_cap(
+    quota_settings: Settings, sessions: Sessions, tmp_path: Path
+) -> None:
+    """Queued again, failed jobs count against IPAB_API_MAX_QUEUED_JOBS as a submission's would."""
+    key, _ = make_key(quota_settings, TENANT)
+    headers = {"Authorization": f"Bearer {key}"}
+    failed = _submit(quota_settings, tmp_path, "failed", 3)
+    _set_status(sessions, failed, JobStatus.failed)
+    live = _submit(quota_settings, tmp_path, "live", 2)
+    capped = quota_settings.model_copy(update={"api_max_queued_jobs": 4})
+
+    with TestClient(create_app(capped, dispatcher=False), raise_server_exceptions=False) as client:
+        refused = client.post(f"/v1/batches/{failed}/retry", headers=headers)  # 2 queued + 3 = 5 > 4
+        assert_problem(refused, 429, "queue-full", "IPAB_API_MAX_QUEUED_JOBS")
+        assert refused.headers["Retry-After"]
+        assert _statuses(sessions, failed) == ["failed"] * 3  # nothing re-queued
+        _set_status(sessions, live, JobStatus.canceled, count=1)
+        accepted = client.post(f"/v1/batches/{failed}/retry", headers=headers)  # 1 + 3 fits
+
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["retried"] == 3
+    assert _statuses(sessions, failed) == ["queued"] * 3
 
 
 def test_ipab_retry_over_a_quota_exits_2_with_one_line(
