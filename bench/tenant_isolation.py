@@ -11,7 +11,9 @@ Each measurement runs on a fresh `ipab api` process (its peak RSS, VmHWM, is the
 - neighbour: tenant `calm` GETs its job, one request at a time, alone and while tenant `flood`
   GETs its gallery from 16 connections of another process, ignoring Retry-After (in turns, 4
   rounds of 50 each): calm's p50 alone and beside, and flood's answers by status; with the
-  rate limit at its defaults and turned off (IPAB_API_RATE_PER_S=0).
+  rate limit at its defaults and turned off (IPAB_API_RATE_PER_S=0); and beside 16 connections
+  GETting /v1/batches with a made-up key, with key lookups limited (defaults) and not
+  (IPAB_API_KEY_LOOKUPS_PER_S=0).
 
 Run: `python -m bench.tenant_isolation [--hostile-mib 64] [--rows 100000] [--database sqlite|postgres]`;
 `--combined` runs only the two-tenant scenario of `bench/two_tenants.py` instead (one hostile
@@ -155,8 +157,11 @@ def _calm_latencies(url: str, headers: dict[str, str], job_id: str, statuses: Co
     return latencies
 
 
-def _neighbour(settings: Settings, workdir: Path, png: bytes, name: str) -> dict[str, Any]:
-    """Calm's latency alone and beside the flood, measured in turns (ROUNDS of each)."""
+def _neighbour(
+    settings: Settings, workdir: Path, png: bytes, name: str, *, made_up_key: bool = False
+) -> dict[str, Any]:
+    """Calm's latency alone and beside the flood, measured in turns (ROUNDS of each); `made_up_key`:
+    the flood GETs /v1/batches with a key nobody holds (each a lookup in SQL, unless refused)."""
     keys = tenant_keys(settings, "calm", "flood")
     with api_process(settings, workdir, f"api-{name}") as (_pid, url):
         calm_ref, flood_ref = upload(url, keys["calm"], png), upload(url, keys["flood"], png)
@@ -169,7 +174,10 @@ def _neighbour(settings: Settings, workdir: Path, png: bytes, name: str) -> dict
         alone: list[float] = []
         beside: list[float] = []
         calm_statuses: Counter[int] = Counter()
-        flood = Flood(url, keys["flood"], f"/v1/batches/{batch.json()['id']}/gallery", FLOOD_CLIENTS).start()
+        if made_up_key:
+            flood = Flood(url, {"Authorization": "Bearer ipab_" + "0" * 43}, "/v1/batches", FLOOD_CLIENTS).start()
+        else:
+            flood = Flood(url, keys["flood"], f"/v1/batches/{batch.json()['id']}/gallery", FLOOD_CLIENTS).start()
         try:
             for _ in range(ROUNDS):
                 alone += _calm_latencies(url, keys["calm"], job.json()["id"], calm_statuses)
@@ -199,10 +207,16 @@ def _measure(svc: Services, kind: Database, args: argparse.Namespace) -> dict[st
             settings = bench_settings(svc, url, model_set=model_set, api_rate_per_s=0)
             sizes = {"hostile_mib": args.hostile_mib, "rows": args.rows, "max_mib": args.max_batch_mib}
             figures.update(_batches(settings, workdir, png, **sizes))
-    for name, overrides in (("rate_limited", {}), ("unlimited", {"api_rate_per_s": 0})):
+    scenarios: list[tuple[str, dict[str, Any], bool]] = [
+        ("rate_limited", {}, False),
+        ("unlimited", {"api_rate_per_s": 0}, False),
+        ("made_up_keys_limited", {}, True),
+        ("made_up_keys_unlimited", {"api_key_lookups_per_s": 0}, True),
+    ]
+    for name, overrides, made_up_key in scenarios:
         with private_database(kind, svc.workdir) as url:
             settings = bench_settings(svc, url, model_set=model_set, **overrides)
-            figures[f"neighbour_{name}"] = _neighbour(settings, workdir, png, name)
+            figures[f"neighbour_{name}"] = _neighbour(settings, workdir, png, name, made_up_key=made_up_key)
         log(f"neighbour {name}: {json.dumps(figures[f'neighbour_{name}'])}")
     return figures
 

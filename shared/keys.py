@@ -28,6 +28,7 @@ JANITOR_SIGNAL_KEY: Final = "janitor-signal"  # the list an idle janitor blocks 
 STATS_KEY: Final = "stats:{name}"  # fleet-wide counters (hash)
 RATE_BUCKET_KEY: Final = "rate:{tenant}"  # a tenant's API request token bucket (hash: tokens, at_ms)
 BODY_BUCKET_KEY: Final = "body-rate:{tenant}"  # a tenant's API body-bytes bucket (hash: tokens, at_ms)
+KEY_LOOKUP_BUCKET_KEY: Final = "key-lookups:{client}"  # API key lookups in SQL per client address (hash)
 PROGRESS_KEY: Final = "progress:{job_id}"  # a running job's denoising step (JSON, expires)
 
 RENDER_QUEUE: Final = "ipab.render.{model_set}"

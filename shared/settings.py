@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     # `api_max_body_bytes`, so two of the largest bodies go at once); past it, 429 before the body is read.
     api_body_bytes_per_s: float = 16 * 1024 * 1024
     api_body_burst_bytes: int = 2 * 64 * 1024 * 1024
+    # Per client address, lookups in SQL of API keys not in the process's cache (unknown keys, or
+    # valid ones not seen for a while): another bucket of the same kind (0: no limit); past it, 429.
+    api_key_lookups_per_s: float = 2.0
+    api_key_lookup_burst: int = 30
     api_image_url_expiry_s: float = 3600.0  # presigned `image_url`s
     idempotency_ttl_s: float = 48 * 3600.0  # Idempotency-Key records are kept this long (>= 24 h)
     webhook_allow_private: bool = False  # deliver to loopback/private addresses (tests, one host)

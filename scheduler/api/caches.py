@@ -20,6 +20,9 @@ V = TypeVar("V")
 
 AUTH_CACHE_S: Final = 5.0  # a revoked key stops working within this many seconds
 REFERENCE_CACHE_S: Final = 600.0
+# A key found valid is looked up again (every AUTH_CACHE_S) outside its client address's budget of
+# key lookups for this long: a tenant sharing an address with a client sending made-up keys stays served.
+KNOWN_KEY_S: Final = 3600.0
 # A queued job's (or batch's) forecast is served again for this long: the backlog counts it is made
 # of are a snapshot up to a second old anyway, and a client polling its job every 50 ms made the
 # forecast three quarters of the API's CPU per GET (four SQL statements and a policy simulation).
@@ -66,6 +69,11 @@ class ExpiringCache(Generic[K, V]):
             entry = self._entries.get(key)
             if entry is not None and entry[0] > self._clock():
                 self._entries[key] = (entry[0], change(entry[1]))
+
+    def discard(self, key: K) -> None:
+        """Forget `key`'s entry, if any."""
+        with self._lock:
+            self._entries.pop(key, None)
 
     def clear(self) -> None:
         """Forget every entry."""

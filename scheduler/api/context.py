@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.batch_processes import BatchProcesses
-from scheduler.api.caches import AUTH_CACHE_S, FORECAST_CACHE_S, REFERENCE_CACHE_S, ExpiringCache
+from scheduler.api.caches import AUTH_CACHE_S, FORECAST_CACHE_S, KNOWN_KEY_S, REFERENCE_CACHE_S, ExpiringCache
 from scheduler.api.heavy_gate import HeavyGate
 from scheduler.api.problems import ApiProblem
 from scheduler.api.rate_limit import RateLimiter
@@ -49,6 +49,7 @@ class ApiContext:
     _model_set: list[str] = field(default_factory=list)
     # key sha256 -> caller: a revoked key works on for at most `ttl_s` (AUTH_CACHE_S).
     callers: ExpiringCache[str, Caller] = field(default_factory=lambda: ExpiringCache(ttl_s=AUTH_CACHE_S))
+    known_keys: ExpiringCache[str, bool] = field(default_factory=lambda: ExpiringCache(ttl_s=KNOWN_KEY_S))
     # (tenant, sha256) -> the stored reference image: uploaded references never change.
     references: ExpiringCache[tuple[str, str], ReferenceFile] = field(
         default_factory=lambda: ExpiringCache(ttl_s=REFERENCE_CACHE_S)
@@ -117,18 +118,29 @@ def _lookup(ctx: ApiContext, key: str) -> Caller | None:
         return find_caller(session=session, key=key)
 
 
-async def _caller_of(ctx: ApiContext, key: str) -> Caller | None:
+async def _caller_of(ctx: ApiContext, key: str, client: str) -> Caller | None:
     """The key's caller, from the cache when it was found valid less than AUTH_CACHE_S ago.
 
     Only valid keys are cached: an unknown key is looked up every time, so a key made a
-    moment ago works at once and guesses cannot fill the cache.
+    moment ago works at once and guesses cannot fill the cache. Lookups are limited per client
+    address (`RateLimiter.check_key_lookup`), and only unknown keys use them up: guesses cannot keep
+    the database busy either. A key found valid within KNOWN_KEY_S is looked up outside that limit,
+    so a tenant behind the same address as a client sending guesses is not refused with it.
     """
     key_sha256 = hash_key(key)
     caller = ctx.callers.get(key_sha256)
     if caller is None:
+        known = ctx.known_keys.get(key_sha256) is not None  # found valid within KNOWN_KEY_S: not limited
+        if not known:
+            await ctx.limiter.check_key_lookup(client)
         caller = await run_in_threadpool(_lookup, ctx, key)
-        if caller is not None:
+        if caller is None:
+            ctx.known_keys.discard(key_sha256)  # revoked meanwhile
+        else:
             ctx.callers.put(key_sha256, caller)
+            ctx.known_keys.put(key_sha256, True)
+            if not known:
+                await ctx.limiter.refund_key_lookup(client)
     return caller
 
 
@@ -148,7 +160,7 @@ async def get_caller(
     match = BEARER.fullmatch(authorization.strip())
     if match is None:
         raise _unauthorized(f"the Authorization header is not `Bearer <key>`; {AUTH_HINT}")
-    caller = await _caller_of(ctx, match.group(1))
+    caller = await _caller_of(ctx, match.group(1), request.client.host if request.client else "unknown")
     if caller is None:
         raise _unauthorized("the API key is unknown or revoked")
     reserved = reserved_tenant_hint(caller.tenant)

@@ -45,7 +45,7 @@ import redis
 import redis.asyncio
 
 from scheduler.api.problems import ApiProblem
-from shared.keys import BODY_BUCKET_KEY, RATE_BUCKET_KEY
+from shared.keys import BODY_BUCKET_KEY, KEY_LOOKUP_BUCKET_KEY, RATE_BUCKET_KEY
 from shared.redis_conn import LIMITER, connect_async_redis
 from shared.settings import Settings
 
@@ -113,15 +113,15 @@ def refusal_delay_s(wait_s: float) -> float:
     return min(max(wait_s, REFUSAL_MIN_DELAY_S), REFUSAL_DELAY_S)
 
 
-async def _refuse_while(wait_s: float | None, tenant: str, limit: str, *, close: bool = False) -> None:
-    """Nothing when `wait_s` is None; else, after `refusal_delay_s`, 429 naming the tenant and `limit`
-    (and closing the connection: `close`)."""
+async def _refuse_while(wait_s: float | None, who: str, limit: str, *, close: bool = False) -> None:
+    """Nothing when `wait_s` is None; else, after `refusal_delay_s`, 429 naming `who` (the tenant,
+    or the client) and `limit` (and closing the connection: `close`)."""
     if wait_s is None:
         return
     await asyncio.sleep(refusal_delay_s(wait_s))
     retry_s = max(1, math.ceil(wait_s))
     headers = {"Retry-After": str(retry_s), **({"Connection": "close"} if close else {})}
-    detail = f"tenant {tenant!r} is past {limit}: retry after {retry_s} s"
+    detail = f"{who} is past {limit}: retry after {retry_s} s"
     raise ApiProblem(429, detail, headers=headers, kind="rate-limited")
 
 
@@ -202,7 +202,7 @@ class RateLimiter:
             f"its rate limit of {rate:g} request(s)/s with a burst of {burst} (IPAB_API_RATE_PER_S, "
             f"IPAB_API_RATE_BURST); this request costs {cost} token(s)"
         )
-        await _refuse_while(await self.wait_s(tenant, cost), tenant, limit)
+        await _refuse_while(await self.wait_s(tenant, cost), f"tenant {tenant!r}", limit)
 
     async def check_body(self, tenant: str, size_bytes: int) -> None:
         """Pay for a declared body of `size_bytes` from the tenant's bytes bucket; 429 with Retry-After
@@ -212,7 +212,32 @@ class RateLimiter:
             f"its rate of large bodies, {rate / MIB:g} MiB/s with a burst of {burst / MIB:g} MiB "
             f"(IPAB_API_BODY_BYTES_PER_S, IPAB_API_BODY_BURST_BYTES); this body of {size_bytes} bytes was not read"
         )
-        await _refuse_while(await self.body_wait_s(tenant, size_bytes), tenant, limit, close=True)
+        await _refuse_while(await self.body_wait_s(tenant, size_bytes), f"tenant {tenant!r}", limit, close=True)
+
+    async def check_key_lookup(self, client: str) -> None:
+        """Take a token from the client address's bucket of key lookups before a key that is not in
+        the cache is looked up in SQL (given back if the key is valid: `refund_key_lookup`); 429
+        with Retry-After when none is left. Without it, every request with a made-up key cost a
+        SQL query (3 ms), from anybody, with no key to limit."""
+        rate, burst = self.settings.api_key_lookups_per_s, self.settings.api_key_lookup_burst
+        key = KEY_LOOKUP_BUCKET_KEY.format(client=client)
+        limit = (
+            f"its rate of API key lookups, {rate:g}/s with a burst of {burst} (IPAB_API_KEY_LOOKUPS_PER_S, "
+            "IPAB_API_KEY_LOOKUP_BURST): keys not used here lately, unknown ones too, are looked up that often"
+        )
+        await _refuse_while(await self._take(key, "key-lookups:" + client, rate, burst, 1), f"client {client}", limit)
+
+    async def refund_key_lookup(self, client: str) -> None:
+        """Give back the token of a lookup that found a valid key: only unknown keys use up the
+        bucket, so many tenants behind one address (a NAT) are not limited by their own lookups."""
+        rate, burst = self.settings.api_key_lookups_per_s, self.settings.api_key_lookup_burst
+        if rate <= 0 or time.monotonic() < self._paused_until_s:
+            return
+        key = self.settings.redis_prefix + KEY_LOOKUP_BUCKET_KEY.format(client=client)
+        try:
+            await self._scripts()[1](keys=[key], args=[rate, burst, -1])
+        except (redis.RedisError, OSError) as e:
+            self._pause(e)
 
     def _scripts(self) -> tuple[Any, Any]:
         """(take, debit): the scripts on this event loop's client."""

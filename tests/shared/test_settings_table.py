@@ -115,6 +115,8 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "api_rate_burst": [("0", "0"), ("1.5", "1.5")],
     "api_body_bytes_per_s": [("-1", "-1"), ("inf", "inf"), ("16MiB", "16MiB")],
     "api_body_burst_bytes": [("0", "0"), ("1000", "IPAB_API_MAX_BODY_BYTES")],
+    "api_key_lookups_per_s": [("-1", "-1"), ("inf", "inf")],
+    "api_key_lookup_burst": [("0", "0"), ("many", "many")],
     "api_metrics_port": [("-1", "-1"), ("70000", "70000")],
     "metrics_token": [(f"{SECRET} x", "'***'")],  # a secret: refused, never shown
     "metrics_port": [("-1", "-1"), ("70000", "70000"), ("http", "http")],

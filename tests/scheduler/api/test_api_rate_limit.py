@@ -115,6 +115,30 @@ def test_a_redis_outage_refuses_nobody(
         assert client.get("/v1/batches", headers=alice).status_code == 429  # her tokens are not back: still known
 
 
+def test_made_up_keys_are_looked_up_at_the_clients_lookup_rate_and_known_keys_stay_served(
+    api_settings: Settings, alice: dict[str, str], bob: dict[str, str]
+) -> None:
+    """Each unknown key costs a SQL lookup: a client address gets IPAB_API_KEY_LOOKUP_BURST of them,
+    then 429 at once, without a lookup; a key already known is served from the cache, and another
+    address has its own bucket. Lookups that find a valid key use up nothing (tenants behind a NAT)."""
+    settings = api_settings.model_copy(update={"api_key_lookups_per_s": 0.01, "api_key_lookup_burst": 5})
+    app = create_app(settings, dispatcher=False)
+    guess = {"Authorization": "Bearer ipab_" + "x" * 43}
+    with TestClient(app, raise_server_exceptions=False, client=("192.0.2.7", 5000)) as hostile:
+        assert hostile.get("/v1/batches", headers=alice).status_code == 200  # her key: one lookup, given back
+        answers = [hostile.get("/v1/batches", headers=guess) for _ in range(7)]
+        assert [r.status_code for r in answers] == [401] * 5 + [429] * 2
+        assert_problem(answers[-1], 429, "client 192.0.2.7", "IPAB_API_KEY_LOOKUPS_PER_S", "IPAB_API_KEY_LOOKUP_BURST")
+        assert int(answers[-1].headers["retry-after"]) >= 1
+        assert hostile.get("/v1/batches", headers=alice).status_code == 200  # known: no lookup needed
+        app.state.ctx.callers.clear()  # as AUTH_CACHE_S after: looked up again, but as a key found valid before
+        assert hostile.get("/v1/batches", headers=alice).status_code == 200
+        assert hostile.get("/v1/batches", headers=bob).status_code == 429  # not known yet: waits with the address
+    with TestClient(create_app(settings, dispatcher=False), client=("198.51.100.3", 5000)) as other:
+        assert other.get("/v1/batches", headers=bob).status_code == 200
+        assert other.get("/v1/batches", headers=guess).status_code == 401
+
+
 def test_the_limit_is_off_at_rate_zero(limited: Callable[..., TestClient], alice: dict[str, str]) -> None:
     client = limited(0, 1)
     assert [client.get("/v1/batches", headers=alice).status_code for _ in range(5)] == [200] * 5
