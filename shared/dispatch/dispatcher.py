@@ -44,7 +44,7 @@ from shared.dispatch.policy import Policy
 from shared.dispatch.wake import wait_for_signal, wake_key
 from shared.dispatch.wake import wake_dispatcher as wake_dispatcher  # its callers import it from here
 from shared.errors import TransientError
-from shared.jobs import autocommit, dialect_of, transaction
+from shared.jobs import ASYNC_COMMIT, autocommit, dialect_of, transaction
 from shared.queue import enqueue_serialized
 from shared.reconcile import hold_lock, release_lock
 from shared.settings import Settings
@@ -76,12 +76,8 @@ _MARK: Final = (
     .values(enqueued_at=server_now())
     .returning(_JOBS.c.id)
 )
-# PostgreSQL: the same statement, and its commit does not wait for the WAL flush (see
-# `mark_dispatched`). `set_config(..., true)` is SET LOCAL as a function: run in autocommit, the
-# statement is its own transaction, so the setting ends with it, and no BEGIN, SET and COMMIT
-# round trips surround it.
-_ASYNC_COMMIT: Final = select(func.set_config("synchronous_commit", "off", True)).scalar_subquery()
-_MARK_ASYNC: Final = _MARK.where(_ASYNC_COMMIT.is_not(None))
+# PostgreSQL: the same statement, whose commit does not wait for the WAL flush (see `mark_dispatched`).
+_MARK_ASYNC: Final = _MARK.where(ASYNC_COMMIT.is_not(None))
 
 
 @dataclass(frozen=True)

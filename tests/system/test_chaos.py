@@ -119,15 +119,20 @@ def run_through_outage(
     *,
     down_s: float,
     noticed: str,
+    crash: bool = False,
 ) -> None:
-    """A batch whose `server` goes down for `down_s` while a job runs; the worker log must
-    show `noticed` (the fault reached the work in flight), and each job ran at most once more."""
+    """A batch whose `server` goes down for `down_s` while a job runs (stopped, or `crash`: its
+    processes SIGKILLed); the worker log must show `noticed` (the fault reached the work in
+    flight), and each job ran at most once more."""
     with worker_pool(settings, settings_env, tmp_path) as pool:
         pool.start()
         batch_id = start_batch(settings, pool, tmp_path, f"{server.name}-outage")
         wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 3, what="first results")
         wait_until(lambda: bool(running_ids(settings, batch_id)), what="a running job")
-        server.stop()
+        if crash:
+            server.kill()
+        else:
+            server.stop()
         time.sleep(down_s)
         server.start()
         wait_for_batch(settings, batch_id, workers=pool)
@@ -162,6 +167,20 @@ def test_postgres_restart_mid_batch_loses_nothing(
 ) -> None:
     settings = system_settings.model_copy(update={"database_url": private_postgres.url})
     run_through_outage(settings, settings_env, tmp_path, private_postgres, down_s=3, noticed="SQL database unreachable")
+
+
+def test_postgres_crash_mid_batch_loses_nothing(
+    system_settings: Settings,
+    settings_env: Callable[[Settings], dict[str, str]],
+    tmp_path: Path,
+    private_postgres: Service,
+) -> None:
+    """Killed, PostgreSQL loses the commits it had not flushed: claims and dispatch marks commit
+    without waiting for the flush (shared/jobs.py). Their jobs run again; none is lost or succeeds twice."""
+    settings = system_settings.model_copy(update={"database_url": private_postgres.url})
+    run_through_outage(
+        settings, settings_env, tmp_path, private_postgres, down_s=3, noticed="SQL database unreachable", crash=True
+    )
 
 
 def test_poison_messages_do_not_stop_the_worker(system_settings: Settings, workers: Workers, tmp_path: Path) -> None:
