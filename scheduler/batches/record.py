@@ -179,9 +179,12 @@ def results_line(record: JobRecord, *, store: ObjectStore, audience: Audience) -
     return line if audience is Audience.OPERATOR else {k: v for k, v in line.items() if k not in OPERATOR_FIELDS}
 
 
-def batch_records(*, session: Session, batch_id: str, status: str | None = None) -> Iterator[JobRecord]:
-    """The records of a batch's jobs (only those with `status`, when given), in manifest order, streamed."""
-    stmt = select(Job).where(Job.batch_id == batch_id).order_by(Job.line, Job.id)
+def batch_records(
+    *, session: Session, batch_id: str, status: str | None = None, offset: int = 0, limit: int | None = None
+) -> Iterator[JobRecord]:
+    """The records of a batch's jobs (only those with `status`, when given), in manifest order, streamed;
+    `offset` and `limit`: a page of them."""
+    stmt = select(Job).where(Job.batch_id == batch_id).order_by(Job.line, Job.id).offset(offset).limit(limit)
     if status is not None:
         stmt = stmt.where(Job.status == status)
     for job in session.scalars(stmt.execution_options(yield_per=RECORDS_CHUNK)):

@@ -1,8 +1,9 @@
 """A batch as one static HTML page: a card per job (image, reference thumbnails, prompt, seed,
 parameters, status, error), filtered by status and prompt text in the browser, no server needed.
 
-`render_gallery` returns the page with every thumbnail embedded as a `data:` URI (what the
-HTTP API can serve as is); `write_gallery` writes `DIR/index.html` with the thumbnails as
+`render_gallery` returns a page of it (GALLERY_PER_PAGE jobs by default, with links to the
+next and previous pages) with every thumbnail embedded as a `data:` URI (what the HTTP API
+can serve as is: a page costs the same whatever the batch's size); `write_gallery` writes `DIR/index.html` with the thumbnails as
 files beside it (`DIR/thumbs/`), or embedded with `embed=True`. Every text from a job is
 HTML-escaped, and the page loads nothing from elsewhere.
 """
@@ -22,6 +23,7 @@ from typing import Any, Final
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
+from scheduler.batches.counts import count_batch
 from scheduler.batches.record import JobRecord, batch_records
 from scheduler.gallery.page import PAGE_TEMPLATE
 from scheduler.terminal_progress import SILENT, Reporter
@@ -35,16 +37,20 @@ OUTPUT_THUMB_PX: Final = 256
 REFERENCE_THUMB_PX: Final = 96
 THUMB_QUALITY: Final = 85
 FETCH_THREADS: Final = 8
+GALLERY_PER_PAGE: Final = 100  # cards per page of the API's gallery by default (an output and its references each)
+MAX_GALLERY_PER_PAGE: Final = 500
 PARAM_NAMES: Final = ("width", "height", "steps", "guidance_scale", "ip_adapter_scale", "scheduler", "negative_prompt")
 
 # (object key, file stem, longest side in px) -> the <img src> for it, or None when the object is missing.
 ImageSource = Callable[[str, str, int], str | None]
 
 
-def batch_cards(sessions: sessionmaker[Session], *, batch_id: str) -> list[JobRecord]:
-    """The records of the batch's jobs, a card each, in manifest order."""
+def batch_cards(
+    sessions: sessionmaker[Session], *, batch_id: str, offset: int = 0, limit: int | None = None
+) -> list[JobRecord]:
+    """The records of the batch's jobs, a card each, in manifest order (a page of them: `offset`, `limit`)."""
     with transaction(sessions) as session:
-        return list(batch_records(session=session, batch_id=batch_id))
+        return list(batch_records(session=session, batch_id=batch_id, offset=offset, limit=limit))
 
 
 def card_error(record: JobRecord) -> str | None:
@@ -146,8 +152,9 @@ def card_html(card: JobRecord, *, output_src: str | None, reference_srcs: Sequen
     )
 
 
-def page_html(batch: Batch, cards: Sequence[JobRecord], card_parts: Sequence[str]) -> str:
-    """The whole page around the cards: header, filters, counts, and the filtering script."""
+def page_html(batch: Batch, cards: Sequence[JobRecord], card_parts: Sequence[str], *, nav: str = "") -> str:
+    """The whole page around the cards: header, filters, counts, `nav` (a page's place among the
+    batch's), and the filtering script."""
     counts = {s.value: sum(1 for c in cards if c.status == s.value) for s in JobStatus}
     options = "".join(f'<option value="{_esc(s)}">{_esc(s)} ({n})</option>' for s, n in counts.items() if n)
     return PAGE_TEMPLATE.substitute(
@@ -158,6 +165,7 @@ def page_html(batch: Batch, cards: Sequence[JobRecord], card_parts: Sequence[str
         total=len(cards),
         options=options,
         cards="\n".join(card_parts),
+        nav=nav,
     )
 
 
@@ -180,10 +188,37 @@ def render_cards(cards: Sequence[JobRecord], *, image_src: ImageSource, progress
     return parts
 
 
-def render_gallery(*, sessions: sessionmaker[Session], store: ObjectStore, batch: Batch) -> str:
-    """The batch's gallery as one HTML page with every thumbnail embedded (for the HTTP API)."""
-    cards = batch_cards(sessions, batch_id=batch.id)
-    return page_html(batch, cards, render_cards(cards, image_src=EmbeddedImages(store)))
+def page_nav(*, page: int, per_page: int, total: int) -> str:
+    """Where a page of `per_page` cards stands among a batch's `total` jobs, with links to its neighbours."""
+    pages = max(1, -(-total // per_page))
+    if page > pages:
+        where = f"page {page} of {pages}: no jobs here"
+    else:
+        first, last = (page - 1) * per_page + 1, min(page * per_page, total)
+        where = f"jobs {first}-{last} of {total}, page {page} of {pages}" if total else "no jobs"
+    links = []
+    if page > 1:
+        links.append(f'<a rel="prev" href="?page={min(page - 1, pages)}&amp;per_page={per_page}">previous</a>')
+    if page < pages:
+        links.append(f'<a rel="next" href="?page={page + 1}&amp;per_page={per_page}">next</a>')
+    return f'<nav class="pages">{_esc(where)} {" ".join(links)}</nav>'
+
+
+def render_gallery(
+    *,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    batch: Batch,
+    page: int = 1,
+    per_page: int = GALLERY_PER_PAGE,
+) -> str:
+    """A page of the batch's gallery (its jobs `per_page` at a time, in manifest order), thumbnails
+    embedded (for the HTTP API: a page's cost is bounded by `per_page`, whatever the batch's size)."""
+    cards = batch_cards(sessions, batch_id=batch.id, offset=(page - 1) * per_page, limit=per_page)
+    with transaction(sessions) as session:
+        total = count_batch(session=session, batch_id=batch.id).total
+    nav = page_nav(page=page, per_page=per_page, total=total)
+    return page_html(batch, cards, render_cards(cards, image_src=EmbeddedImages(store)), nav=nav)
 
 
 def write_gallery(

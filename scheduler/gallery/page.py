@@ -52,6 +52,7 @@ PAGE_TEMPLATE: Final = Template(
   <label>prompt <input id="text-filter" type="search" placeholder="filter by prompt text"></label>
   <span id="shown-count">$total of $total shown</span>
 </header>
+$nav
 <main id="cards">
 $cards
 </main>

@@ -30,7 +30,7 @@ from scheduler.batches.events import BATCH_COMPLETED
 from scheduler.batches.limits import queued_jobs_cap
 from scheduler.batches.lookup import find_batch, on_batch
 from scheduler.batches.record import Audience, batch_records, results_line
-from scheduler.gallery.build import render_gallery
+from scheduler.gallery.build import GALLERY_PER_PAGE, MAX_GALLERY_PER_PAGE, render_gallery
 from scheduler.submission.manifest import EXPIRES_FIELD
 from scheduler.usage.quotas import retry_within_quotas
 from scheduler.webhooks.addresses import MAX_URL_CHARS
@@ -42,6 +42,7 @@ from shared.jobs import transaction
 from shared.retention import parse_duration
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
+MAX_GALLERY_PAGE: Final = 1_000_000  # a batch has at most IPAB_API_MAX_BATCH_ROWS jobs
 MAX_DURATION_CHARS: Final = 40
 MAX_LIST: Final = 1000
 # The gallery page is inline CSS, inline script and data: images: nothing else may load or run.
@@ -179,27 +180,35 @@ async def get_results(batch_id: str, ctx: Context, caller: CallerDep, status: st
     return StreamingResponse(_result_lines(ctx, batch.id, status), media_type="application/jsonl")
 
 
-def gallery_in(ctx: ApiContext, batch_id: str) -> str:
-    """The batch's gallery page, rendered on `ctx` (a card per job, thumbnails read from S3)."""
+def gallery_in(ctx: ApiContext, batch_id: str, page: int, per_page: int) -> str:
+    """A page of the batch's gallery, rendered on `ctx` (a card per job, thumbnails read from S3)."""
     with transaction(ctx.sessions) as session:
         batch = session.get(Batch, batch_id)
     if batch is None:  # deleted since it was found
         raise NotFound("batch", batch_id)
-    return render_gallery(sessions=ctx.sessions, store=ctx.store, batch=batch)
+    return render_gallery(sessions=ctx.sessions, store=ctx.store, batch=batch, page=page, per_page=per_page)
 
 
-def _gallery(ctx: ApiContext, tenant: str, batch_id: str) -> str:
+def _gallery(ctx: ApiContext, tenant: str, batch_id: str, page: int, per_page: int) -> str:
     found = _batch(ctx, tenant, batch_id).id  # 404 for another tenant's, here
     # 47 ms of Python for 20 jobs, more for larger batches: in this process, every other request's
     # thread waited on the GIL at each of its SQL and Redis calls meanwhile (bench/two_tenants.py).
-    return ctx.batch_processes.call(ctx, gallery_in, found)
+    return ctx.batch_processes.call(ctx, gallery_in, found, page, per_page)
 
 
 @router.get("/{batch_id}/gallery", response_class=HTMLResponse)
-async def get_gallery(batch_id: str, ctx: Context, caller: CallerDep) -> Any:
-    """The batch as one self-contained HTML page, a card per job, thumbnails embedded (as `ipab gallery`)."""
-    page = await run_in_threadpool(_gallery, ctx, caller.tenant, batch_id)
-    return HTMLResponse(page, headers=GALLERY_HEADERS)
+async def get_gallery(
+    batch_id: str,
+    ctx: Context,
+    caller: CallerDep,
+    page: Annotated[int, Query(ge=1, le=MAX_GALLERY_PAGE)] = 1,
+    per_page: Annotated[int, Query(ge=1, le=MAX_GALLERY_PER_PAGE)] = GALLERY_PER_PAGE,
+) -> Any:
+    """A page of the batch as a self-contained HTML page, a card per job, thumbnails embedded (as
+    `ipab gallery`): its jobs `per_page` at a time in manifest order, so that a page of a
+    100,000-job batch costs what a page of a small one does."""
+    html_page = await run_in_threadpool(_gallery, ctx, caller.tenant, batch_id, page, per_page)
+    return HTMLResponse(html_page, headers=GALLERY_HEADERS)
 
 
 def cancel_in(ctx: ApiContext, batch_id: str) -> int:
