@@ -193,10 +193,11 @@ def claim_job(
     On PostgreSQL the claim's commit does not wait for its WAL flush: the flush was the larger part
     of the server's CPU for a claim. What a crash of the database can lose is then only claims no
     later commit flushed (WAL is flushed in order: the attempt's finish, a renewal, a cancel flush
-    it). Such a job is back to `queued` with its attempt not counted: its worker's finish, fenced
-    on the attempt, changes nothing and the worker drops the result, and the reconciler hands the
-    job back to be run again. No job is lost and none succeeds twice, as with a claim whose
-    worker died.
+    it). Such a job is back to `queued` with its attempt not counted, and the reconciler hands it
+    back to run again. Its first worker's finish, fenced on the attempt number, then finds it not
+    running and changes nothing, or stands for the new claim of the same number, whose own finish
+    then changes nothing: one success either way, as with a worker that stalled past its lease.
+    Nothing is lost and nothing succeeds twice (tests/system/test_chaos.py kills PostgreSQL mid-batch).
     """
     params = {"p_id": job_id, "p_lease_s": lease_s, "p_host": worker_host, "p_max_attempts": max_attempts}
     claim = _CLAIM_ASYNC if dialect_of(sessions) == "postgresql" else _CLAIM
