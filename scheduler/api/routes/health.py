@@ -1,4 +1,10 @@
-"""`/healthz` (the process answers) and `/readyz` (SQL, Redis and S3 answer); no auth."""
+"""`/healthz` (the process answers) and `/readyz` (SQL, Redis and S3 answer); no auth.
+
+Anybody can ask `/readyz`, and each check is a SQL query, a Redis PING and an S3 request: its
+answer is kept for READY_CACHE_S and made by one request at a time, so a flood of probes costs
+the services one check a second, whatever its rate. Failures are shown with any credentials in
+them masked (an S3 endpoint's error quotes its URL).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.context import ApiContext, Context
+from shared.redact import mask_text
 
 router = APIRouter(tags=["health"])
 
@@ -37,14 +44,30 @@ def _checks(ctx: ApiContext) -> dict[str, str]:
             probe()
             results[name] = "ok"
         except Exception as e:  # any failure means not ready; the reason is reported
-            results[name] = f"{type(e).__name__}: {e}"[:300]
+            results[name] = mask_text(f"{type(e).__name__}: {e}")[:300]
     return results
+
+
+def _checks_once(ctx: ApiContext) -> dict[str, str]:
+    """The checks' results if made less than READY_CACHE_S ago; else made now, by one thread at a
+    time (one that waited takes the results it waited for)."""
+    with ctx.readiness_lock:
+        checks = ctx.readiness.get("checks")
+        if checks is None:
+            checks = _checks(ctx)
+            ctx.readiness.put("checks", checks)
+            ctx.readiness_last = checks
+        return checks
 
 
 @router.get("/readyz")
 async def readyz(ctx: Context) -> JSONResponse:
     """200 when SQL, Redis and S3 all answer; 503 naming the ones that do not."""
-    checks = await run_in_threadpool(_checks, ctx)
+    checks = ctx.readiness.get("checks")
+    if checks is None and ctx.readiness_lock.locked() and ctx.readiness_last is not None:
+        checks = ctx.readiness_last  # being checked (a service may hang): no thread waits on it meanwhile
+    if checks is None:
+        checks = await run_in_threadpool(_checks_once, ctx)
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
