@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import select
+from sqlalchemy import literal, select, tuple_
 from sqlalchemy.orm import Session
 
 from scheduler.batches.counts import TIME_FIELDS
@@ -180,12 +180,20 @@ def results_line(record: JobRecord, *, store: ObjectStore, audience: Audience) -
 
 
 def batch_records(
-    *, session: Session, batch_id: str, status: str | None = None, offset: int = 0, limit: int | None = None
+    *,
+    session: Session,
+    batch_id: str,
+    status: str | None = None,
+    offset: int = 0,
+    limit: int | None = None,
+    after: tuple[int, str] | None = None,
 ) -> Iterator[JobRecord]:
     """The records of a batch's jobs (only those with `status`, when given), in manifest order, streamed;
-    `offset` and `limit`: a page of them."""
+    a page of them: `offset` and `limit`, or `limit` past `after` (the last record's line and job id)."""
     stmt = select(Job).where(Job.batch_id == batch_id).order_by(Job.line, Job.id).offset(offset).limit(limit)
     if status is not None:
         stmt = stmt.where(Job.status == status)
+    if after is not None:
+        stmt = stmt.where(tuple_(Job.line, Job.id) > tuple_(literal(after[0]), literal(after[1])))
     for job in session.scalars(stmt.execution_options(yield_per=RECORDS_CHUNK)):
         yield job_record(job)

@@ -43,6 +43,7 @@ from shared.retention import parse_duration
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 MAX_GALLERY_PAGE: Final = 1_000_000  # a batch has at most IPAB_API_MAX_BATCH_ROWS jobs
+RESULTS_PAGE: Final = 1000  # jobs per page of GET /v1/batches/{id}/results (a transaction and a chunk each)
 MAX_DURATION_CHARS: Final = 40
 MAX_LIST: Final = 1000
 # The gallery page is inline CSS, inline script and data: images: nothing else may load or run.
@@ -165,10 +166,21 @@ async def get_batch(batch_id: str, ctx: Context, caller: CallerDep) -> Any:
 
 
 def _result_lines(ctx: ApiContext, batch_id: str, status: str | None) -> Iterator[bytes]:
-    with transaction(ctx.sessions) as session:
-        for record in batch_records(session=session, batch_id=batch_id, status=status):
-            line = results_line(record, store=ctx.store, audience=Audience.TENANT)
-            yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
+    """The lines RESULTS_PAGE jobs at a time, each page read in a transaction of its own and sent as
+    one chunk: a client that reads slowly (or not at all) holds no SQL connection or transaction
+    meanwhile (one per stream exhausted the API's pool), and a chunk is one thread hop, not a line."""
+    after: tuple[int, str] | None = None
+    while True:
+        with transaction(ctx.sessions) as session:
+            page = list(
+                batch_records(session=session, batch_id=batch_id, status=status, limit=RESULTS_PAGE, after=after)
+            )
+        if page:
+            lines = (results_line(record, store=ctx.store, audience=Audience.TENANT) for record in page)
+            yield "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+        if len(page) < RESULTS_PAGE:
+            return
+        after = (page[-1].line, page[-1].job_id)
 
 
 @router.get("/{batch_id}/results", response_class=StreamingResponse)
