@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from typing import Any
 
 from fastapi.testclient import TestClient
 
 from scheduler.api.app import create_app
+from scheduler.api.caches import READY_CACHE_S
 from shared.settings import Settings
 
 
@@ -33,13 +35,16 @@ def test_a_flood_of_readiness_probes_checks_the_services_about_once_a_second(api
             answers.extend(client.get("/readyz").status_code for _ in range(10))
 
         threads = [threading.Thread(target=ask) for _ in range(16)]
+        started = time.monotonic()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        elapsed_s = time.monotonic() - started
 
     assert answers == [200] * 160
-    assert 1 <= len(probes) <= 3, probes  # 160 probes within a second or two: one check each second
+    # One check per READY_CACHE_S at most (160 before), however long a loaded machine took.
+    assert 1 <= len(probes) <= 1 + elapsed_s / READY_CACHE_S, (len(probes), elapsed_s)
 
 
 def _closed_port() -> int:
