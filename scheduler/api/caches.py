@@ -27,7 +27,6 @@ KNOWN_KEY_S: Final = 3600.0
 # of are a snapshot up to a second old anyway, and a client polling its job every 50 ms made the
 # forecast three quarters of the API's CPU per GET (four SQL statements and a policy simulation).
 FORECAST_CACHE_S: Final = 1.0
-READY_CACHE_S: Final = 1.0  # a /readyz answer is given again for this long (probes come every few seconds)
 MAX_ENTRIES: Final = 10_000
 
 

@@ -21,7 +21,6 @@ from scheduler.api.caches import (
     AUTH_CACHE_S,
     FORECAST_CACHE_S,
     KNOWN_KEY_S,
-    READY_CACHE_S,
     REFERENCE_CACHE_S,
     ExpiringCache,
 )
@@ -58,10 +57,10 @@ class ApiContext:
     # key sha256 -> caller: a revoked key works on for at most `ttl_s` (AUTH_CACHE_S).
     callers: ExpiringCache[str, Caller] = field(default_factory=lambda: ExpiringCache(ttl_s=AUTH_CACHE_S))
     known_keys: ExpiringCache[str, bool] = field(default_factory=lambda: ExpiringCache(ttl_s=KNOWN_KEY_S))
-    # /readyz's last checks (scheduler/api/routes/health.py), and the lock of the one thread making them.
-    readiness: ExpiringCache[str, dict[str, str]] = field(default_factory=lambda: ExpiringCache(ttl_s=READY_CACHE_S))
+    # /readyz's last checks (scheduler/api/routes/health.py): (when made, monotonic s; results),
+    # and the lock of the one thread making them.
+    readiness: tuple[float, dict[str, str]] | None = None
     readiness_lock: threading.Lock = field(default_factory=threading.Lock)
-    readiness_last: dict[str, str] | None = None  # the last checks made, served while new ones are made
     # (tenant, sha256) -> the stored reference image: uploaded references never change.
     references: ExpiringCache[tuple[str, str], ReferenceFile] = field(
         default_factory=lambda: ExpiringCache(ttl_s=REFERENCE_CACHE_S)

@@ -156,12 +156,16 @@ class RateLimiter:
 
     async def body_debit(self, tenant: str, size_bytes: int) -> None:
         """Pay for a streamed body of `size_bytes` once read (the bucket may go into debt)."""
-        rate, burst = self.settings.api_body_bytes_per_s, self.settings.api_body_burst_bytes
-        if rate <= 0 or size_bytes <= 0 or time.monotonic() < self._paused_until_s:
+        if size_bytes > 0:
+            rate, burst = self.settings.api_body_bytes_per_s, self.settings.api_body_burst_bytes
+            await self._debit(BODY_BUCKET_KEY.format(tenant=tenant), rate, burst, size_bytes)
+
+    async def _debit(self, key: str, rate: float, burst: int, cost: int) -> None:
+        """Take `cost` from the bucket whatever it holds (a negative cost gives tokens back)."""
+        if rate <= 0 or time.monotonic() < self._paused_until_s:
             return
-        key = self.settings.redis_prefix + BODY_BUCKET_KEY.format(tenant=tenant)
         try:
-            await self._scripts()[1](keys=[key], args=[rate, burst, size_bytes])
+            await self._scripts()[1](keys=[self.settings.redis_prefix + key], args=[rate, burst, cost])
         except (redis.RedisError, OSError) as e:
             self._pause(e)
 
@@ -231,13 +235,7 @@ class RateLimiter:
         """Give back the token of a lookup that found a valid key: only unknown keys use up the
         bucket, so many tenants behind one address (a NAT) are not limited by their own lookups."""
         rate, burst = self.settings.api_key_lookups_per_s, self.settings.api_key_lookup_burst
-        if rate <= 0 or time.monotonic() < self._paused_until_s:
-            return
-        key = self.settings.redis_prefix + KEY_LOOKUP_BUCKET_KEY.format(client=client)
-        try:
-            await self._scripts()[1](keys=[key], args=[rate, burst, -1])
-        except (redis.RedisError, OSError) as e:
-            self._pause(e)
+        await self._debit(KEY_LOOKUP_BUCKET_KEY.format(client=client), rate, burst, -1)
 
     def _scripts(self) -> tuple[Any, Any]:
         """(take, debit): the scripts on this event loop's client."""

@@ -190,7 +190,9 @@ def batch_records(
 ) -> Iterator[JobRecord]:
     """The records of a batch's jobs (only those with `status`, when given), in manifest order, streamed;
     a page of them: `offset` and `limit`, or `limit` past `after` (the last record's line and job id)."""
-    stmt = select(Job).where(Job.batch_id == batch_id).order_by(Job.line, Job.id).offset(offset).limit(limit)
+    stmt = select(Job).where(Job.batch_id == batch_id).order_by(Job.line, Job.id)
+    if offset or limit is not None:
+        stmt = stmt.offset(offset).limit(limit)
     if status is not None:
         stmt = stmt.where(Job.status == status)
     if after is not None:

@@ -5,8 +5,7 @@ parameters, status, error), filtered by status and prompt text in the browser, n
 next and previous pages) with every thumbnail embedded as a `data:` URI (what the HTTP API
 can serve as is: a page costs the same whatever the batch's size); `write_gallery` writes
 `DIR/index.html` with the thumbnails as files beside it (`DIR/thumbs/`), or embedded with
-`embed=True`. Every text from a job is
-HTML-escaped, and the page loads nothing from elsewhere.
+`embed=True`. Every text from a job is HTML-escaped, and the page loads nothing from elsewhere.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ them masked (an S3 endpoint's error quotes its URL).
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Final
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -19,6 +20,7 @@ from scheduler.api.context import ApiContext, Context
 from shared.redact import mask_text
 
 router = APIRouter(tags=["health"])
+READY_CACHE_S: Final = 1.0  # a /readyz answer is given again for this long (probes come every few seconds)
 
 
 @router.get("/healthz")
@@ -48,24 +50,29 @@ def _checks(ctx: ApiContext) -> dict[str, str]:
     return results
 
 
+def _fresh(ctx: ApiContext) -> dict[str, str] | None:
+    """The last checks' results if made less than READY_CACHE_S ago."""
+    last = ctx.readiness
+    return last[1] if last is not None and time.monotonic() - last[0] < READY_CACHE_S else None
+
+
 def _checks_once(ctx: ApiContext) -> dict[str, str]:
-    """The checks' results if made less than READY_CACHE_S ago; else made now, by one thread at a
-    time (one that waited takes the results it waited for)."""
+    """The checks' results if fresh; else made now, by one thread at a time (one that waited
+    takes the results it waited for)."""
     with ctx.readiness_lock:
-        checks = ctx.readiness.get("checks")
+        checks = _fresh(ctx)
         if checks is None:
             checks = _checks(ctx)
-            ctx.readiness.put("checks", checks)
-            ctx.readiness_last = checks
+            ctx.readiness = (time.monotonic(), checks)
         return checks
 
 
 @router.get("/readyz")
 async def readyz(ctx: Context) -> JSONResponse:
     """200 when SQL, Redis and S3 all answer; 503 naming the ones that do not."""
-    checks = ctx.readiness.get("checks")
-    if checks is None and ctx.readiness_lock.locked() and ctx.readiness_last is not None:
-        checks = ctx.readiness_last  # being checked (a service may hang): no thread waits on it meanwhile
+    checks = _fresh(ctx)
+    if checks is None and ctx.readiness_lock.locked() and ctx.readiness is not None:
+        checks = ctx.readiness[1]  # being checked (a service may hang): no thread waits on it meanwhile
     if checks is None:
         checks = await run_in_threadpool(_checks_once, ctx)
     ready = all(v == "ok" for v in checks.values())

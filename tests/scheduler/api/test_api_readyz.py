@@ -11,7 +11,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from scheduler.api.app import create_app
-from scheduler.api.caches import READY_CACHE_S
+from scheduler.api.routes.health import READY_CACHE_S
 from shared.settings import Settings
 
 
