@@ -5,8 +5,9 @@
 Each LoRA is read from its `.safetensors` file (never a pickle: `shared.model_set` refuses
 those), loaded through diffusers' `load_lora_weights` (which reads the diffusers/PEFT layout
 and kohya's `lora_unet_*` / `lora_te*_*` layout), fused at its scale into the UNet and, where
-it has weights for them, the text encoders (`fuse_lora`), and then every PEFT layer is removed
-(`unload_lora_weights`): the merged weights stay, no per-step LoRA cost remains.
+it has weights for them, the text encoders (`fuse_lora`), and then its PEFT layers are removed
+(`unload_lora_weights`) before the next one loads: the merged weights add up, no per-step LoRA
+cost remains.
 
 It runs after the IP-Adapter is loaded: PEFT wraps the attention's linear layers and leaves the
 attention processors alone, so the IP-Adapter's processors stay in place (`fuse_loras` checks).
@@ -49,9 +50,10 @@ def fuse_loras(pipe: Any, config: ModelSetConfig) -> None:
         with _quiet_loaders():
             _load(pipe, state, name=name, key=key)
             pipe.fuse_lora(components=list(COMPONENTS), lora_scale=lora.scale, adapter_names=[name])
+            # Each one's PEFT layers go before the next loads: loading into a merged model unmerges it
+            # (peft: "Adapter cannot be set when the model is merged"), so only the last would stay fused.
+            pipe.unload_lora_weights()
         log.info("LoRA %s fused at scale %s", lora.path.name, lora.scale)
-    with _quiet_loaders():
-        pipe.unload_lora_weights()
     _check_fused(pipe, processors, config=config)
 
 

@@ -176,6 +176,27 @@ def test_a_lora_scale_scales_what_is_fused(tmp_path: Path, tiny_dir: Path, rende
     assert torch.allclose(half.pipe.unet.get_submodule(QUERY).weight, base + 0.5 * (full - base), atol=1e-6)
 
 
+def test_every_lora_of_a_set_is_fused_not_only_the_last(
+    tmp_path: Path, tiny_dir: Path, renderer_for: Renderers
+) -> None:
+    """Two LoRAs add up: the same LoRA twice at 0.5 fuses as once at 1.0 (UNet and text encoder), and a
+    second LoRA at scale 0 leaves the first one's change whole (loading the second must not unmerge it)."""
+    from worker.pipeline import Renderer
+
+    lora = tiny_dir / "loras/tiny-tcd-lora.safetensors"
+    twin = tmp_path / "twin.safetensors"
+    save_file(load_file(str(lora)), str(twin))
+    once = renderer_for("fast").pipe
+    base = renderer_for("default").pipe
+    for loras in ([(str(lora), 0.5), (str(twin), 0.5)], [(str(lora), 1.0), (str(twin), 0.0)]):
+        both = Renderer.load(read_model_set(_fast_set(tmp_path, tiny_dir, lora, loras=loras)), device="cpu").pipe
+        for component, module in (("unet", QUERY), ("text_encoder", "encoder.layers.0.self_attn.q_proj")):
+            ours, theirs = (getattr(p, component).get_submodule(module).weight for p in (both, once))
+            unchanged = getattr(base, component).get_submodule(module).weight
+            assert float((theirs - unchanged).abs().max().detach()) > 1e-4, f"{component}: the LoRA changes nothing"
+            assert torch.allclose(ours, theirs, atol=1e-5), f"{loras}: {component} is not both LoRAs fused"
+
+
 @pytest.mark.parametrize("suffix", [".bin", ".pt", ".ckpt", ".pth"])
 def test_a_pickle_lora_is_refused_naming_the_key_and_the_file(tmp_path: Path, tiny_dir: Path, suffix: str) -> None:
     toml = _fast_set(tmp_path, tiny_dir, tmp_path / f"pixel-art{suffix}")
