@@ -37,6 +37,9 @@ class DataState(StrEnum):
 
     removing = "removing"  # marked before any object is deleted: a janitor that dies here is finished by the next
     removed = "removed"  # every object of the job is gone; `data_removed_at` says when
+    # Removed on expiry, then its deletion was asked for: only its row is left to delete (it was
+    # counted in its batch's `removed_count` when removed, and is not counted again).
+    purging = "purging"
 
 
 def parse_duration(value: Any, *, field: str = FIELD) -> int:

@@ -170,7 +170,7 @@ def _remove_jobs(c: _Purge) -> None:
         c.report.jobs += done.jobs
         c.report.objects_deleted += done.objects
         c.report.bytes_deleted += done.bytes
-        return done.jobs > 0
+        return done.jobs > 0 or done.purged > 0
 
     _until_done(step)
 

@@ -5,10 +5,11 @@ statement; it reads as `deleting` from then on), then its jobs, at most `MARK_CH
 transaction: a chunk's queued jobs (and running ones, for a purge) are canceled and added to the
 usage rollup (`shared.usage.roll_up_ended`: their lost seconds are shown as any cancel's), and
 each job gets `deleted_at` and an expiry of now, which makes it due for the janitor's removal
-(`shared.janitor.outputs`). A running job is left to finish (its worker is never raced): it
-expires as it does. One transaction for the 99,000 jobs of a batch held SQLite's write lock for
-3.5 s, and every other tenant's writes waited (measured); a chunk holds it some 30 ms, and the
-pause after it is as long (the writers that waited go first).
+(`shared.janitor.outputs`); one whose objects went on expiry already keeps its expiry and is
+left for the janitor to delete its row (`DataState.purging`). A running job is left to finish
+(its worker is never raced): it expires as it does. One transaction for the 99,000 jobs of a
+batch held SQLite's write lock for 3.5 s, and every other tenant's writes waited (measured); a
+chunk holds it some 30 ms, and the pause after it is as long (the writers that waited go first).
 
 The jobs to mark are read once, before the chunks and outside their transactions: a chunk that
 looked them up again would read past the rows marked already, the whole batch again at its end.
@@ -31,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.db import Batch, Job, JobStatus, serialized_writes
 from shared.db_clock import server_now
 from shared.jobs import transaction
+from shared.retention import DataState
 from shared.usage import roll_up_ended
 
 MARK_CHUNK: Final = 1000  # jobs per transaction: some 30 ms of SQLite's write lock, as a cancel's chunk
@@ -88,10 +90,15 @@ def mark_jobs(session: Session, where: ColumnElement[bool], *, stop_running: boo
     )
     if canceled:  # counted as they end, as any cancel (a running one's steps come from its worker)
         roll_up_ended(session, Job.id.in_(canceled))
+    removed = Job.data_state == DataState.removed.value  # its objects went on expiry: its row alone is left
     result = session.execute(
         update(Job)
         .where(where, Job.deleted_at.is_(None))
-        .values(deleted_at=now, expires_at=now)
+        .values(
+            deleted_at=now,
+            expires_at=case((removed, Job.expires_at), else_=now),
+            data_state=case((removed, DataState.purging.value), else_=Job.data_state),
+        )
         .execution_options(synchronize_session=False)
     )
     return len(canceled) + int(getattr(result, "rowcount", 0))

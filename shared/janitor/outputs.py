@@ -7,6 +7,8 @@ expiry is removed once it finishes) and its `expires_at` has passed. Its removal
    whole step's jobs);
 3. mark it `removed` with the time, or, when its deletion was asked for, delete its row (with
    its webhook subscription and outbox rows), and count it in its batch's `removed_count`.
+A job whose deletion is asked for after its objects went is marked `purging`: its row goes at
+the janitor's next step, uncounted (its batch counted it when it was removed).
 A janitor that dies between 1 and 3 leaves the job `removing`; the next one does 2 and 3 again
 (deleting a missing object is no error), so no object outlives its record unremarked.
 
@@ -24,7 +26,7 @@ from datetime import datetime
 from typing import Any, Final, cast
 
 import redis
-from sqlalchemy import ColumnElement, Table, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import keys
@@ -183,7 +185,11 @@ def finish_removal(*, sessions: sessionmaker[Session], doomed: Sequence[Doomed])
             session.scalars(
                 update(Job)
                 .where(Job.id.in_(kept), removing)
-                .values(data_state=DataState.removed.value, data_removed_at=server_now())
+                .values(
+                    # deleted since step 1 read it: its row goes next (`purge_deleted_removed`), uncounted
+                    data_state=case((Job.deleted_at.is_(None), DataState.removed.value), else_=DataState.purging.value),
+                    data_removed_at=server_now(),
+                )
                 .returning(Job.batch_id)
                 .execution_options(synchronize_session=False)
             )
@@ -201,6 +207,25 @@ def finish_removal(*, sessions: sessionmaker[Session], doomed: Sequence[Doomed])
     return len(finished), [job_id for job_id, _ in purged]
 
 
+def purge_deleted_removed(
+    *,
+    sessions: sessionmaker[Session],
+    redis_client: redis.Redis,
+    prefix: str,
+    limit: int,
+    only: ColumnElement[bool] | None = None,
+) -> tuple[int, bool]:
+    """Delete up to `limit` rows of jobs (among `only`) whose objects went on expiry before their
+    deletion was asked for (`DataState.purging`): nothing is left in the store, and their batches
+    counted them when they were removed. Returns (rows deleted, whether more wait)."""
+    purging = and_(Job.data_state == DataState.purging.value, Job.expires_at.is_not(None))  # the partial index
+    with transaction(sessions) as session:
+        ids = list(session.scalars(select(Job.id).where(purging if only is None else and_(purging, only)).limit(limit)))
+        gone = [job_id for job_id, _ in _purge_rows(session, ids, purging)]
+    forget_in_redis(redis_client, prefix=prefix, job_ids=gone)
+    return len(gone), len(ids) == limit
+
+
 def remove_due(
     *,
     sessions: sessionmaker[Session],
@@ -210,17 +235,21 @@ def remove_due(
     limit: int,
     only: ColumnElement[bool] | None = None,
 ) -> Removal:
-    """Finish the jobs left `removing`, else remove up to `limit` due jobs' objects (steps 1 to 3);
-    only among the jobs `only` selects, when given."""
+    """Delete the rows of deleted jobs whose objects went already, then finish the jobs left
+    `removing`, else remove up to `limit` due jobs' objects (steps 1 to 3); only among the jobs
+    `only` selects, when given."""
+    purged, more = purge_deleted_removed(
+        sessions=sessions, redis_client=redis_client, prefix=prefix, limit=limit, only=only
+    )
     doomed = left_removing(sessions=sessions, limit=limit, only=only) or mark_removing(
         sessions=sessions, limit=limit, only=only
     )
     if not doomed:
-        return Removal(0, 0, 0, 0, more=False)
+        return Removal(0, purged, 0, 0, more=more)
     objects, size = delete_objects(store, doomed)
     finished, gone = finish_removal(sessions=sessions, doomed=doomed)
     forget_in_redis(redis_client, prefix=prefix, job_ids=gone)
-    return Removal(finished, len(gone), objects, size, more=len(doomed) == limit)
+    return Removal(finished, purged + len(gone), objects, size, more=more or len(doomed) == limit)
 
 
 def purge_past_retention(

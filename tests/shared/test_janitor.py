@@ -298,3 +298,66 @@ def test_a_deleted_job_whose_worker_lets_go_is_canceled_not_queued_again(world: 
     assert {getattr(world.job(j), "status", None) for j in (lost, released)} == {"canceled"}
     world.sweep()
     assert world.job(lost) is None and world.job(released) is None
+
+
+def test_a_job_deleted_after_its_objects_expired_goes_and_is_counted_once(world: World) -> None:
+    from scheduler.batches.deletion import request_job_deletion
+
+    batch_id, jobs = world.batch("b", jobs=3)
+    world.expire(jobs[:2])
+    world.sweep()
+    expired_at = world.job(jobs[0])
+    assert expired_at is not None and expired_at.data_state == DataState.removed.value
+    with transaction(world.sessions) as session:
+        assert request_job_deletion(session=session, job_id=jobs[0]) == 1
+    deleted = world.job(jobs[0])
+    assert deleted is not None and deleted.expires_at == expired_at.expires_at  # its real expiry is kept
+
+    (report,) = world.sweep()
+
+    assert world.job(jobs[0]) is None and report.rows_purged == 1
+    assert [world.job(j) is not None for j in jobs[1:]] == [True, True]
+    with world.sessions() as session:
+        batch = session.get(Batch, batch_id)
+        assert batch is not None and batch.removed_count == 2  # removed once; its deletion counts nothing more
+    assert world.store.exists(keys.ref_key(world.images["a"], "png"))  # the third job still uses the image
+
+
+def test_a_batch_deleted_after_its_jobs_expired_goes_whole(world: World) -> None:
+    from scheduler.batches.deletion import mark_batch_jobs, request_batch_deletion
+
+    batch_id, jobs = world.batch("b", jobs=3)
+    world.expire(jobs)
+    world.sweep()
+    with transaction(world.sessions) as session:
+        assert request_batch_deletion(session=session, batch_id=batch_id)
+    mark_batch_jobs(sessions=world.sessions, batch_id=batch_id)
+
+    world.sweep(2)
+
+    with world.sessions() as session:
+        assert session.get(Batch, batch_id) is None
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.batch_id == batch_id)) == 0
+    assert world.keys_under(keys.outputs_prefix(batch_id)) == [] and world.keys_under("refs/") == []
+
+
+def test_a_job_deleted_while_the_janitor_removes_its_objects_goes_with_the_next_step(world: World) -> None:
+    from scheduler.batches.deletion import request_job_deletion
+    from shared.janitor.outputs import delete_objects, finish_removal, mark_removing
+
+    batch_id, jobs = world.batch("b", jobs=2)
+    world.expire(jobs)
+    doomed = mark_removing(sessions=world.sessions, limit=10)  # step 1, read before the deletion
+    with transaction(world.sessions) as session:
+        assert request_job_deletion(session=session, job_id=jobs[0]) == 1
+    delete_objects(world.store, doomed)
+    finish_removal(sessions=world.sessions, doomed=doomed)
+
+    world.sweep()
+
+    assert world.job(jobs[0]) is None
+    kept = world.job(jobs[1])
+    assert kept is not None and kept.data_state == DataState.removed.value
+    with world.sessions() as session:
+        batch = session.get(Batch, batch_id)
+        assert batch is not None and batch.removed_count == 2

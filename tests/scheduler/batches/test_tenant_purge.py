@@ -7,13 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import inspect, select, text
+from sqlalchemy import inspect, select, text, update
 
 from scheduler.batches.events import outbox_job_events
 from shared import keys
@@ -100,6 +101,11 @@ def _alice(
     queued = client.post("/v1/jobs", headers=headers, json={"prompt": "p", "references": [own]})
     assert queued.status_code == 202, queued.text
     _finish(settings, store, done)
+    # A job whose output went on expiry before the purge (its row is all that is left of it).
+    expiring = {"prompt": "alice's expired prompt", "references": [own], "expires_after": "1h"}
+    expired = client.post("/v1/jobs", headers=headers, json=expiring).json()["id"]
+    _finish(settings, store, expired)
+    _expire_and_sweep(settings, store, rclient, expired)
     dispatch_all(settings, "tiny")  # the queued job's message is in the render queue, its id in the queued set
     for sha in (own, shared):
         _embed(store, rclient, settings, sha)
@@ -130,6 +136,18 @@ def _alice(
     engine.dispose()
     cli_sha = hashlib.sha256(photo.read_bytes()).hexdigest()
     return {"shared": shared, "needles": ["alice", own, cli_sha, "alice-idem-1", *batches, *jobs], "jobs": jobs}
+
+
+def _expire_and_sweep(settings: Settings, store: ObjectStore, rclient: redis.Redis, job_id: str) -> None:
+    from shared.janitor.loop import janitor_pass
+
+    engine = make_engine(settings.database_url)
+    sessions = make_session_factory(engine)
+    with transaction(sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(expires_at=utcnow() - timedelta(seconds=5)))
+    report = janitor_pass(sessions=sessions, store=store, redis_client=rclient, settings=settings)
+    assert report.jobs_removed == 1
+    engine.dispose()
 
 
 def _bob(client: TestClient, settings: Settings, store: ObjectStore, shared_color: tuple[int, int, int]) -> str:
