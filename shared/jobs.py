@@ -121,8 +121,12 @@ _CLAIM = (
         ),
         # A job whose attempts are spent is not run again; the reconciler fails it.
         _C.attempts - _C.attempt_floor < bindparam("p_max_attempts"),
-        # A paused batch's queued jobs do not start, even if their message was already in Redis.
-        ~exists().where(_BATCHES.c.id == _C.batch_id, _BATCHES.c.paused.is_(True)),
+        # A paused batch's queued jobs do not start, even if their message was already in Redis; nor
+        # do a deleted batch's (its deletion marks them in chunks), nor a deleted job whose lease lapsed.
+        _C.deleted_at.is_(None),
+        ~exists().where(
+            _BATCHES.c.id == _C.batch_id, or_(_BATCHES.c.paused.is_(True), _BATCHES.c.deleted_at.is_not(None))
+        ),
     )
     .values(
         status=JobStatus.running.value,

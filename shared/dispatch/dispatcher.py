@@ -93,7 +93,7 @@ class Waiting:
 
 
 def backlog(*, sessions: sessionmaker[Session], model_set: str) -> dict[Key, list[tuple[str, int]]]:
-    """Queued, undispatched jobs of unpaused batches: per (lane, tenant), (batch id, count) oldest batch first.
+    """Queued, undispatched jobs of unpaused, undeleted batches: per (lane, tenant), (batch id, count) oldest first.
 
     The waiting jobs are counted first (found by status), then joined to their batches: joining
     first walked every batch of the model set, the finished ones too, so a dispatch round grew
@@ -108,7 +108,8 @@ def backlog(*, sessions: sessionmaker[Session], model_set: str) -> dict[Key, lis
     stmt = (
         select(waiting.c.lane, Batch.tenant, Batch.id, waiting.c.n)
         .join(Batch, Batch.id == waiting.c.batch_id)
-        .where(Batch.model_set == model_set, Batch.paused.is_(False))
+        # A deleted batch's jobs never start, also those its deletion has not marked yet.
+        .where(Batch.model_set == model_set, Batch.paused.is_(False), Batch.deleted_at.is_(None))
         .order_by(Batch.created_at, Batch.id)
     )
     found: dict[Key, list[tuple[str, int]]] = {}
@@ -125,7 +126,11 @@ def backlog_counts(*, sessions: sessionmaker[Session], model_set: str) -> dict[K
 
 def queued_model_sets(*, sessions: sessionmaker[Session]) -> list[str]:
     """The model sets with queued jobs (what a dedicated dispatch loop serves)."""
-    stmt = select(Batch.model_set).join(Job, Job.batch_id == Batch.id).where(Job.status == JobStatus.queued.value)
+    stmt = (
+        select(Batch.model_set)
+        .join(Job, Job.batch_id == Batch.id)
+        .where(Job.status == JobStatus.queued.value, Batch.deleted_at.is_(None))
+    )
     with transaction(sessions) as session:
         return sorted(set(session.scalars(stmt.distinct())))
 

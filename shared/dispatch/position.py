@@ -160,6 +160,7 @@ def _ahead_in_key(session: Session, *, model_set: str, key: Key, batch: Batch, b
         Batch.tenant == tenant,
         Batch.model_set == model_set,
         Batch.paused.is_(False),
+        Batch.deleted_at.is_(None),
         or_(Batch.created_at < batch.created_at, Batch.id == batch.id),
     )
     stmt = (
