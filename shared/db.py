@@ -353,6 +353,8 @@ class Plan(Base):
     timezone: Mapped[str] = mapped_column(String(64))  # IANA name
     manifest: Mapped[str] = mapped_column(Text)  # an absolute path or an s3:// URI
     model_set: Mapped[str] = mapped_column(String(200))
+    # The model-set toml the plan file named (absolute): each slot reads its [defaults] and [limits].
+    model_set_file: Mapped[str | None] = mapped_column(Text)
     tenant: Mapped[str] = mapped_column(String(100), default=DEFAULT_TENANT)
     lane: Mapped[str] = mapped_column(String(32))  # recorded for the lanes of the dispatcher
     defaults: Mapped[str] = mapped_column(Text)  # JSON of the plan's `set` table

@@ -81,35 +81,36 @@ class Preset:
 # As their model cards and diffusers' docs run them: TCD (h1t/TCD-SDXL-LoRA: TCDScheduler, 4 steps,
 # guidance 0, eta 0.3), LCM-LoRA (latent-consistency/lcm-lora-sdxl: LCMScheduler, 4 steps, guidance
 # 1, i.e. none), SDXL-Lightning (ByteDance/SDXL-Lightning: Euler with trailing timesteps, guidance 0,
-# exactly the steps it was distilled for).
+# exactly the steps it was distilled for). Each set's limits hold it to the scheduler it was
+# distilled for: another sampler at these step counts gives a degraded image.
 PRESETS: Final = {
     "tcd": Preset(
         "h1t/TCD-SDXL-LoRA",
         "pytorch_lora_weights.safetensors",
         "tcd-sdxl-lora.safetensors",
         {"scheduler": "tcd", "steps": 4, "guidance_scale": 0.0, "eta": 0.3},
-        {"steps": [2, 8], "guidance_scale": [0.0, 2.0]},
+        {"steps": [2, 8], "guidance_scale": [0.0, 2.0], "scheduler": ["tcd"]},
     ),
     "lcm": Preset(
         "latent-consistency/lcm-lora-sdxl",
         "pytorch_lora_weights.safetensors",
         "lcm-lora-sdxl.safetensors",
         {"scheduler": "lcm", "steps": 4, "guidance_scale": 1.0},
-        {"steps": [2, 8], "guidance_scale": [0.0, 2.0]},
+        {"steps": [2, 8], "guidance_scale": [0.0, 2.0], "scheduler": ["lcm"]},
     ),
     "lightning-4step": Preset(
         "ByteDance/SDXL-Lightning",
         "sdxl_lightning_4step_lora.safetensors",
         "sdxl_lightning_4step_lora.safetensors",
         {"scheduler": "euler_trailing", "steps": 4, "guidance_scale": 0.0},
-        {"steps": [4, 4], "guidance_scale": [0.0, 1.0]},
+        {"steps": [4, 4], "guidance_scale": [0.0, 1.0], "scheduler": ["euler_trailing"]},
     ),
     "lightning-8step": Preset(
         "ByteDance/SDXL-Lightning",
         "sdxl_lightning_8step_lora.safetensors",
         "sdxl_lightning_8step_lora.safetensors",
         {"scheduler": "euler_trailing", "steps": 8, "guidance_scale": 0.0},
-        {"steps": [8, 8], "guidance_scale": [0.0, 1.0]},
+        {"steps": [8, 8], "guidance_scale": [0.0, 1.0], "scheduler": ["euler_trailing"]},
     ),
 }
 

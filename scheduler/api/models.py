@@ -148,6 +148,9 @@ class PlanOut(BaseModel):
     timezone: str
     manifest: str
     model_set: str
+    model_set_file: str | None = Field(
+        default=None, description="the model-set toml a plan file named, whose rules each slot reads (none by API)"
+    )
     tenant: str
     lane: str
     set: dict[str, Any]
@@ -164,6 +167,10 @@ class PlanApplied(PlanOut):
     change: Literal["created", "updated", "unchanged"]
     webhook_secret: str | None = Field(
         default=None, description="the plan's tenant's webhook signing secret, when this created the tenant (once)"
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="applied, but: e.g. the model set's [defaults] and [limits] cannot be read by this scheduler",
     )
 
 

@@ -64,6 +64,8 @@ def print_problems(problems: Sequence[tuple[int, str, str]]) -> None:
 
 
 def _print_submit(result: SubmitResult) -> None:
+    if result.rules_warning is not None:
+        print(f"warning: {result.rules_warning}", file=sys.stderr)
     print_problems(result.invalid)
     skipped = f", {result.invalid_rows} invalid row(s) skipped" if result.invalid else ""
     print(

@@ -63,6 +63,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     for plan in applied:
         state = " (paused)" if plan["state"] == "paused" else ""
         print(f"plan {plan['name']}: {plan['change']}{state}; next slot {plan['next_slot']}")
+        for warning in plan["warnings"]:
+            print(f"warning: plan {plan['name']}: {warning}", file=sys.stderr)
         if plan["webhook_secret"] is not None:
             print(f"webhook signing secret of new tenant {plan['tenant']} (shown once): {plan['webhook_secret']}")
     return 0

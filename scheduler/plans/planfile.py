@@ -5,7 +5,8 @@ name = "nightly-portraits"
 schedule = "30 2 * * *"          # cron, in the wall-clock time of `timezone`
 timezone = "Europe/Berlin"       # IANA name; default UTC
 manifest = "rows.jsonl"          # relative to this file, or s3://bucket/key
-model_set = "sdxl-plain"         # a name or a model-set.toml; default: IPAB_MODEL_SET's
+model_set = "sdxl-plain"         # a name or a model-set.toml (its rules read at apply and every slot);
+                                 # default: IPAB_MODEL_SET's
 tenant = "default"
 lane = "scheduled"               # interactive | scheduled | bulk
 catch_up = "latest"              # latest | all | none: slots missed while no beat ran
@@ -31,7 +32,7 @@ from typing import Any, Final
 from scheduler.plans.manifests import manifest_location, read_plan_rows, reference_problems
 from scheduler.plans.slots import check_schedule, check_timezone
 from scheduler.submission.manifest import COLUMNS, ID_FIELD, parse_rows
-from scheduler.submission.set_rules import apply_set_rules, set_rules_for
+from scheduler.submission.set_rules import apply_set_rules, names_a_file, set_rules_for, unchecked_rules_warning
 from scheduler.submission.submit import resolve_model_set_name
 from scheduler.tenants import check_tenant_name
 from scheduler.webhooks.addresses import check_url_form
@@ -69,7 +70,12 @@ class PlanInvalid(PermanentError):
 
 @dataclass(frozen=True)
 class PlanSpec:
-    """A valid plan as read from its file; `manifest` is absolute or an `s3://` URI."""
+    """A valid plan as read from its file; `manifest` is absolute or an `s3://` URI.
+
+    `model_set_file` is the model-set toml the plan named (absolute), whose [defaults] and
+    [limits] each slot reads again; None when it named the set by name (IPAB_MODEL_SET's rules
+    if it is that set, else none: `warnings` says so).
+    """
 
     name: str
     schedule: str
@@ -84,6 +90,8 @@ class PlanSpec:
     webhook_url: str | None = None
     enabled: bool = True
     source: str = ""
+    model_set_file: str | None = None
+    warnings: tuple[str, ...] = ()
 
 
 def _choice(name: str, choices: tuple[str, ...], default: str) -> Callable[[Any], str]:
@@ -137,22 +145,24 @@ def check_set(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def _model_set(value: Any, *, base_dir: Path | None, settings: Settings) -> str:
-    """The model set's name: a bare name, a model-set.toml (relative to the plan file), or IPAB_MODEL_SET's.
+def _model_set(value: Any, *, base_dir: Path | None, settings: Settings) -> tuple[str, str | None]:
+    """The model set's name, and the absolute path of the model-set.toml the plan named (None for a name).
 
-    `base_dir` None (a plan sent over the API): a bare name only, since a path would be read
-    from the server's disk.
+    `value` is a bare name, a model-set.toml (relative to the plan file), or None for
+    IPAB_MODEL_SET's. `base_dir` None (a plan sent over the API): a bare name only, since a
+    path would be read from the server's disk.
     """
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise InvalidInput("model_set", value, "must be a model set name or a model-set.toml path")
     if base_dir is None and value is not None:
         if not _NAME.fullmatch(value):
             raise InvalidInput("model_set", value, REMOTE_MODEL_SET_HINT)
-        return str(value)
+        return str(value), None
     if isinstance(value, str) and value.endswith(".toml") and base_dir is not None:
         value = str(base_dir / value)
+    file = str(Path(value).expanduser().resolve()) if names_a_file(value) else None
     try:
-        return resolve_model_set_name(value, settings)
+        return resolve_model_set_name(value, settings), file
     except InvalidInput as e:
         raise InvalidInput("model_set", value, "is needed: write model_set = NAME, or set IPAB_MODEL_SET") from e
     except PermanentError as e:  # a model-set.toml that cannot be read
@@ -198,12 +208,13 @@ def _row_problems(spec: Mapping[str, Any], settings: Settings, *, local: bool) -
     """Problems of the manifest's rows and references, as `manifest: line N: field: reason`.
 
     Rows outside the model set's [limits] are problems too, checked with the rules each slot's
-    submission applies (`set_rules_for`: IPAB_MODEL_SET's toml when it is this set).
+    submission applies (`set_rules_for`: the set toml the plan named, else IPAB_MODEL_SET's when
+    it is this set).
     """
     rows = read_plan_rows(spec["manifest"], defaults=spec["defaults"], settings=settings, local=local)
     parsed = rows.parsed
     if spec["model_set"] is not None:
-        rules = set_rules_for(None, spec["model_set"], settings)
+        rules = set_rules_for(spec["model_set_file"], spec["model_set"], settings)
         parsed = apply_set_rules(parsed, rules, model_set=spec["model_set"])
     problems = sorted(parsed.problems + reference_problems(rows), key=lambda p: p.line)
     shown = [("manifest", f"line {p.line}: {p.field}: {p.reason}") for p in problems[:MAX_ROW_PROBLEMS_SHOWN]]
@@ -216,7 +227,7 @@ def _fields(
     raw: Mapping[str, Any], problems: _Problems, *, base_dir: Path | None, settings: Settings
 ) -> dict[str, Any]:
     get = raw.get
-    return {
+    fields = {
         "name": problems.check(lambda: check_plan_name(get("name"))),
         "schedule": problems.check(lambda: check_schedule(get("schedule"))),
         "timezone": problems.check(lambda: check_timezone(get("timezone", DEFAULT_TIMEZONE)).key),
@@ -230,6 +241,16 @@ def _fields(
         "webhook_url": problems.check(lambda: check_webhook(get("webhook"))),
         "enabled": problems.check(lambda: _enabled(get("enabled"))),
     }
+    fields["model_set"], fields["model_set_file"] = fields["model_set"] or (None, None)
+    return fields
+
+
+def _warnings(raw: Mapping[str, Any], spec: Mapping[str, Any], settings: Settings) -> tuple[str, ...]:
+    """What applying the plan is told but not refused for: a set whose rules this host cannot read."""
+    if raw.get("model_set") is None or spec["model_set_file"] is not None:
+        return ()
+    warning = unchecked_rules_warning(raw["model_set"], spec["model_set"], settings, field="model_set")
+    return () if warning is None else (warning,)
 
 
 def read_plan_file(path: Path, *, settings: Settings) -> PlanSpec:
@@ -277,7 +298,7 @@ def _validated(
         problems.found += problems.check(lambda: _row_problems(spec, settings, local=local)) or []
     if problems.found:
         raise PlanInvalid(source, problems.found)
-    return PlanSpec(**spec, source=stored_as)
+    return PlanSpec(**spec, source=stored_as, warnings=_warnings(raw, spec, settings))
 
 
 def defaults_json(spec: PlanSpec) -> str:

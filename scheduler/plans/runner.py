@@ -7,8 +7,9 @@ whole transaction back (`SlotTaken`), so it adds no batch and no job. The batch 
 `<plan>@<slot time in the plan's zone, ISO 8601 with offset>`.
 
 What is a slot failure and what is retried: a manifest that is missing or invalid at slot
-time (bad rows, missing references, a model set that changed) is recorded as failed with
-the reason, and the next slot runs as usual. A slot whose jobs would pass its tenant's quota
+time (bad rows, rows past the limits of the set toml the plan named, that toml gone or now
+naming another set, a model set that changed) is recorded as failed with the reason, and the
+next slot runs as usual. A slot whose jobs would pass its tenant's quota
 (`scheduler.usage.quotas`) is recorded as skipped, with the quota, what is used and when it
 resets. A service that is down (SQL, S3) raises a transient error and nothing is recorded,
 so the next beat pass tries the slot again.
@@ -146,6 +147,7 @@ def _submit(ctx: SlotContext, plan: Plan, slot_at: datetime, *, kind: str, note:
         resolver=rows.resolver,
         batch_name=name,
         model_set=plan.model_set,
+        model_set_file=plan.model_set_file,
         options=RowOptions(tenant=plan.tenant, after_insert=_claim(ctx, plan, slot_at, kind=kind, note=note)),
     )
     return SlotOutcome(PlanSlotStatus.submitted.value, name, result.batch_id, note, result.added)

@@ -23,7 +23,7 @@ SCHEDULED: Final = "scheduled"  # a slot of the cron schedule
 MANUAL: Final = "manual"  # `ipab plans run NAME --now`
 # The columns that `ipab plans apply` sets from the file.
 _SPEC_COLUMNS: Final = (
-    *("schedule", "timezone", "manifest", "model_set", "tenant", "lane"),
+    *("schedule", "timezone", "manifest", "model_set", "model_set_file", "tenant", "lane"),
     *("catch_up", "overlap", "webhook_url", "enabled", "source"),
 )
 

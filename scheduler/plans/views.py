@@ -41,7 +41,7 @@ def _state(plan: Plan) -> str:
 
 
 def apply_specs(*, sessions: sessionmaker[Session], specs: Sequence[PlanSpec], now: datetime) -> list[dict[str, Any]]:
-    """Create or update every plan in one transaction; per plan: name, change, state, next slot, tenant.
+    """Create or update every plan in one transaction; per plan: name, change, state, next slot, tenant, warnings.
 
     A plan's tenant is created with it if new, so that its webhooks have a secret to be signed
     with; that secret is in `webhook_secret` (shown once: None once the tenant exists).
@@ -65,6 +65,7 @@ def apply_specs(*, sessions: sessionmaker[Session], specs: Sequence[PlanSpec], n
                 "next_slot": upcoming,
                 "tenant": spec.tenant,
                 "webhook_secret": secrets[spec.tenant],
+                "warnings": list(spec.warnings),
             }
         )
     return applied
@@ -105,6 +106,7 @@ def plan_details(plan: Plan, *, now: datetime) -> dict[str, Any]:
         "timezone": plan.timezone,
         "manifest": plan.manifest,
         "model_set": plan.model_set,
+        "model_set_file": plan.model_set_file,
         "tenant": plan.tenant,
         "lane": plan.lane,
         "set": json.loads(plan.defaults),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -34,7 +34,7 @@ from scheduler.submission.references import (
     resolve_rows,
     upload_references,
 )
-from scheduler.submission.set_rules import apply_set_rules, set_rules_for
+from scheduler.submission.set_rules import apply_set_rules, rules_from_file, set_rules_for, unchecked_rules_warning
 from scheduler.tenants import check_tenant_name, tenant_defaults
 from scheduler.terminal_progress import SILENT, Reporter
 from scheduler.usage.quotas import admit_within_quotas, check_quotas, record_refusal
@@ -85,6 +85,7 @@ class SubmitResult:
     job_ids: dict[int, str] = field(default_factory=dict)  # row line -> the job inserted for it
     over_cap: CapReached | None = None  # with `admit_partly`: the rows the tenant's cap refused (its `lines`)
     over_quota: QuotaExceeded | None = None  # with `admit_partly`: the rows its quotas refused (its `lines`)
+    rules_warning: str | None = None  # the set's [defaults] and [limits] could not be read here (set_rules)
 
     @property
     def invalid_rows(self) -> int:
@@ -338,8 +339,8 @@ def _write(
     with request.progress.stage("insert", total=len(plan.rows)) as stage:
         inserted = _insert_jobs(session, batch, rows, line=request.stored_line, retentions=retentions)
         stage.update(len(plan.rows))
-    if inserted:  # what keeps their reference images (a tenant's uploads are kept while it holds them)
-        shas = {f.sha256 for _, files in plan.rows for f in files} - resolver.recorded
+    if inserted:  # what keeps their reference images, a tenant's uploads too (it may delete them)
+        shas = {f.sha256 for _, files in plan.rows for f in files}
         link_references(session, batch_id=batch.id, shas=sorted(shas))
     job_ids = {row[1]: row[0] for row in rows if row[0] in inserted}
     if request.after_insert is not None:
@@ -450,9 +451,11 @@ def submit_manifest(
     A grid `.toml` (`scheduler.submission.grid`) gives its cells as rows (at most `max_grid_rows`)
     and names the batch after its `batch` key or its file name. Rows that name no
     `expires_after` get `expires_after_s` (None: the tenant's retention, else the fleet's).
+    A set this host has no toml of is submitted without its rules, and `rules_warning` says so.
     """
     model_set = resolve_model_set_name(model_set_name, settings)
     rules = set_rules_for(model_set_name, model_set, settings)
+    warning = unchecked_rules_warning(model_set_name, model_set, settings, field="--model-set")
     grid = is_grid(path)
     name = batch_name or (grid_batch_name(path) if grid else default_batch_name(path))
     request = _Request(
@@ -473,7 +476,8 @@ def submit_manifest(
     engine = make_engine(settings.database_url)
     try:
         sessions = make_session_factory(engine)
-        return _counted(sessions, lambda: _submit(request, sessions, parsed, resolver, skip_invalid=skip_invalid))
+        result = _counted(sessions, lambda: _submit(request, sessions, parsed, resolver, skip_invalid=skip_invalid))
+        return replace(result, rules_warning=warning)
     finally:
         engine.dispose()
 
@@ -503,6 +507,7 @@ def submit_rows(
     redis_client: redis.Redis | None = None,
     one_transaction: bool = False,
     cap: TenantCap | None = None,
+    model_set_file: str | None = None,
 ) -> SubmitResult:
     """Submit rows already read and validated (`scheduler.submission.manifest.parse_rows`): the HTTP API's path.
 
@@ -512,8 +517,13 @@ def submit_rows(
     reads nothing (the API's stored references), the rows are checked and written in one
     transaction: fewer round trips to the database. `cap` is counted under the tenant's lock
     in the transaction that inserts: past it, CapReached and nothing is written (unless
-    `options.admit_partly`).
+    `options.admit_partly`). The set's rules are IPAB_MODEL_SET's when it is `model_set`, or
+    those of `model_set_file` (a plan's set toml: `ModelSetError` when it no longer names the set).
     """
+    if model_set_file is None:
+        rules = set_rules_for(None, model_set, settings)
+    else:
+        rules = rules_from_file(model_set_file, name=model_set)
     request = _Request(
         settings,
         batch_name,
@@ -524,7 +534,7 @@ def submit_rows(
         redis_client=redis_client,
         stored_line=options.stored_line,
         one_transaction=one_transaction,
-        rules=set_rules_for(None, model_set, settings),
+        rules=rules,
         expires_after_s=options.expires_after_s,
         cap=cap,
         admit_partly=options.admit_partly,

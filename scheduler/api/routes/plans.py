@@ -84,7 +84,8 @@ def _apply(ctx: ApiContext, text: str, key_id: str) -> dict[str, Any]:
         raise _refused(e) from None
     [applied] = apply_specs(sessions=ctx.sessions, specs=[spec], now=utcnow())
     details = show_plan(sessions=ctx.sessions, name=spec.name, now=utcnow())
-    return {"change": applied["change"], **details, "webhook_secret": applied["webhook_secret"]}
+    secret, warnings = applied["webhook_secret"], applied["warnings"]
+    return {"change": applied["change"], **details, "webhook_secret": secret, "warnings": warnings}
 
 
 @router.post("", response_model=PlanApplied, openapi_extra=TOML_BODY)

@@ -16,12 +16,14 @@ from scheduler.api.app import create_app
 from scheduler.plans.planfile import PlanInvalid, read_plan_file
 from scheduler.submission.manifest import parse_rows
 from scheduler.submission.set_rules import apply_set_rules, set_rules_for
+from shared.db import Plan
 from shared.model_set import read_model_set, write_model_set
-from shared.model_set_rules import NO_RULES
+from shared.model_set_rules import NO_RULES, parse_rules
 from shared.settings import Settings
 from tests.scheduler.api.conftest import make_key, png_bytes
-from tests.scheduler.plans.conftest import Clock, apply, plan_context, plan_fields, run_days, write_plan
+from tests.scheduler.plans.conftest import Clock, apply, plan_context, plan_fields, run_days, slots, write_plan
 from tests.scheduler.submission.conftest import Run, load_jobs, run_ipab, write_jsonl, write_photos
+from worker.download import PRESETS
 
 FAST_SET = "tiny-fast-rules"
 FAST = {
@@ -42,6 +44,13 @@ def fast_toml(folder: Path, name: str = FAST_SET) -> Path:
         loras=[("l.safetensors", 1.0)],
         **FAST,
     )
+    return path
+
+
+def plain_toml(folder: Path, name: str = "tiny-plain") -> Path:
+    """A model set without rules, for IPAB_MODEL_SET when a submission names another set."""
+    path = folder / f"{name}.toml"
+    write_model_set(path, name=name, base="base", ip_adapter="a.safetensors", image_encoder="e")
     return path
 
 
@@ -184,3 +193,93 @@ def test_a_plan_on_the_fast_set_is_refused_at_apply_for_rows_past_its_limits_and
     params = [json.loads(job.spec)["params"] for job in load_jobs(local)]
     assert len(params) == 2
     assert {(p["scheduler"], p["steps"], p["guidance_scale"]) for p in params} == {("tcd", 4, 0.0)}
+
+
+def _plan_rows(folder: Path, *extra: dict[str, Any]) -> None:
+    write_photos(folder / "photos")
+    rows = [{"reference": "photos/coffee.jpg", "prompt": "a"}, {"reference": "photos/coffee.jpg", "prompt": "b"}]
+    write_jsonl(folder / "rows.jsonl", [*rows, *extra])
+
+
+def test_a_plan_naming_the_fast_sets_toml_gets_its_rules_at_apply_and_at_every_slot_whatever_ipab_model_set_is(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # IPAB_MODEL_SET names another set: the plan's own toml is what counts.
+    local = settings.model_copy(update={"model_set": plain_toml(tmp_path), "reference_roots": [tmp_path]})
+    fast_toml(tmp_path, name="fast")
+    _plan_rows(tmp_path, {"reference": "photos/coffee.jpg", "prompt": "c", "steps": 30})
+    plan = write_plan(tmp_path, **plan_fields(model_set="fast.toml"))
+    with pytest.raises(PlanInvalid, match=r"manifest: line 3: steps: is 30: must be 2 to 8 on model set 'fast'"):
+        read_plan_file(plan, settings=local)
+
+    _plan_rows(tmp_path)
+    clock = Clock(datetime(2026, 5, 1, 1, 0))
+    with plan_context(local, clock) as ctx:
+        apply(ctx, plan)
+        run_days(ctx, clock, 1)
+        with ctx.sessions() as session:
+            stored = session.query(Plan).one()
+            assert (stored.model_set, stored.model_set_file) == ("fast", str(tmp_path / "fast.toml"))
+    params = [json.loads(job.spec)["params"] for job in load_jobs(local)]
+    assert [(p["scheduler"], p["steps"], p["guidance_scale"]) for p in params] == [("tcd", 4, 0.0)] * 2
+
+
+def test_a_slot_fails_with_the_reason_when_its_plans_set_toml_now_names_another_set(
+    settings: Settings, tmp_path: Path
+) -> None:
+    local = settings.model_copy(update={"model_set": plain_toml(tmp_path), "reference_roots": [tmp_path]})
+    fast_toml(tmp_path, name="fast")
+    _plan_rows(tmp_path)
+    plan = write_plan(tmp_path, **plan_fields(model_set="fast.toml"))
+    clock = Clock(datetime(2026, 5, 1, 1, 0))
+    with plan_context(local, clock) as ctx:
+        apply(ctx, plan)
+        fast_toml(tmp_path, name="renamed").replace(tmp_path / "fast.toml")
+        run_days(ctx, clock, 1)
+        [slot] = slots(ctx.sessions)
+    assert slot.status == "failed"
+    assert f"model set file {tmp_path / 'fast.toml'} now names set 'renamed', not 'fast'" in (slot.reason or "")
+    assert load_jobs(local) == []
+
+
+def test_a_bare_set_name_without_a_toml_here_is_submitted_with_a_warning_that_names_the_fix(
+    settings: Settings,
+    settings_env: Callable[[Settings], dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    photo = str(write_photos(tmp_path / "photos")["coffee"])
+    manifest = write_jsonl(tmp_path / "rows.jsonl", [{"reference": photo, "prompt": "a", "steps": 30}])
+    plain = plain_toml(tmp_path)
+    configured = settings.model_copy(update={"model_set": plain, "reference_roots": [tmp_path]})
+
+    def ipab(*argv: str) -> Run:
+        return run_ipab(argv, env=settings_env(configured), monkeypatch=monkeypatch)
+
+    run = ipab("submit", str(manifest), "--model-set", FAST_SET)  # IPAB_MODEL_SET is another set
+    assert run.code == 0, run.err
+    assert f"warning: `--model-set` is {FAST_SET!r}: this host has no model-set toml of that set" in run.err
+    assert f"(IPAB_MODEL_SET is {plain})" in run.err and "[defaults] and [limits] are not applied" in run.err
+    assert "--model-set path/to/model-set.toml" in run.err
+    # The set IPAB_MODEL_SET names, by its name: its rules apply, nothing to warn of.
+    run = ipab("submit", str(manifest), "--model-set", "tiny-plain", "--batch", "b2")
+    assert run.code == 0 and "warning" not in run.err
+
+    # A plan naming a set by a name this host has no toml of is applied, with the same warning.
+    _plan_rows(tmp_path)
+    spec = read_plan_file(write_plan(tmp_path, **plan_fields(model_set=FAST_SET)), settings=configured)
+    [warning] = spec.warnings
+    assert warning.startswith(f"`model_set` is {FAST_SET!r}: this host has no model-set toml of that set")
+    assert '(model_set = "path/to/model-set.toml")' in warning
+    named = write_plan(tmp_path, **plan_fields(model_set="tiny-plain"))  # IPAB_MODEL_SET's set: its rules, no warning
+    assert read_plan_file(named, settings=configured).warnings == ()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_each_presets_limits_refuse_a_job_that_asks_for_another_scheduler_with_line_and_reason(preset: str) -> None:
+    chosen = PRESETS[preset]
+    rules = parse_rules(chosen.defaults, chosen.limits)
+    applied = apply_set_rules(_rows({}, {"scheduler": "euler"}), rules, model_set=preset)
+    assert [r.params.scheduler for r in applied.rows] == [chosen.defaults["scheduler"]]
+    own = chosen.defaults["scheduler"]
+    assert applied.problems == [(2, "scheduler", f"is 'euler': must be one of {own} on model set {preset!r}")]
