@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from scheduler.submission.manifest import REFERENCE_FIELD, Problem, problem_from
@@ -254,17 +255,31 @@ class UploadReport:
     already_stored: int
 
 
+def _hold_uploads(session: Session, shas: Sequence[str]) -> None:
+    """Hold a tenant's uploads that the submission uses until it commits (its batch then keeps them);
+    one deleted since the submission looked it up (`DELETE /v1/references`, then the janitor) refuses it."""
+    if not shas:
+        return
+    again = claim_references(session, shas)  # a mark is cleared here: its objects are still whole
+    if again:
+        present = set(session.scalars(select(ReferenceImage.sha256).where(ReferenceImage.sha256.in_(sorted(again)))))
+        gone = sorted(again - present)
+        if gone:
+            raise InvalidInput("references", gone[0], "was deleted meanwhile; upload it again (POST /v1/references)")
+
+
 def upload_references(files: Iterable[ReferenceFile], *, resolver: ReferenceResolver, session: Session) -> UploadReport:
     """Upload each image unless its object exists, then record all in `reference_images` (idempotent).
 
-    Images the resolver knows to be recorded already (`resolver.recorded`: a tenant's uploads,
-    which the janitor keeps while the tenant holds them) are skipped without a HEAD: a row is
-    recorded only after its object was stored. The others are claimed in the session's
+    Images the resolver knows to be recorded already (`resolver.recorded`: a tenant's uploads)
+    are skipped without a HEAD (a row is recorded only after its object was stored), and held
+    (`_hold_uploads`). The others are claimed in the session's
     transaction (`shared.janitor.references.claim_references`): the janitor cannot remove them
     until it commits, and those it was removing are checked and uploaded again.
     """
     every = {f.sha256: f for f in files}
     distinct = [f for sha256, f in every.items() if sha256 not in resolver.recorded]
+    _hold_uploads(session, [sha256 for sha256 in every if sha256 in resolver.recorded])
 
     def upload(file: ReferenceFile) -> bool:
         if resolver.store.exists(file.key):

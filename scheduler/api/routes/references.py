@@ -1,4 +1,5 @@
-"""`POST /v1/references` (upload an image once, by content) and `GET /v1/references/{id}`."""
+"""`POST /v1/references` (upload an image once, by content), `GET /v1/references/{id}` and
+`DELETE /v1/references/{id}` (the tenant lets go of its upload; the image goes once nothing uses it)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy import delete
 from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.bodies import read_multipart_file
@@ -18,6 +20,8 @@ from scheduler.submission.references import CONTENT_TYPES, ReferenceFile, record
 from shared.db import ReferenceImage, TenantReference, insert_ignoring_duplicates, utcnow
 from shared.errors import InvalidInput
 from shared.images import MAX_REFERENCE_BYTES, decode_reference, sniff_format
+from shared.janitor.loop import wake_janitor
+from shared.janitor.references import mark_unused
 from shared.jobs import transaction
 
 router = APIRouter(prefix="/v1/references", tags=["references"])
@@ -87,3 +91,25 @@ def _get(ctx: ApiContext, tenant: str, ref_id: str) -> dict[str, Any]:
 async def get_reference(ref_id: str, ctx: Context, caller: CallerDep) -> Any:
     """The tenant's reference image `ref_id`; 404 for any other."""
     return await run_in_threadpool(_get, ctx, caller.tenant, ref_id)
+
+
+def _delete(ctx: ApiContext, tenant: str, ref_id: str) -> dict[str, Any]:
+    with transaction(ctx.sessions) as session:
+        gone = session.execute(
+            delete(TenantReference)
+            .where(TenantReference.tenant == tenant, TenantReference.sha256 == ref_id)
+            .execution_options(synchronize_session=False)
+        )
+        if not int(getattr(gone, "rowcount", 0)):
+            raise not_found("reference", ref_id)
+        mark_unused(session, [ref_id])  # unless another upload or a batch with images kept still uses it
+    wake_janitor(redis_client=ctx.redis, prefix=ctx.settings.redis_prefix)
+    return {"id": ref_id, "status": "deleting"}
+
+
+@router.delete("/{ref_id}", status_code=202, summary="Delete a reference image the tenant uploaded")
+async def delete_reference(ref_id: str, ctx: Context, caller: CallerDep) -> Any:
+    """Forget the tenant's upload at once (404 for it afterwards); the janitor then deletes the image
+    and its embeddings, unless one of the tenant's batches whose images are kept still uses it (it goes
+    with them), or another tenant uploaded the same image (it stays theirs). 404 for any other id."""
+    return await run_in_threadpool(_delete, ctx, caller.tenant, ref_id)
