@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from datetime import date
 from typing import Any, Final
 
@@ -61,26 +62,36 @@ def _limit(flag: str, *, whole: bool) -> Any:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    """Usage per day, batch, lane or model set, from the rollup: a table, JSON or CSV."""
-    from scheduler.usage.report import UsageQuery, check_range, report_csv, row_json, usage_report
+    """Usage per day, batch, lane or model set, from the rollup: a table, JSON or CSV. Every row,
+    streamed from the database PAGE_ROWS at a time (a report by batch has a row per batch ever run)."""
+    from scheduler.usage.report import (
+        UsageQuery,
+        check_range,
+        report_rows,
+        row_json,
+        usage_totals,
+        write_csv,
+        write_json,
+    )
     from shared.jobs import transaction
     from shared.settings import load_settings
 
     check_range(args.since, args.until, names=("--since", "--until"))
     query = UsageQuery(tenant=args.tenant, since=args.since, until=args.until, by=args.by)
     with database(load_settings()) as sessions, transaction(sessions) as session:
-        report = usage_report(session=session, query=query)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    elif args.csv:
-        print(report_csv(report), end="")
-    else:
+        rows = report_rows(session=session, query=query)
+        if args.csv:
+            write_csv(sys.stdout, by=args.by, rows=rows)
+            return 0
+        if args.json:
+            write_json(sys.stdout, query=query, rows=rows, totals=usage_totals(session=session, query=query))
+            return 0
         columns = ["tenant", args.by, *TABLE_FIGURES]
         print("\t".join(columns))
-        for row in report.rows:
+        for row in rows:
             shown = row_json(row, args.by)
             print("\t".join(str(shown[c]) for c in columns))
-        for tenant, totals in report.totals.items():
+        for tenant, totals in usage_totals(session=session, query=query).items():
             print("\t".join([tenant, "total", *(str(totals[c]) for c in TABLE_FIGURES)]))
     return 0
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from datetime import date
 from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -17,7 +18,7 @@ from scheduler.api.context import ADMIN_HINT, AdminDep, ApiContext, CallerDep, C
 from scheduler.api.problems import ApiProblem, from_invalid_input
 from scheduler.tenants import check_tenant_name
 from scheduler.usage.quotas import clear_quotas, quota_status, set_quotas
-from scheduler.usage.report import UsageQuery, usage_report
+from scheduler.usage.report import MAX_CURSOR_CHARS, MAX_PAGE_ROWS, PAGE_ROWS, UsagePage, UsageQuery, usage_report
 from shared.errors import InvalidInput
 from shared.jobs import transaction
 
@@ -55,30 +56,53 @@ def _tenant_arg(name: str) -> str:
 
 @router.get("/v1/usage")
 async def get_usage(
+    request: Request,
     ctx: Context,
     caller: CallerDep,
     tenant: Annotated[str | None, Query(description="an admin key: one tenant (default: every tenant)")] = None,
     since: Annotated[date | None, Query(description="first UTC day, included")] = None,
     until: Annotated[date | None, Query(description="last UTC day, included")] = None,
     by: Annotated[Group, Query(description="a row per day, batch, lane or model set")] = "day",
+    limit: Annotated[int, Query(description=f"rows a page, 1 to {MAX_PAGE_ROWS:,}")] = PAGE_ROWS,
+    after: Annotated[
+        str | None, Query(max_length=MAX_CURSOR_CHARS, description="the `next_after` of the page before")
+    ] = None,
 ) -> Any:
     """Usage summed per day, batch, lane or model set: jobs, images, GPU-seconds (billed), lost
     GPU-seconds (attempts killed or failed: shown, not billed), pixel-steps, queue and total seconds.
-    A tenant's key sees its own usage; an admin key every tenant's, or `tenant`'s."""
+    A tenant's key sees its own usage; an admin key every tenant's, or `tenant`'s.
+
+    At most `limit` rows, in (tenant, group) order; `next` is the link to the rows after them
+    (`next_after` its cursor), null on the last page. `totals` sum the whole range, every page."""
     if not caller.admin:
         if tenant not in (None, caller.tenant):
             raise _forbidden_other(caller.tenant)
         tenant = caller.tenant
     try:
         query = UsageQuery(tenant=tenant, since=since, until=until, by=by)
+        page = UsagePage(limit=limit, after=after)
     except InvalidInput as e:
         raise from_invalid_input(e) from None
 
     def read() -> dict[str, Any]:
         with transaction(ctx.sessions) as session:
-            return usage_report(session=session, query=query).to_json()
+            return usage_report(session=session, query=query, page=page).to_json()
 
-    return await run_in_threadpool(read)
+    try:
+        body = await run_in_threadpool(read)
+    except InvalidInput as e:  # a cursor that is not one of this report's
+        raise from_invalid_input(e) from None
+    body["next"] = _next_link(request, body, admin_tenant=tenant if caller.admin else None)
+    return body
+
+
+def _next_link(request: Request, body: dict[str, Any], *, admin_tenant: str | None) -> str | None:
+    """The path and query of the next page (the same report, `after` this page's last row), or None."""
+    if body["next_after"] is None:
+        return None
+    names = ("since", "until", "by", "limit")
+    params = {"tenant": admin_tenant, **{name: body[name] for name in names}, "after": body["next_after"]}
+    return f"{request.url.path}?{urlencode({k: v for k, v in params.items() if v is not None})}"
 
 
 def _status(ctx: ApiContext, tenant: str | None) -> dict[str, Any]:
