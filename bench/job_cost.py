@@ -50,6 +50,7 @@ from bench.common import (
 )
 from shared import keys
 from shared.dispatch.dispatcher import Dispatcher
+from shared.dispatch.wake import refill_level
 from shared.jobs import JobResult, claim_job, finish_job
 from shared.queue import forget_queued
 from shared.reconcile import reconcile_once
@@ -203,7 +204,13 @@ def _play_fleet(census: _Census, settings: Settings, sessions: sessionmaker[Sess
         with census.step("claim"):
             attempt = claim_job(sessions=sessions, job_id=job_id, worker_host=host, lease_s=60, max_attempts=3)
         with census.step("forget"):
-            forget_queued(redis_client=client, prefix=settings.redis_prefix, job_id=job_id, model_set=NULL_MODEL_SET)
+            forget_queued(
+                redis_client=client,
+                prefix=settings.redis_prefix,
+                job_id=job_id,
+                model_set=NULL_MODEL_SET,
+                signal_at=refill_level(settings.dispatch_depth),
+            )
         if attempt is None:
             raise RuntimeError(f"job {job_id} could not be claimed")
         with census.step("finish"):

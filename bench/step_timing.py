@@ -26,6 +26,7 @@ from bench.common import sessions_for, write_manifest
 from bench.null_model import NullRenderer
 from shared import keys
 from shared.db import Job
+from shared.dispatch.wake import refill_level
 from shared.jobs import JobResult, claim_job, finish_job
 from shared.queue import forget_queued
 from shared.settings import Settings
@@ -93,7 +94,13 @@ def _one_job(w: _Worker, m: JobMessage, clock: _Clock) -> None:
     # As the runner does: the same round trip signals the dispatcher that the queue has room.
     clock.time(
         "forget_queued_redis",
-        lambda: forget_queued(redis_client=w.redis, prefix=prefix, job_id=m.job_id, model_set=name),
+        lambda: forget_queued(
+            redis_client=w.redis,
+            prefix=prefix,
+            job_id=m.job_id,
+            model_set=name,
+            signal_at=refill_level(w.settings.dispatch_depth),
+        ),
     )
     lease = clock.time(
         "lease_thread",

@@ -15,7 +15,7 @@ from typing import Final
 import redis
 
 from shared import keys
-from shared.dispatch.wake import push_signal
+from shared.dispatch.wake import SIGNAL, push_signal, signal_key
 from shared.errors import QueueUnavailable
 from shared.wire import render_envelopes
 
@@ -43,14 +43,34 @@ def enqueue_serialized(
         raise QueueUnavailable(f"cannot enqueue on Redis ({e}); the reconciler will enqueue these jobs") from e
 
 
-def forget_queued(*, redis_client: redis.Redis, prefix: str, job_id: str, model_set: str | None = None) -> None:
+# The job's id leaves the queued set; the dispatcher's signal list gets its one signal only when
+# the render queue is down to the given length (the test and the push are one step in Redis).
+_FORGET_AND_SIGNAL: Final = b"""
+redis.call('SREM', KEYS[1], ARGV[1])
+if redis.call('LLEN', KEYS[2]) <= tonumber(ARGV[2]) then
+  redis.call('LPUSH', KEYS[3], ARGV[3])
+  redis.call('LTRIM', KEYS[3], 0, 0)
+end
+"""
+
+
+def forget_queued(
+    *, redis_client: redis.Redis, prefix: str, job_id: str, model_set: str | None = None, signal_at: int | None = None
+) -> None:
     """A worker took the job: its message is no longer waiting in Redis.
 
     With `model_set`, the same round trip tells that model set's dispatcher that its queue has
-    room (`shared.dispatch.wake`): it sleeps until then instead of polling the queue's depth.
+    room (`shared.dispatch.wake`): it sleeps until then instead of polling the queue's depth;
+    with `signal_at` too, only when at most that many messages are left (`refill_level`).
     """
+    queued_set = prefix + keys.QUEUED_SET
+    if model_set is not None and signal_at is not None:
+        script = redis_client.register_script(_FORGET_AND_SIGNAL)
+        keys_ = [queued_set, keys.render_queue(model_set), signal_key(prefix, model_set)]
+        script(keys=keys_, args=[job_id, signal_at, SIGNAL])
+        return
     pipe = redis_client.pipeline(transaction=False)
-    pipe.srem(prefix + keys.QUEUED_SET, job_id)
+    pipe.srem(queued_set, job_id)
     if model_set is not None:
         push_signal(pipe, prefix=prefix, model_set=model_set)
     pipe.execute()

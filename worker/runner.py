@@ -19,6 +19,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 from shared import keys
+from shared.dispatch.wake import refill_level
 from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, JobTimedOut, MessageInvalid, TransientError
 from shared.jobs import claim_job, hand_back_paused
 from shared.queue import forget_queued
@@ -189,7 +190,11 @@ def _forget(ctx: WorkerContext, job_id: str) -> None:
     try:
         # The queue has room now: the same round trip wakes the dispatcher to top it up.
         forget_queued(
-            redis_client=ctx.redis, prefix=ctx.settings.redis_prefix, job_id=job_id, model_set=ctx.renderer.name
+            redis_client=ctx.redis,
+            prefix=ctx.settings.redis_prefix,
+            job_id=job_id,
+            model_set=ctx.renderer.name,
+            signal_at=refill_level(ctx.settings.dispatch_depth),
         )
     except Exception as e:  # Redis down: the reconciler's set is gone anyway.
         log.warning("could not update the queued set for %s: %s", job_id, e)

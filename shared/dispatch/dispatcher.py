@@ -16,7 +16,9 @@ lock that lapses when its holder dies, as the reconciler's); any worker can take
 
 Between rounds a dispatcher sleeps in a blocking Redis call until a submission or a worker
 that took a message signals it (`shared.dispatch.wake`), its lock needs renewing, or its
-backlog is due for a re-read: it runs beside the render, and must not wake to poll.
+backlog is due for a re-read: it runs beside the render, and must not wake to poll. A queue
+that workers drain is topped up once it is down to half its depth (new work tops it up at
+once): each round then marks and pushes a few jobs in one statement and one pipeline, not one.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from shared.db_clock import server_now
 from shared.dispatch.front import FRONT_LANES, QueueFront
 from shared.dispatch.holds import starts_left
 from shared.dispatch.policy import Policy
-from shared.dispatch.wake import wait_for_signal, wake_key
+from shared.dispatch.wake import refill_room, wait_for_signal, wake_key
 from shared.dispatch.wake import wake_dispatcher as wake_dispatcher  # its callers import it from here
 from shared.errors import TransientError
 from shared.jobs import ASYNC_COMMIT, autocommit, dialect_of, transaction
@@ -248,8 +250,11 @@ class Dispatcher:
         pipe.get(wake_key(self.settings, self.model_set))
         depth, wake_stamp = pipe.execute()
         room = self.settings.dispatch_depth - int(depth)
-        self._more = self._rescan_deferred = False
-        self._full = room <= 0
+        more, self._more, self._rescan_deferred = self._more, False, False
+        # Not yet drained to its low water, nothing new, nothing left over: the queue waits for
+        # workers to take more (a round then moves several messages, sharing its mark and push).
+        waits = room < refill_room(self.settings.dispatch_depth) and wake_stamp == self._wake_stamp and not more
+        self._full = room <= 0 or waits
         if self._full:
             return 0  # a wake is kept in the stamp: the first round with room re-reads SQL
         self._rescan_if_due(wake_stamp)

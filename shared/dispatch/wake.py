@@ -8,7 +8,9 @@ signal list, and whoever changes its work pushes a signal:
 - `wake_dispatcher` (a submission, a retry, a resume, the reconciler handing jobs back): new
   work in SQL. It also bumps the wake counter, which makes the dispatcher re-read its backlog.
 - `push_signal` from `shared.queue.forget_queued` (a worker took a message): the queue has
-  room, and the dispatcher tops it up from what it already read.
+  room, and the dispatcher tops it up from what it already read. A worker signals only when
+  its take left the queue down to `refill_level` (half its depth): the dispatcher would not
+  top it up for less, so it is not woken for less.
 
 The list holds one signal at most (LPUSH, then LTRIM): signals sent while the dispatcher works
 make one more round between them, and a list that nobody reads stays one item long. Signals
@@ -33,6 +35,18 @@ log = logging.getLogger(__name__)
 SIGNAL: Final = b"1"
 MIN_WAIT_S: Final = 0.01  # BLPOP waits forever on 0: a shorter wait blocks this long
 MAX_WAIT_S: Final = 5.0  # one BLPOP blocks at most this long, and at most half the client's socket timeout
+
+
+def refill_room(depth: int) -> int:
+    """Room a dispatcher waits for before it tops its queue up, unless new work arrived: half the
+    queue's depth (one message at a depth of 1 or 2). A round then moves a few messages, and workers
+    signal it only when their take leaves the queue at `refill_level`."""
+    return max(1, depth // 2)
+
+
+def refill_level(depth: int) -> int:
+    """The queue length at or below which a worker that took a message wakes the dispatcher."""
+    return depth - refill_room(depth)
 
 
 def wake_key(settings: Settings, model_set: str) -> str:
