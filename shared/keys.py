@@ -23,6 +23,8 @@ RECONCILER_LOCK_KEY: Final = "reconciler-lock"  # only one reconciler runs at a 
 DISPATCH_LOCK_KEY: Final = "dispatch-lock:{model_set}"  # only one dispatcher per model set works at a time
 DISPATCH_WAKE_KEY: Final = "dispatch-wake:{model_set}"  # bumped by submissions: the dispatcher re-reads SQL
 DISPATCH_SIGNAL_KEY: Final = "dispatch-signal:{model_set}"  # the list an idle dispatcher blocks on (BLPOP)
+# Set by a dispatcher that has new work and a full queue: the next worker's take signals it.
+DISPATCH_WANTED_KEY: Final = "dispatch-wanted:{model_set}"
 JANITOR_LOCK_KEY: Final = "janitor-lock"  # only one janitor works at a time
 JANITOR_SIGNAL_KEY: Final = "janitor-signal"  # the list an idle janitor blocks on (BLPOP): a deletion was asked
 STATS_KEY: Final = "stats:{name}"  # fleet-wide counters (hash)

@@ -15,7 +15,7 @@ from typing import Final
 import redis
 
 from shared import keys
-from shared.dispatch.wake import SIGNAL, push_signal, signal_key
+from shared.dispatch.wake import SIGNAL, push_signal, signal_key, wanted_key
 from shared.errors import QueueUnavailable
 from shared.wire import render_envelopes
 
@@ -44,10 +44,11 @@ def enqueue_serialized(
 
 
 # The job's id leaves the queued set; the dispatcher's signal list gets its one signal only when
-# the render queue is down to the given length (the test and the push are one step in Redis).
+# the render queue is down to the given length, or the dispatcher asked for the next take (its
+# flag is cleared): the test and the push are one step in Redis.
 _FORGET_AND_SIGNAL: Final = b"""
 redis.call('SREM', KEYS[1], ARGV[1])
-if redis.call('LLEN', KEYS[2]) <= tonumber(ARGV[2]) then
+if redis.call('LLEN', KEYS[2]) <= tonumber(ARGV[2]) or redis.call('DEL', KEYS[4]) == 1 then
   redis.call('LPUSH', KEYS[3], ARGV[3])
   redis.call('LTRIM', KEYS[3], 0, 0)
 end
@@ -66,7 +67,7 @@ def forget_queued(
     queued_set = prefix + keys.QUEUED_SET
     if model_set is not None and signal_at is not None:
         script = redis_client.register_script(_FORGET_AND_SIGNAL)
-        keys_ = [queued_set, keys.render_queue(model_set), signal_key(prefix, model_set)]
+        keys_ = [queued_set, keys.render_queue(model_set), signal_key(prefix, model_set), wanted_key(prefix, model_set)]
         script(keys=keys_, args=[job_id, signal_at, SIGNAL])
         return
     pipe = redis_client.pipeline(transaction=False)

@@ -43,7 +43,7 @@ from shared.db_clock import server_now
 from shared.dispatch.front import FRONT_LANES, QueueFront
 from shared.dispatch.holds import starts_left
 from shared.dispatch.policy import Policy
-from shared.dispatch.wake import refill_room, wait_for_signal, wake_key
+from shared.dispatch.wake import refill_room, wait_for_signal, wake_key, want_signal
 from shared.dispatch.wake import wake_dispatcher as wake_dispatcher  # its callers import it from here
 from shared.errors import TransientError
 from shared.jobs import ASYNC_COMMIT, autocommit, dialect_of, transaction
@@ -256,6 +256,8 @@ class Dispatcher:
         waits = room < refill_room(self.settings.dispatch_depth) and wake_stamp == self._wake_stamp and not more
         self._full = room <= 0 or waits
         if self._full:
+            if wake_stamp != self._wake_stamp:  # new work: the next take must wake this dispatcher
+                want_signal(redis_client=self.redis_client, prefix=self.settings.redis_prefix, model_set=self.model_set)
             return 0  # a wake is kept in the stamp: the first round with room re-reads SQL
         self._rescan_if_due(wake_stamp)
         chosen = self._choose(min(room, MAX_ROUND))

@@ -10,7 +10,8 @@ signal list, and whoever changes its work pushes a signal:
 - `push_signal` from `shared.queue.forget_queued` (a worker took a message): the queue has
   room, and the dispatcher tops it up from what it already read. A worker signals only when
   its take left the queue down to `refill_level` (half its depth): the dispatcher would not
-  top it up for less, so it is not woken for less.
+  top it up for less, so it is not woken for less; or when the dispatcher asked for the next
+  take (`want_signal`: new work arrived while its queue was full, and must go in at once).
 
 The list holds one signal at most (LPUSH, then LTRIM): signals sent while the dispatcher works
 make one more round between them, and a list that nobody reads stays one item long. Signals
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SIGNAL: Final = b"1"
 MIN_WAIT_S: Final = 0.01  # BLPOP waits forever on 0: a shorter wait blocks this long
+WANTED_TTL_S: Final = 60  # a flag nobody clears (no take came) goes by itself
 MAX_WAIT_S: Final = 5.0  # one BLPOP blocks at most this long, and at most half the client's socket timeout
 
 
@@ -80,6 +82,16 @@ def wake_dispatcher(*, redis_client: redis.Redis, settings: Settings, model_set:
         log.warning("could not wake the dispatcher of %s (it rescans every few seconds): %s", model_set, e)
         return False
     return True
+
+
+def wanted_key(prefix: str, model_set: str) -> str:
+    """The Redis flag a dispatcher with new work and a full queue sets: the next take signals it."""
+    return prefix + keys.DISPATCH_WANTED_KEY.format(model_set=model_set)
+
+
+def want_signal(*, redis_client: redis.Redis, prefix: str, model_set: str) -> None:
+    """Ask for a signal at the next worker's take, whatever the queue's length (new work waits)."""
+    redis_client.set(wanted_key(prefix, model_set), SIGNAL, ex=WANTED_TTL_S)
 
 
 def wait_for_signal(*, redis_client: redis.Redis, prefix: str, model_sets: Sequence[str], timeout_s: float) -> bool:

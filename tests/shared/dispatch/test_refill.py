@@ -96,3 +96,25 @@ def test_a_drained_queue_is_topped_up_at_half_its_depth_and_new_work_at_once(
     _submit(depth_settings, tmp_path, "urgent", 1, lane="interactive")
     assert dispatcher.dispatch_once() == 1 and client.llen(QUEUE) == DEPTH
     engine.dispose()
+
+
+def test_new_work_that_finds_the_queue_full_goes_in_at_the_next_take(
+    depth_settings: Settings, client: redis.Redis, tmp_path: Path
+) -> None:
+    _submit(depth_settings, tmp_path, "bulk", 20)
+    engine = make_engine(depth_settings.database_url)
+    dispatcher = Dispatcher.from_settings(
+        sessions=make_session_factory(engine), redis_client=client, settings=depth_settings, model_set=MODEL_SET
+    )
+    assert dispatcher.dispatch_once() == DEPTH
+    _submit(depth_settings, tmp_path, "urgent", 1, lane="interactive")
+    assert dispatcher.dispatch_once() == 0  # full: the interactive job waits for a take
+    _signalled(client, depth_settings)
+
+    _take(client, depth_settings)  # 3 left, above the level: signalled all the same, the dispatcher asked
+    assert _signalled(client, depth_settings)
+    assert dispatcher.dispatch_once() == 1
+    assert decode_render_envelope(client.lindex(QUEUE, -1)).spec.params.prompt == "urgent 0"  # type: ignore[arg-type]
+    _take(client, depth_settings)  # the flag was used up: an ordinary take above the level signals nothing
+    assert not _signalled(client, depth_settings)
+    engine.dispose()
