@@ -1,5 +1,6 @@
 """Retention through the API: `expires_after` on jobs and batches, a tenant's default set by an admin,
-`expires_at` in the views, DELETE of jobs and batches (tenant-scoped, 202 then gone), 410 for a removed image."""
+`expires_at` in the views, DELETE of jobs and batches (tenant-scoped, 202 then gone), 410 for a removed image.
+On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
@@ -18,6 +20,12 @@ from shared.jobs import JobResult, claim_job, finish_job, transaction
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.scheduler.api.conftest import png_bytes
+
+
+@pytest.fixture
+def api_settings(api_settings: Settings, database_url: str) -> Settings:
+    """The API's settings on the test's database (SQLite, then PostgreSQL)."""
+    return api_settings.model_copy(update={"database_url": database_url})
 
 
 def _reference(client: TestClient, headers: dict[str, str]) -> str:
@@ -195,6 +203,26 @@ def test_deleting_a_batch_cancels_its_queued_jobs_and_removes_it(
     assert ObjectStore.from_settings(api_settings).list_keys(keys.outputs_prefix(batch_id)) == []
     # The tenant's upload is its own to keep: deleting a batch leaves its references.
     assert client.get(f"/v1/references/{ref}", headers=alice).status_code == 200
+
+
+def test_deleting_a_batch_twice_is_accepted_both_times_and_done_once(
+    client: TestClient, alice: dict[str, str], api_settings: Settings
+) -> None:
+    ref = _reference(client, alice)
+    done, waiting = _job(client, alice, ref), _job(client, alice, ref)
+    _finish_as_a_worker_would(api_settings, done)
+    batch_id = client.get(f"/v1/jobs/{done}", headers=alice).json()["batch_id"]
+
+    first = client.delete(f"/v1/batches/{batch_id}", headers=alice)
+    again = client.delete(f"/v1/batches/{batch_id}", headers=alice)
+
+    assert (first.status_code, first.json()) == (202, {"id": batch_id, "status": "deleting"})
+    assert (again.status_code, again.json()) == (202, {"id": batch_id, "status": "deleting"})
+    assert client.get(f"/v1/jobs/{waiting}", headers=alice).json()["status"] == "canceled"
+    _sweep(api_settings)
+    assert client.get(f"/v1/batches/{batch_id}", headers=alice).status_code == 404
+    assert client.delete(f"/v1/batches/{batch_id}", headers=alice).status_code == 404  # done: as if absent
+    assert ObjectStore.from_settings(api_settings).list_keys(keys.outputs_prefix(batch_id)) == []
 
 
 def test_an_expired_image_answers_410_and_its_record_says_when_it_went(

@@ -1,5 +1,6 @@
 """The lifecycle on the command line: `ipab submit --expires-after`, a row's and a grid's `expires_after`,
-`ipab results` showing the expiry, `ipab delete` then `ipab janitor`, `ipab tenants set|list`."""
+`ipab results` showing the expiry, `ipab delete` then `ipab janitor`, `ipab tenants set|list`. On SQLite and
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ MODULES = ("scheduler.cli.batches", "scheduler.cli.retention")
 
 
 @pytest.fixture
-def cli_settings(settings: Settings, tmp_path: Path) -> Settings:
-    """References may be read from the test's folder."""
-    return settings.model_copy(update={"reference_roots": [tmp_path]})
+def cli_settings(settings: Settings, tmp_path: Path, database_url: str) -> Settings:
+    """References may be read from the test's folder; the test's database (SQLite, then PostgreSQL)."""
+    return settings.model_copy(update={"reference_roots": [tmp_path], "database_url": database_url})
 
 
 @pytest.fixture
@@ -106,6 +107,26 @@ def test_delete_then_janitor_removes_a_batch_and_its_images(
     assert load_jobs(cli_settings) == [] and store.list_keys() == []  # its image: no other batch used it
     missing = ipab(cli_settings, "delete", "gone")
     assert missing.code == 2 and "BATCH|JOB" in missing.err and len(missing.err.strip().splitlines()) == 1
+
+
+def test_delete_of_a_job_id_removes_that_job_alone(
+    cli_settings: Settings, tmp_path: Path, ipab: Callable[..., Run]
+) -> None:
+    assert ipab(cli_settings, "submit", str(_manifest(tmp_path)), "--model-set", "tiny", "--batch", "b").code == 0
+    _finish_all(cli_settings)
+    gone, *kept = [job.id for job in load_jobs(cli_settings)]
+
+    deleted = ipab(cli_settings, "delete", gone)
+    swept = ipab(cli_settings, "janitor")
+
+    assert deleted.code == 0 and f"deletion of job {gone} asked for: 1 job(s)" in deleted.out, deleted.err
+    assert deleted.out.strip().splitlines()[-1] == gone
+    assert swept.code == 0 and "1 job(s) removed" in swept.out, swept.out
+    assert [job.id for job in load_jobs(cli_settings)] == kept  # its batch and the other jobs stay
+    results = ipab(cli_settings, "results", "b")
+    assert results.code == 0 and len(results.out.splitlines()) == 2 and gone not in results.out
+    again = ipab(cli_settings, "delete", gone)
+    assert again.code == 2 and "BATCH|JOB" in again.err  # done: as if it never was
 
 
 def test_a_grid_gives_its_retention_to_its_cells(

@@ -1,5 +1,5 @@
 """Exports and galleries of a batch whose images were partly removed: skipped with a count, or said to be
-removed on the card; never a broken link nor a traceback."""
+removed on the card; never a broken link nor a traceback. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from tests.shared.conftest import World, world_on
 
 
 @pytest.fixture
-def world(settings: Settings, sqlite_url: str, object_store: ObjectStore, redis_url: str) -> Iterator[World]:
-    """The janitor's test world on SQLite."""
-    with world_on(settings, sqlite_url, object_store, redis_url) as w:
+def world(settings: Settings, database_url: str, object_store: ObjectStore, redis_url: str) -> Iterator[World]:
+    """The janitor's test world on the test's database (SQLite, then PostgreSQL)."""
+    with world_on(settings, database_url, object_store, redis_url) as w:
         yield w
 
 
