@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from shared import keys
-from shared.db import Batch, BatchReference, Job, JobStatus, Plan, PlanSlot, ReferenceImage, utcnow
+from shared.db import Batch, BatchReference, Job, JobStatus, Plan, PlanSlot, ReferenceImage, WebhookMessage, utcnow
 from shared.janitor.references import claim_references, mark_unused
 from shared.jobs import JobResult, claim_job, finish_job, transaction
 from shared.retention import DataState
@@ -185,6 +185,56 @@ def test_rows_past_the_metadatas_retention_are_deleted_in_bounded_steps(world: W
     assert sum(r.rows_purged for r in reports) == 6
     assert all(world.job(j) is None for j in old)
     assert all(getattr(world.job(j), "data_state", None) == DataState.removed.value for j in recent)
+
+
+def _message(world: World, name: str, *, age: timedelta, delivered: bool = False, failed: bool = False) -> str:
+    """A webhook message written `age` ago: delivered, given up (failed), or still to be sent; its id."""
+    created = utcnow() - age
+    with transaction(world.sessions) as session:
+        session.add(
+            WebhookMessage(
+                id=f"msg_{name}",
+                tenant="default",
+                url="https://hooks.example.com/ipab",
+                event_type="job.succeeded",
+                subject_id=name,
+                payload="{}",
+                attempts=1,
+                created_at=created,
+                next_attempt_at=created,
+                delivered_at=created if delivered else None,
+                failed_at=created if failed else None,
+            )
+        )
+    return f"msg_{name}"
+
+
+def test_webhook_messages_sent_or_given_up_go_after_the_metadatas_retention_and_unsent_ones_stay(
+    world: World,
+) -> None:
+    world.settings = world.settings.model_copy(update={"retention_metadata_s": 3600, "janitor_batch": 2})
+    old = [_message(world, f"old{i}", age=timedelta(hours=2), delivered=True) for i in range(2)]
+    given_up = _message(world, "given-up", age=timedelta(hours=2), failed=True)
+    unsent = _message(world, "unsent", age=timedelta(days=30))  # still retried: never purged
+    recent = _message(world, "recent", age=timedelta(minutes=5), delivered=True)
+
+    first, second = world.sweep(2)
+
+    assert (first.outbox_purged, first.more) == (2, True)  # bounded: IPAB_JANITOR_BATCH a step
+    assert (second.outbox_purged, second.more) == (1, False)
+    with world.sessions() as session:
+        left = set(session.scalars(select(WebhookMessage.id)))
+    assert left == {unsent, recent} and not left & {*old, given_up}
+
+
+def test_without_a_metadata_retention_no_webhook_message_is_purged(world: World) -> None:
+    kept = _message(world, "old", age=timedelta(days=3650), delivered=True)
+
+    (report,) = world.sweep()
+
+    assert report.outbox_purged == 0
+    with world.sessions() as session:
+        assert list(session.scalars(select(WebhookMessage.id))) == [kept]
 
 
 def test_a_deleted_batch_goes_once_empty_with_the_objects_its_folder_still_held(world: World) -> None:
