@@ -109,6 +109,18 @@ def expiry_on_finish() -> Any:
     )
 
 
+# A canceled job whose worker still holds its lease: the steps it ran are billed when that worker
+# reports them (`record_left_attempt`), or nothing once the lease lapses unreported (`expire_leases`).
+# Its `job.canceled` event waits until then (`scheduler.batches.events`), so that it carries what was billed.
+AWAITING_REPORT: Final = and_(_C.status == JobStatus.canceled.value, _C.lease_expires_at.is_not(None))
+
+
+def lease_on_cancel() -> Any:
+    """`jobs.lease_expires_at` of a job a cancel ends: a running one keeps its lease, to wait for its
+    worker's report of the steps it ran (AWAITING_REPORT); a queued one has none."""
+    return case((_C.status == JobStatus.running.value, _C.lease_expires_at), else_=null())
+
+
 _FENCE = and_(_C.id == bindparam("p_id"), _C.attempts == bindparam("p_attempt"), _C.status == JobStatus.running.value)
 _LEASE_S = bindparam("p_lease_s", type_=Float())
 _CLAIM = (
@@ -352,7 +364,8 @@ def release_job(
 
 def expire_leases(*, sessions: sessionmaker[Session], max_attempts: int) -> tuple[list[str], list[str]]:
     """Jobs whose worker stopped renewing: back to queued, or failed after `max_attempts`; those
-    whose deletion was asked for while they ran are canceled instead (they are going).
+    whose deletion was asked for while they ran are canceled instead (they are going). Canceled
+    jobs whose worker never reported its steps before the lease lapsed: their attempt is lost.
 
     Returns (requeued ids, failed ids).
     """
@@ -362,6 +375,7 @@ def expire_leases(*, sessions: sessionmaker[Session], max_attempts: int) -> tupl
     deleted = Job.deleted_at.is_not(None)
     with transaction(sessions) as session:
         _cancel_deleted(session, and_(expired, deleted), now)
+        _give_up_reports(session, now)
         failed = list(session.scalars(select(Job.id).where(expired, spent, ~deleted)).all())
         requeued = list(session.scalars(select(Job.id).where(expired, ~spent, ~deleted)).all())
         if failed:
@@ -406,20 +420,34 @@ def _cancel_deleted(session: Session, where: Any, now: Any) -> None:
         roll_up_ended(session, Job.id.in_(ended))
 
 
+def _give_up_reports(session: Session, now: Any) -> None:
+    """Canceled jobs whose lease lapsed before their worker reported (AWAITING_REPORT): nothing of
+    the attempt is billed; what it reported at its heartbeats is lost, dated today. Their wait ends,
+    so their `job.canceled` event goes out (with the nothing billed); a report later is a lost one's."""
+    lapsed = and_(AWAITING_REPORT, Job.lease_expires_at < now)
+    for job_id, reported_s in session.execute(select(Job.id, Job.attempt_gpu_s).where(lapsed)).all():
+        # Fenced on the wait: a report that landed since has ended it, and was billed.
+        stmt = _update().where(Job.id == job_id, lapsed).values(lease_expires_at=None, **_attempt_lost(None))
+        if _changed(session.execute(stmt)) == 1 and reported_s:
+            roll_up_late(session, job_id, lost_gpu_s=reported_s)
+
+
 def record_left_attempt(
     *, sessions: sessionmaker[Session], job_id: str, attempt: int, usage: AttemptUsage, reported_s: float
 ) -> bool:
     """What an attempt used that left its job without finishing it (its lease was lost).
 
-    Canceled while this attempt held it: the steps it ran are the job's, billed (True).
-    Otherwise the attempt was lost (taken over, or its lease lapsed): its seconds beyond
-    `reported_s` (what its heartbeats noted, which a claim or the reconciler moves to
-    `lost_gpu_s`) are added there, not billed (False).
+    Canceled while this attempt held it, and reported before its lease lapsed: the steps it ran
+    are the job's, billed (True); the report ends the wait for it (AWAITING_REPORT), so the job's
+    `job.canceled` event, written next, carries them. Otherwise the attempt was lost (taken over,
+    or its lease lapsed, canceled or not): its seconds beyond `reported_s` (what its heartbeats
+    noted, which a claim or the reconciler moves to `lost_gpu_s`) are added there, not billed (False).
     """
-    mine = (Job.id == job_id, Job.attempts == attempt, Job.status == JobStatus.canceled.value, Job.gpu_s.is_(None))
+    mine = (Job.id == job_id, Job.attempts == attempt, AWAITING_REPORT, Job.gpu_s.is_(None))
     billed = {"gpu_s": usage.gpu_s, "steps_run": usage.steps_run, "pixel_steps": usage.pixel_steps}
     with transaction(sessions) as session:
-        if _changed(session.execute(_update().where(*mine).values(**billed, attempt_gpu_s=0.0))) == 1:
+        stmt = _update().where(*mine).values(**billed, attempt_gpu_s=0.0, lease_expires_at=None)
+        if _changed(session.execute(stmt)) == 1:
             roll_up_late(session, job_id, gpu_s=usage.gpu_s, pixel_steps=usage.pixel_steps)
             return True
         unreported_s = usage.gpu_s - reported_s

@@ -63,8 +63,8 @@ class JobMetrics(BaseModel):
     images: int = 0
     steps: int | None = Field(default=None, description="denoising steps run (fewer for a canceled job)")
     pixel_steps: int | None = Field(default=None, description="width x height x steps: the same on every card")
-    model_set: str | None = None
-    device: str | None = None
+    model_set: str | None = Field(default=None, description="its batch's model set")
+    device: str | None = Field(default=None, description="the device that rendered it (a succeeded job's); else null")
 
 
 class JobOut(BaseModel):
@@ -86,7 +86,10 @@ class JobOut(BaseModel):
     output_sha256: str | None
     output_bytes: int | None
     timings: dict[str, Any] = Field(
-        description="queued_at, started_at, finished_at (ISO 8601 UTC); denoise_s, upload_s (seconds)"
+        description=(
+            "queued_at, started_at, finished_at (ISO 8601 UTC); denoise_s (this job's share of its denoising"
+            " call: the call's time divided by the jobs in it), upload_s (seconds)"
+        )
     )
     expires_at: str | None = Field(
         default=None, description="when its image expires (ISO 8601 UTC); null: kept for ever, or not finished"

@@ -74,7 +74,7 @@ def job_view(ctx: ApiContext, *, job: Job, batch: Batch) -> dict[str, Any]:
 
     The tenant's view: no figure of the shared fleet (`scheduler.batches.record.OPERATOR_FIELDS`).
     """
-    record = job_record(job)
+    record = job_record(job, model_set=batch.model_set)
     forecast = job_forecast(ctx, job=job, batch=batch)
     running = record.status == JobStatus.running.value
     return {

@@ -1,9 +1,12 @@
 """What can be done to a live batch: cancel, retry, pause, resume; and waking its dispatcher.
 
 Every status change is a conditional UPDATE (`... WHERE status IN (...)`), so it cannot move
-a job that finished meanwhile. A cancel writes its `job.canceled` outbox rows in the same
-transaction. Retry and resume wake the batch's dispatcher, which otherwise finds the jobs
-within IPAB_DISPATCH_RESCAN_S (a wake is a hint: SQL stays the truth).
+a job that finished meanwhile. A cancel writes the `job.canceled` outbox rows of the queued jobs
+it ends in the same transaction; a running one's waits for its worker's report of the steps it
+ran (or for its lease to lapse: `shared.jobs.AWAITING_REPORT`), so that it carries what was
+billed, and the webhook delivery loop's scan writes it then. Retry and resume wake the batch's
+dispatcher, which otherwise finds the jobs within IPAB_DISPATCH_RESCAN_S (a wake is a hint: SQL
+stays the truth).
 
 A whole batch is canceled `CANCEL_CHUNK` jobs per transaction (`cancel_batch`): one
 transaction for 99,000 jobs held SQLite's write lock for 3.4 s (its UPDATE, its outbox rows,
@@ -25,7 +28,7 @@ from scheduler.batches.events import outbox_job_events
 from scheduler.batches.limits import TenantCap, lock_tenant, refusal
 from shared.db import Batch, Job, JobStatus, serialized_writes, utcnow
 from shared.dispatch.dispatcher import wake_dispatcher
-from shared.jobs import LIVE, expiry_on_finish, transaction
+from shared.jobs import LIVE, expiry_on_finish, lease_on_cancel, transaction
 from shared.settings import Settings
 from shared.usage import RESET_USAGE, roll_up_ended
 
@@ -37,7 +40,9 @@ CANCEL_PAUSE_S: Final = 0.005  # between two of them: the writers that waited go
 def cancel(*, session: Session, batch_id: str, job_ids: Sequence[str] | None = None) -> list[str]:
     """Cancel the live jobs of a batch (or only `job_ids`) with their `job.canceled` messages; returns their ids.
 
-    Running jobs stop at their next denoising step (their worker sees the status at its heartbeat).
+    Running jobs stop at their next denoising step (their worker sees the status at its heartbeat);
+    they keep their lease until their worker reports the steps it ran, and their message waits for
+    that report (or the lease's end), to carry what was billed.
     """
     where = [Job.batch_id == batch_id, Job.status.in_(LIVE)]
     if job_ids is not None:
@@ -46,14 +51,17 @@ def cancel(*, session: Session, batch_id: str, job_ids: Sequence[str] | None = N
         update(Job)
         .where(*where)
         .values(
-            status=JobStatus.canceled.value, finished_at=utcnow(), expires_at=expiry_on_finish(), lease_expires_at=None
+            status=JobStatus.canceled.value,
+            finished_at=utcnow(),
+            expires_at=expiry_on_finish(),
+            lease_expires_at=lease_on_cancel(),
         )
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
     canceled = list(session.execute(stmt).scalars())
     if canceled:
-        outbox_job_events(session=session, job_ids=canceled)
+        outbox_job_events(session=session, job_ids=canceled)  # the queued ones'; the running ones' wait
         # Counted as they end; a running one's steps come from its worker when it notices (shared.usage).
         for start in range(0, len(canceled), ROLLUP_CHUNK):
             roll_up_ended(session, Job.id.in_(canceled[start : start + ROLLUP_CHUNK]))

@@ -4,7 +4,10 @@ Events: `job.succeeded`, `job.failed`, `job.canceled`, `batch.completed`.
 - where the control plane changes a status itself (cancel), the rows are written in the
   same transaction as the change (`outbox_job_events` on the same session);
 - where a worker does (succeeded, failed), the webhook delivery loop's scan finds finished
-  jobs whose subscription has not been notified yet, and writes the rows then.
+  jobs whose subscription has not been notified yet, and writes the rows then; so it does for
+  a job canceled while it ran, once its worker reported the steps it ran or its lease lapsed
+  (`shared.jobs.AWAITING_REPORT`): its event carries what was billed, not the nothing of before;
+  and `batch.completed` waits for those reports too.
 A subscription is notified once; a unique (subject, event) keeps a message from being
 written twice by two scans at once. Delivery is `scheduler.webhooks.delivery`'s.
 """
@@ -17,12 +20,13 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from scheduler.batches.counts import Tally, count_jobs
 from scheduler.batches.record import JobRecord, iso_utc, job_record
 from shared.db import TERMINAL, Batch, Job, WebhookMessage, WebhookSubscription, insert_ignoring_duplicates, utcnow
+from shared.jobs import AWAITING_REPORT
 
 JOB_EVENTS: Final = {"succeeded": "job.succeeded", "failed": "job.failed", "canceled": "job.canceled"}
 BATCH_COMPLETED: Final = "batch.completed"
@@ -70,11 +74,14 @@ def _add_messages(session: Session, messages: list[dict[str, Any]], notified: li
 
 
 def outbox_job_events(*, session: Session, job_ids: Sequence[str] | None = None) -> int:
-    """Write the outbox rows of finished jobs whose subscription was not notified; returns how many."""
+    """Write the outbox rows of finished jobs whose subscription was not notified; returns how many.
+
+    Not yet of a canceled job whose worker's report is awaited (AWAITING_REPORT): a later scan's."""
     stmt = (
-        select(WebhookSubscription, Job)
+        select(WebhookSubscription, Job, Batch.model_set)
         .join(Job, Job.id == WebhookSubscription.subject_id)
-        .where(WebhookSubscription.notified_at.is_(None), Job.status.in_(_TERMINAL_VALUES))
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(WebhookSubscription.notified_at.is_(None), Job.status.in_(_TERMINAL_VALUES), ~AWAITING_REPORT)
         .limit(SCAN_LIMIT)
         # A cancel in this very session changed rows its identity map may hold stale.
         .execution_options(populate_existing=True)
@@ -83,22 +90,20 @@ def outbox_job_events(*, session: Session, job_ids: Sequence[str] | None = None)
         stmt = stmt.where(Job.id.in_(list(job_ids)))
     now = utcnow()
     messages, notified = [], []
-    for sub, job in session.execute(stmt).tuples():
+    for sub, job, model_set in session.execute(stmt).tuples():
         event = JOB_EVENTS[job.status]
         if event in json.loads(sub.events):
-            messages.append(_message(sub, event, webhook_data(job_record(job)), now))
+            messages.append(_message(sub, event, webhook_data(job_record(job, model_set=model_set)), now))
         notified.append(sub.subject_id)
     _add_messages(session, messages, notified, now)
     return len(messages)
 
 
 def outbox_batch_events(*, session: Session) -> int:
-    """Write `batch.completed` for subscribed batches whose every job is final; returns how many."""
-    live = (
-        select(func.count())
-        .where(Job.batch_id == WebhookSubscription.subject_id, Job.status.not_in(_TERMINAL_VALUES))
-        .scalar_subquery()
-    )
+    """Write `batch.completed` for subscribed batches whose every job is final (and billed: no report
+    awaited, so it comes after every job's event); returns how many."""
+    unfinished = or_(Job.status.not_in(_TERMINAL_VALUES), AWAITING_REPORT)
+    live = select(func.count()).where(Job.batch_id == WebhookSubscription.subject_id, unfinished).scalar_subquery()
     stmt = (
         select(WebhookSubscription, Batch)
         .join(Batch, Batch.id == WebhookSubscription.subject_id)

@@ -20,7 +20,7 @@ from sqlalchemy import literal, select, tuple_
 from sqlalchemy.orm import Session
 
 from scheduler.batches.counts import TIME_FIELDS
-from shared.db import Job, JobStatus
+from shared.db import Batch, Job, JobStatus
 
 if TYPE_CHECKING:
     from shared.storage import ObjectStore  # only its type: `ipab status` and `batches` load no S3 client
@@ -77,12 +77,14 @@ class JobRecord:
         return self.data_removed_at is not None
 
 
-def usage_metrics(job: Job, provenance: dict[str, Any] | None) -> dict[str, Any]:
+def usage_metrics(job: Job, *, model_set: str | None, provenance: dict[str, Any] | None) -> dict[str, Any]:
     """What the job used, as the results line, the API (`metrics`, Replicate's name) and webhooks show it.
 
     `gpu_seconds` is billed: the device time of the attempt that ended it (NULL until it ends);
     `lost_gpu_seconds`, of attempts that did not (killed, taken over, failed), is shown and not
-    billed; `pixel_steps` (width x height x steps run) does not depend on the card.
+    billed; `pixel_steps` (width x height x steps run) does not depend on the card. `model_set`
+    is its batch's (whatever its status: a canceled job is billed too, and the usage reports count
+    it under that set); `device`, where a worker recorded one (a succeeded job's provenance).
     """
     return {
         "gpu_seconds": job.gpu_s,
@@ -92,13 +94,13 @@ def usage_metrics(job: Job, provenance: dict[str, Any] | None) -> dict[str, Any]
         "images": 1 if job.status == JobStatus.succeeded.value else 0,
         "steps": job.steps_run,
         "pixel_steps": job.pixel_steps,
-        "model_set": provenance.get("model_set") if provenance else None,
+        "model_set": model_set,
         "device": provenance.get("device_name") if provenance else None,
     }
 
 
-def job_record(job: Job) -> JobRecord:
-    """The record of one job row."""
+def job_record(job: Job, *, model_set: str | None) -> JobRecord:
+    """The record of one job row; `model_set`: its batch's."""
     spec = json.loads(job.spec)
     provenance = json.loads(job.provenance) if job.provenance else None
     timings: dict[str, Any] = {name: iso_utc(getattr(job, name)) for name in TIMESTAMPS}
@@ -114,7 +116,7 @@ def job_record(job: Job) -> JobRecord:
         expires_at=iso_utc(job.expires_at),
         # Being removed reads as removed: its objects may be partly gone already.
         data_removed_at=iso_utc(job.data_removed_at) if job.data_removed_at else _removing(job),
-        metrics=usage_metrics(job, provenance),
+        metrics=usage_metrics(job, model_set=model_set, provenance=provenance),
         **{name: getattr(job, name) for name in COLUMNS},
     )
 
@@ -135,10 +137,16 @@ OPERATOR_TIMINGS: Final = ("encode_s",)
 
 
 def timings_for(record: JobRecord, audience: Audience) -> dict[str, Any]:
-    """The record's timings as `audience` sees them: a tenant's without the encode time."""
+    """The record's timings as `audience` sees them: a tenant's without the encode time, and with
+    the job's share of its pipeline call as `denoise_s` (the call's time divided by its jobs, as
+    `metrics.gpu_seconds` counts it): the whole call's, next to that share, would tell the tenant
+    `render_batch_size`, how many jobs (anybody's) shared the call."""
     if audience is Audience.OPERATOR:
         return record.timings
-    return {name: value for name, value in record.timings.items() if name not in OPERATOR_TIMINGS}
+    timings = {name: value for name, value in record.timings.items() if name not in OPERATOR_TIMINGS}
+    if timings.get("denoise_s") is not None:
+        timings["denoise_s"] = timings["denoise_s"] / (record.render_batch_size or 1)
+    return timings
 
 
 def _removing(job: Job) -> str | None:
@@ -190,6 +198,7 @@ def batch_records(
 ) -> Iterator[JobRecord]:
     """The records of a batch's jobs (only those with `status`, when given), in manifest order, streamed;
     a page of them: `offset` and `limit`, or `limit` past `after` (the last record's line and job id)."""
+    model_set = session.scalar(select(Batch.model_set).where(Batch.id == batch_id))
     stmt = select(Job).where(Job.batch_id == batch_id).order_by(Job.line, Job.id)
     if offset or limit is not None:
         stmt = stmt.offset(offset).limit(limit)
@@ -198,4 +207,4 @@ def batch_records(
     if after is not None:
         stmt = stmt.where(tuple_(Job.line, Job.id) > tuple_(literal(after[0]), literal(after[1])))
     for job in session.scalars(stmt.execution_options(yield_per=RECORDS_CHUNK)):
-        yield job_record(job)
+        yield job_record(job, model_set=model_set)

@@ -19,7 +19,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.batches.record import Audience, job_record, results_line
-from shared.db import Job, JobStatus
+from shared.db import Batch, Job, JobStatus
 from shared.errors import IpabError, ObjectMissing
 from shared.jobs import transaction
 from shared.storage import ObjectStore
@@ -139,8 +139,10 @@ def _pages(sessions: sessionmaker[Session], batch_id: str, status: str, store: O
         if after is not None:
             stmt = stmt.where(tuple_(Job.line, Job.id) > after)
         with transaction(sessions) as session:
+            model_set = session.scalar(select(Batch.model_set).where(Batch.id == batch_id))
             jobs = session.scalars(stmt.order_by(Job.line, Job.id).limit(PAGE_ROWS)).all()
-            lines = [results_line(job_record(job), store=store, audience=Audience.OPERATOR) for job in jobs]
+            records = [job_record(job, model_set=model_set) for job in jobs]
+            lines = [results_line(record, store=store, audience=Audience.OPERATOR) for record in records]
             page = [(job.output_key, line) for job, line in zip(jobs, lines, strict=True)]
         if not page:
             return

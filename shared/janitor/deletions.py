@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import Batch, Job, JobStatus, serialized_writes
 from shared.db_clock import server_now
-from shared.jobs import transaction
+from shared.jobs import lease_on_cancel, transaction
 from shared.retention import DataState
 from shared.usage import roll_up_ended
 
@@ -79,7 +79,7 @@ def mark_jobs(session: Session, where: ColumnElement[bool], *, stop_running: boo
             .values(
                 status=JobStatus.canceled.value,
                 finished_at=now,
-                lease_expires_at=None,
+                lease_expires_at=lease_on_cancel(),  # a running one's worker reports its steps
                 # A running job a purge stops may be marked already: it keeps its deletion's time and expiry.
                 deleted_at=func.coalesce(Job.deleted_at, now),
                 expires_at=case((Job.deleted_at.is_(None), now), else_=Job.expires_at),

@@ -3,8 +3,10 @@
 Two tenants render the same reference image. The second one's job hits the shared embedding
 cache, so its `cache_stats` and a near-zero `encode_s` would tell it that somebody else used
 that image; `worker_host` names the fleet's machines; `render_batch_size` counts the jobs
-(anybody's) rendered in the same pipeline call. The API's results, job view, gallery and
-webhook data leave them out; `ipab results` (the operator's) keeps them.
+(anybody's) rendered in the same pipeline call, and so would the whole call's `denoise_s` next
+to the job's share of it (`metrics.gpu_seconds`). The API's results, job view, gallery and
+webhook data leave them out (a tenant's `denoise_s` is its share); `ipab results` (the
+operator's) keeps them.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def _finish_as_a_worker_would(settings: Settings, job_id: str, figures: dict[str
                     output_key=f"outputs/{job_id}.png",
                     output_sha256="ab" * 32,
                     output_bytes=1234,
-                    denoise_s=1.5,
+                    denoise_s=1.5,  # the pipeline call's, for its 3 jobs
+                    gpu_s=0.5,  # this job's share of it
                     upload_s=0.125,
                     attempts=1,
                     worker_host=HOST,
@@ -108,7 +111,7 @@ def test_no_api_view_shows_a_tenant_the_shared_cache_the_hosts_or_the_encode_tim
         results = client.get(f"/v1/batches/{job['batch_id']}/results", headers=headers)
         assert results.status_code == 200, results.text
         (line,) = [json.loads(text) for text in results.text.splitlines()]
-        assert line["status"] == "succeeded" and line["timings"]["denoise_s"] == 1.5
+        assert line["status"] == "succeeded" and line["timings"]["upload_s"] == 0.125
         view = client.get(f"/v1/jobs/{job['id']}", headers=headers)
         assert view.json()["status"] == "succeeded" and view.json()["timings"]["finished_at"].endswith("Z")
         gallery = client.get(f"/v1/batches/{job['batch_id']}/gallery", headers=headers)
@@ -129,6 +132,19 @@ def test_the_openapi_job_schema_promises_no_fleet_figure(client: TestClient) -> 
     assert "encode_s" not in json.dumps(job_out)
 
 
+def test_a_tenant_sees_its_jobs_share_of_the_denoising_call_not_the_whole_call(
+    client: TestClient, alice: dict[str, str], finished: dict[str, Any]
+) -> None:
+    """3 jobs rendered in one call of 1.5 s: the tenant is shown 0.5 s, as `gpu_seconds` bills it;
+    1.5 s beside 0.5 s would tell it how many jobs, anybody's, shared the call."""
+    job = finished["alice"]
+    view = client.get(f"/v1/jobs/{job['id']}", headers=alice).json()
+    results = client.get(f"/v1/batches/{job['batch_id']}/results", headers=alice)
+    (line,) = [json.loads(text) for text in results.text.splitlines()]
+    for shown in (view, line):
+        assert shown["timings"]["denoise_s"] == pytest.approx(0.5) == shown["metrics"]["gpu_seconds"]
+
+
 def test_ipab_results_still_shows_the_operator_every_figure(
     api_settings: Settings,
     settings_env: Callable[[Settings], dict[str, str]],
@@ -141,3 +157,4 @@ def test_ipab_results_still_shows_the_operator_every_figure(
     assert line["worker_host"] == HOST and line["render_batch_size"] == 3
     assert line["cache_stats"] == FINISHED["bob"]["cache_stats"]
     assert line["timings"]["encode_s"] == FINISHED["bob"]["encode_s"]
+    assert line["timings"]["denoise_s"] == 1.5  # the whole pipeline call's
