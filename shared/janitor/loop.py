@@ -52,9 +52,9 @@ class JanitorReport:
     batches_purged: int = 0
     references_removed: int = 0
     outbox_purged: int = 0
-    lag_s: float = 0.0  # how long ago the oldest expiry not yet acted on passed
+    lag_s: float | None = None  # how long ago the oldest expiry not yet acted on passed; None: not read
     more: bool = False  # a step was full: more work waits
-    complete: bool = True  # False: the lock was lost midway, and the pass stopped
+    complete: bool = True  # False: the pass stopped midway (the lock was lost, or a step failed)
 
     def changed(self) -> bool:
         """Whether the pass marked or removed anything."""
@@ -177,6 +177,37 @@ def janitor_pass(
     return report
 
 
+def _failed_pass(sessions: sessionmaker[Session]) -> JanitorReport:
+    """The report of a pass that raised: stopped, with the lag when SQL still answers (S3 or Redis may
+    be what failed); unread (None) when it does not, and the lag gauge then grows from its last reading."""
+    report = JanitorReport(complete=False)
+    try:
+        report.lag_s = oldest_due_age_s(sessions=sessions)
+    except Exception as e:  # whatever failed the pass may fail this too: the report says unread
+        log.debug("janitor: lag not read after a failed pass: %s", e)
+    return report
+
+
+def _pass_if_held(c: _Clients, held: Callable[[], bool]) -> JanitorReport | None:
+    """A pass when this process holds the janitor's lock (None when another does); a pass that raised
+    is reported as failed, so that the lag gauge keeps telling the truth while the janitor cannot work."""
+    try:
+        if not held():
+            return None
+        report = janitor_pass(
+            sessions=c.sessions, store=c.store, redis_client=c.redis_client, settings=c.settings, still_held=held
+        )
+    except (TransientError, redis.RedisError) as e:
+        log.warning("janitor pass stopped (it goes on next interval): %s", e)
+        return _failed_pass(c.sessions)
+    except Exception:
+        log.exception("janitor pass failed; trying again next interval")
+        return _failed_pass(c.sessions)
+    if report.changed():
+        log.info("janitor: %s", report)
+    return report
+
+
 def signal_key(prefix: str) -> str:
     """The Redis list an idle janitor blocks on."""
     return prefix + keys.JANITOR_SIGNAL_KEY
@@ -225,20 +256,13 @@ def run_janitor(
     def held() -> bool:
         return hold_lock(redis_client=redis_client, key=lock_key, holder=me, ttl_ms=ttl_ms)
 
+    clients = _Clients(sessions, store, redis_client, settings)
     while not stop.is_set():
-        report: JanitorReport | None = None
+        report = _pass_if_held(clients, held)
         try:
-            if held():
-                report = janitor_pass(
-                    sessions=sessions, store=store, redis_client=redis_client, settings=settings, still_held=held
-                )
-                if report.changed():
-                    log.info("janitor: %s", report)
             observe(report)
-        except (TransientError, redis.RedisError) as e:
-            log.warning("janitor pass stopped (it goes on next interval): %s", e)
         except Exception:
-            log.exception("janitor pass failed; trying again next interval")
+            log.exception("janitor: counting a pass failed (the janitor goes on)")
         if report is None or not report.more:
             _sleep(
                 redis_client=redis_client,
