@@ -1,6 +1,6 @@
 """A fast model set end to end: what its record and PNG say (every LoRA's sha256 and scale), its
 export columns, `ipab reproduce` of its job, one cached embedding serving jobs with and without
-guidance, and `ipab generate` taking the set's defaults."""
+guidance, and `ipab generate` taking the set's defaults and refusing what its limits refuse."""
 
 from __future__ import annotations
 
@@ -180,3 +180,20 @@ def test_ipab_generate_takes_the_sets_defaults_for_what_the_command_line_leaves_
     assert (params.scheduler, params.steps, params.guidance_scale) == ("tcd", 4, 0.0)
     params = generation_params(argparse.Namespace(**{**vars(args), "steps": 6}), rules=rules)
     assert params.steps == 6
+
+
+def test_ipab_generate_outside_the_sets_limits_exits_2_with_the_reason_before_loading_a_model(
+    tmp_path: Path, tiny_sets: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ipab.cli import main
+    from worker.pipeline import Renderer
+
+    loads: list[Any] = []
+    monkeypatch.setattr(Renderer, "load", lambda *args, **kwargs: loads.append(args))
+    reference, out = tmp_path / "ref.png", tmp_path / "out.png"
+    reference_image(61).save(reference)
+    argv = ["generate", "--model-set", str(tiny_sets["fast"]), "--reference", str(reference), "--prompt", "a fox"]
+    assert main([*argv, "--steps", "30", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "`steps` is 30: must be 2 to 8 on model set 'tiny-fast'" in error, error
+    assert loads == [] and not out.exists()

@@ -296,6 +296,24 @@ def test_the_sets_scheduler_options_reach_the_scheduler(renderer_for: Renderers)
         renderer.config.rules.scheduler_options["eta"] = ETA  # type: ignore[index]
 
 
+def test_a_sets_timestep_spacing_reaches_the_config_of_the_scheduler_it_builds(
+    tmp_path: Path, tiny_dir: Path, renderer_for: Renderers
+) -> None:
+    from worker.pipeline import Renderer
+
+    toml = _fast_set(tmp_path, tiny_dir, tiny_dir, loras=[], defaults={"timestep_spacing": "trailing"})
+    trailing = Renderer.load(read_model_set(toml), device="cpu", dtype="float32")
+    _render(trailing, job(scheduler="euler"), seed=50)
+    scheduler = trailing.pipe.scheduler
+    assert (type(scheduler).__name__, scheduler.config.timestep_spacing) == ("EulerDiscreteScheduler", "trailing")
+    # Trailing starts at the last training step, pure noise; the base's leading spacing does not.
+    assert [int(t) for t in scheduler.timesteps] == [999, 749, 499, 249]
+    default = renderer_for("default")
+    _render(default, job(scheduler="euler"), seed=50)
+    assert default.pipe.scheduler.config.timestep_spacing == "leading"
+    assert [int(t) for t in default.pipe.scheduler.timesteps] == [751, 501, 251, 1]
+
+
 @pytest.mark.parametrize("name", ["tcd", "lcm", "euler_trailing"])
 def test_the_distilled_schedulers_are_the_diffusers_ones_and_seed_deterministic(
     renderer_for: Renderers, name: str

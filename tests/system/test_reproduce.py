@@ -1,4 +1,5 @@
-"""Provenance end to end: a real worker records it, `ipab results` shows it, `ipab reproduce` uses it."""
+"""Provenance end to end: a real worker records it, `ipab results` shows it, `ipab reproduce` uses it
+(a fast set's job too: its LoRA's scale is part of what must match)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from devkit.demo import write_reference_photos
+from devkit.synth import FAST_SET
 from shared.db import Job, JobStatus, make_engine, make_session_factory
+from shared.model_set import read_model_set, write_model_set
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.system.conftest import Workers, ipab, submit, wait_for_batch, write_manifest
 
 ADAPTER = "IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors"
+FAST_SET_TOML = "model-set-fast.toml"  # devkit synth's fast set: a LoRA at scale 1.0, TCD, 4 steps, no guidance
 
 
 def finished_jobs(settings: Settings, workers: Workers, tmp_path: Path) -> list[Job]:
@@ -65,4 +70,56 @@ def test_a_worker_job_reproduces_to_identical_bytes_and_other_weights_are_named(
     changed_sha256 = hashlib.sha256((tmp_path / "tampered" / ADAPTER).read_bytes()).hexdigest()
     assert lines[1:] == [
         f"  ip_adapter/ip-adapter_sdxl.safetensors: sha256 {changed_sha256} here, {adapter_sha256} in the record"
+    ]
+
+
+def fast_job(settings: Settings, workers: Workers, fast_set: Path, folder: Path) -> Job:
+    """One job rendered by a real worker of the fast set, submitted naming its toml (its [defaults] apply)."""
+    workers.start(IPAB_MODEL_SET=str(fast_set))
+    photo = write_reference_photos(folder / "refs")[0]
+    manifest = folder / "fast.jsonl"
+    manifest.write_text(json.dumps({"reference": str(photo), "prompt": "a lighthouse", "seed": 5}) + "\n")
+    sets = ["--set", "width=64", "--set", "height=64", "--model-set", str(fast_set)]
+    done = ipab(workers.env, "submit", str(manifest), "--batch", "fast-provenance", *sets, cwd=folder)
+    assert done.returncode == 0, done.stderr
+    batch_id = done.stdout.strip().splitlines()[-1]
+    wait_for_batch(settings, batch_id, workers=workers)
+    with make_session_factory(make_engine(settings.database_url))() as session:
+        job = session.scalars(select(Job).where(Job.batch_id == batch_id)).one()
+    assert job.status == JobStatus.succeeded.value, workers.log_text()
+    return job
+
+
+def with_lora_scale(fast_set: Path, scale: float, toml: Path) -> Path:
+    """The fast set's toml again at `toml`, its LoRA at `scale`: the same files, so the same sha256s."""
+    config = read_model_set(fast_set)
+    write_model_set(
+        toml,
+        name=config.name,
+        base=str(config.base),
+        ip_adapter=str(config.ip_adapter),
+        image_encoder=str(config.image_encoder),
+        loras=[(str(lora.path), scale) for lora in config.loras],
+        **FAST_SET,
+    )
+    return toml
+
+
+def test_a_fast_sets_job_reproduces_and_another_lora_scale_is_reported_as_settings_that_differ(
+    system_settings: Settings, workers: Workers, tmp_path: Path, tiny_model_set: Path
+) -> None:
+    fast_set = tiny_model_set.parent / FAST_SET_TOML
+    job = fast_job(system_settings, workers, fast_set, tmp_path)
+    provenance = json.loads(job.provenance or "null")
+    assert [(lora["name"], lora["scale"]) for lora in provenance["loras"]] == [("tiny-tcd-lora", 1.0)]
+    # 1. With the set it ran on: the same bytes.
+    done = ipab(workers.env, "reproduce", job.id, "--model-set", str(fast_set), cwd=tmp_path)
+    assert (done.returncode, done.stdout.splitlines()[0]) == (0, f"job {job.id}: identical bytes"), done.stderr
+    # 2. The same files with the LoRA at half its scale: not rendered, the scale named.
+    halved = with_lora_scale(fast_set, 0.5, tmp_path / "half" / "model-set.toml")
+    done = ipab(workers.env, "reproduce", job.id, "--model-set", str(halved), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.splitlines() == [
+        f"job {job.id}: settings differ",
+        "  LoRA tiny-tcd-lora: scale 0.5 here, 1.0 in the record",
     ]
