@@ -7,45 +7,21 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import date
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Table
 
 from scheduler.usage.report import MAX_PAGE_ROWS
-from shared.db import UsageRollup, ensure_database, make_engine, make_session_factory
-from shared.jobs import transaction
 from shared.settings import Settings
 from tests.scheduler.api.conftest import assert_problem
+from tests.scheduler.conftest import fill_usage_rollup
 
 
 @pytest.fixture
 def api_settings(api_settings: Settings, database_url: str) -> Settings:
     """The API's settings on SQLite or on PostgreSQL."""
     return api_settings.model_copy(update={"database_url": database_url})
-
-
-def fill(settings: Settings, batches: dict[str, int]) -> list[tuple[str, str]]:
-    """Per tenant, its count of batches with usage on one day (one rollup row each); their keys, in order."""
-    ensure_database(settings.database_url)
-    rows = [
-        {
-            "tenant": tenant, "day": date(2026, 12, 1), "batch_id": f"{tenant}-{i:05d}", "lane": "bulk",
-            "model_set": "tiny", "jobs": 2, "images": 2, "gpu_s": 1.5, "lost_gpu_s": 0.0, "pixel_steps": 10,
-            "queue_s": 1.0, "total_s": 2.0,
-        }
-        for tenant, count in batches.items()
-        for i in range(count)
-    ]  # fmt: skip
-    engine = make_engine(settings.database_url)
-    try:
-        with transaction(make_session_factory(engine)) as session:
-            session.execute(cast(Table, UsageRollup.__table__).insert(), rows)
-    finally:
-        engine.dispose()
-    return sorted((row["tenant"], row["batch_id"]) for row in rows)
 
 
 def walk(client: TestClient, headers: dict[str, str], first: str) -> list[dict[str, Any]]:
@@ -67,7 +43,7 @@ def forged(*key: str) -> str:
 def test_a_page_holds_at_most_a_thousand_rows_by_default_and_links_the_next(
     client: TestClient, api_settings: Settings, admin: dict[str, str]
 ) -> None:
-    fill(api_settings, {"alice": 1004, "bob": 2})
+    fill_usage_rollup(api_settings, {"alice": 1004, "bob": 2}, images=2, gpu_s=1.5)
 
     r = client.get("/v1/usage?by=batch", headers=admin)
 
@@ -84,7 +60,7 @@ def test_a_page_holds_at_most_a_thousand_rows_by_default_and_links_the_next(
 def test_following_next_gives_every_row_once_in_order(
     client: TestClient, api_settings: Settings, admin: dict[str, str]
 ) -> None:
-    keys = fill(api_settings, {"alice": 17, "bob": 9, "carol": 1})
+    keys = fill_usage_rollup(api_settings, {"alice": 17, "bob": 9, "carol": 1}, images=2, gpu_s=1.5)
 
     pages = walk(client, admin, "/v1/usage?by=batch&since=2026-12-01&until=2026-12-31&limit=5")
 
@@ -98,7 +74,7 @@ def test_following_next_gives_every_row_once_in_order(
 def test_a_tenants_key_walks_its_own_rows_only(
     client: TestClient, api_settings: Settings, alice: dict[str, str]
 ) -> None:
-    keys = fill(api_settings, {"aaron": 4, "alice": 7, "bob": 6})
+    keys = fill_usage_rollup(api_settings, {"aaron": 4, "alice": 7, "bob": 6}, images=2, gpu_s=1.5)
 
     pages = walk(client, alice, "/v1/usage?by=batch&limit=3")
 
@@ -124,7 +100,7 @@ def test_a_tenants_key_walks_its_own_rows_only(
 def test_a_hand_written_cursor_shows_a_tenant_no_other_tenants_rows(
     client: TestClient, api_settings: Settings, alice: dict[str, str], after: str
 ) -> None:
-    fill(api_settings, {"aaron": 4, "alice": 7, "bob": 6})
+    fill_usage_rollup(api_settings, {"aaron": 4, "alice": 7, "bob": 6}, images=2, gpu_s=1.5)
 
     r = client.get(f"/v1/usage?by=batch&after={after}", headers=alice)
 
@@ -164,6 +140,6 @@ def test_a_cursor_that_is_not_one_is_a_422_naming_after_and_the_fix(
 def test_a_cursor_of_a_report_by_day_is_refused_by_a_report_by_batch(
     client: TestClient, api_settings: Settings, alice: dict[str, str]
 ) -> None:
-    fill(api_settings, {"alice": 3})
+    fill_usage_rollup(api_settings, {"alice": 3}, images=2, gpu_s=1.5)
     r = client.get(f"/v1/usage?by=batch&after={forged('day', 'alice', '2026-12-01')}", headers=alice)
     assert_problem(r, 422, "after", "by=batch")

@@ -7,16 +7,13 @@ import csv
 import io
 import json
 from collections.abc import Callable
-from datetime import date
-from typing import Final, cast
+from typing import Final
 
 import pytest
-from sqlalchemy import Table
 
 from scheduler.usage import report as usage
-from shared.db import UsageRollup, ensure_database, make_engine, make_session_factory
-from shared.jobs import transaction
 from shared.settings import Settings
+from tests.scheduler.conftest import fill_usage_rollup
 from tests.scheduler.submission.conftest import Run, run_ipab
 
 MODULES: Final = ("scheduler.cli.usage",)
@@ -36,29 +33,8 @@ def ipab(
     return run
 
 
-def fill(settings: Settings, batches: dict[str, int]) -> list[tuple[str, str]]:
-    """Per tenant, its count of batches with usage on one day; their (tenant, batch id), in order."""
-    ensure_database(settings.database_url)
-    rows = [
-        {
-            "tenant": tenant, "day": date(2026, 12, 1), "batch_id": f"{tenant}-{i:03d}", "lane": "bulk",
-            "model_set": "tiny", "jobs": 1, "images": 1, "gpu_s": 2.5, "lost_gpu_s": 0.0, "pixel_steps": 10,
-            "queue_s": 1.0, "total_s": 2.0,
-        }
-        for tenant, count in batches.items()
-        for i in range(count)
-    ]  # fmt: skip
-    engine = make_engine(settings.database_url)
-    try:
-        with transaction(make_session_factory(engine)) as session:
-            session.execute(cast(Table, UsageRollup.__table__).insert(), rows)
-    finally:
-        engine.dispose()
-    return [(row["tenant"], row["batch_id"]) for row in rows]
-
-
 def test_json_holds_every_row_once_across_pages(settings: Settings, ipab: Callable[..., Run]) -> None:
-    keys = fill(settings, {"acme": 7, "globex": 3})
+    keys = fill_usage_rollup(settings, {"acme": 7, "globex": 3}, images=1, gpu_s=2.5)
 
     run = ipab("usage", "--by", "batch", "--json")
 
@@ -70,14 +46,14 @@ def test_json_holds_every_row_once_across_pages(settings: Settings, ipab: Callab
 
 
 def test_json_of_an_empty_range_is_still_one_object(settings: Settings, ipab: Callable[..., Run]) -> None:
-    fill(settings, {"acme": 2})
+    fill_usage_rollup(settings, {"acme": 2}, images=1, gpu_s=2.5)
     run = ipab("usage", "--by", "batch", "--since", "2027-01-01", "--json")
     assert run.code == 0, run.err
     assert json.loads(run.out)["rows"] == [] and json.loads(run.out)["totals"] == {}
 
 
 def test_csv_and_the_table_hold_every_row_once_across_pages(settings: Settings, ipab: Callable[..., Run]) -> None:
-    keys = fill(settings, {"acme": 7, "globex": 3})
+    keys = fill_usage_rollup(settings, {"acme": 7, "globex": 3}, images=1, gpu_s=2.5)
 
     as_csv = ipab("usage", "--by", "batch", "--csv")
     table = ipab("usage", "--by", "batch")
