@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from devkit import services
 from shared.db import make_engine, make_session_factory, upgrade_database
+from shared.jobs import JobResult
 from shared.settings import ENV_PREFIX, Settings
 from shared.storage import ObjectStore
 
@@ -171,6 +172,21 @@ def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
 
 
 # --- Settings ----------------------------------------------------------------------------------------
+
+
+def metered_result(gpu_s: float, *, steps: int = 4, pixels: int = 64 * 64) -> JobResult:
+    """What a worker's finish reports for one job of `gpu_s` device seconds and `steps` steps of `pixels`."""
+    return JobResult(
+        output_key="k",
+        output_sha256="0" * 64,
+        output_bytes=1,
+        encode_s=0.0,
+        denoise_s=gpu_s,
+        upload_s=0.0,
+        gpu_s=gpu_s,
+        steps_run=steps,
+        pixel_steps=pixels * steps,
+    )
 
 
 @pytest.fixture

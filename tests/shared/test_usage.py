@@ -19,8 +19,9 @@ from shared.db import (
     new_id,
     utcnow,
 )
-from shared.jobs import JobResult, claim_job, expire_leases, fail_job, finish_job, record_left_attempt, renew_lease
+from shared.jobs import claim_job, expire_leases, fail_job, finish_job, record_left_attempt, renew_lease
 from shared.usage import AttemptUsage
+from tests.conftest import metered_result
 
 PIXELS = 64 * 64
 STEPS = 4
@@ -42,20 +43,6 @@ def _claim(sessions: sessionmaker[Session], job_id: str, *, lease_s: float = 30.
     attempt = claim_job(sessions=sessions, job_id=job_id, worker_host="w", lease_s=lease_s, max_attempts=3)
     assert attempt is not None
     return attempt
-
-
-def _result(gpu_s: float) -> JobResult:
-    return JobResult(
-        output_key="k",
-        output_sha256="0" * 64,
-        output_bytes=1,
-        encode_s=0.0,
-        denoise_s=gpu_s,
-        upload_s=0.0,
-        gpu_s=gpu_s,
-        steps_run=STEPS,
-        pixel_steps=PIXELS * STEPS,
-    )
 
 
 def _row(sessions: sessionmaker[Session], job_id: str) -> Job:
@@ -80,7 +67,7 @@ def test_a_finished_job_records_its_usage_and_its_rollup_row_in_one_transaction(
     assert renew_lease(sessions=sessions, job_id=job_id, attempt=attempt, lease_s=30, max_lease_s=300, gpu_s=0.4)
     assert _row(sessions, job_id).attempt_gpu_s == pytest.approx(0.4)
 
-    assert finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=_result(1.5))
+    assert finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=metered_result(1.5))
 
     job = _row(sessions, job_id)
     assert (job.gpu_s, job.lost_gpu_s, job.attempt_gpu_s) == (pytest.approx(1.5), 0.0, 0.0)
@@ -97,8 +84,8 @@ def test_a_finished_job_records_its_usage_and_its_rollup_row_in_one_transaction(
 def test_a_duplicate_finish_adds_nothing_to_the_rollup(database_url: str) -> None:
     sessions, (job_id,) = _jobs(database_url, 1)
     attempt = _claim(sessions, job_id)
-    assert finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=_result(1.0))
-    assert not finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=_result(1.0))
+    assert finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=metered_result(1.0))
+    assert not finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=metered_result(1.0))
     (row,) = _rollup(sessions)
     assert (row.jobs, row.images, row.gpu_s) == (1, 1, pytest.approx(1.0))
 
@@ -113,9 +100,9 @@ def test_a_lost_attempt_is_shown_as_lost_and_the_job_is_billed_once(database_url
     assert requeued == [job_id]
     assert _row(sessions, job_id).lost_gpu_s == pytest.approx(0.7)
     second = _claim(sessions, job_id)
-    assert finish_job(sessions=sessions, job_id=job_id, attempt=second, result=_result(2.0))
+    assert finish_job(sessions=sessions, job_id=job_id, attempt=second, result=metered_result(2.0))
     # The stalled first attempt wakes up, finishes its render (1.2 s in all) and is fenced out.
-    assert not finish_job(sessions=sessions, job_id=job_id, attempt=first, result=_result(1.2))
+    assert not finish_job(sessions=sessions, job_id=job_id, attempt=first, result=metered_result(1.2))
     usage = AttemptUsage(gpu_s=1.2, steps_run=STEPS, pixels=PIXELS)
     assert not record_left_attempt(sessions=sessions, job_id=job_id, attempt=first, usage=usage, reported_s=0.7)
 
@@ -132,7 +119,7 @@ def test_a_job_claimed_again_after_its_worker_died_counts_what_the_dead_one_repo
     _lose_lease(sessions, job_id)
     second = _claim(sessions, job_id)  # a duplicate delivery takes the expired lease directly
     assert second == first + 1
-    assert finish_job(sessions=sessions, job_id=job_id, attempt=second, result=_result(1.0))
+    assert finish_job(sessions=sessions, job_id=job_id, attempt=second, result=metered_result(1.0))
     job = _row(sessions, job_id)
     assert (job.gpu_s, job.lost_gpu_s, job.attempt_gpu_s) == (pytest.approx(1.0), pytest.approx(0.3), 0.0)
 
@@ -178,6 +165,6 @@ def test_rollup_rows_are_per_tenant_day_batch_and_lane(sqlite_url: str) -> None:
     _, more = _jobs(sqlite_url, 2, tenant="globex", lane="interactive")
     for job_id in [*ids, *more]:
         attempt = _claim(sessions, job_id)
-        assert finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=_result(0.5))
+        assert finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=metered_result(0.5))
     rows = {(r.tenant, r.lane): (r.jobs, r.images, r.gpu_s) for r in _rollup(sessions)}
     assert rows == {("acme", "bulk"): (3, 3, pytest.approx(1.5)), ("globex", "interactive"): (2, 2, pytest.approx(1.0))}

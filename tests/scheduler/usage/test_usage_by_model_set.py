@@ -15,9 +15,10 @@ from fastapi.testclient import TestClient
 
 from scheduler.batches.actions import cancel
 from shared.db import Batch, insert_new_jobs, make_engine, make_session_factory, new_id, utcnow
-from shared.jobs import JobResult, claim_job, finish_job, record_left_attempt, transaction
+from shared.jobs import claim_job, finish_job, record_left_attempt, transaction
 from shared.settings import Settings
 from shared.usage import AttemptUsage
+from tests.conftest import metered_result
 from tests.scheduler.submission.conftest import run_ipab
 
 PIXELS: Final = 64 * 64
@@ -45,20 +46,6 @@ def _batch(settings: Settings, tenant: str, model_set: str, count: int) -> tuple
     return batch.id, [row[0] for row in rows]
 
 
-def _rendered(gpu_s: float) -> JobResult:
-    return JobResult(
-        output_key="k",
-        output_sha256="0" * 64,
-        output_bytes=1,
-        encode_s=0.0,
-        denoise_s=gpu_s,
-        upload_s=0.0,
-        gpu_s=gpu_s,
-        steps_run=STEPS,
-        pixel_steps=PIXELS * STEPS,
-    )
-
-
 def _end_jobs(settings: Settings) -> None:
     """Every job of JOBS run and ended as a worker (and a cancel) would end it: finished, or
     canceled while it ran and its steps reported."""
@@ -71,7 +58,7 @@ def _end_jobs(settings: Settings) -> None:
             ]
             for job_id, attempt, gpu_s in zip(ids, attempts, succeeded, strict=False):
                 assert attempt is not None
-                assert finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=_rendered(gpu_s))
+                assert finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=metered_result(gpu_s))
             if canceled is not None:
                 attempt = attempts[-1]
                 assert attempt is not None
