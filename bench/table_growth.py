@@ -254,7 +254,7 @@ def _janitor_purge_ms(engine: Engine, settings: Settings) -> dict[str, float]:
     try:
 
         def step(_i: int) -> None:
-            purged, _ = purge_past_retention(
+            purged, _, _ = purge_past_retention(
                 sessions=sessions,
                 redis_client=client,
                 prefix=settings.redis_prefix,

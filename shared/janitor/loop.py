@@ -22,7 +22,7 @@ from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import keys
-from shared.db import WebhookMessage
+from shared.db import Batch, WebhookMessage
 from shared.db_clock import server_now
 from shared.errors import TransientError
 from shared.janitor.deletions import mark_chunk
@@ -116,17 +116,26 @@ def _objects_of_due_jobs(c: _Clients, report: JanitorReport) -> None:
 
 
 def _rows_past_retention(c: _Clients, report: JanitorReport) -> None:
-    """Rows past the metadata's retention, and webhook messages as old (nothing, when it is unset)."""
+    """Rows past the metadata's retention (a batch whose last rows they were goes too), and webhook
+    messages as old (nothing, when it is unset)."""
     retention_s = c.settings.retention_metadata_s
     if retention_s is None:
         return
-    purged, more = purge_past_retention(
+    purged, batch_ids, more = purge_past_retention(
         sessions=c.sessions,
         redis_client=c.redis_client,
         prefix=c.settings.redis_prefix,
         retention_s=retention_s,
         limit=c.limit,
     )
+    if batch_ids:  # those whose last rows just went go too
+        only = Batch.id.in_(batch_ids)
+        batches, objects, size, _ = purge_deleted_batches(
+            sessions=c.sessions, store=c.store, limit=len(batch_ids), only=only, past_retention=True
+        )
+        report.batches_purged += batches
+        report.objects_deleted += objects
+        report.bytes_deleted += size
     outbox, more_outbox = _purge_outbox(sessions=c.sessions, retention_s=retention_s, limit=c.limit)
     report.rows_purged += purged
     report.outbox_purged += outbox

@@ -13,8 +13,9 @@ A janitor that dies between 1 and 3 leaves the job `removing`; the next one does
 (deleting a missing object is no error), so no object outlives its record unremarked.
 
 Rows whose objects were removed are deleted IPAB_RETENTION_METADATA_S after their expiry (kept
-for ever when unset), and a deleted batch's row goes once it has no job left (with whatever its
-folder still holds: objects of attempts whose worker died before tidying up).
+for ever when unset), and a batch's row goes once it has no job left, deleted or all past that
+retention (with whatever its folder still holds: objects of attempts whose worker died before
+tidying up).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from shared.storage import ObjectStore
 FINAL: Final = tuple(sorted(s.value for s in TERMINAL))
 _BATCHES = cast(Table, Batch.__table__)
 DELETED_BATCH_REASON: Final = "its batch was deleted"
+EXPIRED_BATCH_REASON: Final = "its batch's records passed their retention"
 
 
 @dataclass(frozen=True)
@@ -254,8 +256,9 @@ def remove_due(
 
 def purge_past_retention(
     *, sessions: sessionmaker[Session], redis_client: redis.Redis, prefix: str, retention_s: float, limit: int
-) -> tuple[int, bool]:
-    """Delete up to `limit` rows whose objects were removed and whose expiry is `retention_s` past."""
+) -> tuple[int, list[str], bool]:
+    """Delete up to `limit` rows whose objects were removed and whose expiry is `retention_s` past;
+    (rows deleted, their batches' ids, whether more wait)."""
     old = and_(
         Job.data_state == DataState.removed.value,
         Job.expires_at.is_not(None),
@@ -263,9 +266,9 @@ def purge_past_retention(
     )
     with transaction(sessions) as session:
         ids = list(session.scalars(select(Job.id).where(old).order_by(Job.expires_at).limit(limit)))
-        purged = purge_rows(session, ids)
+        gone = _purge_rows(session, ids, Job.id.is_not(None))
     forget_in_redis(redis_client, prefix=prefix, job_ids=ids)
-    return purged, len(ids) == limit
+    return len(gone), sorted({batch_id for _, batch_id in gone}), len(ids) == limit
 
 
 def _leftovers(store: ObjectStore, session: Session, batch_id: str) -> dict[str, int]:
@@ -280,14 +283,24 @@ def _leftovers(store: ObjectStore, session: Session, batch_id: str) -> dict[str,
 
 
 def purge_deleted_batches(
-    *, sessions: sessionmaker[Session], store: ObjectStore, limit: int, only: ColumnElement[bool] | None = None
+    *,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    limit: int,
+    only: ColumnElement[bool] | None = None,
+    past_retention: bool = False,
 ) -> tuple[int, int, int, bool]:
-    """Delete deleted batches (among `only`, when given) that have no job left, with what their
-    folders still hold. Returns (batches, objects, bytes, whether more wait). Each batch is held
-    and looked at again before its row goes: a submission into it meanwhile keeps it (and clears
-    `deleted_at`).
+    """Delete batches (among `only`, when given) that have no job left: deleted ones, and with
+    `past_retention` those whose every job's row went past the metadata's retention (`only` then
+    names the batches whose last rows just went: the janitor does not scan every batch for them),
+    with what their folders still hold. Returns
+    (batches, objects, bytes, whether more wait). Each batch is held and looked at again before its
+    row goes: a submission into it meanwhile keeps it (it clears `deleted_at`, adds to `job_count`).
     """
-    empty = and_(Batch.deleted_at.is_not(None), ~select(Job.id).where(Job.batch_id == Batch.id).exists())
+    gone: ColumnElement[bool] = Batch.deleted_at.is_not(None)
+    if past_retention:
+        gone = or_(gone, and_(Batch.job_count > 0, Batch.removed_count >= Batch.job_count))
+    empty = and_(gone, ~select(Job.id).where(Job.batch_id == Batch.id).exists())
     with transaction(sessions) as session:
         found = list(session.scalars(select(Batch.id).where(empty if only is None else and_(empty, only)).limit(limit)))
     batches = objects = size = 0
@@ -310,10 +323,12 @@ def _purge_batch(session: Session, batch_id: str, empty: ColumnElement[bool]) ->
     session.execute(_delete(BatchReference).where(BatchReference.batch_id == batch_id))
     session.execute(_delete(WebhookMessage).where(WebhookMessage.subject_id == batch_id))
     session.execute(_delete(WebhookSubscription).where(WebhookSubscription.subject_id == batch_id))
+    deleted = session.scalar(select(Batch.deleted_at.is_not(None)).where(Batch.id == batch_id))
+    reason = DELETED_BATCH_REASON if deleted else EXPIRED_BATCH_REASON
     session.execute(
         update(PlanSlot)
         .where(PlanSlot.batch_id == batch_id)
-        .values(batch_id=None, reason=func.coalesce(PlanSlot.reason, DELETED_BATCH_REASON))
+        .values(batch_id=None, reason=func.coalesce(PlanSlot.reason, reason))
         .execution_options(synchronize_session=False)
     )
     session.execute(_delete(Batch).where(Batch.id == batch_id))

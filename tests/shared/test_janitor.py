@@ -175,8 +175,11 @@ def test_a_submission_that_claims_a_marked_image_keeps_it_and_checks_its_objects
 
 def test_rows_past_the_metadatas_retention_are_deleted_in_bounded_steps(world: World) -> None:
     world.settings = world.settings.model_copy(update={"retention_metadata_s": 3600, "janitor_batch": 4})
-    _, old = world.batch("old", jobs=6)
-    _, recent = world.batch("recent", jobs=2)
+    old_batch, old = world.batch("old", jobs=6)
+    recent_batch, recent = world.batch("recent", jobs=2)
+    with transaction(world.sessions) as session:
+        slot = {"slot_at": utcnow(), "kind": "manual", "status": "submitted", "decided_by": "t"}
+        session.add(PlanSlot(plan_id=_plan(session), batch_id=old_batch, **slot))
     world.expire(old, ago=timedelta(hours=2))
     world.expire(recent, ago=timedelta(minutes=1))
 
@@ -185,6 +188,13 @@ def test_rows_past_the_metadatas_retention_are_deleted_in_bounded_steps(world: W
     assert sum(r.rows_purged for r in reports) == 6
     assert all(world.job(j) is None for j in old)
     assert all(getattr(world.job(j), "data_state", None) == DataState.removed.value for j in recent)
+    # The batch whose every row went goes too (the table of batches does not grow for ever); its plan
+    # slot says why it names no batch. The other batch keeps its rows, and itself.
+    assert sum(r.batches_purged for r in reports) == 1
+    with world.sessions() as session:
+        assert session.get(Batch, old_batch) is None and session.get(Batch, recent_batch) is not None
+        slot = session.scalars(select(PlanSlot)).one()
+        assert slot.batch_id is None and slot.reason == "its batch's records passed their retention"
 
 
 def _message(world: World, name: str, *, age: timedelta, delivered: bool = False, failed: bool = False) -> str:
