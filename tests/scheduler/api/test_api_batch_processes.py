@@ -140,12 +140,21 @@ def test_a_batch_process_left_swollen_is_replaced_once_idle(
         ref = upload(client, alice)
         _post(client, alice, ref, 2)
         (child,) = multiprocessing.active_children()
-        child.join(timeout=CHILD_START_S)  # it exits by itself once idle: its memory goes back
+        _until_gone(child)  # it exits by itself once idle: its memory goes back
         assert not child.is_alive()
         assert multiprocessing.active_children() == []  # started by a batch: the next batch starts others
         _post(client, alice, ref, 3)
         assert [p.pid for p in multiprocessing.active_children()] not in ([], [child.pid])
     assert job_count(api_settings) == 5
+
+
+def _until_gone(child: multiprocessing.process.BaseProcess) -> None:
+    """Wait for `child` to exit. One `join` is not enough: the pool's own thread joins it too, and the
+    join that loses the race for its exit status returns at once, the process still counted alive
+    (its `waitpid` fails with ECHILD) until the winner records the status a moment later."""
+    deadline = time.monotonic() + CHILD_START_S
+    while child.is_alive() and time.monotonic() < deadline:
+        child.join(timeout=0.05)
 
 
 def _children(count: int, *, other_than: int | None = None) -> list[multiprocessing.process.BaseProcess]:
