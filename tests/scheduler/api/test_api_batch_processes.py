@@ -183,7 +183,7 @@ def test_started_batch_processes_wait_for_the_first_batch_and_stay_while_small(
         assert [p.pid for p in multiprocessing.active_children()] == [child.pid]
         monkeypatch.setattr(batch_processes, "RECYCLE_RSS_BYTES", 0)
         _post(client, alice, ref, 2)
-        child.join(timeout=CHILD_START_S)  # swollen: replaced once idle, by a process started at once
+        _until_gone(child)  # swollen: replaced once idle, by a process started at once
         (fresh,) = _children(1, other_than=child.pid)
         assert not child.is_alive() and fresh.pid != child.pid
 
