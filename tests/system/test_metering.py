@@ -10,6 +10,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,17 +104,20 @@ def test_a_worker_killed_mid_job_bills_each_job_once(
         first = workers.start()
         batch_id = _submit(workers, _manifest(tmp_path, rows), "killed")
         wait_until(lambda: count_status(settings, batch_id, JobStatus.succeeded) >= 2, what="first results")
-        # Kill it while a render has reported its seconds so far (the heartbeat's attempt_gpu_s).
-        wait_until(lambda: _reporting(settings, batch_id), what="a render that has reported its seconds")
+        # Kill it while a render has reported its seconds so far (the heartbeat's attempt_gpu_s): frozen
+        # first, so that what it had reported is read before the kill (a job can finish in between).
+        killed = _frozen_while_reporting(first, settings, batch_id)
         workers.kill(first)
         workers.start()
         wait_for_batch(settings, batch_id, workers=workers)
 
     jobs = _jobs(settings, batch_id)
     assert {job.status for job in jobs} == {JobStatus.succeeded.value}, workers.log_text()
-    rerun = [job for job in jobs if job.attempts > 1]
-    assert rerun, "the killed job ran again"
-    assert all(job.lost_gpu_s > 0 for job in rerun)  # what the killed attempt reported, shown
+    rerun = {job.id: job for job in jobs if job.attempts > 1}
+    assert set(rerun) == set(killed), "the killed jobs, and only they, ran again"
+    for job_id, reported_s in killed.items():  # what the killed attempt reported is shown as lost
+        assert rerun[job_id].lost_gpu_s == pytest.approx(reported_s)
+    assert any(reported_s > 0 for reported_s in killed.values())
     assert all(job.lost_gpu_s == 0 for job in jobs if job.attempts == 1)
     assert all((job.gpu_s or 0) > 0 and job.attempt_gpu_s == 0 for job in jobs)
     jobs_n, images, gpu_s, lost_s = _rollup(settings, batch_id)
@@ -119,7 +126,27 @@ def test_a_worker_killed_mid_job_bills_each_job_once(
     assert lost_s == pytest.approx(sum(job.lost_gpu_s for job in jobs))
 
 
-def _reporting(settings: Settings, batch_id: str) -> bool:
-    with make_session_factory(make_engine(settings.database_url))() as session:
-        where = (Job.batch_id == batch_id, Job.status == JobStatus.running.value, Job.attempt_gpu_s > 0)
-        return bool(session.scalar(select(func.count()).where(*where)))
+def _running(settings: Settings, batch_id: str) -> dict[str, float]:
+    """The running jobs of the batch: id -> the seconds their attempt reported so far."""
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            where = (Job.batch_id == batch_id, Job.status == JobStatus.running.value)
+            return {job_id: float(s) for job_id, s in session.execute(select(Job.id, Job.attempt_gpu_s).where(*where))}
+    finally:
+        engine.dispose()
+
+
+def _frozen_while_reporting(proc: subprocess.Popen[bytes], settings: Settings, batch_id: str) -> dict[str, float]:
+    """SIGSTOP the worker (its process group) at a moment one of its renders has reported seconds;
+    its running jobs then, with what each reported (nothing changes them until it is killed)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        os.killpg(proc.pid, signal.SIGSTOP)
+        time.sleep(0.2)  # a commit the server was still working on is done
+        running = _running(settings, batch_id)
+        if any(reported_s > 0 for reported_s in running.values()):
+            return running
+        os.killpg(proc.pid, signal.SIGCONT)
+        time.sleep(0.1)
+    raise AssertionError("no render of the worker reported its seconds within 120 s")
