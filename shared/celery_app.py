@@ -3,8 +3,14 @@
 - JSON only: a pickle broker is remote code execution.
 - `acks_late` + prefetch 1: a message is acknowledged only once its task returned, and a
   worker holds at most one job it has not started.
-- soft time limit < hard time limit < Redis visibility timeout: Redis never redelivers a
-  running job by itself; an expired lease (the reconciler) is what re-runs a lost job.
+- No ack emulation in kombu's Redis transport: a message leaves Redis when a worker takes it,
+  and no copy waits in kombu's `unacked` hash to be delivered again after the visibility
+  timeout. SQL is what re-runs a lost job: a running one's lease expires, and a dispatched one
+  whose message is gone is handed back by the reconciler (`shared.reconcile`). The copy cost
+  two MULTI/EXEC pipelines per job, a third of the central Redis CPU per job
+  (bench/control_plane.py). A warm shutdown still puts a reserved message back in the queue.
+- soft time limit < hard time limit < IPAB_VISIBILITY_TIMEOUT_S: a dispatched job whose message
+  went missing in a worker that died before starting it is handed back after that long.
 - Results go to SQL, not to a Celery result backend.
 - Remote control is on, so `celery -A ipab.celery_cli:app inspect active` sees the workers;
   task events (Flower) follow IPAB_CELERY_EVENTS, off by default as in Celery: they cost three
@@ -35,7 +41,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_max_tasks_per_child=None,
         task_soft_time_limit=settings.soft_time_limit_s,
         task_time_limit=settings.hard_time_limit_s,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s, "ack_emulation": False},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_hijack_root_logger=False,

@@ -20,7 +20,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-from sqlalchemy import Connection, Engine, Float, Table, and_, bindparam, case, exists, func, null, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Float,
+    Table,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import InterfaceError as SqlInterfaceError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -98,6 +113,17 @@ _BATCHES = cast(Table, Batch.__table__)
 _C = _JOBS.c
 
 
+def row_status() -> ColumnElement[str]:
+    """A row's status as an expression that no index serves (`status || ''`), for statements that
+    name their jobs by id: those must find them by the primary key. On the bare column, a planner
+    whose statistics are older than the table's rows (a young database, or an ANALYZE taken while
+    nothing ran) rates the status index as good as the key, picks it, and walks every queued or
+    running entry, dead ones too, for each claim, finish and dispatch mark: in a profile of
+    bench.control_plane a finish then cost PostgreSQL 5-7x its own work
+    (tests/shared/test_lookups_by_key.py)."""
+    return _C.status.concat("")
+
+
 def expiry_on_finish() -> Any:
     """`jobs.expires_at` of a job that reaches a final status now: its retention from now (the
     server's clock; NULL when kept for ever). A job whose deletion was asked for keeps the
@@ -121,15 +147,17 @@ def lease_on_cancel() -> Any:
     return case((_C.status == JobStatus.running.value, _C.lease_expires_at), else_=null())
 
 
-_FENCE = and_(_C.id == bindparam("p_id"), _C.attempts == bindparam("p_attempt"), _C.status == JobStatus.running.value)
+_FENCE = and_(
+    _C.id == bindparam("p_id"), _C.attempts == bindparam("p_attempt"), row_status() == JobStatus.running.value
+)
 _LEASE_S = bindparam("p_lease_s", type_=Float())
 _CLAIM = (
     update(_JOBS)
     .where(
         _C.id == bindparam("p_id"),
         or_(
-            _C.status == JobStatus.queued.value,
-            and_(_C.status == JobStatus.running.value, _C.lease_expires_at < server_now()),
+            row_status() == JobStatus.queued.value,
+            and_(row_status() == JobStatus.running.value, _C.lease_expires_at < server_now()),
         ),
         # A job whose attempts are spent is not run again; the reconciler fails it.
         _C.attempts - _C.attempt_floor < bindparam("p_max_attempts"),
@@ -234,7 +262,7 @@ def _changed(result: Any) -> int:
 
 
 def _fenced(job_id: str, attempt: int) -> Any:
-    return and_(Job.id == job_id, Job.attempts == attempt, Job.status == JobStatus.running.value)
+    return and_(Job.id == job_id, Job.attempts == attempt, row_status() == JobStatus.running.value)
 
 
 def renew_lease(
@@ -303,7 +331,7 @@ def fail_job(
 ) -> bool:
     """Mark a job failed with its reason; fenced by attempt when one is given. `gpu_s`: what the
     failed attempt used (lost, not billed)."""
-    where = _fenced(job_id, attempt) if attempt is not None else and_(Job.id == job_id, Job.status.in_(LIVE))
+    where = _fenced(job_id, attempt) if attempt is not None else and_(Job.id == job_id, row_status().in_(LIVE))
     stmt = (
         _update()
         .where(where)
@@ -463,7 +491,7 @@ def record_left_attempt(
 def hand_back_paused(*, sessions: sessionmaker[Session], job_id: str) -> bool:
     """A delivered job of a paused batch goes back to waiting for dispatch (its message is gone)."""
     paused = select(Batch.id).where(Batch.id == Job.batch_id, Batch.paused.is_(True)).exists()
-    stmt = _update().where(Job.id == job_id, Job.status == JobStatus.queued.value, paused).values(enqueued_at=None)
+    stmt = _update().where(Job.id == job_id, row_status() == JobStatus.queued.value, paused).values(enqueued_at=None)
     with transaction(sessions) as session:
         return _changed(session.execute(stmt)) == 1
 
@@ -475,7 +503,7 @@ def undispatch(*, sessions: sessionmaker[Session], job_ids: Sequence[str]) -> se
         chunk = list(job_ids[start : start + 1000])
         stmt = (
             update(Job)
-            .where(Job.id.in_(chunk), Job.status == JobStatus.queued.value, Job.enqueued_at.is_not(None))
+            .where(Job.id.in_(chunk), row_status() == JobStatus.queued.value, Job.enqueued_at.is_not(None))
             .values(enqueued_at=None)
             .returning(Job.id)
             .execution_options(synchronize_session=False)

@@ -209,7 +209,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
-        # Redis must never redeliver a running job on its own: the lease does that.
+        # The reconciler hands back a dispatched job whose message id is still marked queued only
+        # after IPAB_VISIBILITY_TIMEOUT_S: never a job that may still be running (the lease re-runs those).
         if not 0 < self.soft_time_limit_s < self.hard_time_limit_s < self.visibility_timeout_s:
             raise ValueError(
                 "need 0 < IPAB_SOFT_TIME_LIMIT_S < IPAB_HARD_TIME_LIMIT_S < IPAB_VISIBILITY_TIMEOUT_S, got "

@@ -46,7 +46,7 @@ from shared.dispatch.policy import Policy
 from shared.dispatch.wake import refill_room, wait_for_signal, wake_key, want_signal
 from shared.dispatch.wake import wake_dispatcher as wake_dispatcher  # its callers import it from here
 from shared.errors import TransientError
-from shared.jobs import ASYNC_COMMIT, autocommit, dialect_of, transaction
+from shared.jobs import ASYNC_COMMIT, autocommit, dialect_of, row_status, transaction
 from shared.queue import enqueue_serialized
 from shared.reconcile import hold_lock, release_lock
 from shared.settings import Settings
@@ -72,7 +72,7 @@ _MARK: Final = (
     update(_JOBS)
     .where(
         _JOBS.c.id.in_(bindparam("p_ids", expanding=True)),
-        _JOBS.c.status == JobStatus.queued.value,
+        row_status() == JobStatus.queued.value,
         _JOBS.c.enqueued_at.is_(None),
     )
     .values(enqueued_at=server_now())
