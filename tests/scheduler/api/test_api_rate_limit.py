@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -16,7 +17,7 @@ from fastapi.testclient import TestClient
 from devkit import services
 from devkit.flood import Flood
 from scheduler.api.app import create_app
-from scheduler.api.rate_limit import ROUTE_COSTS, refusal_delay_s
+from scheduler.api.rate_limit import REFUSAL_SPREAD_S, ROUTE_COSTS, refusal_delay_s
 from shared.settings import Settings
 from tests.scheduler.api.conftest import JOB, assert_problem, png_bytes, upload
 from tests.scheduler.api.served import ServedApi
@@ -187,5 +188,36 @@ def test_a_flooding_tenant_is_refused_and_the_other_is_served_about_as_fast_as_a
 @pytest.mark.parametrize(("wait_s", "delay_s"), [(0.01, 0.5), (0.7, 0.7), (30.0, 1.0)])
 def test_a_refusal_is_answered_after_its_wait_within_bounds(wait_s: float, delay_s: float) -> None:
     """A client ignoring Retry-After gets at most two refusals a second per connection, even when its
-    tokens are due back in a moment, and never waits more than a second for one."""
-    assert refusal_delay_s(wait_s) == delay_s
+    tokens are due back in a moment, and never waits more than a second and a spread for one."""
+    assert refusal_delay_s(wait_s, spread=0.0) == delay_s
+    assert refusal_delay_s(wait_s, spread=1.0) == delay_s + REFUSAL_SPREAD_S
+    assert delay_s <= refusal_delay_s(wait_s) <= delay_s + REFUSAL_SPREAD_S
+
+
+def test_refusals_that_come_due_together_are_answered_spread_out(
+    serve: Callable[..., ServedApi], alice: dict[str, str]
+) -> None:
+    """16 connections past the tenant's burst at once, all waiting for the same tokens, are not answered
+    in one burst of the event loop (which another tenant's request arriving then would wait out) but
+    spread over REFUSAL_SPREAD_S; and the flood's next requests arrive spread the same way."""
+    server = serve(api_rate_per_s=0.2, api_rate_burst=1)
+    assert httpx.get(server.url + "/v1/batches", headers=alice).status_code == 200  # the one token
+    answered: list[float] = []
+
+    def ask() -> None:
+        with httpx.Client(base_url=server.url, headers=alice, timeout=30) as client:
+            assert client.get("/healthz").status_code == 200  # connected (no key, no limit): the GETs go at once
+            together.wait()
+            status = client.get("/v1/batches").status_code
+            answered.append(time.monotonic())
+            assert status == 429
+
+    together = threading.Barrier(16)
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(answered) == 16
+    # Without the spread all 16 came within a few ms of each other (the same wake-up).
+    assert max(answered) - min(answered) > 0.2 * REFUSAL_SPREAD_S, sorted(answered)
