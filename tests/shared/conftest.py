@@ -1,21 +1,23 @@
 """A small world for the janitor's tests: SQL rows, S3 objects and Redis keys as the real parts write them.
 
 The `world` fixture serves this folder's tests; tests elsewhere (exports, reproduce) import `World` and
-`world_on` for a world on their own database."""
+`world_on` for a world on their own database. `engine_events` listens to what an engine sends, for the
+tests that count or explain the statements of a job's path."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 import redis
 from PIL import Image
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import keys
@@ -165,6 +167,21 @@ def world_on(settings: Settings, database_url: str, store: ObjectStore, redis_ur
     finally:
         client.close()
         engine.dispose()
+
+
+@contextmanager
+def engine_events(
+    engine: Any, listeners: dict[str, Callable[..., Any]], *, retval: Sequence[str] = ()
+) -> Iterator[None]:
+    """`listeners` (event name: function) listen to `engine` while the block runs; those named in
+    `retval` return what the event lets them change (SQLAlchemy's `retval=True`)."""
+    for name, listener in listeners.items():
+        event.listen(engine, name, listener, retval=name in retval)
+    try:
+        yield
+    finally:
+        for name, listener in listeners.items():
+            event.remove(engine, name, listener)
 
 
 def now_plus(seconds: float) -> datetime:

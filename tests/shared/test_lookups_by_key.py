@@ -17,12 +17,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text, update
+from sqlalchemy import text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import Batch, Job, JobStatus, insert_new_jobs, new_id, utcnow
 from shared.dispatch.dispatcher import mark_dispatched
 from shared.jobs import JobResult, claim_job, fail_job, finish_job, renew_lease
+from tests.shared.conftest import engine_events
 
 pytestmark = pytest.mark.postgres
 
@@ -79,13 +80,9 @@ def _plans(sessions: sessionmaker[Session]) -> Iterator[list[dict[str, Any]]]:
         if sql.startswith("EXPLAIN"):
             plans.append(_loaded(cursor.fetchone()[0]))
 
-    event.listen(engine, "before_cursor_execute", explain, retval=True)
-    event.listen(engine, "after_cursor_execute", read)
-    try:
+    listeners = {"before_cursor_execute": explain, "after_cursor_execute": read}
+    with engine_events(engine, listeners, retval=["before_cursor_execute"]):
         yield plans
-    finally:
-        event.remove(engine, "before_cursor_execute", explain)
-        event.remove(engine, "after_cursor_execute", read)
 
 
 def _loaded(value: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select, text, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import (
@@ -26,6 +26,7 @@ from shared.db import (
 )
 from shared.dispatch.dispatcher import mark_dispatched
 from shared.jobs import JobResult, claim_job, finish_job
+from tests.shared.conftest import engine_events
 
 
 def _jobs(url: str, count: int) -> tuple[sessionmaker[Session], list[str]]:
@@ -55,13 +56,8 @@ def _counted(sessions: sessionmaker[Session]) -> Iterator[Counter[str]]:
     def commit(_conn: Any) -> None:
         counts["commits"] += 1
 
-    event.listen(engine, "before_cursor_execute", statement)
-    event.listen(engine, "commit", commit)
-    try:
+    with engine_events(engine, {"before_cursor_execute": statement, "commit": commit}):
         yield counts
-    finally:
-        event.remove(engine, "before_cursor_execute", statement)
-        event.remove(engine, "commit", commit)
 
 
 def _result() -> JobResult:
