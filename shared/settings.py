@@ -209,8 +209,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
-        # The reconciler hands back a dispatched job whose message id is still marked queued only
-        # after IPAB_VISIBILITY_TIMEOUT_S: never a job that may still be running (the lease re-runs those).
+        # A dispatched job whose id stays in Redis's `queued` set is handed back by the reconciler after
+        # IPAB_VISIBILITY_TIMEOUT_S (shared/reconcile.py): longer than any job may run, so never while a
+        # worker may still hold its message.
         if not 0 < self.soft_time_limit_s < self.hard_time_limit_s < self.visibility_timeout_s:
             raise ValueError(
                 "need 0 < IPAB_SOFT_TIME_LIMIT_S < IPAB_HARD_TIME_LIMIT_S < IPAB_VISIBILITY_TIMEOUT_S, got "
