@@ -41,22 +41,23 @@ def database_url(postgres_url: str) -> str:
 def _stale_table(sessions: sessionmaker[Session]) -> tuple[list[str], list[str]]:
     """10 queued jobs, ANALYZEd; then 3,000 running and 3,000 queued ones the statistics do not know of.
     Returns (running ids, queued ids)."""
+
+    def add(session: Session, batch_id: str, count: int) -> list[str]:
+        rows = [(new_id(), i, None, new_id(), "{}", i, "bulk") for i in range(count)]
+        insert_new_jobs(session, batch_id=batch_id, queued_at=utcnow(), rows=rows)
+        return [r[0] for r in rows]
+
     with sessions.begin() as session:
         batch = Batch(id=new_id(), name=f"b-{new_id()[:8]}", model_set="tiny", job_count=0, tenant="acme")
         session.add(batch)
         session.flush()
-
-        def add(count: int) -> list[str]:
-            rows = [(new_id(), i, None, new_id(), "{}", i, "bulk") for i in range(count)]
-            insert_new_jobs(session, batch_id=batch.id, queued_at=utcnow(), rows=rows)
-            return [r[0] for r in rows]
-
-        add(10)
+        batch_id = batch.id
+        add(session, batch_id, 10)
     with sessions.kw["bind"].connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("ANALYZE jobs"))
         conn.execute(text("ALTER TABLE jobs SET (autovacuum_enabled = false)"))  # the statistics stay stale
     with sessions.begin() as session:
-        running, queued = add(3000), add(3000)
+        running, queued = add(session, batch_id, 3000), add(session, batch_id, 3000)
         session.execute(
             update(Job)
             .where(Job.id.in_(running))
