@@ -25,6 +25,9 @@ DISPATCH_WAKE_KEY: Final = "dispatch-wake:{model_set}"  # bumped by submissions:
 DISPATCH_SIGNAL_KEY: Final = "dispatch-signal:{model_set}"  # the list an idle dispatcher blocks on (BLPOP)
 # Set by a dispatcher that has new work and a full queue: the next worker's take signals it.
 DISPATCH_WANTED_KEY: Final = "dispatch-wanted:{model_set}"
+# The queue length at which a worker's take signals the dispatcher, while its queue is deeper than
+# IPAB_DISPATCH_DEPTH (IPAB_DISPATCH_HORIZON_S); it lapses with the dispatcher's lock.
+DISPATCH_LEVEL_KEY: Final = "dispatch-level:{model_set}"
 JANITOR_LOCK_KEY: Final = "janitor-lock"  # only one janitor works at a time
 JANITOR_SIGNAL_KEY: Final = "janitor-signal"  # the list an idle janitor blocks on (BLPOP): a deletion was asked
 STATS_KEY: Final = "stats:{name}"  # fleet-wide counters (hash)

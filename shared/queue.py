@@ -15,7 +15,7 @@ from typing import Final
 import redis
 
 from shared import keys
-from shared.dispatch.wake import SIGNAL, push_signal, signal_key, wanted_key
+from shared.dispatch.wake import SIGNAL, level_key, push_signal, signal_key, wanted_key
 from shared.errors import QueueUnavailable
 from shared.wire import render_envelopes
 
@@ -44,11 +44,15 @@ def enqueue_serialized(
 
 
 # The job's id leaves the queued set; the dispatcher's signal list gets its one signal only when
-# the render queue is down to the given length, or the dispatcher asked for the next take (its
-# flag is cleared): the test and the push are one step in Redis.
+# the render queue is down to the given length (or the higher one a dispatcher that deepened its
+# queue left in its level key), or the dispatcher asked for the next take (its flag is cleared):
+# the test and the push are one step in Redis.
 _FORGET_AND_SIGNAL: Final = b"""
 redis.call('SREM', KEYS[1], ARGV[1])
-if redis.call('LLEN', KEYS[2]) <= tonumber(ARGV[2]) or redis.call('DEL', KEYS[4]) == 1 then
+local level = tonumber(ARGV[2])
+local deeper = tonumber(redis.call('GET', KEYS[5]))
+if deeper and deeper > level then level = deeper end
+if redis.call('LLEN', KEYS[2]) <= level or redis.call('DEL', KEYS[4]) == 1 then
   redis.call('LPUSH', KEYS[3], ARGV[3])
   redis.call('LTRIM', KEYS[3], 0, 0)
 end
@@ -62,12 +66,19 @@ def forget_queued(
 
     With `model_set`, the same round trip tells that model set's dispatcher that its queue has
     room (`shared.dispatch.wake`): it sleeps until then instead of polling the queue's depth;
-    with `signal_at` too, only when at most that many messages are left (`refill_level`).
+    with `signal_at` too, only when at most that many messages are left (`refill_level`), or as
+    many as the dispatcher's level key names while it keeps a deeper queue (IPAB_DISPATCH_HORIZON_S).
     """
     queued_set = prefix + keys.QUEUED_SET
     if model_set is not None and signal_at is not None:
         script = redis_client.register_script(_FORGET_AND_SIGNAL)
-        keys_ = [queued_set, keys.render_queue(model_set), signal_key(prefix, model_set), wanted_key(prefix, model_set)]
+        keys_ = [
+            queued_set,
+            keys.render_queue(model_set),
+            signal_key(prefix, model_set),
+            wanted_key(prefix, model_set),
+            level_key(prefix, model_set),
+        ]
         script(keys=keys_, args=[job_id, signal_at, SIGNAL])
         return
     pipe = redis_client.pipeline(transaction=False)

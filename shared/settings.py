@@ -26,7 +26,7 @@ Retention = Annotated[int | None, BeforeValidator(checks.parse_retention)]
 # Weights written as a JSON object, or as `name=weight` items joined by commas.
 Weights = Annotated[dict[str, float], NoDecode, BeforeValidator(checks.split_weights)]
 # Durations that may be 0; every other `*_s` setting must be greater than 0.
-ZERO_ALLOWED_S = frozenset({"requeue_grace_s"})
+ZERO_ALLOWED_S = frozenset({"requeue_grace_s", "dispatch_horizon_s"})
 MIN_IDEMPOTENCY_TTL_S = 24 * 3600.0
 # Settings whose values are secrets: never shown, even when refused.
 SECRET_FIELDS = frozenset({"api_key", "metrics_token"})
@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     dispatch_depth: int = (
         DEFAULT_DISPATCH_DEPTH  # messages waiting in Redis per model set; more: throughput, fewer: priority
     )
+    # A fleet that takes more than `dispatch_depth` messages in this long gets a deeper queue, what
+    # it takes in this long (its rate over the last second): a dispatch round then moves many jobs,
+    # not two. 0: exactly `dispatch_depth`.
+    dispatch_horizon_s: float = 0.25
     dispatch_rescan_s: float = 2.0  # the backlog is re-read from SQL at least this often
     dispatch_lock_s: float = 5.0  # a dead dispatcher's lock lapses after this long
 

@@ -28,6 +28,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -43,7 +44,7 @@ from shared.db_clock import server_now
 from shared.dispatch.front import FRONT_LANES, QueueFront
 from shared.dispatch.holds import starts_left
 from shared.dispatch.policy import Policy
-from shared.dispatch.wake import refill_room, wait_for_signal, wake_key, want_signal
+from shared.dispatch.wake import level_key, refill_level, refill_room, wait_for_signal, wake_key, want_signal
 from shared.dispatch.wake import wake_dispatcher as wake_dispatcher  # its callers import it from here
 from shared.errors import TransientError
 from shared.jobs import ASYNC_COMMIT, autocommit, dialect_of, row_status, transaction
@@ -64,6 +65,9 @@ RENEWALS: Final = 3  # lock renewals per IPAB_DISPATCH_LOCK_S by an idle holder
 FAILED_PAUSE_S: Final = (0.05, 2.0)
 # A burst of submissions (each bumps the wake counter) re-reads the backlog at most this often.
 MIN_RESCAN_S: Final = 0.05
+# Takes counted for a queue's take rate (IPAB_DISPATCH_HORIZON_S): those of the last second.
+RATE_WINDOW_S: Final = 1.0
+MAX_DEPTH: Final = 1000  # a deepened queue holds at most this many messages
 Key = tuple[str, str]  # (lane, tenant)
 # Built once (a Core UPDATE, the ids an expanding parameter): a round marks about one job per
 # message a worker took, and building the statement cost the dispatcher more than running it.
@@ -183,6 +187,45 @@ def mark_dispatched(*, sessions: sessionmaker[Session], job_ids: Sequence[str]) 
 
 
 @dataclass
+class TakeRate:
+    """How many messages the workers took from a queue in the last RATE_WINDOW_S, per second.
+
+    A round learns the takes since the last one from the queue's length (what it left minus what
+    it finds); they are dated at the round. The sum is divided by the whole window, not by the
+    time the takes were seen in: a short burst (a test, a fleet starting) raises it by at most the
+    burst's size per window, and what a queue can hold bounds what a round can see.
+    """
+
+    window_s: float = RATE_WINDOW_S
+    _seen: deque[tuple[float, int]] = field(default_factory=deque)
+    _sum: int = 0
+
+    def add(self, now_s: float, takes: int) -> None:
+        if takes > 0:
+            self._seen.append((now_s, takes))
+            self._sum += takes
+        while self._seen and self._seen[0][0] <= now_s - self.window_s:
+            self._sum -= self._seen.popleft()[1]
+
+    def per_s(self) -> float:
+        return self._sum / self.window_s
+
+
+def queue_depth(*, configured: int, horizon_s: float, takes_per_s: float) -> int:
+    """Messages to keep in a model set's queue: IPAB_DISPATCH_DEPTH, or what the fleet takes in
+    IPAB_DISPATCH_HORIZON_S when that is more (at most MAX_DEPTH).
+
+    A fast fleet (many GPUs, fast model sets) takes a shallow queue's messages faster than rounds of
+    two can refill them: each round's SQL statement, Redis pipeline and Python cost nearly as much
+    for 2 jobs as for 30. Deepened, a job still waits behind at most the horizon's worth of other
+    lanes' messages, in time what a job waits behind IPAB_DISPATCH_DEPTH of them on a slower fleet.
+    """
+    if horizon_s <= 0:
+        return configured
+    return max(configured, min(MAX_DEPTH, math.ceil(takes_per_s * horizon_s)))
+
+
+@dataclass
 class Dispatcher:
     """Feeds one model set's Celery queue in policy order, a few messages deep."""
 
@@ -203,6 +246,9 @@ class Dispatcher:
     _more: bool = False  # the last round left room it may fill at once (a capped round, canceled jobs)
     _full: bool = False  # the last round found the queue full: nothing is due until a worker takes a message
     _front: QueueFront | None = None  # pushes the urgent lanes' messages (made at the first)
+    _takes: TakeRate = field(default_factory=TakeRate)
+    _left: int | None = None  # the queue's length when the last round ended (None: no round yet)
+    _level: tuple[int, float] | None = None  # the signal level last set in Redis, and when (monotonic)
 
     @classmethod
     def from_settings(
@@ -248,12 +294,15 @@ class Dispatcher:
         pipe = self.redis_client.pipeline(transaction=False)
         pipe.llen(self.queue)
         pipe.get(wake_key(self.settings, self.model_set))
-        depth, wake_stamp = pipe.execute()
-        room = self.settings.dispatch_depth - int(depth)
+        length, wake_stamp = pipe.execute()
+        length = int(length)
+        depth = self._depth(length)
+        self._left = length
+        room = depth - length
         more, self._more, self._rescan_deferred = self._more, False, False
         # Not yet drained to its low water, nothing new, nothing left over: the queue waits for
         # workers to take more (a round then moves several messages, sharing its mark and push).
-        waits = room < refill_room(self.settings.dispatch_depth) and wake_stamp == self._wake_stamp and not more
+        waits = room < refill_room(depth) and wake_stamp == self._wake_stamp and not more
         self._full = room <= 0 or waits
         if self._full:
             if wake_stamp != self._wake_stamp:  # new work: the next take must wake this dispatcher
@@ -266,8 +315,35 @@ class Dispatcher:
         marked = mark_dispatched(sessions=self.sessions, job_ids=[w.job_id for w in chosen])
         sent = [w for w in chosen if w.job_id in marked]
         self._push(sent)
+        self._left = length + len(sent)
         self._more = len(chosen) == MAX_ROUND or len(sent) < len(chosen)  # capped, or some canceled meanwhile
         return len(sent)
+
+    def _depth(self, length: int) -> int:
+        """This round's depth (`queue_depth`), from the takes since the last round; a deepened
+        queue's signal level is left in Redis for the workers' takes."""
+        now_s = time.monotonic()
+        if self._left is not None:
+            self._takes.add(now_s, self._left - length)
+        configured = self.settings.dispatch_depth
+        depth = queue_depth(
+            configured=configured, horizon_s=self.settings.dispatch_horizon_s, takes_per_s=self._takes.per_s()
+        )
+        level = refill_level(depth)
+        last = self._level
+        if depth > configured and (last is None or last[0] != level or now_s - last[1] > self._level_ttl_s / RENEWALS):
+            key = level_key(self.settings.redis_prefix, self.model_set)
+            self.redis_client.set(key, level, px=int(self._level_ttl_s * 1000))
+            self._level = (level, now_s)
+        elif depth == configured and last is not None:
+            self.redis_client.delete(level_key(self.settings.redis_prefix, self.model_set))
+            self._level = None
+        return depth
+
+    @property
+    def _level_ttl_s(self) -> float:
+        """A deepened queue's signal level lapses with the dispatcher's lock: a successor starts shallow."""
+        return max(self.settings.dispatch_lock_s, 1.0)
 
     def _push(self, sent: Sequence[Waiting]) -> None:
         """The messages of `sent` (in policy order): urgent lanes' at the queue's consumer end

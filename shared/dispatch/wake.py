@@ -12,6 +12,8 @@ signal list, and whoever changes its work pushes a signal:
   its take left the queue down to `refill_level` (half its depth): the dispatcher would not
   top it up for less, so it is not woken for less; or when the dispatcher asked for the next
   take (`want_signal`: new work arrived while its queue was full, and must go in at once).
+  A dispatcher that keeps a deeper queue than the workers' setting (IPAB_DISPATCH_HORIZON_S)
+  leaves its level in Redis (`level_key`), and the take reads it in the same script.
 
 The list holds one signal at most (LPUSH, then LTRIM): signals sent while the dispatcher works
 make one more round between them, and a list that nobody reads stays one item long. Signals
@@ -87,6 +89,12 @@ def wake_dispatcher(*, redis_client: redis.Redis, settings: Settings, model_set:
 def wanted_key(prefix: str, model_set: str) -> str:
     """The Redis flag a dispatcher with new work and a full queue sets: the next take signals it."""
     return prefix + keys.DISPATCH_WANTED_KEY.format(model_set=model_set)
+
+
+def level_key(prefix: str, model_set: str) -> str:
+    """The Redis value a dispatcher whose queue is deeper than IPAB_DISPATCH_DEPTH sets: the queue
+    length at or below which a worker's take signals it (workers know only their own setting's)."""
+    return prefix + keys.DISPATCH_LEVEL_KEY.format(model_set=model_set)
 
 
 def want_signal(*, redis_client: redis.Redis, prefix: str, model_set: str) -> None:

@@ -104,6 +104,7 @@ BAD_VALUES: dict[str, list[tuple[str, str]]] = {
     "lane_weights": [("fast=50", "fast"), ("bulk=0", "bulk"), ("bulk", "bulk"), ('{"bulk": "x"}', "x")],
     "tenant_weights": [("a=-1", "-1"), ("a=inf", "inf"), ("=3", "=3")],
     "dispatch_depth": [("0", "0"), ("deep", "deep")],
+    "dispatch_horizon_s": [("-1", "-1"), ("soon", "soon")],
     "dispatch_rescan_s": [("inf", "inf")],
     "dispatch_lock_s": [("-1", "-1")],
     "api_max_queued_jobs": [("0", "0")],

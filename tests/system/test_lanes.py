@@ -24,8 +24,9 @@ SIZE = {"width": 64, "height": 64, "steps": 2}
 
 @pytest.fixture
 def lane_settings(system_settings: Settings) -> Settings:
-    # One message in Redis at a time: the order of starts is the dispatcher's order.
-    return system_settings.model_copy(update={"dispatch_depth": 1, "dispatch_lock_s": 2.0})
+    # One message in Redis at a time, however fast the workers take them (no horizon): the order
+    # of starts is the dispatcher's order.
+    return system_settings.model_copy(update={"dispatch_depth": 1, "dispatch_horizon_s": 0.0, "dispatch_lock_s": 2.0})
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ moves several messages. New work is still pushed at once (an interactive job wai
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -15,8 +16,8 @@ from PIL import Image
 
 from scheduler.submission.submit import submit_manifest
 from shared.db import make_engine, make_session_factory
-from shared.dispatch.dispatcher import Dispatcher
-from shared.dispatch.wake import refill_level, refill_room, signal_key
+from shared.dispatch.dispatcher import MAX_DEPTH, RATE_WINDOW_S, Dispatcher, TakeRate, queue_depth
+from shared.dispatch.wake import level_key, refill_level, refill_room, signal_key
 from shared.keys import render_queue
 from shared.queue import forget_queued
 from shared.settings import Settings
@@ -116,3 +117,68 @@ def test_new_work_that_finds_the_queue_full_goes_in_at_the_next_take(
     assert dispatcher.dispatch_once() == 1
     _take(client, depth_settings)  # the flag was used up: an ordinary take above the level signals nothing
     assert not _signalled(client, depth_settings)
+
+
+def _drain_fast(dispatcher: Dispatcher, client: redis.Redis, settings: Settings, rounds: int) -> list[int]:
+    """Workers that take two messages between rounds, as fast as they can; the queue's length after each round."""
+    lengths = []
+    for _ in range(rounds):
+        _take(client, settings)
+        _take(client, settings)
+        dispatcher.dispatch_once()
+        lengths.append(int(client.llen(QUEUE)))
+    return lengths
+
+
+@pytest.mark.parametrize("horizon_s", [0.5, 0.0])
+def test_a_queue_drained_faster_than_its_depth_per_horizon_deepens(
+    depth_settings: Settings, client: redis.Redis, tmp_path: Path, horizon_s: float
+) -> None:
+    settings = depth_settings.model_copy(update={"dispatch_horizon_s": horizon_s})
+    _submit(settings, tmp_path, "bulk", 80)
+    engine = make_engine(settings.database_url)
+    dispatcher = Dispatcher.from_settings(
+        sessions=make_session_factory(engine), redis_client=client, settings=settings, model_set=MODEL_SET
+    )
+    level = level_key(settings.redis_prefix, MODEL_SET)
+    try:
+        assert dispatcher.dispatch_once() == DEPTH
+        lengths = _drain_fast(dispatcher, client, settings, rounds=12)  # 24 takes well within a second
+        if horizon_s == 0:  # exactly IPAB_DISPATCH_DEPTH, however fast the workers
+            assert max(lengths) == DEPTH and client.get(level) is None
+            return
+        # 24 takes in the last second x 0.5 s: what the fleet takes in the horizon, not 4.
+        assert max(lengths) >= 10, lengths
+        # The workers' takes signal the dispatcher at half the deeper queue, not at 2 of it.
+        deep_level = int(client.get(level) or 0)
+        assert deep_level >= refill_level(10) and int(client.llen(QUEUE)) > deep_level + 1
+        _signalled(client, settings)
+        while int(client.llen(QUEUE)) > deep_level + 1:
+            _take(client, settings)
+        assert not _signalled(client, settings)
+        _take(client, settings)
+        assert _signalled(client, settings)
+
+        # Once the takes of the last second are gone, the queue is kept at its depth again.
+        time.sleep(RATE_WINDOW_S + 0.05)
+        dispatcher.dispatch_once()
+        assert client.get(level) is None
+        _drain_fast(dispatcher, client, settings, rounds=1)
+        assert int(client.llen(QUEUE)) <= DEPTH
+    finally:
+        client.delete(level)
+        engine.dispose()
+
+
+def test_the_take_rate_is_the_last_window_s_takes_over_the_whole_window() -> None:
+    rate = TakeRate(window_s=1.0)
+    rate.add(10.0, 4)  # a burst of 4: 4 per second, not 4 per instant
+    assert rate.per_s() == 4.0
+    rate.add(10.5, 6)
+    assert rate.per_s() == 10.0
+    rate.add(11.2, 0)  # the first takes are out of the window
+    assert rate.per_s() == 6.0
+    assert queue_depth(configured=4, horizon_s=0.25, takes_per_s=100.0) == 25
+    assert queue_depth(configured=4, horizon_s=0.25, takes_per_s=8.0) == 4  # a slow fleet keeps the setting
+    assert queue_depth(configured=4, horizon_s=0.0, takes_per_s=1e6) == 4
+    assert queue_depth(configured=4, horizon_s=10.0, takes_per_s=1e6) == MAX_DEPTH
