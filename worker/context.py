@@ -39,8 +39,9 @@ class WorkerContext:
     provenance: Provenance | None = None
 
     def close(self) -> None:
-        """Publish what is pending and let go of the clients."""
+        """Publish what is pending, count the cache's last calls, and let go of the clients."""
         self.publisher.close()
+        self.cache.send_fleet_stats()
         self.redis.close()
 
 

@@ -2,26 +2,50 @@
 
 On a terminal a `rich` bar (done/total, jobs per second, ETA); elsewhere one plain line
 each time the counts change, with the rate and ETA measured since the watch began.
+
+A watch ends when its batch does, not up to `--interval` later: once the jobs left would be
+done before the next poll at the rate seen so far, it looks again when they should be
+(no sooner than MIN_POLL_S apart). A script that runs `ipab status --watch && ipab results`
+then waits for the batch, not for the poll.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Final
 
 from scheduler.batches.counts import done_of
 from scheduler.terminal_progress import Reporter, rate_text
 
 Counts = dict[str, int]
+MIN_POLL_S: Final = 0.1  # polls near a batch's end come at most this often
+
+
+def next_poll_s(*, interval_s: float, left: int, done_since_start: int, watched_s: float) -> float:
+    """Seconds until the next poll: `interval_s`, or sooner when the `left` jobs would be done
+    before it at the rate seen since the watch began (at least MIN_POLL_S; never later)."""
+    if done_since_start <= 0 or watched_s <= 0 or left <= 0:
+        return interval_s
+    due_s = left * watched_s / done_since_start
+    return min(interval_s, max(due_s, MIN_POLL_S))
 
 
 def _poll_until_final(poll: Callable[[], Counts], show: Callable[[Counts], None], *, interval_s: float) -> Counts:
+    started_s, done_at_start = time.monotonic(), -1
     while True:
         counts = poll()
         show(counts)
-        if done_of(counts) == sum(counts.values()):
+        done, total = done_of(counts), sum(counts.values())
+        if done == total:
             return counts
-        time.sleep(interval_s)
+        done_at_start = done if done_at_start < 0 else done_at_start
+        watched_s = time.monotonic() - started_s
+        time.sleep(
+            next_poll_s(
+                interval_s=interval_s, left=total - done, done_since_start=done - done_at_start, watched_s=watched_s
+            )
+        )
 
 
 def _watch_bar(poll: Callable[[], Counts], *, interval_s: float, reporter: Reporter) -> Counts:

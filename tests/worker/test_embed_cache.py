@@ -34,6 +34,7 @@ from worker.embedding import (
     pack_entry,
     unpack_entry,
 )
+from worker.embedding import cache as embed_cache_module
 
 # --- fixtures --------------------------------------------------------------------------------
 
@@ -423,12 +424,32 @@ def test_fleet_counters_add_up_every_call(redis_url: str, store: DirStore, prefi
     cache = make_cache(redis_url, store, FakeEncoder(), prefix)
     refs = [ref(png_bytes(110)), ref(png_bytes(111))]
     _, one = cache.get(refs)
-    _, two = cache.get(refs)
+    fleet = read_fleet_stats(Redis.from_url(redis_url), prefix)
+    assert (fleet["encodes"], fleet["lru_misses"], fleet["redis_misses"]) == (2, 2, 2)  # past the LRU: at once
 
+    _, two = cache.get(refs)  # the LRU alone: counted with the next send, not by a round trip of its own
+    assert read_fleet_stats(Redis.from_url(redis_url), prefix)["lru_hits"] == 0
+    cache.send_fleet_stats()  # as the worker's shutdown does
     fleet = read_fleet_stats(Redis.from_url(redis_url), prefix)
 
     assert (fleet["encodes"], fleet["lru_hits"], fleet["lru_misses"], fleet["redis_misses"]) == (2, 2, 2, 2)
     assert fleet["encode_s"] == pytest.approx(one.encode_s + two.encode_s, abs=1e-6)
+
+
+def test_calls_the_lru_served_alone_are_counted_within_a_second(
+    redis_url: str, store: DirStore, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = make_cache(redis_url, store, FakeEncoder(), prefix)
+    refs = [ref(png_bytes(112))]
+    cache.get(refs)
+    cache.get(refs)
+    cache.get(refs)
+    assert read_fleet_stats(Redis.from_url(redis_url), prefix)["lru_hits"] == 0
+    monkeypatch.setattr(embed_cache_module, "FLEET_STATS_EVERY_S", 0.0)  # a second later
+
+    cache.get(refs)
+
+    assert read_fleet_stats(Redis.from_url(redis_url), prefix)["lru_hits"] == 3
 
 
 def test_cache_stats_survive_a_json_round_trip_and_sum() -> None:
