@@ -320,3 +320,12 @@ def stopwatch() -> Iterator[list[float]]:
         yield box
     finally:
         box.append(time.perf_counter() - t0)
+
+
+def with_bytecode(env: dict[str, str], folder: Path) -> dict[str, str]:
+    """`env` in which Python reads and writes compiled bytecode (in `folder`), as an installed package
+    has it: where PYTHONDONTWRITEBYTECODE is set (CI, this machine), every command would otherwise
+    compile this project's modules again at each start."""
+    out = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    out["PYTHONPYCACHEPREFIX"] = str(folder)
+    return out

@@ -7,8 +7,12 @@ from typing import Any, Final, NamedTuple
 
 from bench import startup
 from bench.api import worst
+from bench.overhead import CLI_STEPS, WHOLE_JOBS
 
 OVERHEAD_GOAL: Final = 1.05
+WHOLE_GOAL: Final = 1.1  # issue 22: what a user waits for, ipab's three commands / the bare loop
+WHOLE_COMMANDS: Final = "`ipab submit` + `ipab status --watch` + `ipab results`"
+NOT_MEASURED: Final = "not measured in this run"
 FLOOR_GOAL: Final = 3.0
 NAIVE_GOAL: Final = 10.0
 CONTROL_GOAL_JOBS_PER_S: Final = 500.0
@@ -56,6 +60,7 @@ def goals(results: dict[str, Any]) -> list[Goal]:
     """Every goal with its measured value, met or not (None: not measured)."""
     out: list[Goal] = []
     out += _overhead_goals(results)
+    out += _whole_goals(results)
     for db in DATABASES:
         out += _submit_goals(results, db)
         cp, why = _part(results, "control", db)
@@ -115,6 +120,39 @@ def _overhead_goals(results: dict[str, Any]) -> list[Goal]:
         used = run.get("torch_threads_used") if run["torch_threads"] == "default" else None
         measured = _num(run["ratio"], 3) + (f" ({used} threads)" if used else "")
         goals_out.append(_goal(name(threads), target, measured, run["ratio"] <= OVERHEAD_GOAL))
+    return goals_out
+
+
+def _whole_part(results: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """(figures, "") of the whole-system measurement, or (None, why there are none): a run from
+    before it has no `whole` in its overhead figures."""
+    o, why = _part(results, "overhead")
+    if not o:
+        return None, why
+    whole = o.get("whole")
+    if not isinstance(whole, dict):
+        return None, NOT_MEASURED
+    failed = _failed(whole)
+    return (None, failed) if failed else (whole, "")
+
+
+def _whole_goals(results: dict[str, Any]) -> list[Goal]:
+    """Issue 22's whole-system ratio at each thread count (the rows a run gives, measured or not)."""
+    w, why = _whole_part(results)
+    jobs = w["jobs"] if w else WHOLE_JOBS
+    name = f"whole system, {jobs} jobs: {WHOLE_COMMANDS} / bare loop, {{}}".format
+    target = f"<= {WHOLE_GOAL}"
+    if not w:
+        return [Goal(name(_threads_text({"torch_threads": label})), target, why, None) for label in ("default", "1")]
+    goals_out = []
+    for run in w["by_threads"]:
+        used = run.get("torch_threads_used") if run["torch_threads"] == "default" else None
+        seconds = f"{_num(run['ipab_s'], 1)} s / {_num(run['bare_loop_s'], 1)} s" + (
+            f", {used} threads" if used else ""
+        )
+        measured = f"{_num(run['ratio'], 3)} ({seconds})"
+        threads = _threads_text({"torch_threads": run["torch_threads"]})
+        goals_out.append(_goal(name(threads), target, measured, run["ratio"] <= WHOLE_GOAL))
     return goals_out
 
 
@@ -240,6 +278,65 @@ def _overhead(o: dict[str, Any]) -> Iterator[str]:
             f"{_num(means.get('denoise_s'), 4)} s, upload {_num(means.get('upload_s'), 4)} s per job on average "
             "(the upload runs on the publisher thread, overlapped with the next job's denoising)."
         )
+    yield ""
+    yield from _whole(o.get("whole"))
+
+
+def _whole(w: Any) -> Iterator[str]:
+    """Issue 22's whole-system figures: what a user waits for, against the bare loop."""
+    if not isinstance(w, dict) or _failed(w):
+        why = _failed(w) if isinstance(w, dict) else NOT_MEASURED
+        yield f"Whole system ({WHOLE_COMMANDS} against the bare loop): {why}."
+        return
+    yield (
+        f"Whole system (issue 22): what a user waits for on a {w['jobs']}-job batch of the same rows. ipab: ONE "
+        f"`ipab worker` already running with its model loaded (started on a fresh SQLite database, then a "
+        f"{w['warm_jobs']}-job warm-up batch run to completion on a reference the timed batch does not use); then, "
+        "as a user at a shell runs them one after another, each a fresh process: `ipab submit MANIFEST --batch NAME`, "
+        "`ipab status NAME --watch` (until every job is final), `ipab results NAME > FILE`; timed from just before "
+        "the submit starts to the end of `ipab results` (every job succeeded, one results line each). Bare loop: the "
+        "same rows through the bare loop above, from before its first pipeline call (reference encodings included) "
+        "to the last PNG written; imports and model load are not counted: the baseline is the loop a user writes "
+        "with the model already loaded. Bare process: that loop's whole process, interpreter start to exit "
+        "(imports and model load included), for context. Alternating with the runs above, same rounds; medians "
+        "(each part's own median, so the parts need not add up to the whole)."
+    )
+    yield ""
+    yield (
+        "| torch threads | bare loop s | bare process s | ipab s (submit + watch + results) "
+        "| **ratio ipab / bare loop** | ratio ipab / bare process | rounds: bare loop; ipab |"
+    )
+    yield "| --- | ---: | ---: | ---: | ---: | ---: | --- |"
+    yield from (_whole_row(r) for r in w["by_threads"])
+    for r in w["by_threads"]:
+        if "ipab_watch_parts" in r:
+            yield ""
+            yield _watch_parts(r)
+
+
+def _whole_row(r: dict[str, Any]) -> str:
+    """One thread count's row of the whole-system table."""
+    parts = " + ".join(_num(r[f"ipab_{step}"], 2) for step in CLI_STEPS)
+    rounds = r.get("rounds", {})
+    loops = ", ".join(_num(v, 2) for v in rounds.get("bare_loop_s", []))
+    ipabs = ", ".join(_num(v.get("ipab_s"), 2) for v in rounds.get("ipab", []))
+    return (
+        f"| {_threads_text(r)} | {_num(r['bare_loop_s'], 2)} | {_num(r['bare_process_s'], 2)} "
+        f"| {_num(r['ipab_s'], 2)} ({parts}) | **{_num(r['ratio'], 3)}** (goal <= {WHOLE_GOAL}) "
+        f"| {_num(r['ratio_process'], 3)} | {loops}; {ipabs} |"
+    )
+
+
+def _watch_parts(r: dict[str, Any]) -> str:
+    """Where `ipab status --watch`'s seconds went, from the job rows' times (medians)."""
+    parts = r["ipab_watch_parts"]
+    return (
+        f"Where the watch's {_num(r['ipab_watch_s'], 2)} s went, {_threads_text(r)}: the first job started "
+        f"{parts['first_start_after_submit_s']:+.2f} s from `ipab submit`'s exit (dispatcher and worker pick-up; "
+        f"below 0: before the process had exited), the worker took {_num(parts['worker_span_s'], 2)} s from the "
+        f"first job's start to the last one's finish (the bare loop: {_num(r['bare_loop_s'], 2)} s), and "
+        f"`ipab status --watch` exited {_num(parts['watch_end_after_last_finish_s'], 2)} s after the last finish."
+    )
 
 
 def _submit(s: dict[str, Any]) -> Iterator[str]:

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
+from bench.common import with_bytecode
+
 BATCH: Final = "startup-bench"
 JOBS: Final = 200
 BASELINE: Final = "celery --help"
@@ -119,10 +121,7 @@ def _environment(workdir: Path, database_url: str, *, bytecode: bool) -> dict[st
     """The commands' environment: no IPAB_* but the database; with `bytecode`, a bytecode cache in `workdir`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IPAB_")}
     env["IPAB_DATABASE_URL"] = database_url
-    if bytecode:
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env["PYTHONPYCACHEPREFIX"] = str(workdir / "pycache")
-    return env
+    return with_bytecode(env, workdir / "pycache") if bytecode else env
 
 
 def run(*, repetitions: int = 15, bytecode: bool = True) -> dict[str, Any]:

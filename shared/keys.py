@@ -65,3 +65,8 @@ def embedding_key(encoder: str, sha256: str) -> str:
 def render_queue(model_set: str) -> str:
     """The Celery queue that the workers of one model set consume."""
     return RENDER_QUEUE.format(model_set=model_set)
+
+
+def object_uri(bucket: str, key: str) -> str:
+    """`s3://bucket/key`: how an object is named to users (results, provenance, exports)."""
+    return f"s3://{bucket}/{key}"

@@ -20,6 +20,7 @@ import botocore.session
 from botocore.config import Config
 
 from shared.errors import ObjectMissing, ObjectTooLarge, StorageUnavailable
+from shared.keys import object_uri
 from shared.redact import mask_text, mask_url
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ class ObjectStore:
 
     def uri(self, key: str) -> str:
         """`s3://bucket/key`."""
-        return f"s3://{self.bucket}/{key}"
+        return object_uri(self.bucket, key)
 
     @contextmanager
     def _translated(self, action: str, key: str = "", *, missing: frozenset[str] = _MISSING_CODES) -> Iterator[None]:

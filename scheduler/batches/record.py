@@ -14,16 +14,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from sqlalchemy import literal, select, tuple_
 from sqlalchemy.orm import Session
 
 from scheduler.batches.counts import TIME_FIELDS
 from shared.db import Batch, Job, JobStatus
-
-if TYPE_CHECKING:
-    from shared.storage import ObjectStore  # only its type: `ipab status` and `batches` load no S3 client
+from shared.keys import object_uri
 
 RECORDS_CHUNK: Final = 1000  # rows fetched at a time when a batch's records are streamed
 # Columns a record carries as they are stored.
@@ -154,12 +152,29 @@ def _removing(job: Job) -> str | None:
     return iso_utc(job.expires_at) if job.data_state is not None else None
 
 
-def output_uri(record: JobRecord, store: ObjectStore) -> str | None:
+class Uris(Protocol):
+    """What names objects for a results line: an `ObjectStore`, or `BucketUris` where no S3 client
+    is needed (`ipab results` prints names only, and loads no boto3)."""
+
+    def uri(self, key: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class BucketUris:
+    """The `s3://` names of one bucket's objects, without a client."""
+
+    bucket: str
+
+    def uri(self, key: str) -> str:
+        return object_uri(self.bucket, key)
+
+
+def output_uri(record: JobRecord, store: Uris) -> str | None:
     """Where the job's output is: None when it has none, or when it was removed (never a broken link)."""
     return store.uri(record.output_key) if record.output_key and not record.data_removed else None
 
 
-def results_line(record: JobRecord, *, store: ObjectStore, audience: Audience) -> dict[str, Any]:
+def results_line(record: JobRecord, *, store: Uris, audience: Audience) -> dict[str, Any]:
     """One job as the JSON object `ipab results` prints (OPERATOR) and the API streams (TENANT)."""
     line = {
         "job_id": record.job_id,

@@ -248,13 +248,12 @@ def cmd_results(args: argparse.Namespace) -> int:
         from scheduler.cli import api_client
 
         return api_client.cmd_results(args)
-    from scheduler.batches.record import Audience, batch_records, results_line
+    from scheduler.batches.record import Audience, BucketUris, batch_records, results_line
     from shared.jobs import transaction
     from shared.settings import load_settings
-    from shared.storage import ObjectStore
 
     settings = load_settings()
-    store = ObjectStore.from_settings(settings)
+    store = BucketUris(settings.s3_bucket)  # names only: no S3 client, no boto3 to import
     with database(settings) as sessions, transaction(sessions) as session:
         batch = batch_arg(session=session, ref=args.batch)
         for record in batch_records(session=session, batch_id=batch.id, status=args.status):

@@ -78,6 +78,9 @@ def loaded_of(found: dict[str, object], denied: tuple[str, ...]) -> list[str]:
     return sorted({name for name in denied for module in modules if f"{module}.".startswith(f"{name}.")})
 
 
+SPEC = json.dumps({"params": {"prompt": "a cat"}, "references": [{"sha256": "ab" * 32, "key": "refs/cat.png"}]})
+
+
 def add_batch(database_url: str, name: str) -> None:
     """A batch of three finished jobs, written with the schema's own API."""
     ensure_database(database_url)
@@ -87,7 +90,7 @@ def add_batch(database_url: str, name: str) -> None:
         session.add(batch)
         session.flush()
         session.add_all(
-            Job(batch_id=batch.id, line=line, dedupe_key=f"k{line}", spec="{}", seed=line, status=status.value)
+            Job(batch_id=batch.id, line=line, dedupe_key=f"k{line}", spec=SPEC, seed=line, status=status.value)
             for line, status in enumerate((JobStatus.succeeded, JobStatus.succeeded, JobStatus.failed), start=1)
         )
     engine.dispose()
@@ -119,6 +122,17 @@ def test_the_batch_list_loads_what_a_status_read_loads(tmp_path: Path, sqlite_ur
 
     assert found["code"] == 0 and "nightly" in done.stdout
     assert loaded_of(found, DENIED_FOR_STATUS) == []
+
+
+def test_the_results_name_their_objects_without_an_object_store_client(tmp_path: Path, sqlite_url: str) -> None:
+    add_batch(sqlite_url, "nightly")
+
+    done, found = run_probe(tmp_path, sqlite_url, "results", "nightly")
+
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert found["code"] == 0 and [line["status"] for line in lines] == ["succeeded", "succeeded", "failed"]
+    assert lines[0]["references"][0]["uri"].endswith("/refs/cat.png") and lines[0]["prompt"] == "a cat"
+    assert loaded_of(found, DENIED_FOR_STATUS) == []  # boto3 cost `ipab results` a third of its start
 
 
 def test_a_status_of_a_missing_batch_fails_in_one_line_and_stays_light(tmp_path: Path, sqlite_url: str) -> None:
