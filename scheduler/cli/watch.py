@@ -4,9 +4,9 @@ On a terminal a `rich` bar (done/total, jobs per second, ETA); elsewhere one pla
 each time the counts change, with the rate and ETA measured since the watch began.
 
 A watch ends when its batch does, not up to `--interval` later: once the jobs left would be
-done before the next poll at the rate seen so far, it looks again when they should be
-(no sooner than MIN_POLL_S apart). A script that runs `ipab status --watch && ipab results`
-then waits for the batch, not for the poll.
+done before the next poll at the rate seen so far, it looks every MIN_POLL_S until they are
+(a few cheap reads, in the batch's last second only). A script that runs
+`ipab status --watch && ipab results` then waits for the batch, not for the poll.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ MIN_POLL_S: Final = 0.1  # polls near a batch's end come at most this often
 
 
 def next_poll_s(*, interval_s: float, left: int, done_since_start: int, watched_s: float) -> float:
-    """Seconds until the next poll: `interval_s`, or sooner when the `left` jobs would be done
-    before it at the rate seen since the watch began (at least MIN_POLL_S; never later)."""
+    """Seconds until the next poll: `interval_s`, or MIN_POLL_S when the `left` jobs would be done
+    before it at the rate seen since the watch began (never later than `interval_s`)."""
     if done_since_start <= 0 or watched_s <= 0 or left <= 0:
         return interval_s
     due_s = left * watched_s / done_since_start
-    return min(interval_s, max(due_s, MIN_POLL_S))
+    return min(interval_s, MIN_POLL_S) if due_s < interval_s else interval_s
 
 
 def _poll_until_final(poll: Callable[[], Counts], show: Callable[[Counts], None], *, interval_s: float) -> Counts:

@@ -42,15 +42,15 @@ def test_the_watch_ends_when_the_batch_does(monkeypatch: pytest.MonkeyPatch) -> 
     counts = watch.watch_counts(clock.poll, interval_s=1.0, line_of=lambda c: str(c), reporter=reporter)
 
     assert counts == {"succeeded": JOBS, "queued": 0}
-    # Every second until the end is near, then when the jobs left are due: 0.1 s late at most, not 0.75.
-    assert clock.polls[-1] - LAST_S <= 0.1 + 1e-9, clock.polls
+    # Every second until the end is near, then every MIN_POLL_S: 0.1 s late at most, not 0.75.
+    assert clock.polls[-1] - LAST_S <= watch.MIN_POLL_S + 1e-9, clock.polls
     assert all(b - a >= watch.MIN_POLL_S - 1e-9 for a, b in zip(clock.polls, clock.polls[1:], strict=False))
-    assert len(clock.polls) <= 7
+    assert len(clock.polls) <= 8
 
 
 def test_the_next_poll_is_never_later_than_the_interval_nor_sooner_than_the_minimum() -> None:
     assert watch.next_poll_s(interval_s=1.0, left=10, done_since_start=0, watched_s=1.0) == 1.0  # no rate yet
     assert watch.next_poll_s(interval_s=1.0, left=100, done_since_start=10, watched_s=1.0) == 1.0
-    assert watch.next_poll_s(interval_s=1.0, left=3, done_since_start=10, watched_s=1.0) == pytest.approx(0.3)
+    assert watch.next_poll_s(interval_s=1.0, left=3, done_since_start=10, watched_s=1.0) == watch.MIN_POLL_S
     assert watch.next_poll_s(interval_s=1.0, left=1, done_since_start=1000, watched_s=1.0) == watch.MIN_POLL_S
     assert watch.next_poll_s(interval_s=0.05, left=1, done_since_start=1, watched_s=10.0) == 0.05  # --interval 0.05
