@@ -102,7 +102,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     ensure_database(settings.database_url)
-    ObjectStore.from_settings(settings).ensure_bucket()  # a fresh object store works at once
+    store = ObjectStore.from_settings(settings)
+    store.ensure_bucket()  # a fresh object store works at once
     path = Path(args.manifest)
     if is_grid(path):
         print(grid_summary(path, max_rows=args.max_rows))
@@ -119,6 +120,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             tenant=args.tenant,
             lane=args.lane,
             expires_after_s=expires_after_s(args.expires_after),
+            store=store,
         )
     except ManifestInvalid as e:
         print_problems(e.problems)
