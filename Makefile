@@ -30,7 +30,7 @@ demo: $(STAMP)
 # Each file's tests stay in one process (--dist loadfile), so module fixtures are built once.
 TEST_PROCESSES ?= 4
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -n $(TEST_PROCESSES) --dist loadfile
+	$(VENV)/bin/pytest -q -n $(TEST_PROCESSES) --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
