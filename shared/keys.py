@@ -68,5 +68,5 @@ def render_queue(model_set: str) -> str:
 
 
 def object_uri(bucket: str, key: str) -> str:
-    """`s3://bucket/key`: how an object is named to users (results, provenance, exports)."""
+    """`s3://bucket/key`: how an object is named to users (`ObjectStore.uri`, `ipab results` without a client)."""
     return f"s3://{bucket}/{key}"

@@ -470,7 +470,8 @@ def submit_manifest(
         # Without --skip-invalid nothing is submitted past a problem: reading stops at the listing's cap.
         else parse_manifest(path, defaults=defaults, max_problems=None if skip_invalid else MAX_LISTED_PROBLEMS)
     )
-    store = store or ObjectStore.from_settings(settings)  # the caller's, when it built one (a client costs ~50 ms)
+    if store is None:  # else the caller's, built for these settings (a client costs ~50 ms)
+        store = ObjectStore.from_settings(settings)
     resolver = ReferenceResolver(
         store=store, roots=settings.reference_roots, base_dir=path.parent, buckets=settings.reference_buckets
     )

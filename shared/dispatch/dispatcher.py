@@ -186,6 +186,11 @@ def mark_dispatched(*, sessions: sessionmaker[Session], job_ids: Sequence[str]) 
     return marked
 
 
+def lock_ttl_s(settings: Settings) -> float:
+    """How long a dispatcher's lock, and what lapses with it, lives unless renewed (at least 1 s)."""
+    return max(settings.dispatch_lock_s, 1.0)
+
+
 @dataclass
 class TakeRate:
     """How many messages the workers took from a queue in the last RATE_WINDOW_S, per second.
@@ -343,7 +348,7 @@ class Dispatcher:
     @property
     def _level_ttl_s(self) -> float:
         """A deepened queue's signal level lapses with the dispatcher's lock: a successor starts shallow."""
-        return max(self.settings.dispatch_lock_s, 1.0)
+        return lock_ttl_s(self.settings)
 
     def _push(self, sent: Sequence[Waiting]) -> None:
         """The messages of `sent` (in policy order): urgent lanes' at the queue's consumer end
@@ -527,4 +532,4 @@ class _Loop:
 
     @property
     def _ttl_ms(self) -> int:
-        return int(max(self.settings.dispatch_lock_s, 1.0) * 1000)
+        return int(lock_ttl_s(self.settings) * 1000)
