@@ -13,12 +13,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from ipab import cli
 from shared.db import Batch, Job, JobStatus, ensure_database, make_engine, make_session_factory
+from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[3]
 # Never loaded by `ipab --help` or `ipab status`: the object store, the HTTP stack, the GPU stack,
@@ -184,3 +186,35 @@ def test_the_start_up_pause_of_the_collector_ends_on_time_and_in_a_forked_child(
         while not gc.isenabled() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert gc.isenabled()  # a long-running command collects after its start
+
+
+def test_a_submission_talks_to_s3_through_botocore_alone(
+    tmp_path: Path, settings: Settings, settings_env: Callable[[Settings], dict[str, str]]
+) -> None:
+    from tests.scheduler.submission.conftest import write_jsonl, write_photos
+
+    photo = write_photos(tmp_path / "photos")["chelsea"]
+    manifest = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a cat", "reference": str(photo), "seed": 1}])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPAB_")}
+    env.update(settings_env(settings.model_copy(update={"reference_roots": [tmp_path]})), PYTHONPATH=str(REPO))
+    out = tmp_path / "loaded.json"
+    argv = [
+        sys.executable,
+        "-c",
+        PROBE,
+        str(out),
+        "submit",
+        str(manifest),
+        "--batch",
+        "cats",
+        "--model-set",
+        "tiny-test",
+    ]
+    done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    found = json.loads(out.read_text())
+
+    assert found["code"] == 0, done.stderr
+    assert "1 job(s) added" in done.stdout
+    assert loaded_of(found, ("botocore",)) == ["botocore"]  # it uploaded the reference
+    # boto3 and its transfer manager add nothing a submission calls: about 60 ms of its start.
+    assert loaded_of(found, ("boto3", "s3transfer")) == []
