@@ -20,6 +20,7 @@ from http.client import HTTPMessage
 from pathlib import Path
 from typing import IO, Any, Final
 
+from scheduler.cli.common import final_line
 from scheduler.submission.manifest import REFERENCE_FIELD, Problem, parse_defaults, read_raw_rows
 from shared.errors import InvalidInput, IpabError
 from shared.settings import load_settings
@@ -159,8 +160,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         more = created["invalid_count"] - len(created["invalid"])
         print(f"... and {more} more problem(s) not listed", file=sys.stderr)
     print(f"batch {created['id']}: {created['added']} job(s) added")
+    if not getattr(args, "watch", False):
+        print(created["id"])
+        return 0
+    sys.stdout.flush()
+    batch = _watched(client, created["id"], args.interval)
+    print(final_line(batch["counts"]))
     print(created["id"])
-    return 0
+    return 1 if batch["counts"].get("failed") else 0
 
 
 def _batch(client: Client, batch_id: str) -> dict[str, Any]:
@@ -168,13 +175,19 @@ def _batch(client: Client, batch_id: str) -> dict[str, Any]:
     return found
 
 
+def _watched(client: Client, batch_id: str, interval_s: float) -> dict[str, Any]:
+    """The batch once every job is final, read every `interval_s`."""
+    batch = _batch(client, batch_id)
+    while batch["status"] == "in_progress":
+        time.sleep(interval_s)
+        batch = _batch(client, batch_id)
+    return batch
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Counts per status; with --watch, until every job is final."""
     client = client_from(args)
-    batch = _batch(client, args.batch)
-    while args.watch and batch["status"] == "in_progress":
-        time.sleep(args.interval)
-        batch = _batch(client, args.batch)
+    batch = _watched(client, args.batch, args.interval) if args.watch else _batch(client, args.batch)
     print(f"batch {batch['id']}, model set {batch['model_set']}: {batch['status']}")
     for status, count in batch["counts"].items():
         print(f"  {status:<10} {count:>8}")

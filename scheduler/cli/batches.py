@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from scheduler.cli.common import API_HELP, batch_arg, database, read_batch
+from scheduler.cli.common import API_HELP, batch_arg, database, final_line, read_batch
 from scheduler.cli.grid import add_max_rows, grid_summary
 from scheduler.cli.retention import duration_arg, expires_after_s
 from shared.dispatch.policy import DEFAULT_LANE, LANES
@@ -63,7 +63,7 @@ def print_problems(problems: Sequence[tuple[int, str, str]]) -> None:
         print(f"... and {more} more problem(s) not listed ({len(problems)} in {rows} rows)", file=sys.stderr)
 
 
-def _print_submit(result: SubmitResult) -> None:
+def _print_submit(result: SubmitResult, *, with_id: bool = True) -> None:
     if result.rules_warning is not None:
         print(f"warning: {result.rules_warning}", file=sys.stderr)
     print_problems(result.invalid)
@@ -83,7 +83,8 @@ def _print_submit(result: SubmitResult) -> None:
             f"Redis unreachable: {result.added} job(s) are saved in SQL; the dispatcher (in the workers, or "
             "`ipab reconcile --loop`) finds them within IPAB_DISPATCH_RESCAN_S once Redis is back"
         )
-    print(result.batch_id)
+    if with_id:
+        print(result.batch_id)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -129,8 +130,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
         rows = len({p[0] for p in e.problems})
         print(f"{rows} invalid row(s); nothing submitted. Fix them, or pass --skip-invalid", file=sys.stderr)
         return 2
-    _print_submit(result)
-    return 0
+    _print_submit(result, with_id=not args.watch)
+    if not args.watch:
+        return 0
+    # The same watch as `ipab status --watch`, in this process: one start-up fewer for `submit && watch`.
+    sys.stdout.flush()  # the summary before the progress on stderr
+    with database(settings) as sessions:
+        counts = _watch(sessions, result.batch_id, args.interval)
+    print(final_line(counts))
+    print(result.batch_id)
+    return 1 if counts.get(JobStatus.failed.value) else 0
 
 
 # ipab status
@@ -320,6 +329,12 @@ def register(subparsers: Any) -> None:
         help="keep the images of rows that name no expires_after this long once done: 1h, 7d, 30d (up to 3650d) "
         "or never (default: the tenant's retention, else IPAB_RETENTION_OUTPUTS_S)",
     )
+    submit.add_argument(
+        "--watch",
+        action="store_true",
+        help="then a progress bar until every job is final, as `ipab status --watch` (exit 1 if any failed)",
+    )
+    submit.add_argument("--interval", type=float, default=WATCH_INTERVAL_S, help="seconds between polls with --watch")
     submit.add_argument("--api", metavar="URL", help=API_HELP)
     submit.set_defaults(func=cmd_submit)
 

@@ -50,3 +50,11 @@ def read_batch(sessions: sessionmaker[Session], ref: str) -> Batch:
 
     with transaction(sessions) as session:
         return batch_arg(session=session, ref=ref)
+
+
+def final_line(counts: dict[str, int]) -> str:
+    """`done: 38 succeeded, 2 failed`: the statuses that have jobs, in their usual order, after a watch."""
+    from shared.job_status import STATUSES
+
+    shown = [f"{counts[status]} {status}" for status in STATUSES if counts.get(status)]
+    return "done: " + (", ".join(shown) if shown else "no jobs")

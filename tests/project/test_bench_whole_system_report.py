@@ -96,3 +96,32 @@ def test_a_skipped_or_failed_whole_system_run_says_why() -> None:
     assert {measured for _, measured, _ in goal_rows(failed).values()} == {
         "failed: RuntimeError: `ipab results` printed 39 lines for 40 rows"
     }
+
+
+TWO_NAME = "whole system, 40 jobs: `ipab submit --watch` + `ipab results` / bare loop"
+
+
+def test_the_goal_is_the_submit_watch_flow_where_a_run_measured_it_and_both_flows_are_shown() -> None:
+    rows = [whole_row("default", ipab_s=10.0, bare_loop_s=8.0), whole_row("1", ipab_s=9.0, bare_loop_s=8.5)]
+    rows[1]["two_commands"] = {
+        "ipab_s": 9.3,
+        "ipab_submit_watch_s": 8.8,
+        "ipab_results_s": 0.5,
+        "parts": {"first_start_after_start_s": 0.6, "worker_span_s": 8.2, "watch_end_after_last_finish_s": 0.1},
+        "ratio": 9.3 / 8.5,
+        "ratio_process": 9.3 / 17.5,
+        "rounds": [9.3, 9.4],
+    }
+    results = results_with({"jobs": 40, "warm_jobs": 2, "by_threads": rows})
+
+    assert goal_rows(results) == {
+        f"{WHOLE_NAME}, default torch threads": ("<= 1.1", "1.250 (10.0 s / 8.0 s, 2 threads)", False),
+        f"{TWO_NAME}, 1 torch thread": ("<= 1.1", "1.094 (9.3 s / 8.5 s)", True),
+    }
+    section = render_markdown(results, command="python -m bench.run").split("## 1.", 1)[1].split("## 2.", 1)[0]
+    assert "| 1 torch thread | 8.50 | 17.50 | 9.00 (1.25 + 7.00 + 0.75) | **1.059** (goal <= 1.1) |" in section
+    assert (
+        "| 1 torch thread | 8.50 | 9.30 (8.80 + 0.50) | **1.094** (goal <= 1.1) | 0.531 | 0.60 | 8.20 | 0.10 "
+        "| 9.30, 9.40 |"
+    ) in section
+    assert "`ipab submit --watch` + `ipab results` (the submission, then the same watch" in section

@@ -218,3 +218,24 @@ def test_submit_status_and_results_go_through_the_api_alone(
     lines = [json.loads(line) for line in results.stdout.splitlines() if line.strip()]
     assert sorted(line["seed"] for line in lines) == [0, 1, 2]
     assert {line["status"] for line in lines} == {"queued"}
+
+    # `submit --watch` waits until every job is final (here: canceled over HTTP while it watches).
+    watching = subprocess.Popen(
+        [sys.executable, "-m", "ipab.cli", "submit", "rows.jsonl", "--watch", "--interval", "0.1", "--api", api.url],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    deadline = time.monotonic() + 60
+    while len(client.get("/v1/batches").json()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = next(b["id"] for b in client.get("/v1/batches").json() if b["id"] != batch_id)
+    time.sleep(0.5)
+    assert watching.poll() is None  # still watching: nothing is final yet
+    client.post(f"/v1/batches/{second}/cancel").raise_for_status()
+    out, err = watching.communicate(timeout=60)
+    assert watching.returncode == 0, err
+    assert "done: 3 canceled" in out.splitlines() and out.splitlines()[-1] == second

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 
 from scheduler.submission.submit import submit_manifest
 from shared.db import Job, JobStatus, ReferenceImage, make_engine, make_session_factory
@@ -332,6 +335,44 @@ def test_status_watch_returns_once_every_job_is_final(
     run = ipab("status", "b1", "--watch", "--interval", "0.05")
 
     assert run.code == 0
+    assert "3/3 done" in run.err
+
+
+def test_submit_watch_waits_for_the_batch_reports_its_end_and_keeps_the_id_last(
+    ipab: Callable[..., Run], submit_settings: Settings, photos: dict[str, Path], tmp_path: Path
+) -> None:
+    manifest = write_jsonl(tmp_path / "m.jsonl", twelve_rows(photos)[:3])
+    engine = make_engine(submit_settings.database_url)
+    sessions = make_session_factory(engine)
+    ended: list[float] = []
+
+    def fleet() -> None:  # ends the jobs once they are in, a little later: as workers do
+        ids: list[str] = []
+        while len(ids) < 3:
+            time.sleep(0.05)
+            try:
+                with sessions.begin() as session:
+                    ids = sorted(session.scalars(select(Job.id)))
+            except DBAPIError:  # no table yet: the submission migrates the database first
+                continue
+        time.sleep(0.5)
+        with sessions.begin() as session:
+            session.execute(update(Job).where(Job.id.in_(ids[:2])).values(status=JobStatus.succeeded.value))
+            session.execute(update(Job).where(Job.id == ids[2]).values(status=JobStatus.failed.value))
+        ended.append(time.monotonic())
+
+    thread = threading.Thread(target=fleet, daemon=True)
+    thread.start()
+    run = ipab("submit", str(manifest), "--batch", "b1", "--model-set", MODEL_SET, "--watch", "--interval", "0.05")
+    returned = time.monotonic()
+    thread.join(timeout=10)
+    engine.dispose()
+
+    assert ended and returned >= ended[0]  # it waited for the last job
+    assert run.code == 1  # a job failed, as `ipab status --watch` says it
+    lines = run.out.splitlines()
+    assert lines[0].startswith("batch b1: 3 job(s) added") and "done: 2 succeeded, 1 failed" in lines
+    assert len(run.last_line) == 36 and lines.count(run.last_line) == 1  # the id, once, last: scripts read it
     assert "3/3 done" in run.err
 
 
