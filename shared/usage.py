@@ -51,28 +51,16 @@ class AttemptUsage:
         return self.pixels * self.steps_run
 
 
-def _ended_sums(jobs: Any = None) -> dict[str, ColumnElement[Any]]:
-    """Per rollup key, the usage of the jobs that ended (NULLs of unmetered jobs as 0).
-
-    `jobs`: the columns to sum (default the `jobs` table's; `finish_and_roll_up` passes its
-    UPDATE's RETURNING columns)."""
-    c = jobs if jobs is not None else _JOBS.c
-    succeeded = c.status == JobStatus.succeeded.value
-    return {
-        "jobs": func.count(),
-        "images": func.sum(case((succeeded, 1), else_=0)),
-        "gpu_s": func.coalesce(func.sum(c.gpu_s), 0.0),
-        "lost_gpu_s": func.coalesce(func.sum(c.lost_gpu_s), 0.0),
-        "pixel_steps": func.coalesce(func.sum(c.pixel_steps), 0),
-        "queue_s": func.coalesce(func.sum(case((succeeded, c.queue_s), else_=0.0)), 0.0),
-        "total_s": func.coalesce(func.sum(case((succeeded, c.total_s), else_=0.0)), 0.0),
-    }
+def _ended_sums() -> dict[str, ColumnElement[Any]]:
+    """Per rollup key, the usage of the jobs that ended: `_one_job_sums` summed over them."""
+    return {name: func.count() if name == "jobs" else func.sum(one) for name, one in _one_job_sums().items()}
 
 
 def _one_job_sums(jobs: Any = None) -> dict[str, ColumnElement[Any]]:
-    """`_ended_sums` of a single job, without the aggregates: the statements that end one job
-    (a finish, a failure) add its row as it is. An aggregate and its GROUP BY cost PostgreSQL
-    about 18 µs of the finish's 200 (`bench.job_cost`), for nothing when the group is one row."""
+    """One ended job's usage (NULLs of an unmetered job as 0), from `jobs` (default the `jobs` table's
+    columns; `finish_and_roll_up` passes its UPDATE's RETURNING columns). The statements that end one
+    job add its row as it is: an aggregate and its GROUP BY cost PostgreSQL about 18 µs of the
+    finish's 200 (`bench.job_cost`), for nothing when the group is one row."""
     c = jobs if jobs is not None else _JOBS.c
     succeeded = c.status == JobStatus.succeeded.value
     return {
