@@ -253,6 +253,18 @@ def _job_span(lines: list[dict[str, Any]]) -> tuple[float, float]:
     return min(unix_s(line, "started_at") for line in lines), max(unix_s(line, "finished_at") for line in lines)
 
 
+def _results_and_span(
+    env: dict[str, str], folder: Path, manifest: Path, batch: str, started_s: float
+) -> tuple[float, float, float, float]:
+    """`ipab results` last: its wall seconds, the flow's from `started_s` (perf_counter) to its end, and
+    the first job's start and the last one's finish (Unix seconds) from the lines it printed."""
+    results_s = _ipab_cli(env, folder / f"{batch}-results", "results", batch)
+    ipab_s = time.perf_counter() - started_s
+    rows = len(manifest.read_text().splitlines())
+    first_start, last_finish = _job_span(_succeeded_results(folder / f"{batch}-results.out", rows=rows))
+    return results_s, ipab_s, first_start, last_finish
+
+
 def _cli_steps(env: dict[str, str], folder: Path, manifest: Path, batch: str) -> dict[str, float]:
     """`ipab submit`, `ipab status --watch` and `ipab results`, one after another as a user runs them:
     each step's wall seconds, `ipab_s` from just before the submit to the end of the results, and
@@ -262,10 +274,7 @@ def _cli_steps(env: dict[str, str], folder: Path, manifest: Path, batch: str) ->
     submitted_at = time.time()
     watch_s = _ipab_cli(env, folder / f"{batch}-watch", "status", batch, "--watch")
     watched_at = time.time()
-    results_s = _ipab_cli(env, folder / f"{batch}-results", "results", batch)
-    ipab_s = time.perf_counter() - started_s
-    rows = len(manifest.read_text().splitlines())
-    first_start, last_finish = _job_span(_succeeded_results(folder / f"{batch}-results.out", rows=rows))
+    results_s, ipab_s, first_start, last_finish = _results_and_span(env, folder, manifest, batch, started_s)
     return {
         "submit_s": submit_s,
         "watch_s": watch_s,
@@ -287,10 +296,7 @@ def _cli_two_steps(env: dict[str, str], folder: Path, manifest: Path, batch: str
     started_at, started_s = time.time(), time.perf_counter()
     submit_watch_s = _ipab_cli(env, folder / f"{batch}-submit", "submit", str(manifest), "--batch", batch, "--watch")
     watched_at = time.time()
-    results_s = _ipab_cli(env, folder / f"{batch}-results", "results", batch)
-    ipab_s = time.perf_counter() - started_s
-    rows = len(manifest.read_text().splitlines())
-    first_start, last_finish = _job_span(_succeeded_results(folder / f"{batch}-results.out", rows=rows))
+    results_s, ipab_s, first_start, last_finish = _results_and_span(env, folder, manifest, batch, started_s)
     return {
         "submit_watch_s": submit_watch_s,
         "results_s": results_s,
