@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from alembic import command
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import IntegrityError
 
 from shared.db import alembic_config, make_engine, upgrade_database
@@ -24,7 +24,7 @@ COMPARED = [
     (("webhook_subscriptions", "subject_id"), ("jobs", "batch_id")),
     (("webhook_outbox", "subject_id"), ("webhook_subscriptions", "subject_id")),
 ]
-HOT_KEYS = [("jobs", "id"), ("jobs", "batch_id"), ("jobs", "status"), ("jobs", "lane"), ("jobs", "dedupe_key")]
+KEY_COLUMNS = [("jobs", "id"), ("jobs", "batch_id"), ("jobs", "status"), ("jobs", "lane"), ("jobs", "dedupe_key")]
 
 COLLATION = text(
     "SELECT coalesce(c.collname, '') FROM pg_attribute a LEFT JOIN pg_collation c ON c.oid = a.attcollation"
@@ -40,15 +40,15 @@ FOREIGN_KEYS = text(
 )
 
 
-def _collation(conn: object, table: str, column: str) -> str:
-    return str(conn.execute(COLLATION, {"table": table, "column": column}).scalar_one())  # type: ignore[attr-defined]
+def _collation(conn: Connection, table: str, column: str) -> str:
+    return str(conn.execute(COLLATION, {"table": table, "column": column}).scalar_one())
 
 
 def test_the_job_keys_compare_as_bytes_and_every_compared_pair_agrees(postgres_url: str) -> None:
     upgrade_database(postgres_url)
     engine = make_engine(postgres_url)
     with engine.connect() as conn:
-        assert {key: _collation(conn, *key) for key in HOT_KEYS} == {key: "C" for key in HOT_KEYS}
+        assert {key: _collation(conn, *key) for key in KEY_COLUMNS} == {key: "C" for key in KEY_COLUMNS}
         for left, right in COMPARED:
             assert _collation(conn, *left) == _collation(conn, *right), (left, right)
         foreign_keys = conn.execute(FOREIGN_KEYS).all()
