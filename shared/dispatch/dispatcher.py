@@ -32,10 +32,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final, cast
+from typing import Any, Final, cast
 
 import redis
-from sqlalchemy import Table, bindparam, func, literal, select, tuple_, update
+from sqlalchemy import ARRAY, String, Table, any_, bindparam, func, literal, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import keys
@@ -69,21 +69,30 @@ MIN_RESCAN_S: Final = 0.05
 RATE_WINDOW_S: Final = 1.0
 MAX_DEPTH: Final = 1000  # a deepened queue holds at most this many messages
 Key = tuple[str, str]  # (lane, tenant)
-# Built once (a Core UPDATE, the ids an expanding parameter): a round marks about one job per
-# message a worker took, and building the statement cost the dispatcher more than running it.
+# Built once (a Core UPDATE): a round marks about one job per message a worker took, and
+# building the statement cost the dispatcher more than running it.
 _JOBS: Final = cast(Table, Job.__table__)
-_MARK: Final = (
-    update(_JOBS)
-    .where(
-        _JOBS.c.id.in_(bindparam("p_ids", expanding=True)),
-        row_status() == JobStatus.queued.value,
-        _JOBS.c.enqueued_at.is_(None),
+
+
+def _mark(ids: Any) -> Any:
+    """UPDATE jobs SET enqueued_at = now() WHERE id matches `ids` and the job still waits, RETURNING id."""
+    return (
+        update(_JOBS)
+        .where(ids, row_status() == JobStatus.queued.value, _JOBS.c.enqueued_at.is_(None))
+        .values(enqueued_at=server_now())
+        .returning(_JOBS.c.id)
     )
-    .values(enqueued_at=server_now())
-    .returning(_JOBS.c.id)
+
+
+# SQLite: the ids an expanding IN list.
+_MARK: Final = _mark(_JOBS.c.id.in_(bindparam("p_ids", expanding=True)))
+# PostgreSQL: the ids one array parameter (`id = ANY(:p_ids)`), so the statement's text is the same
+# for every round, whatever its count: the driver prepares it once. An IN list of n ids was a new
+# text for each n, which the dispatcher rendered and the server parsed again in every round. Its
+# commit does not wait for the WAL flush (see `mark_dispatched`).
+_MARK_ASYNC: Final = _mark(_JOBS.c.id == any_(bindparam("p_ids", type_=ARRAY(String())))).where(
+    ASYNC_COMMIT.is_not(None)
 )
-# PostgreSQL: the same statement, whose commit does not wait for the WAL flush (see `mark_dispatched`).
-_MARK_ASYNC: Final = _MARK.where(ASYNC_COMMIT.is_not(None))
 
 
 @dataclass(frozen=True)

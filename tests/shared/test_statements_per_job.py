@@ -123,3 +123,29 @@ def test_a_connection_that_ran_in_autocommit_goes_back_to_the_pool_transactional
         raise RuntimeError("the transaction fails after its first statement")
     with sessions() as session:
         assert session.scalars(select(Job.worker_host).where(Job.id == job_id)).one() == "w"
+
+
+def test_marks_of_any_count_are_one_statement_the_server_parses_once(postgres_url: str) -> None:
+    # A dispatch round marks as many jobs as workers took since the last one, a different count from
+    # round to round. One statement text for every count: the driver prepares it once, instead of
+    # the server parsing a new IN list (and the dispatcher building its text) whenever the count changes.
+    sessions, job_ids = _jobs(postgres_url, 40)
+    texts: set[str] = set()
+
+    def statement(_conn: Any, _cursor: Any, sql: str, *_: Any) -> None:
+        texts.add(sql)
+
+    marked: set[str] = set()
+    with engine_events(sessions.kw["bind"], {"before_cursor_execute": statement}):
+        start = 0
+        for count in (1, 3, 2, 7, 4, 1, 5, 6, 2, 9):  # 40 jobs in ten rounds of ten counts
+            marked |= mark_dispatched(sessions=sessions, job_ids=job_ids[start : start + count])
+            start += count
+    assert marked == set(job_ids)
+    assert len(texts) == 1, f"{len(texts)} statement texts for ten marks: {sorted(texts)}"
+    with sessions() as session:  # the pool's one connection, the one that marked
+        prepared = session.execute(
+            text("SELECT statement FROM pg_prepared_statements WHERE statement LIKE 'UPDATE jobs SET enqueued_at%'")
+        ).all()
+    assert len(prepared) == 1, prepared
+    assert mark_dispatched(sessions=sessions, job_ids=job_ids[:5]) == set()  # marked once only
