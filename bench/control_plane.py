@@ -1,7 +1,10 @@
 """Control-plane capacity: end-to-end jobs/s through Redis, SQL and S3 with the model taken out.
 
 4 worker processes run the normal `ipab worker` code path (`bench.null_worker`), whose
-model is the `NullRenderer` benchmark fixture (a fixed 64x64 image, no model work). A batch
+model is the `NullRenderer` benchmark fixture (a fixed 64x64 image, no model work), with
+JSON log lines as deploy/kubernetes configures a fleet (what a worker notes about each job
+it claims then counts: a read of the claimed row after each claim once cost the central
+database more than the claim and the finish together). A batch
 of N jobs is submitted; jobs/s is measured two ways:
 
 - steady state: (N - 1) / (last `finished_at` - first `finished_at`) from the job rows;
@@ -262,7 +265,13 @@ def _one_database(svc: Services, kind: Database, *, jobs: int, workers: int) -> 
     refs = write_references(svc.workdir / "refs", 3)
     with private_database(kind, svc.workdir) as url:
         settings = bench_settings(
-            svc, url, model_set=model_set, heartbeat_s=10.0, lease_s=60.0, reconcile_in_workers=False
+            svc,
+            url,
+            model_set=model_set,
+            heartbeat_s=10.0,
+            lease_s=60.0,
+            reconcile_in_workers=False,
+            log_format="json",  # as deployed (deploy/kubernetes/config.yaml)
         )
         warm = write_manifest(svc.workdir / f"warm-{kind}.jsonl", refs, rows=WARMUP_JOBS, fields=ROW_FIELDS)
         manifest = write_manifest(svc.workdir / f"jobs-{kind}.jsonl", refs, rows=jobs, fields=ROW_FIELDS)

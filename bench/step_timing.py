@@ -27,7 +27,7 @@ from bench.null_model import NullRenderer
 from shared import keys
 from shared.db import Job
 from shared.dispatch.wake import refill_level
-from shared.jobs import JobResult, claim_job, finish_job
+from shared.jobs import JobResult, claim, finish_job
 from shared.queue import forget_queued
 from shared.settings import Settings
 from shared.spec import parse_spec
@@ -86,10 +86,11 @@ def _one_job(w: _Worker, m: JobMessage, clock: _Clock) -> None:
     from worker.png import encode_png
 
     raw = m.to_json()
-    attempt = clock.time(
+    claimed = clock.time(
         "claim_sql",
-        lambda: claim_job(sessions=w.sessions, job_id=m.job_id, worker_host=w.host, lease_s=60, max_attempts=3),
+        lambda: claim(sessions=w.sessions, job_id=m.job_id, worker_host=w.host, lease_s=60, max_attempts=3),
     )
+    attempt = claimed.attempt
     prefix, name = w.settings.redis_prefix, w.renderer.name
     # As the runner does: the same round trip signals the dispatcher that the queue has room.
     clock.time(
@@ -106,7 +107,7 @@ def _one_job(w: _Worker, m: JobMessage, clock: _Clock) -> None:
         "lease_thread",
         lambda: Lease(
             sessions=w.sessions, job_id=m.job_id, attempt=attempt, lease_s=60, heartbeat_s=10, max_lease_s=3600
-        ).start(),
+        ).start(claimed),
     )
     message = clock.time("decode", lambda: decode_message(raw))
     params = message.spec.params

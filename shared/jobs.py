@@ -18,6 +18,7 @@ import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final, cast
 
 from sqlalchemy import (
@@ -68,6 +69,18 @@ class JobResult:
     gpu_s: float | None = None
     steps_run: int | None = None
     pixel_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claimed attempt: its number (the fence), and what its worker notes about the job (its log
+    lines' batch and tenant, its wait from submission to this claim), returned by the claim itself."""
+
+    attempt: int
+    batch_id: str
+    tenant: str
+    queued_at: datetime
+    started_at: datetime
 
 
 @contextmanager
@@ -178,7 +191,16 @@ _CLAIM = (
         lost_gpu_s=_C.lost_gpu_s + _C.attempt_gpu_s,
         attempt_gpu_s=0.0,
     )
-    .returning(_C.attempts)
+    # What the worker notes about the job it claimed comes back with the claim: a read of the row
+    # after it was one more round trip to the central database for every job, wherever a worker
+    # serves metrics or writes JSON logs (deploy/kubernetes does both).
+    .returning(
+        _C.attempts,
+        _C.batch_id,
+        select(_BATCHES.c.tenant).where(_BATCHES.c.id == _C.batch_id).scalar_subquery(),
+        _C.queued_at,
+        _C.started_at,
+    )
 )
 _RENEW = (
     update(_JOBS)
@@ -229,10 +251,10 @@ ASYNC_COMMIT: Final = select(func.set_config("synchronous_commit", "off", True))
 _CLAIM_ASYNC: Final = _CLAIM.where(ASYNC_COMMIT.is_not(None))
 
 
-def claim_job(
+def claim(
     *, sessions: sessionmaker[Session], job_id: str, worker_host: str, lease_s: float, max_attempts: int
-) -> int | None:
-    """Take a queued job (or one whose lease expired) with attempts left; return its attempt number, or None.
+) -> Claim | None:
+    """Take a queued job (or one whose lease expired) with attempts left; None when it is not ours to run.
 
     On PostgreSQL the claim's commit does not wait for its WAL flush: the flush was the larger part
     of the server's CPU for a claim. What a crash of the database can lose is then only claims no
@@ -244,10 +266,23 @@ def claim_job(
     Nothing is lost and nothing succeeds twice (tests/system/test_chaos.py kills PostgreSQL mid-batch).
     """
     params = {"p_id": job_id, "p_lease_s": lease_s, "p_host": worker_host, "p_max_attempts": max_attempts}
-    claim = _CLAIM_ASYNC if dialect_of(sessions) == "postgresql" else _CLAIM
+    stmt = _CLAIM_ASYNC if dialect_of(sessions) == "postgresql" else _CLAIM
     with autocommit(sessions) as session:
-        attempt: int | None = session.execute(claim, params).scalar_one_or_none()
-        return attempt
+        row = session.execute(stmt, params).one_or_none()
+    if row is None:
+        return None
+    attempt, batch_id, tenant, queued_at, started_at = row
+    return Claim(attempt=attempt, batch_id=batch_id, tenant=tenant, queued_at=queued_at, started_at=started_at)
+
+
+def claim_job(
+    *, sessions: sessionmaker[Session], job_id: str, worker_host: str, lease_s: float, max_attempts: int
+) -> int | None:
+    """`claim`'s attempt number alone, or None."""
+    claimed = claim(
+        sessions=sessions, job_id=job_id, worker_host=worker_host, lease_s=lease_s, max_attempts=max_attempts
+    )
+    return None if claimed is None else claimed.attempt
 
 
 def _update() -> Any:

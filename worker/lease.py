@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import JobCanceled, TransientError
-from shared.jobs import renew_lease
+from shared.jobs import Claim, renew_lease
 from shared.logs import job_context
 from shared.retry import retry_span_s
 from shared.settings import Settings
@@ -77,9 +77,9 @@ class Lease:
         self.meter = Meter()  # this attempt's device seconds, noted with each renewal
         self.log_fields: dict[str, Any] = {"job_id": job_id, "attempt": attempt}  # set by start()
 
-    def start(self) -> Lease:
-        """Begin renewing; returns self."""
-        self.log_fields = note_claim(self._sessions, job_id=self.job_id, attempt=self.attempt)
+    def start(self, claim: Claim | None = None) -> Lease:
+        """Begin renewing; returns self. `claim`: what the claim returned, noted (`worker.observe`)."""
+        self.log_fields = note_claim(job_id=self.job_id, attempt=self.attempt, claim=claim)
         self.due_s = time.monotonic() + self._heartbeat_s
         _heartbeat().add(self)
         return self

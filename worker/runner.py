@@ -21,7 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from shared import keys
 from shared.dispatch.wake import refill_level
 from shared.errors import GpuOutOfMemory, IpabError, JobCanceled, JobTimedOut, MessageInvalid, TransientError
-from shared.jobs import claim_job, hand_back_paused
+from shared.jobs import Claim, claim, hand_back_paused
 from shared.queue import forget_queued
 from shared.retry import retry_per_settings
 from shared.step_progress import PROGRESS_EVERY_S, record_steps
@@ -77,11 +77,11 @@ def run_job(ctx: WorkerContext, raw: Any) -> str:
 def _start(ctx: WorkerContext, job_id: str, batch_id: str) -> _Job | None:
     """Claim the job and start its lease; None when the claim found it not ours to run."""
     claimed_at_s = time.monotonic()
-    attempt = _claim(ctx, job_id)
-    if attempt is None:
+    claimed = _claim(ctx, job_id)
+    if claimed is None:
         return None
-    job = _Job(job_id=job_id, batch_id=batch_id, lease=_lease(ctx, job_id, attempt, claimed_at_s))
-    job.lease.start()
+    job = _Job(job_id=job_id, batch_id=batch_id, lease=_lease(ctx, job_id, claimed.attempt, claimed_at_s))
+    job.lease.start(claimed)
     return job
 
 
@@ -156,10 +156,10 @@ def _hand_off(ctx: WorkerContext, publication: Publication) -> str:
     return "rendered"
 
 
-def _claim(ctx: WorkerContext, job_id: str) -> int | None:
+def _claim(ctx: WorkerContext, job_id: str) -> Claim | None:
     try:
         return retry_per_settings(
-            lambda: claim_job(
+            lambda: claim(
                 sessions=ctx.sessions,
                 job_id=job_id,
                 worker_host=ctx.host,

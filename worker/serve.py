@@ -37,7 +37,7 @@ def _worker(args: argparse.Namespace) -> int:
     app = make_worker_app(settings)
     queues_list = [keys.render_queue(name)]
     ConsumerWatchdog(redis_url=settings.redis_url, queues=queues_list, stall_s=settings.consumer_stall_s).install()
-    observe.install(model_set=name, metrics_port=settings.metrics_port, json_logs=settings.log_format == "json")
+    observe.install(model_set=name, metrics_port=settings.metrics_port)
     node = args.name or f"ipab-{name}-{os.getpid()}@{socket.gethostname()}"
     queues = ",".join(queues_list)
     app.worker_main(

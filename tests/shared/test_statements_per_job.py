@@ -25,7 +25,7 @@ from shared.db import (
     utcnow,
 )
 from shared.dispatch.dispatcher import mark_dispatched
-from shared.jobs import JobResult, claim_job, finish_job
+from shared.jobs import JobResult, claim, claim_job, finish_job
 from tests.shared.conftest import engine_events
 
 
@@ -71,8 +71,11 @@ def test_a_job_costs_postgresql_three_statements_each_its_own_transaction(postgr
     with _counted(sessions) as dispatched:
         assert mark_dispatched(sessions=sessions, job_ids=[job_id]) == {job_id}
     with _counted(sessions) as claimed:
-        attempt = claim_job(sessions=sessions, job_id=job_id, worker_host="w", lease_s=30, max_attempts=3)
-    assert attempt == 1
+        claimed_job = claim(sessions=sessions, job_id=job_id, worker_host="w", lease_s=30, max_attempts=3)
+    # The claim returns what its worker notes (log lines' tenant, the queue wait): no read after it.
+    assert claimed_job is not None and (claimed_job.attempt, claimed_job.tenant) == (1, "acme")
+    assert claimed_job.queued_at <= claimed_job.started_at
+    attempt = claimed_job.attempt
     with _counted(sessions) as finished:
         assert finish_job(sessions=sessions, job_id=job_id, attempt=attempt, result=_result())
     # Each in autocommit: no BEGIN, no COMMIT. The mark's one UPDATE turns its own commit's wait

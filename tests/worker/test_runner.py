@@ -14,14 +14,16 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from scheduler.batches.actions import retry_failed
 from scheduler.usage.quotas import check_quotas
 from shared import keys
-from shared.db import Job
+from shared.db import Batch, Job
 from shared.errors import JobCanceled
 from shared.jobs import JobResult, claim_job, expire_leases, finish_job
+from shared.logs import bound_job, unbind_job
+from tests.shared.conftest import engine_events
 from tests.worker.conftest import add_job, cancel_jobs, encode_png, job_row
 from worker.context import WorkerContext
 from worker.runner import run_job
@@ -43,6 +45,26 @@ def test_a_job_succeeds_with_its_output_stored_and_recorded(ctx: WorkerContext) 
     assert hashlib.sha256(png).hexdigest() == job.output_sha256 and job.output_bytes == len(png)
     assert job.denoise_s is not None and job.upload_s is not None
     assert json.loads(job.cache_stats or "{}")["encodes"] == 1
+
+
+def test_a_job_costs_the_database_its_claim_and_its_finish_and_nothing_to_note_it(ctx: WorkerContext) -> None:
+    # The tenant and the queue wait that log lines and metrics note come back with the claim: a read
+    # of the row after it was a third round trip to the central database for every job.
+    message = add_job(ctx)
+    statements: list[str] = []
+
+    def statement(_conn: Any, _cursor: Any, sql: str, *_: Any) -> None:
+        statements.append(sql.split(None, 1)[0].upper())
+
+    unbind_job()
+    with engine_events(ctx.sessions.kw["bind"], {"before_cursor_execute": statement}):
+        assert run_and_publish(ctx, message.to_json()) == "rendered"
+    fields = bound_job()
+    unbind_job()
+    assert statements.count("UPDATE") == 2 and "SELECT" not in statements, statements  # claim, finish (+ rollup)
+    with ctx.sessions() as session:
+        tenant = session.scalars(select(Batch.tenant).where(Batch.id == message.batch_id)).one()
+    assert fields.get("tenant") == tenant and fields.get("batch_id") == message.batch_id, fields
 
 
 def test_a_redelivered_finished_job_writes_nothing_again(ctx: WorkerContext) -> None:
