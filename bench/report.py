@@ -418,7 +418,8 @@ def _control(c: dict[str, Any]) -> Iterator[str]:
     yield (
         f"{c['jobs']:,} jobs through `python -m bench.null_worker worker` x {c['workers']} (the normal `ipab worker` "
         "code path with `bench.null_model.NullRenderer`, a benchmark fixture that returns a fixed 64x64 "
-        "image at once): Redis, SQL claim and finish, embedding cache, PNG, SeaweedFS S3. Steady state = "
+        "image at once), logging JSON lines as deploy/kubernetes configures a fleet: Redis, SQL claim and "
+        "finish, embedding cache, PNG, SeaweedFS S3. Steady state = "
         "(n - 1) / (last - first `finished_at`); end to end includes the submission. CPU per job: CPU seconds "
         "each process family spent during the batch / jobs. Central: the backends of this run's PostgreSQL "
         "database, Redis, and the control loops (dispatcher, reconciler, janitor) in one `ipab reconcile "
