@@ -192,8 +192,9 @@ _CLAIM = (
         attempt_gpu_s=0.0,
     )
     # What the worker notes about the job it claimed comes back with the claim: a read of the row
-    # after it was one more round trip to the central database for every job, wherever a worker
-    # serves metrics or writes JSON logs (deploy/kubernetes does both).
+    # after it (BEGIN, SELECT, ROLLBACK) cost the central database more than the claim and the finish
+    # together, for every job, wherever a worker serves metrics or writes JSON logs (deploy/kubernetes
+    # does both; bench/control_plane.py).
     .returning(
         _C.attempts,
         _C.batch_id,

@@ -3,8 +3,9 @@ installs its metrics.
 
 The claim returns both (`shared.jobs.Claim`): the tenant (the message does not carry it) for
 every log line about the job, and the time from submission (`queued_at`) to the claim
-(`started_at`) for `ipab_queue_wait_seconds`. A read of the row after the claim was one more
-round trip to the central database per job wherever metrics or JSON logs were on.
+(`started_at`) for `ipab_queue_wait_seconds`. A read of the row after the claim was three
+more round trips to the central database per job (BEGIN, SELECT, ROLLBACK) wherever metrics or
+JSON logs were on.
 """
 
 from __future__ import annotations

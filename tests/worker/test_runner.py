@@ -49,7 +49,7 @@ def test_a_job_succeeds_with_its_output_stored_and_recorded(ctx: WorkerContext) 
 
 def test_a_job_costs_the_database_its_claim_and_its_finish_and_nothing_to_note_it(ctx: WorkerContext) -> None:
     # The tenant and the queue wait that log lines and metrics note come back with the claim: a read
-    # of the row after it was a third round trip to the central database for every job.
+    # of the row after it was three more round trips to the central database for every job.
     message = add_job(ctx)
     statements: list[str] = []
 
