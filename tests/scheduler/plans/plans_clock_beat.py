@@ -10,6 +10,7 @@ a process of its own.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ def main(argv: list[str]) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that waits too long for the stop asks where it is
     logging.basicConfig(level=logging.WARNING, format=f"beat {os.getpid()}: %(levelname)s %(message)s")
     settings = load_settings()
     with database(settings) as sessions:
