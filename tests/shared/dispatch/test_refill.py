@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
+from typing import Any, ClassVar, Final
 
 import pytest
 import redis
@@ -182,3 +182,39 @@ def test_the_take_rate_is_the_last_window_s_takes_over_the_whole_window() -> Non
     assert queue_depth(configured=4, horizon_s=0.25, takes_per_s=8.0) == 4  # a slow fleet keeps the setting
     assert queue_depth(configured=4, horizon_s=0.0, takes_per_s=1e6) == 4
     assert queue_depth(configured=4, horizon_s=10.0, takes_per_s=1e6) == MAX_DEPTH
+
+
+class _CountingConnection(redis.Connection):
+    """Notes each round trip's command names (one `send_packed_command` per command or pipeline)."""
+
+    round_trips: ClassVar[list[list[str]]] = []
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        chunks = [command] if isinstance(command, bytes | str) else list(command)
+        payload = b"".join(c.encode() if isinstance(c, str) else bytes(c) for c in chunks)
+        # RESP arrays: "*N\r\n$len\r\nNAME\r\n...": each command's name follows its first length line.
+        names = [part.split(b"\r\n")[2].decode().upper() for part in payload.split(b"*")[1:] if b"\r\n$" in part]
+        _CountingConnection.round_trips.append(names)
+        super().send_packed_command(command, check_health)
+
+
+def test_a_take_costs_redis_plain_commands_in_one_round_trip_and_a_second_only_to_signal(
+    depth_settings: Settings, client: redis.Redis, dispatcher: Dispatcher
+) -> None:
+    """Every job's take runs this: a Lua script for it cost Redis five times its commands' CPU."""
+    _signalled(client, depth_settings)
+    counting = redis.Redis.from_url(depth_settings.redis_url, connection_class=_CountingConnection)
+    try:
+        counting.ping()
+        _CountingConnection.round_trips.clear()
+        _take(counting, depth_settings)  # 3 left: above the level
+        _take(counting, depth_settings)  # 2 left: the level, the dispatcher is signalled
+    finally:
+        counting.close()
+    trips = _CountingConnection.round_trips
+    assert [t for t in trips if t != ["RPOP"]] == [
+        ["SREM", "GET", "LLEN", "DEL"],
+        ["SREM", "GET", "LLEN", "DEL"],
+        ["LPUSH", "LTRIM"],
+    ], trips
+    assert _signalled(client, depth_settings)
