@@ -415,6 +415,7 @@ def _control(c: dict[str, Any]) -> Iterator[str]:
     if _failed(c):
         yield f"{_failed(c)}"
         return
+    rounds = int(c.get("rounds", 1))
     yield (
         f"{c['jobs']:,} jobs through `python -m bench.null_worker worker` x {c['workers']} (the normal `ipab worker` "
         "code path with `bench.null_model.NullRenderer`, a benchmark fixture that returns a fixed 64x64 "
@@ -425,6 +426,13 @@ def _control(c: dict[str, Any]) -> Iterator[str]:
         "database, Redis, and the control loops (dispatcher, reconciler, janitor) in one `ipab reconcile "
         "--loop` process (workers run with IPAB_RECONCILE_IN_WORKERS=false); the fleet one central core "
         "carries = 1 s / central CPU per job x seconds per image."
+        + (
+            f" {rounds} batches of {c['jobs']:,} jobs one after another on the same workers, per database; "
+            "the table shows the round whose central CPU per job is the median (every figure of a row from "
+            "that one round), and every round is listed below it."
+            if rounds > 1
+            else ""
+        )
     )
     yield ""
     yield (
@@ -445,6 +453,14 @@ def _control(c: dict[str, Any]) -> Iterator[str]:
         others = f"{_num(cpu.get('workers'), 1)} / {_num(cpu.get('s3'), 1)}"
         yield f"| {db} | {rates} | {central} | {fleet_text} | {others} |"
     yield ""
+    for db in DATABASES:
+        f = c.get(db)
+        if isinstance(f, dict) and len(f.get("rounds", [])) > 1:
+            listed = "; ".join(
+                f"{_num(r['central_ms'], 3)} ms at {_num(r['steady_state_jobs_per_s'], 0)} jobs/s" for r in f["rounds"]
+            )
+            yield f"Every round on {db}, in order (central CPU per job at steady-state jobs/s): {listed}."
+            yield ""
     pg = c.get("postgres")
     if isinstance(pg, dict) and "census" in pg:
         from bench.job_cost import to_markdown as census_markdown

@@ -1,7 +1,8 @@
 """`make bench`: run every CPU benchmark in one go, print a summary, rewrite BENCHMARKS.md.
 
-    python -m bench.run [--rows 100000] [--control-jobs 3000] [--overhead-jobs 50] [--fairness-jobs 20000]
-                        [--only overhead,submit,control,embed,fairness] [--gpu-json gpu.json] [--json out.json]
+    python -m bench.run [--rows 100000] [--control-jobs 3000] [--control-rounds 3] [--overhead-jobs 50]
+                        [--fairness-jobs 20000] [--only overhead,submit,control,embed,fairness]
+                        [--gpu-json gpu.json] [--json out.json]
     python -m bench.run --from-json out.json [--gpu-json gpu.json]   # rewrite BENCHMARKS.md only
 
 What a run does not measure (parts left out with `--only`, benches with runs of their own such
@@ -147,7 +148,12 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     if "control" in only:
         results["control"] = _guarded(
             "control",
-            lambda: control_plane.run(jobs=args.control_jobs, workers=args.workers, databases=databases),  # type: ignore[arg-type]
+            lambda: control_plane.run(
+                jobs=args.control_jobs,
+                workers=args.workers,
+                databases=databases,  # type: ignore[arg-type]
+                rounds=args.control_rounds,
+            ),
         )
     if "embed" in only:
         results["embed"] = _guarded("embed", lambda: _embed_cache(args.embed_samples))
@@ -177,6 +183,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--naive-sample", type=int, default=5_000, help="apply_async calls timed for the naive loop")
     parser.add_argument("--overhead-jobs", type=int, default=50)
     parser.add_argument("--control-jobs", type=int, default=3000)
+    parser.add_argument(
+        "--control-rounds", type=int, default=3, help="control-plane batches per database (median shown)"
+    )
     parser.add_argument("--workers", type=int, default=4, help="null-model worker processes")
     parser.add_argument("--embed-samples", type=int, default=200)
     parser.add_argument("--batching-jobs", type=int, default=16, help="tiny-model jobs per batch size")

@@ -60,3 +60,26 @@ def test_a_section_that_ran_replaces_the_kept_one_and_keeping_twice_marks_once()
     assert "new control table" in rerun and "old control table" not in rerun
     assert "| control jobs/s | >= 500 | 480 jobs/s | **missed** |" in rerun
     assert rerun.count(KEPT_NOTE) == 1  # table growth only
+
+
+def _round(central_ms: float, jobs_per_s: float) -> dict[str, object]:
+    cpu = {"postgres": central_ms * 0.7, "redis": central_ms * 0.2, "control": central_ms * 0.1, "central": central_ms}
+    return {
+        "cpu_ms_per_job": cpu,
+        "steady_state_jobs_per_s": jobs_per_s,
+        "end_to_end_jobs_per_s": jobs_per_s * 0.9,
+        "fleet_per_central_core": {"1": 1000 / central_ms, "4": 4000 / central_ms},
+    }
+
+
+def test_the_control_plane_shows_its_median_round_whole_and_lists_every_round() -> None:
+    from bench.control_plane import _median_round
+    from bench.report import _control
+
+    # A busy minute made the second round slow: the median round is shown, all three are listed.
+    figures = _median_round([_round(0.85, 230), _round(1.20, 170), _round(0.80, 240)])
+    assert figures["cpu_ms_per_job"]["central"] == 0.85 and figures["steady_state_jobs_per_s"] == 230
+    text = "\n".join(_control({"jobs": 3000, "workers": 4, "rounds": 3, "postgres": figures}))
+    assert "| postgres | **230** |" in text and "= **0.850** |" in text
+    assert "Every round on postgres, in order (central CPU per job at steady-state jobs/s): 0.850 ms at 230" in text
+    assert "1.200 ms at 170 jobs/s; 0.800 ms at 240 jobs/s." in text
