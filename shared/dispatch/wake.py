@@ -13,7 +13,7 @@ signal list, and whoever changes its work pushes a signal:
   top it up for less, so it is not woken for less; or when the dispatcher asked for the next
   take (`want_signal`: new work arrived while its queue was full, and must go in at once).
   A dispatcher that keeps a deeper queue than the workers' setting (IPAB_DISPATCH_HORIZON_S)
-  leaves its level in Redis (`level_key`), and the take reads it in the same script.
+  leaves its level in Redis (`level_key`), and the take reads it in the same round trip.
 
 The list holds one signal at most (LPUSH, then LTRIM): signals sent while the dispatcher works
 make one more round between them, and a list that nobody reads stays one item long. Signals
