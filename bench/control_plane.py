@@ -5,7 +5,8 @@ model is the `NullRenderer` benchmark fixture (a fixed 64x64 image, no model wor
 JSON log lines as deploy/kubernetes configures a fleet (what a worker notes about each job
 it claims then counts: a read of the claimed row after each claim once cost the central
 database more than the claim and the finish together). A batch
-of N jobs is submitted; jobs/s is measured two ways:
+of N jobs is submitted (`--rounds` batches one after another on the same workers: the round whose
+central CPU per job is the median gives the figures, every round is listed); jobs/s is measured two ways:
 
 - steady state: (N - 1) / (last `finished_at` - first `finished_at`) from the job rows;
 - end to end: N / (all terminal - submit call started), submission included.
@@ -22,7 +23,7 @@ image (1 core / central CPU per job x seconds per image). Also per job: every Re
 PostgreSQL the statement census of `bench.job_cost`; and one job's worker steps timed
 in-process (claim SQL, queued-set update, lease thread, cache hit, PNG, S3 put, finish SQL).
 
-Run alone: `python -m bench.control_plane --jobs 3000 --workers 4 [--database postgres]`.
+Run alone: `python -m bench.control_plane --jobs 3000 --workers 4 [--rounds 3] [--database postgres]`.
 """
 
 from __future__ import annotations

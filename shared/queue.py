@@ -48,8 +48,8 @@ def forget_queued(
 ) -> None:
     """A worker took the job: its message is no longer waiting in Redis.
 
-    With `model_set`, the same round trip tells that model set's dispatcher that its queue has
-    room (`shared.dispatch.wake`): it sleeps until then instead of polling the queue's depth;
+    With `model_set`, the take also tells that model set's dispatcher that its queue has room
+    (`shared.dispatch.wake`): it sleeps until then instead of polling the queue's depth;
     with `signal_at` too, only when at most that many messages are left (`refill_level`), or as
     many as the dispatcher's level key names while it keeps a deeper queue (IPAB_DISPATCH_HORIZON_S),
     or when the dispatcher asked for the next take (its flag, which the take clears).
