@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from devkit import services
@@ -169,6 +170,18 @@ def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(database_url)
     yield make_session_factory(engine)
     engine.dispose()
+
+
+def migrate(engine: Engine, url: str, target: str, *, down: bool = False) -> None:
+    """Bring the database at `url` up (or `down`) to the alembic revision `target`, in one transaction."""
+    from alembic import command
+
+    from shared.db import alembic_config
+
+    with engine.begin() as conn:
+        config = alembic_config(url)
+        config.attributes["connection"] = conn
+        (command.downgrade if down else command.upgrade)(config, target)
 
 
 # --- Settings ----------------------------------------------------------------------------------------

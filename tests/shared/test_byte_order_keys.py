@@ -4,11 +4,11 @@ other agrees on it (migration 0010)."""
 from __future__ import annotations
 
 import pytest
-from alembic import command
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 
-from shared.db import alembic_config, make_engine, upgrade_database
+from shared.db import make_engine, upgrade_database
+from tests.conftest import migrate
 
 pytestmark = pytest.mark.postgres
 
@@ -65,16 +65,9 @@ def test_the_job_keys_compare_as_bytes_and_every_compared_pair_agrees(postgres_u
     engine.dispose()
 
 
-def _migrate(engine: Engine, url: str, target: str, *, down: bool = False) -> None:
-    with engine.begin() as conn:
-        config = alembic_config(url)
-        config.attributes["connection"] = conn
-        (command.downgrade if down else command.upgrade)(config, target)
-
-
 def test_the_collation_migration_keeps_the_rows_and_the_foreign_keys_both_ways(postgres_url: str) -> None:
     engine = make_engine(postgres_url)
-    _migrate(engine, postgres_url, "0009")
+    migrate(engine, postgres_url, "0009")
     with engine.begin() as conn:
         conn.execute(
             text(
@@ -88,7 +81,7 @@ def test_the_collation_migration_keeps_the_rows_and_the_foreign_keys_both_ways(p
             )
         )
     for target in ("0010", "0009", "head"):
-        _migrate(engine, postgres_url, target, down=target == "0009")
+        migrate(engine, postgres_url, target, down=target == "0009")
         with engine.connect() as conn:
             row = conn.execute(text("SELECT jobs.seed FROM jobs JOIN batches ON batches.id = jobs.batch_id")).one()
             assert row.seed == 7

@@ -4,10 +4,10 @@ which changes no indexed column, adds nothing to the table's six indexes."""
 from __future__ import annotations
 
 import pytest
-from alembic import command
 from sqlalchemy import Engine, text
 
-from shared.db import alembic_config, make_engine, upgrade_database
+from shared.db import make_engine, upgrade_database
+from tests.conftest import migrate
 
 pytestmark = pytest.mark.postgres
 
@@ -17,13 +17,6 @@ SPEC = '{"prompt": "' + "a lighthouse at dusk, " * 20 + '"}'  # a spec of a usua
 ONE_PER_PAGE = text("SELECT id FROM jobs WHERE ctid::text LIKE '%,1)'")
 # Heap-only updates this connection made that it has not reported to the statistics yet.
 HOT_SO_FAR = text("SELECT pg_stat_get_xact_tuples_hot_updated(CAST('jobs' AS regclass))")
-
-
-def _migrate(engine: Engine, url: str, target: str) -> None:
-    with engine.begin() as conn:
-        config = alembic_config(url)
-        config.attributes["connection"] = conn
-        command.downgrade(config, target) if target != "head" else command.upgrade(config, target)
 
 
 def _submit(engine: Engine, batch: str) -> None:
@@ -60,10 +53,10 @@ def test_the_dispatch_mark_rewrites_the_row_in_its_page_and_no_index(postgres_ur
         assert marked >= 10 and in_place == marked
 
         # Pages filled to the brim (the schema before 0011): the marked rows move, and every index grows.
-        _migrate(engine, postgres_url, "0010")
+        migrate(engine, postgres_url, "0010", down=True)
         _submit(engine, "full")
         marked, in_place = _marked_in_place(engine, "full")
         assert marked >= 10 and in_place <= 1  # the last page alone may have room
     finally:
-        _migrate(engine, postgres_url, "head")
+        migrate(engine, postgres_url, "head")
         engine.dispose()
