@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +25,10 @@ def test_keys_create_prints_the_key_alone_on_its_last_line_once_and_revoke_stops
 ) -> None:
     assert AUTH_CACHE_S <= 10  # the bound the README promises
     callers = client.app.state.ctx.callers  # type: ignore[attr-defined]
-    callers.ttl_s = 3.0  # the same cache, on a shorter clock (long enough for two commands on a busy machine)
+    # The cache's own clock, moved by the test: the commands below may take seconds on a loaded
+    # machine (a 3 s cache on the real clock once lapsed before the revoked key's second request).
+    now_s = [0.0]
+    monkeypatch.setattr(callers, "_clock", lambda: now_s[0])
     for name, value in settings_env(api_settings).items():
         monkeypatch.setenv(name, value)
     assert main(["keys", "create", "--tenant", "carol"]) == 0
@@ -43,8 +45,9 @@ def test_keys_create_prints_the_key_alone_on_its_last_line_once_and_revoke_stops
     assert key not in listing and "carol" in listing
     key_id = out[0].split()[2]
     assert main(["keys", "revoke", key_id]) == 0
+    now_s[0] += callers.ttl_s - 0.5
     assert client.get("/v1/batches", headers=headers).status_code == 200  # cached: still valid for a moment
-    time.sleep(callers.ttl_s)
+    now_s[0] += 0.5
     assert_problem(client.get("/v1/batches", headers=headers), 401, "revoked")
 
 
