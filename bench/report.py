@@ -603,6 +603,7 @@ def render_markdown(results: dict[str, Any], *, command: str) -> str:
         _fast_sets(results.get("fast_sets") or {"skipped": "not run"}),
         _usage(results.get("usage") or {"skipped": "not run"}),
         _isolation(results.get("isolation") or {"skipped": "not run"}),
+        _polling(results.get("polling") or {"skipped": "not run"}),
     ):
         parts += ["", *section]
     return "\n".join(parts) + "\n"
@@ -624,6 +625,7 @@ SECTION_PARTS: Final = {
     "10": "fast_sets",
     "11": "usage",
     "13": "isolation",
+    "14": "polling",
 }
 KEPT_NOTE: Final = "(Kept from the previous BENCHMARKS.md: the run that wrote this file did not measure it.)"
 EARLIER: Final = " (earlier run)"
@@ -774,6 +776,12 @@ def _isolation_goals(results: dict[str, Any]) -> list[Goal]:
         _goal(name, target, f"{_num(i[key])}x", i[key] is not None and i[key] <= ISOLATION_GOAL)
         for key, name in names.items()
     ]
+
+
+def _polling(p: dict[str, Any]) -> Iterator[str]:
+    yield "## 14. Polling a large batch (one `ipab api`, PostgreSQL)"
+    yield ""
+    yield _failed(p) or p.get("markdown", "(no table)")
 
 
 def _isolation(i: dict[str, Any]) -> Iterator[str]:

@@ -41,6 +41,7 @@ ALL: Final = (
     "fast",
     "usage",
     "isolation",
+    "polling",
 )
 
 
@@ -113,6 +114,17 @@ def _usage(jobs: int) -> dict[str, Any]:
     return figures
 
 
+def _polling() -> dict[str, Any]:
+    """A tenant polling a 100,000-job batch through one `ipab api` (bench/batch_polling.py): PostgreSQL only."""
+    if not postgres_available():
+        return {"skipped": "no PostgreSQL server on 127.0.0.1:5432"}
+    from bench import batch_polling
+
+    figures = batch_polling.run()
+    log(f"batch polling: PostgreSQL {figures['db_core_share']:.2f} of a core while a tenant polls a large batch")
+    return figures
+
+
 def two_tenants_phase_s() -> float:
     """bench.two_tenants' own phase length (imported only for its default)."""
     from bench import two_tenants
@@ -171,6 +183,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         results["usage"] = _guarded("usage", lambda: _usage(args.usage_jobs))
     if "isolation" in only:  # calm tenant alone and beside a hostile one, same API process
         results["isolation"] = _guarded("isolation", lambda: _isolation(args.isolation_phase_s))
+    if "polling" in only:  # a tenant's clients polling a 100,000-job batch: what the database spends
+        results["polling"] = _guarded("polling", _polling)
     if args.gpu_json:
         results["gpu"] = json.loads(Path(args.gpu_json).read_text())
     results["total_s"] = time.perf_counter() - t0

@@ -27,6 +27,7 @@ from scheduler.api.caches import (
 from scheduler.api.heavy_gate import HeavyGate
 from scheduler.api.problems import ApiProblem
 from scheduler.api.rate_limit import RateLimiter
+from scheduler.api.tallies import Tallies
 from scheduler.submission.references import ReferenceFile
 from scheduler.submission.submit import resolve_model_set_name
 from scheduler.tenants import Caller, find_caller, hash_key, reserved_tenant_hint
@@ -79,12 +80,15 @@ class ApiContext:
     batch_processes: BatchProcesses = field(init=False)
     # Every queue position's backlog counts of all tenants, read at most once a second (see its module).
     backlog: BacklogSnapshots = field(init=False)
+    # Batches' counts per status, each read again only after COST_FACTOR times its count's cost (see its module).
+    tallies: Tallies = field(init=False)
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.settings)
         self.heavy = HeavyGate(self.limiter)
         self.batch_processes = BatchProcesses(self.settings)
         self.backlog = BacklogSnapshots(self.sessions)
+        self.tallies = Tallies(self.sessions)
 
     @classmethod
     def build(cls, settings: Settings, *, migrate: bool = True) -> ApiContext:

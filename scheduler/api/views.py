@@ -10,8 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from scheduler.api.context import ApiContext
 from scheduler.batches.counts import Tally
@@ -107,22 +105,20 @@ def batch_status(counts: dict[str, int]) -> str:
     return "cancelled" if counts[JobStatus.canceled.value] else "completed"
 
 
-def _eta_s(session: Session, batch: Batch, done: int, remaining: int) -> float | None:
+def _eta_s(tally: Tally, done: int, remaining: int) -> float | None:
     if not remaining or not done:
         return 0.0 if not remaining else None
-    first = session.scalar(select(func.min(Job.started_at)).where(Job.batch_id == batch.id))
+    first = tally.first_started
     if first is None:
         return None
     elapsed_s = (utcnow() - first).total_seconds()
     return round(elapsed_s / done * remaining, 1)
 
 
-def batch_view(
-    *, session: Session, batch: Batch, tally: Tally, eta: bool = True, forecast: Forecast | None = None
-) -> dict[str, Any]:
+def batch_view(*, batch: Batch, tally: Tally, eta: bool = True, forecast: Forecast | None = None) -> dict[str, Any]:
     """A batch as GET /v1/batches/{id} shows it: counts, progress, ETA (by the lane policy while jobs wait)."""
     counts, total, done = tally.counts, tally.total, tally.done
-    eta_s = _eta_s(session, batch, done, total - done) if eta else None
+    eta_s = _eta_s(tally, done, total - done) if eta else None
     if forecast is not None and forecast.eta_s is not None:
         eta_s = round(max(eta_s or 0.0, forecast.eta_s), 1)
     return {

@@ -25,6 +25,7 @@ class Tally:
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIME_FIELDS, 0.0))
     expiring: int = 0  # jobs with an expiry (finished, and not kept for ever)
     latest_expiry: datetime | None = None  # the last of their expiries
+    first_started: datetime | None = None  # when its first job started (the ETA's start), None before
 
     @property
     def expires_at(self) -> datetime | None:
@@ -60,17 +61,22 @@ def count_jobs(*, session: Session, batch_ids: Sequence[str] | None = None) -> d
     """A `Tally` per batch of `batch_ids` (each present, zeros for an empty one); every batch with jobs when None."""
     sums = [func.sum(getattr(Job, name)) for name in TIME_FIELDS]
     expiries = (func.count(Job.expires_at), func.max(Job.expires_at))
-    stmt = select(Job.batch_id, Job.status, func.count(), *expiries, *sums).group_by(Job.batch_id, Job.status)
+    # The first start comes with the counts: read apart, it was a second pass over every job of the batch.
+    stmt = select(Job.batch_id, Job.status, func.count(), *expiries, func.min(Job.started_at), *sums).group_by(
+        Job.batch_id, Job.status
+    )
     tallies: dict[str, Tally] = {}
     if batch_ids is not None:
         tallies = {batch_id: Tally() for batch_id in batch_ids}
         stmt = stmt.where(Job.batch_id.in_(list(batch_ids)))
-    for batch_id, status, count, expiring, latest, *seconds in session.execute(stmt).tuples():
+    for batch_id, status, count, expiring, latest, first, *seconds in session.execute(stmt).tuples():
         tally = tallies.setdefault(batch_id, Tally())
         tally.counts[status] = count
         tally.expiring += expiring
         if latest is not None and (tally.latest_expiry is None or latest > tally.latest_expiry):
             tally.latest_expiry = latest
+        if first is not None and (tally.first_started is None or first < tally.first_started):
+            tally.first_started = first
         for name, value in zip(TIME_FIELDS, seconds, strict=True):
             tally.seconds[name] += value or 0.0
     return tallies

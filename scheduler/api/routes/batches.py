@@ -24,7 +24,7 @@ from scheduler.api.routes.jobs import webhook_of
 from scheduler.api.views import batch_forecast, batch_view
 from scheduler.batches import actions
 from scheduler.batches.actions import set_paused, wake
-from scheduler.batches.counts import STATUSES, count_batch, count_jobs
+from scheduler.batches.counts import STATUSES, Tally
 from scheduler.batches.deletion import mark_batch_jobs, request_batch_deletion
 from scheduler.batches.events import BATCH_COMPLETED
 from scheduler.batches.limits import queued_jobs_cap
@@ -131,14 +131,14 @@ def _retention(value: str) -> int:
 
 
 def _list(ctx: ApiContext, tenant: str, limit: int) -> list[dict[str, Any]]:
+    newest = select(Batch).where(Batch.tenant == tenant).order_by(Batch.created_at.desc(), Batch.id).limit(limit)
     with transaction(ctx.sessions) as session:
-        batches = list(
-            session.scalars(
-                select(Batch).where(Batch.tenant == tenant).order_by(Batch.created_at.desc(), Batch.id).limit(limit)
-            )
-        )
-        tallies = count_jobs(session=session, batch_ids=[b.id for b in batches])
-        return [batch_view(session=session, batch=b, tally=tallies[b.id], eta=False) for b in batches]
+        batch_ids = list(session.scalars(newest.with_only_columns(Batch.id)))
+    # Counted outside any transaction: a count waits for the tenant's slot (scheduler/api/tallies.py).
+    tallies = ctx.tallies.read(tenant, batch_ids)
+    with transaction(ctx.sessions) as session:
+        batches = session.scalars(newest.where(Batch.id.in_(batch_ids))).all()  # less any deleted meanwhile
+        return [batch_view(batch=b, tally=tallies[b.id], eta=False) for b in batches]
 
 
 @router.get("", response_model=list[BatchOut])
@@ -151,12 +151,23 @@ def _batch(ctx: ApiContext, tenant: str, batch_id: str) -> Batch:
     return on_batch(ctx.sessions, ref=batch_id, tenant=tenant, act=lambda _, batch: batch)
 
 
-def _read(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
+def _read(ctx: ApiContext, tenant: str, batch_id: str, *, fresh: bool = False) -> dict[str, Any]:
+    """The batch as GET shows it; `fresh`: counted anew (the request changed it), not from the tallies."""
     with transaction(ctx.sessions) as session:
         batch = find_batch(session=session, ref=batch_id, tenant=tenant)
-        tally = count_batch(session=session, batch_id=batch.id)
-        forecast = batch_forecast(ctx, batch=batch) if tally.counts["queued"] else None
-        return batch_view(session=session, batch=batch, tally=tally, forecast=forecast)
+        tally = None if fresh else ctx.tallies.cached([batch.id]).get(batch.id)
+        if tally is not None:
+            return _view(ctx, batch, tally)
+        found = batch.id
+    # Counted outside any transaction: a count waits for the tenant's slot (scheduler/api/tallies.py).
+    tally = ctx.tallies.read(tenant, [found], fresh=fresh)[found]
+    with transaction(ctx.sessions) as session:
+        return _view(ctx, find_batch(session=session, ref=found, tenant=tenant), tally)
+
+
+def _view(ctx: ApiContext, batch: Batch, tally: Tally) -> dict[str, Any]:
+    forecast = batch_forecast(ctx, batch=batch) if tally.counts["queued"] else None
+    return batch_view(batch=batch, tally=tally, forecast=forecast)
 
 
 @router.get("/{batch_id}", response_model=BatchOut)
@@ -231,7 +242,7 @@ def cancel_in(ctx: ApiContext, batch_id: str) -> int:
 def _cancel(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
     found = _batch(ctx, tenant, batch_id).id  # 404 for another tenant's, here
     ctx.batch_processes.call(ctx, cancel_in, found)  # seconds of Python for a large batch: not in this process
-    return _read(ctx, tenant, batch_id)
+    return _read(ctx, tenant, batch_id, fresh=True)
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchOut)
@@ -246,7 +257,7 @@ def _retry(ctx: ApiContext, tenant: str, batch_id: str) -> dict[str, Any]:
     ids = retry_within_quotas(sessions=ctx.sessions, batch_id=batch.id, cap=cap)
     if ids:
         wake(redis_client=ctx.redis, settings=ctx.settings, model_set=batch.model_set)
-    return {**_read(ctx, tenant, batch.id), "retried": len(ids)}
+    return {**_read(ctx, tenant, batch.id, fresh=True), "retried": len(ids)}
 
 
 def _pause(ctx: ApiContext, tenant: str, batch_id: str, *, paused: bool) -> dict[str, Any]:
@@ -254,7 +265,7 @@ def _pause(ctx: ApiContext, tenant: str, batch_id: str, *, paused: bool) -> dict
     set_paused(sessions=ctx.sessions, batch_id=batch.id, paused=paused)
     if not paused:
         wake(redis_client=ctx.redis, settings=ctx.settings, model_set=batch.model_set)
-    return _read(ctx, tenant, batch.id)
+    return _read(ctx, tenant, batch.id, fresh=True)
 
 
 @router.post("/{batch_id}/pause", response_model=BatchOut)
