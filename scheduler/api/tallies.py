@@ -11,16 +11,18 @@ from every other tenant's claims and finishes. So:
   most), one of 100,000 about once a second, one of millions once every MAX_STALE_S. Counting one
   batch then costs the database at most 1/COST_FACTOR of a core per API process, however often it
   is asked for.
-- A tenant counts one thing at a time in each process: a request that needs a count while another
-  request of its tenant is counting waits for it (that count may be the very one it needs), up to
-  WAIT_S, and is then refused with 429 (`busy`) and `Retry-After`. A tenant polling many large
-  batches keeps at most one database backend busy per API process, not one per request, and holds
-  no SQL connection while it waits.
-- What a request itself changed (cancel, pause, resume, retry) is counted anew for its answer.
+- A tenant's GETs count one thing at a time in each process: a GET that needs a count while another
+  of its tenant's is counting waits for it (that count may be the very one it needs), up to WAIT_S,
+  and is then refused with 429 (`busy`) and `Retry-After`. It waits on the event loop, holding no
+  thread of the request pool and no SQL connection. A tenant polling many large batches keeps at
+  most one database backend busy per API process, not one per request.
+- What a request itself changed (cancel, retry) is counted anew for its answer (`recount`), in the
+  tenant's slot for actions: those run in a thread of their own already.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import OrderedDict
@@ -28,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from scheduler.api.problems import ApiProblem
 from scheduler.batches.counts import Tally, count_jobs
@@ -57,7 +60,8 @@ class Tallies:
         self._count = counter
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, tuple[float, Tally]] = OrderedDict()  # batch id -> (until, tally)
-        self._slots: dict[str, threading.Lock] = {}  # tenant -> its one count in flight
+        self._slots: dict[str, threading.Lock] = {}  # tenant -> its one action's count in flight
+        self._async_slots: dict[str, asyncio.Lock] = {}  # tenant -> its one GET's count in flight
 
     def cached(self, batch_ids: Sequence[str]) -> dict[str, Tally]:
         """The tallies of `batch_ids` that are still fresh enough to serve."""
@@ -66,30 +70,36 @@ class Tallies:
             found = {batch_id: self._entries.get(batch_id) for batch_id in batch_ids}
         return {batch_id: entry[1] for batch_id, entry in found.items() if entry is not None and entry[0] > now}
 
-    def read(self, tenant: str, batch_ids: Sequence[str], *, fresh: bool = False) -> dict[str, Tally]:
-        """The tallies of `batch_ids`: those cached as they are (unless `fresh`), the others counted in
-        one query in `tenant`'s slot; 429 (`busy`) when the slot stayed taken for WAIT_S."""
-        known = {} if fresh else self.cached(batch_ids)
+    async def read(self, tenant: str, batch_ids: Sequence[str]) -> dict[str, Tally]:
+        """The tallies of `batch_ids` (for a GET): those cached as they are, the others counted in one
+        query (in a thread) once `tenant`'s slot is free; 429 (`busy`) when it stayed taken for WAIT_S."""
+        known = self.cached(batch_ids)
         if len(known) == len(set(batch_ids)):
             return known
-        slot = self._slot(tenant)
-        if not slot.acquire(timeout=self._wait_s):
-            raise ApiProblem(
-                429,
-                f"tenant {tenant!r} is already counting a large batch on this server; "
-                f"ask again in {RETRY_AFTER_S} s (batch counts are shared between requests)",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-                kind="busy",
-            )
+        slot = self._async_slots.setdefault(tenant, asyncio.Lock())  # the event loop's: one thread uses it
         try:
-            if not fresh:  # the request this one waited for may have counted them
-                known.update(self.cached([b for b in batch_ids if b not in known]))
+            await asyncio.wait_for(slot.acquire(), self._wait_s)
+        except TimeoutError:
+            raise _busy(tenant) from None
+        try:
+            known.update(self.cached([b for b in batch_ids if b not in known]))  # the count it waited for
             missing = [b for b in dict.fromkeys(batch_ids) if b not in known]
             if missing:
-                known.update(self._count_now(missing))
+                known.update(await run_in_threadpool(self._count_now, missing))
         finally:
             slot.release()
         return known
+
+    def recount(self, tenant: str, batch_ids: Sequence[str]) -> dict[str, Tally]:
+        """The tallies of `batch_ids` counted now (for an action's answer, in its thread), in `tenant`'s
+        slot for actions; 429 (`busy`) when it stayed taken for WAIT_S."""
+        slot = self._slot(tenant)
+        if not slot.acquire(timeout=self._wait_s):
+            raise _busy(tenant)
+        try:
+            return self._count_now(list(dict.fromkeys(batch_ids)))
+        finally:
+            slot.release()
 
     def _count_now(self, batch_ids: list[str]) -> dict[str, Tally]:
         started = self._clock()
@@ -108,3 +118,13 @@ class Tallies:
     def _slot(self, tenant: str) -> threading.Lock:
         with self._lock:
             return self._slots.setdefault(tenant, threading.Lock())
+
+
+def _busy(tenant: str) -> ApiProblem:
+    return ApiProblem(
+        429,
+        f"tenant {tenant!r} is already counting a large batch on this server; "
+        f"ask again in {RETRY_AFTER_S} s (batch counts are shared between requests)",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+        kind="busy",
+    )

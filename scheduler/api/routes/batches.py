@@ -130,39 +130,57 @@ def _retention(value: str) -> int:
         raise from_invalid_input(e) from None
 
 
-def _list(ctx: ApiContext, tenant: str, limit: int) -> list[dict[str, Any]]:
-    newest = select(Batch).where(Batch.tenant == tenant).order_by(Batch.created_at.desc(), Batch.id).limit(limit)
+def _newest(tenant: str, limit: int) -> Any:
+    return select(Batch).where(Batch.tenant == tenant).order_by(Batch.created_at.desc(), Batch.id).limit(limit)
+
+
+def _newest_ids(ctx: ApiContext, tenant: str, limit: int) -> list[str]:
     with transaction(ctx.sessions) as session:
-        batch_ids = list(session.scalars(newest.with_only_columns(Batch.id)))
-    # Counted outside any transaction: a count waits for the tenant's slot (scheduler/api/tallies.py).
-    tallies = ctx.tallies.read(tenant, batch_ids)
+        return list(session.scalars(_newest(tenant, limit).with_only_columns(Batch.id)))
+
+
+def _list(ctx: ApiContext, tenant: str, limit: int, tallies: dict[str, Tally]) -> list[dict[str, Any]]:
     with transaction(ctx.sessions) as session:
-        batches = session.scalars(newest.where(Batch.id.in_(batch_ids))).all()  # less any deleted meanwhile
-        return [batch_view(batch=b, tally=tallies[b.id], eta=False) for b in batches]
+        batches = session.scalars(_newest(tenant, limit).where(Batch.id.in_(list(tallies)))).all()
+        return [batch_view(batch=b, tally=tallies[b.id], eta=False) for b in batches]  # less any deleted meanwhile
 
 
 @router.get("", response_model=list[BatchOut])
 async def list_batches(ctx: Context, caller: CallerDep, limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = 100) -> Any:
     """The tenant's batches, newest first, with their counts."""
-    return await run_in_threadpool(_list, ctx, caller.tenant, limit)
+    batch_ids = await run_in_threadpool(_newest_ids, ctx, caller.tenant, limit)
+    # Counted between the two transactions: a count may wait for the tenant's slot (scheduler/api/tallies.py).
+    tallies = await ctx.tallies.read(caller.tenant, batch_ids)
+    return await run_in_threadpool(_list, ctx, caller.tenant, limit, tallies)
 
 
 def _batch(ctx: ApiContext, tenant: str, batch_id: str) -> Batch:
     return on_batch(ctx.sessions, ref=batch_id, tenant=tenant, act=lambda _, batch: batch)
 
 
-def _read(ctx: ApiContext, tenant: str, batch_id: str, *, fresh: bool = False) -> dict[str, Any]:
-    """The batch as GET shows it; `fresh`: counted anew (the request changed it), not from the tallies."""
+def _cached_view(ctx: ApiContext, tenant: str, batch_id: str) -> tuple[str, dict[str, Any] | None]:
+    """The batch's id, and its view when its counts are cached (else None: they are to be counted)."""
     with transaction(ctx.sessions) as session:
         batch = find_batch(session=session, ref=batch_id, tenant=tenant)
-        tally = None if fresh else ctx.tallies.cached([batch.id]).get(batch.id)
-        if tally is not None:
-            return _view(ctx, batch, tally)
-        found = batch.id
-    # Counted outside any transaction: a count waits for the tenant's slot (scheduler/api/tallies.py).
-    tally = ctx.tallies.read(tenant, [found], fresh=fresh)[found]
+        tally = ctx.tallies.cached([batch.id]).get(batch.id)
+        return batch.id, None if tally is None else _view(ctx, batch, tally)
+
+
+def _view_of(ctx: ApiContext, tenant: str, batch_id: str, tally: Tally) -> dict[str, Any]:
     with transaction(ctx.sessions) as session:
-        return _view(ctx, find_batch(session=session, ref=found, tenant=tenant), tally)
+        return _view(ctx, find_batch(session=session, ref=batch_id, tenant=tenant), tally)
+
+
+def _read(ctx: ApiContext, tenant: str, batch_id: str, *, fresh: bool = False) -> dict[str, Any]:
+    """The batch's view after an action (in the action's thread); `fresh`: counted anew (the action
+    changed the counts), else from the tallies when they hold it."""
+    if fresh:
+        found = _batch(ctx, tenant, batch_id).id
+    else:
+        found, view = _cached_view(ctx, tenant, batch_id)
+        if view is not None:
+            return view
+    return _view_of(ctx, tenant, found, ctx.tallies.recount(tenant, [found])[found])
 
 
 def _view(ctx: ApiContext, batch: Batch, tally: Tally) -> dict[str, Any]:
@@ -173,7 +191,12 @@ def _view(ctx: ApiContext, batch: Batch, tally: Tally) -> dict[str, Any]:
 @router.get("/{batch_id}", response_model=BatchOut)
 async def get_batch(batch_id: str, ctx: Context, caller: CallerDep) -> Any:
     """Counts per status, progress and ETA."""
-    return await run_in_threadpool(_read, ctx, caller.tenant, batch_id)
+    found, view = await run_in_threadpool(_cached_view, ctx, caller.tenant, batch_id)
+    if view is not None:
+        return view
+    # Counted between the two transactions: a count may wait for the tenant's slot (scheduler/api/tallies.py).
+    tally = (await ctx.tallies.read(caller.tenant, [found]))[found]
+    return await run_in_threadpool(_view_of, ctx, caller.tenant, found, tally)
 
 
 def _result_lines(ctx: ApiContext, batch_id: str, status: str | None) -> Iterator[bytes]:
@@ -265,7 +288,7 @@ def _pause(ctx: ApiContext, tenant: str, batch_id: str, *, paused: bool) -> dict
     set_paused(sessions=ctx.sessions, batch_id=batch.id, paused=paused)
     if not paused:
         wake(redis_client=ctx.redis, settings=ctx.settings, model_set=batch.model_set)
-    return _read(ctx, tenant, batch.id, fresh=True)
+    return _read(ctx, tenant, batch.id)  # pausing changes no job's status
 
 
 @router.post("/{batch_id}/pause", response_model=BatchOut)

@@ -2,11 +2,12 @@
 test says on a fake clock, on a real (empty) SQLite database.
 
 A batch's counts are read again only after COST_FACTOR times what reading them cost (at most
-MAX_STALE_S); a tenant counts one thing at a time, and its other requests share that count or
-get 429 `busy`; another tenant is not held up."""
+MAX_STALE_S); a tenant's GETs count one thing at a time, and its other GETs share that count or
+get 429 `busy`, waiting on the event loop; another tenant is not held up."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,16 +59,20 @@ def tallies_of(sessions: sessionmaker[Session], fake: FakeCount, **kw: Any) -> T
     return Tallies(sessions, clock=fake.clock, counter=fake, **kw)
 
 
+def read(tallies: Tallies, tenant: str, batch_ids: list[str]) -> dict[str, Tally]:
+    return asyncio.run(tallies.read(tenant, batch_ids))
+
+
 def test_a_batch_is_counted_again_only_after_cost_factor_times_what_its_count_took(
     sessions: sessionmaker[Session],
 ) -> None:
     fake = FakeCount({"big": 0.1})
     tallies = tallies_of(sessions, fake)
-    assert tallies.read("t", ["big"])["big"].counts["queued"] == 1
+    assert read(tallies, "t", ["big"])["big"].counts["queued"] == 1
     fake.now += 0.1 * COST_FACTOR - 0.01  # a poll just before its count is stale: served as it was
-    assert tallies.read("t", ["big"])["big"].counts["queued"] == 1
+    assert read(tallies, "t", ["big"])["big"].counts["queued"] == 1
     fake.now += 0.02
-    assert tallies.read("t", ["big"])["big"].counts["queued"] == 2
+    assert read(tallies, "t", ["big"])["big"].counts["queued"] == 2
     assert fake.calls == [["big"], ["big"]]
 
 
@@ -77,73 +82,77 @@ def test_a_small_batch_is_counted_at_every_poll_and_a_huge_one_at_most_every_max
     fake = FakeCount({"small": 0.001, "huge": 3.0})
     tallies = tallies_of(sessions, fake)
     for _ in range(3):
-        tallies.read("t", ["small"])
+        read(tallies, "t", ["small"])
         fake.now += 0.05  # a client polling every 50 ms sees counts a few ms old
     assert fake.calls == [["small"]] * 3
-    tallies.read("t", ["huge"])
+    read(tallies, "t", ["huge"])
     fake.now += MAX_STALE_S - 0.01
     assert tallies.cached(["huge"])
     fake.now += 0.02
     assert not tallies.cached(["huge"])
 
 
-def test_fresh_counts_anew_what_the_request_changed(sessions: sessionmaker[Session]) -> None:
+def test_an_actions_recount_counts_anew_and_is_what_is_served_next(sessions: sessionmaker[Session]) -> None:
     fake = FakeCount({"big": 0.5})
     tallies = tallies_of(sessions, fake)
-    tallies.read("t", ["big"])
-    assert tallies.read("t", ["big"], fresh=True)["big"].counts["queued"] == 2
-    assert tallies.read("t", ["big"])["big"].counts["queued"] == 2  # the fresh count is what is served next
+    read(tallies, "t", ["big"])
+    assert tallies.recount("t", ["big"])["big"].counts["queued"] == 2
+    assert read(tallies, "t", ["big"])["big"].counts["queued"] == 2
 
 
 def test_a_page_of_batches_counts_only_those_not_cached_in_one_query(sessions: sessionmaker[Session]) -> None:
     fake = FakeCount({"a": 0.1, "b": 0.1, "c": 0.1})
     tallies = tallies_of(sessions, fake)
-    tallies.read("t", ["a"])
-    assert set(tallies.read("t", ["a", "b", "c"])) == {"a", "b", "c"}
+    read(tallies, "t", ["a"])
+    assert set(read(tallies, "t", ["a", "b", "c"])) == {"a", "b", "c"}
     assert fake.calls == [["a"], ["b", "c"]]
 
 
-def _in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
-    out: list[Any] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except ApiProblem as e:
-            out.append(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
+async def _until(event: threading.Event) -> None:
+    for _ in range(1000):
+        if event.is_set():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the count never started")
 
 
-def test_a_tenants_requests_share_its_count_and_another_tenant_is_not_held_up(
-    sessions: sessionmaker[Session],
-) -> None:
+def test_a_tenants_gets_share_its_count_and_another_tenant_is_not_held_up(sessions: sessionmaker[Session]) -> None:
     fake = FakeCount({"big": 1.0, "other": 0.01})
     fake.hold["big"] = threading.Event()
     tallies = tallies_of(sessions, fake)
-    first, first_out = _in_thread(lambda: tallies.read("t", ["big"]))
-    assert fake.counting.wait(10)
-    second, second_out = _in_thread(lambda: tallies.read("t", ["big"]))  # waits for the first's count
-    assert tallies.read("u", ["other"])  # another tenant counts while t's count runs
-    fake.hold["big"].set()
-    first.join(10)
-    second.join(10)
-    assert first_out[0]["big"] is second_out[0]["big"]
+
+    async def scenario() -> tuple[Any, Any]:
+        first = asyncio.create_task(tallies.read("t", ["big"]))
+        await _until(fake.counting)
+        second = asyncio.create_task(tallies.read("t", ["big"]))  # waits on the event loop for the first's count
+        assert await tallies.read("u", ["other"])  # another tenant counts while t's count runs
+        fake.hold["big"].set()
+        return await first, await second
+
+    first, second = asyncio.run(scenario())
+    assert first["big"] is second["big"]
     assert fake.calls == [["big"], ["other"]]
 
 
-def test_a_request_that_waits_past_wait_s_for_its_tenants_count_gets_busy(sessions: sessionmaker[Session]) -> None:
+def test_a_get_that_waits_past_wait_s_for_its_tenants_count_gets_busy(sessions: sessionmaker[Session]) -> None:
     fake = FakeCount({"big": 1.0, "next": 1.0})
     fake.hold["big"] = threading.Event()
     tallies = tallies_of(sessions, fake, wait_s=0.2)
-    first, _ = _in_thread(lambda: tallies.read("t", ["big"]))
-    assert fake.counting.wait(10)
-    with pytest.raises(ApiProblem) as refused:
-        tallies.read("t", ["next"])
-    assert (refused.value.status, refused.value.kind, refused.value.headers["Retry-After"]) == (429, "busy", "1")
-    assert "'t'" in refused.value.detail and "counting" in refused.value.detail
-    fake.hold["big"].set()
-    first.join(10)
-    assert tallies.read("t", ["next"])  # the slot is free again
+
+    async def scenario() -> ApiProblem:
+        first = asyncio.create_task(tallies.read("t", ["big"]))
+        await _until(fake.counting)
+        try:
+            await tallies.read("t", ["next"])
+        except ApiProblem as e:
+            refused = e
+        else:
+            raise AssertionError("a second count of the tenant was not refused")
+        fake.hold["big"].set()
+        await first
+        assert await tallies.read("t", ["next"])  # the slot is free again
+        return refused
+
+    refused = asyncio.run(scenario())
+    assert (refused.status, refused.kind, refused.headers["Retry-After"]) == (429, "busy", "1")
+    assert "'t'" in refused.detail and "counting" in refused.detail
