@@ -56,7 +56,7 @@ def test_polling_a_large_batch_counts_it_a_few_times_and_a_cancel_shows_at_once(
             batch = r.json() if i % 2 else r.json()[0]
             assert (batch["id"], batch["total"], batch["counts"]["queued"]) == (batch_id, JOBS, JOBS)
     # Each count is served again for COST_FACTOR times what it took: far fewer counts than polls.
-    assert 1 <= len(counted) <= polls // 5, f"{len(counted)} counts for {polls} polls"
+    assert 1 <= len(counted) <= polls // 3, f"{len(counted)} counts for {polls} polls"
 
     canceled = client.post(f"/v1/batches/{batch_id}/cancel", headers=alice)
     assert canceled.status_code == 200, canceled.text
