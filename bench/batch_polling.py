@@ -27,10 +27,11 @@ from sqlalchemy import text
 
 from bench.common import bench_settings, log, private_database, private_services, start_api
 from bench.control_plane import _cpu_ns, _database_pids, write_null_model_set
+from devkit.rows import queued_batch
 from scheduler.api.tallies import COST_FACTOR
 from scheduler.batches.counts import count_batch
 from scheduler.tenants import create_key
-from shared.db import Batch, ensure_database, insert_new_jobs, make_engine, make_session_factory, new_id, utcnow
+from shared.db import ensure_database, make_engine, make_session_factory
 
 TENANT = "poller"
 
@@ -42,12 +43,7 @@ def _big_batch(database_url: str, jobs: int) -> tuple[str, str, float]:
     sessions = make_session_factory(engine)
     with sessions.begin() as session:
         key = create_key(session=session, tenant=TENANT).key
-        batch = Batch(id=new_id(), name="big", model_set="bench-null", job_count=jobs, tenant=TENANT)
-        session.add(batch)
-        session.flush()
-        rows = [(new_id(), i, None, f"{i:064x}", '{"prompt": "p"}', i, "bulk") for i in range(jobs)]
-        insert_new_jobs(session, batch_id=batch.id, queued_at=utcnow(), rows=rows)
-        batch_id = batch.id
+        batch_id = queued_batch(session, tenant=TENANT, jobs=jobs, model_set="bench-null")
     with engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE jobs"))
     costs = []

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from shared.db import Batch, ensure_database, insert_new_jobs, make_engine, make_session_factory, new_id, utcnow
+from devkit.rows import queued_batch
+from shared.db import ensure_database, make_engine, make_session_factory
 from shared.settings import Settings
 from tests.shared.conftest import engine_events
 
@@ -27,12 +28,7 @@ def big_batch(settings: Settings, tenant: str) -> str:
     ensure_database(settings.database_url)
     engine = make_engine(settings.database_url)
     with make_session_factory(engine).begin() as session:
-        batch = Batch(id=new_id(), name="big", model_set="tiny", job_count=JOBS, tenant=tenant)
-        session.add(batch)
-        session.flush()
-        rows = [(new_id(), i, None, f"k{i}", '{"prompt": "p"}', i, "bulk") for i in range(JOBS)]
-        insert_new_jobs(session, batch_id=batch.id, queued_at=utcnow(), rows=rows)
-        batch_id = batch.id
+        batch_id = queued_batch(session, tenant=tenant, jobs=JOBS)
     engine.dispose()
     return batch_id
 
