@@ -27,6 +27,7 @@ from sqlalchemy import text
 
 from bench.common import bench_settings, log, private_database, private_services, start_api
 from bench.control_plane import _cpu_ns, _database_pids, write_null_model_set
+from bench.job_cost import schedstat_ns
 from devkit.rows import queued_batch
 from scheduler.api.tallies import COST_FACTOR
 from scheduler.batches.counts import count_batch
@@ -50,9 +51,9 @@ def _big_batch(database_url: str, jobs: int) -> tuple[str, str, float]:
     with sessions() as session:
         backend = int(session.execute(text("SELECT pg_backend_pid()")).scalar_one())
         for _ in range(5):
-            before = _cpu_ns(backend)
+            before = schedstat_ns(backend)  # nanoseconds (a backend is one thread); /proc/<pid>/stat counts 10 ms ticks
             count_batch(session=session, batch_id=batch_id)
-            costs.append((_cpu_ns(backend) - before) / 1e6)
+            costs.append((schedstat_ns(backend) - before) / 1e6)
     engine.dispose()
     return batch_id, key, statistics.median(costs)
 
