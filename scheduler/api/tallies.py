@@ -1,14 +1,14 @@
 """A batch's counts per status, read from SQL at most once per what reading them cost, in each API process.
 
-Counting a batch reads every one of its job rows: 50-70 ms of PostgreSQL CPU for 100,000 jobs on
-the development machine, ten times that for a million. GET /v1/batches/{id} is a poll (a progress
+Counting a batch reads every one of its job rows: 30 ms of PostgreSQL CPU for 100,000 jobs on the
+development machine (bench/batch_polling.py), ten times that for a million. GET /v1/batches/{id} is a poll (a progress
 bar, a script waiting for the end), and at the tenant's request rate (IPAB_API_RATE_PER_S, 50 a
 second) one tenant polling one such batch asked the central database for several cores, taken
 from every other tenant's claims and finishes. So:
 
 - A batch's tally is served again for COST_FACTOR times what counting it took, at most MAX_STALE_S:
   a batch of a few jobs is counted at every request (its counts are a few milliseconds old at
-  most), one of 100,000 about once a second, one of millions once every MAX_STALE_S. Counting one
+  most), one of 100,000 about every 0.6 s, one of millions once every MAX_STALE_S. Counting one
   batch then costs the database at most 1/COST_FACTOR of a core per API process, however often it
   is asked for.
 - A tenant's GETs count one thing at a time in each process: a GET that needs a count while another
